@@ -1,0 +1,1 @@
+"""Benchmarks behind `alphallm bench ...`: each measures ours and a reference side by side in one run."""

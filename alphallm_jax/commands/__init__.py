@@ -1,0 +1,1 @@
+"""`alphallm` subcommands: each module defines `define_flags()` and `main(argv)`."""

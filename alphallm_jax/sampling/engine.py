@@ -1,0 +1,117 @@
+"""The device side of sampling: a jitted prefill and a jitted `lax.while_loop` decode.
+
+Both are pure functions of (graphdef, params, state) so they compile once per shape bucket. The decode
+state, KV cache included, is donated and updated in place: each step scatters one key/value per row
+into the cache and never rebuilds it. The loop exits as soon as every row has stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alphallm_jax.models.kv_cache import KVCache
+from alphallm_jax.sampling.token_sampling import row_keys, sample_next_token
+
+RUNNING, STOP, EOS, LENGTH = 0, 1, 2, 3
+FINISH_REASONS = {STOP: "stop", EOS: "eos", LENGTH: "length"}
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache
+    tokens_bt: jax.Array  # int32 [B, T] sampled tokens
+    logprobs_bt: jax.Array  # float32 [B, T] untempered log-probabilities
+    last_token_b: jax.Array  # int32: the newest token, sampled but not yet written to the cache
+    pos_b: jax.Array  # int32: the position last_token_b will take
+    num_gen_b: jax.Array  # int32
+    reason_b: jax.Array  # int32: RUNNING, STOP, EOS or LENGTH
+    stop_state_bk: jax.Array  # int32 [B, K] automaton state per stop string
+    # Per-row settings, constant through the loop.
+    seed_b: jax.Array
+    temperature_b: jax.Array
+    top_p_b: jax.Array
+    top_k_b: jax.Array
+    max_new_b: jax.Array
+    stop_mask_bk: jax.Array  # bool: which stop strings apply to the row
+
+    @property
+    def done_b(self) -> jax.Array:
+        return self.reason_b != RUNNING
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def prefill(graphdef, params, cache: KVCache, chunk_bs: jax.Array, positions_bs: jax.Array):
+    """Write a right-padded chunk (position -1 = padding) into the cache.
+
+    Returns the logits at each row's last real token (`float32 [B, V]`) and the cache. Only the last
+    hidden state per row goes through the vocabulary projection.
+    """
+    model = nnx.merge(graphdef, params)
+    hidden_bsd, cache = model.hidden_states(chunk_bs, positions_bs=positions_bs, cache=cache)
+    last_b = jnp.argmax(positions_bs, axis=1)
+    hidden_bd = jnp.take_along_axis(hidden_bsd, last_b[:, None, None], axis=1)[:, 0]
+    logits_bv = model.logits_from_hidden(hidden_bd[:, None, :])[:, 0]
+    return logits_bv.astype(jnp.float32), cache
+
+
+def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, truncate) -> DecodeState:
+    """Sample the next token of every running row and apply EOS, stop-string and length rules."""
+    active_b = ~st.done_b
+    batch, max_new = st.tokens_bt.shape
+    token_b, logprob_b = sample_next_token(
+        logits_bv, row_keys(st.seed_b, st.num_gen_b), st.temperature_b, st.top_p_b, st.top_k_b,
+        truncate=truncate,
+    )
+    rows_b = jnp.arange(batch)
+    write_at_b = jnp.where(active_b, st.num_gen_b, max_new)  # out of range: dropped
+    tokens_bt = st.tokens_bt.at[rows_b, write_at_b].set(token_b, mode="drop")
+    logprobs_bt = st.logprobs_bt.at[rows_b, write_at_b].set(logprob_b, mode="drop")
+
+    num_stops = table_kqv.shape[0]
+    stop_state_bk = table_kqv[jnp.arange(num_stops)[None, :], st.stop_state_bk, token_b[:, None]]
+    stop_state_bk = jnp.where(active_b[:, None], stop_state_bk, st.stop_state_bk)
+    hit_stop_b = jnp.any((stop_state_bk == match_state_k[None, :]) & st.stop_mask_bk, axis=1)
+    hit_eos_b = jnp.any(token_b[:, None] == eos_ids[None, :], axis=1)
+    num_gen_b = st.num_gen_b + active_b.astype(jnp.int32)
+    reason_b = jnp.select(
+        [hit_eos_b, hit_stop_b, num_gen_b >= st.max_new_b], [EOS, STOP, LENGTH], RUNNING
+    ).astype(jnp.int32)
+    return st.replace(
+        tokens_bt=tokens_bt,
+        logprobs_bt=logprobs_bt,
+        last_token_b=jnp.where(active_b, token_b, st.last_token_b),
+        num_gen_b=num_gen_b,
+        reason_b=jnp.where(active_b, reason_b, st.reason_b),
+        stop_state_bk=stop_state_bk,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
+def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate):
+    """Sample the first token from the prefill logits, then decode until every row has stopped."""
+    st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate)
+    model = nnx.merge(graphdef, params)
+
+    def cond(st: DecodeState):
+        return ~jnp.all(st.done_b)
+
+    def body(st: DecodeState):
+        active_b = ~st.done_b
+        positions_b1 = jnp.where(active_b, st.pos_b, -1)[:, None]
+        hidden_b1d, cache = model.hidden_states(st.last_token_b[:, None], positions_bs=positions_b1, cache=st.cache)
+        logits_bv = model.logits_from_hidden(hidden_b1d)[:, 0]
+        st = st.replace(cache=cache, pos_b=st.pos_b + active_b.astype(jnp.int32))
+        return _sample_step(st, logits_bv, table_kqv, match_state_k, eos_ids, truncate)
+
+    return jax.lax.while_loop(cond, body, st)
+
+
+@jax.jit
+def fork_rows(cache: KVCache, logits_uv: jax.Array, source_b: jax.Array):
+    """Copy row `source_b[i]` of a prefilled batch into row i: a node's KV state forked into children."""
+    return cache.gather_rows(source_b), logits_uv[source_b]

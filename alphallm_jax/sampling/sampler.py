@@ -1,0 +1,312 @@
+"""`Sampler`: the one sampling engine behind evaluation, rollouts, option expansion and synthesis.
+
+Host side: tokenise, plan which tokens each request must prefill (only what its cached ancestor lacks),
+bucket shapes so compiles are reused, then one batched prefill, a device-side fork of shared prefixes
+into their samples, and one batched decode loop. Results carry the text, token ids, untempered
+log-probabilities and the finish reason; each result may keep its KV state for further continuation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alphallm_jax.models import sharding as shd
+from alphallm_jax.models.kv_cache import KVCache
+from alphallm_jax.sampling import engine
+from alphallm_jax.sampling.kv_pool import KVPool, SeqState
+from alphallm_jax.sampling.stop_rules import StopTables
+from alphallm_jax.sampling.token_texts import token_texts
+
+_TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
+
+
+@dataclasses.dataclass
+class Completion:
+    """One sampled continuation. `text` includes the stop string that ended it (options end with their
+    newline); `token_ids`/`logprobs` include a final EOS token when one was sampled."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "eos" | "length"
+    stop_string: str | None = None
+    state: SeqState | None = None  # continue sampling from here (None unless kept)
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(np.sum(self.logprobs))
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    """Continue `state` (after appending `extra_tokens`) by at most `max_new_tokens`."""
+
+    state: SeqState
+    max_new_tokens: int
+    extra_tokens: tuple[int, ...] = ()
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class SamplerStats:
+    prefilled_tokens: int = 0  # tokens written to the cache by prefill (padding excluded)
+    decoded_tokens: int = 0  # tokens sampled
+    cache_hits: int = 0  # requests whose own state was cached
+    rebuilds: int = 0  # requests whose state had been evicted and was rebuilt from an ancestor
+    evictions: int = 0
+    device_calls: int = 0  # prefill + decode launches
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    """Next power of two >= max(n, minimum): few distinct shapes, few compiles."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def _bucket_len(n: int, granule: int = 16) -> int:
+    return _bucket(n, granule) if n > 256 else -(-n // granule) * granule
+
+
+class Sampler:
+    """Batched, jitted sampling with KV forking for tree search.
+
+    Args:
+      model: an NNX `Decoder`; tokenizer: the project's `Tokenizer` (None: token ids in and out,
+        `Completion.text` empty, no stop strings).
+      max_len: longest sequence (prompt plus everything generated) a kept state may reach.
+      pool_slots: cached states kept on device for continuation (least recently used evicted).
+      max_batch: rows per device call; larger request lists are split.
+      mesh: optional mesh; batch rows are sharded over (data, fsdp), heads over tensor.
+      eos_ids: end-of-sequence ids (default: the tokenizer's and the model config's).
+    """
+
+    def __init__(self, model, tokenizer, *, max_len: int = 1024, pool_slots: int = 64, max_batch: int = 256,
+                 mesh: jax.sharding.Mesh | None = None, rules: shd.ShardingRules | None = None,
+                 eos_ids: Sequence[int] | None = None):
+        self.model = model
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.max_batch = max_batch
+        self.mesh = mesh
+        self.rules = rules or shd.ShardingRules()
+        self.graphdef, self.params = nnx.split(model)
+        if eos_ids is None:
+            eos_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
+        self.eos_ids = jnp.asarray(sorted(eos_ids), jnp.int32)
+        self._min_batch = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self._pool_slots = pool_slots
+        self._pool: KVPool | None = None
+        self._stop_tables: dict[tuple[str, ...], StopTables] = {}
+        self._token_texts: tuple[str, ...] | None = None
+        self.stats = SamplerStats()
+
+    # ----------------------------------------------------------------------------------- public API
+
+    def new_state(self, prompt: str | Sequence[int], *, add_bos: bool = True) -> SeqState:
+        """A root state for a prompt (text is tokenised); nothing runs until it is continued."""
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass token ids or build the Sampler with one")
+        tokens = self.tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise ValueError("cannot sample from an empty prompt (no tokens and no BOS)")
+        return SeqState(tokens=tuple(int(t) for t in tokens))
+
+    def extend(self, state: SeqState, text_or_tokens: str | Sequence[int]) -> SeqState:
+        """A child of `state` with text appended; only the new tokens are prefilled when it is continued."""
+        extra = self.tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) else text_or_tokens
+        return SeqState(tokens=state.tokens + tuple(int(t) for t in extra), parent=state)
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] | None = None,
+                 num_samples: int = 1, seed: int = 0, keep_states: bool = False) -> list[list[Completion]]:
+        """For each prompt, `num_samples` completions. Same seed, same output.
+
+        The prompt is prefilled once and forked on device into its samples.
+        """
+        roots = [self.new_state(p) for p in prompts]
+        requests = [
+            SampleRequest(state=root, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, stop=tuple(stop or ()), seed=_row_seed(seed, i, j))
+            for i, root in enumerate(roots) for j in range(num_samples)
+        ]
+        flat = self.sample(requests, keep_states=keep_states)
+        return [flat[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+    def sample(self, requests: Sequence[SampleRequest], *, keep_states: bool = True) -> list[Completion]:
+        """Continue many states at once; with `keep_states`, each completion's state stays cached."""
+        out: list[Completion] = []
+        for start in range(0, len(requests), self.max_batch):
+            out += self._sample_batch(list(requests[start:start + self.max_batch]), keep_states)
+        return out
+
+    def release(self, state: SeqState) -> None:
+        if self._pool is not None:
+            self._pool.release(state)
+
+    # ------------------------------------------------------------------------------------ internals
+
+    @property
+    def pool(self) -> KVPool:
+        if self._pool is None:
+            self._pool = KVPool(self.cfg, self._pool_slots, self.max_len, cache_factory=self._new_cache)
+        return self._pool
+
+    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.create(self.cfg, batch, max_len, mesh=self.mesh, rules=self.rules)
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        """Host batch array onto the device, rows sharded over (data, fsdp) when there is a mesh."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = shd.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), self.rules)
+        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+    def _stop_table(self, stops: tuple[str, ...]) -> StopTables:
+        if stops not in self._stop_tables:
+            if stops and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer; this Sampler was built without one")
+            if self._token_texts is None:
+                self._token_texts = (token_texts(self.tokenizer, self.cfg.vocab_size) if self.tokenizer
+                                     else ("",) * self.cfg.vocab_size)
+            self._stop_tables[stops] = StopTables(stops, self._token_texts)
+        return self._stop_tables[stops]
+
+    def _sample_batch(self, reqs: list[SampleRequest], keep_states: bool) -> list[Completion]:
+        # 1. What each request must prefill: the tokens its nearest cached ancestor lacks.
+        plans = []
+        for r in reqs:
+            if r.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+            base = self._pool.nearest_cached(r.state) if self._pool is not None else None
+            if base is not None and base is r.state:
+                self.stats.cache_hits += 1
+            elif r.state.was_cached:
+                self.stats.rebuilds += 1
+            skip = len(base.tokens) - 1 if base is not None else 0
+            chunk = r.state.tokens[skip:] + tuple(r.extra_tokens)
+            total = skip + len(chunk) + r.max_new_tokens
+            if total > self.max_len:
+                raise ValueError(
+                    f"request needs {total} tokens ({skip + len(chunk)} context + {r.max_new_tokens} new) "
+                    f"but the sampler's max_len is {self.max_len}; raise sampling.max_len")
+            plans.append((base, skip, chunk))
+
+        # 2. One prefill per distinct (base, chunk): samples of one prompt share it.
+        unique: dict[tuple, int] = {}
+        source = [unique.setdefault((id(b), c), len(unique)) for b, _, c in plans]
+        firsts = [plans[source.index(u)] for u in range(len(unique))]
+        n_unique = _bucket(len(unique), self._min_batch)
+        seq = _bucket_len(max(len(c) for _, _, c in firsts))
+        chunk_us = np.zeros((n_unique, seq), np.int32)
+        pos_us = np.full((n_unique, seq), -1, np.int32)
+        for u, (_, skip, chunk) in enumerate(firsts):
+            chunk_us[u, :len(chunk)] = chunk
+            pos_us[u, :len(chunk)] = np.arange(skip, skip + len(chunk))
+        if any(b is not None for b, _, _ in firsts):
+            cache = self.pool.gather([b for b, _, _ in firsts] + [None] * (n_unique - len(firsts)))
+        else:
+            need = max(s + len(c) for _, s, c in firsts) + max(r.max_new_tokens for r in reqs)
+            cache = self._new_cache(n_unique, self.max_len if keep_states else min(self.max_len, _bucket_len(need, 64)))
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            logits_uv, cache = engine.prefill(self.graphdef, self.params, cache, self._put(chunk_us), self._put(pos_us))
+            self.stats.prefilled_tokens += sum(len(c) for _, _, c in firsts)
+
+            # 3. Fork shared prefixes into their samples (a device-side row copy).
+            n_rows = _bucket(len(reqs), self._min_batch)
+            source_b = np.array(source + [0] * (n_rows - len(reqs)), np.int32)
+            if n_rows != n_unique or not np.array_equal(source_b, np.arange(n_rows)):
+                cache, logits_uv = engine.fork_rows(cache, logits_uv, self._put(source_b))
+
+            # 4. Decode every row until it stops.
+            stops = tuple(sorted({s for r in reqs for s in r.stop}))
+            tables = self._stop_table(stops)
+            max_new = _bucket(max(r.max_new_tokens for r in reqs), 8)
+            state = self._initial_state(reqs, plans, cache, n_rows, max_new, tables)
+            state = engine.decode(self.graphdef, self.params, state, logits_uv, jnp.asarray(tables.table_kqv),
+                                  jnp.asarray(tables.match_state_k), self.eos_ids, any(r.top_p < 1 or r.top_k > 0 for r in reqs))
+            self.stats.device_calls += 2
+        tokens_bt, logprobs_bt, num_gen_b, reason_b, stop_state_bk = jax.device_get(
+            (state.tokens_bt, state.logprobs_bt, state.num_gen_b, state.reason_b, state.stop_state_bk))
+        self.stats.decoded_tokens += int(num_gen_b[:len(reqs)].sum())
+
+        # 5. Completions, and their states kept in the pool for continuation.
+        completions = []
+        for b, r in enumerate(reqs):
+            gen = [int(t) for t in tokens_bt[b, :num_gen_b[b]]]
+            context = r.state.tokens + tuple(r.extra_tokens)
+            reason = engine.FINISH_REASONS[int(reason_b[b])]
+            matched = [s for k, s in enumerate(stops) if stop_state_bk[b, k] == tables.match_state_k[k] and s in r.stop]
+            completions.append(Completion(
+                text=self._decode_continuation(context, gen),
+                token_ids=gen,
+                logprobs=[float(x) for x in logprobs_bt[b, :num_gen_b[b]]],
+                finish_reason=reason,
+                stop_string=matched[0] if reason == "stop" and matched else None,
+                state=SeqState(tokens=context + tuple(gen), parent=r.state) if keep_states else None,
+            ))
+        if keep_states:
+            pool = self.pool
+            evicted_before = pool.evictions
+            pool.store(state.cache, list(range(len(reqs))), [c.state for c in completions])
+            self.stats.evictions += pool.evictions - evicted_before
+        return completions
+
+    def _initial_state(self, reqs, plans, cache, n_rows, max_new, tables) -> engine.DecodeState:
+        pad = n_rows - len(reqs)
+
+        def col(values, dtype, fill):
+            return self._put(np.array(list(values) + [fill] * pad, dtype))
+
+        stop_mask_bk = np.zeros((n_rows, tables.table_kqv.shape[0]), bool)
+        for b, r in enumerate(reqs):
+            for s in r.stop:
+                stop_mask_bk[b, tables.index(s)] = True
+        return engine.DecodeState(
+            cache=cache,
+            tokens_bt=self._put(np.zeros((n_rows, max_new), np.int32)),
+            logprobs_bt=self._put(np.zeros((n_rows, max_new), np.float32)),
+            last_token_b=col([0] * len(reqs), np.int32, 0),
+            pos_b=col([s + len(c) for _, s, c in plans], np.int32, 0),
+            num_gen_b=col([0] * len(reqs), np.int32, 0),
+            reason_b=col([engine.RUNNING] * len(reqs), np.int32, engine.LENGTH),  # padding rows start done
+            stop_state_bk=self._put(np.zeros((n_rows, tables.table_kqv.shape[0]), np.int32)),
+            seed_b=col([r.seed for r in reqs], np.uint32, 0),
+            temperature_b=col([r.temperature for r in reqs], np.float32, 0.0),
+            top_p_b=col([r.top_p for r in reqs], np.float32, 1.0),
+            top_k_b=col([r.top_k for r in reqs], np.int32, 0),
+            max_new_b=col([r.max_new_tokens for r in reqs], np.int32, 1),
+            stop_mask_bk=self._put(stop_mask_bk),
+        )
+
+    def _decode_continuation(self, context: tuple[int, ...], gen: list[int]) -> str:
+        """The text the generated tokens add after the context (EOS excluded), decoded in context so
+        that word-boundary spaces come out right."""
+        if self.tokenizer is None:
+            return ""
+        eos = set(int(e) for e in np.asarray(self.eos_ids))
+        body = [t for t in gen if t not in eos]
+        tail = list(context[-_TEXT_CONTEXT_TOKENS:])
+        bos = self.tokenizer.bos_id
+        tail = [t for t in tail if t != bos]
+        prefix = self.tokenizer.decode(tail)
+        full = self.tokenizer.decode(tail + body)
+        return full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(body)
+
+
+def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A distinct, reproducible 32-bit seed per (call seed, prompt, sample)."""
+    return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1)[0])

@@ -1,0 +1,78 @@
+"""Stop strings matched on device, token by token, with a KMP automaton lifted to tokens.
+
+For a stop string s, the automaton state q is the length of the longest suffix of the text generated
+so far that is a prefix of s. Feeding a token means feeding its characters; `table[q, token]` is the
+state after the token, or `len(s)` once s has appeared anywhere inside the token or across the token
+boundary. The tables are built once per (tokenizer, stop strings) on the host and make the device-side
+check one gather per step, so the decode loop can stop rows without returning to the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+def _failure_function(s: str) -> list[int]:
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+def _advance(s: str, fail: list[int], q: int, text: str) -> int:
+    """Feed `text` to the automaton of `s` from state q; returns len(s) on a match."""
+    for ch in text:
+        while q and ch != s[q]:
+            q = fail[q - 1]
+        if ch == s[q]:
+            q += 1
+            if q == len(s):
+                return q
+    return q
+
+
+def build_stop_table(stop: str, token_texts: tuple[str, ...]) -> np.ndarray:
+    """`int32[len(stop) + 1, vocab]` transition table; row len(stop) (matched) is absorbing."""
+    if not stop:
+        raise ValueError("empty stop string")
+    fail = _failure_function(stop)
+    m, vocab = len(stop), len(token_texts)
+    table = np.zeros((m + 1, vocab), dtype=np.int32)
+    table[m, :] = m
+    stop_chars = set(stop)
+    for token, text in enumerate(token_texts):
+        if not stop_chars.intersection(text):
+            continue  # a token without any character of s resets every state to 0
+        for q in range(m):
+            table[q, token] = _advance(stop, fail, q, text)
+    return table
+
+
+class StopTables:
+    """The stacked tables of several stop strings: `int32[K, Q, V]` with Q = longest stop + 1."""
+
+    def __init__(self, stops: tuple[str, ...], token_texts: tuple[str, ...]):
+        self.stops = stops
+        self.match_state_k = np.array([len(s) for s in stops], dtype=np.int32)
+        num_states = max((len(s) for s in stops), default=0) + 1
+        table_kqv = np.zeros((max(len(stops), 1), num_states, len(token_texts)), dtype=np.int32)
+        for k, s in enumerate(stops):
+            table_kqv[k, : len(s) + 1] = _cached_table(s, token_texts)
+        if not stops:
+            self.match_state_k = np.array([num_states + 1], dtype=np.int32)  # never reached
+        self.table_kqv = table_kqv
+
+    def index(self, stop: str) -> int:
+        return self.stops.index(stop)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_table(stop: str, token_texts: tuple[str, ...]) -> np.ndarray:
+    return build_stop_table(stop, token_texts)

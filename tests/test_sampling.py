@@ -1,0 +1,235 @@
+"""The sampling engine: greedy parity with transformers, sampling statistics, forking, stop rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jax
+
+from alphallm_jax.models.hf_io import load_hf_checkpoint
+from alphallm_jax.models.sharding import make_mesh
+from alphallm_jax.models.tokenizer import Tokenizer
+from alphallm_jax.sampling import SampleRequest, Sampler
+from alphallm_jax.sampling.stop_rules import StopTables, build_stop_table
+from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
+
+VOCAB = 32000  # the Mistral sentencepiece vocabulary, so decoded text is real text
+
+
+def _save_tiny_hf(tmp_path, arch: str, *, sliding_window=None, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "mistral":
+        config = transformers.MistralConfig(sliding_window=sliding_window, **common)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        config = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # peaked logits: greedy has clear winners, sampling a few likely tokens
+        model.lm_head.weight.mul_(40.0)
+    model = model.float().eval()
+    path = tmp_path / arch
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    require_shared_data()
+    return Tokenizer.from_sentencepiece(MISTRAL_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path, hf_model = _save_tiny_hf(tmp_path_factory.mktemp("llama"), "llama")
+    model, _ = load_hf_checkpoint(path)
+    return model, hf_model
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    path, hf_model = _save_tiny_hf(tmp_path_factory.mktemp("mistral"), "mistral", sliding_window=8)
+    model, _ = load_hf_checkpoint(path)
+    return model, hf_model
+
+
+def _prompts(n, seed=0, lo=3, hi=14):
+    rng = np.random.default_rng(seed)
+    return [[1] + rng.integers(3, VOCAB, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("which", ["llama", "mistral"])
+def test_greedy_matches_transformers_generate(which, request, tokenizer):
+    model, hf_model = request.getfixturevalue(which)
+    prompts = _prompts(4, seed=1)
+    max_new = 24  # prompt + new > the Mistral window of 8
+    sampler = Sampler(model, tokenizer, max_len=64)
+    reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=max_new, temperature=0.0) for p in prompts]
+    ours = sampler.sample(reqs, keep_states=False)
+    for prompt, completion in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+        assert completion.token_ids == ref[0, len(prompt):].tolist()
+        assert completion.finish_reason == "length"
+
+
+def _first_token_distribution(model, prompt, temperature, top_p, top_k):
+    logits = np.asarray(model(np.array([prompt], np.int32))[0, -1], np.float64) / temperature
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = np.zeros_like(probs, bool)
+    mass = np.cumsum(probs[order]) - probs[order]
+    kept = order[mass < top_p]
+    if top_k:
+        kept = kept[:top_k]
+    keep[kept] = True
+    truncated = np.where(keep, probs, 0.0)
+    return truncated / truncated.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 5)])
+def test_sampled_tokens_follow_the_truncated_softmax(llama, tokenizer, temperature, top_p, top_k):
+    model, _ = llama
+    prompt = _prompts(1, seed=7)[0]
+    expected = _first_token_distribution(model, prompt, temperature, top_p, top_k)
+    n = 4096
+    sampler = Sampler(model, tokenizer, max_len=32, max_batch=n)
+    root = sampler.new_state(prompt)
+    reqs = [SampleRequest(state=root, max_new_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k, seed=i)
+            for i in range(n)]
+    tokens = np.array([c.token_ids[0] for c in sampler.sample(reqs, keep_states=False)])
+    counts = np.bincount(tokens, minlength=VOCAB) / n
+    assert np.all(counts[expected == 0] == 0), "sampled a token that top-p/top-k removed"
+    tv = 0.5 * np.abs(counts - expected).sum()
+    assert tv < 0.04, f"total variation {tv:.3f} between sampled and expected distributions"
+    # One prefill for the shared prompt, forked into every sample.
+    assert sampler.stats.prefilled_tokens == len(prompt)
+
+
+def test_logprobs_are_untempered(llama, tokenizer):
+    model, _ = llama
+    prompt = _prompts(1, seed=3)[0]
+    sampler = Sampler(model, tokenizer, max_len=32)
+    (completion,) = sampler.sample([SampleRequest(state=sampler.new_state(prompt), max_new_tokens=3,
+                                                  temperature=2.0, top_k=3, seed=5)], keep_states=False)
+    ids = prompt + completion.token_ids
+    logits = np.asarray(model(np.array([ids], np.int32))[0], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    expected = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(completion.token_ids)]
+    np.testing.assert_allclose(completion.logprobs, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("which", ["llama", "mistral"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_forked_continuation_equals_decoding_from_scratch(which, request, tokenizer, temperature):
+    model, _ = request.getfixturevalue(which)
+    prompts = _prompts(3, seed=11)
+    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=16)
+    roots = [sampler.new_state(p) for p in prompts]
+    first = sampler.sample([SampleRequest(state=r, max_new_tokens=9, temperature=temperature, seed=i)
+                            for i, r in enumerate(roots)])
+    # Three children per first option, each continued from the forked parent state.
+    children = sampler.sample([SampleRequest(state=c.state, max_new_tokens=12, temperature=temperature, seed=100 + j)
+                               for c in first for j in range(3)])
+    hits = sampler.stats.cache_hits
+    assert hits == 9
+    scratch = Sampler(model, tokenizer, max_len=96)
+    for idx, child in enumerate(children):
+        parent = first[idx // 3]
+        context = list(parent.state.tokens)
+        (again,) = scratch.sample([SampleRequest(state=scratch.new_state(context), max_new_tokens=12,
+                                                 temperature=temperature, seed=100 + idx % 3)], keep_states=False)
+        assert child.token_ids == again.token_ids
+        np.testing.assert_allclose(child.logprobs, again.logprobs, atol=1e-4)
+    # Only the pending token of each parent was prefilled for the children.
+    assert scratch.stats.prefilled_tokens > sampler.stats.prefilled_tokens
+
+
+def test_evicted_state_is_rebuilt_from_its_nearest_cached_ancestor(llama, tokenizer):
+    model, _ = llama
+    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=3)  # 2 usable slots
+    root = sampler.new_state(_prompts(1, seed=5)[0])
+    (a,) = sampler.sample([SampleRequest(state=root, max_new_tokens=6, temperature=0.0)])
+    (b,) = sampler.sample([SampleRequest(state=a.state, max_new_tokens=6, temperature=0.0)])
+    (c,) = sampler.sample([SampleRequest(state=b.state, max_new_tokens=6, temperature=0.0)])
+    assert a.state.slot is None and sampler.stats.evictions == 1  # a evicted, b and c cached
+    sampler.release(b.state)  # b forgotten: continuing c still hits c itself
+    (d,) = sampler.sample([SampleRequest(state=a.state, max_new_tokens=6, temperature=0.0)])
+    assert sampler.stats.rebuilds == 1
+    assert d.token_ids == b.token_ids  # rebuilt state continues exactly like the original
+
+
+def test_stop_table_matches_across_token_boundaries():
+    texts = ("a", "#", "##", " #", "x\n", "\n", "b#")
+    table = build_stop_table("####", texts)
+    state = 0
+    for token in (2, 6):  # "##" then "b#": no match, the b breaks the run
+        state = table[state, token]
+    assert state == 1
+    for token in (2, 1):  # "#" after "##" + "#": 4 in a row
+        state = table[state, token]
+    assert state == 4
+    nl = StopTables(("\n", "\n\n"), texts)
+    assert nl.table_kqv[0, 0, 4] == 1 and nl.table_kqv[1, 0, 4] == 1 and nl.table_kqv[1, 1, 5] == 2
+
+
+def test_stop_strings_and_eos_end_rows_on_device(llama, tokenizer):
+    model, _ = llama
+    prompt = _prompts(1, seed=21)[0]
+    sampler = Sampler(model, tokenizer, max_len=64)
+    (free,) = sampler.sample([SampleRequest(state=sampler.new_state(prompt), max_new_tokens=30, temperature=0.0)],
+                             keep_states=False)
+    text = free.text
+    # A stop string that spans a token boundary inside the greedy text: generation ends at the token
+    # that completes its first occurrence.
+    cut = len(tokenizer.decode(free.token_ids[:6]))
+    stop = text[max(0, cut - 3):cut + 2]
+    (stopped,) = sampler.sample([SampleRequest(state=sampler.new_state(prompt), max_new_tokens=30, temperature=0.0,
+                                               stop=(stop,))], keep_states=False)
+    assert stopped.finish_reason == "stop" and stopped.stop_string == stop
+    assert stop in stopped.text and stopped.text.find(stop) + len(stop) > len(stopped.text) - 20
+    assert stop not in sampler._decode_continuation(tuple(prompt), stopped.token_ids[:-1])
+    assert stopped.token_ids == free.token_ids[:len(stopped.token_ids)]
+    # EOS: make the 5th greedy token the end-of-sequence token.
+    eos_sampler = Sampler(model, tokenizer, max_len=64, eos_ids=(free.token_ids[4],))
+    (ended,) = eos_sampler.sample([SampleRequest(state=eos_sampler.new_state(prompt), max_new_tokens=30,
+                                                 temperature=0.0)], keep_states=False)
+    first_eos = free.token_ids.index(free.token_ids[4])
+    assert ended.finish_reason == "eos" and ended.token_ids == free.token_ids[:first_eos + 1]
+
+
+def test_generate_api_same_seed_same_output(llama, tokenizer):
+    model, _ = llama
+    sampler = Sampler(model, tokenizer, max_len=64)
+    prompts = ["Question: Tom has 3 apples.", "Answer:"]
+    one = sampler.generate(prompts, max_new_tokens=8, temperature=1.0, num_samples=3, seed=4)
+    two = sampler.generate(prompts, max_new_tokens=8, temperature=1.0, num_samples=3, seed=4)
+    other = sampler.generate(prompts, max_new_tokens=8, temperature=1.0, num_samples=3, seed=5)
+    assert [[c.token_ids for c in cs] for cs in one] == [[c.token_ids for c in cs] for cs in two]
+    assert [[c.token_ids for c in cs] for cs in one] != [[c.token_ids for c in cs] for cs in other]
+    assert all(len(cs) == 3 and all(isinstance(c.text, str) for c in cs) for cs in one)
+
+
+def test_sharded_sampler_equals_single_device(tmp_path, tokenizer):
+    path, _ = _save_tiny_hf(tmp_path, "llama", seed=3)
+    prompts = _prompts(5, seed=2)
+    single_model, _ = load_hf_checkpoint(path)
+    mesh = make_mesh(data=2, fsdp=1, tensor=4)
+    sharded_model, _ = load_hf_checkpoint(path, mesh=mesh)
+    outs = []
+    for model, m in ((single_model, None), (sharded_model, mesh)):
+        sampler = Sampler(model, tokenizer, max_len=64, mesh=m)
+        reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=10, temperature=t, seed=i)
+                for i, p in enumerate(prompts) for t in (0.0, 1.0)]
+        outs.append(sampler.sample(reqs))
+    assert len(jax.devices()) == 8
+    for a, b in zip(*outs):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
