@@ -1,0 +1,160 @@
+"""The built-in arith reference task: determinism, disjointness, correctness, variety."""
+
+import collections
+import hashlib
+import re
+
+import pytest
+
+from alphallm_jax.data import arith
+from alphallm_jax.data.arith import (
+    DEFAULT_CONFIG,
+    HARD_CONFIG,
+    ArithConfig,
+    check_annotations,
+    generate_problems,
+    make_splits,
+    vocabulary,
+    write_splits,
+)
+from alphallm_jax.data.grading import is_correct
+from alphallm_jax.data.loaders import load_gsm8k
+from alphallm_jax.data.prompts import split_steps
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits(seed=0)
+
+
+def test_default_split_sizes(splits):
+    assert {k: len(v) for k, v in splits.items()} == {"train": 4000, "dev": 200, "test": 300, "test_hard": 300}
+    assert splits["test"][7].id == "arith-test-00007"
+    assert all(p.task == "arith" and p.meta["split"] == k for k, v in splits.items() for p in v)
+
+
+def test_splits_disjoint_and_unique(splits):
+    seen = {}
+    for name, probs in splits.items():
+        qs = [p.question for p in probs]
+        assert len(set(qs)) == len(qs), f"duplicate questions inside {name}"
+        for q in qs:
+            assert q not in seen, f"{name} shares a question with {seen[q]}"
+            seen[q] = name
+
+
+def test_deterministic_same_seed_same_files(tmp_path, splits):
+    again = make_splits(seed=0)
+    assert {k: [p.to_dict() for p in v] for k, v in again.items()} == {
+        k: [p.to_dict() for p in v] for k, v in splits.items()
+    }
+    a = write_splits(tmp_path / "a", splits=splits)
+    b = write_splits(tmp_path / "b", splits=again)
+
+    def digest(paths):
+        return {k: hashlib.sha256(open(v, "rb").read()).hexdigest() for k, v in paths.items()}
+
+    assert digest(a) == digest(b)
+    assert (tmp_path / "a" / "config.json").read_bytes() == (tmp_path / "b" / "config.json").read_bytes()
+    sizes = dict(n_train=300, n_dev=20, n_test=30, n_test_hard=30)
+    c = write_splits(tmp_path / "c", seed=3, **sizes)
+    d = write_splits(tmp_path / "d", seed=3, **sizes)
+    assert digest(c) == digest(d)
+    assert (tmp_path / "c" / "config.json").read_bytes() == (tmp_path / "d" / "config.json").read_bytes()
+    assert digest(write_splits(tmp_path / "e", seed=4, **sizes)) != digest(c)
+    other = make_splits(seed=1, n_train=50, n_dev=5, n_test=20, n_test_hard=5)
+    assert [p.question for p in other["test"]] != [p.question for p in splits["test"][:20]]
+
+
+def test_written_files_load_with_gsm8k_loader(tmp_path, splits):
+    small = {k: v[:30] for k, v in splits.items()}
+    paths = write_splits(tmp_path, splits=small)
+    for name, path in paths.items():
+        loaded = load_gsm8k(path, task="arith")
+        assert [p.question for p in loaded] == [p.question for p in small[name]]
+        assert [p.answer for p in loaded] == [p.answer for p in small[name]]
+        assert [p.solution for p in loaded] == [p.solution for p in small[name]]
+        assert [p.id for p in loaded] == [p.id for p in small[name]]
+
+
+def test_every_solution_is_right(splits):
+    for probs in splits.values():
+        for p in probs:
+            assert check_annotations(p.solution) == [], (p.id, check_annotations(p.solution))
+            assert is_correct(p.solution, p.answer, "arith"), p.id
+            assert is_correct(p.solution, p.answer, "gsm8k"), p.id
+            assert not is_correct(p.solution, str(int(p.answer) + 1), "arith"), p.id
+
+
+def _annotation_values(solution):
+    vals = []
+    for m in re.finditer(r"<<(\d+)([-+*/])(\d+)=(\d+)>>", solution):
+        vals += [int(m.group(1)), int(m.group(3)), int(m.group(4))]
+    return vals
+
+
+def test_step_format_and_bounds(splits):
+    for name, probs in splits.items():
+        cfg = HARD_CONFIG if name == "test_hard" else DEFAULT_CONFIG
+        for p in probs:
+            lines = split_steps(p.solution)
+            steps = lines[:-1]
+            assert lines[-1] == f"#### {p.answer}"
+            assert cfg.min_steps <= len(steps) <= cfg.max_steps == max(cfg.max_steps, len(steps))
+            assert len(steps) == p.meta["steps"]
+            for s in steps:
+                assert s.count("<<") == 1 and s.endswith("."), s
+            vals = _annotation_values(p.solution)
+            assert vals and min(vals) >= 2 and max(vals) <= cfg.value_max, (p.id, vals)
+            assert int(p.answer) >= cfg.value_min
+            numbers_in_question = [int(x) for x in re.findall(r"\d+", p.question)]
+            big = [x for x in numbers_in_question if x > cfg.operand_max]
+            # only a trip/book total may exceed operand_max
+            assert len(big) <= 1 and (not big or "travel" == p.meta["scenario"] or "reading" == p.meta["scenario"])
+
+
+def test_difficulty_of_splits(splits):
+    steps = {k: collections.Counter(p.meta["steps"] for p in v) for k, v in splits.items()}
+    assert set(steps["train"]) == {2, 3, 4} and set(steps["test"]) == {2, 3, 4}
+    assert set(steps["test_hard"]) == {4, 5, 6}
+    mean = lambda v: sum(int(p.answer) for p in v) / len(v)  # noqa: E731
+    assert mean(splits["test_hard"]) > mean(splits["test"])
+
+
+def test_variety_of_templates(splits):
+    train = splits["train"]
+    scenarios = collections.Counter(p.meta["scenario"] for p in train)
+    assert len(scenarios) == len(arith.SCENARIOS) >= 6
+    assert min(scenarios.values()) > 0.05 * len(train)
+    events = collections.Counter(e for p in train for e in p.meta["events"])
+    assert set(arith.EVENT_TYPES) <= set(events)
+    ops = collections.Counter(c for p in train for c in p.meta["ops"])
+    assert set(ops) == {"+", "-", "*", "/"}
+    # many distinct question openings, modest vocabulary
+    openings = {" ".join(p.question.split()[1:4]) for p in train}
+    assert len(openings) > 30
+    vocab = vocabulary(train)
+    assert 100 < len(vocab) < 400, len(vocab)
+
+
+def test_config_knobs():
+    cfg = ArithConfig(
+        min_steps=3, max_steps=3, operand_max=9, factor_max=3, value_max=60, scenario_weights=(("saving", 1.0),), seed=5
+    )
+    probs = generate_problems(cfg, 40, split="x")
+    assert all(p.meta["scenario"] == "saving" and p.meta["steps"] == 3 for p in probs)
+    assert all(max(_annotation_values(p.solution)) <= 60 for p in probs)
+    assert generate_problems(cfg, 40, split="x") == probs
+    assert ArithConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError):
+        ArithConfig(min_steps=3, max_steps=2)
+    with pytest.raises(ValueError):
+        ArithConfig(scenario_weights=(("space", 1.0),))
+
+
+def test_check_annotations_catches_errors():
+    good = "Tom has 3*4=<<3*4=12>>12 pens.\n#### 12"
+    assert check_annotations(good) == []
+    assert check_annotations(good.replace("=12>>", "=13>>")) != []
+    assert check_annotations("Tom has 3*4=<<3*4=12>>12 pens.\n#### 13") != []
+    assert check_annotations("Tom has 3*4=<<3*4=12>>12 pens.") != []
