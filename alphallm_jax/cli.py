@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "complete a prompt with a checkpoint (greedy with --temperature 0)"),
     "convert": ("convert", "convert a checkpoint between Hugging Face safetensors and orbax"),
     "init-model": ("init_model", "write a randomly initialised model of a preset to a directory"),
+    "eval": ("eval", "evaluate a checkpoint on a dataset split with the config's methods"),
     "bench": ("bench", "benchmarks with side-by-side ratios: `alphallm bench {sampler,train} --out F.json`"),
 }
 # `alphallm bench NAME` runs alphallm_jax.commands.bench_NAME.

@@ -1,0 +1,135 @@
+"""Evaluation methods, pluggable by name: `greedy`, `maj@k`; later stages register `orm@k`, `mcts`...
+
+A method turns a batch of problems into one `MethodOutput` per problem; the harness grades, writes
+and summarises. A spec string is `name` or `name@k` (k: the method's budget, e.g. samples).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from alphallm_jax.data.grading import canonical_answer, extract_answer
+from alphallm_jax.data.problems import Problem
+
+
+@dataclasses.dataclass
+class MethodOutput:
+    prediction: str  # the chosen solution text
+    generated_tokens: int  # every token the method sampled for this problem
+    nodes: int  # reasoning steps generated (options), the papers' compute unit
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """What a method may use: the sampler, prompt building, generation settings, shared components."""
+
+    sampler: Any
+    task: str
+    prompt_for: Callable[[Problem], str]
+    eval_cfg: Any  # the config's `eval` section
+    seed: int = 0
+    components: dict = dataclasses.field(default_factory=dict)  # critics, search, ... (later stages)
+
+
+class EvalMethod(Protocol):
+    spec: str
+
+    def run(self, problems: Sequence[Problem], ctx: EvalContext) -> list[MethodOutput]: ...
+
+
+METHODS: dict[str, Callable[[int | None], EvalMethod]] = {}
+
+
+def register_method(name: str):
+    """Register a factory `factory(k) -> EvalMethod` under `name` (used as `name` or `name@k`)."""
+
+    def wrap(factory):
+        if name in METHODS:
+            raise ValueError(f"evaluation method {name!r} registered twice")
+        METHODS[name] = factory
+        return factory
+
+    return wrap
+
+
+def make_method(spec: str) -> EvalMethod:
+    name, _, budget = spec.partition("@")
+    if name not in METHODS:
+        raise ValueError(f"unknown evaluation method {spec!r}; known: {sorted(METHODS)} (as name or name@k)")
+    if budget and not budget.isdigit():
+        raise ValueError(f"evaluation method {spec!r}: the budget after '@' must be a positive integer")
+    return METHODS[name](int(budget) if budget else None)
+
+
+def count_steps(text: str) -> int:
+    """Reasoning steps in a solution: its non-empty lines."""
+    return sum(1 for line in text.split("\n") if line.strip())
+
+
+def strip_stop(text: str, stops: Sequence[str]) -> str:
+    """Drop the stop string that ended a completion (it belongs to what comes next, not the answer)."""
+    for stop in stops:
+        if stop and text.endswith(stop):
+            return text[: -len(stop)]
+    return text
+
+
+def _sample(problems, ctx: EvalContext, *, num_samples: int, temperature: float):
+    cfg = ctx.eval_cfg
+    return ctx.sampler.generate(
+        [ctx.prompt_for(p) for p in problems], max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+        top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop), num_samples=num_samples, seed=ctx.seed)
+
+
+@dataclasses.dataclass
+class Greedy:
+    spec: str = "greedy"
+
+    def run(self, problems, ctx):
+        outs = []
+        for (c,) in _sample(problems, ctx, num_samples=1, temperature=0.0):
+            text = strip_stop(c.text, ctx.eval_cfg.stop)
+            outs.append(MethodOutput(text, len(c.token_ids), count_steps(text), {"finish_reason": c.finish_reason}))
+        return outs
+
+
+@dataclasses.dataclass
+class MajorityVote:
+    """Self-consistency: k samples, the most frequent final answer (ties: higher summed log-prob)."""
+
+    k: int
+    spec: str = ""
+
+    def run(self, problems, ctx):
+        outs = []
+        for samples in _sample(problems, ctx, num_samples=self.k, temperature=ctx.eval_cfg.temperature):
+            texts = [strip_stop(c.text, ctx.eval_cfg.stop) for c in samples]
+            keys = [canonical_answer(extract_answer(t, ctx.task), ctx.task) for t in texts]
+            votes = collections.Counter(k for k in keys if k is not None)
+            best = 0
+            if votes:
+                score = {k: (n, max(s.sum_logprob for s, kk in zip(samples, keys) if kk == k)) for k, n in votes.items()}
+                winner = max(score, key=score.get)
+                best = keys.index(winner)
+            outs.append(MethodOutput(
+                texts[best], sum(len(c.token_ids) for c in samples), sum(count_steps(t) for t in texts),
+                {"votes": dict(votes.most_common(5))}))
+        return outs
+
+
+@register_method("greedy")
+def _greedy(k: int | None) -> EvalMethod:
+    if k not in (None, 1):
+        raise ValueError("greedy takes no budget (use maj@k for several samples)")
+    return Greedy()
+
+
+@register_method("maj")
+def _majority(k: int | None) -> EvalMethod:
+    if not k:
+        raise ValueError("maj needs a budget: maj@k")
+    return MajorityVote(k=k, spec=f"maj@{k}")

@@ -1,0 +1,139 @@
+"""The evaluation harness: a checkpoint, a dataset split and a list of methods -> graded artifacts.
+
+Problems are sharded over JAX processes (`jax.process_index()`); each process appends its graded
+rows to its own part file (resumable: a rerun skips finished problems, a torn last line from a kill
+is dropped), then process 0 merges the parts into `predictions.jsonl` per method, `summary.json`,
+`summary.md` and `accuracy_vs_tokens.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+import jax
+from tqdm import tqdm
+
+from alphallm_jax.data.grading import extract_answer, is_correct
+from alphallm_jax.data.loaders import load_dataset
+from alphallm_jax.data.problems import Problem
+from alphallm_jax.data.prompts import format_prompt
+from alphallm_jax.pipeline import reporting
+from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
+from alphallm_jax.utils.io import (append_jsonl, as_path, atomic_write_json, atomic_write_text,
+                                   read_jsonl_tolerant_tail, write_jsonl_atomic)
+
+log = logging.getLogger(__name__)
+
+
+def method_dirname(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", spec)
+
+
+def load_eval_problems(cfg) -> list[Problem]:
+    return load_dataset(cfg.eval.split, data_dir=cfg.data.data_dir or None, limit=cfg.eval.limit or None,
+                        task=cfg.task)
+
+
+def prompt_builder(cfg, tokenizer):
+    def prompt_for(problem: Problem) -> str:
+        return format_prompt(problem, cfg.data.prompt_format, tokenizer=tokenizer,
+                             num_exemplars=cfg.data.num_exemplars, exemplar_seed=cfg.data.exemplar_seed,
+                             data_dir=cfg.data.data_dir or None)
+
+    return prompt_for
+
+
+def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir, *, batch_size: int,
+                     tag: str = "eval") -> dict:
+    """Run `methods` (spec strings) on this process's share of `problems`; merge on process 0.
+
+    Returns the merged summary (process 0) or this process's partial one.
+    """
+    pidx, pcount = jax.process_index(), jax.process_count()
+    mine = problems[pidx::pcount]
+    out_root = as_path(workdir) / tag
+    for spec in methods:
+        method = make_method(spec)
+        part = out_root / method_dirname(spec) / f"predictions.part{pidx:03d}-of-{pcount:03d}.jsonl"
+        done_rows, _ = read_jsonl_tolerant_tail(part, repair=True)
+        done = {r["id"] for r in done_rows}
+        todo = [p for p in mine if p.id not in done]
+        with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{tag} {spec}", unit="problem") as bar:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                rows = [_grade(p, out, spec, ctx.task) for p, out in zip(batch, method.run(batch, ctx))]
+                append_jsonl(part, rows, many=True)
+                bar.update(len(batch))
+    if pcount > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"{tag}:parts-written")
+    summary = merge_results(problems, methods, out_root) if pidx == 0 else {}
+    if pcount > 1:
+        multihost_utils.sync_global_devices(f"{tag}:merged")
+    return summary
+
+
+def _grade(problem: Problem, out, spec: str, task: str) -> dict:
+    return {
+        "id": problem.id,
+        "method": spec,
+        "question": problem.question,
+        "reference": problem.answer,
+        "prediction": out.prediction,
+        "extracted": extract_answer(out.prediction, task),
+        "correct": is_correct(out.prediction, problem.answer, task),
+        "generated_tokens": out.generated_tokens,
+        "nodes": out.nodes,
+        **({"extra": out.extra} if out.extra else {}),
+    }
+
+
+def merge_results(problems: list[Problem], methods, out_root) -> dict:
+    """Merge every process's part files into per-method predictions and one summary."""
+    order = {p.id: i for i, p in enumerate(problems)}
+    summary = {}
+    for spec in methods:
+        method_dir = out_root / method_dirname(spec)
+        rows = {}
+        for part in sorted(method_dir.glob("predictions.part*.jsonl")):
+            for row in read_jsonl_tolerant_tail(part)[0]:
+                rows[row["id"]] = row
+        missing = [p.id for p in problems if p.id not in rows]
+        if missing:
+            raise RuntimeError(f"{spec}: {len(missing)} problems have no result (first: {missing[:3]}); "
+                               "a process did not finish: rerun to resume")
+        merged = sorted((rows[p.id] for p in problems), key=lambda r: order[r["id"]])
+        write_jsonl_atomic(method_dir / "predictions.jsonl", merged)
+        summary[spec] = reporting.summarize(merged)
+    atomic_write_json(out_root / "summary.json", {"methods": summary, "num_problems": len(problems)})
+    atomic_write_text(out_root / "summary.md", reporting.markdown_table(summary, title=f"{out_root.name}"))
+    families: dict[str, list] = {}
+    for spec, s in summary.items():
+        families.setdefault(spec.split("@")[0], []).append((max(s["mean_generated_tokens"], 1.0), s["accuracy"]))
+    reporting.plot_accuracy_vs_compute(families, out_root / "accuracy_vs_tokens.png",
+                                       title=f"accuracy vs compute ({len(problems)} problems)")
+    return summary
+
+
+def run_eval_from_config(cfg, workdir) -> dict:
+    """`alphallm eval`: load the checkpoint and the split named by the config and evaluate."""
+    from alphallm_jax import load_pretrained
+    from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.sampling import Sampler
+
+    if not cfg.model.checkpoint:
+        raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
+    mesh = mesh_from_config(cfg)
+    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
+    problems = load_eval_problems(cfg)
+    prompt_for = prompt_builder(cfg, tokenizer)
+    longest_prompt = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in problems)
+    sampler = Sampler(model, tokenizer, max_len=longest_prompt + cfg.eval.max_new_tokens,
+                      pool_slots=cfg.sampling.pool_slots, max_batch=cfg.sampling.max_batch, mesh=mesh)
+    ctx = EvalContext(sampler=sampler, task=cfg.task, prompt_for=prompt_for, eval_cfg=cfg.eval, seed=cfg.seed)
+    atomic_write_json(as_path(workdir) / "eval" / "config.json", cfg.to_dict())
+    summary = evaluate_methods(problems, ctx, list(cfg.eval.methods), workdir, batch_size=cfg.eval.batch_size)
+    return {"summary": summary, "sampler_stats": dataclasses.asdict(sampler.stats)}

@@ -1,0 +1,72 @@
+"""Summaries of evaluation results: accuracy with a 95% interval, markdown tables, compute plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (sane at 0% and 100%, unlike +-1.96 se)."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(rows: Sequence[Mapping]) -> dict:
+    """Accuracy, its interval and mean compute of per-problem result rows."""
+    n = len(rows)
+    correct = sum(bool(r["correct"]) for r in rows)
+    lo, hi = wilson_interval(correct, n)
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "n": n,
+        "correct": correct,
+        "ci95": [lo, hi],
+        "mean_generated_tokens": sum(r["generated_tokens"] for r in rows) / n if n else 0.0,
+        "mean_nodes": sum(r["nodes"] for r in rows) / n if n else 0.0,
+    }
+
+
+def markdown_table(methods: Mapping[str, Mapping], title: str | None = None) -> str:
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| method | accuracy | 95% CI | n | tokens / question | nodes / question |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, s in methods.items():
+        lo, hi = s["ci95"]
+        lines.append(f"| {name} | {100 * s['accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f} | {s['n']} "
+                     f"| {s['mean_generated_tokens']:.1f} | {s['mean_nodes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_compute(series: Mapping[str, Sequence[tuple[float, float]]], path, title: str) -> None:
+    """One point (tokens per question, accuracy) per method, or a line per family of budgets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alphallm_jax.utils.io import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in series.items():
+        points = sorted(points)
+        xs, ys = [p[0] for p in points], [100 * p[1] for p in points]
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per question")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
