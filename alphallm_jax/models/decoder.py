@@ -1,0 +1,214 @@
+"""One NNX decoder for Llama 1/2/3/3.1, Mistral v0.1 and small Llama-architecture models.
+
+Flat style: parameters are named by role and shape (`q_dnh` is [hidden, heads, head_dim]); einsum
+strings spell the shapes. Letters: b batch, s query positions, t key positions (or cache slots),
+d hidden, n query heads, k KV heads, g query heads per KV head, h head_dim, f MLP width, v vocab.
+
+Parameters stay in `param_dtype` and are cast to the compute `dtype` at use; RMSNorm statistics,
+RoPE, attention softmax and logits are float32.
+
+Positions drive all masking: position -1 marks padding (never attended to, never cached), keys
+are visible when k_pos <= q_pos, and under a sliding window W when q_pos - k_pos < W.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alphallm_jax.models import kv_cache as kv_cache_lib
+from alphallm_jax.models.config import ModelConfig
+from alphallm_jax.models.kv_cache import KVCache
+from alphallm_jax.models.rope import apply_rope, inv_frequencies, rope_angles
+from alphallm_jax.models.sharding import param, shard_activation
+
+# Finite on purpose: a fully masked query (padding) gets uniform garbage instead of NaN, and a NaN
+# could leak into valid rows through 0 * NaN in the probability-value product.
+_MASK_VALUE = -1e30
+
+ACT_BSD = ("batch", "seq", None)
+ACT_BSNH = ("batch", "seq", "q_heads", "head_dim")
+ACT_BSKH = ("batch", "seq", "kv_heads", "head_dim")
+ACT_BSF = ("batch", "seq", "mlp")
+ACT_BSV = ("batch", "seq", "vocab")
+
+
+def rms_norm(x_bsd: jax.Array, weight_d: nnx.Param, eps: float) -> jax.Array:
+  """HF order: normalise in float32, cast back, then scale."""
+  x32 = x_bsd.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return x32.astype(x_bsd.dtype) * weight_d[...].astype(x_bsd.dtype)
+
+
+def attention_mask(q_pos_bs: jax.Array, k_pos_bt: jax.Array, window: int | None) -> jax.Array:
+  """bool [batch, s, t]: key is valid, not in the future, and inside the sliding window."""
+  q, k = q_pos_bs[:, :, None], k_pos_bt[:, None, :]
+  mask = (k >= 0) & (k <= q)
+  if window is not None:
+    mask &= q - k < window
+  return mask
+
+
+def attend(q_bsnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
+           mask_bst: jax.Array) -> jax.Array:
+  """Grouped-query attention; MHA is the g == 1 case."""
+  b, s, n, h = q_bsnh.shape
+  kv_heads = k_btkh.shape[2]
+  q_bskgh = q_bsnh.reshape(b, s, kv_heads, n // kv_heads, h)
+  scores_bkgst = jnp.einsum("bskgh,btkh->bkgst", q_bskgh, k_btkh,
+                            preferred_element_type=jnp.float32) * (h ** -0.5)
+  scores_bkgst = jnp.where(mask_bst[:, None, None], scores_bkgst, _MASK_VALUE)
+  probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1).astype(v_btkh.dtype)
+  out_bskgh = jnp.einsum("bkgst,btkh->bskgh", probs_bkgst, v_btkh)
+  return out_bskgh.reshape(b, s, n, h)
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, n, k, h, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                     cfg.intermediate_size)
+    pdt = jnp.dtype(cfg.param_dtype)
+    init = nnx.initializers.normal(0.02)
+    self.cfg = cfg
+    self.attn_norm_d = param(jnp.ones((d,), pdt), ("norm",))
+    self.q_dnh = param(init(rngs.params(), (d, n, h), pdt), ("embed", "q_heads", "head_dim"))
+    self.k_dkh = param(init(rngs.params(), (d, k, h), pdt), ("embed", "kv_heads", "head_dim"))
+    self.v_dkh = param(init(rngs.params(), (d, k, h), pdt), ("embed", "kv_heads", "head_dim"))
+    self.o_nhd = param(init(rngs.params(), (n, h, d), pdt), ("q_heads", "head_dim", "embed"))
+    self.mlp_norm_d = param(jnp.ones((d,), pdt), ("norm",))
+    self.gate_df = param(init(rngs.params(), (d, f), pdt), ("embed", "mlp"))
+    self.up_df = param(init(rngs.params(), (d, f), pdt), ("embed", "mlp"))
+    self.down_fd = param(init(rngs.params(), (f, d), pdt), ("mlp", "embed"))
+
+  def _w(self, p: nnx.Param) -> jax.Array:
+    return p[...].astype(self.cfg.dtype)
+
+  def __call__(self, x_bsd: jax.Array, cos_bsh: jax.Array, sin_bsh: jax.Array,
+               mask_bst: jax.Array, layer_kv=None, write_bs=None):
+    """Returns (x_bsd, (k_cache, v_cache) or None).
+
+    layer_kv: this layer's (k, v) cache [b, t, k, h], or None to attend within the chunk.
+    write_bs: (row_bs, slot_bs) scatter indices; slot == cache_len drops the write (padding).
+    """
+    eps = self.cfg.rms_norm_eps
+    y_bsd = rms_norm(x_bsd, self.attn_norm_d, eps)
+    q_bsnh = jnp.einsum("bsd,dnh->bsnh", y_bsd, self._w(self.q_dnh))
+    k_bskh = jnp.einsum("bsd,dkh->bskh", y_bsd, self._w(self.k_dkh))
+    v_bskh = jnp.einsum("bsd,dkh->bskh", y_bsd, self._w(self.v_dkh))
+    q_bsnh = shard_activation(apply_rope(q_bsnh, cos_bsh, sin_bsh), ACT_BSNH)
+    k_bskh = shard_activation(apply_rope(k_bskh, cos_bsh, sin_bsh), ACT_BSKH)
+    v_bskh = shard_activation(v_bskh, ACT_BSKH)
+
+    new_kv = None
+    if layer_kv is None:
+      keys_btkh, values_btkh = k_bskh, v_bskh
+    else:
+      # Scatter into the (donated) cache buffers: in place, never a rebuilt cache.
+      row_bs, slot_bs = write_bs
+      k_cache, v_cache = layer_kv
+      k_cache = k_cache.at[row_bs, slot_bs].set(k_bskh.astype(k_cache.dtype), mode="drop")
+      v_cache = v_cache.at[row_bs, slot_bs].set(v_bskh.astype(v_cache.dtype), mode="drop")
+      k_cache = shard_activation(k_cache, kv_cache_lib.KV_NAMES)
+      v_cache = shard_activation(v_cache, kv_cache_lib.KV_NAMES)
+      new_kv = (k_cache, v_cache)
+      keys_btkh = k_cache.astype(self.cfg.dtype)
+      values_btkh = v_cache.astype(self.cfg.dtype)
+
+    attn_bsnh = attend(q_bsnh, keys_btkh, values_btkh, mask_bst)
+    x_bsd = x_bsd + jnp.einsum("bsnh,nhd->bsd", attn_bsnh, self._w(self.o_nhd))
+    x_bsd = shard_activation(x_bsd, ACT_BSD)
+
+    y_bsd = rms_norm(x_bsd, self.mlp_norm_d, eps)
+    gate_bsf = jnp.einsum("bsd,df->bsf", y_bsd, self._w(self.gate_df))
+    up_bsf = jnp.einsum("bsd,df->bsf", y_bsd, self._w(self.up_df))
+    act_bsf = shard_activation(jax.nn.silu(gate_bsf) * up_bsf, ACT_BSF)
+    x_bsd = x_bsd + jnp.einsum("bsf,fd->bsd", act_bsf, self._w(self.down_fd))
+    return shard_activation(x_bsd, ACT_BSD), new_kv
+
+
+class Decoder(nnx.Module):
+  """Token ids -> final-normed hidden states -> float32 logits, with an optional KVCache."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, v = cfg.hidden_size, cfg.vocab_size
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.embed_vd = param(nnx.initializers.normal(0.02)(rngs.params(), (v, d), pdt),
+                          ("vocab", "embed"))
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm_d = param(jnp.ones((d,), pdt), ("norm",))
+    if not cfg.tie_word_embeddings:
+      self.lm_head_dv = param(nnx.initializers.normal(0.02)(rngs.params(), (d, v), pdt),
+                              ("embed", "vocab"))
+
+  def __call__(self, input_ids_bs: jax.Array, *, positions_bs: jax.Array | None = None,
+               cache: KVCache | None = None):
+    """Logits [b, s, v] float32, or (logits, new_cache) when a cache is given."""
+    hidden_bsd, new_cache = self.hidden_states(input_ids_bs, positions_bs=positions_bs,
+                                               cache=cache)
+    logits_bsv = self.logits_from_hidden(hidden_bsd)
+    return logits_bsv if cache is None else (logits_bsv, new_cache)
+
+  def logits_from_hidden(self, hidden_bsd: jax.Array) -> jax.Array:
+    dtype = self.cfg.dtype
+    if self.cfg.tie_word_embeddings:
+      logits_bsv = jnp.einsum("bsd,vd->bsv", hidden_bsd, self.embed_vd[...].astype(dtype),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_bsv = jnp.einsum("bsd,dv->bsv", hidden_bsd, self.lm_head_dv[...].astype(dtype),
+                              preferred_element_type=jnp.float32)
+    return shard_activation(logits_bsv, ACT_BSV)
+
+  def hidden_states(self, input_ids_bs: jax.Array, *, positions_bs: jax.Array | None = None,
+                    cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states [b, s, d] and the updated cache (None without a cache).
+
+    positions_bs defaults to 0..s-1 without a cache and to cache.lengths() + 0..s-1 with one.
+    """
+    input_ids_bs = jnp.asarray(input_ids_bs, jnp.int32)
+    b, s = input_ids_bs.shape
+    if positions_bs is None:
+      start_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths()
+      positions_bs = start_b[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+    positions_bs = jnp.asarray(positions_bs, jnp.int32)
+    if cache is None:
+      return self._forward(input_ids_bs, positions_bs, None)
+    # A ring cache holds a bounded number of slots: longer chunks go in sub-chunks so no key
+    # still inside a query's window is overwritten before that query reads it.
+    chunk = cache.max_chunk(self.cfg.sliding_window) or s
+    hidden = []
+    for start in range(0, s, chunk):
+      h_bsd, cache = self._forward(input_ids_bs[:, start:start + chunk],
+                                   positions_bs[:, start:start + chunk], cache)
+      hidden.append(h_bsd)
+    return (hidden[0] if len(hidden) == 1 else jnp.concatenate(hidden, axis=1)), cache
+
+  def _forward(self, ids_bs: jax.Array, pos_bs: jax.Array, cache: KVCache | None):
+    cfg = self.cfg
+    x_bsd = jnp.take(self.embed_vd[...], ids_bs, axis=0).astype(cfg.dtype)
+    x_bsd = shard_activation(x_bsd, ACT_BSD)
+    cos_bsh, sin_bsh = rope_angles(pos_bs, inv_frequencies(cfg))
+
+    if cache is None:
+      mask_bst = attention_mask(pos_bs, pos_bs, cfg.sliding_window)
+      for layer in self.layers:
+        x_bsd, _ = layer(x_bsd, cos_bsh, sin_bsh, mask_bst)
+      return rms_norm(x_bsd, self.final_norm_d, cfg.rms_norm_eps), None
+
+    b, s = ids_bs.shape
+    cache_len = cache.cache_len
+    row_bs = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, s))
+    slot_bs = jnp.where(pos_bs >= 0, pos_bs % cache_len, cache_len)  # cache_len: dropped
+    slot_pos_bt = cache.slot_pos_bt.at[row_bs, slot_bs].set(pos_bs, mode="drop")
+    mask_bst = attention_mask(pos_bs, slot_pos_bt, cfg.sliding_window)
+    new_k, new_v = [], []
+    for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+      x_bsd, (k_cache, v_cache) = layer(x_bsd, cos_bsh, sin_bsh, mask_bst,
+                                        (k_cache, v_cache), (row_bs, slot_bs))
+      new_k.append(k_cache)
+      new_v.append(v_cache)
+    new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v), slot_pos_bt=slot_pos_bt)
+    return rms_norm(x_bsd, self.final_norm_d, cfg.rms_norm_eps), new_cache

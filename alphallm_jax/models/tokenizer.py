@@ -1,0 +1,147 @@
+"""Tokenizer wrapper: sentencepiece (`tokenizer.model`) or HF tokenizers (`tokenizer.json`).
+
+Local files only. Padding is masked by position -1 in the decoder, so `pad_id` is only a filler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import sentencepiece as spm
+
+SP_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def _load_hf(directory: Path):
+  import transformers  # imported lazily: only HF-format tokenizers need it
+  return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def _generation_eos(directory: Path) -> tuple[int, ...]:
+  path = directory / GENERATION_CONFIG_FILE
+  if not path.is_file():
+    return ()
+  eos = json.loads(path.read_text()).get("eos_token_id")
+  if eos is None:
+    return ()
+  return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+class Tokenizer:
+  """encode/decode plus the special ids the sampler and data pipeline need."""
+
+  def __init__(self, *, sp: spm.SentencePieceProcessor | None = None, hf: Any = None,
+               extra_eos_ids: Sequence[int] = (), chat_source: Any = None):
+    if (sp is None) == (hf is None):
+      raise ValueError("Tokenizer needs exactly one of a sentencepiece or an HF tokenizer")
+    self._sp, self._hf = sp, hf
+    self._chat_source = chat_source if chat_source is not None else hf
+    eos = [sp.eos_id()] if sp is not None else [hf.eos_token_id]
+    self.eos_ids: tuple[int, ...] = tuple(
+        dict.fromkeys(i for i in [*eos, *extra_eos_ids] if i is not None and i >= 0))
+
+  # ---- loaders -------------------------------------------------------------------------------
+  @classmethod
+  def from_sentencepiece(cls, path: str | os.PathLike) -> "Tokenizer":
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"No sentencepiece model at {path}")
+    return cls(sp=spm.SentencePieceProcessor(model_file=str(path)))
+
+  @classmethod
+  def from_dir(cls, directory: str | os.PathLike) -> "Tokenizer":
+    """tokenizer.model (sentencepiece) if present, else tokenizer.json (HF)."""
+    directory = Path(directory)
+    extra_eos = _generation_eos(directory)
+    if (directory / SP_FILE).is_file():
+      sp = spm.SentencePieceProcessor(model_file=str(directory / SP_FILE))
+      chat_source = None
+      config = directory / TOKENIZER_CONFIG_FILE
+      if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+        chat_source = _load_hf(directory)
+      return cls(sp=sp, extra_eos_ids=extra_eos, chat_source=chat_source)
+    if (directory / HF_FILE).is_file():
+      return cls(hf=_load_hf(directory), extra_eos_ids=extra_eos)
+    raise FileNotFoundError(f"No {SP_FILE} or {HF_FILE} in {directory}")
+
+  # ---- properties ----------------------------------------------------------------------------
+  @property
+  def is_sentencepiece(self) -> bool:
+    return self._sp is not None
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size() if self._sp is not None else len(self._hf)
+
+  @property
+  def bos_id(self) -> int | None:
+    bos = self._sp.bos_id() if self._sp is not None else self._hf.bos_token_id
+    return None if bos is None or bos < 0 else bos
+
+  @property
+  def pad_id(self) -> int:
+    if self._sp is not None:
+      for candidate in (self._sp.pad_id(), self._sp.unk_id()):
+        if candidate >= 0:
+          return candidate
+    elif self._hf.pad_token_id is not None:
+      return self._hf.pad_token_id
+    return self.eos_ids[0]
+
+  # ---- text <-> ids --------------------------------------------------------------------------
+  def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    if self._sp is not None:
+      ids = list(self._sp.encode(text))
+    else:
+      ids = list(self._hf.encode(text, add_special_tokens=False))
+    if add_bos:
+      if self.bos_id is None:
+        raise ValueError("This tokenizer has no BOS token")
+      ids = [self.bos_id] + ids
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`, special tokens (BOS/EOS) dropped."""
+    ids = [int(i) for i in ids]
+    if self._sp is not None:
+      return self._sp.decode(ids)
+    return self._hf.decode(ids, skip_special_tokens=True)
+
+  def id_to_piece(self, token_id: int) -> str:
+    if self._sp is not None:
+      return self._sp.id_to_piece(int(token_id))
+    return self._hf.convert_ids_to_tokens(int(token_id))
+
+  def apply_chat_template(self, messages: list[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    """The prompt text for `messages` ({"role", "content"} dicts) using the HF chat template."""
+    source = self._chat_source
+    if source is None or not getattr(source, "chat_template", None):
+      raise ValueError("This tokenizer has no chat template")
+    return source.apply_chat_template(messages, tokenize=False,
+                                      add_generation_prompt=add_generation_prompt)
+
+  # ---- persistence ---------------------------------------------------------------------------
+  def save(self, directory: str | os.PathLike) -> None:
+    """Writes files that both `Tokenizer.from_dir` and transformers' AutoTokenizer load."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if self._sp is None:
+      self._hf.save_pretrained(str(directory))
+      return
+    tmp = directory / (SP_FILE + ".tmp")
+    tmp.write_bytes(self._sp.serialized_model_proto())
+    os.replace(tmp, directory / SP_FILE)
+    piece = lambda i: self._sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(self._sp.bos_id()),
+              "eos_token": piece(self._sp.eos_id()), "unk_token": piece(self._sp.unk_id()),
+              "add_bos_token": True, "add_eos_token": False}
+    if self._chat_source is not None and getattr(self._chat_source, "chat_template", None):
+      config["chat_template"] = self._chat_source.chat_template
+    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -1,0 +1,98 @@
+"""ModelConfig <-> HF config.json, RoPE frequencies against transformers, presets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from alphallm_jax.models import PRESETS, ModelConfig, get_preset
+from alphallm_jax.models.rope import inv_frequencies
+
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=4)
+
+
+def test_reads_transformers_llama_config():
+  d = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, eos_token_id=[5, 6],
+                               rope_parameters={"rope_type": "default", "rope_theta": 5e5}).to_dict()
+  cfg = ModelConfig.from_hf_config(d, param_dtype="bfloat16", dtype="bfloat16")
+  assert (cfg.vocab_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+      300, 3, 4, 2, 16)
+  assert cfg.rope_theta == 5e5 and cfg.rope_scaling is None
+  assert cfg.eos_token_ids == (5, 6) and cfg.architecture == "llama"
+  assert cfg.param_dtype == "bfloat16" and cfg.sliding_window is None
+
+
+def test_reads_legacy_rope_spelling_and_defaults():
+  d = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 32,
+       "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+       "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+       "eos_token_id": 7}
+  cfg = ModelConfig.from_hf_config(d)
+  assert cfg.head_dim == 8 and cfg.num_kv_heads == 4  # absent -> hidden/heads, heads
+  assert cfg.rope_theta == 500000.0 and cfg.eos_token_ids == (7,)
+  assert cfg.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
+  hash(cfg)  # usable as a static jit argument
+
+
+def test_reads_mistral_config_with_window():
+  d = transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=32).to_dict()
+  cfg = ModelConfig.from_hf_config(d)
+  assert cfg.architecture == "mistral" and cfg.sliding_window == 32
+
+
+def test_unknown_architecture_is_named():
+  d = transformers.GPT2Config().to_dict()
+  with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+    ModelConfig.from_hf_config({**d, "architectures": ["GPT2LMHeadModel"]})
+  with pytest.raises(ValueError, match="attention_bias"):
+    ModelConfig.from_hf_config({**transformers.LlamaConfig(**SMALL).to_dict(),
+                                "attention_bias": True})
+  with pytest.raises(ValueError, match="dynamic"):
+    ModelConfig.from_hf_config({**transformers.LlamaConfig(**SMALL).to_dict(),
+                                "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_roundtrip_through_transformers(name):
+  cfg = PRESETS[name]
+  hf_dict = cfg.to_hf_config()
+  config_cls = transformers.MistralConfig if cfg.architecture == "mistral" else (
+      transformers.LlamaConfig)
+  hf_cfg = config_cls.from_dict(hf_dict)
+  assert hf_cfg.head_dim == cfg.head_dim and hf_cfg.num_key_value_heads == cfg.num_kv_heads
+  assert ModelConfig.from_hf_config(hf_cfg.to_dict()) == cfg
+  assert ModelConfig.from_hf_config(hf_dict) == cfg
+  assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_published_parameter_counts():
+  assert get_preset("llama2_7b").param_count() == 6_738_415_616
+  assert get_preset("llama2_13b").param_count() == 13_015_864_320
+  assert get_preset("llama2_70b").param_count() == 68_976_648_192
+  assert get_preset("mistral_7b").param_count() == 7_241_732_096
+  assert get_preset("llama3_8b").param_count() == 8_030_261_248
+  bench = get_preset("bench_30m")
+  assert (bench.hidden_size, bench.num_layers, bench.num_heads, bench.num_kv_heads,
+          bench.intermediate_size, bench.vocab_size) == (512, 8, 8, 4, 1408, 4096)
+  assert get_preset("tiny", dtype="bfloat16").dtype == "bfloat16"
+  with pytest.raises(ValueError, match="available"):
+    get_preset("gpt5")
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_frequencies_match_transformers(scaling):
+  hf_cfg = transformers.LlamaConfig(**SMALL, head_dim=32, max_position_embeddings=512,
+                                    rope_parameters={**scaling, "rope_theta": 10000.0})
+  ref, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_cfg, torch.device("cpu"))
+  ours = inv_frequencies(ModelConfig.from_hf_config(hf_cfg.to_dict()))
+  np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
+  plain = inv_frequencies(ModelConfig.from_hf_config(hf_cfg.to_dict()).replace(rope_scaling=None))
+  assert not np.allclose(ours, plain)

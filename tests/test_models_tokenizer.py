@@ -1,0 +1,64 @@
+"""Tokenizer on the real Mistral sentencepiece model, saved and reloaded in both formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+from alphallm_jax.models import Tokenizer
+from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
+
+TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+        "in May. How many clips did Natalia sell altogether in April and May?\n"
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72")
+TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  require_shared_data()
+  return Tokenizer.from_sentencepiece(MISTRAL_TOKENIZER)
+
+
+def test_sentencepiece_roundtrip(tokenizer):
+  ids = tokenizer.encode(TEXT)
+  assert tokenizer.decode(ids) == TEXT
+  assert tokenizer.encode(TEXT, add_bos=True) == [1] + ids
+  assert tokenizer.decode([1] + ids + [2]) == TEXT  # BOS/EOS are not text
+  assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_ids) == (32000, 1, (2,))
+  assert tokenizer.pad_id == 0 and tokenizer.id_to_piece(1) == "<s>"
+  assert tokenizer.is_sentencepiece
+  with pytest.raises(ValueError, match="chat template"):
+    tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_saved_tokenizer_loads_here_and_in_transformers(tokenizer, tmp_path):
+  tokenizer.save(tmp_path)
+  again = Tokenizer.from_dir(tmp_path)
+  assert again.is_sentencepiece and again.encode(TEXT) == tokenizer.encode(TEXT)
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+  assert hf.encode(TEXT, add_special_tokens=False) == tokenizer.encode(TEXT)
+
+
+def test_hf_json_tokenizer(tokenizer, tmp_path):
+  tokenizer.save(tmp_path / "sp")
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "sp", local_files_only=True)
+  hf.chat_template = TEMPLATE
+  hf.save_pretrained(tmp_path / "json")
+  (tmp_path / "json" / "tokenizer.model").unlink(missing_ok=True)
+  (tmp_path / "json" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+  tok = Tokenizer.from_dir(tmp_path / "json")
+  assert not tok.is_sentencepiece
+  assert tok.encode(TEXT) == tokenizer.encode(TEXT) and tok.decode(tok.encode(TEXT)) == TEXT
+  assert (tok.vocab_size, tok.bos_id, tok.eos_ids) == (32000, 1, (2, 7))
+  prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}])
+  assert prompt == "[user] 2+2?\n"
+  tok.save(tmp_path / "json2")
+  assert Tokenizer.from_dir(tmp_path / "json2").encode(TEXT) == tokenizer.encode(TEXT)
+
+
+def test_missing_tokenizer_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+    Tokenizer.from_dir(tmp_path)
