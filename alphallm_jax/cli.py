@@ -8,6 +8,7 @@ by absl, configs by ml-collections `config_flags` (`--config=configs/x.py[:varia
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # name -> (module under alphallm_jax.commands, one-line help). Later stages register theirs here.
@@ -15,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "complete a prompt with a checkpoint (greedy with --temperature 0)"),
     "convert": ("convert", "convert a checkpoint between Hugging Face safetensors and orbax"),
     "init-model": ("init_model", "write a randomly initialised model of a preset to a directory"),
+    "train-base": ("train_base", "train and evaluate the built-in demo's tiny base policy"),
     "eval": ("eval", "evaluate a checkpoint on a dataset split with the config's methods"),
     "bench": ("bench", "benchmarks with side-by-side ratios: `alphallm bench {sampler,train} --out F.json`"),
 }
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"usage: alphallm bench {{{','.join(BENCHMARKS)}}} [--flags]", file=sys.stderr)
             sys.exit(2)
         module_name, name, rest = f"bench_{rest[0]}", f"bench {rest[0]}", rest[1:]
+    # JAX probes for a TPU at start-up and logs its absence at INFO; that is noise on CPU and GPU hosts.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     module = importlib.import_module(f"alphallm_jax.commands.{module_name}")
     module.define_flags()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -96,8 +95,9 @@ def test_wilson_interval():
 def test_eval_cli_on_arith_and_gsm8k_with_a_tiny_model(tmp_path):
     require_shared_data()
     ckpt = tmp_path / "tiny"
-    run = lambda *args: subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args], cwd=REPO_ROOT,
-                                       capture_output=True, text=True, timeout=600)
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=600)
     made = run("init-model", "--preset=tiny", f"--tokenizer={MISTRAL_TOKENIZER}", f"--out={ckpt}")
     assert made.returncode == 0, made.stderr[-2000:]
     for config, n in (("configs/demo_arith.py:quick", 40), ("configs/gsm8k_eval.py:small", 20)):
@@ -107,6 +107,6 @@ def test_eval_cli_on_arith_and_gsm8k_with_a_tiny_model(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads((workdir / "eval/summary.json").read_text())
         assert summary["num_problems"] == n
-        for spec, s in summary["methods"].items():
+        for s in summary["methods"].values():
             assert s["n"] == n and 0.0 <= s["accuracy"] <= 1.0 and s["mean_generated_tokens"] > 0
         assert "accuracy" in done.stdout

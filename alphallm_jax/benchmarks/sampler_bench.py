@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from alphallm_jax.benchmarks.common import machine_info, matmul_peak_flops, median_seconds
 from alphallm_jax.models import create_model, presets
-from alphallm_jax.sampling import SampleRequest, Sampler
+from alphallm_jax.sampling import Sampler, SampleRequest
 
 
 def generation_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -45,7 +45,7 @@ def run(*, batch_sizes=(1, 16, 64), prompt_len: int = 128, new_tokens: int = 64,
     for batch in tqdm(batch_sizes, desc="bench sampler"):
         prompts = rng.integers(3, cfg.vocab_size, size=(batch, prompt_len)).tolist()
 
-        def ours():
+        def ours(prompts=prompts):
             reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=new_tokens, temperature=0.0)
                     for p in prompts]
             out = sampler.sample(reqs, keep_states=False)

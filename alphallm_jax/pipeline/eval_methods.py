@@ -1,4 +1,5 @@
-"""Evaluation methods, pluggable by name: `greedy`, `maj@k`; later stages register `orm@k`, `mcts`...
+"""Evaluation methods, pluggable by name: `greedy`, `maj@k`, `pass@k` (oracle coverage); later stages
+register `orm@k`, `mcts`...
 
 A method turns a batch of problems into one `MethodOutput` per problem; the harness grades, writes
 and summarises. A spec string is `name` or `name@k` (k: the method's budget, e.g. samples).
@@ -121,6 +122,28 @@ class MajorityVote:
         return outs
 
 
+@dataclasses.dataclass
+class PassAtK:
+    """Oracle coverage: correct when any of k samples is (the prediction is the first correct one).
+    It reads the reference answer, so it measures what search could find, never a deployable method."""
+
+    k: int
+    spec: str = ""
+
+    def run(self, problems, ctx):
+        from alphallm_jax.data.grading import is_correct
+
+        outs = []
+        for problem, samples in zip(problems, _sample(problems, ctx, num_samples=self.k,
+                                                      temperature=ctx.eval_cfg.temperature)):
+            texts = [strip_stop(c.text, ctx.eval_cfg.stop) for c in samples]
+            hits = [i for i, t in enumerate(texts) if is_correct(t, problem.answer, ctx.task)]
+            outs.append(MethodOutput(
+                texts[hits[0] if hits else 0], sum(len(c.token_ids) for c in samples),
+                sum(count_steps(t) for t in texts), {"num_correct": len(hits)}))
+        return outs
+
+
 @register_method("greedy")
 def _greedy(k: int | None) -> EvalMethod:
     if k not in (None, 1):
@@ -133,3 +156,10 @@ def _majority(k: int | None) -> EvalMethod:
     if not k:
         raise ValueError("maj needs a budget: maj@k")
     return MajorityVote(k=k, spec=f"maj@{k}")
+
+
+@register_method("pass")
+def _pass_at_k(k: int | None) -> EvalMethod:
+    if not k:
+        raise ValueError("pass needs a budget: pass@k")
+    return PassAtK(k=k, spec=f"pass@{k}")

@@ -21,8 +21,14 @@ from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import format_prompt
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
-from alphallm_jax.utils.io import (append_jsonl, as_path, atomic_write_json, atomic_write_text,
-                                   read_jsonl_tolerant_tail, write_jsonl_atomic)
+from alphallm_jax.utils.io import (
+    append_jsonl,
+    as_path,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl_tolerant_tail,
+    write_jsonl_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +37,17 @@ def method_dirname(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", spec)
 
 
+def load_split(cfg, split: str, limit: int = 0) -> list[Problem]:
+    """A named split or JSONL file as the config describes it (data root, task, arith knobs and seed)."""
+    from alphallm_jax.data.arith import ArithConfig
+
+    return load_dataset(split, data_dir=cfg.data.data_dir or None, limit=limit or None, task=cfg.task,
+                        arith_seed=cfg.seed, arith_config=ArithConfig(**cfg.data.arith),
+                        arith_hard_config=ArithConfig(**cfg.data.arith_hard))
+
+
 def load_eval_problems(cfg) -> list[Problem]:
-    return load_dataset(cfg.eval.split, data_dir=cfg.data.data_dir or None, limit=cfg.eval.limit or None,
-                        task=cfg.task)
+    return load_split(cfg, cfg.eval.split, cfg.eval.limit)
 
 
 def prompt_builder(cfg, tokenizer):
@@ -118,22 +132,29 @@ def merge_results(problems: list[Problem], methods, out_root) -> dict:
     return summary
 
 
-def run_eval_from_config(cfg, workdir) -> dict:
-    """`alphallm eval`: load the checkpoint and the split named by the config and evaluate."""
-    from alphallm_jax import load_pretrained
-    from alphallm_jax.config import mesh_from_config
+def eval_context(cfg, model, tokenizer, *, mesh=None) -> tuple[list[Problem], EvalContext]:
+    """The config's eval problems and a context whose sampler fits their longest prompt."""
     from alphallm_jax.sampling import Sampler
 
-    if not cfg.model.checkpoint:
-        raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
-    mesh = mesh_from_config(cfg)
-    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
     problems = load_eval_problems(cfg)
     prompt_for = prompt_builder(cfg, tokenizer)
     longest_prompt = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in problems)
     sampler = Sampler(model, tokenizer, max_len=longest_prompt + cfg.eval.max_new_tokens,
                       pool_slots=cfg.sampling.pool_slots, max_batch=cfg.sampling.max_batch, mesh=mesh)
-    ctx = EvalContext(sampler=sampler, task=cfg.task, prompt_for=prompt_for, eval_cfg=cfg.eval, seed=cfg.seed)
+    return problems, EvalContext(sampler=sampler, task=cfg.task, prompt_for=prompt_for, eval_cfg=cfg.eval,
+                                 seed=cfg.seed)
+
+
+def run_eval_from_config(cfg, workdir) -> dict:
+    """`alphallm eval`: load the checkpoint and the split named by the config and evaluate."""
+    from alphallm_jax import load_pretrained
+    from alphallm_jax.config import mesh_from_config
+
+    if not cfg.model.checkpoint:
+        raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
+    mesh = mesh_from_config(cfg)
+    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
+    problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
     atomic_write_json(as_path(workdir) / "eval" / "config.json", cfg.to_dict())
     summary = evaluate_methods(problems, ctx, list(cfg.eval.methods), workdir, batch_size=cfg.eval.batch_size)
-    return {"summary": summary, "sampler_stats": dataclasses.asdict(sampler.stats)}
+    return {"summary": summary, "sampler_stats": dataclasses.asdict(ctx.sampler.stats)}

@@ -89,7 +89,7 @@ class KVPool:
     def _allocate(self, pinned) -> int:
         if self._free:
             return self._free.pop()
-        for slot, victim in self._lru.items():
+        for slot, victim in self._lru.items():  # noqa: B007 (slot is used after the loop)
             if victim.id not in pinned:
                 break
         else:
