@@ -9,8 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from alphallm_jax.models import (Tokenizer, create_model, get_preset, load_pretrained, make_mesh,
-                                 save_hf_checkpoint)
+from alphallm_jax.models import Tokenizer, create_model, get_preset, load_pretrained, make_mesh, save_hf_checkpoint
 from alphallm_jax.utils.checkpoint import restore_model, save_model
 from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
 

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from alphallm_jax.models import (CheckpointError, Tokenizer, create_model, get_preset,
-                                 load_hf_checkpoint, load_pretrained, save_hf_checkpoint)
+from alphallm_jax.models import (
+  CheckpointError,
+  Tokenizer,
+  create_model,
+  get_preset,
+  load_hf_checkpoint,
+  load_pretrained,
+  save_hf_checkpoint,
+)
 from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
 
 CFG = get_preset("tiny")

@@ -17,8 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
-from alphallm_jax.models import (KVCache, abstract_model, load_hf_checkpoint,
-                                 save_hf_checkpoint)
+from alphallm_jax.models import KVCache, abstract_model, load_hf_checkpoint, save_hf_checkpoint
 
 TOL = 1e-4
 VOCAB = 256

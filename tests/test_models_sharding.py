@@ -11,9 +11,18 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from alphallm_jax.models import (KVCache, ShardingRules, create_model, get_preset,
-                                 load_hf_checkpoint, logical_to_spec, make_mesh,
-                                 save_hf_checkpoint, shard_activation, state_shardings)
+from alphallm_jax.models import (
+  KVCache,
+  ShardingRules,
+  create_model,
+  get_preset,
+  load_hf_checkpoint,
+  logical_to_spec,
+  make_mesh,
+  save_hf_checkpoint,
+  shard_activation,
+  state_shardings,
+)
 
 CFG = get_preset("tiny")  # 4 query heads, 2 KV heads
 IDS = np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 12))

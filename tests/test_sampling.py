@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
-import jax
-
 from alphallm_jax.models.hf_io import load_hf_checkpoint
 from alphallm_jax.models.sharding import make_mesh
 from alphallm_jax.models.tokenizer import Tokenizer
-from alphallm_jax.sampling import SampleRequest, Sampler
+from alphallm_jax.sampling import Sampler, SampleRequest
 from alphallm_jax.sampling.stop_rules import StopTables, build_stop_table
 from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
 

@@ -7,8 +7,14 @@ from alphallm_jax.models.hf_io import CheckpointError, load_hf_checkpoint, save_
 from alphallm_jax.models.kv_cache import KVCache
 from alphallm_jax.models.loading import check_tokenizer_matches, load_pretrained
 from alphallm_jax.models.presets import PRESETS, get_preset
-from alphallm_jax.models.sharding import (MESH_AXES, ShardingRules, logical_to_spec, make_mesh,
-                                          shard_activation, state_shardings)
+from alphallm_jax.models.sharding import (
+                                          MESH_AXES,
+                                          ShardingRules,
+                                          logical_to_spec,
+                                          make_mesh,
+                                          shard_activation,
+                                          state_shardings,
+)
 from alphallm_jax.models.tokenizer import Tokenizer
 
 __all__ = [

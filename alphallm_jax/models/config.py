@@ -81,7 +81,7 @@ class ModelConfig:
   def rope_scaling_dict(self) -> dict[str, Any] | None:
     return None if self.rope_scaling is None else dict(self.rope_scaling)
 
-  def replace(self, **changes) -> "ModelConfig":
+  def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
   def param_count(self) -> int:
@@ -100,7 +100,7 @@ class ModelConfig:
     return out
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -111,7 +111,7 @@ class ModelConfig:
 
   @classmethod
   def from_hf_config(cls, d: dict[str, Any], *, param_dtype: str = "float32",
-                     dtype: str = "float32") -> "ModelConfig":
+                     dtype: str = "float32") -> ModelConfig:
     """Reads a transformers LlamaConfig / MistralConfig dict (config.json)."""
     archs = d.get("architectures") or []
     arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)

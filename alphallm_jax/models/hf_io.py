@@ -10,8 +10,9 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -121,7 +122,7 @@ class _TensorReader:
     self._open: dict[Path, Any] = {}
     self._files = contextlib.ExitStack()
 
-  def __enter__(self) -> "_TensorReader":
+  def __enter__(self) -> _TensorReader:
     return self
 
   def __exit__(self, *exc) -> None:

@@ -37,7 +37,7 @@ class KVCache:
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
              prefill_chunk: int | None = None, mesh: jax.sharding.Mesh | None = None,
-             rules: ShardingRules = ShardingRules()) -> "KVCache":
+             rules: ShardingRules = ShardingRules()) -> KVCache:
     """An empty cache for positions 0 .. max_len-1 (positions must stay below max_len).
 
     With a sliding window W < max_len the cache is a ring of W + prefill_chunk - 1 slots
@@ -86,12 +86,12 @@ class KVCache:
     """Per-row next position: max stored position + 1 (0 for an empty row)."""
     return jnp.max(self.slot_pos_bt, axis=1) + 1
 
-  def gather_rows(self, idx_b: jax.Array) -> "KVCache":
+  def gather_rows(self, idx_b: jax.Array) -> KVCache:
     """A cache made of rows `idx_b` of this one (device-side copy; rows may repeat)."""
     return self.replace(k=tuple(k[idx_b] for k in self.k), v=tuple(v[idx_b] for v in self.v),
                         slot_pos_bt=self.slot_pos_bt[idx_b])
 
-  def scatter_rows(self, idx_b: jax.Array, other: "KVCache") -> "KVCache":
+  def scatter_rows(self, idx_b: jax.Array, other: KVCache) -> KVCache:
     """This cache with rows `idx_b` replaced by `other`'s rows (in place under donation)."""
     if other.cache_len != self.cache_len:
       raise ValueError(f"cache_len {other.cache_len} != {self.cache_len}")
@@ -100,7 +100,7 @@ class KVCache:
         v=tuple(v.at[idx_b].set(o) for v, o in zip(self.v, other.v)),
         slot_pos_bt=self.slot_pos_bt.at[idx_b].set(other.slot_pos_bt))
 
-  def truncate(self, lengths_b: jax.Array) -> "KVCache":
+  def truncate(self, lengths_b: jax.Array) -> KVCache:
     """Forgets positions >= lengths_b[row] (rewinds rows; the keys become unreachable)."""
     keep = self.slot_pos_bt < jnp.asarray(lengths_b, jnp.int32)[:, None]
     return self.replace(slot_pos_bt=jnp.where(keep, self.slot_pos_bt, -1))

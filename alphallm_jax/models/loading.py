@@ -12,6 +12,7 @@ from alphallm_jax.models.decoder import Decoder
 from alphallm_jax.models.hf_io import CONFIG_FILE, load_hf_checkpoint
 from alphallm_jax.models.sharding import ShardingRules
 from alphallm_jax.models.tokenizer import Tokenizer
+
 # Module import (not names): utils.checkpoint imports this package, so names resolve at call time.
 from alphallm_jax.utils import checkpoint as orbax_checkpoint
 

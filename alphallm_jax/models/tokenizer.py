@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import sentencepiece as spm
 
@@ -48,14 +49,14 @@ class Tokenizer:
 
   # ---- loaders -------------------------------------------------------------------------------
   @classmethod
-  def from_sentencepiece(cls, path: str | os.PathLike) -> "Tokenizer":
+  def from_sentencepiece(cls, path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"No sentencepiece model at {path}")
     return cls(sp=spm.SentencePieceProcessor(model_file=str(path)))
 
   @classmethod
-  def from_dir(cls, directory: str | os.PathLike) -> "Tokenizer":
+  def from_dir(cls, directory: str | os.PathLike) -> Tokenizer:
     """tokenizer.model (sentencepiece) if present, else tokenizer.json (HF)."""
     directory = Path(directory)
     extra_eos = _generation_eos(directory)
