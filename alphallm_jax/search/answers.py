@@ -1,0 +1,81 @@
+"""Picking the answer of a searched tree: greedy-Q path, best terminal, or ORM-weighted vote.
+
+Ties are broken deterministically (more visits first, then the lower node id), so a tree always gives
+the same answer. These work on loaded trees too, so one search can be graded under every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+
+from alphallm_jax.search.tree import Node, Tree
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerChoice:
+    method: str  # the method that produced it (greedy_q when a terminal method found no terminal)
+    node_id: int  # the last node of the chosen path
+    answer: str | None
+    needs_completion: bool  # the greedy path ends at a non-terminal node: roll it out to the end
+
+
+def greedy_q_leaf(tree: Tree) -> int:
+    """Follow the visited child with the highest Q from the root until a terminal node or a leaf."""
+    node = tree.root
+    while not node.terminal:
+        visited = [tree.nodes[c] for c in node.children if tree.nodes[c].N > 0 and not tree.nodes[c].completion]
+        if not visited:
+            break
+        node = max(visited, key=lambda n: (n.Q, n.N, -n.id))
+    return node.id
+
+
+def _score(node: Node) -> float:
+    return node.reward if node.reward is not None else -math.inf
+
+
+def best_terminal(tree: Tree) -> int | None:
+    """The terminal node with the highest critic score (its reward r, the ORM for a terminal)."""
+    terminals = tree.terminals()
+    if not terminals:
+        return None
+    return max(terminals, key=lambda n: (_score(n), n.N, -n.id)).id
+
+
+def orm_vote(tree: Tree) -> tuple[str, int] | None:
+    """The answer with the largest ORM mass over terminals, and its best-scored terminal node."""
+    mass: dict[str, float] = defaultdict(float)
+    best_node: dict[str, Node] = {}
+    for node in tree.terminals():
+        if node.answer is None:
+            continue
+        weight = _orm_weight(node)
+        mass[node.answer] += weight
+        current = best_node.get(node.answer)
+        if current is None or (weight, node.N, -node.id) > (_orm_weight(current), current.N, -current.id):
+            best_node[node.answer] = node
+    if not mass:
+        return None
+    answer = max(mass, key=lambda a: (mass[a], -best_node[a].id))
+    return answer, best_node[answer].id
+
+
+def _orm_weight(node: Node) -> float:
+    return node.orm if node.orm is not None else max(0.0, _score(node))
+
+
+def choose_answer(tree: Tree, method: str) -> AnswerChoice:
+    if method == "best_terminal":
+        node_id = best_terminal(tree)
+        if node_id is not None:
+            return AnswerChoice(method, node_id, tree.nodes[node_id].answer, False)
+    elif method == "orm_vote":
+        vote = orm_vote(tree)
+        if vote is not None:
+            return AnswerChoice(method, vote[1], vote[0], False)
+    elif method != "greedy_q":
+        raise ValueError(f"unknown answer selection {method!r}")
+    leaf = tree.nodes[greedy_q_leaf(tree)]
+    return AnswerChoice("greedy_q", leaf.id, leaf.answer, not leaf.terminal)

@@ -1,0 +1,56 @@
+"""Answer selection on hand-built trees: greedy-Q path, best terminal, ORM-weighted vote."""
+
+from alphallm_jax.search.answers import best_terminal, choose_answer, greedy_q_leaf, orm_vote
+from alphallm_jax.search.tree import SearchProblem, Tree
+
+
+def build() -> Tree:
+    """root -> a (Q 0.9) -> {a1 terminal "5" orm 0.6, a2 terminal "7" orm 0.95};
+    root -> b (Q 0.5) -> {b1 terminal "5" orm 0.5, b2 non-terminal}."""
+    tree = Tree(SearchProblem("p", "prompt"), config={})
+    a = tree.add_child(0, option="a\n")
+    b = tree.add_child(0, option="b\n")
+    for node, n, w in ((a, 10, 9.0), (b, 10, 5.0)):
+        node.N, node.W = n, w
+    specs = [(a, "5", 0.6, 4, 3.2), (a, "7", 0.95, 2, 1.9), (b, "5", 0.5, 3, 1.5), (b, None, None, 3, 2.0)]
+    for parent, answer, orm, n, w in specs:
+        child = tree.add_child(parent.id, option="x\n", terminal=answer is not None, answer=answer, orm=orm,
+                               reward=orm)
+        child.N, child.W = n, w
+    return tree
+
+
+def test_greedy_follows_the_highest_q_child():
+    tree = build()
+    assert greedy_q_leaf(tree) == 4  # a (Q 0.9 > 0.5), then a2 (Q 0.95 > a1's 0.8)
+    tree.nodes[4].W = 1.0  # a2: Q 0.5, now below a1
+    assert greedy_q_leaf(tree) == 3
+    tree.nodes[2].W = 9.5  # b: Q 0.95 > a; then b2 (Q 0.67, not terminal) over b1 (Q 0.5)
+    assert greedy_q_leaf(tree) == 6
+    assert choose_answer(tree, "greedy_q").needs_completion
+
+
+def test_best_terminal_and_orm_vote_differ_when_mass_beats_the_single_best():
+    tree = build()
+    assert best_terminal(tree) == 4  # the single best ORM, 0.95 for "7"
+    answer, node = orm_vote(tree)
+    assert answer == "5" and node == 3  # 0.6 + 0.5 = 1.1 beats 0.95; a1 is its best-scored terminal
+    choice = choose_answer(tree, "orm_vote")
+    assert (choice.method, choice.answer, choice.node_id, choice.needs_completion) == ("orm_vote", "5", 3, False)
+
+
+def test_terminal_methods_fall_back_to_a_completed_greedy_path_without_terminals():
+    tree = Tree(SearchProblem("p", "prompt"), config={})
+    child = tree.add_child(0, option="x\n")
+    child.N, child.W = 1, 0.5
+    for method in ("best_terminal", "orm_vote", "greedy_q"):
+        choice = choose_answer(tree, method)
+        assert (choice.method, choice.node_id, choice.needs_completion) == ("greedy_q", child.id, True)
+
+
+def test_ties_are_broken_by_visits_then_lower_id():
+    tree = Tree(SearchProblem("p", "prompt"), config={})
+    for n in (2, 3, 3):
+        child = tree.add_child(0, option="x\n")
+        child.N, child.W = n, 0.5 * n
+    assert greedy_q_leaf(tree) == 2
