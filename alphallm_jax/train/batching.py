@@ -203,6 +203,8 @@ class BatchIterator:
     so little padding), and finally the order of all the epoch's batches is shuffled with the same
     generator. Without shuffling (evaluation) the examples are only length-sorted within windows.
 
+    ``set_epoch_order(e, order)`` replaces all of this for epoch ``e`` by a given order.
+
     ``next(it)`` returns the batch at ``it.state`` and advances the state, rolling over to the next
     epoch; ``it.state = IteratorState(e, s)`` jumps anywhere.
     """
@@ -229,6 +231,7 @@ class BatchIterator:
             raise ValueError(f"{n} examples give no full batch of {batch_size} with drop_remainder")
         self._state = IteratorState()
         self._plans: dict[int, list[np.ndarray]] = {}
+        self._orders: dict[int, np.ndarray] = {}
 
     def fingerprint(self) -> dict[str, int]:
         """A summary stored in checkpoints to notice a resume on different data."""
@@ -236,11 +239,37 @@ class BatchIterator:
                 "total_length": int(self.lengths.sum()) if self.lengths is not None else -1,
                 "seed": self.seed}
 
+    def set_epoch_order(self, epoch: int, order: Sequence[int]) -> None:
+        """Fixes the example order of ``epoch`` (a permutation of all example indices).
+
+        That epoch's batches are then consecutive slices of ``order``: no shuffling and no length
+        bucketing, since a curriculum (CPL) or the caller decides the order. Only the newest
+        epoch's order is kept.
+        """
+        n = len(self.examples)
+        order_n = np.asarray(order, np.int64)
+        if order_n.shape != (n,) or not np.array_equal(np.sort(order_n), np.arange(n)):
+            raise ValueError(f"the order of epoch {epoch} must be a permutation of the {n} example "
+                             f"indices, got {order_n.shape[0] if order_n.ndim == 1 else order_n.shape}")
+        self._orders = {epoch: order_n}
+        self._plans.pop(epoch, None)
+
+    def epoch_order(self, epoch: int) -> np.ndarray | None:
+        """The order set by ``set_epoch_order`` for ``epoch`` (None when the epoch is shuffled)."""
+        return self._orders.get(epoch)
+
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
         """The example indices of each batch of ``epoch``."""
         if epoch in self._plans:
             return self._plans[epoch]
         n = len(self.examples)
+        if epoch in self._orders:
+            order = self._orders[epoch]
+            batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            if self.drop_remainder and len(batches[-1]) < self.batch_size:
+                batches = batches[:-1]
+            self._plans = {epoch: batches}
+            return batches
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         if self.lengths is not None and self.bucket_window > 1:

@@ -15,7 +15,12 @@
 * a non-finite loss or gradient stops the run with ``NonFiniteLossError`` naming the step; the bad
   update is never applied and no checkpoint is written after it, so the last good one is kept;
 * metrics go to the console (tqdm), TensorBoard event files (``workdir/tensorboard``) and
-  ``workdir/metrics.jsonl``.
+  ``workdir/metrics.jsonl``;
+* ``fit(..., epoch_order_fn=f)`` lets the caller order every epoch (curriculum learning, CPL):
+  ``f(trainer, epoch)`` runs at the start of each epoch with the current parameters
+  (``trainer.current_model()``) and returns the epoch's example order, which replaces the shuffle;
+  the order of the epoch in progress is saved in each checkpoint, so a resumed run continues it
+  without calling ``f`` again.
 
 After ``fit`` (normal end, early stop, error) the model passed in holds the trainer's parameters
 (the best ones when a dev set was given and ``restore_best``). While ``fit`` runs the trainer owns
@@ -363,8 +368,10 @@ class Trainer:
                 "rng": self.rng}
 
     def _save(self, manager, best_manager, it: BatchIterator, early: _EarlyStop) -> None:
+        order = it.epoch_order(it.state.epoch)
         meta = {"step": self.step, "data": it.state.to_dict(), "data_fingerprint": it.fingerprint(),
-                "early_stopping": dataclasses.asdict(early), "train_config": self.cfg.to_dict()}
+                "early_stopping": dataclasses.asdict(early), "train_config": self.cfg.to_dict(),
+                "epoch_order": None if order is None else order.tolist()}
         manager.save(self.step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self._state_tree()), meta=ocp.args.JsonSave(meta)),
             force=True)
@@ -407,6 +414,12 @@ class Trainer:
         self.params = nested_to_tree(restored["state"]["params"], self.params)
 
     # ---------------------------------------------------------------- model
+    def current_model(self) -> nnx.Module:
+        """A model view of the trainer's current parameters (master dtype, the step's compute
+        dtype), for hooks between steps (``epoch_order_fn``, callbacks). Valid until the next train
+        step, which donates the parameter buffers; never train it directly."""
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
     def _write_back(self) -> None:
         """Puts the trainer's parameters into the model (in the model's original dtypes)."""
         params = jax.tree.map(lambda x, dt: x if x.dtype == dt else x.astype(dt),
@@ -468,22 +481,34 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def fit(self, train_examples: Sequence[Any], dev_examples: Sequence[Any] | None = None, *,
-            callbacks: Sequence[Callable[[Trainer, int, dict[str, float]], None]] = ()) -> FitResult:
+            callbacks: Sequence[Callable[[Trainer, int, dict[str, float]], None]] = (),
+            epoch_order_fn: Callable[[Trainer, int], Sequence[int]] | None = None) -> FitResult:
         """Trains (resuming from ``workdir/checkpoints`` when one exists); see the module doc.
 
         ``callbacks`` are called as ``cb(trainer, step, train_metrics)`` after every step.
+        ``epoch_order_fn(trainer, epoch)``, when given, returns each epoch's example order (a
+        permutation of ``range(len(train_examples))``) at the start of that epoch; batches are then
+        consecutive slices of it (no shuffle, no length bucketing).
         """
         try:
             with jax.set_mesh(self.mesh):
                 return self._fit(list(train_examples), None if dev_examples is None else list(dev_examples),
-                                 callbacks)
+                                 callbacks, epoch_order_fn)
         finally:
             self._write_back()
 
-    def _fit(self, train_examples, dev_examples, callbacks) -> FitResult:
+    def _fit(self, train_examples, dev_examples, callbacks, epoch_order_fn=None) -> FitResult:
         cfg = self.cfg
         os.makedirs(self.workdir, exist_ok=True)
         it = self._make_iterator(train_examples, batch_size=cfg.batch_size, shuffle=True)
+
+        def next_batch():
+            """The batch at the iterator's state; an ordered epoch gets its order on first use."""
+            epoch = it.state.epoch
+            if epoch_order_fn is not None and it.epoch_order(epoch) is None:
+                it.set_epoch_order(epoch, epoch_order_fn(self, epoch))
+            return it.peek()
+
         total = it.steps_per_epoch * cfg.epochs if cfg.epochs >= 1 else cfg.max_steps
         if cfg.max_steps:
             total = min(total, cfg.max_steps) if cfg.epochs >= 1 else cfg.max_steps
@@ -500,6 +525,8 @@ class Trainer:
             meta = self._restore(ckpt, latest)
             self.step = int(meta["step"])
             it.state = IteratorState.from_dict(meta["data"])
+            if epoch_order_fn is not None and meta.get("epoch_order") is not None:
+                it.set_epoch_order(it.state.epoch, meta["epoch_order"])
             early = _EarlyStop(**meta["early_stopping"])
             self._saved_best_step = early.best_step
             if meta.get("data_fingerprint") != it.fingerprint():
@@ -528,7 +555,7 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
         try:
-            pending = it.peek() if self.step < total and not early.stopped else None
+            pending = next_batch() if self.step < total and not early.stopped else None
             while pending is not None:
                 host_batch = pending
                 batch = self._device_batch(host_batch)
@@ -538,7 +565,7 @@ class Trainer:
                     step_key)
                 it.advance()  # it.state: the next batch to train on (what checkpoints record)
                 # Prepare the next batch on the host while the device computes this step.
-                pending = it.peek() if self.step + 1 < total else None
+                pending = next_batch() if self.step + 1 < total else None
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not metrics.pop("finite"):
                     ckpt.wait_until_finished()
@@ -654,8 +681,9 @@ class _NoCheckpoints:
 
 def _count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     """Real (non-padding) tokens of a host batch, for throughput."""
-    if "positions" in batch:
-        return int(np.sum(batch["positions"] >= 0))
+    positions = [v for k, v in batch.items() if k == "positions" or k.endswith("_positions")]
+    if positions:  # SFT's "positions"; paired batches' "chosen_positions" and "rejected_positions"
+        return int(sum(np.sum(p >= 0) for p in positions))
     if "input_ids" in batch:
         return int(np.size(batch["input_ids"]))
     return int(np.sum(batch["row_mask"]))
