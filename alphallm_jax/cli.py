@@ -13,11 +13,18 @@ import sys
 
 # name -> (module under alphallm_jax.commands, one-line help). Later stages register theirs here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "loop": ("loop", "the self-improvement loop: base, critics, imagination, search, SFT, CPL, report"),
     "generate": ("generate", "complete a prompt with a checkpoint (greedy with --temperature 0)"),
     "convert": ("convert", "convert a checkpoint between Hugging Face safetensors and orbax"),
     "init-model": ("init_model", "write a randomly initialised model of a preset to a directory"),
     "train-base": ("train_base", "train and evaluate the built-in demo's tiny base policy"),
+    "train-critics": ("train_critics", "train the value/PRM/ORM critics on policy rollouts; calibrate; rerank best-of-k"),
     "eval": ("eval", "evaluate a checkpoint on a dataset split with the config's methods"),
+    "train-policy": ("train_policy", "self-improvement on search trees: --train.method=sft|dpo (CPL orderings)"),
+    "search": ("search", "eta-MCTS (or beam search) with the critics over a split or prompts: trees + summary"),
+    "view-tree": ("view_tree", "render a search tree (JSONL) as a self-contained HTML page"),
+    "synthesize": ("synthesize", "imagination: new prompts from D0 written by a policy, filtered; counts per filter"),
+    "plan": ("plan", "per-device memory of every model on the configured mesh, computed abstractly (no memory)"),
     "bench": ("bench", "benchmarks with side-by-side ratios: `alphallm bench {sampler,train} --out F.json`"),
 }
 # `alphallm bench NAME` runs alphallm_jax.commands.bench_NAME.
@@ -47,14 +54,32 @@ def main(argv: list[str] | None = None) -> None:
             print(f"usage: alphallm bench {{{','.join(BENCHMARKS)}}} [--flags]", file=sys.stderr)
             sys.exit(2)
         module_name, name, rest = f"bench_{rest[0]}", f"bench {rest[0]}", rest[1:]
+    # XLA:CPU fusions measured to speed up training (train/xla_flags.py); set before JAX starts, never
+    # overriding the user's XLA_FLAGS (benchmarks choose their own flag sets).
+    from alphallm_jax.train.xla_flags import apply_xla_flags
+
+    if not name.startswith("bench"):
+        apply_xla_flags()
     # JAX probes for a TPU at start-up and logs its absence at INFO; that is noise on CPU and GPU hosts.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    # Join a multi-host runtime when the environment describes one (launch/*.sh), before any backend use.
+    from alphallm_jax.utils.distributed import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
     module = importlib.import_module(f"alphallm_jax.commands.{module_name}")
     module.define_flags()
 
     from absl import app
+    from absl import logging as absl_logging
 
-    app.run(module.main, argv=[f"alphallm {name}", *rest])
+    def run_quietly(argv):
+        # Orbax and absl log every checkpoint at INFO; keep the console for progress bars and
+        # summaries unless the user asks for more with --verbosity.
+        if not any(a.startswith(("--verbosity", "-v")) for a in rest):
+            absl_logging.set_verbosity(absl_logging.WARNING)
+        return module.main(argv)
+
+    app.run(run_quietly, argv=[f"alphallm {name}", *rest])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 runs the same stages small (CI-sized).
 """
 
+import ml_collections
+
 from alphallm_jax.config import default_config
 
 
@@ -11,6 +13,15 @@ def get_config(variant: str | None = None):
     c = default_config()
     c.task = "arith"
     c.data.prompt_format = "plain"
+    # The arith task at the demo's difficulty: 2-3 steps over small numbers (test_hard keeps 4-6 steps).
+    c.data.arith.update(dict(min_steps=2, max_steps=3, operand_min=2, operand_max=10, factor_max=5, value_min=2,
+                             value_max=100))
+    # The base policy: a 0.9M-parameter Llama (4 layers, width 128, GQA 4/2 heads) trained 1000 steps of 16
+    # on the 4000 labelled D0 problems, questions included; deliberately imperfect (see the README).
+    c.base.model.update(dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+                             head_dim=32))
+    c.base.train.update(dict(learning_rate=3e-3, end_learning_rate=1e-4, batch_size=16, epochs=4, eval_every=250,
+                             checkpoint_every=250))
     c.sampling.max_len = 256
     c.sampling.pool_slots = 512
     c.sampling.max_batch = 128
@@ -20,9 +31,67 @@ def get_config(variant: str | None = None):
     c.eval.temperature = 1.0
     c.eval.stop = ("\n\n", "\nQuestion:")
     c.eval.batch_size = 64
+    # The critics (alphallm train-critics): MC rollouts of the base policy on D0, a critic initialised from
+    # the policy, best-of-16 reranking on the test split.
+    c.critics.num_train_prompts = 192
+    c.critics.num_dev_prompts = 64
+    c.critics.data.update(dict(num_solutions=8, num_rollouts=4, temperature=1.0, max_new_tokens=160,
+                               max_step_tokens=64, max_steps=10, prompts_per_chunk=16, pool_slots=1024))
+    c.critics.train.update(dict(learning_rate=3e-4, end_learning_rate=3e-5, batch_size=32, epochs=2,
+                                max_seq_len=256, pad_to_multiple=32, checkpoint_every=100))
+    c.critics.scoring.max_batch = 128
+    c.rollout_policy.enabled = True
+    c.rollout_policy.train = ml_collections.ConfigDict(c.base.train.to_dict())  # trained like the base policy
+    # eta-MCTS (alphallm search, the mcts/beam eval methods): a budget scaled to the tiny model on CPU; steps
+    # are ~45-character lines, 4-5 per solution.
+    c.search.pool_slots = 2048
+    c.search.max_batch = 256
+    c.search.mcts.update(dict(preset="gsm8k_small", c_min0=4, c_max0=12, c_min=2, c_max=4, num_simulations=16,
+                              min_terminals=8, num_rollouts=2, max_depth=8, merge_threshold=10.0,
+                              leaves_per_tree_per_round=4, max_active_trees=64))
+    c.search.options.update(dict(max_option_tokens=48, max_solution_tokens=192))
+    c.search.beam.update(dict(beam_width=4, expansions_per_beam=4, max_depth=8))
+    # Imagination: the tiny policy continues a D0 question's opening (new numbers) or writes a question from
+    # "Question:" alone; it misspells and loses track of its subject, so the form rules are strict (no
+    # arithmetic, D0's vocabulary only, the asked quantity and names mentioned before).
+    c.synthesis.update(dict(method="prefix,unconditional", num_prompts=64, prefix_sentences=2, temperature=0.7,
+                            top_p=1.0, max_new_tokens=96, oversample=4.0, max_rounds=4))
+    c.synthesis.form.update(dict(banned=("####", "<<", "=", "Answer:", "Question:"), max_unknown_words=0.0))
+    # Self-improvement rounds on the tiny policy: SFT and DPO rates scaled to a model trained at 3e-3.
+    c.policy_train.tau = 0.5
+    c.policy_train.sft.update(dict(learning_rate=1e-3, end_learning_rate=1e-4, batch_size=16, epochs=3,
+                                   checkpoint_every=200))
+    c.policy_train.dpo.update(dict(learning_rate=1e-4, end_learning_rate=1e-5, batch_size=16, epochs=2,
+                                   checkpoint_every=200))
+    # The loop: two iterations; the evaluation uses the first 150 test problems.
+    c.eval.limit = 150
+    c.loop.iterations = 2
+    c.loop.base_methods = ("greedy", "maj@16", "orm@16", "mcts")
+    c.loop.cpl_methods = ("greedy", "mcts")
+    c.loop.ablation_orderings = ("cpl", "shuffle", "complete_only", "q_pairs")
+    c.loop.ablation_seeds = 3
     if variant == "quick":
-        c.eval.limit = 40
+        # Every stage of the loop, small: a barely trained policy, a few prompts, one ablation run.
+        c.base.num_train, c.base.num_dev = 800, 64
+        c.base.train.update(dict(epochs=1, eval_every=0, checkpoint_every=25))
+        c.rollout_policy.enabled = False
+        c.loop.base_methods = ("greedy", "maj@4", "orm@4", "mcts")
+        c.loop.ablation_orderings = ("shuffle",)
+        c.loop.ablation_seeds = 1
+        c.policy_train.sft.epochs = 1
+        # The barely trained policy rarely convinces the ORM: low bars so SFT and DPO still train in CI.
+        c.policy_train.orm_threshold = 0.0
+        c.policy_train.tau = 0.05
+        c.policy_train.dpo.epochs = 1
+        c.eval.limit = 24
         c.eval.methods = ("greedy", "maj@4")
+        c.critics.num_train_prompts, c.critics.num_dev_prompts = 32, 16
+        c.critics.eval_methods = ("greedy", "maj@4", "orm@4", "prm@4")
+        c.critics.eval_limit = 40
+        c.critics.train.epochs = 1
+        c.search.limit = 8
+        c.search.mcts.update(dict(c_min0=3, num_simulations=8, min_terminals=2))
+        c.synthesis.update(dict(num_prompts=16, max_rounds=4))
     elif variant not in (None, ""):
         raise ValueError(f"unknown variant {variant!r} of demo_arith.py; known: quick")
     return c

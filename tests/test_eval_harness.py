@@ -58,8 +58,9 @@ def test_majority_vote_picks_the_most_frequent_answer_and_counts_compute():
 
 
 def test_method_specs_are_validated():
-    with pytest.raises(ValueError, match="unknown evaluation method 'beam@4'"):
-        make_method("beam@4")
+    with pytest.raises(ValueError, match="unknown evaluation method 'sample@4'"):
+        make_method("sample@4")
+    assert make_method("beam@4").spec == "beam@4" and make_method("mcts").spec == "mcts"
     with pytest.raises(ValueError, match="needs a budget"):
         make_method("maj")
     assert make_method("greedy").spec == "greedy"

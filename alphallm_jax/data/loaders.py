@@ -30,6 +30,8 @@ Named splits (:func:`load_dataset`), relative to the data root::
     math:train_answers   math/math_train7500_answers_only.jsonl (answers, no solutions)
     math:train4500       math:test5000 minus the MATH500 problems (Lightman et al.'s
                          train problems that have solutions; few-shot exemplars)
+    gsm8k:train_dev      the last 500 problems of gsm8k:train (ids unchanged): a held-out dev
+    math:train_dev       the last 500 problems of math:train4500 (likewise)
     arith:train|dev|test|test_hard   generated in memory by alphallm_jax.data.arith
 
 The data root is, in order: the ``data_dir`` argument (a config field), the
@@ -63,7 +65,10 @@ NAMED_FILES: dict[str, tuple[str, str]] = {
     "math:test5000": ("math", "math/math_test_full5000.jsonl"),
     "math:train_answers": ("math", "math/math_train7500_answers_only.jsonl"),
 }
-DERIVED_SPLITS = ("math:train4500",)
+DERIVED_SPLITS = ("math:train4500", "gsm8k:train_dev", "math:train_dev")
+# A held-out tail of a training split (critic calibration, early stopping): GSM8K and MATH have no dev
+# split. Train on the first len(train) - HELD_OUT_DEV problems (a split limit) to keep them disjoint.
+HELD_OUT_DEV = 500
 ARITH_SPLITS = ("arith:train", "arith:dev", "arith:test", "arith:test_hard")
 ALIASES = {"math:test": "math:math500", "math:math500_test": "math:math500", "math:train": "math:train4500"}
 DEFAULT_EVAL_SPLIT = {"gsm8k": "test", "math": "math500", "arith": "test"}
@@ -416,6 +421,10 @@ def load_dataset(
         if fmt == "gsm8k":
             return load_gsm8k(path, limit, split=sp)
         return load_math(path, limit, split=sp)
+    if name in ("gsm8k:train_dev", "math:train_dev"):
+        train = load_dataset(name.replace("train_dev", "train"), data_dir=data_dir)
+        tail = train[-HELD_OUT_DEV:]
+        return tail[:limit] if limit is not None else tail
     if name == "math:train4500":
         root = resolve_data_dir(data_dir)
         math500 = load_math(root / NAMED_FILES["math:math500"][1], split="math500")

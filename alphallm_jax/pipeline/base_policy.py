@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from alphallm_jax.data.prompts import format_prompt, format_solution
+from alphallm_jax.data.prompts import QUESTION_PREFIX, format_prompt, format_solution
 from alphallm_jax.data.spm_training import SPECIAL_IDS, train_sentencepiece
 from alphallm_jax.models import ModelConfig, Tokenizer, create_model
 from alphallm_jax.models.hf_io import save_hf_checkpoint
@@ -27,18 +27,29 @@ log = logging.getLogger(__name__)
 DONE = "DONE"
 
 
-def sft_examples(problems, tokenizer: Tokenizer, prompt_format: str) -> list[SFTExample]:
-    """(prompt, reference solution + EOS) token pairs; the loss covers the solution only."""
+def sft_examples(problems, tokenizer: Tokenizer, prompt_format: str, *, question_loss: bool = False
+                 ) -> list[SFTExample]:
+    """(prompt, reference solution + EOS) token pairs; the loss covers the solution only.
+
+    With `question_loss` (plain format) the loss also covers the question: the prompt shrinks to
+    `BOS Question:` and the rest of the same token sequence becomes response. The tokens are unchanged,
+    so this costs nothing, and the policy learns to write questions too, which imagination's
+    unconditional and prefix methods need.
+    """
+    prefix_ids = tokenizer.encode(QUESTION_PREFIX.rstrip(), add_bos=True)
     examples = []
     for p in problems:
-        prompt = format_prompt(p, prompt_format)
+        prompt_ids = tokenizer.encode(format_prompt(p, prompt_format), add_bos=True)
         response = tokenizer.encode(format_solution(p.solution, p.task, p.answer)) + [tokenizer.eos_ids[0]]
-        examples.append(SFTExample(tokenizer.encode(prompt, add_bos=True), response))
+        split = len(prompt_ids)
+        if question_loss:
+            split = len(prefix_ids) if prompt_ids[:len(prefix_ids)] == prefix_ids else 1
+        examples.append(SFTExample(prompt_ids[:split], prompt_ids[split:] + response))
     return examples
 
 
-def model_config_from(cfg, tokenizer: Tokenizer) -> ModelConfig:
-    m = cfg.base.model
+def model_config_from(cfg, tokenizer: Tokenizer, model_section=None) -> ModelConfig:
+    m = cfg.base.model if model_section is None else model_section
     return ModelConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
@@ -47,9 +58,14 @@ def model_config_from(cfg, tokenizer: Tokenizer) -> ModelConfig:
         eos_token_ids=(SPECIAL_IDS["eos_id"],), pad_token_id=SPECIAL_IDS["pad_id"])
 
 
-def train_base_policy(cfg, workdir, *, mesh=None) -> dict:
-    """Train (or resume) the demo's base policy under `workdir/base`; returns its record."""
-    base_dir = as_path(workdir) / "base"
+def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_section=None, train_section=None,
+                      tokenizer_path=None) -> dict:
+    """Train (or resume) the demo's base policy under `workdir/subdir`; returns its record.
+
+    The fast-rollout policy is trained by the same code: another `subdir`, model and train sections
+    (default: `cfg.base.model` / `cfg.base.train`) and the base policy's tokenizer (`tokenizer_path`).
+    """
+    base_dir = as_path(workdir) / subdir
     policy_dir = base_dir / "policy"
     if (policy_dir / DONE).exists():
         return {"policy": str(policy_dir), "skipped": True}
@@ -57,19 +73,22 @@ def train_base_policy(cfg, workdir, *, mesh=None) -> dict:
     d0 = load_split(cfg, cfg.base.train_split, cfg.base.num_train)
     dev = load_split(cfg, cfg.base.dev_split, cfg.base.num_dev)
 
-    spm_path = base_dir / "tokenizer.model"
+    spm_path = as_path(tokenizer_path) if tokenizer_path else base_dir / "tokenizer.model"
+    if tokenizer_path and not spm_path.exists():
+        raise FileNotFoundError(f"tokenizer {spm_path} not found (train the base policy first)")
     if not spm_path.exists():
         texts = [format_prompt(p, cfg.data.prompt_format) + format_solution(p.solution, p.task, p.answer)
                  for p in d0]
         train_sentencepiece(texts, spm_path, vocab_size=cfg.base.tokenizer_vocab_size)
     tokenizer = Tokenizer.from_sentencepiece(spm_path)
 
-    model_cfg = model_config_from(cfg, tokenizer)
+    model_cfg = model_config_from(cfg, tokenizer, model_section)
     model = create_model(model_cfg, mesh=mesh, seed=cfg.seed)
-    train_cfg = TrainConfig.from_config(cfg.base.train)
+    train_cfg = TrainConfig.from_config(cfg.base.train if train_section is None else train_section)
     trainer = Trainer(model, make_sft_loss(), train_cfg, mesh=mesh, workdir=str(base_dir / "train"))
-    fit = trainer.fit(sft_examples(d0, tokenizer, cfg.data.prompt_format),
-                      sft_examples(dev, tokenizer, cfg.data.prompt_format))
+    question_loss = bool(cfg.base.question_loss) and cfg.data.prompt_format == "plain"
+    fit = trainer.fit(sft_examples(d0, tokenizer, cfg.data.prompt_format, question_loss=question_loss),
+                      sft_examples(dev, tokenizer, cfg.data.prompt_format, question_loss=question_loss))
 
     save_hf_checkpoint(model, model_cfg, policy_dir, tokenizer=tokenizer)
     record = {

@@ -1,5 +1,6 @@
-"""Evaluation methods, pluggable by name: `greedy`, `maj@k`, `pass@k` (oracle coverage); later stages
-register `orm@k`, `mcts`...
+"""Evaluation methods, pluggable by name: `greedy`, `maj@k`, `pass@k` (oracle coverage); `orm@k` and
+`prm@k` (best-of-k by a critic) live in `critics.rerank`; `mcts` and `beam` (tree search) in
+`pipeline.search_methods`.
 
 A method turns a batch of problems into one `MethodOutput` per problem; the harness grades, writes
 and summarises. A spec string is `name` or `name@k` (k: the method's budget, e.g. samples).
@@ -80,10 +81,19 @@ def strip_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def _sample(problems, ctx: EvalContext, *, num_samples: int, temperature: float):
+    # Methods with the same budget see the same samples (same seeds); with a dict under
+    # components["sample_cache"] they are also sampled only once.
+    cache = ctx.components.get("sample_cache")
+    key = (tuple(p.id for p in problems), num_samples, temperature, ctx.seed)
+    if cache is not None and key in cache:
+        return cache[key]
     cfg = ctx.eval_cfg
-    return ctx.sampler.generate(
+    out = ctx.sampler.generate(
         [ctx.prompt_for(p) for p in problems], max_new_tokens=cfg.max_new_tokens, temperature=temperature,
         top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop), num_samples=num_samples, seed=ctx.seed)
+    if cache is not None:
+        cache[key] = out
+    return out
 
 
 @dataclasses.dataclass
@@ -163,3 +173,35 @@ def _pass_at_k(k: int | None) -> EvalMethod:
     if not k:
         raise ValueError("pass needs a budget: pass@k")
     return PassAtK(k=k, spec=f"pass@{k}")
+
+
+@register_method("orm")
+def _orm_rerank(k: int | None) -> EvalMethod:
+    """Best-of-k by the (tool-augmented) ORM; needs components["critic"]."""
+    from alphallm_jax.critics.rerank import make_rerank
+
+    return make_rerank("orm", k)
+
+
+@register_method("prm")
+def _prm_rerank(k: int | None) -> EvalMethod:
+    """Best-of-k by the PRM aggregated over steps; needs components["critic"]."""
+    from alphallm_jax.critics.rerank import make_rerank
+
+    return make_rerank("prm", k)
+
+
+@register_method("mcts")
+def _mcts(k: int | None) -> EvalMethod:
+    """eta-MCTS with the critics (k: num_simulations); see `pipeline.search_methods`."""
+    from alphallm_jax.pipeline.search_methods import make_search_method
+
+    return make_search_method("mcts", k)
+
+
+@register_method("beam")
+def _beam(k: int | None) -> EvalMethod:
+    """Step-level beam search guided by the PRM or value (k: beam width); see `pipeline.search_methods`."""
+    from alphallm_jax.pipeline.search_methods import make_search_method
+
+    return make_search_method("beam", k)

@@ -67,7 +67,7 @@ def restore_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = N
   cfg = cfg.replace(dtype=dtype or cfg.dtype, param_dtype=param_dtype or cfg.param_dtype)
   graphdef, abs_state = nnx.split(abstract_model(cfg))
   if mesh is None:
-    device = SingleDeviceSharding(jax.devices()[0])
+    device = SingleDeviceSharding(jax.local_devices()[0])  # this process's own device (multi-host)
     shardings = jax.tree.map(lambda _: device, abs_state)
   else:
     shardings = state_shardings(abs_state, mesh, rules)

@@ -1,0 +1,35 @@
+"""`alphallm synthesize --config CONFIG --workdir DIR [--policy DIR]`: imagination on its own.
+
+The policy (`--policy`, else `model.checkpoint`, else the demo's WORKDIR/base/policy) writes new prompts
+from D0 (the `synthesis` config section); they land in WORKDIR/synthesis/ with counts per filter.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
+    flags.DEFINE_string("policy", None, "The policy checkpoint (default: model.checkpoint, else WORKDIR/base/policy).")
+    flags.DEFINE_integer("iteration", 1, "The loop iteration the prompts are for (seeds the sampling).")
+    flags.mark_flag_as_required("config")
+
+
+def main(argv) -> None:
+    del argv
+    from alphallm_jax import load_pretrained
+    from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.synthesis import run_synthesis, summary_line
+    from alphallm_jax.utils.io import as_path
+
+    f = flags.FLAGS
+    cfg = f.config
+    policy = f.policy or cfg.model.checkpoint or str(as_path(f.workdir) / "base" / "policy")
+    mesh = mesh_from_config(cfg)
+    model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype, mesh=mesh)
+    result = run_synthesis(cfg, as_path(f.workdir) / "synthesis", model, tokenizer, iteration=f.iteration, mesh=mesh)
+    print(summary_line(result.counts))
+    print(f"prompts: {result.out_dir}/prompts.jsonl")

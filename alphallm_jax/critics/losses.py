@@ -1,0 +1,91 @@
+"""Critic losses for the shared trainer: one pass, three heads, a target and a mask per head.
+
+Batch layout (right-padded by `collate_critic`; every key is [B, L] except `row_mask` [B]):
+
+    input_ids        int32    prompt then solution tokens, pad elsewhere
+    positions        int32    0..n-1 on real tokens, -1 on padding (masked out of attention)
+    value_target     float32  v(s) of the prefix ending at this token (MC estimate, in [0, 1])
+    value_mask       float32  1 where a value target sits (the last token of a state), else 0
+    prm_target/_mask float32  soft step label at the last token of each step
+    orm_target/_mask float32  0/1 outcome at the last token of a complete solution
+
+Each head's loss is its mean over its masked positions (binary cross-entropy on the sigmoid of the
+head's logit, soft targets allowed; the value head may use squared error instead); the total is the
+weighted sum of the three. Heads read hidden states at their own positions, so a row may carry any
+subset of the three kinds of labels (an ORM-only rollout row has zero value and PRM masks).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alphallm_jax.models.critic import HEADS
+from alphallm_jax.train.batching import collate_dicts
+from alphallm_jax.train.losses import WEIGHT_KEY, LossFn
+
+VALUE_LOSSES = ("bce", "mse")
+PAD_VALUES = {"positions": -1}
+
+
+def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-(t log sigmoid(x) + (1 - t) log sigmoid(-x)), stable for any x; t may be soft."""
+    return jax.nn.softplus(logits) - targets * logits
+
+
+def head_losses(logits_bsc: jax.Array, batch: Mapping[str, jax.Array], *,
+                value_loss: str = "bce") -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Per head: (masked mean loss, number of labelled positions)."""
+    out = {}
+    for c, head in enumerate(HEADS):
+        logits_bs = logits_bsc[..., c]
+        target_bs = batch[f"{head}_target"].astype(jnp.float32)
+        mask_bs = batch[f"{head}_mask"].astype(jnp.float32)
+        if head == "value" and value_loss == "mse":
+            per_bs = jnp.square(jax.nn.sigmoid(logits_bs) - target_bs)
+        else:
+            per_bs = bce_with_logits(logits_bs, target_bs)
+        count = jnp.sum(mask_bs)
+        out[head] = (jnp.sum(per_bs * mask_bs) / jnp.maximum(count, 1.0), count)
+    return out
+
+
+def critic_loss(model, batch: dict[str, jax.Array], *, head_weights: Sequence[float] = (1.0, 1.0, 1.0),
+                value_loss: str = "bce") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted sum of the per-head losses; metrics per head; weight = real rows."""
+    logits_bsc = model(batch["input_ids"], positions_bs=batch["positions"])
+    per_head = head_losses(logits_bsc, batch, value_loss=value_loss)
+    loss = sum(w * per_head[h][0] for w, h in zip(head_weights, HEADS, strict=True))
+    metrics = {f"{h}_loss": per_head[h][0] for h in HEADS}
+    # ORM accuracy at 0.5 (targets are 0/1 there): a readable training signal.
+    orm_logits, orm_target, orm_mask = logits_bsc[..., HEADS.index("orm")], batch["orm_target"], batch["orm_mask"]
+    hit = ((orm_logits > 0) == (orm_target > 0.5)).astype(jnp.float32)
+    metrics["orm_accuracy"] = jnp.sum(hit * orm_mask) / jnp.maximum(jnp.sum(orm_mask), 1.0)
+    metrics[WEIGHT_KEY] = jnp.sum(batch["row_mask"]).astype(jnp.float32)
+    return loss, metrics
+
+
+def make_critic_loss(head_weights: Sequence[float] = (1.0, 1.0, 1.0), value_loss: str = "bce") -> LossFn:
+    """`critic_loss` with its options bound (a new function object: the trainer keys compiles on it)."""
+    if value_loss not in VALUE_LOSSES:
+        raise ValueError(f"critics.train_loss.value_loss={value_loss!r}; choose from {VALUE_LOSSES}")
+    if len(head_weights) != len(HEADS):
+        raise ValueError(f"need {len(HEADS)} head weights ({HEADS}), got {tuple(head_weights)}")
+    return functools.partial(critic_loss, head_weights=tuple(float(w) for w in head_weights),
+                             value_loss=value_loss)
+
+
+def collate_critic(examples: Sequence[Mapping[str, Any]], num_rows: int, *, max_seq_len: int | None = None,
+                   pad_to_multiple: int = 32) -> dict[str, np.ndarray]:
+    """Right-padded critic batch (positions -1 on padding, all masks 0 there)."""
+    return collate_dicts(examples, num_rows, max_seq_len=max_seq_len, pad_to_multiple=pad_to_multiple,
+                         pad_values=PAD_VALUES)
+
+
+def critic_example_length(example: Mapping[str, Any]) -> int:
+    return len(example["input_ids"])

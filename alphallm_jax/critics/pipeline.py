@@ -1,0 +1,216 @@
+"""`alphallm train-critics`: rollouts on labelled D0 -> critic training -> calibration -> best-of-k eval.
+
+Stages under WORKDIR/critics, each skipped when its artifact is complete (a rerun resumes):
+  1. the policy: `critics.policy`, else WORKDIR/base/policy (trained by `train-base` code if missing);
+  2. `data/train`, `data/dev`: MC rollout rows (`critics.data`), resumable chunk by chunk;
+  3. `train/` (trainer checkpoints, metrics) -> `critic/` (orbax critic + tokenizer + DONE);
+  4. `calibration.json` / `calibration.md`: precision, recall, ECE, AUROC per critic on the dev rows;
+  5. the fast-rollout policy (WORKDIR/fast_rollout) when `rollout_policy.enabled`;
+  6. `eval/`: `critics.eval_methods` (greedy, maj@k, orm@k, prm@k, pass@k) on `eval.split`.
+`timings.json` records each stage's wall and CPU seconds in this run (a skipped stage takes ~0 s).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import numpy as np
+
+from alphallm_jax.critics.data import DONE, RolloutConfig, build_rollout_data, critic_examples
+from alphallm_jax.critics.losses import collate_critic, critic_example_length, make_critic_loss
+from alphallm_jax.critics.positions import blank_token_ids
+from alphallm_jax.critics.report import calibration_report, report_markdown
+from alphallm_jax.critics.scoring import CriticScorer
+from alphallm_jax.critics.tools import ToolConfig
+from alphallm_jax.models.config import ModelConfig
+from alphallm_jax.models.critic import (
+    CriticHeadConfig,
+    CriticModel,
+    create_critic,
+    critic_from_policy,
+    load_critic,
+    save_critic,
+)
+from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+BACKBONE_INITS = ("policy", "checkpoint", "scratch")
+
+
+def critics_dir(workdir):
+    return as_path(workdir) / "critics"
+
+
+def resolve_policy(cfg, workdir, *, mesh=None):
+    """The policy directory whose rollouts label the data (the demo's base policy is trained if missing)."""
+    if cfg.critics.policy:
+        path = as_path(cfg.critics.policy)
+        if not path.exists():
+            raise FileNotFoundError(f"critics.policy={cfg.critics.policy} does not exist")
+        return path
+    path = as_path(workdir) / "base" / "policy"
+    if not (path / DONE).exists():
+        from alphallm_jax.pipeline.base_policy import train_base_policy
+
+        log.info("no base policy at %s: training it first (alphallm train-base)", path)
+        train_base_policy(cfg, workdir, mesh=mesh)
+    return path
+
+
+def build_data(cfg, workdir, policy, tokenizer, *, mesh=None) -> tuple[list[dict], list[dict]]:
+    """(train rows, dev rows) from the policy's rollouts on the critics' train and dev prompts."""
+    from alphallm_jax.pipeline.evaluation import load_split, prompt_builder
+    from alphallm_jax.sampling import Sampler
+
+    data_cfg = RolloutConfig.from_config(cfg.critics.data)
+    prompt_for = prompt_builder(cfg, tokenizer)
+    train = load_split(cfg, cfg.critics.train_split, cfg.critics.num_train_prompts)
+    dev = load_split(cfg, cfg.critics.dev_split, cfg.critics.num_dev_prompts)
+    longest = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in train + dev)
+    sampler = Sampler(policy, tokenizer, max_len=longest + data_cfg.max_new_tokens, pool_slots=data_cfg.pool_slots,
+                      max_batch=cfg.sampling.max_batch, mesh=mesh)
+    root = critics_dir(workdir) / "data"
+    train_rows = build_rollout_data(sampler, train, prompt_for, data_cfg, root / "train", task=cfg.task,
+                                    seed=cfg.seed, desc="critic data (train)")
+    dev_rows = build_rollout_data(sampler, dev, prompt_for, data_cfg, root / "dev", task=cfg.task,
+                                  seed=cfg.seed + 1, desc="critic data (dev)")
+    return train_rows, dev_rows
+
+
+def make_critic(cfg, policy, tokenizer, *, mesh=None) -> CriticModel:
+    """A fresh critic with the configured backbone (`critics.model.init`)."""
+    m = cfg.critics.model
+    heads = CriticHeadConfig(hidden=m.head_hidden, activation=m.head_activation)
+    if m.init == "policy":
+        return critic_from_policy(policy, heads, seed=cfg.seed)
+    if m.init == "checkpoint":
+        from alphallm_jax import load_pretrained
+
+        if not m.checkpoint:
+            raise ValueError("critics.model.init='checkpoint' needs critics.model.checkpoint")
+        backbone, backbone_tokenizer = load_pretrained(m.checkpoint, dtype=m.dtype, mesh=mesh)
+        if backbone_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"critic backbone {m.checkpoint} has another tokenizer "
+                             f"({backbone_tokenizer.vocab_size} vs the policy's {tokenizer.vocab_size} tokens)")
+        return critic_from_policy(backbone, heads, seed=cfg.seed)
+    if m.init == "scratch":
+        p = policy.cfg
+        model_cfg = ModelConfig(
+            vocab_size=p.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+            num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+            rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
+            tie_word_embeddings=m.tie_word_embeddings, bos_token_id=p.bos_token_id, eos_token_ids=p.eos_token_ids,
+            pad_token_id=p.pad_token_id, dtype=m.dtype)
+        return create_critic(model_cfg, heads, mesh=mesh, seed=cfg.seed)
+    raise ValueError(f"critics.model.init={m.init!r}; choose from {BACKBONE_INITS}")
+
+
+def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=None) -> tuple[CriticModel, dict]:
+    """Trains (or resumes, or loads) the critic; returns it and its training record."""
+    from alphallm_jax.sampling.token_texts import token_texts
+    from alphallm_jax.train.trainer import TrainConfig, Trainer
+
+    out = critics_dir(workdir) / "critic"
+    if (out / DONE).exists():
+        return load_critic(out, mesh=mesh), read_json(critics_dir(workdir) / "critic_train.json")
+    train_cfg = TrainConfig.from_config(cfg.critics.train)
+    blank = blank_token_ids(token_texts(tokenizer, policy.cfg.vocab_size),
+                            set(policy.cfg.eos_token_ids) | set(tokenizer.eos_ids) | {tokenizer.pad_id})
+    make = functools.partial(critic_examples, blank_ids=blank, prm_label=cfg.critics.prm_label,
+                             value_at_root=cfg.critics.value_at_root, max_seq_len=train_cfg.max_seq_len)
+    train_examples = make(_subsample_rollouts(train_rows, cfg.critics.rollout_row_fraction, cfg.seed))
+    dev_examples = make(_subsample_rollouts(dev_rows, cfg.critics.rollout_row_fraction, cfg.seed + 1))
+    if not train_examples:
+        raise ValueError("no critic training examples (every row was longer than critics.train.max_seq_len?)")
+    critic = make_critic(cfg, policy, tokenizer, mesh=mesh)
+    loss = cfg.critics.loss
+    trainer = Trainer(critic, make_critic_loss((loss.value_weight, loss.prm_weight, loss.orm_weight), loss.value),
+                      train_cfg, mesh=mesh, workdir=str(critics_dir(workdir) / "train"),
+                      collate_fn=functools.partial(collate_critic, max_seq_len=train_cfg.max_seq_len,
+                                                   pad_to_multiple=train_cfg.pad_to_multiple),
+                      length_fn=critic_example_length)
+    start = time.time()
+    fit = trainer.fit(train_examples, dev_examples or None)
+    save_critic(critic, out, tokenizer=tokenizer)
+    record = {"train_examples": len(train_examples), "dev_examples": len(dev_examples), "steps": fit.step,
+              "best_step": fit.best_step, "best_dev_loss": fit.best_dev_loss, "stopped_early": fit.stopped_early,
+              "dev_metrics": fit.dev_metrics, "fit_seconds": time.time() - start,
+              "backbone": cfg.critics.model.init, "param_count": critic.model_cfg.param_count()}
+    atomic_write_json(critics_dir(workdir) / "critic_train.json", record)
+    atomic_write_text(out / DONE, "ok\n")
+    return critic, record
+
+
+def _subsample_rollouts(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """Every trajectory row and a seeded `fraction` of the (ORM-only) rollout rows."""
+    if fraction >= 1.0:
+        return rows
+    keep = np.random.default_rng(seed).random(len(rows)) < fraction
+    return [r for r, k in zip(rows, keep) if k or r["kind"] == "trajectory"]
+
+
+def make_scorer(cfg, critic, tokenizer, *, mesh=None) -> CriticScorer:
+    s = cfg.critics.scoring
+    return CriticScorer(critic, tokenizer, task=cfg.task, max_batch=s.max_batch, len_granule=s.len_granule, mesh=mesh,
+                        tools=ToolConfig.from_config(cfg.critics.tools), prm_aggregate=s.prm_aggregate)
+
+
+def run_train_critics(cfg, workdir) -> dict:
+    """Every stage (see the module doc); returns a summary of what was measured."""
+    from alphallm_jax import load_pretrained
+    from alphallm_jax.config import mesh_from_config
+
+    mesh = mesh_from_config(cfg)
+    root = critics_dir(workdir)
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kwargs):
+        # Wall time and this process's CPU time (all threads): on a shared machine the second says
+        # what the stage costs when other jobs steal the cores.
+        start, cpu = time.time(), time.process_time()
+        out = fn(*args, **kwargs)
+        jax.effects_barrier()
+        timings[name] = round(time.time() - start, 2)
+        timings[f"{name}_cpu"] = round(time.process_time() - cpu, 2)
+        return out
+
+    policy_dir = timed("policy", resolve_policy, cfg, workdir, mesh=mesh)
+    policy, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=mesh)
+    train_rows, dev_rows = timed("data", build_data, cfg, workdir, policy, tokenizer, mesh=mesh)
+    critic, train_record = timed("train", train_critic, cfg, workdir, train_rows, dev_rows, policy, tokenizer,
+                                 mesh=mesh)
+    scorer = make_scorer(cfg, critic, tokenizer, mesh=mesh)
+    cal = cfg.critics.calibration
+    report = timed("calibration", calibration_report, scorer, dev_rows, threshold=cal.threshold,
+                   num_bins=cal.num_bins)
+    atomic_write_json(root / "calibration.json", report)
+    atomic_write_text(root / "calibration.md", report_markdown(report))
+
+    fast = None
+    if cfg.rollout_policy.enabled:
+        from alphallm_jax.critics.fast_rollout import train_fast_rollout_policy
+
+        fast = timed("fast_rollout_policy", train_fast_rollout_policy, cfg, workdir, policy_dir, mesh=mesh)
+
+    summary = None
+    if cfg.critics.eval_methods:
+        summary = timed("eval", evaluate_with_critic, cfg, workdir, policy, tokenizer, scorer, mesh=mesh)
+    atomic_write_json(root / "timings.json", timings)
+    return {"calibration": report, "train": train_record, "eval": summary, "timings": timings,
+            "fast_rollout_policy": fast}
+
+
+def evaluate_with_critic(cfg, workdir, policy, tokenizer, scorer: CriticScorer, *, mesh=None) -> dict:
+    """`critics.eval_methods` on `eval.split` (first `critics.eval_limit` problems) with the critic available;
+    methods with the same k share one set of samples."""
+    from alphallm_jax.pipeline.evaluation import eval_context, evaluate_methods
+
+    problems, ctx = eval_context(cfg, policy, tokenizer, mesh=mesh)
+    if cfg.critics.eval_limit:
+        problems = problems[:cfg.critics.eval_limit]
+    ctx.components.update({"critic": scorer, "sample_cache": {}})
+    return evaluate_methods(problems, ctx, list(cfg.critics.eval_methods), critics_dir(workdir),
+                            batch_size=cfg.eval.batch_size)

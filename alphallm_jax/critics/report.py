@@ -1,0 +1,98 @@
+"""The calibration report: each critic scored on the dev rollouts and measured against its labels.
+
+Labels (fixed in advance, one primary per critic, a secondary where the definition is debatable):
+  * value: every non-terminal state s_0 .. s_{K-1} of each dev trajectory, label = that trajectory's
+    graded outcome (a sample of the expected reward v(s) estimates); the MC targets are compared too;
+  * PRM: every step, label = the step is "correct" by Monte-Carlo (some outcome continuing from it
+    reaches the right answer; Math-Shepherd's hard estimate); secondary: the trajectory's outcome;
+  * ORM: every dev trajectory, label = graded outcome; also the tool-augmented ORM and the tools alone.
+One forward pass per trajectory gives every state's value, every step's PRM and the ORM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics
+from alphallm_jax.critics.data import row_tokens, trajectory_read_points
+from alphallm_jax.critics.scoring import CriticScorer
+
+
+def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], *, threshold: float = 0.5,
+                       num_bins: int = 10) -> dict:
+    trajs = [r for r in rows if r["kind"] == "trajectory"]
+    if not trajs:
+        raise ValueError("no trajectory rows to calibrate on")
+    seqs = [row_tokens(r) for r in trajs]
+    ends = [trajectory_read_points(r)[0] for r in trajs]
+    scores = scorer.score(seqs, step_ends=ends)
+    solutions = scorer.score_solutions([r["prompt_ids"] for r in trajs],
+                                       [[t for s in r["step_ids"] for t in s] for r in trajs],
+                                       [r["text"] for r in trajs])
+
+    value_s, value_y, value_mc = [], [], []
+    prm_s, prm_hard, prm_outcome = [], [], []
+    for r, v_k, p_k in zip(trajs, scores.value_steps, scores.prm_steps):
+        k_total = len(r["step_ids"])
+        for k in range(k_total):  # non-terminal states
+            value_s.append(v_k[k])
+            value_y.append(float(r["correct"]))
+            value_mc.append(r["state_hits"][k] / max(r["state_counts"][k], 1))
+        for k in range(1, k_total + 1):
+            if not r["step_ids"][k - 1]:
+                continue
+            prm_s.append(p_k[k])
+            prm_hard.append(float(r["state_hits"][k] > 0))
+            prm_outcome.append(float(r["correct"]))
+    orm_y = np.asarray([float(r["correct"]) for r in trajs])
+
+    def metrics(s, y):
+        return calibration_metrics(np.asarray(s, np.float64), np.asarray(y, np.float64), threshold=threshold,
+                                   num_bins=num_bins)
+
+    value_s = np.asarray(value_s, np.float64)
+    value_mc = np.asarray(value_mc, np.float64)
+    report = {
+        "value": {**metrics(value_s, value_y), "label": "trajectory outcome at each non-terminal state",
+                  "mc_target_mae": float(np.mean(np.abs(value_s - value_mc))) if value_s.size else None,
+                  "mc_target_corr": _corr(value_s, value_mc)},
+        "prm": {**metrics(prm_s, prm_hard), "label": "step reaches the answer in some MC continuation",
+                "vs_outcome": metrics(prm_s, prm_outcome)},
+        "orm": {**metrics(solutions.orm, orm_y), "label": "graded outcome of each dev trajectory"},
+        "orm_tool": {**metrics(solutions.orm_tool, orm_y), "combine": scorer.tools.combine},
+        "tools_only": {**metrics(solutions.tool_ok, orm_y),
+                       "fraction_flagged": float(np.mean(solutions.tool_ok < 0.5))},
+        "prm_solution": {**metrics(solutions.prm, orm_y), "aggregate": scorer.prm_aggregate},
+        "dev_trajectories": len(trajs),
+        "dev_accuracy": float(np.mean(orm_y)),
+        "paper_reference": PAPER_REFERENCE,
+    }
+    return report
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    lines = ["# Critic calibration (dev split)", "",
+             f"{report['dev_trajectories']} dev trajectories, policy accuracy {100 * report['dev_accuracy']:.1f}%.",
+             "", "| critic | n | precision | recall | ECE | AUROC | Brier | label |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name in ("value", "prm", "orm", "orm_tool", "tools_only", "prm_solution"):
+        m = report[name]
+        lines.append(f"| {name} | {m['n']} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['ece'])} | "
+                     f"{_f(m['auroc'])} | {_f(m['brier'])} | {m.get('label', '')} |")
+    ref = report["paper_reference"]
+    lines += ["", "Paper (precision / recall / ECE): value " +
+              " / ".join(str(ref["value"][k]) for k in ("precision", "recall", "ece")) + "; PRM " +
+              " / ".join(str(ref["prm"][k]) for k in ("precision", "recall", "ece")) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,61 @@
+"""Best-of-k reranking by a critic, as evaluation methods `orm@k` and `prm@k`.
+
+k solutions are sampled per problem exactly as `maj@k` samples them (same seeds, so the methods
+compare on the same samples); all k * batch solutions are scored in one batched critic call; the
+prediction is the highest-scoring one: `orm@k` by the tool-augmented ORM (`ToolConfig` decides how
+the tools fold in; combine="none" gives the plain ORM), `prm@k` by the PRM aggregated over the
+solution's steps. Ties go to the higher summed log-probability. The critic comes from
+`ctx.components["critic"]` (a `CriticScorer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+HEADS = ("orm", "prm")
+
+
+@dataclasses.dataclass
+class CriticRerank:
+    k: int
+    head: str  # "orm" | "prm"
+    spec: str = ""
+
+    def run(self, problems, ctx):
+        from alphallm_jax.pipeline.eval_methods import MethodOutput, _sample, count_steps, strip_stop
+
+        scorer = ctx.components.get("critic")
+        if scorer is None:
+            raise ValueError(f"{self.spec} needs a critic: set critics.checkpoint for `alphallm eval`, or put a "
+                             "CriticScorer in EvalContext.components['critic']")
+        samples = _sample(problems, ctx, num_samples=self.k, temperature=ctx.eval_cfg.temperature)
+        prompt_ids, solution_ids, texts = [], [], []
+        for problem, group in zip(problems, samples):
+            ids = scorer.tokenizer.encode(ctx.prompt_for(problem), add_bos=True)
+            for c in group:
+                prompt_ids.append(ids)
+                solution_ids.append(c.token_ids)
+                texts.append(strip_stop(c.text, ctx.eval_cfg.stop))
+        scores = scorer.score_solutions(prompt_ids, solution_ids, texts)
+        chosen = scores.orm_tool if self.head == "orm" else scores.prm
+        outs = []
+        for i, group in enumerate(samples):
+            lo = i * self.k
+            keys = [(float(chosen[lo + j]), c.sum_logprob) for j, c in enumerate(group)]
+            best = max(range(len(group)), key=keys.__getitem__)
+            group_texts = texts[lo:lo + self.k]
+            outs.append(MethodOutput(
+                group_texts[best], sum(len(c.token_ids) for c in group), sum(count_steps(t) for t in group_texts),
+                {"score": float(chosen[lo + best]), "orm": float(scores.orm[lo + best]),
+                 "tool_ok": int(np.sum(scores.tool_ok[lo:lo + self.k]))}))
+        return outs
+
+
+def make_rerank(head: str, k: int | None) -> CriticRerank:
+    if head not in HEADS:
+        raise ValueError(f"unknown rerank head {head!r}; known: {HEADS}")
+    if not k:
+        raise ValueError(f"{head} needs a budget: {head}@k")
+    return CriticRerank(k=k, head=head, spec=f"{head}@{k}")

@@ -1,0 +1,238 @@
+"""Batched, jitted critic scoring for the search, reranking and calibration.
+
+    scorer = CriticScorer(critic, tokenizer, task="arith")
+    s = scorer.score(token_id_sequences)                 # CriticScores: value, prm, orm per sequence
+    s = scorer.score(seqs, step_ends=[[...], ...])       # + value_steps / prm_steps at given indices
+    s = scorer.score_states(seq_states)                  # sampler SeqStates (search nodes)
+    r = scorer.score_solutions(prompt_ids, solution_ids, texts)  # SolutionScores: + tools, PRM aggregate
+
+One backbone pass per sequence gives all three heads. Sequences are sorted by length and packed
+into batches whose shapes are bucketed (rows to powers of two, length to multiples of `len_granule`,
+read positions to powers of two), so a stream of different sizes compiles only a few programs.
+Trailing EOS tokens are ignored (a terminal state that sampled EOS scores like the same text without
+it). Read positions follow `critics.positions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Collection, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alphallm_jax.critics.positions import blank_token_ids, orm_index, step_end_indices, strip_trailing
+from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with_orm
+from alphallm_jax.data.prompts import step_separator
+from alphallm_jax.models import sharding as shd
+from alphallm_jax.models.critic import HEAD_INDEX, CriticModel, read_positions
+
+PRM_AGGREGATES = ("min", "prod", "mean", "last")
+
+
+@dataclasses.dataclass
+class CriticScores:
+    """Probabilities per sequence (float32 [n] each) and, when step ends were given, per step."""
+
+    value: np.ndarray  # v(s) at the last token
+    prm: np.ndarray  # PRM of the newest step (read at the last token)
+    orm: np.ndarray  # ORM at the last non-blank token
+    value_steps: list[np.ndarray]  # value at each requested index (empty arrays without step_ends)
+    prm_steps: list[np.ndarray]  # PRM at each requested index
+
+
+@dataclasses.dataclass
+class SolutionScores:
+    """Complete solutions: critic heads, tool checks and the combined scores (float32 [n] each)."""
+
+    orm: np.ndarray
+    orm_tool: np.ndarray  # the ORM combined with the tool checks by `ToolConfig`
+    tool_ok: np.ndarray  # 1.0 when no tool check failed
+    prm: np.ndarray  # the PRM over the solution's steps, aggregated by `prm_aggregate`
+    value: np.ndarray  # value at the last token
+    prm_steps: list[np.ndarray]
+    tool_failures: list[list[str]]
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def _bucket_len(n: int, granule: int) -> int:
+    return _pow2(n, granule) if n > 8 * granule else -(-n // granule) * granule
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _score_batch(graphdef, params, ids_bs: jax.Array, pos_bs: jax.Array, read_bk: jax.Array) -> jax.Array:
+    """Sigmoid of every head at the read indices: float32 [b, k, c]."""
+    critic = nnx.merge(graphdef, params)
+    logits_bsc = critic(ids_bs, positions_bs=pos_bs)
+    return jax.nn.sigmoid(read_positions(logits_bsc, read_bk))
+
+
+def aggregate_prm(steps: np.ndarray, how: str) -> float:
+    """One score from a solution's per-step PRM probabilities (1.0 for a solution with no step)."""
+    if how not in PRM_AGGREGATES:
+        raise ValueError(f"prm aggregate {how!r}; choose from {PRM_AGGREGATES}")
+    if steps.size == 0:
+        return 1.0
+    if how == "min":
+        return float(np.min(steps))
+    if how == "prod":
+        return float(np.exp(np.sum(np.log(np.clip(steps, 1e-12, 1.0)))))
+    if how == "mean":
+        return float(np.mean(steps))
+    return float(steps[-1])
+
+
+class CriticScorer:
+    """See the module doc. `critic`: a `CriticModel` (placed on `mesh` when one is given)."""
+
+    def __init__(self, critic: CriticModel, tokenizer=None, *, task: str = "arith", max_batch: int = 64,
+                 len_granule: int = 32, max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                 rules: shd.ShardingRules | None = None, tools: ToolConfig | None = None,
+                 prm_aggregate: str = "min", eos_ids: Collection[int] | None = None):
+        if prm_aggregate not in PRM_AGGREGATES:
+            raise ValueError(f"prm aggregate {prm_aggregate!r}; choose from {PRM_AGGREGATES}")
+        self.critic = critic
+        self.tokenizer = tokenizer
+        self.task = task
+        self.max_batch = max_batch
+        self.len_granule = len_granule
+        self.max_len = max_len or critic.model_cfg.max_position_embeddings
+        self.mesh = mesh
+        self.rules = rules or shd.ShardingRules()
+        self.tools = tools if tools is not None else ToolConfig()
+        self.prm_aggregate = prm_aggregate
+        self.separator = step_separator(task)
+        self.graphdef, self.params = nnx.split(critic)
+        if eos_ids is None:
+            eos_ids = set(critic.model_cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
+        pad = {int(tokenizer.pad_id)} if tokenizer is not None else set()
+        self._min_batch = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        if tokenizer is not None:
+            from alphallm_jax.sampling.token_texts import token_texts
+
+            self.token_texts = token_texts(tokenizer, critic.model_cfg.vocab_size)
+        else:
+            self.token_texts = None
+        self.blank_ids = blank_token_ids(self.token_texts or (), self.eos_ids | pad)
+        self.calls = 0  # device calls, for benchmarks and tests
+
+    # ------------------------------------------------------------------------------- public API
+
+    def score(self, sequences: Sequence[Sequence[int]], *,
+              step_ends: Sequence[Sequence[int]] | None = None) -> CriticScores:
+        """All three heads for each token sequence; `step_ends[i]` adds reads at those indices of
+        sequence i (e.g. every step end of a trajectory: causal, so each equals scoring that prefix)."""
+        if step_ends is not None and len(step_ends) != len(sequences):
+            raise ValueError(f"{len(step_ends)} step_ends lists for {len(sequences)} sequences")
+        n = len(sequences)
+        seqs, reads = [], []
+        for i, seq in enumerate(sequences):
+            ids = strip_trailing(seq, self.eos_ids)
+            if not ids:
+                raise ValueError(f"sequence {i} is empty (or only EOS)")
+            if len(ids) > self.max_len:
+                raise ValueError(f"sequence {i} has {len(ids)} tokens; the critic scores at most {self.max_len}")
+            extra = [int(e) for e in (step_ends[i] if step_ends is not None else ())]
+            if any(not 0 <= e < len(ids) for e in extra):
+                raise ValueError(f"step_ends[{i}]={extra} outside the sequence's {len(ids)} tokens (EOS stripped)")
+            seqs.append(ids)
+            reads.append([len(ids) - 1, orm_index(ids, self.blank_ids), *extra])
+        probs = [None] * n
+        order = sorted(range(n), key=lambda i: len(seqs[i]))
+        for start in range(0, n, self.max_batch):
+            chunk = order[start:start + self.max_batch]
+            out_bkc = self._run([seqs[i] for i in chunk], [reads[i] for i in chunk])
+            for row, i in enumerate(chunk):
+                probs[i] = out_bkc[row, :len(reads[i])]
+        v, p, o = HEAD_INDEX["value"], HEAD_INDEX["prm"], HEAD_INDEX["orm"]
+        return CriticScores(
+            value=np.asarray([x[0, v] for x in probs], np.float32).reshape(n),
+            prm=np.asarray([x[0, p] for x in probs], np.float32).reshape(n),
+            orm=np.asarray([x[1, o] for x in probs], np.float32).reshape(n),
+            value_steps=[np.asarray(x[2:, v], np.float32) for x in probs],
+            prm_steps=[np.asarray(x[2:, p], np.float32) for x in probs])
+
+    def score_states(self, states: Sequence) -> CriticScores:
+        """Scores sampler `SeqState`s (their `.tokens`): v(s), the PRM of s's newest step, ORM(s)."""
+        return self.score([s.tokens for s in states])
+
+    def step_ends(self, ids: Sequence[int], start: int) -> list[int]:
+        """The step-end indices of `ids[start:]` (the solution part), EOS stripped."""
+        if self.token_texts is None:
+            raise ValueError("step ends from tokens need a tokenizer; build the scorer with one")
+        return step_end_indices(strip_trailing(ids, self.eos_ids), self.token_texts, self.separator, start=start)
+
+    def encode_solution(self, prompt: str, solution: str) -> tuple[list[int], list[int]]:
+        """(prompt ids with BOS, solution ids) encoded as the policy was trained (separately)."""
+        if self.tokenizer is None:
+            raise ValueError("text scoring needs a tokenizer; build the scorer with one")
+        return self.tokenizer.encode(prompt, add_bos=True), self.tokenizer.encode(solution)
+
+    def score_solutions(self, prompt_ids: Sequence[Sequence[int]], solution_ids: Sequence[Sequence[int]],
+                        texts: Sequence[str]) -> SolutionScores:
+        """Complete solutions: ORM, PRM over every step, tool checks on `texts`, combined scores."""
+        if not len(prompt_ids) == len(solution_ids) == len(texts):
+            raise ValueError("prompt_ids, solution_ids and texts must have the same length")
+        seqs = [list(p) + list(s) for p, s in zip(prompt_ids, solution_ids)]
+        ends = [self.step_ends(seq, len(p)) for seq, p in zip(seqs, prompt_ids)]
+        scores = self.score(seqs, step_ends=ends)
+        checks = check_solutions(list(texts), self.task, self.tools)
+        ok = np.asarray([c.ok for c in checks], np.float32)
+        return SolutionScores(
+            orm=scores.orm, orm_tool=combine_with_orm(scores.orm, ok, self.tools), tool_ok=ok,
+            prm=np.asarray([aggregate_prm(s, self.prm_aggregate) for s in scores.prm_steps], np.float32),
+            value=scores.value, prm_steps=scores.prm_steps, tool_failures=[c.failures for c in checks])
+
+    def score_texts(self, prompts: Sequence[str], solutions: Sequence[str]) -> SolutionScores:
+        """`score_solutions` from text (tokenised as the policy was trained)."""
+        encoded = [self.encode_solution(p, s) for p, s in zip(prompts, solutions)]
+        return self.score_solutions([e[0] for e in encoded], [e[1] for e in encoded], list(solutions))
+
+    # -------------------------------------------------------------------------------- internals
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = shd.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), self.rules)
+        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+    def _run(self, seqs: list[list[int]], reads: list[list[int]]) -> np.ndarray:
+        """One device call for up to max_batch sequences (right-padded, bucketed): [b, k, c]."""
+        rows = _pow2(len(seqs), self._min_batch)
+        length = min(_bucket_len(max(len(s) for s in seqs), self.len_granule),
+                     max(self.max_len, max(len(s) for s in seqs)))
+        k = _pow2(max(len(r) for r in reads))
+        ids_bs = np.zeros((rows, length), np.int32)
+        pos_bs = np.full((rows, length), -1, np.int32)
+        read_bk = np.zeros((rows, k), np.int32)
+        for b, (seq, rd) in enumerate(zip(seqs, reads)):
+            ids_bs[b, :len(seq)] = seq
+            pos_bs[b, :len(seq)] = np.arange(len(seq))
+            read_bk[b, :len(rd)] = rd
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                out = _score_batch(self.graphdef, self.params, self._put(ids_bs), self._put(pos_bs), self._put(read_bk))
+        else:
+            out = _score_batch(self.graphdef, self.params, ids_bs, pos_bs, read_bk)
+        self.calls += 1
+        return np.asarray(jax.device_get(out))
+
+
+def load_scorer(path, *, task: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
+                tools: ToolConfig | None = None, prm_aggregate: str = "min", max_batch: int = 64,
+                len_granule: int = 32) -> CriticScorer:
+    """A scorer for the critic checkpoint at `path` (with its tokenizer)."""
+    from alphallm_jax.models.critic import load_critic
+    from alphallm_jax.models.tokenizer import Tokenizer
+
+    critic = load_critic(path, mesh=mesh, dtype=dtype)
+    tokenizer = Tokenizer.from_dir(path)
+    return CriticScorer(critic, tokenizer, task=task, mesh=mesh, tools=tools, prm_aggregate=prm_aggregate,
+                        max_batch=max_batch, len_granule=len_granule)

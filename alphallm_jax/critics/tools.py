@@ -1,0 +1,462 @@
+"""Tool-augmented checks for the ORM: a safe calculator and sympy-backed equation checks for MATH.
+
+The calculator has its own tokenizer and recursive-descent parser for numbers (integers, decimals,
+thousands separators), `+ - * /` (and `× ÷ −`), unary signs, parentheses and postfix `%`. Arithmetic
+is exact (`fractions.Fraction`), so `3/4` is a fraction and `0.1+0.2=0.3` holds. Anything else
+(names, calls, `**`, `^`, brackets, letters) is a parse error: model text is data and is never
+handed to `eval`/`exec`. Sizes are bounded (characters, tokens, nesting, digits, intermediate bit
+lengths), so no input can make it run long.
+
+What a solution is checked for:
+  * every GSM8K calculator annotation `<<expr=result>>`: `expr` evaluates to `result`, and a number
+    written right after `>>` equals it;
+  * every written equation `a op b = c` in the text (annotations removed): both sides parse and are
+    equal. A side that is not arithmetic (`x = 5`, `50% of 20 = 10`) is not an equation and is skipped;
+  * MATH (`task="math"`): equations inside `$...$`, `\\[...\\]`, `\\(...\\)` whose sides are purely
+    numeric LaTeX are compared with math-verify's sympy-based equivalence, which runs in the grading
+    module's worker processes under a wall-clock budget (`data.grading.math_verify_equal`), never on
+    this thread.
+A result written with fewer decimals than the exact value is accepted when it is the exact value
+rounded to the written precision (`10/3=3.33`).
+
+`combine_with_orm` folds the checks into the ORM score by config (`product`, `mix`, `min`, `none`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+
+import numpy as np
+
+MAX_EXPR_CHARS = 256
+MAX_TOKENS = 96
+MAX_DEPTH = 24
+MAX_NUMBER_DIGITS = 30
+MAX_BITS = 2048  # numerator/denominator size of any intermediate value
+
+COMBINE_MODES = ("none", "product", "mix", "min")
+
+_NUMBER_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+")
+_OPERATORS = {"+": "+", "-": "-", "*": "*", "/": "/", "×": "*", "÷": "/", "−": "-", "·": "*"}
+_DIGITS = frozenset("0123456789")
+_SKIPPED = frozenset(" \t$")  # spaces and currency signs carry no arithmetic
+# Characters an arithmetic run in running text may contain (used to find written equations).
+_RUN_CHARS = _DIGITS | frozenset(".,()%$ \t") | frozenset(_OPERATORS)
+_ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
+_WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+
+
+class CalcError(ValueError):
+    """The text is not an arithmetic expression the calculator accepts (never executed either way)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    kind: str  # "num" | "op" | "(" | ")" | "%" | "junk"
+    text: str
+    value: Fraction | None = None
+
+
+def _number(text: str) -> Fraction:
+    digits = text.replace(",", "")
+    if sum(ch in _DIGITS for ch in digits) > MAX_NUMBER_DIGITS:
+        raise CalcError(f"number with more than {MAX_NUMBER_DIGITS} digits")
+    return Fraction(digits)  # a decimal string: exact
+
+
+def scan(text: str, *, lenient: bool = False) -> list[Token]:
+    """Tokens of `text`. Unknown characters raise CalcError, or become `junk` tokens when lenient."""
+    if len(text) > MAX_EXPR_CHARS:
+        raise CalcError(f"expression longer than {MAX_EXPR_CHARS} characters")
+    tokens: list[Token] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch in _SKIPPED:
+            i += 1
+            continue
+        m = _NUMBER_RE.match(text, i) if (ch in _DIGITS or ch == ".") else None
+        if m:
+            tokens.append(Token("num", m.group(), _number(m.group())))
+            i = m.end()
+        elif ch in _OPERATORS:
+            tokens.append(Token("op", _OPERATORS[ch]))
+            i += 1
+        elif ch in "()%":
+            tokens.append(Token(ch, ch))
+            i += 1
+        elif lenient:
+            tokens.append(Token("junk", ch))
+            i += 1
+        else:
+            raise CalcError(f"unexpected character {ch!r} at {i}")
+        if len(tokens) > MAX_TOKENS:
+            raise CalcError(f"more than {MAX_TOKENS} tokens")
+    return tokens
+
+
+def _checked(x: Fraction) -> Fraction:
+    if x.numerator.bit_length() > MAX_BITS or x.denominator.bit_length() > MAX_BITS:
+        raise CalcError("intermediate value too large")
+    return x
+
+
+class _Parser:
+    """expr := term (('+'|'-') term)*; term := unary (('*'|'/') unary)*;
+    unary := ('+'|'-') unary | primary '%'*; primary := NUMBER | '(' expr ')'."""
+
+    def __init__(self, tokens: Sequence[Token]):
+        self.tokens = tokens
+        self.i = 0
+        self.depth = 0
+
+    def peek(self) -> Token | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self) -> Token:
+        tok = self.peek()
+        if tok is None:
+            raise CalcError("unexpected end of expression")
+        self.i += 1
+        return tok
+
+    def parse(self) -> Fraction:
+        if not self.tokens:
+            raise CalcError("empty expression")
+        value = self.expr()
+        if self.peek() is not None:
+            raise CalcError(f"unexpected {self.peek().text!r}")
+        return value
+
+    def expr(self) -> Fraction:
+        value = self.term()
+        while (tok := self.peek()) is not None and tok.kind == "op" and tok.text in "+-":
+            self.take()
+            rhs = self.term()
+            value = _checked(value + rhs if tok.text == "+" else value - rhs)
+        return value
+
+    def term(self) -> Fraction:
+        value = self.unary()
+        while (tok := self.peek()) is not None and tok.kind == "op" and tok.text in "*/":
+            self.take()
+            rhs = self.unary()
+            if tok.text == "*":
+                value = _checked(value * rhs)
+            else:
+                if rhs == 0:
+                    raise CalcError("division by zero")
+                value = _checked(value / rhs)
+        return value
+
+    def unary(self) -> Fraction:
+        tok = self.peek()
+        if tok is not None and tok.kind == "op" and tok.text in "+-":
+            self.take()
+            with self._nested():
+                value = self.unary()
+            return -value if tok.text == "-" else value
+        value = self.primary()
+        while (tok := self.peek()) is not None and tok.kind == "%":
+            self.take()
+            value = value / 100
+        return value
+
+    def primary(self) -> Fraction:
+        tok = self.take()
+        if tok.kind == "num":
+            return tok.value
+        if tok.kind == "(":
+            with self._nested():
+                value = self.expr()
+            if self.take().kind != ")":
+                raise CalcError("missing ')'")
+            return value
+        raise CalcError(f"unexpected {tok.text!r}")
+
+    def _nested(self):
+        parser = self
+
+        class _Depth:
+            def __enter__(self):
+                parser.depth += 1
+                if parser.depth > MAX_DEPTH:
+                    raise CalcError(f"nesting deeper than {MAX_DEPTH}")
+
+            def __exit__(self, *exc):
+                parser.depth -= 1
+
+        return _Depth()
+
+
+def evaluate(expr: str) -> Fraction:
+    """The exact value of an arithmetic expression; CalcError for anything else."""
+    return _Parser(scan(expr)).parse()
+
+
+def _decimals(text: str) -> int | None:
+    text = text.strip().replace(",", "")
+    if "." in text and re.fullmatch(r"-?\d*\.\d+", text):
+        return len(text.split(".")[1])
+    return None
+
+
+def values_match(exact: Fraction, written: Fraction, written_text: str = "", rel_tol: float = 0.0) -> bool:
+    """`written` equals `exact`, or is `exact` rounded to the decimals `written_text` shows."""
+    if exact == written:
+        return True
+    places = _decimals(written_text)
+    if places is not None and abs(exact - written) <= Fraction(1, 2 * 10 ** places):
+        return True
+    return rel_tol > 0 and abs(exact - written) <= Fraction(rel_tol) * max(abs(exact), Fraction(1))
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """What the tools found in one text: `ok` when no check failed."""
+
+    checked: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def merge(self, other: CheckResult) -> CheckResult:
+        return CheckResult(self.checked + other.checked, self.failures + other.failures)
+
+
+def check_annotations(text: str, rel_tol: float = 0.0) -> CheckResult:
+    """Re-computes every `<<expr=result>>` and compares the number written right after it."""
+    result = CheckResult()
+    for m in _ANNOTATION_RE.finditer(text):
+        body = m.group(1)
+        result.checked += 1
+        parts = body.split("=")
+        if len(parts) < 2:
+            result.failures.append(f"annotation without '=': <<{body}>>")
+            continue
+        try:
+            values = [evaluate(p) for p in parts]
+        except CalcError as e:
+            result.failures.append(f"unreadable annotation <<{body}>>: {e}")
+            continue
+        if not all(values_match(values[0], v, p, rel_tol) for v, p in zip(values[1:], parts[1:])):
+            result.failures.append(f"wrong annotation <<{body}>>: {parts[0].strip()} = {_fmt(values[0])}")
+            continue
+        after = _WRITTEN_AFTER_RE.match(text, m.end())
+        if after is not None:
+            written = _number(after.group(1))
+            if not values_match(values[-1], written, after.group(1), rel_tol):
+                result.failures.append(f"<<{body}>> followed by {after.group(1)}")
+    return result
+
+
+def _run_bounds(text: str, eq: int) -> tuple[int, int]:
+    """[start, end) of the arithmetic-looking characters around the '=' at index eq."""
+    start = eq
+    while start > 0 and text[start - 1] in _RUN_CHARS and eq - start < MAX_EXPR_CHARS:
+        start -= 1
+    end = eq + 1
+    while end < len(text) and text[end] in _RUN_CHARS and end - eq < MAX_EXPR_CHARS:
+        end += 1
+    return start, end
+
+
+def _parse_tokens(tokens: Sequence[Token]) -> Fraction | None:
+    if not tokens or any(t.kind == "junk" for t in tokens):
+        return None
+    try:
+        return _Parser(tokens).parse()
+    except CalcError:
+        return None
+
+
+def _tokens_text(tokens: Sequence[Token]) -> str:
+    return "".join(t.text for t in tokens)
+
+
+def check_written_equations(text: str, rel_tol: float = 0.0) -> CheckResult:
+    """Checks `a op b = c` equations written in running text (annotations removed first).
+
+    The left side is the longest arithmetic suffix before '=' with at least two numbers (so `x = 5`
+    or `half of 20 = 10` are not equations); the right side is the longest arithmetic prefix after it.
+    """
+    plain = _ANNOTATION_RE.sub("", text)
+    result = CheckResult()
+    for eq in (i for i, ch in enumerate(plain) if ch == "="):
+        start, end = _run_bounds(plain, eq)
+        try:
+            left = scan(plain[start:eq], lenient=True)
+            right = scan(plain[eq + 1:end], lenient=True)
+        except CalcError:
+            continue
+        lhs = lhs_tokens = None
+        for k in range(len(left)):
+            if sum(t.kind == "num" for t in left[k:]) < 2:
+                break
+            lhs = _parse_tokens(left[k:])
+            if lhs is not None:
+                lhs_tokens = left[k:]
+                break
+        if lhs is None:
+            continue
+        rhs = rhs_tokens = None
+        for k in range(len(right), 0, -1):
+            rhs = _parse_tokens(right[:k])
+            if rhs is not None:
+                rhs_tokens = right[:k]
+                break
+        if rhs is None:
+            continue
+        result.checked += 1
+        rhs_text = _tokens_text(rhs_tokens)
+        if not values_match(lhs, rhs, rhs_text, rel_tol):
+            result.failures.append(f"wrong equation {_tokens_text(lhs_tokens)}={rhs_text}: "
+                                   f"left side is {_fmt(lhs)}")
+    return result
+
+
+def _fmt(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x} (~{float(x):.6g})"
+
+
+# ------------------------------------------------------------------------------------ MATH (sympy)
+
+_MATH_SEGMENT_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
+# LaTeX that keeps a side purely numeric; any other command or letter makes it symbolic (skipped).
+_NUMERIC_LATEX_COMMANDS = ("\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\cdot", "\\times", "\\div", "\\left",
+                           "\\right", "\\!", "\\,", "\\;", "\\pi")
+_NUMERIC_LATEX_CHARS = frozenset("0123456789.+-*/^_{}()[] ")
+
+
+def _split_top_level_equals(expr: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for ch in expr:
+        if ch in "{(":
+            depth += 1
+        elif ch in "})":
+            depth -= 1
+        if ch == "=" and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def is_numeric_latex(side: str) -> bool:
+    s = side.replace("&", "")
+    for cmd in _NUMERIC_LATEX_COMMANDS:
+        s = s.replace(cmd, " ")
+    s = s.strip()
+    return bool(s) and any(ch in _DIGITS for ch in s) and all(ch in _NUMERIC_LATEX_CHARS for ch in s)
+
+
+def numeric_latex_equations(text: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) pairs of consecutive numeric sides of `=` chains inside LaTeX math segments."""
+    pairs = []
+    for m in _MATH_SEGMENT_RE.finditer(text):
+        segment = next(g for g in m.groups() if g is not None)
+        for line in re.split(r"\\\\|\n", segment):
+            sides = [s.replace("&", "").strip() for s in _split_top_level_equals(line)]
+            for a, b in zip(sides, sides[1:]):
+                if is_numeric_latex(a) and is_numeric_latex(b) and (a != b):
+                    pairs.append((a, b))
+    return pairs
+
+
+def check_latex_equations(text: str, *, max_checks: int = 8, budget_s: float = 20.0) -> CheckResult:
+    """Numeric LaTeX equations compared by math-verify (sympy) in the grading worker processes.
+
+    Each comparison has the grading module's wall-clock budget; at most `max_checks` equations and
+    `budget_s` seconds per text (equations left unchecked count as passing).
+    """
+    from alphallm_jax.data.grading import math_verify_equal
+
+    result = CheckResult()
+    deadline = time.monotonic() + budget_s
+    for lhs, rhs in numeric_latex_equations(text)[:max_checks]:
+        if time.monotonic() > deadline:
+            break
+        result.checked += 1
+        if not math_verify_equal(rhs, lhs):
+            result.failures.append(f"sympy: {lhs} != {rhs}")
+    return result
+
+
+# ------------------------------------------------------------------------------------- combined
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolConfig:
+    """Which checks run and how they fold into the ORM (fields of the `critics.tools` config)."""
+
+    enabled: bool = True
+    combine: str = "product"  # none | product | mix | min
+    penalty: float = 0.05  # product: the ORM is multiplied by this when a check fails
+    mix_weight: float = 0.5  # mix: (1 - w) * orm + w * ok
+    annotations: bool = True
+    written_equations: bool = True
+    latex: bool = True  # MATH only
+    rel_tol: float = 0.0
+    max_latex_checks: int = 8
+    latex_budget_s: float = 20.0
+
+    def __post_init__(self):
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"critics.tools.combine={self.combine!r}; choose from {COMBINE_MODES}")
+
+    @classmethod
+    def from_config(cls, section) -> ToolConfig:
+        d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown critics.tools fields: {sorted(set(d) - known)}")
+        return cls(**d)
+
+
+def check_solution(text: str, task: str, cfg: ToolConfig = ToolConfig()) -> CheckResult:
+    """Every enabled check on one solution (or one step) text."""
+    result = CheckResult()
+    if not cfg.enabled:
+        return result
+    if cfg.annotations:
+        result = result.merge(check_annotations(text, cfg.rel_tol))
+    if cfg.written_equations:
+        result = result.merge(check_written_equations(text, cfg.rel_tol))
+    if cfg.latex and task == "math":
+        result = result.merge(check_latex_equations(text, max_checks=cfg.max_latex_checks,
+                                                    budget_s=cfg.latex_budget_s))
+    return result
+
+
+def check_solutions(texts: Sequence[str], task: str, cfg: ToolConfig = ToolConfig()) -> list[CheckResult]:
+    """`check_solution` over many texts; MATH texts run concurrently (their sympy work is in
+    worker processes, so threads only wait)."""
+    if task != "math" or len(texts) < 2 or not (cfg.enabled and cfg.latex):
+        return [check_solution(t, task, cfg) for t in texts]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alphallm_jax.data.grading import math_verify_config
+
+    with ThreadPoolExecutor(max_workers=math_verify_config().workers) as ex:
+        return list(ex.map(lambda t: check_solution(t, task, cfg), texts))
+
+
+def combine_with_orm(orm: np.ndarray, tool_ok: np.ndarray, cfg: ToolConfig = ToolConfig()) -> np.ndarray:
+    """The tool-augmented ORM score in [0, 1]."""
+    orm = np.asarray(orm, np.float32)
+    ok = np.asarray(tool_ok, np.float32)
+    if not cfg.enabled or cfg.combine == "none":
+        return orm
+    if cfg.combine == "product":
+        return orm * np.where(ok > 0, 1.0, cfg.penalty).astype(np.float32)
+    if cfg.combine == "mix":
+        return ((1.0 - cfg.mix_weight) * orm + cfg.mix_weight * ok).astype(np.float32)
+    return np.minimum(orm, ok)

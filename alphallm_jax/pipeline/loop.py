@@ -1,0 +1,315 @@
+"""The self-improvement loop (`alphallm loop --config CONFIG --workdir DIR`), the product's main job.
+
+    base policy -> critics -> base evaluation -> for each iteration:
+        imagination (synthesize unlabelled prompts from D0 seeds with the current policy)
+        -> eta-MCTS on them (policy + critics) -> SFT on the best traces (AlphaLLM's round)
+        -> trajectory pairs -> CPL-DPO from the SFT policy -> evaluation
+    -> ablations (pair orderings) -> report.json / report.md / plots
+
+Every stage runs in its own directory and ends by writing `stage.json` (its one-line record) and a
+`DONE` marker, atomically; a rerun skips finished stages, and inside a stage the components resume
+on their own (the trainer from its orbax checkpoints, the search and evaluation per problem), so a
+run killed at any moment (`kill -9` included) resumes and ends with the same artifacts as an
+uninterrupted run with the same seed. Labels of D0 are used for the base policy, the critics and
+the evaluation of test splits only; the synthesized prompts the policy improves on carry none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from alphallm_jax.pipeline.loop_report import find_method, write_report
+from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
+
+DONE = "DONE"
+STAGE_RECORD = "stage.json"
+
+
+@dataclasses.dataclass
+class LoopRun:
+    cfg: ml_collections.ConfigDict
+    root: Any  # epath.Path
+    mesh: Any = None
+    log: Callable[[str], None] = print
+
+    def stage(self, name: str, fn: Callable[[Any], dict], summary: Callable[[dict], str] | None = None) -> dict:
+        """Run `fn(stage_dir)` unless the stage finished before; returns its record."""
+        stage_dir = self.root / name
+        if (stage_dir / DONE).exists():
+            self.log(f"[{name}] done before; skipped")
+            return read_json(stage_dir / STAGE_RECORD)["record"]
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        record = fn(stage_dir)
+        seconds = round(time.time() - start, 1)
+        atomic_write_json(stage_dir / STAGE_RECORD, {"record": record, "wall_seconds": seconds})
+        atomic_write_text(stage_dir / DONE, "ok\n")
+        line = summary(record) if summary else "done"
+        self.log(f"[{name}] {line} ({seconds:.0f} s)")
+        return record
+
+
+def derived_config(cfg, **overrides) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with dotted-key overrides (`{"model.checkpoint": path}`); keys must exist."""
+    out = cfg.copy_and_resolve_references()
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"config key {dotted!r} does not exist")
+        node[leaf] = value
+    return out
+
+
+def _acc(summary: dict, spec: str) -> dict:
+    s = summary[spec]
+    out = {"accuracy": s["accuracy"], "n": s["n"], "ci95": s["ci95"],
+           "mean_generated_tokens": s["mean_generated_tokens"]}
+    if "mean_nodes" in s:
+        out["mean_nodes"] = s["mean_nodes"]
+    return out
+
+
+def evaluate_policy(cfg, workdir, policy_dir, methods, out_dir, *, mesh=None) -> dict:
+    """`methods` on the config's eval split with the policy at `policy_dir`; the critics and the search
+    backend are loaded when a method needs them. Returns {spec: {"accuracy", "n", ...}}."""
+    from alphallm_jax import load_pretrained
+    from alphallm_jax.pipeline.evaluation import eval_context, evaluate_methods
+    from alphallm_jax.pipeline.search_methods import eval_components
+
+    model, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=mesh)
+    problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
+    ctx.components.update(eval_components(cfg, workdir, list(methods), model, tokenizer,
+                                          [ctx.prompt_for(p) for p in problems], mesh=mesh))
+    ctx.components.setdefault("sample_cache", {})
+    summary = evaluate_methods(problems, ctx, list(methods), out_dir, batch_size=cfg.eval.batch_size, tag="eval")
+    return {spec: _acc(summary, spec) for spec in methods}
+
+
+def _fmt(results: dict) -> str:
+    return ", ".join(f"{spec} {100 * r['accuracy']:.1f}%" for spec, r in results.items())
+
+
+def run_loop(cfg, workdir) -> dict:
+    """Every stage of the loop (module doc); returns the report (also written to DIR/report.json)."""
+    from alphallm_jax.config import mesh_from_config
+
+    start = time.time()
+    run = LoopRun(cfg=cfg, root=as_path(workdir), mesh=mesh_from_config(cfg))
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.root / "config.json", cfg.to_dict())
+    report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}
+
+    policy_dir = _base_policy(run)
+    report["critics"] = _critics(run, policy_dir)
+    report["base"] = run.stage("base_eval", lambda d: evaluate_policy(
+        cfg, run.root, policy_dir, cfg.loop.base_methods, d, mesh=run.mesh), _fmt)
+
+    report["iterations"] = []
+    for it in range(1, cfg.loop.iterations + 1):
+        record, policy_dir = _iteration(run, it, policy_dir)
+        report["iterations"].append(record)
+
+    report["ablations"] = _ablations(run) if cfg.loop.ablation_orderings else {}
+    stage_seconds = _stage_seconds(run.root)
+    report["stage_seconds"] = stage_seconds
+    report["wall_seconds"] = round(sum(stage_seconds.values()), 1)
+    report["this_invocation_seconds"] = round(time.time() - start, 1)
+    write_report(report, run.root)
+    return report
+
+
+def _base_policy(run: LoopRun) -> str:
+    """The demo trains its tiny policy; a real run starts from `model.checkpoint`."""
+    cfg = run.cfg
+    if cfg.model.checkpoint:
+        return str(cfg.model.checkpoint)
+
+    def train(_stage_dir):
+        from alphallm_jax.pipeline.base_policy import train_base_policy
+
+        return train_base_policy(cfg, run.root, mesh=run.mesh)
+
+    def line(r):
+        if r.get("skipped"):
+            return f"policy {r['policy']} (trained before)"
+        return (f"policy {r['policy']}: {r['param_count']:,} parameters, {r['steps']} steps, "
+                f"best dev loss {r['best_dev_loss']:.4f}")
+
+    record = run.stage("base", train, line)
+    return record["policy"]
+
+
+def _critics(run: LoopRun, policy_dir: str) -> dict:
+    """Value, PRM and ORM trained on the base policy's rollouts on labelled D0; calibration per head."""
+    cfg = derived_config(run.cfg, **{"critics.policy": policy_dir, "critics.eval_methods": ()})
+
+    def train(_stage_dir):
+        from alphallm_jax.critics.pipeline import run_train_critics
+
+        out = run_train_critics(cfg, run.root)
+        cal = out["calibration"]
+        return {name: {k: cal[name][k] for k in ("auroc", "ece", "precision", "recall") if k in cal[name]}
+                for name in cal if isinstance(cal[name], dict) and "auroc" in cal[name]}
+
+    return run.stage("critics_stage", train, lambda r: ", ".join(
+        f"{k} AUROC {v['auroc']:.3f} ECE {v['ece']:.3f}" for k, v in r.items() if isinstance(v, dict)))
+
+
+def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
+    cfg = run.cfg
+    name = f"iter_{it}"
+    it_root = run.root / name
+    seed = cfg.seed + 1000 * it  # new prompts and new trees every iteration
+
+    def synthesize(stage_dir):
+        from alphallm_jax.synthesis import d0_problems, previous_prompts, synthesize_from_config
+
+        # Earlier iterations' prompts count as near-duplicates: every iteration searches new questions.
+        earlier = previous_prompts([run.root / f"iter_{k}" / "synthesis" for k in range(1, it)])
+        return synthesize_from_config(cfg, policy_dir, d0_problems(cfg), stage_dir, seed=seed, mesh=run.mesh,
+                                      previous=earlier, id_prefix=f"syn{it}")
+
+    syn = run.stage(f"{name}/synthesis", synthesize, lambda r: f"{r['kept']} prompts kept of {r['sampled']}")
+    prompts_file = str(it_root / "synthesis" / syn["prompts_file"])
+
+    def search(stage_dir):
+        from alphallm_jax import load_pretrained
+        from alphallm_jax.pipeline.evaluation import prompt_builder
+        from alphallm_jax.pipeline.search_run import (
+            SearchSettings,
+            make_backend,
+            read_prompts_file,
+            search_to_dir,
+            summarize_trees,
+        )
+
+        model, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=run.mesh)
+        problems = read_prompts_file(prompts_file, cfg.task, prompt_builder(cfg, tokenizer), seed)
+        settings = SearchSettings.from_config(cfg)
+        backend = make_backend(cfg, run.root, model, tokenizer, [p.prompt for p in problems], mesh=run.mesh,
+                               settings=settings)
+        trees, _ = search_to_dir(problems, backend, settings, stage_dir / "trees", method="mcts",
+                                 problems_per_call=cfg.search.problems_per_call, desc=f"{name} search")
+        summary = summarize_trees(trees)
+        return {k: summary[k] for k in ("num_problems", "mean_nodes", "mean_generated_tokens",
+                                        "mean_simulations", "mean_terminals")}
+
+    srch = run.stage(f"{name}/search", search, lambda r: f"{r['num_problems']} trees, "
+                                                          f"{r['mean_nodes']:.1f} nodes/question")
+    trees_dir = str(it_root / "search" / "trees")
+
+    def train_policy(method: str, init_policy: str, **overrides):
+        def fn(stage_dir):
+            from alphallm_jax.train.policy_training import run_policy_training
+
+            from alphallm_jax.train.cpl import select_pairs
+            from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees
+
+            c = derived_config(cfg, **{"model.checkpoint": init_policy, "policy_train.trees_dir": trees_dir,
+                                       **overrides})
+            trees = read_trees(trees_dir)
+            traces, pairs = extract_all(trees, ExtractionConfig.from_config(c.policy_train))
+            usable = traces if method == "sft" else select_pairs(pairs, c.policy_train.ordering)
+            if not usable:
+                # Nothing passed the critic's bar (a weak policy, a tiny budget): the policy stays as it was,
+                # and the record says so rather than failing the loop.
+                return {"policy": init_policy, "num_trees": len(trees), "sft_traces": len(traces),
+                        "pairs": pair_counts(pairs), "train_pairs": 0, "steps": 0, "epoch_policies": [],
+                        "untrained": f"no {'SFT traces' if method == 'sft' else 'pairs'} passed the thresholds"}
+            rec = run_policy_training(c, stage_dir, method, mesh=run.mesh)
+            keep = ("policy", "num_trees", "sft_traces", "pairs", "steps", "epoch_policies", "ordering",
+                    "train_pairs")
+            return {k: rec[k] for k in keep if k in rec}
+        return fn
+
+    sft = run.stage(f"{name}/sft", train_policy("sft", policy_dir),
+                    lambda r: f"{r['sft_traces']} traces of {r['num_trees']} trees, {r['steps']} steps")
+    cpl = run.stage(f"{name}/cpl", train_policy("dpo", sft["policy"], **{"policy_train.ordering": "cpl"}),
+                    lambda r: f"{r.get('train_pairs', 0)} pairs, {r['steps']} steps")
+
+    def evaluate(stage_dir):
+        out = {"sft": evaluate_policy(cfg, run.root, sft["policy"], cfg.loop.sft_methods, stage_dir / "sft",
+                                      mesh=run.mesh),
+               "cpl": evaluate_policy(cfg, run.root, cpl["policy"], cfg.loop.cpl_methods, stage_dir / "cpl",
+                                      mesh=run.mesh)}
+        epochs = cpl.get("epoch_policies") or []
+        out["cpl_epochs"] = [evaluate_policy(cfg, run.root, p, ("greedy",), stage_dir / f"cpl_epoch_{i + 1}",
+                                             mesh=run.mesh)["greedy"] for i, p in enumerate(epochs)]
+        return out
+
+    ev = run.stage(f"{name}/eval", evaluate, lambda r: f"SFT {_fmt(r['sft'])}; CPL {_fmt(r['cpl'])}")
+    record = {
+        "iteration": it,
+        "synthesized_prompts": syn["kept"],
+        "synthesis": syn,
+        "search": srch,
+        "sft": ev["sft"],
+        "cpl": ev["cpl"],
+        "cpl_epochs": ev["cpl_epochs"],
+        "sft_traces": sft["sft_traces"],
+        "pairs": cpl.get("pairs"),
+        "policy": cpl["policy"] if cfg.loop.next_policy == "cpl" else sft["policy"],
+    }
+    mcts = find_method(ev["cpl"], "mcts")
+    if mcts is not None:
+        record["mcts"] = mcts
+    return record, record["policy"]
+
+
+def _ablations(run: LoopRun) -> dict:
+    """Iteration 1's preference stage again with other pair orderings and seeds, from the same SFT
+    policy and trees: greedy accuracy after every epoch (mean and spread over seeds)."""
+    import statistics
+
+    cfg = run.cfg
+    it_root = run.root / "iter_1"
+    sft_policy = read_json(it_root / "sft" / STAGE_RECORD)["record"]["policy"]
+    trees_dir = str(it_root / "search" / "trees")
+    table: dict[str, Any] = {}
+    for ordering in cfg.loop.ablation_orderings:
+        per_seed = []
+        for s in range(cfg.loop.ablation_seeds):
+            seed = cfg.seed + s
+
+            def fn(stage_dir, ordering=ordering, seed=seed):
+                from alphallm_jax.train.policy_training import run_policy_training
+
+                c = derived_config(cfg, **{"model.checkpoint": sft_policy, "policy_train.trees_dir": trees_dir,
+                                           "policy_train.ordering": ordering, "policy_train.dpo.seed": seed})
+                rec = run_policy_training(c, stage_dir / "train", "dpo", mesh=run.mesh)
+                epochs = [evaluate_policy(cfg, run.root, p, ("greedy",), stage_dir / f"epoch_{i + 1}",
+                                          mesh=run.mesh)["greedy"]["accuracy"]
+                          for i, p in enumerate(rec.get("epoch_policies") or [rec["policy"]])]
+                return {"ordering": ordering, "seed": seed, "epoch_accuracy": epochs,
+                        "train_pairs": rec.get("train_pairs")}
+
+            per_seed.append(run.stage(f"ablations/{ordering}_seed{seed}", fn,
+                                      lambda r: f"{r['ordering']}: greedy per epoch "
+                                                + ", ".join(f"{100 * a:.1f}%" for a in r["epoch_accuracy"])))
+        num_epochs = min(len(r["epoch_accuracy"]) for r in per_seed)
+        table[ordering] = {
+            "seeds": [r["seed"] for r in per_seed],
+            "train_pairs": per_seed[0]["train_pairs"],
+            "epochs": [{"epoch": e + 1,
+                        "mean": statistics.fmean(r["epoch_accuracy"][e] for r in per_seed),
+                        "spread": (max(r["epoch_accuracy"][e] for r in per_seed)
+                                   - min(r["epoch_accuracy"][e] for r in per_seed))}
+                       for e in range(num_epochs)],
+        }
+    return table
+
+
+def _stage_seconds(root) -> dict[str, float]:
+    """Wall seconds of every finished stage (of the attempt that finished it)."""
+    out = {}
+    for rec in sorted(root.glob("**/" + STAGE_RECORD)):
+        out[str(rec.parent.relative_to(root))] = float(read_json(rec).get("wall_seconds", 0.0))
+    return out

@@ -1,0 +1,105 @@
+"""The loop's report: `report.json`, `report.md` and two PNG plots, written atomically.
+
+`accuracy_per_iteration.png`: greedy accuracy (and MCTS) of the base policy and after each
+iteration's SFT and CPL rounds. `accuracy_vs_tokens.png`: every evaluated method of the base policy
+and of the last iteration, accuracy against generated tokens per question.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alphallm_jax.pipeline import reporting
+from alphallm_jax.utils.io import atomic_write_json, atomic_write_text
+
+
+def _pct(r: dict | None) -> str:
+    if not r or r.get("accuracy") is None:
+        return "-"
+    lo, hi = r.get("ci95", (None, None))
+    ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else ""
+    return f"{100 * r['accuracy']:.1f}%{ci}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["# alphallm loop report", ""]
+    cfg = report.get("config", {})
+    lines += [f"task `{cfg.get('task')}`, {cfg.get('iterations')} iteration(s), seed {cfg.get('seed')}, "
+              f"{report.get('wall_seconds', 0):.0f} s of stage time", ""]
+    lines += ["## Base policy", "", "| method | accuracy [95% CI] | tokens/question |", "|---|---|---|"]
+    for spec, r in report.get("base", {}).items():
+        if isinstance(r, dict) and "accuracy" in r:
+            lines.append(f"| {spec} | {_pct(r)} | {r.get('mean_generated_tokens', 0):.0f} |")
+    lines += ["", "## Critics (dev split)", "", "| head | AUROC | ECE | precision | recall |", "|---|---|---|---|---|"]
+    for head, r in report.get("critics", {}).items():
+        if isinstance(r, dict) and "auroc" in r:
+            cells = [r.get(k) for k in ("auroc", "ece", "precision", "recall")]
+            lines.append(f"| {head} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines += ["", "## Iterations", "",
+              "| iteration | synthesized prompts | SFT traces | SFT greedy | CPL greedy | CPL mcts |", "|---|---|---|---|---|---|"]
+    for it in report.get("iterations", []):
+        lines.append(f"| {it['iteration']} | {it['synthesized_prompts']} | {it.get('sft_traces', '-')} | "
+                     f"{_pct(it['sft'].get('greedy'))} | {_pct(it['cpl'].get('greedy'))} | {_pct(find_method(it['cpl'], 'mcts'))} |")
+    if report.get("ablations"):
+        lines += ["", "## Pair orderings (iteration 1, from the same SFT policy and trees)", "",
+                  "| ordering | pairs | epoch | greedy mean | spread (max-min over seeds) |", "|---|---|---|---|---|"]
+        for ordering, r in report["ablations"].items():
+            for e in r["epochs"]:
+                lines.append(f"| {ordering} | {r['train_pairs']} | {e['epoch']} | {100 * e['mean']:.1f}% | "
+                             f"{100 * e['spread']:.1f} |")
+    lines += ["", "![accuracy per iteration](accuracy_per_iteration.png)",
+              "![accuracy vs tokens](accuracy_vs_tokens.png)", ""]
+    return "\n".join(lines)
+
+
+def find_method(methods: dict, name: str) -> dict | None:
+    """`methods[name]`, or the first `name@k` entry (e.g. `mcts@40` for `mcts`)."""
+    if name in methods:
+        return methods[name]
+    return next((v for k, v in methods.items() if k.partition("@")[0] == name), None)
+
+
+def _plot_iterations(report: dict[str, Any], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    iters = report.get("iterations", [])
+    base = report.get("base", {})
+    for label, stage, name in (("SFT greedy", "sft", "greedy"), ("CPL greedy", "cpl", "greedy"),
+                               ("CPL mcts", "cpl", "mcts")):
+        points = [(0, find_method(base, name))] + [(it["iteration"], find_method(it[stage], name)) for it in iters]
+        points = [(x, 100 * r["accuracy"]) for x, r in points if r and r.get("accuracy") is not None]
+        if len(points) > 1:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("iteration (0: base policy)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy per iteration")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp.png")
+    fig.savefig(str(tmp), dpi=120)
+    plt.close(fig)
+    tmp.rename(path)
+
+
+def write_report(report: dict[str, Any], root) -> None:
+    atomic_write_json(root / "report.json", report)
+    _plot_iterations(report, root / "accuracy_per_iteration.png")
+    families: dict[str, list[tuple[float, float]]] = {}
+    sources = [("base", report.get("base", {}))]
+    if report.get("iterations"):
+        last = report["iterations"][-1]
+        sources.append((f"iter{last['iteration']} cpl", last["cpl"]))
+    for tag, methods in sources:
+        for spec, r in methods.items():
+            if isinstance(r, dict) and "accuracy" in r:
+                families.setdefault(f"{tag} {spec.split('@')[0]}", []).append(
+                    (max(r.get("mean_generated_tokens", 1.0), 1.0), r["accuracy"]))
+    reporting.plot_accuracy_vs_compute(families, root / "accuracy_vs_tokens.png",
+                                       title="accuracy vs generated tokens per question")
+    atomic_write_text(root / "report.md", markdown(report))

@@ -1,0 +1,385 @@
+"""`alphallm plan`: every model of a config sized on its mesh, abstractly (no parameter is allocated).
+
+Per model (policy, critic, fast-rollout policy) the parameter count and per-device bytes of:
+
+* params: each parameter's shard on the configured mesh, from its logical axis names and
+  `ShardingRules` (the same rules the real run places parameters with), on a `jax.sharding.AbstractMesh`,
+  so a 64-chip mesh is planned on a laptop;
+* optimizer: AdamW's two moments in the master dtype, plus a master copy when the parameters are stored
+  in another dtype (the trainer's `master_dtype`, float32 by default); 0 for a model that is not trained;
+* gradients: one gradient tree in the master dtype during a train step;
+* kv_pool: the search sampler's cached states plus one batch's working cache, `rows x max_len x layers x
+  kv_heads x head_dim x 2 (K and V)` in the compute dtype, rows split over (data, fsdp) and kv heads over
+  tensor like the real cache;
+* activations: an estimate of what a train step keeps for the backward pass (the decoder has no
+  rematerialisation, so every layer keeps its intermediates), per device; see `train_activation_bytes`.
+  The estimate for full per-layer rematerialisation is reported next to it. Models that are not trained
+  get the transient working set of one prefill layer instead (reported for every model as
+  `activations_detail.inference_bytes`).
+
+A model `fits` when its peak is at most 90% of the device memory (`mesh.hbm_gib`, else this machine's
+device memory): XLA's scratch space, fragmentation and the runtime take the rest. The peak is the larger
+of its two resident sets, which never overlap: serving the search (params, KV pool, one prefill layer)
+and training (params, optimizer, gradients, activations). The `stages` section adds up what is resident
+at once in each stage of the loop (the search holds every model's parameters and caches together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from alphallm_jax.models.config import ModelConfig
+from alphallm_jax.models.sharding import MESH_AXES, ShardingRules, logical_names, logical_to_spec
+
+GIB = 1024 ** 3
+FIT_FRACTION = 0.9
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainShape:
+    """One training stage of a model: its micro-batch per device and sequence length."""
+
+    stage: str
+    sequences_per_device: int
+    seq_len: int
+    master_dtype: str | None
+    compute_dtype: str
+    logits_chunk: int = 0  # >0: the vocabulary projection runs in chunks of this many positions
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_cfg: ModelConfig
+    source: str  # where the shape came from: a preset name, a checkpoint path or config sizes
+    critic_head_hidden: int | None = None  # a critic (decoder backbone plus three heads)
+    train: tuple[TrainShape, ...] = ()
+    kv_rows: tuple[int, ...] = ()  # the sampler's caches: the pool's slots, one batch's working rows
+    kv_len: int = 0
+    infer_rows: int = 0  # rows of one prefill batch per device
+    infer_len: int = 0
+
+
+# ------------------------------------------------------------------------------------ the mesh
+
+
+def abstract_mesh(cfg):
+    """The configured ("data", "fsdp", "tensor") mesh as an AbstractMesh (no devices needed); one axis
+    may be -1, taking what this machine's devices leave."""
+    import jax
+    from jax.sharding import AbstractMesh, AxisType
+
+    sizes = [int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive (one may be -1), got {sizes}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        sizes[sizes.index(-1)] = max(1, jax.device_count() // known)
+    return AbstractMesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def device_memory_bytes(cfg) -> tuple[int | None, str]:
+    """(bytes per device, where the figure came from): `mesh.hbm_gib`, else this machine's first device
+    (its allocator limit; for CPU devices, host memory shared by the local devices)."""
+    import jax
+
+    if cfg.mesh.hbm_gib:
+        return int(cfg.mesh.hbm_gib * GIB), "mesh.hbm_gib"
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory_stats"
+    if device.platform == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total // jax.local_device_count(), "host memory / local CPU devices"
+    return None, "unknown"
+
+
+# ------------------------------------------------------------------------------ model shapes
+
+
+def _model_config_at(path: str) -> ModelConfig | None:
+    """The shape saved in a checkpoint directory (orbax model_config.json or HF config.json), if any."""
+    import json
+    from pathlib import Path
+
+    from alphallm_jax.models.hf_io import read_hf_config
+    from alphallm_jax.utils.checkpoint import MODEL_CONFIG_FILE
+
+    p = Path(path) if path else None
+    if p is None or not p.is_dir():
+        return None
+    if (p / MODEL_CONFIG_FILE).is_file():
+        return ModelConfig.from_dict(json.loads((p / MODEL_CONFIG_FILE).read_text()))
+    if (p / "config.json").is_file():
+        return ModelConfig.from_hf_config(read_hf_config(p))
+    return None
+
+
+def _from_sizes(section, vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=section.hidden_size, intermediate_size=section.intermediate_size,
+        num_layers=section.num_layers, num_heads=section.num_heads, num_kv_heads=section.num_kv_heads,
+        head_dim=section.head_dim, rope_theta=section.rope_theta, max_position_embeddings=section.max_position_embeddings,
+        tie_word_embeddings=section.tie_word_embeddings)
+
+
+def _shape(preset: str, checkpoint: str, sizes, vocab_size: int) -> tuple[ModelConfig, str]:
+    """A model's shape: its named preset, else its checkpoint's saved config, else the config's sizes."""
+    from alphallm_jax.models import presets
+
+    if preset:
+        return presets.get(preset), f"preset {preset}"
+    saved = _model_config_at(checkpoint)
+    if saved is not None:
+        return saved, f"checkpoint {checkpoint}"
+    if sizes is None:
+        raise ValueError(f"no shape for a model: no preset, and {checkpoint!r} holds no readable checkpoint config")
+    return _from_sizes(sizes, vocab_size), "config sizes"
+
+
+def _train_shape(stage: str, section, dp: int, model_dtype: str, *, pairs: bool = False,
+                 logits_chunk: int = 0) -> TrainShape:
+    from alphallm_jax.train.trainer import TrainConfig
+
+    tc = TrainConfig.from_config(section)
+    micro = tc.batch_size // tc.grad_accum_steps * (2 if pairs else 1)  # DPO: chosen and rejected rows
+    return TrainShape(stage, max(1, math.ceil(micro / dp)), int(tc.max_seq_len or 1024), tc.master_dtype,
+                      tc.compute_dtype or model_dtype, logits_chunk)
+
+
+def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
+    """The policy, the critic and (when enabled) the fast-rollout policy of `cfg`, with their workloads."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    policy_cfg, policy_src = _shape(cfg.model.preset, cfg.model.checkpoint or cfg.critics.policy, cfg.base.model,
+                                    cfg.base.tokenizer_vocab_size)
+    policy_cfg = policy_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    search_len = min(cfg.search.max_len or cfg.sampling.max_len, policy_cfg.max_position_embeddings)
+    batch = cfg.search.max_batch or cfg.sampling.max_batch
+    rows = max(1, math.ceil(batch / dp))
+    pt = cfg.policy_train
+    policy_train = [_train_shape("sft", pt.sft, dp, policy_cfg.dtype, logits_chunk=pt.logits_chunk_size),
+                    _train_shape("dpo", pt.dpo, dp, policy_cfg.dtype, pairs=True, logits_chunk=pt.logits_chunk_size)]
+    if not cfg.model.preset and not cfg.model.checkpoint:  # the demo trains its base policy from scratch
+        policy_train.insert(0, _train_shape("base", cfg.base.train, dp, policy_cfg.dtype))
+    models = {"policy": ModelSpec("policy", policy_cfg, policy_src, train=tuple(policy_train),
+                                  kv_rows=(cfg.search.pool_slots, batch), kv_len=search_len,
+                                  infer_rows=rows, infer_len=search_len)}
+
+    m = cfg.critics.model
+    if m.init == "policy":
+        critic_cfg, critic_src = policy_cfg, f"policy ({policy_src})"
+    elif m.init == "checkpoint":
+        critic_cfg, critic_src = _shape(m.preset, m.checkpoint, None, policy_cfg.vocab_size)
+    else:
+        critic_cfg, critic_src = _from_sizes(m, policy_cfg.vocab_size), "config sizes (scratch)"
+    critic_cfg = critic_cfg.replace(dtype=m.dtype, param_dtype=m.dtype if m.init != "policy" else policy_cfg.param_dtype)
+    score_rows = max(1, math.ceil(cfg.critics.scoring.max_batch / dp))
+    models["critic"] = ModelSpec("critic", critic_cfg, critic_src, critic_head_hidden=m.head_hidden,
+                                 train=(_train_shape("critic", cfg.critics.train, dp, critic_cfg.dtype),),
+                                 infer_rows=score_rows, infer_len=min(search_len, critic_cfg.max_position_embeddings))
+
+    if cfg.rollout_policy.enabled:
+        r = cfg.rollout_policy
+        fast_cfg, fast_src = _shape(r.model.preset, r.checkpoint, r.model, policy_cfg.vocab_size)
+        fast_cfg = fast_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+        trained = not r.model.preset and not r.checkpoint  # the demo trains it; presets load one
+        fast_len = min(search_len, fast_cfg.max_position_embeddings)
+        models["rollout_policy"] = ModelSpec(
+            "rollout_policy", fast_cfg, fast_src,
+            train=(_train_shape("rollout", r.train, dp, fast_cfg.dtype),) if trained else (),
+            kv_rows=(2, batch), kv_len=fast_len, infer_rows=rows, infer_len=fast_len)
+    return models
+
+
+# ------------------------------------------------------------------------------ byte counts
+
+
+def abstract_state(spec: ModelSpec):
+    """The model's parameters as an NNX state of ShapeDtypeStructs (`nnx.eval_shape`: nothing allocated)."""
+    return _abstract_state(spec.model_cfg, spec.critic_head_hidden)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_state(model_cfg: ModelConfig, critic_head_hidden: int | None):
+    # Tracing a 70B model's init takes seconds; plans of several mesh variants share it.
+    from flax import nnx
+
+    from alphallm_jax.models.creation import abstract_model
+
+    if critic_head_hidden is None:
+        return nnx.state(abstract_model(model_cfg), nnx.Param)
+    from alphallm_jax.models.critic import CriticHeadConfig, new_critic
+
+    heads = CriticHeadConfig(hidden=critic_head_hidden)
+    return nnx.state(nnx.eval_shape(lambda: new_critic(model_cfg, heads)), nnx.Param)
+
+
+def parameter_bytes(state, mesh, rules: ShardingRules = ShardingRules()) -> tuple[int, int, int]:
+    """(parameter count, per-device parameter bytes, per-device parameter count) on `mesh`."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    count = per_device_bytes = per_device_count = 0
+    for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        shape = tuple(var.shape)
+        spec = logical_to_spec(logical_names(var), rules, shape=shape, mesh=mesh)
+        shard = math.prod(NamedSharding(mesh, spec).shard_shape(shape))
+        count += math.prod(shape)
+        per_device_count += shard
+        per_device_bytes += shard * np.dtype(var.get_value().dtype).itemsize
+    return count, per_device_bytes, per_device_count
+
+
+def kv_pool_bytes(spec: ModelSpec, mesh, rules: ShardingRules = ShardingRules()) -> int:
+    """Per-device bytes of the sampler's caches of `kv_len` tokens (K and V, every layer): each cache's
+    rows are split over (data, fsdp) and its kv heads over tensor when they divide, like `KVCache`."""
+    from jax.sharding import NamedSharding
+
+    from alphallm_jax.models.kv_cache import KV_NAMES
+
+    c = spec.model_cfg
+    total = 0
+    for rows in spec.kv_rows:
+        shape = (rows, spec.kv_len, c.num_kv_heads, c.head_dim)
+        shard = NamedSharding(mesh, logical_to_spec(KV_NAMES, rules, shape=shape, mesh=mesh)).shard_shape(shape)
+        total += math.prod(shard) * 2 * c.num_layers * _BYTES[c.dtype]
+    return total
+
+
+def _split(n: int, parts: int) -> int:
+    """A dimension's per-device size when sharded over `parts` devices (replicated when not divisible,
+    as `logical_to_spec` does)."""
+    return n // parts if n % parts == 0 else n
+
+
+def _layer_bytes_per_token(c: ModelConfig, seq: int, tensor: int, p: int) -> int:
+    """What one layer keeps per token for the backward pass, per device (heads and MLP split over tensor):
+    the norm inputs and outputs, q/k/v and the float32 RoPE'd q/k, float32 scores and probabilities
+    over `seq` keys (the attention is not fused), the attention output, and the MLP's gate, up, activation
+    and product."""
+    d, hd = c.hidden_size, c.head_dim
+    h, k, i = _split(c.num_heads, tensor), _split(c.num_kv_heads, tensor), _split(c.intermediate_size, tensor)
+    return p * (4 * d + (2 * h + 2 * k) * hd + 4 * i) + 4 * (h + k) * hd + h * seq * (4 + p)
+
+
+def train_activation_bytes(c: ModelConfig, shape: TrainShape, tensor: int, *, lm_head: bool,
+                           remat: str = "none") -> int:
+    """Per-device activations of one train step (micro-batch `sequences_per_device` x `seq_len`).
+
+    remat "none" (the trainer today): every layer's intermediates are kept. "full" (per-layer
+    checkpointing): each layer keeps only its input, and one layer's intermediates are rebuilt at a time.
+    Plus the float32 logits and their gradient (chunked when `logits_chunk` > 0) for a language-model
+    loss, and the embedding output.
+    """
+    p = _BYTES[shape.compute_dtype]
+    tokens = shape.sequences_per_device * shape.seq_len
+    per_layer = tokens * _layer_bytes_per_token(c, shape.seq_len, tensor, p)
+    layers = c.num_layers * per_layer if remat == "none" else c.num_layers * tokens * c.hidden_size * p + per_layer
+    logits = 0
+    if lm_head:
+        positions = shape.sequences_per_device * (min(shape.logits_chunk, shape.seq_len) if shape.logits_chunk
+                                                  else shape.seq_len)
+        logits = positions * _split(c.vocab_size, tensor) * 8
+    return layers + logits + tokens * c.hidden_size * p
+
+
+def inference_activation_bytes(c: ModelConfig, rows: int, seq: int, tensor: int) -> int:
+    """The transient working set of one layer of a `rows x seq` prefill (nothing is kept between layers)."""
+    p = _BYTES[c.dtype]
+    return rows * seq * _layer_bytes_per_token(c, seq, tensor, p) + rows * _split(c.vocab_size, tensor) * 4
+
+
+# --------------------------------------------------------------------------------- the plan
+
+
+def plan_model(spec: ModelSpec, mesh, hbm: int | None, rules: ShardingRules = ShardingRules()) -> dict[str, Any]:
+    tensor = mesh.shape["tensor"]
+    count, param_bytes, shard_count = parameter_bytes(abstract_state(spec), mesh, rules)
+    c = spec.model_cfg
+    optimizer = gradients = 0
+    activations = inference_activation_bytes(c, spec.infer_rows, spec.infer_len, tensor) if spec.infer_rows else 0
+    detail: dict[str, Any] = {"stage": "inference", "rows_per_device": spec.infer_rows, "seq_len": spec.infer_len}
+    if spec.train:
+        activations = 0
+    lm_head = spec.critic_head_hidden is None
+    for t in spec.train:
+        master = _BYTES[t.master_dtype] if t.master_dtype else _BYTES[c.param_dtype]
+        copy = master if (t.master_dtype and t.master_dtype != c.param_dtype) else 0
+        optimizer = max(optimizer, shard_count * (2 * master + copy))
+        gradients = max(gradients, shard_count * master)
+        act = train_activation_bytes(c, t, tensor, lm_head=lm_head)
+        if act > activations:
+            activations = act
+            detail = {"stage": t.stage, "sequences_per_device": t.sequences_per_device, "seq_len": t.seq_len,
+                      "remat": "none",
+                      "full_remat_bytes": train_activation_bytes(c, t, tensor, lm_head=lm_head, remat="full")}
+    per_device = {"params": param_bytes, "optimizer": optimizer, "gradients": gradients,
+                  "kv_pool": kv_pool_bytes(spec, mesh, rules), "activations": activations}
+    inference = inference_activation_bytes(c, spec.infer_rows, spec.infer_len, tensor) if spec.infer_rows else 0
+    # The model's two resident sets never overlap: serving the search (cache, one prefill) and training.
+    serving = param_bytes + per_device["kv_pool"] + inference
+    training = param_bytes + optimizer + gradients + activations if spec.train else 0
+    peak = max(serving, training)
+    return {"param_count": count, "devices": int(mesh.size), "source": spec.source, "dtype": c.dtype,
+            "param_dtype": c.param_dtype, "trained": bool(spec.train), "per_device_bytes": per_device,
+            "peak_per_device_bytes": peak, "fits": None if hbm is None else peak <= FIT_FRACTION * hbm,
+            "activations_detail": {**detail, "inference_bytes": inference}}
+
+
+def _stages(models: dict[str, dict[str, Any]], hbm: int | None) -> dict:
+    """What is resident at once: the search (every model's parameters, the samplers' caches, one prefill
+    each) and each model's training."""
+    search = 0
+    for m in models.values():
+        b = m["per_device_bytes"]
+        search += b["params"] + b["kv_pool"] + m["activations_detail"]["inference_bytes"]
+    stages = {"search": search}
+    for name, m in models.items():
+        if m["trained"]:
+            b = m["per_device_bytes"]
+            stages[f"{name}_training"] = b["params"] + b["optimizer"] + b["gradients"] + b["activations"]
+    return {k: {"per_device_bytes": v, "fits": None if hbm is None else v <= FIT_FRACTION * hbm}
+            for k, v in stages.items()}
+
+
+def make_plan(cfg) -> dict[str, Any]:
+    """The JSON-ready plan of `cfg` (see the module docstring)."""
+    mesh = abstract_mesh(cfg)
+    hbm, hbm_source = device_memory_bytes(cfg)
+    specs = resolve_models(cfg, mesh)
+    models = {name: plan_model(spec, mesh, hbm) for name, spec in specs.items()}
+    return {"mesh": {**{a: int(mesh.shape[a]) for a in MESH_AXES}, "devices": int(mesh.size),
+                     "device": cfg.mesh.device or None, "device_memory_bytes": hbm,
+                     "device_memory_source": hbm_source, "fit_fraction": FIT_FRACTION},
+            "models": models, "stages": _stages(models, hbm)}
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """A console table: one row per model, sizes in GiB per device."""
+    mesh = plan["mesh"]
+    hbm = mesh["device_memory_bytes"]
+    lines = [f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} ({mesh['devices']} devices"
+             + (f", {mesh['device']}" if mesh["device"] else "")
+             + (f", {hbm / GIB:.1f} GiB each" if hbm else "") + ")"]
+    keys = ("params", "optimizer", "gradients", "kv_pool", "activations")
+    lines.append(f"{'model':<15} {'parameters':>14} " + " ".join(f"{k:>11}" for k in keys) + f" {'peak':>9}  fits")
+    for name, m in plan["models"].items():
+        b = m["per_device_bytes"]
+        lines.append(f"{name:<15} {m['param_count']:>14,} " + " ".join(f"{b[k] / GIB:>11.2f}" for k in keys)
+                     + f" {m['peak_per_device_bytes'] / GIB:>9.2f}  {_yes_no(m['fits'])}")
+    lines.append("stages: " + ", ".join(f"{k} {v['per_device_bytes'] / GIB:.2f} GiB ({_yes_no(v['fits'])})"
+                                        for k, v in plan["stages"].items()))
+    return "\n".join(lines)
+
+
+def _yes_no(fits: bool | None) -> str:
+    return "?" if fits is None else ("yes" if fits else "NO")

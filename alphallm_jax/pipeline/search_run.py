@@ -1,0 +1,260 @@
+"""Searching problems with the policy and the critics: settings, the LM backend, and `alphallm search`.
+
+`alphallm search --config CONFIG --workdir DIR` searches a split (`search.split`, default `eval.split`) or a
+JSONL file of prompts (`search.prompts_file`) with eta-MCTS (or the beam baseline, `search.method=beam`)
+and writes, under DIR/search:
+  trees/<problem id>.jsonl   one tree per problem, written atomically as soon as it is finished
+                             (a rerun skips problems whose tree file is complete);
+  summary.json               accuracy (when the problems have reference answers), nodes, generated tokens
+                             and simulations per question, backend and sampler counters, wall time;
+  config.json                the config of the latest run.
+The self-improvement loop calls `make_backend` + `search_to_dir` on its synthesized prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from alphallm_jax.data.grading import is_correct
+from alphallm_jax.data.problems import Problem
+from alphallm_jax.search.baselines import BeamSearchConfig, beam_search
+from alphallm_jax.search.lm_backend import LMSearchBackend
+from alphallm_jax.search.mcts import run_mcts
+from alphallm_jax.search.mcts_config import MCTSConfig
+from alphallm_jax.search.options import OptionConfig
+from alphallm_jax.search.tree import SearchProblem, Tree, problem_seed, write_tree
+from alphallm_jax.utils.io import DataFormatError, as_path, atomic_write_json, iter_jsonl
+
+log = logging.getLogger(__name__)
+METHODS = ("mcts", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """The `search` config section as typed configs."""
+
+    mcts: MCTSConfig = MCTSConfig()
+    beam: BeamSearchConfig = BeamSearchConfig()
+    options: OptionConfig = OptionConfig()
+
+    @classmethod
+    def from_config(cls, cfg) -> SearchSettings:
+        s = cfg.search
+        return cls(mcts=mcts_config_from(s.mcts), beam=BeamSearchConfig.from_config(s.beam),
+                   options=OptionConfig.from_config(s.options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mcts": self.mcts.to_dict(), "beam": self.beam.to_dict(), "options": self.options.to_dict()}
+
+
+def mcts_config_from(section) -> MCTSConfig:
+    """MCTSConfig from `search.mcts`: the named preset, overridden by every field that is not None."""
+    d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    return MCTSConfig.from_config({k: v for k, v in d.items() if v is not None and (k != "preset" or v)})
+
+
+# ------------------------------------------------------------------------------------ components
+
+
+def critic_dir(cfg, workdir):
+    """`search.critics`, else `critics.checkpoint`, else WORKDIR/critics/critic (`alphallm train-critics`)."""
+    return as_path(cfg.search.critics or cfg.critics.checkpoint or as_path(workdir) / "critics" / "critic")
+
+
+def load_critic_scorer(cfg, workdir, tokenizer, *, mesh=None):
+    """The trained critic as a `CriticScorer` configured by `critics.scoring` and `critics.tools`."""
+    from alphallm_jax.critics.pipeline import make_scorer
+    from alphallm_jax.models.critic import load_critic
+
+    return make_scorer(cfg, load_critic(critic_dir(cfg, workdir), mesh=mesh), tokenizer, mesh=mesh)
+
+
+def search_max_len(cfg, tokenizer, prompts: Sequence[str], options: OptionConfig, limit: int) -> int:
+    """`search.max_len`, else the longest prompt plus a whole solution; at most `limit` (the models' context)."""
+    if cfg.search.max_len:
+        return min(cfg.search.max_len, limit)
+    longest = max((len(tokenizer.encode(p, add_bos=True)) for p in prompts), default=1)
+    return min(longest + options.max_solution_tokens, limit)
+
+
+def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scorer=None, mesh=None,
+                 settings: SearchSettings | None = None) -> LMSearchBackend:
+    """The LM backend for `prompts`: a search sampler over `model` (its own KV pool of `search.pool_slots`),
+    the critic (loaded when `scorer` is None) and, with `rollout_policy.enabled`, the fast-rollout policy."""
+    from alphallm_jax.sampling import Sampler
+
+    settings = settings or SearchSettings.from_config(cfg)
+    scorer = scorer if scorer is not None else load_critic_scorer(cfg, workdir, tokenizer, mesh=mesh)
+    limit = min(model.cfg.max_position_embeddings, scorer.max_len)
+    max_len = search_max_len(cfg, tokenizer, prompts, settings.options, limit)
+    max_batch = cfg.search.max_batch or cfg.sampling.max_batch
+    sampler = Sampler(model, tokenizer, max_len=max_len, pool_slots=cfg.search.pool_slots, max_batch=max_batch,
+                      mesh=mesh)
+    rollout_sampler = None
+    if cfg.search.rollout_policy and cfg.rollout_policy.enabled:
+        from alphallm_jax.critics.fast_rollout import load_fast_rollout_policy
+
+        fast, fast_tokenizer = load_fast_rollout_policy(cfg, workdir, mesh=mesh)
+        rollout_sampler = Sampler(fast, fast_tokenizer, max_len=min(max_len, fast.cfg.max_position_embeddings),
+                                  pool_slots=2, max_batch=max_batch, mesh=mesh)
+    return LMSearchBackend(sampler, scorer, task=cfg.task, options=settings.options, rollout_sampler=rollout_sampler)
+
+
+# -------------------------------------------------------------------------------------- problems
+
+
+def search_problem(problem: Problem, prompt: str, seed: int) -> SearchProblem:
+    return SearchProblem(problem_id=problem.id, prompt=prompt, question=problem.question,
+                         reference=problem.answer or None, task=problem.task, seed=problem_seed(seed, problem.id))
+
+
+def read_prompts_file(path, task: str, prompt_for: Callable[[Problem], str], seed: int) -> list[SearchProblem]:
+    """Problems from JSONL rows `{"question": ...}` (formatted like every prompt) or `{"prompt": ...}`
+    (used verbatim), with an optional `id` (default: `prompt-<line>`) and reference `answer`."""
+    problems, seen = [], set()
+    for line, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("question", row.get("prompt")), str):
+            raise DataFormatError(str(path), line, 'a prompt row needs a "question" or a "prompt" string')
+        pid = str(row.get("id", f"prompt-{line:05d}"))
+        if pid in seen:
+            raise DataFormatError(str(path), line, f"duplicate id {pid!r}")
+        seen.add(pid)
+        answer = row.get("answer")
+        problem = Problem(id=pid, question=row.get("question", ""), answer="" if answer is None else str(answer),
+                          solution=None, task=task)
+        prompt = row["prompt"] if isinstance(row.get("prompt"), str) else prompt_for(problem)
+        problems.append(search_problem(problem, prompt, seed))
+    return problems
+
+
+def load_search_problems(cfg, prompt_for: Callable[[Problem], str]) -> list[SearchProblem]:
+    """`search.prompts_file` when set, else the split `search.split` (default `eval.split`)."""
+    from alphallm_jax.pipeline.evaluation import load_split
+
+    if cfg.search.prompts_file:
+        problems = read_prompts_file(cfg.search.prompts_file, cfg.task, prompt_for, cfg.seed)
+        return problems[:cfg.search.limit] if cfg.search.limit else problems
+    split = cfg.search.split or cfg.eval.split
+    return [search_problem(p, prompt_for(p), cfg.seed) for p in load_split(cfg, split, cfg.search.limit)]
+
+
+# ------------------------------------------------------------------------------------ searching
+
+
+def tree_filename(problem_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", problem_id) + ".jsonl"
+
+
+def _load_finished(path) -> Tree | None:
+    """The tree at `path` when it is a complete tree file (a reader never sees a half-written one)."""
+    if not path.exists():
+        return None
+    try:
+        return Tree.load(path)
+    except (DataFormatError, ValueError, KeyError) as e:
+        log.warning("re-searching %s: unreadable tree file (%s)", path, e)
+        return None
+
+
+def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSettings, trees_dir, *,
+                  method: str = "mcts", problems_per_call: int = 256,
+                  desc: str = "search") -> tuple[list[Tree], int]:
+    """Search every problem whose tree is not yet under `trees_dir`, writing each tree as it finishes.
+    Returns every problem's tree (loaded or searched) in problem order, and how many were searched now."""
+    if method not in METHODS:
+        raise ValueError(f"search method {method!r}; choose from {METHODS}")
+    trees_dir = as_path(trees_dir)
+    trees_dir.mkdir(parents=True, exist_ok=True)
+    paths = {p.problem_id: trees_dir / tree_filename(p.problem_id) for p in problems}
+    if len(set(paths.values())) != len(paths):
+        raise ValueError("two problem ids map to the same tree file name; make the ids distinct")
+    trees: dict[str, Tree] = {}
+    for p in problems:
+        tree = _load_finished(paths[p.problem_id])
+        if tree is not None:
+            trees[p.problem_id] = tree
+    todo = [p for p in problems if p.problem_id not in trees]
+    with tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem") as bar:
+        def done(tree: Tree) -> None:
+            write_tree(paths[tree.problem.problem_id], tree)
+            trees[tree.problem.problem_id] = tree
+            bar.update(1)
+
+        for start in range(0, len(todo), max(1, problems_per_call)):
+            chunk = todo[start:start + problems_per_call]
+            if method == "mcts":
+                run_mcts(chunk, backend, settings.mcts, on_tree_done=done)
+            else:
+                for tree in beam_search(chunk, backend, settings.beam):
+                    done(tree)
+    return [trees[p.problem_id] for p in problems], len(todo)
+
+
+def chosen_solution(tree: Tree) -> str:
+    """The solution text of the path the search chose ("" when it chose none)."""
+    return tree.solution_text(tree.chosen_path[-1]) if tree.chosen_path else ""
+
+
+def summarize_trees(trees: Sequence[Tree]) -> dict[str, Any]:
+    """Accuracy over the trees with a reference answer; nodes, tokens and simulations per question."""
+    n = len(trees)
+    graded = [t for t in trees if t.problem.reference]
+    correct = sum(is_correct(chosen_solution(t), t.problem.reference, t.problem.task) for t in graded)
+
+    def mean(xs: Sequence[float]) -> float:
+        return sum(xs) / n if n else 0.0
+
+    return {
+        "num_problems": n,
+        "graded": len(graded),
+        "correct": correct,
+        "accuracy": correct / len(graded) if graded else None,
+        "answered": sum(t.answer is not None for t in trees),
+        "mean_nodes": mean([len(t) - 1 for t in trees]),
+        "mean_generated_tokens": mean([t.generated_tokens for t in trees]),
+        "mean_simulations": mean([t.simulations for t in trees]),
+        "mean_terminals": mean([len(t.terminals()) for t in trees]),
+        "answer_methods": dict(Counter(t.answer_method for t in trees)),
+    }
+
+
+def run_search_from_config(cfg, workdir) -> dict[str, Any]:
+    """`alphallm search`: load the policy, critics (and fast-rollout policy), search, write trees and a summary."""
+    from alphallm_jax import load_pretrained
+    from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.pipeline.evaluation import prompt_builder
+
+    if not cfg.model.checkpoint:
+        raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR (the policy)")
+    method = cfg.search.method
+    if method not in METHODS:
+        raise ValueError(f"search.method={method!r}; choose from {METHODS}")
+    mesh = mesh_from_config(cfg)
+    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
+    problems = load_search_problems(cfg, prompt_builder(cfg, tokenizer))
+    if not problems:
+        raise ValueError("no problems to search (an empty split or prompts file)")
+    settings = SearchSettings.from_config(cfg)
+    backend = make_backend(cfg, workdir, model, tokenizer, [p.prompt for p in problems], mesh=mesh,
+                           settings=settings)
+    out = as_path(workdir) / "search"
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    start = time.time()
+    trees, searched = search_to_dir(problems, backend, settings, out / "trees", method=method,
+                          problems_per_call=cfg.search.problems_per_call, desc=f"search {method}")
+    wall = time.time() - start
+    summary = {
+        "method": method, **summarize_trees(trees), "searched_now": searched,
+        "wall_seconds": round(wall, 2), "backend_stats": backend.stats.as_dict(),
+        "sampler_stats": backend.sampler.stats.as_dict(), "settings": settings.to_dict(),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,136 @@
+"""Is a sampled text a well-formed question? One named reason per rejected text, checked in order.
+
+A synthesized prompt is used without a label, so a malformed one costs a whole search and can teach the
+policy nonsense: the checks are strict and cheap (no model calls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Rejection reasons, in the order they are checked (the counts record keeps this order).
+REASONS = ("truncated", "too_short", "too_long", "answer_leak", "degenerate", "no_question", "several_questions",
+           "no_number", "ungrounded", "unknown_words")
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_WORD = re.compile(r"[A-Za-z]+")
+_TOKEN = re.compile(r"\w+")
+_NUMBER = re.compile(r"\d|\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|hundred|"
+                     r"thousand|million|half|twice|thrice|double|triple|dozens?|quarter|third)\b", re.IGNORECASE)
+# A question may also end with an instruction sentence ("Calculate the total.", "Find x.").
+_INSTRUCTION = re.compile(r"^(?:calculate|compute|find|determine|what|how|express|evaluate|give|write)\b",
+                          re.IGNORECASE)
+_HOW = re.compile(r"\bhow (?:many|much)", re.IGNORECASE)
+_WH_WORD = re.compile(r"\b(?:how|what|which|who|whom|whose|when|where|why)\b", re.IGNORECASE)
+_AUXILIARY = r"(?:is|are|was|were|does|do|did|can|could|will|would|should|has|have|had)"
+_INTERROGATIVE = re.compile(rf"\b(?:how|what|which|who|whom|whose|when|where|why|{_AUXILIARY})\b", re.IGNORECASE)
+_STARTS_WITH_AUXILIARY = re.compile(rf"^{_AUXILIARY}\b", re.IGNORECASE)
+_ASKED_QUANTITY = re.compile(r"\bhow many ([a-z]+)(?: ([a-z]+))?(?: ([a-z]+))?", re.IGNORECASE)
+_NAME = re.compile(r"(?<!^)(?<![.!?] )\b[A-Z][a-z]+\b")
+
+
+@dataclasses.dataclass(frozen=True)
+class FormRules:
+    min_chars: int = 20
+    max_chars: int = 600
+    min_words: int = 5
+    # Text that belongs to a solution, a second prompt or a chat turn, never to a question.
+    banned: tuple[str, ...] = ("####", "<<", "Answer:", "Question:", "\\boxed")
+    # GSM8K-style: the last sentence asks ("How ...?") or instructs ("Calculate the total.").
+    require_question_mark: bool = True
+    max_questions: int = 1  # sentences that ask ("?", "how many/much"); more: several questions in one
+    require_number: bool = True  # word problems need quantities, in digits or words (MATH may have none)
+    max_repeats: int = 2  # a word 5-gram occurring more often than this is a sampling loop
+    # Word problems: the asked quantity ("how many apples") and the names in the asking sentence must
+    # appear earlier in the text (a question about something never mentioned cannot be answered).
+    require_grounded: bool = True
+    # The largest fraction of words never seen in D0 (1.0: no check). A small model trained from scratch
+    # misspells words; a pretrained LLM legitimately brings new names and objects.
+    max_unknown_words: float = 1.0
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | Any) -> FormRules:
+        d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown synthesis.form keys {sorted(unknown)}")
+        d["banned"] = tuple(d.get("banned", cls.banned))
+        return cls(**d)
+
+
+def _has_loop(words: Sequence[str], max_repeats: int) -> bool:
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - 4):
+        gram = tuple(words[i:i + 5])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] > max_repeats:
+            return True
+    return False
+
+
+def _singular(word: str) -> str:
+    return word[:-1] if word.endswith("s") and len(word) > 3 else word
+
+
+def _ungrounded(text: str) -> bool:
+    """The asking sentence asks "how many X" with none of the next three words mentioned before, or names
+    someone never mentioned before."""
+    sentences = _SENTENCE_END.split(text.strip())
+    body, ask = " ".join(sentences[:-1]), sentences[-1]
+    body_words = {_singular(w.lower()) for w in _WORD.findall(body)}
+    for words in _ASKED_QUANTITY.findall(ask):
+        phrase = []  # the asked noun phrase: the words before the verb ("how many red apples does ...")
+        for w in (w.lower() for w in words if w):
+            if _INTERROGATIVE.fullmatch(w):
+                break
+            phrase.append(w)
+        if phrase and not any(_singular(w) in body_words for w in phrase):
+            return True
+    return any(_singular(name.lower()) not in body_words for name in _NAME.findall(ask))
+
+
+def vocabulary(texts) -> frozenset[str]:
+    """The lower-cased words of `texts` (D0's questions), for `max_unknown_words`."""
+    return frozenset(w.lower() for t in texts for w in _WORD.findall(t))
+
+
+def form_problem(text: str, rules: FormRules, *, truncated: bool = False,
+                 known_words: frozenset[str] = frozenset()) -> str | None:
+    """The first rule `text` breaks (a name in REASONS), or None when it is a well-formed question.
+
+    `truncated`: the sampler stopped at its token cap, so the question may be cut off mid-sentence.
+    `known_words`: D0's vocabulary (`vocabulary`), for `rules.max_unknown_words`.
+    """
+    if truncated:
+        return "truncated"
+    words = _WORD.findall(text)
+    if len(text) < rules.min_chars or len(words) < rules.min_words:
+        return "too_short"
+    if len(text) > rules.max_chars:
+        return "too_long"
+    if any(b in text for b in rules.banned):
+        return "answer_leak"
+    if _has_loop([w.lower() for w in _TOKEN.findall(text)], rules.max_repeats):
+        return "degenerate"
+    if rules.require_question_mark:
+        last = _SENTENCE_END.split(text.strip())[-1]
+        interrogative = _WH_WORD.search(last) is not None or _STARTS_WITH_AUXILIARY.match(last) is not None
+        asks = (last.endswith("?") and interrogative) or (
+            last.endswith(".") and _INSTRUCTION.match(last) is not None)
+        if not asks or len(_WORD.findall(last)) < 3:
+            return "no_question"
+        asking = [x for x in _SENTENCE_END.split(text.strip()) if x.endswith("?") or _HOW.search(x)]
+        if len(asking) > rules.max_questions:
+            return "several_questions"
+    if rules.require_number and not _NUMBER.search(text):
+        return "no_number"
+    if rules.require_grounded and _ungrounded(text):
+        return "ungrounded"
+    if rules.max_unknown_words < 1.0 and known_words:
+        unknown = sum(w.lower() not in known_words for w in words)
+        if unknown > rules.max_unknown_words * len(words):
+            return "unknown_words"
+    return None

@@ -1,0 +1,83 @@
+"""Multi-host start-up and the few cross-process helpers the pipeline needs.
+
+`alphallm` calls `maybe_initialize_distributed()` before anything touches a JAX backend. It joins a
+multi-process JAX runtime when the environment asks for one:
+
+* `ALPHALLM_COORDINATOR=host:port`, `ALPHALLM_NUM_PROCESSES=N`, `ALPHALLM_PROCESS_ID=i` (set by
+  `launch/local.sh`, or by hand / by a scheduler on GPU hosts; `ALPHALLM_LOCAL_DEVICE_IDS=0,1,..`
+  optionally restricts the devices this process drives);
+* `ALPHALLM_DISTRIBUTED=auto`: `jax.distributed.initialize()` with JAX's own cluster detection (TPU-VM
+  pods, SLURM, Open MPI), as `launch/tpu_pod.sh` sets on every worker.
+
+Without either, nothing happens and the run is a single process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+ENV_COORDINATOR = "ALPHALLM_COORDINATOR"
+ENV_NUM_PROCESSES = "ALPHALLM_NUM_PROCESSES"
+ENV_PROCESS_ID = "ALPHALLM_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "ALPHALLM_LOCAL_DEVICE_IDS"
+ENV_AUTO = "ALPHALLM_DISTRIBUTED"
+
+
+def _required_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    if not value.strip().isdigit():
+        raise ValueError(f"${ENV_COORDINATOR} is set, so ${name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Join the multi-process runtime the environment describes; True when this run is multi-process."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = os.environ.get(ENV_COORDINATOR, "").strip()
+    if coordinator:
+        num_processes = _required_int(ENV_NUM_PROCESSES)
+        process_id = _required_int(ENV_PROCESS_ID)
+        if process_id >= num_processes:
+            raise ValueError(f"${ENV_PROCESS_ID}={process_id} is not below ${ENV_NUM_PROCESSES}={num_processes}")
+        local_ids = os.environ.get(ENV_LOCAL_DEVICE_IDS, "").strip()
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+            local_device_ids=[int(i) for i in local_ids.split(",")] if local_ids else None)
+        return True
+    if os.environ.get(ENV_AUTO, "").strip().lower() in ("1", "true", "auto"):
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def is_coordinator() -> bool:
+    """Process 0: the one that writes shared artifacts."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (no-op for a single process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_int(value: int) -> int:
+    """Process 0's `value` on every process (so that all take the same branch, e.g. where to resume)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

@@ -1,0 +1,52 @@
+"""Calibration metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from alphallm_jax.critics.calibration import (
+    auroc,
+    calibration_metrics,
+    expected_calibration_error,
+    precision_recall,
+)
+
+
+def test_ece_by_hand():
+    # Two bins: [0, .5) holds .1 and .4 (mean score .25, mean label .5), [.5, 1] holds .8 and .9 (.85 vs 1).
+    scores, labels = [0.1, 0.4, 0.8, 0.9], [0, 1, 1, 1]
+    assert expected_calibration_error(scores, labels, num_bins=2) == pytest.approx(0.5 * 0.25 + 0.5 * 0.15)
+    # Ten bins: each score alone in its bin -> mean |label - score|.
+    assert expected_calibration_error(scores, labels, num_bins=10) == pytest.approx((0.1 + 0.6 + 0.2 + 0.1) / 4)
+    assert expected_calibration_error([1.0, 0.0], [1, 0]) == 0.0  # 1.0 falls in the last bin
+    assert expected_calibration_error([0.3] * 10, [1] * 3 + [0] * 7) == pytest.approx(0.0)
+
+
+def test_auroc_by_hand_and_with_ties():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # Positives .5, .9; negatives .5, .2: pairs 0.5 (tie) + 1 + 1 + 1 out of 4.
+    assert auroc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)
+    assert auroc([0.2, 0.2, 0.2], [1, 0, 1]) == pytest.approx(0.5)
+    assert auroc([0.3, 0.4], [1, 1]) is None
+
+
+def test_auroc_matches_pairwise_counting():
+    rng = np.random.default_rng(0)
+    s = np.round(rng.random(60), 1)  # many ties
+    y = rng.random(60) < 0.4
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a, b in itertools.product(s[y], s[~y])]
+    assert auroc(s, y) == pytest.approx(np.mean(pairs))
+
+
+def test_precision_recall_and_report():
+    p, r = precision_recall([0.9, 0.6, 0.4, 0.2], [1, 0, 1, 0])
+    assert (p, r) == (0.5, 0.5)
+    assert precision_recall([0.1, 0.2], [1, 0]) == (None, 0.0)
+    m = calibration_metrics([0.9, 0.6, 0.4, 0.2], [1, 0, 1, 0])
+    assert m["n"] == 4 and m["positive_rate"] == 0.5
+    assert m["brier"] == pytest.approx((0.01 + 0.36 + 0.36 + 0.04) / 4)
+    with pytest.raises(ValueError, match="probabilities"):
+        calibration_metrics([1.5], [1])

@@ -1,0 +1,178 @@
+"""Critic data: MC labels on a hand-built rollout tree, training examples, and building data through the
+real sampler (with prefix forking) on a tiny random model, resumably."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alphallm_jax.critics.data import (
+    RolloutConfig,
+    build_rollout_data,
+    critic_example,
+    critic_examples,
+    rollout_chunk,
+    trajectory_read_points,
+)
+from alphallm_jax.critics.positions import blank_token_ids, orm_index, step_end_indices, strip_trailing
+from alphallm_jax.data.problems import Problem
+from alphallm_jax.sampling import Completion, SeqState
+
+EOS = 2
+# Token -> text of the scripted "policy": a, b are steps; 20 and 21 write a right and a wrong answer.
+TEXT = {10: "a\n", 11: "b\n", 20: "#### 1", 21: "#### 2", EOS: ""}
+
+
+class ScriptedTreeSampler:
+    """Answers each request from a per-(state, kind) queue of token lists, in call order."""
+
+    def __init__(self, script):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.requests = []
+
+    def new_state(self, prompt):
+        return SeqState(tokens=(1, 5))
+
+    def sample(self, requests, *, keep_states=True):
+        out = []
+        for r in requests:
+            kind = "step" if r.stop == ("\n",) else "rollout"
+            self.requests.append((r.state.tokens, kind))
+            ids = self.script[(r.state.tokens, kind)].pop(0)
+            text = "".join(TEXT[t] for t in ids)
+            reason = "eos" if ids[-1] == EOS else "stop"
+            out.append(Completion(text=text, token_ids=list(ids), logprobs=[0.0] * len(ids), finish_reason=reason,
+                                  state=SeqState(tokens=r.state.tokens + tuple(ids), parent=r.state) if keep_states else None))
+        return out
+
+
+def test_mc_labels_on_a_hand_built_tree():
+    # Two trajectories, three outcomes per distinct intermediate state (trajectories through it + rollouts):
+    #   root -a-> s1 (both trajectories, so one rollout from s1: "b #### 1", right)
+    #   traj 0: s1 -> "#### 1" (right, terminal);  traj 1: s1 -b-> s2 -> "#### 2" (wrong)
+    #   s2 has one trajectory through it: two rollouts, "#### 1", "#### 1" (both right)
+    script = {
+        ((1, 5), "step"): [[10], [10]],
+        ((1, 5, 10), "rollout"): [[11, 20, EOS]],
+        ((1, 5, 10), "step"): [[20, EOS], [11]],
+        ((1, 5, 10, 11), "rollout"): [[20, EOS], [20, EOS]],
+        ((1, 5, 10, 11), "step"): [[21, EOS]],
+    }
+    sampler = ScriptedTreeSampler(script)
+    problem = Problem(id="p0", question="q", answer="1", solution=None, task="arith")
+    cfg = RolloutConfig(num_solutions=2, num_rollouts=3, max_new_tokens=32, max_step_tokens=8, max_steps=6)
+    rows, counters = rollout_chunk(sampler, [problem], ["q"], cfg, task="arith", eos_ids={EOS}, seed=0)
+    assert all(not v for v in sampler.script.values())  # the whole script was used
+    trajs = [r for r in rows if r["kind"] == "trajectory"]
+    rolls = [r for r in rows if r["kind"] == "rollout"]
+    assert counters["rollouts"] == len(rolls) == 3
+    assert [r["correct"] for r in trajs] == [True, False]
+    assert trajs[0]["step_ids"] == [[10], [20]] and trajs[1]["step_ids"] == [[10], [11], [21]]
+    # root: 1 of 2 trajectories right; s1: 1 of 1 rollout + 1 of 2 trajectories; s2: 2 of 2 rollouts + traj 1.
+    assert trajs[0]["state_hits"] == [1, 2, 1] and trajs[0]["state_counts"] == [2, 3, 1]
+    assert trajs[1]["state_hits"] == [1, 2, 2, 0] and trajs[1]["state_counts"] == [2, 3, 3, 1]
+    assert sorted(r["correct"] for r in rolls) == [True, True, True]
+    assert {tuple(map(tuple, r["step_ids"][:-1])) for r in rolls} == {((10,),), ((10,), (11,))}
+
+    blank = blank_token_ids([TEXT.get(i, "x") for i in range(30)], {EOS})
+    soft = critic_example(trajs[1], blank_ids=blank)
+    ends, n = trajectory_read_points(trajs[1])
+    assert ends == [1, 2, 3, 4] and n == 5
+    np.testing.assert_allclose(soft["value_target"], [0, 0.5, 2 / 3, 2 / 3, 0])
+    np.testing.assert_array_equal(soft["value_mask"], [0, 1, 1, 1, 1])
+    np.testing.assert_allclose(soft["prm_target"], [0, 0, 2 / 3, 2 / 3, 0])
+    np.testing.assert_array_equal(soft["prm_mask"], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(soft["orm_mask"], [0, 0, 0, 0, 1])
+    assert soft["orm_target"][4] == 0.0
+    hard = critic_example(trajs[1], blank_ids=blank, prm_label="hard", value_at_root=False)
+    np.testing.assert_array_equal(hard["prm_target"], [0, 0, 1, 1, 0])
+    assert hard["value_mask"][1] == 0
+    roll = critic_example(rolls[0], blank_ids=blank)
+    assert roll["value_mask"].sum() == roll["prm_mask"].sum() == 0 and roll["orm_mask"].sum() == 1
+    assert len(critic_examples(rows, blank_ids=blank, kinds=("trajectory",))) == 2
+    assert len(critic_examples(rows, blank_ids=blank, max_seq_len=4)) == 1  # 5-token rows are dropped
+
+
+def test_positions_helpers():
+    texts = ["", "", "", "x", " y", "\n", "z\n", "\n\n", "w"]
+    blank = blank_token_ids(texts, {2})
+    assert blank == {2, 5, 7}
+    assert strip_trailing([3, 4, 2, 2], {2}) == [3, 4]
+    assert orm_index([3, 4, 5, 2], blank) == 1
+    assert step_end_indices([3, 5, 4, 6, 8], texts, "\n") == [1, 3, 4]  # "x\n y z\n w"
+    assert step_end_indices([3, 5, 4, 5], texts, "\n", start=1) == [1, 3]
+    assert step_end_indices([3, 7, 4, 7], texts, "\n\n") == [1, 3]  # a separator inside one piece
+    assert step_end_indices([3, 5, 5, 4], texts, "\n\n") == [2, 3]  # a separator split over two pieces
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    from alphallm_jax.data.arith import ArithConfig, generate_problems
+    from alphallm_jax.data.prompts import format_prompt, format_solution
+    from alphallm_jax.data.spm_training import SPECIAL_IDS, train_sentencepiece
+    from alphallm_jax.models import ModelConfig, Tokenizer, create_model
+
+    problems = generate_problems(ArithConfig(), 60, seed=0, split="train")
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_sentencepiece([format_prompt(p, "plain") + format_solution(p.solution, p.task, p.answer) for p in problems],
+                        path, vocab_size=384)
+    tokenizer = Tokenizer.from_sentencepiece(path)
+    cfg = ModelConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=SPECIAL_IDS["bos_id"], eos_token_ids=(SPECIAL_IDS["eos_id"],),
+                      pad_token_id=SPECIAL_IDS["pad_id"])
+    model = create_model(cfg, seed=0)
+    # A policy that likes newlines and EOS, so random steps stay short and trajectories end: a large
+    # shared component in every embedding dominates the normed hidden state, and with tied embeddings
+    # the logit of token v is about sqrt(d) * emb[v, 0].
+    newline = tokenizer.encode("\n")[-1]
+    emb = np.array(model.embed_vd[...])
+    emb[:, 0] += 5.0
+    emb[newline, 0] = 6.0
+    emb[SPECIAL_IDS["eos_id"], 0] = 5.6
+    model.embed_vd.set_value(jnp.asarray(emb))
+    return model, tokenizer, problems
+
+
+def test_build_data_through_the_sampler_with_forking_and_resume(tiny_policy, tmp_path):
+    from alphallm_jax.sampling import Sampler
+
+    model, tokenizer, problems = tiny_policy
+    problems = problems[:4]
+    cfg = RolloutConfig(num_solutions=3, num_rollouts=2, max_new_tokens=24, max_step_tokens=8, max_steps=4,
+                        prompts_per_chunk=2, pool_slots=64)
+    sampler = Sampler(model, tokenizer, max_len=160, pool_slots=64, max_batch=32)
+    out = tmp_path / "data"
+    rows = build_rollout_data(sampler, problems, lambda p: f"Question: {p.question}\nAnswer:\n", cfg, out,
+                              task="arith", seed=0)
+    trajs = [r for r in rows if r["kind"] == "trajectory"]
+    rolls = [r for r in rows if r["kind"] == "rollout"]
+    assert len(trajs) == 12 and (out / "DONE").exists() and len(list((out / "parts").iterdir())) == 2
+    for r in trajs:
+        assert r["state_counts"][0] == 3  # the root's outcomes are its three trajectories
+        assert len(r["state_counts"]) == len(r["step_ids"]) + 1
+        assert all(0 <= h <= c for h, c in zip(r["state_hits"], r["state_counts"]))
+        assert all(c >= 1 for c in r["state_counts"])
+        assert sum(len(s) for s in r["step_ids"]) <= 24
+    assert rolls, "intermediate states were rolled out"
+    # Forking: a rollout prefills only its state's pending token, never the prefix again.
+    stats = sampler.stats
+    prompt_tokens = sum(len(tokenizer.encode(f"Question: {p.question}\nAnswer:\n", add_bos=True)) for p in problems)
+    assert stats.prefilled_tokens < prompt_tokens + stats.device_calls * 32
+    assert stats.cache_hits > 0 and stats.rebuilds == 0
+    stats_file = json.loads((out / "stats.json").read_text())
+    assert stats_file["trajectory_rows"] == 12
+
+    # Resume: a finished build is read back; a half-finished one recomputes only missing chunks.
+    (out / "DONE").unlink()
+    (out / "parts" / "chunk_00001.jsonl").unlink()
+    again = build_rollout_data(sampler, problems, lambda p: f"Question: {p.question}\nAnswer:\n", cfg, out,
+                               task="arith", seed=0)
+    assert again == rows  # same seeds, same rows
+    with pytest.raises(ValueError, match="other settings"):
+        (out / "DONE").unlink()
+        build_rollout_data(sampler, problems, lambda p: f"Question: {p.question}\nAnswer:\n",
+                           RolloutConfig(num_solutions=2, max_new_tokens=24), out, task="arith", seed=0)

@@ -1,0 +1,132 @@
+"""Critic losses: per-head masks, soft targets, the value loss option, and training through the shared
+trainer (the critic plugs into the one trainer loop)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from alphallm_jax.critics.losses import (
+    bce_with_logits,
+    collate_critic,
+    critic_example_length,
+    critic_loss,
+    head_losses,
+    make_critic_loss,
+)
+from alphallm_jax.models import presets
+from alphallm_jax.models.critic import HEADS, CriticHeadConfig, create_critic
+from alphallm_jax.train.trainer import TrainConfig, Trainer
+
+
+def _batch(b=2, s=6, seed=0):
+    rng = np.random.default_rng(seed)
+    batch = {"input_ids": rng.integers(3, 250, (b, s)).astype(np.int32),
+             "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)), "row_mask": np.ones(b, np.int32)}
+    for h in HEADS:
+        batch[f"{h}_target"] = rng.random((b, s)).astype(np.float32)
+        batch[f"{h}_mask"] = np.zeros((b, s), np.float32)
+    batch["value_mask"][0, [1, 3]] = 1
+    batch["value_mask"][1, 5] = 1
+    batch["prm_mask"][0, 3] = 1
+    batch["orm_mask"][:, 5] = 1
+    batch["orm_target"][:, 5] = [1.0, 0.0]
+    return batch
+
+
+def test_bce_with_soft_targets():
+    x = jnp.array([-3.0, 0.0, 2.0, 50.0, -50.0])
+    t = jnp.array([0.2, 0.5, 1.0, 1.0, 0.0])
+    p = jax.nn.sigmoid(x)
+    want = -(t * jnp.log(p) + (1 - t) * jnp.log1p(-p))
+    np.testing.assert_allclose(bce_with_logits(x[:3], t[:3]), want[:3], rtol=1e-5)
+    assert np.all(np.isfinite(bce_with_logits(x, t))) and float(bce_with_logits(x, t)[3]) < 1e-6
+
+
+def test_each_head_sees_only_its_masked_positions():
+    batch = _batch()
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 3)), jnp.float32)
+    per_head = head_losses(logits, batch)
+    for c, h in enumerate(HEADS):
+        m = batch[f"{h}_mask"] > 0
+        want = np.mean(np.asarray(bce_with_logits(logits[..., c], batch[f"{h}_target"]))[m])
+        np.testing.assert_allclose(per_head[h][0], want, rtol=1e-5)
+        assert float(per_head[h][1]) == m.sum()
+    # Targets under a zero mask do not matter, nor do other heads' logits.
+    changed = dict(batch)
+    changed["value_target"] = np.where(batch["value_mask"] > 0, batch["value_target"], 123.0)
+    np.testing.assert_allclose(head_losses(logits, changed)["value"][0], per_head["value"][0])
+    grads = jax.grad(lambda lg: head_losses(lg, batch)["prm"][0])(logits)
+    assert np.count_nonzero(np.asarray(grads)) == 1 and float(grads[0, 3, 1]) != 0
+
+
+def test_empty_mask_gives_zero_loss_and_mse_option():
+    batch = _batch()
+    batch["prm_mask"][:] = 0
+    logits = jnp.zeros((2, 6, 3))
+    assert float(head_losses(logits, batch)["prm"][0]) == 0.0
+    mse = head_losses(logits, batch, value_loss="mse")["value"][0]
+    m = batch["value_mask"] > 0
+    np.testing.assert_allclose(mse, np.mean((0.5 - batch["value_target"][m]) ** 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="value_loss"):
+        make_critic_loss(value_loss="l1")
+
+
+def test_weighted_total_and_metrics():
+    critic = create_critic(presets.get("tiny"), CriticHeadConfig(hidden=16), seed=0)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    loss, metrics = nnx.jit(functools.partial(critic_loss, head_weights=(1.0, 0.5, 2.0)))(critic, batch)
+    want = metrics["value_loss"] + 0.5 * metrics["prm_loss"] + 2.0 * metrics["orm_loss"]
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    assert float(metrics["weight"]) == 2.0 and 0.0 <= float(metrics["orm_accuracy"]) <= 1.0
+
+
+def _examples(n, seed):
+    """ORM label: the last token is 99; value label at every 4th token: that token is >= 50 (local
+    features a tiny model learns in a few steps, from the right positions only)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        ids = rng.integers(10, 90, rng.integers(8, 20)).astype(np.int32)
+        good = i % 2 == 0
+        if good:
+            ids[-1] = 99
+        ex = {"input_ids": ids, "positions": np.arange(len(ids), dtype=np.int32)}
+        for h in HEADS:
+            ex[f"{h}_target"] = np.zeros(len(ids), np.float32)
+            ex[f"{h}_mask"] = np.zeros(len(ids), np.float32)
+        ex["orm_target"][-1], ex["orm_mask"][-1] = float(good), 1.0
+        ex["value_mask"][3::4] = 1.0
+        ex["value_target"][3::4] = (ids[3::4] >= 50).astype(np.float32)
+        out.append(ex)
+    return out
+
+
+def test_critic_trains_through_the_shared_trainer(tmp_path):
+    critic = create_critic(presets.get("tiny"), CriticHeadConfig(hidden=16), seed=0)
+    cfg = TrainConfig(learning_rate=3e-3, end_learning_rate=3e-4, warmup_ratio=0.1, batch_size=8, epochs=12,
+                      max_seq_len=32, pad_to_multiple=16, checkpoint_every=-1, eval_every=0,
+                      early_stopping_patience=None, log_every=100, progress_bar=False,
+                      compiler_options={"xla_backend_optimization_level": 0})
+    train, dev = _examples(32, 0), _examples(16, 1)
+    trainer = Trainer(critic, make_critic_loss(), cfg, workdir=tmp_path,
+                      collate_fn=functools.partial(collate_critic, max_seq_len=32, pad_to_multiple=16),
+                      length_fn=critic_example_length)
+    before = trainer.evaluate(dev)
+    result = trainer.fit(train, dev)
+    assert result.dev_metrics["orm_loss"] < 0.5 * before["orm_loss"]
+    assert result.dev_metrics["value_loss"] < before["value_loss"]
+
+
+def test_collate_pads_positions_with_minus_one():
+    batch = collate_critic(_examples(3, 2), 4, pad_to_multiple=16)
+    lengths = [len(e["input_ids"]) for e in _examples(3, 2)]
+    for b, n in enumerate(lengths):
+        assert (batch["positions"][b, n:] == -1).all() and (batch["positions"][b, :n] >= 0).all()
+        assert batch["orm_mask"][b, n:].sum() == 0
+    assert (batch["positions"][3] == -1).all() and batch["row_mask"].tolist() == [1, 1, 1, 0]

@@ -1,0 +1,67 @@
+"""`alphallm train-critics` end to end on a tiny random policy: every artifact, resume, the fast policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alphallm_jax import cli
+
+
+def test_train_critics_is_a_registered_subcommand():
+    assert cli.COMMANDS["train-critics"][0] == "train_critics"
+
+
+@pytest.mark.slow
+def test_train_critics_end_to_end(tmp_path):
+    from alphallm_jax.config import default_config
+    from alphallm_jax.critics.pipeline import run_train_critics
+    from alphallm_jax.data.arith import ArithConfig, generate_problems
+    from alphallm_jax.data.prompts import format_prompt, format_solution
+    from alphallm_jax.data.spm_training import SPECIAL_IDS, train_sentencepiece
+    from alphallm_jax.models import ModelConfig, Tokenizer, create_model
+    from alphallm_jax.models.hf_io import save_hf_checkpoint
+
+    problems = generate_problems(ArithConfig(), 60, seed=0, split="train")
+    spm = tmp_path / "tokenizer.model"
+    train_sentencepiece([format_prompt(p, "plain") + format_solution(p.solution, p.task, p.answer) for p in problems],
+                        spm, vocab_size=384)
+    tokenizer = Tokenizer.from_sentencepiece(spm)
+    model_cfg = ModelConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                            num_kv_heads=1, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                            bos_token_id=SPECIAL_IDS["bos_id"], eos_token_ids=(SPECIAL_IDS["eos_id"],),
+                            pad_token_id=SPECIAL_IDS["pad_id"])
+    save_hf_checkpoint(create_model(model_cfg, seed=0), model_cfg, tmp_path / "policy", tokenizer=tokenizer)
+
+    cfg = default_config()
+    cfg.critics.policy = str(tmp_path / "policy")
+    cfg.critics.num_train_prompts, cfg.critics.num_dev_prompts = 4, 3
+    cfg.critics.data.update(dict(num_solutions=2, num_rollouts=2, max_new_tokens=16, max_step_tokens=8, max_steps=3,
+                                 prompts_per_chunk=2, pool_slots=64))
+    cfg.critics.train.update(dict(batch_size=4, epochs=1, checkpoint_every=-1, max_seq_len=256))
+    cfg.critics.eval_methods = ("greedy", "maj@2", "orm@2", "prm@2")
+    cfg.critics.eval_limit = 3
+    cfg.eval.max_new_tokens = 16
+    cfg.sampling.max_batch = 32
+    cfg.rollout_policy.enabled = True
+    cfg.rollout_policy.model.update(dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                         num_kv_heads=1, head_dim=8))
+    cfg.rollout_policy.train.update(dict(batch_size=8, epochs=1, checkpoint_every=-1))
+    cfg.base.num_train, cfg.base.num_dev = 16, 8
+
+    out = run_train_critics(cfg, tmp_path / "run")
+    root = tmp_path / "run" / "critics"
+    for path in ("data/train/DONE", "data/dev/DONE", "critic/DONE", "critic/critic_config.json", "calibration.json",
+                 "calibration.md", "timings.json", "eval/summary.json", "critic_train.json"):
+        assert (root / path).exists(), path
+    assert (tmp_path / "run" / "fast_rollout" / "policy" / "DONE").exists()
+    report = json.loads((root / "calibration.json").read_text())
+    for name in ("value", "prm", "orm", "orm_tool"):
+        assert report[name]["n"] > 0 and 0.0 <= report[name]["ece"] <= 1.0
+    summary = json.loads((root / "eval" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"greedy", "maj@2", "orm@2", "prm@2"}
+    assert set(out["timings"]) >= {"data", "train", "calibration", "eval", "fast_rollout_policy"}
+
+    again = run_train_critics(cfg, tmp_path / "run")  # everything is resumed from the artifacts
+    assert again["timings"]["data"] < out["timings"]["data"] and again["train"] == out["train"]

@@ -1,0 +1,75 @@
+"""orm@k and prm@k in the evaluation harness: the best-scoring sample wins; samples are shared with maj@k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alphallm_jax.config import default_config
+from alphallm_jax.critics.scoring import SolutionScores
+from alphallm_jax.data.problems import Problem
+from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
+from alphallm_jax.sampling import Completion
+
+
+class ScriptedSampler:
+    def __init__(self, answers):
+        self.answers = answers
+        self.calls = 0
+
+    def generate(self, prompts, *, num_samples, **kw):
+        self.calls += 1
+        return [[Completion(text=t, token_ids=[3] * len(t), logprobs=[-1.0], finish_reason="eos")
+                 for t in self.answers[p][:num_samples]] for p in prompts]
+
+
+class StubTokenizer:
+    def encode(self, text, add_bos=False):
+        return [1, 4]
+
+
+class StubScorer:
+    """ORM score: the digit after 'orm'; PRM: the digit after 'prm'; the tool fails texts with 'bad'."""
+
+    tokenizer = StubTokenizer()
+
+    def __init__(self):
+        self.calls = 0
+
+    def score_solutions(self, prompt_ids, solution_ids, texts):
+        self.calls += 1
+        orm = np.array([int(t.split("orm")[1][0]) / 10 for t in texts], np.float32)
+        prm = np.array([int(t.split("prm")[1][0]) / 10 for t in texts], np.float32)
+        ok = np.array([0.0 if "bad" in t else 1.0 for t in texts], np.float32)
+        return SolutionScores(orm=orm, orm_tool=orm * ok, tool_ok=ok, prm=prm, value=orm,
+                              prm_steps=[np.array([p]) for p in prm], tool_failures=[[] for _ in texts])
+
+
+ANSWERS = {"q0": ["orm9 prm1 bad\n#### 5", "orm7 prm2\n#### 12", "orm1 prm8\n#### 3", "orm1 prm1\n#### 5"]}
+PROBLEMS = [Problem(id="t-0", question="q0", answer="12", solution=None, task="arith")]
+
+
+def _ctx(**components):
+    cfg = default_config()
+    return EvalContext(sampler=ScriptedSampler(ANSWERS), task="arith", prompt_for=lambda p: p.question,
+                       eval_cfg=cfg.eval, components=components)
+
+
+def test_orm_and_prm_rerank_pick_the_best_scoring_sample():
+    ctx = _ctx(critic=StubScorer(), sample_cache={})
+    orm = make_method("orm@4").run(PROBLEMS, ctx)[0]
+    assert orm.prediction.endswith("#### 12")  # the 0.9 sample failed the tool check
+    assert orm.extra["tool_ok"] == 3 and orm.extra["score"] == pytest.approx(0.7)
+    prm = make_method("prm@4").run(PROBLEMS, ctx)[0]
+    assert prm.prediction.endswith("#### 3")
+    maj = make_method("maj@4").run(PROBLEMS, ctx)[0]
+    assert maj.prediction.endswith("#### 5")
+    assert ctx.sampler.calls == 1  # one set of samples served all three methods
+    assert orm.generated_tokens == maj.generated_tokens
+
+
+def test_rerank_needs_a_critic_and_a_budget():
+    with pytest.raises(ValueError, match="needs a critic"):
+        make_method("orm@4").run(PROBLEMS, _ctx())
+    with pytest.raises(ValueError, match="budget"):
+        make_method("prm")

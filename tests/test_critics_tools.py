@@ -1,0 +1,116 @@
+"""The safe calculator and the tool checks: exact arithmetic, wrong steps rejected, input never executed."""
+
+from __future__ import annotations
+
+import builtins
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from alphallm_jax.critics import tools
+from alphallm_jax.critics.tools import CalcError, ToolConfig, check_solution, combine_with_orm, evaluate
+
+GOOD = ("The books cost 2*2=<<2*2=4>>4 dollars.\n"
+        "So he has 6-4=<<6-4=2>>2 dollars left.\n"
+        "His grandma gives him 7 dollars, so he has 2+7=<<2+7=9>>9 dollars.\n#### 9")
+
+
+@pytest.mark.parametrize("expr,value", [
+    ("2+3*4", 14), ("(2+3)*4", 20), ("10/4", Fraction(5, 2)), ("3/4+1/4", 1), ("-3--2", -1), ("+5", 5),
+    ("0.1+0.2", Fraction(3, 10)), ("1,200 - 200", 1000), ("50%*20", 10), ("2*(3+(4-1))/3", 4),
+    ("$5 * 3", 15), ("7 × 6 ÷ 3 − 1", 13), (".5*4", 2), ("((1))", 1),
+])
+def test_calculator_is_exact(expr, value):
+    assert evaluate(expr) == Fraction(value)
+
+
+@pytest.mark.parametrize("expr", [
+    "2**3", "2^3", "abs(-2)", "__import__('os').system('true')", "1/0", "2 3", "(1+2", "1+2)", "", "1+",
+    "x*2", "[1]", "1e5", "9" * 40, "(" * 30 + "1" + ")" * 30, "1+" * 200 + "1", "lambda: 1", "2(3)",
+])
+def test_calculator_rejects_anything_but_arithmetic(expr):
+    with pytest.raises(CalcError):
+        evaluate(expr)
+
+
+def test_intermediate_values_are_bounded():
+    big = "*".join(["999999999999999999999999999"] * 40)  # ~1000 digits: beyond MAX_BITS
+    with pytest.raises(CalcError):
+        evaluate(big)
+
+
+def test_right_solution_passes_and_counts_its_checks():
+    r = check_solution(GOOD, "arith")
+    assert r.ok and r.failures == []
+    assert r.checked == 6  # three annotations and three written equations
+
+
+@pytest.mark.parametrize("text,why", [
+    ("So he has 6-4=<<6-4=3>>3 dollars left.", "wrong annotation"),
+    ("So he has 6-4=<<6-4=2>>3 dollars left.", "followed by"),  # annotation right, written result wrong
+    ("So he has 6-5=<<6-4=2>>2 dollars left.", "wrong equation"),  # written expression disagrees
+    ("He pays 3 * 4 = 13 dollars.", "wrong equation"),
+    ("Total <<2+2>> apples", "without '='"),
+    ("Total <<two+2=4>> apples", "unreadable"),
+])
+def test_wrong_steps_are_rejected(text, why):
+    r = check_solution(text, "arith")
+    assert not r.ok
+    assert any(why in f for f in r.failures), r.failures
+
+
+def test_rounded_results_and_non_equations():
+    assert check_solution("Each costs 10/3=<<10/3=3.33>>3.33 dollars.", "gsm8k").ok
+    assert check_solution("Each costs 10/3=<<10/3=3.3>>3.3 dollars.", "gsm8k").ok  # rounded to 1 decimal
+    assert not check_solution("Each costs 10/3=<<10/3=3.4>>3.4 dollars.", "gsm8k").ok
+    r = check_solution("Let x = 5. Half of 20 = 10. Step 1. 2*3=6. She is 12-years old.", "gsm8k")
+    assert r.ok and r.checked == 1  # only 2*3=6 is an equation
+
+
+def test_model_text_is_never_executed(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("eval/exec called on model text")
+
+    monkeypatch.setattr(builtins, "eval", forbidden)
+    monkeypatch.setattr(builtins, "exec", forbidden)
+    monkeypatch.setattr(builtins, "compile", forbidden)
+    text = ("So <<__import__('os').system('touch /tmp/pwned')=0>> and <<open('/etc/passwd').read()=1>>\n"
+            "Then exec('1')=2+1 and 3+4=<<3+4=7>>7.\n#### 7")
+    r = check_solution(text, "arith")
+    assert not r.ok and sum("unreadable" in f for f in r.failures) == 2
+    assert r.checked >= 3
+
+
+def test_tool_checks_can_be_switched_off():
+    bad = "So he has 6-4=<<6-4=3>>3 dollars left."
+    assert check_solution(bad, "arith", ToolConfig(enabled=False)).ok
+    assert not check_solution(bad, "arith", ToolConfig(annotations=False)).ok  # the written equation still fails
+    assert check_solution(bad, "arith", ToolConfig(annotations=False, written_equations=False)).ok
+
+
+def test_combine_with_orm_modes():
+    orm = np.array([0.9, 0.9, 0.2], np.float32)
+    ok = np.array([1.0, 0.0, 1.0], np.float32)
+    np.testing.assert_allclose(combine_with_orm(orm, ok, ToolConfig(combine="none")), orm)
+    np.testing.assert_allclose(combine_with_orm(orm, ok, ToolConfig(combine="product", penalty=0.1)),
+                               [0.9, 0.09, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(combine_with_orm(orm, ok, ToolConfig(combine="mix", mix_weight=0.5)),
+                               [0.95, 0.45, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(combine_with_orm(orm, ok, ToolConfig(combine="min")), [0.9, 0.0, 0.2])
+    with pytest.raises(ValueError, match="combine"):
+        ToolConfig(combine="max")
+
+
+def test_numeric_latex_equations_are_found_and_symbolic_ones_skipped():
+    text = (r"We get $2+3=5$ and $x+1=2$, then \[\frac{1}{2}\cdot 4 = 2 = \sqrt{4}\] and "
+            r"\(\frac{3}{4} = 0.75\).")
+    assert tools.numeric_latex_equations(text) == [
+        ("2+3", "5"), (r"\frac{1}{2}\cdot 4", "2"), ("2", r"\sqrt{4}"), (r"\frac{3}{4}", "0.75")]
+
+
+def test_math_equations_checked_by_sympy_off_the_main_thread():
+    pytest.importorskip("math_verify")
+    assert check_solution(r"So $\frac{1}{2} + \frac{1}{3} = \frac{5}{6}$ and $2^{10} = 1024$.", "math").ok
+    r = check_solution(r"So $\frac{1}{2} + \frac{1}{3} = \frac{2}{5}$.", "math")
+    assert not r.ok and "sympy" in r.failures[0]

@@ -1,0 +1,68 @@
+"""The loop's bookkeeping: stage skipping and resumption, config derivation, the report writer."""
+
+import json
+
+import pytest
+
+from alphallm_jax.config import default_config
+from alphallm_jax.pipeline.loop import LoopRun, derived_config
+from alphallm_jax.pipeline.loop_report import find_method, markdown, write_report
+from alphallm_jax.utils.io import as_path
+
+
+def test_derived_config_overrides_a_copy_and_rejects_unknown_keys():
+    cfg = default_config()
+    out = derived_config(cfg, **{"model.checkpoint": "/ckpt", "policy_train.ordering": "shuffle"})
+    assert out.model.checkpoint == "/ckpt" and out.policy_train.ordering == "shuffle"
+    assert cfg.model.checkpoint == "" and cfg.policy_train.ordering == "cpl"
+    with pytest.raises(KeyError, match="model.chekpoint"):
+        derived_config(cfg, **{"model.chekpoint": "/x"})
+
+
+def test_stage_runs_once_and_a_failed_stage_runs_again(tmp_path):
+    calls = []
+    run = LoopRun(cfg=default_config(), root=as_path(tmp_path), log=lambda s: calls.append(("log", s)))
+
+    def ok(stage_dir):
+        calls.append("ok")
+        (stage_dir / "artifact.txt").write_text("x")
+        return {"value": 3}
+
+    assert run.stage("a/b", ok)["value"] == 3
+    assert run.stage("a/b", ok)["value"] == 3
+    assert calls.count("ok") == 1
+    assert (tmp_path / "a/b/DONE").exists() and json.loads((tmp_path / "a/b/stage.json").read_text())["record"]["value"] == 3
+
+    def boom(stage_dir):
+        calls.append("boom")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run.stage("c", boom)
+    assert not (tmp_path / "c/DONE").exists()
+    assert run.stage("c", ok)["value"] == 3  # the rerun does the stage
+
+
+def _acc(a, tokens=100.0):
+    return {"accuracy": a, "n": 50, "ci95": [max(0.0, a - 0.1), min(1.0, a + 0.1)], "mean_generated_tokens": tokens}
+
+
+def test_report_files_and_tables(tmp_path):
+    report = {
+        "config": {"task": "arith", "iterations": 2, "seed": 0},
+        "base": {"greedy": _acc(0.3, 60), "maj@16": _acc(0.4, 900), "orm@16": _acc(0.55, 900), "mcts": _acc(0.5, 700)},
+        "critics": {"value": {"auroc": 0.85, "ece": 0.04}, "orm": {"auroc": 0.93, "ece": 0.03}},
+        "iterations": [
+            {"iteration": i, "synthesized_prompts": 100, "sft_traces": 90, "sft": {"greedy": _acc(0.3 + 0.1 * i)},
+             "cpl": {"greedy": _acc(0.32 + 0.1 * i), "mcts@8": _acc(0.6)}} for i in (1, 2)],
+        "ablations": {"cpl": {"train_pairs": 40, "epochs": [{"epoch": 1, "mean": 0.5, "spread": 0.02}]}},
+        "wall_seconds": 12.0,
+    }
+    write_report(report, as_path(tmp_path))
+    for name in ("report.json", "report.md", "accuracy_per_iteration.png", "accuracy_vs_tokens.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    md = markdown(report)
+    assert "| 2 | 100 | 90 | 50.0% [40.0, 60.0] | 52.0% [42.0, 62.0] | 60.0% [50.0, 70.0] |" in md
+    assert "| value | 0.850 | 0.040 |" in md and "| cpl | 40 | 1 | 50.0% | 2.0 |" in md
+    assert find_method(report["iterations"][0]["cpl"], "mcts")["accuracy"] == 0.6
+    assert find_method(report["base"], "beam") is None

@@ -1,0 +1,115 @@
+"""Two CPU processes as two hosts of one JAX runtime (`launch/local.sh`): the quick demo's evaluation,
+sharded over the processes and merged by process 0, gives the same summary and predictions as one
+process; and the launcher's environment contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL = REPO / "launch" / "local.sh"
+
+
+def _tiny_checkpoint(directory: Path) -> Path:
+    from flax import nnx
+
+    from alphallm_jax.models.decoder import Decoder
+    from alphallm_jax.models.hf_io import save_hf_checkpoint
+    from tests.tiny_lm import arith_tokenizer, model_config
+
+    tok = arith_tokenizer(directory)
+    cfg = model_config(tok)
+    path = directory / "policy"
+    save_hf_checkpoint(Decoder(cfg, rngs=nnx.Rngs(0)), cfg, path, tokenizer=tok)
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALPHALLM_", "JAX_", "XLA_"))}
+    env["PYTHON"] = sys.executable
+    env["ALPHALLM_CMD"] = f"{sys.executable} -m alphallm_jax.cli"
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+def test_two_processes_give_the_one_process_summary(tmp_path):
+    policy = _tiny_checkpoint(tmp_path)
+    args = ["eval", "--config=configs/demo_arith.py:quick", f"--config.model.checkpoint={policy}",
+            "--config.eval.limit=12", "--config.eval.max_new_tokens=12", "--config.eval.batch_size=4",
+            "--config.eval.methods=('greedy',)"]
+    one = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args, f"--workdir={tmp_path / 'one'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path / 'logs'}", "--",
+                          *args, f"--workdir={tmp_path / 'two'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert two.returncode == 0, two.stderr[-3000:] + logs[-3000:]
+    parts = sorted(p.name for p in (tmp_path / "two" / "eval" / "greedy").glob("predictions.part*"))
+    assert parts == ["predictions.part000-of-002.jsonl", "predictions.part001-of-002.jsonl"]
+    for name in ("summary.json", "greedy/predictions.jsonl"):
+        a = (tmp_path / "one" / "eval" / name).read_text()
+        b = (tmp_path / "two" / "eval" / name).read_text()
+        assert a == b, name
+    summary = json.loads((tmp_path / "two" / "eval" / "summary.json").read_text())
+    assert summary["num_problems"] == 12 and summary["methods"]["greedy"]["n"] == 12
+    assert "greedy" in two.stdout  # process 0 prints the merged summary
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+def test_local_launcher_sets_the_distributed_environment(tmp_path):
+    probe = ("import os, json; print(json.dumps({k: os.environ.get(k) for k in ('ALPHALLM_COORDINATOR', "
+             "'ALPHALLM_NUM_PROCESSES', 'ALPHALLM_PROCESS_ID', 'JAX_PLATFORMS', 'JAX_NUM_CPU_DEVICES')}))")
+    env = _env() | {"ALPHALLM_CMD": f"{sys.executable} -c"}
+    out = subprocess.run(["bash", str(LOCAL), "--num_processes=3", "--devices_per_process=2", "--port=23456",
+                          f"--log_dir={tmp_path}", "--", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    seen = [json.loads(out.stdout)] + [json.loads((tmp_path / f"process_{i}.log").read_text()) for i in (1, 2)]
+    assert [s["ALPHALLM_PROCESS_ID"] for s in seen] == ["0", "1", "2"]
+    assert all(s["ALPHALLM_COORDINATOR"] == "localhost:23456" and s["ALPHALLM_NUM_PROCESSES"] == "3"
+               and s["JAX_PLATFORMS"] == "cpu" and s["JAX_NUM_CPU_DEVICES"] == "2" for s in seen)
+    failing = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path}", "--",
+                              "import os, sys; sys.exit(int(os.environ['ALPHALLM_PROCESS_ID']) * 3)"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert failing.returncode == 3 and "process 1 exited with status 3" in failing.stderr
+    usage = subprocess.run(["bash", str(LOCAL), "--", "eval"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_maybe_initialize_distributed_reads_the_environment(monkeypatch):
+    import jax
+
+    from alphallm_jax.utils import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_AUTO, distributed.ENV_LOCAL_DEVICE_IDS):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.maybe_initialize_distributed() is False and calls == []
+    monkeypatch.setenv(distributed.ENV_COORDINATOR, "host0:1234")
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "4")
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "2")
+    monkeypatch.setenv(distributed.ENV_LOCAL_DEVICE_IDS, "0,1")
+    assert distributed.maybe_initialize_distributed() is True
+    assert calls[-1] == {"coordinator_address": "host0:1234", "num_processes": 4, "process_id": 2,
+                         "local_device_ids": [0, 1]}
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "4")
+    with pytest.raises(ValueError, match="not below"):
+        distributed.maybe_initialize_distributed()
+    monkeypatch.delenv(distributed.ENV_COORDINATOR)
+    monkeypatch.setenv(distributed.ENV_AUTO, "auto")
+    assert distributed.maybe_initialize_distributed() is True and calls[-1] == {}
+    # One process: the helpers are no-ops.
+    assert distributed.broadcast_int(7) == 7 and distributed.is_coordinator()
+    distributed.barrier("single")

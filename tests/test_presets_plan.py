@@ -1,0 +1,155 @@
+"""Every config file and variant loads into the locked schema; `alphallm plan` sizes every paper preset
+abstractly, with the published parameter counts, and they fit the devices their variants name."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alphallm_jax.paper_presets import MESHES_7B, MESHES_70B
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_PRESETS = {
+    "llama2_7b_gsm8k": MESHES_7B,
+    "mistral_7b_gsm8k": MESHES_7B,
+    "llama3_8b_instruct_math": MESHES_7B,
+    "llama2_70b_gsm8k": MESHES_70B,
+}
+OTHER_CONFIGS = {"demo_arith": (None, "quick"), "gsm8k_eval": (None, "small"), "math_eval": (None,)}
+# Published sizes (HF configs): Llama-2-7B 6.74B, Mistral-7B-v0.1 7.24B, Llama-3-8B 8.03B, Llama-2-70B 68.98B.
+PARAMS = {"llama2_7b": 6_738_415_616, "mistral_7b": 7_241_732_096, "llama3_8b": 8_030_261_248,
+          "llama2_13b": 13_015_864_320, "llama2_70b": 68_976_648_192}
+
+
+def load_config(name: str, variant: str | None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def _all_configs():
+    for name, variants in PAPER_PRESETS.items():
+        for v in (None, *variants):
+            yield name, v
+    for name, variants in OTHER_CONFIGS.items():
+        for v in variants:
+            yield name, v
+
+
+def test_every_config_file_is_covered():
+    assert {p.stem for p in (REPO / "configs").glob("*.py")} == set(PAPER_PRESETS) | set(OTHER_CONFIGS)
+
+
+@pytest.mark.parametrize("name,variant", list(_all_configs()))
+def test_config_and_variant_load_into_their_consumers(name, variant):
+    from alphallm_jax.pipeline.search_run import SearchSettings
+    from alphallm_jax.synthesis import SynthesisSettings
+    from alphallm_jax.train.trainer import TrainConfig
+
+    c = load_config(name, variant)
+    c.lock()
+    with pytest.raises(AttributeError):
+        c.model.chekpoint = "x"  # the schema is locked: a typo fails
+    SearchSettings.from_config(c)
+    SynthesisSettings.from_config(c.synthesis)
+    for section in (c.policy_train.sft, c.policy_train.dpo, c.critics.train, c.base.train):
+        tc = TrainConfig.from_config(section)
+        assert tc.batch_size % tc.grad_accum_steps == 0
+
+
+@pytest.mark.parametrize("name", list(PAPER_PRESETS))
+def test_paper_preset_hyperparameters(name):
+    c = load_config(name, None)
+    assert c.model.dtype == c.model.param_dtype == "bfloat16" and c.model.preset
+    sft, dpo = c.policy_train.sft, c.policy_train.dpo
+    assert (sft.learning_rate, sft.end_learning_rate, sft.warmup_ratio, sft.batch_size) == (5e-6, 1e-6, 0.1, 128)
+    assert sft.epochs <= 3 and dpo.batch_size == 64
+    assert (c.policy_train.alpha, c.policy_train.tau, c.policy_train.ordering) == (0.5, 1.0, "cpl")
+    assert c.search.mcts.preset in ("gsm8k_small", "gsm8k_large", "math")
+    assert c.critics.dev_split.endswith("train_dev")  # calibration on a held-out tail, never a test split
+    with pytest.raises(ValueError, match="unknown variant"):
+        load_config(name, "v4-8")
+
+
+def _plan(name, variant=None):
+    from alphallm_jax.pipeline.plan import make_plan
+
+    return make_plan(load_config(name, variant))
+
+
+@pytest.mark.parametrize("name,policy", [("llama2_7b_gsm8k", "llama2_7b"), ("mistral_7b_gsm8k", "mistral_7b"),
+                                         ("llama3_8b_instruct_math", "llama3_8b")])
+def test_plan_7b_presets(name, policy):
+    plan = _plan(name)
+    models = plan["models"]
+    assert set(models) == {"policy", "critic"}  # CPL: value-guided search, no fast rollouts
+    assert models["policy"]["param_count"] == PARAMS[policy]
+    assert models["critic"]["param_count"] > PARAMS[policy]  # the policy's backbone plus three heads
+    assert plan["mesh"]["devices"] == 4 and plan["mesh"]["device_memory_bytes"] == 95 * 1024 ** 3
+    for m in models.values():
+        b = m["per_device_bytes"]
+        assert set(b) == {"params", "optimizer", "gradients", "kv_pool", "activations"}
+        assert m["fits"] is True and m["devices"] == 4
+    p = models["policy"]["per_device_bytes"]
+    # bf16 parameters split 4 ways; AdamW moments plus an fp32 master copy: 12 bytes per parameter.
+    assert p["params"] == pytest.approx(PARAMS[policy] * 2 / 4, rel=0.01)
+    assert p["optimizer"] == pytest.approx(PARAMS[policy] * 12 / 4, rel=0.01)
+    assert p["kv_pool"] > 0 and models["critic"]["per_device_bytes"]["kv_pool"] == 0
+    assert all(s["fits"] for s in plan["stages"].values())
+
+
+def test_plan_70b_preset_every_variant():
+    plans = {v: _plan("llama2_70b_gsm8k", v) for v in ("v5p-128", "gpu-64", "v5e-256")}
+    models = plans["v5p-128"]["models"]
+    assert models["policy"]["param_count"] == PARAMS["llama2_70b"]
+    assert models["rollout_policy"]["param_count"] == PARAMS["llama2_7b"]
+    assert models["critic"]["param_count"] - PARAMS["llama2_13b"] < 10 ** 7  # Llama-2-13B plus heads
+    assert not models["rollout_policy"]["trained"] and models["rollout_policy"]["per_device_bytes"]["optimizer"] == 0
+    assert all(m["fits"] for m in models.values())
+    assert plans["gpu-64"]["mesh"]["devices"] == 64 and all(m["fits"] for m in plans["gpu-64"]["models"].values())
+    # v5e: 16 GiB chips hold the search, not the policy's train step without rematerialisation.
+    v5e = plans["v5e-256"]
+    assert v5e["stages"]["search"]["fits"] and not v5e["models"]["policy"]["fits"]
+    detail = v5e["models"]["policy"]["activations_detail"]
+    assert detail["full_remat_bytes"] < v5e["models"]["policy"]["per_device_bytes"]["activations"]
+
+
+def test_plan_of_the_demo_matches_its_models():
+    plan = _plan("demo_arith")
+    assert plan["models"]["policy"]["param_count"] == 1_771_200  # the tiny base policy (base_policy.json)
+    assert plan["models"]["policy"]["source"] == "config sizes"
+    assert set(plan["models"]) == {"policy", "critic", "rollout_policy"}
+    assert plan["models"]["rollout_policy"]["trained"]
+
+
+def test_plan_command_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "plan",
+                           "--config", str(REPO / "configs" / "mistral_7b_gsm8k.py:gpu-8"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "policy" in proc.stdout and "fits" in proc.stdout
+    plan = json.loads(out.read_text())
+    assert plan["models"]["policy"]["param_count"] == PARAMS["mistral_7b"]
+    assert plan["models"]["policy"]["devices"] == 8 and plan["models"]["policy"]["fits"] is True
+
+
+def test_held_out_dev_tails_are_disjoint_from_the_critics_training_prompts():
+    from alphallm_jax.data.loaders import HELD_OUT_DEV, load_dataset, resolve_data_dir
+
+    try:
+        resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("no data directory")
+    for name in ("llama2_7b_gsm8k", "llama3_8b_instruct_math"):
+        c = load_config(name, None)
+        train = load_dataset(c.critics.train_split, limit=c.critics.num_train_prompts)
+        dev = load_dataset(c.critics.dev_split, limit=c.critics.num_dev_prompts)
+        assert len(dev) == HELD_OUT_DEV and not {p.id for p in train} & {p.id for p in dev}
+        assert dev == load_dataset(c.critics.train_split)[-HELD_OUT_DEV:]

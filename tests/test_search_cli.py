@@ -1,0 +1,94 @@
+"""`alphallm search`: search settings from the config, problem inputs, trees written and resumed, summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alphallm_jax.config import default_config
+from alphallm_jax.data.prompts import format_prompt
+from alphallm_jax.models.critic import save_critic
+from alphallm_jax.models.hf_io import save_hf_checkpoint
+from alphallm_jax.pipeline.search_run import (
+    SearchSettings,
+    load_search_problems,
+    mcts_config_from,
+    read_prompts_file,
+    tree_filename,
+)
+from alphallm_jax.search import MCTSConfig, Tree
+from alphallm_jax.utils.io import DataFormatError
+from tests.helpers import REPO_ROOT
+from tests.tiny_lm import arith_tokenizer, random_critic, steered_policy
+
+
+def test_search_settings_come_from_the_config_with_the_preset_as_base():
+    cfg = default_config()
+    assert SearchSettings.from_config(cfg).mcts == MCTSConfig.gsm8k_small()
+    cfg.search.mcts.preset = "gsm8k_large"
+    cfg.search.mcts.num_simulations = 12
+    mcts = mcts_config_from(cfg.search.mcts)
+    assert mcts == MCTSConfig.gsm8k_large().replace(num_simulations=12)
+    cfg.search.options.max_option_tokens = 9
+    cfg.search.beam.beam_width = 3
+    settings = SearchSettings.from_config(cfg)
+    assert settings.options.max_option_tokens == 9 and settings.beam.beam_width == 3
+    cfg.search.mcts.preset = ""
+    assert mcts_config_from(cfg.search.mcts) == MCTSConfig(num_simulations=12)
+
+
+def test_problems_from_a_split_or_a_prompts_file(tmp_path):
+    cfg = default_config()
+    cfg.search.split, cfg.search.limit = "arith:test", 3
+    problems = load_search_problems(cfg, lambda p: format_prompt(p, "plain"))
+    assert len(problems) == 3 and all(p.reference and p.prompt.startswith("Question: ") for p in problems)
+    assert len({p.seed for p in problems}) == 3
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"question": "What is 2+3?", "answer": "5"}\n{"id": "x/1", "prompt": "Verbatim:\\n"}\n')
+    rows = read_prompts_file(path, "arith", lambda p: format_prompt(p, "plain"), seed=0)
+    assert [r.problem_id for r in rows] == ["prompt-00001", "x/1"]
+    assert rows[0].reference == "5" and rows[0].prompt == "Question: What is 2+3?\nAnswer:\n"
+    assert rows[1].reference is None and rows[1].prompt == "Verbatim:\n"
+    assert tree_filename("x/1") == "x_1.jsonl"
+    path.write_text('{"text": "no question"}\n')
+    with pytest.raises(DataFormatError):
+        read_prompts_file(path, "arith", lambda p: "", seed=0)
+
+
+@pytest.mark.slow
+def test_search_cli_writes_trees_resumes_and_summarises(tmp_path):
+    tokenizer = arith_tokenizer(tmp_path)
+    policy = steered_policy(tokenizer)  # saved without its logit bias: a plain random decoder
+    save_hf_checkpoint(policy, policy.cfg, tmp_path / "policy", tokenizer=tokenizer)
+    save_critic(random_critic(tokenizer), tmp_path / "critic", tokenizer=tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "question": "Tom has 3 apples and buys 4 more. How many?", "answer": "7"}\n'
+                       '{"id": "b", "question": "Ann has 9 pens and gives away 2. How many are left?"}\n')
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "alphallm_jax.cli", "search", "--config=configs/demo_arith.py",
+            f"--workdir={workdir}", f"--config.model.checkpoint={tmp_path / 'policy'}",
+            f"--config.search.critics={tmp_path / 'critic'}", f"--config.search.prompts_file={prompts}",
+            "--config.rollout_policy.enabled=False", "--config.search.mcts.num_simulations=4",
+            "--config.search.mcts.min_terminals=1", "--config.search.mcts.c_min0=2", "--config.search.mcts.max_depth=3",
+            "--config.search.mcts.num_rollouts=1", "--config.search.options.max_option_tokens=8",
+            "--config.search.options.max_solution_tokens=24", "--config.search.pool_slots=256",
+            "--config.search.max_batch=16"]
+    first = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trees_dir = workdir / "search" / "trees"
+    files = sorted(p.name for p in trees_dir.iterdir())
+    assert files == ["a.jsonl", "b.jsonl"]
+    tree = Tree.load(trees_dir / "a.jsonl")
+    assert tree.problem.reference == "7" and len(tree) > 1 and tree.chosen_path
+    summary = json.loads((workdir / "search" / "summary.json").read_text())
+    assert summary["num_problems"] == 2 and summary["graded"] == 1 and summary["searched_now"] == 2
+    assert summary["mean_nodes"] > 1 and summary["mean_generated_tokens"] > 0
+    assert "search mcts: 2 problems" in first.stdout
+    before = {name: (trees_dir / name).read_bytes() for name in files}
+    again = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((workdir / "search" / "summary.json").read_text())["searched_now"] == 0
+    assert {name: (trees_dir / name).read_bytes() for name in files} == before

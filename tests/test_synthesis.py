@@ -1,0 +1,310 @@
+"""Imagination: the filters on hand-written cases, the near-duplicate index against brute force, and whole
+syntheses (a scripted sampler with known outcomes; a tiny random model) whose counts add up and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from alphallm_jax.config import default_config
+from alphallm_jax.data.arith import generate_problems
+from alphallm_jax.data.problems import Problem
+from alphallm_jax.sampling.sampler import Completion
+from alphallm_jax.synthesis import SynthesisSettings, summary_line, synthesize
+from alphallm_jax.synthesis.form import FormRules, form_problem
+from alphallm_jax.synthesis.near_duplicates import NearDuplicateIndex, jaccard, lsh_band_shape, shingles
+from alphallm_jax.synthesis.prompting import (
+    fewshot_prompt,
+    opening,
+    plan_round,
+    prefix_request,
+    question_text,
+    renumber,
+    split_counts,
+)
+from alphallm_jax.synthesis.question_lm import question_lm_examples
+from alphallm_jax.synthesis.synthesize import DROP_REASONS
+
+SEED_Q = "Tom has 6 apples. He buys 4 more apples. How many apples does Tom have now?"
+TEST_Q = "Mia has 12 pens. She gives 5 pens to Leo. How many pens does Mia have left?"
+
+
+def _problem(pid: str, question: str, split: str = "train") -> Problem:
+    return Problem(id=pid, question=question, answer="1", solution="1+0=<<1+0=1>>1\n#### 1", task="arith",
+                   meta={"split": split})
+
+
+# ------------------------------------------------------------------------------------------ form
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("Sam has 3 cats. How many cats does Sam have now?", None),
+    ("Sam has 3 cats and 4 dogs at home.", "no_question"),
+    ("Sam has 3 cats. How many?", "no_question"),  # the asking sentence is too short to be a question
+    ("How many?", "too_short"),
+    ("Sam has 3 cats. He gets 2 more. How many cats? #### 5", "answer_leak"),
+    ("Sam has 3 cats, so 3+2=<<3+2=5>>5. How many cats does he have?", "answer_leak"),
+    ("Sam has cats. He gets more cats. How many cats does Sam have now?", "no_number"),
+    ("Sam has 3 cats and the cats and the cats and the cats and the cats. How many cats are there?",
+     "degenerate"),
+    ("Sam has 3 cats. " * 50 + "How many cats does Sam have?", "too_long"),
+    ("Sam has 3 cats. He gets 2 more cats in all?", "no_question"),  # no interrogative word
+    ("Sam has 3 cats. He gets 2 dogs. Calculate the number of pets Sam has.", None),
+    ("Sam has 3 cats. How many cats are there? How many dogs does Sam have?", "several_questions"),
+    ("Sam has three cats and twice as many dogs. How many dogs does Sam have?", None),  # numbers in words
+    ("Sam has 3 cats. He gets 2 more cats. How many apples does Sam have now?", "ungrounded"),
+    ("Sam has 3 cats. He gets 2 more cats. How many cats does Lily have now?", "ungrounded"),
+])
+def test_form_rules(text, reason):
+    assert form_problem(text, FormRules(max_repeats=2)) == reason
+
+
+def test_form_unknown_words_and_real_questions():
+    from alphallm_jax.synthesis.form import vocabulary
+
+    known = vocabulary(["Sam has 3 cats. He gets 2 more cats. How many cats does Sam have now?"])
+    rules = FormRules(max_unknown_words=0.0)
+    assert form_problem("Sam has 3 cats. He gets 2 more cats. How many cats does Sam have now?", rules,
+                        known_words=known) is None
+    assert form_problem("Sam has 3 catz. He gets 2 more cats. How many cats does Sam have now?", rules,
+                        known_words=known) in ("unknown_words", "ungrounded")
+    # Every question of the arith task's own splits is well formed (apart from rare long repeats).
+    questions = [p.question for p in generate_problems(n=300, seed=4, split="x")]
+    assert sum(form_problem(q, FormRules()) is not None for q in questions) <= 3
+
+
+def test_form_truncated_and_math_rules():
+    assert form_problem("Sam has 3 cats. How many cats does Sam have now?", FormRules(), truncated=True) == "truncated"
+    math_rules = FormRules(require_question_mark=False, require_number=False)
+    assert form_problem("Find the value of $x$ such that $x^2 = y$ for every real $y$.", math_rules) is None
+
+
+# --------------------------------------------------------------------------------- near-duplicates
+
+
+def test_near_duplicate_index_hand_cases():
+    index = NearDuplicateIndex(0.8)
+    index.add("d0-1", SEED_Q)
+    assert index.find(SEED_Q) == ("d0-1", 1.0)
+    assert index.find("  tom has 6 APPLES.  He buys 4 more apples. How many apples does Tom have now? ")[0] == "d0-1"
+    one_number = SEED_Q.replace("4 more", "5 more")
+    assert index.find(one_number)[0] == "d0-1"
+    assert jaccard(shingles(one_number), shingles(SEED_Q)) >= 0.8
+    assert index.find(TEST_Q) is None
+    assert index.find("Lena bakes 30 cookies and sells 12 of them at the fair. How many cookies are left?") is None
+
+
+def test_lsh_matches_brute_force_on_arith_questions():
+    questions = [p.question for p in generate_problems(n=400, seed=3, split="x")]
+    threshold = 0.7
+    index = NearDuplicateIndex(threshold)
+    brute_misses = found = 0
+    for i, q in enumerate(questions):
+        sh = shingles(q)
+        brute = max((jaccard(sh, shingles(questions[j])) for j in range(i)), default=0.0)
+        hit = index.find(q)
+        if hit is not None:
+            found += 1
+            assert hit[1] >= threshold  # never a false positive: every candidate is checked exactly
+        if brute >= threshold and hit is None:
+            brute_misses += 1
+        index.add(str(i), q)
+    assert found > 20  # templated questions: many true near-duplicates to find
+    assert brute_misses <= 0.05 * found
+
+
+def test_band_shape_tracks_threshold():
+    low_b, low_r = lsh_band_shape(0.5, 128)
+    high_b, high_r = lsh_band_shape(0.9, 128)
+    assert low_b * low_r <= 128 and high_b * high_r <= 128
+    assert low_r < high_r  # a higher threshold needs longer bands (fewer candidates)
+
+
+# ----------------------------------------------------------------------------------- prompting
+
+
+def test_fewshot_prompt_has_seed_last_and_open_question():
+    settings = SynthesisSettings(instruction="Write a new question with {variation}.", num_exemplars=3)
+    seeds = [_problem(f"s{i}", f"Question number {i} has {i} apples. How many apples?") for i in range(5)]
+    prompt = fewshot_prompt(seeds[0], seeds[1:3], settings, "new numbers")
+    assert prompt.startswith("Write a new question with new numbers.\n\nQuestion: Question number 1")
+    assert prompt.endswith(f"Question: {seeds[0].question}\n\nQuestion:")
+    counts = {"fewshot": 7, "unconditional": 2}
+    requests = plan_round(seeds, counts, settings, round_index=0, seed_offset=0)
+    assert [r.method for r in requests] == ["fewshot"] * 7 + ["unconditional"] * 2
+    assert all(r.seed_ids[0] not in r.exemplar_ids and len(r.exemplar_ids) == 2 for r in requests[:7])
+    assert len({r.seed_ids for r in requests[:5]}) == 5  # seeds cycle through D0 before repeating
+    assert requests == plan_round(seeds, counts, settings, round_index=0, seed_offset=0)
+    short = plan_round(seeds, {"fewshot": 3}, settings, round_index=0, seed_offset=0,
+                       fits=lambda p: p.count("Question:") <= 2)
+    assert all(len(r.exemplar_ids) == 0 for r in short)  # exemplars dropped until the prompt fits
+    assert question_text(" Sam has 3 cats. How many?\n", "\n") == "Sam has 3 cats. How many?"
+    assert split_counts(10, SynthesisSettings(method="fewshot,prefix,unconditional")) == {
+        "fewshot": 4, "prefix": 3, "unconditional": 3}
+    with pytest.raises(ValueError, match="synthesis.method"):
+        SynthesisSettings(method="fewshot,imagine")
+
+
+def test_prefix_variation_keeps_the_opening_with_new_numbers():
+    import random
+
+    seed = _problem("s0", "Tom has 6 cupcakes for a party. He gives 2 cupcakes to each of 2 neighbors. How many "
+                          "cupcakes does Tom have now?")
+    assert opening(seed.question, 1) == "Tom has 6 cupcakes for a party."
+    assert opening(seed.question, 5) == "Tom has 6 cupcakes for a party. He gives 2 cupcakes to each of 2 neighbors."
+    assert renumber("Tom has 6 cupcakes and 2.5 kg of flour.", random.Random(0)).endswith("2.5 kg of flour.")
+    request = prefix_request(seed, SynthesisSettings(method="prefix"), random.Random(1))
+    assert request.prompt == "Question: " + request.question_prefix
+    assert request.question_prefix.startswith("Tom has ") and request.question_prefix.endswith(" cupcakes for a party.")
+    assert question_text(" He eats 2. How many are left?\n", "\n", request.question_prefix) == (
+        request.question_prefix + " He eats 2. How many are left?")
+
+
+def test_question_lm_examples_put_the_loss_on_the_question(tmp_path):
+    from tests.tiny_lm import arith_tokenizer
+
+    tok = arith_tokenizer(tmp_path)
+    problems = generate_problems(n=3, seed=1, split="x")
+    for ex, p in zip(question_lm_examples(problems, tok), problems):
+        assert tok.decode(list(ex.prompt_ids)).strip() == "Question:"
+        assert tok.decode(list(ex.response_ids)).strip() == f"{p.question}\nAnswer:"
+
+
+# --------------------------------------------------------------------------- whole synthesis
+
+
+class ScriptedSampler:
+    """Returns scripted question texts in order (a stand-in for `Sampler.generate`)."""
+
+    max_len = 10_000
+
+    def __init__(self, texts):
+        self.texts = list(texts)
+        self.calls = 0
+
+    class tokenizer:  # noqa: N801 - mimics the attribute
+        @staticmethod
+        def encode(text, add_bos=False):
+            return text.split()
+
+    def generate(self, prompts, *, max_new_tokens, num_samples=1, seed=0, **kw):
+        self.calls += 1
+        out = []
+        for _ in prompts:
+            row = []
+            for _ in range(num_samples):
+                text = self.texts.pop(0)
+                row.append(Completion(text=text, token_ids=[], logprobs=[],
+                                      finish_reason="length" if text.endswith("...") else "stop", stop_string="\n"))
+            out.append(row)
+        return out
+
+
+def _scripted_case():
+    seeds = [_problem("d0-0", SEED_Q), _problem("d0-1", "Ava reads 7 pages each day for 3 days. How many pages?")]
+    tests = {"arith:test": [_problem("t-0", TEST_Q, "test")]}
+    texts = [
+        " " + SEED_Q + "\n",  # near_duplicate_d0
+        " " + TEST_Q.replace("pens", "pens ") + "\n",  # test_overlap (whitespace does not hide it)
+        " Nia has 14 shells. She finds 9 more shells on the beach. How many shells does Nia have now?\n",  # kept
+        " Nia has 14 shells. She finds 9 more shells on the beach. How many shells does Nia have now?\n",  # dup
+        " Omar bakes 25 muffins and sells 11 of them. How many muffins does Omar have left?\n",  # kept
+        " #### 12\n",  # too_short
+        " Omar bakes 25 muffins and sells 11 of them. He then bakes...",  # truncated
+        " A farmer has 40 cows and 12 goats on his farm. How many goats and cows are on the farm?\n",  # kept
+        " Kai has 3 kites. How many kites do 8 friends of Kai own if each has 2 kites?\n",  # surplus
+    ]
+    return seeds, tests, texts
+
+
+def test_synthesis_counts_and_artifacts(tmp_path):
+    seeds, tests, texts = _scripted_case()
+    settings = SynthesisSettings(num_prompts=3, oversample=3.0, max_rounds=1, num_exemplars=2)
+    sampler = ScriptedSampler(texts)
+    result = synthesize(sampler, seeds, settings, tmp_path / "syn", test_questions=tests, progress=False)
+    c = result.counts
+    assert c["generated"] == 9 and c["kept"] == 3
+    assert c["generated"] == c["kept"] + sum(c["dropped"].values())
+    expected = dict.fromkeys(DROP_REASONS, 0) | {"near_duplicate_d0": 1, "test_overlap": 1, "too_short": 1,
+                                                 "truncated": 1, "near_duplicate_synthetic": 1, "surplus": 1}
+    assert c["dropped"] == expected
+    assert c["test_overlap_by_split"] == {"arith:test": 1}
+    assert [p["id"] for p in result.prompts] == ["syn-00000", "syn-00001", "syn-00002"]
+    assert result.prompts[0]["question"].startswith("Nia has 14 shells")
+    assert result.prompts[0]["method"] == "fewshot" and len(result.prompts[0]["seed_ids"]) == 1
+    out = tmp_path / "syn"
+    assert (out / "DONE").exists()
+    assert len((out / "prompts.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "counts.json").read_text()) == c
+    assert {r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())} == {
+        k for k, v in expected.items() if v}
+    problems = result.problems("arith")
+    assert problems[0].answer == "" and problems[0].solution is None
+    assert "kept 3 of 9" in summary_line(c)
+    # Finished: loaded, the sampler is not called again; other settings in the same directory are refused.
+    again = synthesize(ScriptedSampler([]), seeds, settings, out, test_questions=tests, progress=False)
+    assert again.prompts == result.prompts and again.counts == c
+    with pytest.raises(ValueError, match="other settings"):
+        synthesize(ScriptedSampler([]), seeds, dataclasses.replace(settings, num_prompts=4), out,
+                   test_questions=tests, progress=False)
+
+
+def test_previous_iterations_are_deduplicated(tmp_path):
+    seeds, tests, texts = _scripted_case()
+    settings = SynthesisSettings(num_prompts=3, oversample=3.0, max_rounds=1)
+    previous = [("syn1-00000", texts[4].strip())]
+    result = synthesize(ScriptedSampler(texts), seeds, settings, tmp_path / "s2", test_questions=tests,
+                        previous=previous, id_prefix="syn2", progress=False)
+    assert result.counts["dropped"]["near_duplicate_synthetic"] == 2
+    assert result.prompts[0]["id"] == "syn2-00000"
+
+
+def test_synthesis_with_a_tiny_model_adds_up_and_resumes(tmp_path):
+    """The loop's entry point over a random tiny checkpoint: its samples are no questions, so they are
+    dropped, but every one is counted; a run killed after its first round resumes to the same artifacts."""
+    from flax import nnx
+
+    from alphallm_jax.models.decoder import Decoder
+    from alphallm_jax.models.hf_io import save_hf_checkpoint
+    from alphallm_jax.synthesis import d0_problems, synthesize_from_config
+    from tests.tiny_lm import arith_tokenizer, model_config
+
+    tok = arith_tokenizer(tmp_path)
+    policy = tmp_path / "policy"
+    save_hf_checkpoint(Decoder(model_config(tok), rngs=nnx.Rngs(0)), model_config(tok), policy, tokenizer=tok)
+    cfg = default_config()
+    cfg.sampling.max_len, cfg.sampling.max_batch = 256, 16
+    cfg.synthesis.update(dict(method="fewshot,prefix,unconditional", num_prompts=3, oversample=1.0, max_rounds=2,
+                              max_new_tokens=12, num_exemplars=1, num_seeds=50))
+    seeds = d0_problems(cfg)
+    assert len(seeds) == 50 and seeds[0].id == "arith-train-00000"
+
+    def run(out):
+        return synthesize_from_config(cfg, policy, seeds, out, seed=1000, id_prefix="syn1", progress=False)
+
+    record = run(tmp_path / "full")
+    c = record["counts"]
+    assert record["sampled"] == c["generated"] == c["kept"] + sum(c["dropped"].values()) > 0
+    assert record["kept"] == c["kept"] and record["prompts_file"] == "prompts.jsonl"
+    assert sum(m["generated"] for m in c["by_method"].values()) == c["generated"]
+    assert set(c["by_method"]) == {"fewshot", "prefix", "unconditional"}
+    assert set(c["test_overlap_by_split"]) == {"arith:dev", "arith:test", "arith:test_hard"}
+    # Simulate a kill after round 0: only its round file survives; the rerun reads it and samples the rest.
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    (killed / "rounds").mkdir(parents=True)
+    (killed / "rounds" / "round_000.jsonl").write_text((full / "rounds" / "round_000.jsonl").read_text())
+    (killed / "settings.json").write_text((full / "settings.json").read_text())
+    assert run(killed) == record
+    for name in ("prompts.jsonl", "rejected.jsonl", "counts.json"):
+        assert (killed / name).read_text() == (full / name).read_text()
+
+
+def test_config_section_round_trips():
+    cfg = default_config()
+    settings = SynthesisSettings.from_config(cfg.synthesis)
+    assert settings.method == "fewshot" and settings.dedup.d0_threshold == 0.9
+    assert settings.form.banned[-1] == "\\boxed"
+    cfg.synthesis.dedup.d0_threshold = 0.5
+    assert SynthesisSettings.from_config(cfg.synthesis).dedup.d0_threshold == 0.5
