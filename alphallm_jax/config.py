@@ -83,7 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
         init="policy", checkpoint="", head_hidden=256, head_activation="silu", hidden_size=128,
         intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=10000.0,
         max_position_embeddings=1024, tie_word_embeddings=True, dtype="float32"))
-    c.critics.loss = ml_collections.ConfigDict(dict(value="bce", value_weight=1.0, prm_weight=1.0, orm_weight=1.0))
+    # orm_rank_weight > 0: examples are pairs of solutions of one prompt (critics.train.batch_size counts
+    # pairs) and a Bradley-Terry term ranks the right one's ORM above the wrong one's.
+    c.critics.loss = ml_collections.ConfigDict(dict(value="bce", value_weight=1.0, prm_weight=1.0, orm_weight=1.0,
+                                                    orm_rank_weight=0.0))
     c.critics.train = ml_collections.ConfigDict(dict(  # alphallm_jax.train.trainer.TrainConfig
         learning_rate=1e-4, end_learning_rate=1e-5, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01,
         max_grad_norm=1.0, batch_size=32, epochs=2, max_seq_len=1024, pad_to_multiple=64, eval_every=0,

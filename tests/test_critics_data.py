@@ -14,6 +14,7 @@ from alphallm_jax.critics.data import (
     build_rollout_data,
     critic_example,
     critic_examples,
+    pair_within_prompts,
     rollout_chunk,
     trajectory_read_points,
 )
@@ -176,3 +177,23 @@ def test_build_data_through_the_sampler_with_forking_and_resume(tiny_policy, tmp
         (out / "DONE").unlink()
         build_rollout_data(sampler, problems, lambda p: f"Question: {p.question}\nAnswer:\n",
                            RolloutConfig(num_solutions=2, max_new_tokens=24), out, task="arith", seed=0)
+
+
+def test_pairs_within_prompts_put_right_against_wrong_and_use_each_solution_once():
+    def ex(i, correct):
+        e = {"input_ids": np.array([i, i], np.int32), "orm_target": np.array([0.0, float(correct)], np.float32),
+             "orm_mask": np.array([0.0, 1.0], np.float32)}
+        return e
+
+    examples = [ex(0, 1), ex(1, 0), ex(2, 0), ex(3, 0), ex(4, 1), ex(5, 0), ex(6, 0)]
+    pids = ["p", "p", "p", "p", "q", "q", "p"]
+    pairs = pair_within_prompts(examples, pids, seed=0)
+    assert len(pairs) == 4  # p: (right, wrong), (wrong, wrong), (wrong, label-free copy); q: (right, wrong)
+    firsts = [int(p["input_ids"][0]) for p in pairs]
+    seconds = [int(p["b_input_ids"][0]) for p in pairs]
+    used = sorted(firsts + [s for p, s in zip(pairs, seconds) if p["b_orm_mask"].sum() > 0])
+    assert used == [0, 1, 2, 3, 4, 5, 6]
+    ranked = [p for p in pairs if p["orm_target"][1] != p["b_orm_target"][1] and p["b_orm_mask"].sum() > 0]
+    assert len(ranked) == 2 and all(p["input_ids"][0] in (0, 4) for p in ranked)
+    lone = [p for p in pairs if p["b_orm_mask"].sum() == 0]
+    assert len(lone) == 1 and lone[0]["input_ids"][0] == lone[0]["b_input_ids"][0]

@@ -18,6 +18,7 @@ from alphallm_jax.critics.losses import (
     critic_loss,
     head_losses,
     make_critic_loss,
+    rank_loss,
 )
 from alphallm_jax.models import presets
 from alphallm_jax.models.critic import HEADS, CriticHeadConfig, create_critic
@@ -73,7 +74,7 @@ def test_empty_mask_gives_zero_loss_and_mse_option():
     mse = head_losses(logits, batch, value_loss="mse")["value"][0]
     m = batch["value_mask"] > 0
     np.testing.assert_allclose(mse, np.mean((0.5 - batch["value_target"][m]) ** 2), rtol=1e-5)
-    with pytest.raises(ValueError, match="value_loss"):
+    with pytest.raises(ValueError, match="critics.loss.value"):
         make_critic_loss(value_loss="l1")
 
 
@@ -130,3 +131,29 @@ def test_collate_pads_positions_with_minus_one():
         assert (batch["positions"][b, n:] == -1).all() and (batch["positions"][b, :n] >= 0).all()
         assert batch["orm_mask"][b, n:].sum() == 0
     assert (batch["positions"][3] == -1).all() and batch["row_mask"].tolist() == [1, 1, 1, 0]
+
+
+def test_rank_loss_by_hand():
+    # Pairs (row i, row 2 + i): pair 0 right vs wrong, pair 1 both wrong (not ranked).
+    logits = jnp.array([[0.0, 2.0], [0.0, 1.0], [0.0, -1.0], [0.0, 3.0]])
+    target = jnp.array([[0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    mask = jnp.array([[0.0, 1.0]] * 4)
+    loss, count = rank_loss(logits, target, mask, pairs=2)
+    assert float(count) == 1.0
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-(2.0 - (-1.0)))), rtol=1e-6)
+    loss, _ = rank_loss(logits, target[::-1] * 0 + jnp.array([[0, 0], [0, 0], [0, 1], [0, 0]]), mask, pairs=2)
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-(-1.0 - 2.0))), rtol=1e-6)  # the wrong one scored higher
+
+
+def test_pair_batches_add_the_rank_term_to_the_concatenated_head_losses():
+    critic = create_critic(presets.get("tiny"), CriticHeadConfig(hidden=16), seed=0)
+    a, b = _batch(seed=0), _batch(seed=1)
+    b["orm_target"][:, 5] = [0.0, 0.0]  # pair 0: right vs wrong; pair 1: wrong vs wrong
+    pair = {**a, **{f"b_{k}": v for k, v in b.items() if k != "row_mask"}}
+    flat = {k: np.concatenate([a[k], b[k]]) for k in a}
+    jit_loss = nnx.jit(functools.partial(critic_loss, rank_weight=0.5))
+    loss, metrics = jit_loss(critic, {k: jnp.asarray(v) for k, v in pair.items()})
+    flat_loss, flat_metrics = nnx.jit(critic_loss)(critic, {k: jnp.asarray(v) for k, v in flat.items()})
+    np.testing.assert_allclose(loss, flat_loss + 0.5 * metrics["orm_rank_loss"], rtol=1e-5)
+    assert float(metrics["ranked_pairs"]) == 1.0 and float(metrics["weight"]) == 4.0
+    np.testing.assert_allclose(metrics["orm_loss"], flat_metrics["orm_loss"], rtol=1e-5)

@@ -3,7 +3,6 @@ abstractly, with the published parameter counts, and they fit the devices their 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from alphallm_jax.paper_presets import MESHES_7B, MESHES_70B
+from tests.helpers import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_PRESETS = {
@@ -24,13 +24,6 @@ OTHER_CONFIGS = {"demo_arith": (None, "quick"), "gsm8k_eval": (None, "small"), "
 # Published sizes (HF configs): Llama-2-7B 6.74B, Mistral-7B-v0.1 7.24B, Llama-3-8B 8.03B, Llama-2-70B 68.98B.
 PARAMS = {"llama2_7b": 6_738_415_616, "mistral_7b": 7_241_732_096, "llama3_8b": 8_030_261_248,
           "llama2_13b": 13_015_864_320, "llama2_70b": 68_976_648_192}
-
-
-def load_config(name: str, variant: str | None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 def _all_configs():
@@ -122,7 +115,12 @@ def test_plan_70b_preset_every_variant():
 
 def test_plan_of_the_demo_matches_its_models():
     plan = _plan("demo_arith")
-    assert plan["models"]["policy"]["param_count"] == 1_771_200  # the tiny base policy (base_policy.json)
+    cfg = load_config("demo_arith", None)
+    m, vocab = cfg.base.model, cfg.base.tokenizer_vocab_size
+    attention = m.hidden_size * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o; k, v
+    layer = attention + 3 * m.hidden_size * m.intermediate_size + 2 * m.hidden_size
+    tied_embedding = vocab * m.hidden_size
+    assert plan["models"]["policy"]["param_count"] == m.num_layers * layer + m.hidden_size + tied_embedding
     assert plan["models"]["policy"]["source"] == "config sizes"
     assert set(plan["models"]) == {"policy", "critic", "rollout_policy"}
     assert plan["models"]["rollout_policy"]["trained"]

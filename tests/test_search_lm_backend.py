@@ -161,13 +161,22 @@ def test_trees_are_consistent_and_count_every_generated_token(searched, stack):
         assert t.root.value is not None
 
 
-def test_same_seed_same_trees(searched, stack):
+def test_same_seed_same_trees_whatever_the_batching(searched, stack):
     trees, *_ = searched
     again = run_mcts(_problems(stack), LMSearchBackend(_sampler(stack), stack[2], task="arith", options=OPTIONS), MCTS)
     assert [t.to_records() for t in again] == [t.to_records() for t in trees]
+    alone = run_mcts(_problems(stack)[1:2], LMSearchBackend(_sampler(stack), stack[2], task="arith", options=OPTIONS),
+                     MCTS)
+    # Searched alone or in lockstep with others: the same tree (log-probabilities up to float rounding of
+    # the differently shaped batches).
+    assert _rounded(alone[0].to_records()) == _rounded(trees[1].to_records())
     other = run_mcts(_problems(stack, seed=1)[:1], LMSearchBackend(_sampler(stack), stack[2], task="arith",
                                                                    options=OPTIONS), MCTS)
     assert other[0].to_records() != trees[0].to_records()
+
+
+def _rounded(records):
+    return [{k: round(v, 4) if k == "option_logprob" else v for k, v in r.items()} for r in records]
 
 
 def test_a_separate_rollout_policy_rolls_out_and_cosine_merging_gets_embeddings(stack):

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from alphallm_jax.critics.losses import PAIR_PREFIX
 from alphallm_jax.critics.positions import orm_index, strip_trailing
 from alphallm_jax.data.grading import is_correct
 from alphallm_jax.data.problems import Problem
@@ -310,9 +311,11 @@ def critic_example(row: Mapping[str, Any], *, blank_ids: Collection[int], prm_la
 
 def critic_examples(rows: Sequence[Mapping[str, Any]], *, blank_ids: Collection[int], prm_label: str = "soft",
                     value_at_root: bool = True, max_seq_len: int | None = None,
-                    kinds: Collection[str] = ("trajectory", "rollout")) -> list[dict[str, np.ndarray]]:
-    """Training examples from data rows (rows longer than `max_seq_len` are dropped, with a warning)."""
-    out, dropped = [], 0
+                    kinds: Collection[str] = ("trajectory", "rollout"), pairs: bool = False,
+                    seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Training examples from data rows (rows longer than `max_seq_len` are dropped, with a warning);
+    with `pairs`, two solutions of one prompt per example (`pair_within_prompts`)."""
+    out, problem_ids, dropped = [], [], 0
     for row in rows:
         if row["kind"] not in kinds:
             continue
@@ -320,6 +323,36 @@ def critic_examples(rows: Sequence[Mapping[str, Any]], *, blank_ids: Collection[
             dropped += 1
             continue
         out.append(critic_example(row, blank_ids=blank_ids, prm_label=prm_label, value_at_root=value_at_root))
+        problem_ids.append(row["problem_id"])
     if dropped:
         log.warning("dropped %d critic rows longer than max_seq_len=%s", dropped, max_seq_len)
+    return pair_within_prompts(out, problem_ids, seed=seed) if pairs else out
+
+
+def pair_within_prompts(examples: Sequence[dict[str, np.ndarray]], problem_ids: Sequence[str], *,
+                        seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Examples holding two solutions of the same prompt (the second's keys prefixed `b_`), so the loss
+    can rank them (`critics.losses`: the ORM of the right one above the wrong one's). Per prompt, right
+    and wrong solutions are paired first, then the rest among themselves; an odd one out is paired with
+    a label-free copy of itself. Every solution appears exactly once."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, pid in enumerate(problem_ids):
+        groups.setdefault(pid, []).append(i)
+    out = []
+    for pid in sorted(groups):
+        idx = [int(i) for i in rng.permutation(groups[pid])]
+        right = [i for i in idx if np.sum(examples[i]["orm_target"] * examples[i]["orm_mask"]) > 0.5]
+        wrong = [i for i in idx if i not in set(right)]
+        n = min(len(right), len(wrong))
+        pairs = list(zip(right[:n], wrong[:n]))
+        rest = right[n:] + wrong[n:]
+        pairs += list(zip(rest[0::2], rest[1::2]))
+        if len(rest) % 2:
+            pairs.append((rest[-1], None))
+        for a, b in pairs:
+            second = examples[a if b is None else b]
+            if b is None:  # no partner: the copy carries no label
+                second = {k: (np.zeros_like(v) if k.endswith("_mask") else v) for k, v in second.items()}
+            out.append({**examples[a], **{PAIR_PREFIX + k: v for k, v in second.items()}})
     return out

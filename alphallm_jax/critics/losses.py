@@ -13,6 +13,10 @@ Each head's loss is its mean over its masked positions (binary cross-entropy on 
 head's logit, soft targets allowed; the value head may use squared error instead); the total is the
 weighted sum of the three. Heads read hidden states at their own positions, so a row may carry any
 subset of the three kinds of labels (an ORM-only rollout row has zero value and PRM masks).
+
+Pair batches (every key also under `b_`: a second solution of the same prompt) run as one forward
+over 2B rows and add a Bradley-Terry ranking term on the ORM: BCE alone lets the ORM score how hard a
+prompt is, while reranking k solutions of one prompt needs the within-prompt order.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from alphallm_jax.train.batching import collate_dicts
 from alphallm_jax.train.losses import WEIGHT_KEY, LossFn
 
 VALUE_LOSSES = ("bce", "mse")
-PAD_VALUES = {"positions": -1}
+PAIR_PREFIX = "b_"  # the second solution of a pair example (`critics.data.pair_within_prompts`)
+PAD_VALUES = {"positions": -1, PAIR_PREFIX + "positions": -1}
 
 
 def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -55,9 +60,34 @@ def head_losses(logits_bsc: jax.Array, batch: Mapping[str, jax.Array], *,
     return out
 
 
+def _unpair(batch: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], int]:
+    """A pair batch (second solution under `b_` keys) as one batch of 2B rows (first halves first)."""
+    if PAIR_PREFIX + "input_ids" not in batch:
+        return dict(batch), 0
+    keys = [k for k in batch if not k.startswith(PAIR_PREFIX) and PAIR_PREFIX + k in batch]
+    flat = {k: jnp.concatenate([batch[k], batch[PAIR_PREFIX + k]], axis=0) for k in keys}
+    flat["row_mask"] = jnp.concatenate([batch["row_mask"], batch["row_mask"]], axis=0)
+    return flat, batch["input_ids"].shape[0]
+
+
+def rank_loss(orm_logits_bs: jax.Array, target_bs: jax.Array, mask_bs: jax.Array, pairs: int) -> tuple[jax.Array, jax.Array]:
+    """Bradley-Terry loss -log sigmoid(l_right - l_wrong) on the ORM logits of each pair (rows i and
+    pairs + i) whose outcomes differ: (mean loss, number of such pairs)."""
+    logit_b = jnp.sum(orm_logits_bs * mask_bs, axis=1)
+    target_b = jnp.sum(target_bs * mask_bs, axis=1)
+    has_b = jnp.sum(mask_bs, axis=1) > 0
+    la, lb, ta, tb = logit_b[:pairs], logit_b[pairs:], target_b[:pairs], target_b[pairs:]
+    valid = has_b[:pairs] & has_b[pairs:] & (jnp.abs(ta - tb) > 0.5)
+    margin = jnp.where(ta > tb, la - lb, lb - la)
+    count = jnp.sum(valid.astype(jnp.float32))
+    return jnp.sum(jnp.where(valid, jax.nn.softplus(-margin), 0.0)) / jnp.maximum(count, 1.0), count
+
+
 def critic_loss(model, batch: dict[str, jax.Array], *, head_weights: Sequence[float] = (1.0, 1.0, 1.0),
-                value_loss: str = "bce") -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted sum of the per-head losses; metrics per head; weight = real rows."""
+                value_loss: str = "bce", rank_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted sum of the per-head losses (+ `rank_weight` times the ORM ranking loss of pair
+    batches); metrics per head; weight = real rows (solutions)."""
+    batch, pairs = _unpair(batch)
     logits_bsc = model(batch["input_ids"], positions_bs=batch["positions"])
     per_head = head_losses(logits_bsc, batch, value_loss=value_loss)
     loss = sum(w * per_head[h][0] for w, h in zip(head_weights, HEADS, strict=True))
@@ -66,18 +96,23 @@ def critic_loss(model, batch: dict[str, jax.Array], *, head_weights: Sequence[fl
     orm_logits, orm_target, orm_mask = logits_bsc[..., HEADS.index("orm")], batch["orm_target"], batch["orm_mask"]
     hit = ((orm_logits > 0) == (orm_target > 0.5)).astype(jnp.float32)
     metrics["orm_accuracy"] = jnp.sum(hit * orm_mask) / jnp.maximum(jnp.sum(orm_mask), 1.0)
+    if pairs:
+        ranked, count = rank_loss(orm_logits, orm_target, orm_mask, pairs)
+        loss = loss + rank_weight * ranked
+        metrics["orm_rank_loss"], metrics["ranked_pairs"] = ranked, count
     metrics[WEIGHT_KEY] = jnp.sum(batch["row_mask"]).astype(jnp.float32)
     return loss, metrics
 
 
-def make_critic_loss(head_weights: Sequence[float] = (1.0, 1.0, 1.0), value_loss: str = "bce") -> LossFn:
+def make_critic_loss(head_weights: Sequence[float] = (1.0, 1.0, 1.0), value_loss: str = "bce",
+                     rank_weight: float = 0.0) -> LossFn:
     """`critic_loss` with its options bound (a new function object: the trainer keys compiles on it)."""
     if value_loss not in VALUE_LOSSES:
-        raise ValueError(f"critics.train_loss.value_loss={value_loss!r}; choose from {VALUE_LOSSES}")
+        raise ValueError(f"critics.loss.value={value_loss!r}; choose from {VALUE_LOSSES}")
     if len(head_weights) != len(HEADS):
         raise ValueError(f"need {len(HEADS)} head weights ({HEADS}), got {tuple(head_weights)}")
     return functools.partial(critic_loss, head_weights=tuple(float(w) for w in head_weights),
-                             value_loss=value_loss)
+                             value_loss=value_loss, rank_weight=float(rank_weight))
 
 
 def collate_critic(examples: Sequence[Mapping[str, Any]], num_rows: int, *, max_seq_len: int | None = None,

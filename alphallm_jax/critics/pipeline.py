@@ -119,15 +119,17 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
     train_cfg = TrainConfig.from_config(cfg.critics.train)
     blank = blank_token_ids(token_texts(tokenizer, policy.cfg.vocab_size),
                             set(policy.cfg.eos_token_ids) | set(tokenizer.eos_ids) | {tokenizer.pad_id})
+    loss = cfg.critics.loss
     make = functools.partial(critic_examples, blank_ids=blank, prm_label=cfg.critics.prm_label,
-                             value_at_root=cfg.critics.value_at_root, max_seq_len=train_cfg.max_seq_len)
+                             value_at_root=cfg.critics.value_at_root, max_seq_len=train_cfg.max_seq_len,
+                             pairs=loss.orm_rank_weight > 0, seed=cfg.seed)
     train_examples = make(_subsample_rollouts(train_rows, cfg.critics.rollout_row_fraction, cfg.seed))
     dev_examples = make(_subsample_rollouts(dev_rows, cfg.critics.rollout_row_fraction, cfg.seed + 1))
     if not train_examples:
         raise ValueError("no critic training examples (every row was longer than critics.train.max_seq_len?)")
     critic = make_critic(cfg, policy, tokenizer, mesh=mesh)
-    loss = cfg.critics.loss
-    trainer = Trainer(critic, make_critic_loss((loss.value_weight, loss.prm_weight, loss.orm_weight), loss.value),
+    trainer = Trainer(critic, make_critic_loss((loss.value_weight, loss.prm_weight, loss.orm_weight), loss.value,
+                                               loss.orm_rank_weight),
                       train_cfg, mesh=mesh, workdir=str(critics_dir(workdir) / "train"),
                       collate_fn=functools.partial(collate_critic, max_seq_len=train_cfg.max_seq_len,
                                                    pad_to_multiple=train_cfg.pad_to_multiple),

@@ -208,10 +208,9 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
 
     def train_policy(method: str, init_policy: str, **overrides):
         def fn(stage_dir):
-            from alphallm_jax.train.policy_training import run_policy_training
-
             from alphallm_jax.train.cpl import select_pairs
             from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees
+            from alphallm_jax.train.policy_training import run_policy_training
 
             c = derived_config(cfg, **{"model.checkpoint": init_policy, "policy_train.trees_dir": trees_dir,
                                        **overrides})
@@ -310,6 +309,13 @@ def _ablations(run: LoopRun) -> dict:
 def _stage_seconds(root) -> dict[str, float]:
     """Wall seconds of every finished stage (of the attempt that finished it)."""
     out = {}
-    for rec in sorted(root.glob("**/" + STAGE_RECORD)):
-        out[str(rec.parent.relative_to(root))] = float(read_json(rec).get("wall_seconds", 0.0))
+
+    def visit(folder, rel: str) -> None:  # by hand: epath's glob refuses `**` (it would be slow on GCS)
+        for child in sorted(folder.iterdir(), key=lambda c: c.name):
+            if child.name == STAGE_RECORD:
+                out[rel or "."] = float(read_json(child).get("wall_seconds", 0.0))
+            elif child.is_dir():
+                visit(child, f"{rel}/{child.name}" if rel else child.name)
+
+    visit(root, "")
     return out
