@@ -82,7 +82,7 @@ def get_config(variant: str | None = None):
     c.loop.ablation_seeds = 3
     if variant == "quick":
         # Every stage of the loop, small: a barely trained policy, a few prompts, one ablation run.
-        c.base.num_train, c.base.num_dev = 2400, 64
+        c.base.num_train, c.base.num_dev = 1600, 64
         c.base.train.update(dict(epochs=1, eval_every=0, checkpoint_every=50))
         # Short caps: a barely trained policy rambles until the cap.
         c.eval.max_new_tokens = 96
@@ -97,11 +97,12 @@ def get_config(variant: str | None = None):
         c.policy_train.orm_threshold = 0.0
         c.policy_train.tau = 0.05
         c.policy_train.dpo.epochs = 1
-        c.eval.limit = 24
+        c.eval.limit = 16
         c.eval.methods = ("greedy", "maj@4")
         c.critics.num_train_prompts, c.critics.num_dev_prompts = 32, 16
+        c.critics.data.update(dict(num_solutions=4, num_rollouts=2))
         c.critics.eval_methods = ("greedy", "maj@4", "orm@4", "prm@4")
-        c.critics.eval_limit = 40
+        c.critics.eval_limit = 24
         c.critics.train.epochs = 1
         c.search.limit = 8
         c.search.mcts.update(dict(c_min0=3, num_simulations=8, min_terminals=2))

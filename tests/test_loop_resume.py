@@ -41,8 +41,6 @@ def _accuracies(report):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ALPHALLM_LOOP_RESUME_TEST") != "1",
-                    reason="three quick-loop runs (~15 min on 2 cores); set ALPHALLM_LOOP_RESUME_TEST=1")
 def test_quick_loop_killed_at_random_points_resumes_to_the_same_artifacts(tmp_path):
     require_shared_data()
     whole = _cli("loop", f"--config={QUICK}", f"--workdir={tmp_path / 'whole'}")
