@@ -1,6 +1,6 @@
 """Two CPU processes as two hosts of one JAX runtime (`launch/local.sh`): the quick demo's evaluation,
 sharded over the processes and merged by process 0, gives the same summary and predictions as one
-process; and the launcher's environment contract."""
+process (sampled methods included); and the launcher's environment contract."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_two_processes_give_the_one_process_summary(tmp_path):
     policy = _tiny_checkpoint(tmp_path)
     args = ["eval", "--config=configs/demo_arith.py:quick", f"--config.model.checkpoint={policy}",
             "--config.eval.limit=12", "--config.eval.max_new_tokens=12", "--config.eval.batch_size=4",
-            "--config.eval.methods=('greedy',)"]
+            "--config.eval.methods=('greedy','maj@4')"]
     one = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args, f"--workdir={tmp_path / 'one'}"],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -56,12 +56,13 @@ def test_two_processes_give_the_one_process_summary(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:] + logs[-3000:]
     parts = sorted(p.name for p in (tmp_path / "two" / "eval" / "greedy").glob("predictions.part*"))
     assert parts == ["predictions.part000-of-002.jsonl", "predictions.part001-of-002.jsonl"]
-    for name in ("summary.json", "greedy/predictions.jsonl"):
+    for name in ("summary.json", "greedy/predictions.jsonl", "maj_4/predictions.jsonl"):
         a = (tmp_path / "one" / "eval" / name).read_text()
         b = (tmp_path / "two" / "eval" / name).read_text()
         assert a == b, name
     summary = json.loads((tmp_path / "two" / "eval" / "summary.json").read_text())
     assert summary["num_problems"] == 12 and summary["methods"]["greedy"]["n"] == 12
+    assert summary["methods"]["maj@4"]["n"] == 12  # sampled: each problem's seed is its own, not its batch slot
     assert "greedy" in two.stdout  # process 0 prints the merged summary
 
 

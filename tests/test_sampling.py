@@ -216,6 +216,17 @@ def test_generate_api_same_seed_same_output(llama, tokenizer):
     assert all(len(cs) == 3 and all(isinstance(c.text, str) for c in cs) for cs in one)
 
 
+def test_prompt_seeds_make_samples_independent_of_batch_position(llama, tokenizer):
+    model, _ = llama
+    sampler = Sampler(model, tokenizer, max_len=64)
+    kw = dict(max_new_tokens=8, temperature=1.0, num_samples=2, seed=4)
+    both = sampler.generate(["Question: Tom has 3 apples.", "Answer:"], prompt_seeds=[11, 22], **kw)
+    alone = sampler.generate(["Answer:"], prompt_seeds=[22], **kw)
+    assert [c.token_ids for c in both[1]] == [c.token_ids for c in alone[0]]
+    with pytest.raises(ValueError, match="prompt_seeds"):
+        sampler.generate(["Answer:"], prompt_seeds=[1, 2], **kw)
+
+
 def test_sharded_sampler_equals_single_device(tmp_path, tokenizer):
     path, _ = _save_tiny_hf(tmp_path, "llama", seed=3)
     prompts = _prompts(5, seed=2)

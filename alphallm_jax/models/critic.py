@@ -176,7 +176,7 @@ def load_critic(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = Non
   head_cfg = CriticHeadConfig(**record["heads"])
   graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: new_critic(model_cfg, head_cfg)))
   if mesh is None:
-    device = SingleDeviceSharding(jax.devices()[0])
+    device = SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abs_state)
   else:
     shardings = state_shardings(abs_state, mesh, rules)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from alphallm_jax.data.grading import canonical_answer, extract_answer
 from alphallm_jax.data.problems import Problem
+from alphallm_jax.search.tree import problem_seed
 
 
 @dataclasses.dataclass
@@ -90,7 +91,8 @@ def _sample(problems, ctx: EvalContext, *, num_samples: int, temperature: float)
     cfg = ctx.eval_cfg
     out = ctx.sampler.generate(
         [ctx.prompt_for(p) for p in problems], max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop), num_samples=num_samples, seed=ctx.seed)
+        top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop), num_samples=num_samples, seed=ctx.seed,
+        prompt_seeds=[problem_seed(ctx.seed, p.id) for p in problems])  # independent of batch and process
     if cache is not None:
         cache[key] = out
     return out

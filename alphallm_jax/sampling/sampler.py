@@ -132,15 +132,21 @@ class Sampler:
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] | None = None,
-                 num_samples: int = 1, seed: int = 0, keep_states: bool = False) -> list[list[Completion]]:
+                 num_samples: int = 1, seed: int = 0, prompt_seeds: Sequence[int] | None = None,
+                 keep_states: bool = False) -> list[list[Completion]]:
         """For each prompt, `num_samples` completions. Same seed, same output.
 
-        The prompt is prefilled once and forked on device into its samples.
+        The prompt is prefilled once and forked on device into its samples. `prompt_seeds` (one per
+        prompt) replaces the prompt's position in the call, so a prompt's samples do not depend on which
+        batch or process it was sampled in.
         """
+        if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+            raise ValueError(f"{len(prompt_seeds)} prompt_seeds for {len(prompts)} prompts")
         roots = [self.new_state(p) for p in prompts]
         requests = [
             SampleRequest(state=root, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, stop=tuple(stop or ()), seed=_row_seed(seed, i, j))
+                          top_k=top_k, stop=tuple(stop or ()),
+                          seed=_row_seed(seed, i if prompt_seeds is None else int(prompt_seeds[i]), j))
             for i, root in enumerate(roots) for j in range(num_samples)
         ]
         flat = self.sample(requests, keep_states=keep_states)

@@ -235,7 +235,7 @@ class Trainer:
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.collate_fn = collate_fn
         self.length_fn = length_fn
-        self.mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=[jax.devices()[0]])
+        self.mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=[jax.local_devices()[0]])
         self.is_main = jax.process_index() == 0
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         micro = train_cfg.batch_size // train_cfg.grad_accum_steps
