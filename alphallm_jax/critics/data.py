@@ -342,8 +342,9 @@ def pair_within_prompts(examples: Sequence[dict[str, np.ndarray]], problem_ids: 
     out = []
     for pid in sorted(groups):
         idx = [int(i) for i in rng.permutation(groups[pid])]
-        right = [i for i in idx if np.sum(examples[i]["orm_target"] * examples[i]["orm_mask"]) > 0.5]
-        wrong = [i for i in idx if i not in set(right)]
+        is_right = {i: np.sum(examples[i]["orm_target"] * examples[i]["orm_mask"]) > 0.5 for i in idx}
+        right = [i for i in idx if is_right[i]]
+        wrong = [i for i in idx if not is_right[i]]
         n = min(len(right), len(wrong))
         pairs = list(zip(right[:n], wrong[:n]))
         rest = right[n:] + wrong[n:]
