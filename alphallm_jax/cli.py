@@ -25,10 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "view-tree": ("view_tree", "render a search tree (JSONL) as a self-contained HTML page"),
     "synthesize": ("synthesize", "imagination: new prompts from D0 written by a policy, filtered; counts per filter"),
     "plan": ("plan", "per-device memory of every model on the configured mesh, computed abstractly (no memory)"),
-    "bench": ("bench", "benchmarks with side-by-side ratios: `alphallm bench {sampler,train} --out F.json`"),
+    "bench": ("bench", "benchmarks with side-by-side ratios: `alphallm bench {sampler,train,search} --out F.json`"),
 }
 # `alphallm bench NAME` runs alphallm_jax.commands.bench_NAME.
-BENCHMARKS = ("sampler", "train")
+BENCHMARKS = ("sampler", "train", "search")
 
 
 def _usage() -> str:

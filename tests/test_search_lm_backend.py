@@ -240,3 +240,21 @@ def test_mcts_and_beam_evaluation_methods_run_end_to_end(stack, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "eval" / "mcts" / "predictions.jsonl").read_text().splitlines()]
     assert all(r["extra"]["answer_method"] for r in rows)
     assert isinstance(ctx.components["search_backend"], LMSearchBackend)
+
+
+def test_search_bench_times_both_modes_on_the_same_trees(stack):
+    from alphallm_jax.benchmarks.search_bench import run_search_bench
+
+    tokenizer, problems = stack[0], _problems(stack)
+    prompt_tokens = {p.problem_id: len(tokenizer.encode(p.prompt, add_bos=True)) for p in problems}
+    result = run_search_bench(lambda: LMSearchBackend(_sampler(stack), stack[2], task="arith", options=OPTIONS),
+                              problems, MCTS, prompt_tokens, sequential_problems=2)
+    batched, sequential = result["batched"], result["sequential"]
+    assert batched["problems"] == 3 and sequential["problems"] == 2 and batched["nodes"] > sequential["nodes"] > 0
+    assert result["speedup"] == pytest.approx(result["batched_nodes_per_s"] / result["sequential_nodes_per_s"])
+    # Expansions fork their parents' cached states: prefill covers each prompt once plus a few re-primed
+    # tokens, never a parent's whole prefix again.
+    assert batched["unique_tokens"] > sum(prompt_tokens.values())
+    assert 0.0 < result["prefill_to_unique_tokens"] <= 1.1
+    with pytest.raises(ValueError, match="at least one problem"):
+        run_search_bench(lambda: None, problems, MCTS, prompt_tokens, sequential_problems=0)

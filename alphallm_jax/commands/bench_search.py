@@ -1,0 +1,70 @@
+"""`alphallm bench search --workdir RUN --out FILE.json`: eta-MCTS over 64 problems in lockstep versus one
+at a time, same config and models (see `alphallm_jax.benchmarks.search_bench`).
+
+RUN is a directory of `alphallm loop` (or `train-critics` next to a policy): the policy is RUN/base/policy
+unless `--policy` says otherwise; the critic and the fast-rollout policy are found as `alphallm search`
+finds them. The problems are the first ones of `search.split` (default `eval.split`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", "configs/demo_arith.py", "Config file (configs/*.py[:variant]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "A run of `alphallm loop` (policy, critics, fast-rollout policy).",
+                        required=True)
+    flags.DEFINE_string("policy", None, "The policy checkpoint (default WORKDIR/base/policy).")
+    flags.DEFINE_integer("num_problems", 64, "Problems searched in lockstep.")
+    flags.DEFINE_integer("sequential_problems", 8, "Of those, how many are also searched one at a time.")
+    flags.DEFINE_integer("warmup_problems", 8, "Other problems searched first, untimed (compilation).")
+    flags.DEFINE_string("out", None, "Write the JSON result here (also printed).")
+
+
+def main(argv) -> None:
+    del argv
+    from alphallm_jax import load_pretrained
+    from alphallm_jax.benchmarks.common import machine_info
+    from alphallm_jax.benchmarks.search_bench import run_search_bench
+    from alphallm_jax.pipeline.evaluation import load_split, prompt_builder
+    from alphallm_jax.pipeline.search_run import (
+        SearchSettings,
+        load_critic_scorer,
+        make_backend,
+        search_problem,
+    )
+    from alphallm_jax.utils.io import as_path, atomic_write_json
+
+    f = flags.FLAGS
+    cfg = f.config
+    policy = f.policy or str(as_path(f.workdir) / "base" / "policy")
+    if not as_path(policy).exists():
+        raise FileNotFoundError(f"no policy at {policy} (run `alphallm loop` into --workdir, or pass --policy)")
+    model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype)
+    prompt_for = prompt_builder(cfg, tokenizer)
+    split = cfg.search.split or cfg.eval.split
+    wanted = f.num_problems + f.warmup_problems
+    pool = [search_problem(p, prompt_for(p), cfg.seed) for p in load_split(cfg, split, wanted)]
+    if len(pool) < wanted:
+        raise ValueError(f"split {split} has {len(pool)} problems; the bench needs {wanted}")
+    warmup, problems = pool[:f.warmup_problems], pool[f.warmup_problems:]
+    settings = SearchSettings.from_config(cfg)
+    scorer = load_critic_scorer(cfg, f.workdir, tokenizer)
+    prompts = [p.prompt for p in pool]
+
+    def fresh_backend():
+        return make_backend(cfg, f.workdir, model, tokenizer, prompts, scorer=scorer, settings=settings)
+
+    prompt_tokens = {p.problem_id: len(tokenizer.encode(p.prompt, add_bos=True)) for p in pool}
+    result = run_search_bench(fresh_backend, problems, settings.mcts, prompt_tokens,
+                              sequential_problems=f.sequential_problems, warmup=warmup)
+    result.update({"policy": policy, "split": split, "machine": machine_info(), "mcts": settings.mcts.to_dict()})
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if f.out:
+        atomic_write_json(f.out, json.loads(text))
