@@ -41,6 +41,11 @@ def test_stage_runs_once_and_a_failed_stage_runs_again(tmp_path):
         run.stage("c", boom)
     assert not (tmp_path / "c/DONE").exists()
     assert run.stage("c", ok)["value"] == 3  # the rerun does the stage
+    # Stage times: this run's, and a finished stage's as recorded by the attempt that finished it.
+    assert set(run.stage_seconds) == {"a/b", "c"}
+    resumed = LoopRun(cfg=default_config(), root=as_path(tmp_path), log=lambda s: None)
+    resumed.stage("a/b", boom)
+    assert resumed.stage_seconds == {"a/b": run.stage_seconds["a/b"]}
 
 
 def _acc(a, tokens=100.0):

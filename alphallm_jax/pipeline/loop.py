@@ -36,17 +36,22 @@ class LoopRun:
     root: Any  # epath.Path
     mesh: Any = None
     log: Callable[[str], None] = print
+    # Wall seconds of every stage this run went through (of the attempt that finished it), in order.
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def stage(self, name: str, fn: Callable[[Any], dict], summary: Callable[[dict], str] | None = None) -> dict:
         """Run `fn(stage_dir)` unless the stage finished before; returns its record."""
         stage_dir = self.root / name
         if (stage_dir / DONE).exists():
             self.log(f"[{name}] done before; skipped")
-            return read_json(stage_dir / STAGE_RECORD)["record"]
+            finished = read_json(stage_dir / STAGE_RECORD)
+            self.stage_seconds[name] = float(finished.get("wall_seconds", 0.0))
+            return finished["record"]
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.time()
         record = fn(stage_dir)
         seconds = round(time.time() - start, 1)
+        self.stage_seconds[name] = seconds
         atomic_write_json(stage_dir / STAGE_RECORD, {"record": record, "wall_seconds": seconds})
         atomic_write_text(stage_dir / DONE, "ok\n")
         line = summary(record) if summary else "done"
@@ -118,9 +123,8 @@ def run_loop(cfg, workdir) -> dict:
         report["iterations"].append(record)
 
     report["ablations"] = _ablations(run) if cfg.loop.ablation_orderings else {}
-    stage_seconds = _stage_seconds(run.root)
-    report["stage_seconds"] = stage_seconds
-    report["wall_seconds"] = round(sum(stage_seconds.values()), 1)
+    report["stage_seconds"] = dict(run.stage_seconds)
+    report["wall_seconds"] = round(sum(run.stage_seconds.values()), 1)
     report["this_invocation_seconds"] = round(time.time() - start, 1)
     write_report(report, run.root)
     return report
@@ -304,18 +308,3 @@ def _ablations(run: LoopRun) -> dict:
                        for e in range(num_epochs)],
         }
     return table
-
-
-def _stage_seconds(root) -> dict[str, float]:
-    """Wall seconds of every finished stage (of the attempt that finished it)."""
-    out = {}
-
-    def visit(folder, rel: str) -> None:  # by hand: epath's glob refuses `**` (it would be slow on GCS)
-        for child in sorted(folder.iterdir(), key=lambda c: c.name):
-            if child.name == STAGE_RECORD:
-                out[rel or "."] = float(read_json(child).get("wall_seconds", 0.0))
-            elif child.is_dir():
-                visit(child, f"{rel}/{child.name}" if rel else child.name)
-
-    visit(root, "")
-    return out
