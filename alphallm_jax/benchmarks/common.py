@@ -24,13 +24,35 @@ def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -
     return statistics.median(times), times
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 7, dtype=jnp.float32) -> float:
-    """FLOP/s of a jitted n x n x n matmul on the default device: the peak rooflines are taken against."""
+def measure_matmul_peak(n: int = 2048, repeats: int = 7, dtype=jnp.float32) -> dict:
+    """FLOP/s of a jitted n x n x n matmul on the default device, best and median of `repeats` timed runs."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
-    seconds, _ = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats=repeats, warmup=2)
-    return 2.0 * n**3 / seconds
+    seconds, times = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats=repeats, warmup=2)
+    flops = 2.0 * n**3
+    return {"n": n, "best_flops": flops / min(times), "median_flops": flops / seconds}
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 7, dtype=jnp.float32) -> float:
+    """The median of `measure_matmul_peak`: the peak the sampler's rooflines are taken against."""
+    return measure_matmul_peak(n, repeats, dtype)["median_flops"]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:
@@ -38,8 +60,10 @@ def machine_info() -> dict:
 
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "jax": jax.__version__,
         "flax": flax.__version__,
         "backend": jax.default_backend(),

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from alphallm_jax.benchmarks.common import machine_info, matmul_peak_flops, median_seconds
+from alphallm_jax.benchmarks.common import machine_info, matmul_peak_flops, median_seconds, usable_cores
 from alphallm_jax.models import create_model, presets
 from alphallm_jax.sampling import Sampler, SampleRequest
 
@@ -81,17 +81,11 @@ def _hf_copy(model, cfg):
 
     from alphallm_jax.models.hf_io import save_hf_checkpoint
 
-    torch.set_num_threads(len(jax.devices("cpu")) if jax.default_backend() != "cpu" else _cores())
+    torch.set_num_threads(len(jax.devices("cpu")) if jax.default_backend() != "cpu" else usable_cores())
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_checkpoint(model, cfg, tmp)
         hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32)
     return hf_model.eval()
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _time_hf(hf_model, prompts, new_tokens, repeats, our_first_row):

@@ -48,42 +48,6 @@ def define_flags() -> None:
                       "XLA:CPU flag set applied before JAX starts (alphallm_jax.train.xla_flags).")
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
-    """FLOP/s of a jitted float32 n x n matmul: best and median of `repeats` timed runs."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    flops = 2.0 * n ** 3
-    return {"n": n, "best_flops": flops / min(times), "median_flops": flops / statistics.median(times)}
-
-
 def flops_per_token(cfg, seq_len: int) -> tuple[float, int]:
     """(training FLOPs per token, N_matmul) for the formula in the module doc."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
@@ -198,11 +162,12 @@ def run(out: str | None = None, batch_size: int = 8, seq_len: int = 256, steps: 
     flags_added = apply_xla_flags(FLAG_SETS[xla_cpu_flags])
     import jax
 
+    from alphallm_jax.benchmarks.common import cpu_model, measure_matmul_peak, usable_cores
     from alphallm_jax.models import create_model, presets
     from alphallm_jax.models.hf_io import save_hf_checkpoint
     from alphallm_jax.utils.io import atomic_write_json
 
-    cores = _cores()
+    cores = usable_cores()
     threads = threads or cores
     cfg = presets.get(preset)
     if seq_len > cfg.max_position_embeddings:
@@ -251,7 +216,7 @@ def run(out: str | None = None, batch_size: int = 8, seq_len: int = 256, steps: 
         **timed,
         "machine": {
             "cpu_count": os.cpu_count(), "usable_cores": cores, "torch_threads": threads,
-            "cpu_model": _cpu_model(), "platform": platform.platform(),
+            "cpu_model": cpu_model(), "platform": platform.platform(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "jax": jax.__version__, "jax_backend": jax.default_backend(),
             "jax_devices": len(jax.devices()), "torch": torch.__version__,
