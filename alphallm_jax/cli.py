@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("search", "eta-MCTS (or beam search) with the critics over a split or prompts: trees + summary"),
     "view-tree": ("view_tree", "render a search tree (JSONL) as a self-contained HTML page"),
     "synthesize": ("synthesize", "imagination: new prompts from D0 written by a policy, filtered; counts per filter"),
+    "sweep": ("sweep", "evaluation methods x budgets x checkpoints (a loop run's policies), sharded: one table, one plot"),
     "plan": ("plan", "per-device memory of every model on the configured mesh, computed abstractly (no memory)"),
     "bench": ("bench", "benchmarks with side-by-side ratios: `alphallm bench {sampler,train,search} --out F.json`"),
 }

@@ -192,6 +192,18 @@ def default_config() -> ml_collections.ConfigDict:
     # (CPL vs PL-shuffle vs CO vs Q); empty: no ablations.
     c.loop.ablation_orderings = ()
     c.loop.ablation_seeds = 3
+    # eta-MCTS with its components added one at a time in the paper's order (value-only fixed width, +
+    # adaptive branching, + PRM, + fast-rollout ORM, + state merging) on the base policy, on the first
+    # search_ablation_limit evaluation problems (0: eval.limit).
+    c.loop.search_ablation = False
+    c.loop.search_ablation_limit = 0
+
+    # Evaluation sweeps (`alphallm sweep`): every checkpoint x method x budget on `eval.split` (`eval.limit`).
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.checkpoints = ()  # "NAME=DIR" or "DIR" entries
+    c.sweep.loop_workdir = ""  # a loop run: its base, iter_N/sft and iter_N/cpl policies, critics, fast policy
+    c.sweep.methods = ("greedy", "maj", "orm", "mcts")  # maj/orm/prm/pass/mcts/beam run once per budget
+    c.sweep.budgets = (4, 16)  # samples (maj, orm, prm, pass), simulations (mcts), beam width (beam)
 
     # Imagination (alphallm_jax/synthesis): the policy writes new unlabelled prompts from D0, filtered for
     # form, test-split overlap and near-duplicates; fields of SynthesisSettings except the three splits.

@@ -85,6 +85,10 @@ def get_config(variant: str | None = None):
     c.loop.cpl_methods = ("greedy", "mcts")
     c.loop.ablation_orderings = ("cpl", "shuffle", "complete_only", "q_pairs")
     c.loop.ablation_seeds = 3
+    # The paper's search ablation (value-only fixed width, + adaptive branching, + PRM, + fast-rollout ORM,
+    # + state merging) on the first 64 test problems.
+    c.loop.search_ablation = True
+    c.loop.search_ablation_limit = 64
     if variant == "quick":
         # Every stage of the loop, small: a barely trained policy, a few prompts, one ablation run.
         c.base.num_train, c.base.num_dev = 1600, 64
@@ -97,6 +101,7 @@ def get_config(variant: str | None = None):
         c.loop.base_methods = ("greedy", "maj@4", "orm@4", "mcts")
         c.loop.ablation_orderings = ("shuffle",)
         c.loop.ablation_seeds = 1
+        c.loop.search_ablation_limit = 4
         c.policy_train.sft.epochs = 1
         # The barely trained policy rarely convinces the ORM: low bars so SFT and DPO still train in CI.
         c.policy_train.orm_threshold = 0.0

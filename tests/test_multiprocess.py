@@ -1,6 +1,6 @@
-"""Two CPU processes as two hosts of one JAX runtime (`launch/local.sh`): the quick demo's evaluation,
-sharded over the processes and merged by process 0, gives the same summary and predictions as one
-process (sampled methods included); and the launcher's environment contract."""
+"""Two CPU processes as two hosts of one JAX runtime (`launch/local.sh`): an evaluation sweep, sharded over
+the processes and merged by process 0, gives the same table and predictions as one process (sampled
+methods included); and the launcher's environment contract."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "launch" / "local.sh"
 
 
-def _tiny_checkpoint(directory: Path) -> Path:
+def _tiny_checkpoints(directory: Path) -> list[Path]:
     from flax import nnx
 
     from alphallm_jax.models.decoder import Decoder
@@ -26,9 +26,10 @@ def _tiny_checkpoint(directory: Path) -> Path:
 
     tok = arith_tokenizer(directory)
     cfg = model_config(tok)
-    path = directory / "policy"
-    save_hf_checkpoint(Decoder(cfg, rngs=nnx.Rngs(0)), cfg, path, tokenizer=tok)
-    return path
+    paths = [directory / f"policy{seed}" for seed in (0, 1)]
+    for seed, path in enumerate(paths):
+        save_hf_checkpoint(Decoder(cfg, rngs=nnx.Rngs(seed)), cfg, path, tokenizer=tok)
+    return paths
 
 
 def _env() -> dict[str, str]:
@@ -41,11 +42,13 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
-def test_two_processes_give_the_one_process_summary(tmp_path):
-    policy = _tiny_checkpoint(tmp_path)
-    args = ["eval", "--config=configs/demo_arith.py:quick", f"--config.model.checkpoint={policy}",
-            "--config.eval.limit=12", "--config.eval.max_new_tokens=12", "--config.eval.batch_size=4",
-            "--config.eval.methods=('greedy','maj@4')"]
+def test_two_processes_give_the_one_process_sweep(tmp_path):
+    """`alphallm sweep` over two checkpoints: every evaluation sharded over the processes, merged by process 0,
+    read back by the other (the loop's evaluations go through the same `evaluate_policy`)."""
+    p0, p1 = _tiny_checkpoints(tmp_path)
+    args = ["sweep", "--config=configs/demo_arith.py:quick", f"--config.sweep.checkpoints=('a={p0}','b={p1}')",
+            "--config.sweep.methods=('greedy','maj')", "--config.sweep.budgets=(4,)",
+            "--config.eval.limit=12", "--config.eval.max_new_tokens=12", "--config.eval.batch_size=4"]
     one = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args, f"--workdir={tmp_path / 'one'}"],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -54,16 +57,17 @@ def test_two_processes_give_the_one_process_summary(tmp_path):
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
     assert two.returncode == 0, two.stderr[-3000:] + logs[-3000:]
-    parts = sorted(p.name for p in (tmp_path / "two" / "eval" / "greedy").glob("predictions.part*"))
+    parts = sorted(p.name for p in (tmp_path / "two" / "b" / "eval" / "greedy").glob("predictions.part*"))
     assert parts == ["predictions.part000-of-002.jsonl", "predictions.part001-of-002.jsonl"]
-    for name in ("summary.json", "greedy/predictions.jsonl", "maj_4/predictions.jsonl"):
-        a = (tmp_path / "one" / "eval" / name).read_text()
-        b = (tmp_path / "two" / "eval" / name).read_text()
+    for name in ("sweep.json", "sweep.md", *(f"{c}/eval/{f}" for c in "ab" for f in (
+            "summary.json", "greedy/predictions.jsonl", "maj_4/predictions.jsonl"))):
+        a = (tmp_path / "one" / name).read_text()
+        b = (tmp_path / "two" / name).read_text()
         assert a == b, name
-    summary = json.loads((tmp_path / "two" / "eval" / "summary.json").read_text())
-    assert summary["num_problems"] == 12 and summary["methods"]["greedy"]["n"] == 12
-    assert summary["methods"]["maj@4"]["n"] == 12  # sampled: each problem's seed is its own, not its batch slot
-    assert "greedy" in two.stdout  # process 0 prints the merged summary
+    table = json.loads((tmp_path / "two" / "sweep.json").read_text())
+    assert [(r["checkpoint"], r["method"], r["n"]) for r in table["rows"]] == [
+        (c, m, 12) for c in "ab" for m in ("greedy", "maj@4")]  # sampled: each problem's seed is its own
+    assert "maj@4" in two.stdout  # process 0 prints the merged table
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")

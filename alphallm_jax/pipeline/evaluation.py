@@ -26,6 +26,7 @@ from alphallm_jax.utils.io import (
     as_path,
     atomic_write_json,
     atomic_write_text,
+    read_json,
     read_jsonl_tolerant_tail,
     write_jsonl_atomic,
 )
@@ -63,7 +64,7 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
                      tag: str = "eval") -> dict:
     """Run `methods` (spec strings) on this process's share of `problems`; merge on process 0.
 
-    Returns the merged summary (process 0) or this process's partial one.
+    Returns the merged summary on every process (the others read what process 0 wrote).
     """
     pidx, pcount = jax.process_index(), jax.process_count()
     mine = problems[pidx::pcount]
@@ -87,6 +88,8 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     summary = merge_results(problems, methods, out_root) if pidx == 0 else {}
     if pcount > 1:
         multihost_utils.sync_global_devices(f"{tag}:merged")
+        if pidx != 0:  # the workdir is shared (a local disk or a bucket): every process reads the merge
+            summary = read_json(out_root / "summary.json")["methods"]
     return summary
 
 

@@ -1,6 +1,6 @@
 """The self-improvement loop (`alphallm loop --config CONFIG --workdir DIR`), the product's main job.
 
-    base policy -> critics -> base evaluation -> for each iteration:
+    base policy -> critics -> base evaluation -> search ablation (optional) -> for each iteration:
         imagination (synthesize unlabelled prompts from D0 seeds with the current policy)
         -> eta-MCTS on them (policy + critics) -> SFT on the best traces (AlphaLLM's round)
         -> trajectory pairs -> CPL-DPO from the SFT policy -> evaluation
@@ -117,6 +117,9 @@ def run_loop(cfg, workdir) -> dict:
     report["base"] = run.stage("base_eval", lambda d: evaluate_policy(
         cfg, run.root, policy_dir, cfg.loop.base_methods, d, mesh=run.mesh), _fmt)
 
+    if cfg.loop.search_ablation:
+        report["search_ablation"] = _search_ablation(run, policy_dir)
+
     report["iterations"] = []
     for it in range(1, cfg.loop.iterations + 1):
         record, policy_dir = _iteration(run, it, policy_dir)
@@ -165,6 +168,28 @@ def _critics(run: LoopRun, policy_dir: str) -> dict:
 
     return run.stage("critics_stage", train, lambda r: ", ".join(
         f"{k} AUROC {v['auroc']:.3f} ECE {v['ece']:.3f}" for k, v in r.items() if isinstance(v, dict)))
+
+
+def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
+    """eta-MCTS with its components added one at a time in the paper's order (`pipeline.search_ablation`),
+    with the base policy and critics on the first `loop.search_ablation_limit` evaluation problems."""
+    from alphallm_jax.pipeline.search_ablation import rung_overrides
+    from alphallm_jax.pipeline.search_run import SearchSettings
+
+    cfg = run.cfg
+    limit = cfg.loop.search_ablation_limit or cfg.eval.limit
+    rows = []
+    for rung, changes in rung_overrides(SearchSettings.from_config(cfg).mcts):
+        c = derived_config(cfg, **{"eval.limit": limit}, **{f"search.mcts.{k}": v for k, v in changes.items()})
+
+        def fn(stage_dir, c=c):
+            return evaluate_policy(c, run.root, policy_dir, ("mcts",), stage_dir, mesh=run.mesh)["mcts"]
+
+        result = run.stage(f"search_ablation/{rung.name}", fn,
+                           lambda r, label=rung.label: f"{label}: mcts {100 * r['accuracy']:.1f}%")
+        rows.append({"rung": rung.name, "label": rung.label, "paper_gsm8k": rung.paper_gsm8k,
+                     "changes": changes, **result})
+    return {"problems": rows[0]["n"], "rungs": rows}
 
 
 def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:

@@ -35,6 +35,14 @@ def markdown(report: dict[str, Any]) -> str:
         if isinstance(r, dict) and "auroc" in r:
             cells = [r.get(k) for k in ("auroc", "ece", "precision", "recall")]
             lines.append(f"| {head} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    ablation = report.get("search_ablation")
+    if ablation:
+        lines += ["", f"## eta-MCTS components, added one at a time (base policy, {ablation['problems']} problems)", "",
+                  "| search | accuracy [95% CI] | tokens/question | nodes/question | paper (GSM8K, 70B) |",
+                  "|---|---|---|---|---|"]
+        for r in ablation["rungs"]:
+            lines.append(f"| {r['label']} | {_pct(r)} | {r.get('mean_generated_tokens', 0):.0f} | "
+                         f"{r.get('mean_nodes', 0):.1f} | {r['paper_gsm8k']:.1f}% |")
     lines += ["", "## Iterations", "",
               "| iteration | synthesized prompts | SFT traces | SFT greedy | CPL greedy | CPL mcts |", "|---|---|---|---|---|---|"]
     for it in report.get("iterations", []):

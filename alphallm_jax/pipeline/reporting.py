@@ -44,7 +44,10 @@ def markdown_table(methods: Mapping[str, Mapping], title: str | None = None) -> 
 
 
 def plot_accuracy_vs_compute(series: Mapping[str, Sequence[tuple[float, float]]], path, title: str) -> None:
-    """One point (tokens per question, accuracy) per method, or a line per family of budgets."""
+    """One point (tokens per question, accuracy) per method, or a line per family of budgets.
+
+    A series label "GROUP METHOD" (e.g. "iter_1/cpl orm") takes its colour from GROUP and its marker from
+    METHOD, so a grid of checkpoints x methods stays readable; the legend sits beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,17 +55,23 @@ def plot_accuracy_vs_compute(series: Mapping[str, Sequence[tuple[float, float]]]
 
     from alphallm_jax.utils.io import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    groups = list(dict.fromkeys(name.rpartition(" ")[0] for name in series))
+    methods = list(dict.fromkeys(name.rpartition(" ")[2] for name in series))
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    markers = "osD^vP*Xph"
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for name, points in series.items():
+        group, _, method = name.rpartition(" ")
         points = sorted(points)
         xs, ys = [p[0] for p in points], [100 * p[1] for p in points]
-        ax.plot(xs, ys, marker="o", label=name)
+        ax.plot(xs, ys, marker=markers[methods.index(method) % len(markers)], label=name,
+                color=colours(groups.index(group) % colours.N))
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per question")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     fig.tight_layout()
     import io
 

@@ -1,0 +1,32 @@
+"""`alphallm sweep --config CONFIG --workdir DIR`: evaluation methods x budgets x checkpoints, one table.
+
+    alphallm sweep --workdir runs/sweep --config.sweep.loop_workdir=runs/demo \
+        --config.sweep.methods=greedy,maj,orm,mcts --config.sweep.budgets=4,16
+    alphallm sweep --workdir runs/sweep2 --config.sweep.checkpoints="'base=runs/demo/base/policy','cpl=DIR'"
+
+Sharded over JAX processes (launch/local.sh, the TPU launcher) like `alphallm eval`; resumable.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", "configs/demo_arith.py", "Config file (configs/*.py[:variant]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
+
+
+def main(argv) -> None:
+    del argv
+    from alphallm_jax.pipeline.sweep import run_sweep
+
+    f = flags.FLAGS
+    table = run_sweep(f.config, f.workdir)
+    if table:
+        for r in table["rows"]:
+            print(f"{r['checkpoint']:>14} {r['method']:>10}: accuracy {100 * r['accuracy']:5.1f}% n={r['n']}  "
+                  f"tokens/q {r['mean_generated_tokens']:.1f}")
+        print(f"table: {f.workdir}/sweep.md, plot: {f.workdir}/sweep.png")
