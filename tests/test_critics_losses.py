@@ -157,3 +157,14 @@ def test_pair_batches_add_the_rank_term_to_the_concatenated_head_losses():
     np.testing.assert_allclose(loss, flat_loss + 0.5 * metrics["orm_rank_loss"], rtol=1e-5)
     assert float(metrics["ranked_pairs"]) == 1.0 and float(metrics["weight"]) == 4.0
     np.testing.assert_allclose(metrics["orm_loss"], flat_metrics["orm_loss"], rtol=1e-5)
+
+
+def test_a_label_free_stand_in_does_not_count_as_a_solution():
+    critic = create_critic(presets.get("tiny"), CriticHeadConfig(hidden=16), seed=0)
+    a, b = _batch(seed=0), _batch(seed=1)
+    for key in b:  # pair 1's second solution is the unlabelled copy pair_within_prompts adds for an odd one out
+        if key.endswith("_mask") and key != "row_mask":
+            b[key][1] = 0.0
+    pair = {**a, **{f"b_{k}": v for k, v in b.items() if k != "row_mask"}}
+    _, metrics = nnx.jit(critic_loss)(critic, {k: jnp.asarray(v) for k, v in pair.items()})
+    assert float(metrics["weight"]) == 3.0

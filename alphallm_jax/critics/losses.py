@@ -86,7 +86,7 @@ def rank_loss(orm_logits_bs: jax.Array, target_bs: jax.Array, mask_bs: jax.Array
 def critic_loss(model, batch: dict[str, jax.Array], *, head_weights: Sequence[float] = (1.0, 1.0, 1.0),
                 value_loss: str = "bce", rank_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted sum of the per-head losses (+ `rank_weight` times the ORM ranking loss of pair
-    batches); metrics per head; weight = real rows (solutions)."""
+    batches); metrics per head; weight = real, labelled rows (solutions)."""
     batch, pairs = _unpair(batch)
     logits_bsc = model(batch["input_ids"], positions_bs=batch["positions"])
     per_head = head_losses(logits_bsc, batch, value_loss=value_loss)
@@ -100,7 +100,9 @@ def critic_loss(model, batch: dict[str, jax.Array], *, head_weights: Sequence[fl
         ranked, count = rank_loss(orm_logits, orm_target, orm_mask, pairs)
         loss = loss + rank_weight * ranked
         metrics["orm_rank_loss"], metrics["ranked_pairs"] = ranked, count
-    metrics[WEIGHT_KEY] = jnp.sum(batch["row_mask"]).astype(jnp.float32)
+    # Weight: solutions that carry a label (a pair's label-free stand-in for a missing partner does not count).
+    labelled_b = sum(jnp.sum(batch[f"{h}_mask"], axis=1) for h in HEADS) > 0
+    metrics[WEIGHT_KEY] = jnp.sum(batch["row_mask"] * labelled_b).astype(jnp.float32)
     return loss, metrics
 
 
