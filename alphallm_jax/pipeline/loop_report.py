@@ -7,10 +7,11 @@ and of the last iteration, accuracy against generated tokens per question.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from alphallm_jax.pipeline import reporting
-from alphallm_jax.utils.io import atomic_write_json, atomic_write_text
+from alphallm_jax.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def _pct(r: dict | None) -> str:
@@ -88,11 +89,10 @@ def _plot_iterations(report: dict[str, Any], path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + ".tmp.png")
-    fig.savefig(str(tmp), dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    tmp.rename(path)
+    atomic_write_bytes(path, buf.getvalue())  # replaces the plot of an earlier run
 
 
 def write_report(report: dict[str, Any], root) -> None:
