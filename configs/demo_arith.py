@@ -58,6 +58,13 @@ def get_config(variant: str | None = None):
     # (v + PRM + ORM in [0, 3]) and the chosen path ends in an unscored completion (14% on 100 test problems
     # vs 34% with these three settings; same policy and critic).
     c.search.mcts.update(dict(terminal_reward="orm_scaled", answer_selection="orm_vote", c_uct=0.3))
+    # No state merging: an arith step and its miscalculated twin differ by a digit or two, so merging at 10
+    # characters resampled the right step away, and even exact-duplicate merging removed the repeats that
+    # the ORM vote counts (mcts on 150 test problems: merging at 10 characters 38.0%, exact duplicates only
+    # 42.7%, none 46.7%; the loop's search ablation still measures merging at 10). alpha = 10: values lie in
+    # [0, 1], so with alpha = 1 n(s) = floor(I(s)) + 1 never exceeds c_min and branching never adapts
+    # (47.3% with alpha = 10, the same within noise, with the extra children where the children disagree).
+    c.search.mcts.update(dict(merge_distance="none", alpha=10.0))
     c.search.options.update(dict(max_option_tokens=48, max_solution_tokens=192))
     # The finished beams picked by the ORM: 26% vs 19% by the newest step's PRM (100 test problems).
     c.search.beam.update(dict(beam_width=4, expansions_per_beam=4, max_depth=8, final_selection="orm"))

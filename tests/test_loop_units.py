@@ -62,7 +62,8 @@ def test_report_files_and_tables(tmp_path):
              "cpl": {"greedy": _acc(0.32 + 0.1 * i), "mcts@8": _acc(0.6)}} for i in (1, 2)],
         "ablations": {"cpl": {"train_pairs": 40, "epochs": [{"epoch": 1, "mean": 0.5, "spread": 0.02}]}},
         "search_ablation": {"problems": 50, "rungs": [
-            {"rung": "prm", "label": "+ PRM", "paper_gsm8k": 85.9, **_acc(0.42, 300), "mean_nodes": 12.5}]},
+            {"rung": "prm", "label": "+ PRM", "paper_gsm8k": 85.9, **_acc(0.42, 300), "mean_nodes": 12.5,
+             "configured": True}]},
         "wall_seconds": 12.0,
     }
     write_report(report, as_path(tmp_path))
@@ -72,7 +73,7 @@ def test_report_files_and_tables(tmp_path):
     md = markdown(report)
     assert "| 2 | 100 | 90 | 50.0% [40.0, 60.0] | 52.0% [42.0, 62.0] | 60.0% [50.0, 70.0] |" in md
     assert "| value | 0.850 | 0.040 |" in md and "| cpl | 40 | 1 | 50.0% | 2.0 |" in md
-    assert "| + PRM | 42.0% [32.0, 52.0] | 300 | 12.5 | 85.9% |" in md
+    assert "| + PRM (the configured search) | 42.0% [32.0, 52.0] | 300 | 12.5 | 85.9% |" in md
     assert find_method(report["iterations"][0]["cpl"], "mcts")["accuracy"] == 0.6
     assert find_method(report["base"], "beam") is None
 
@@ -89,6 +90,7 @@ def test_search_ablation_rungs_add_one_component_at_a_time():
         (0.0, 0.0, 0.0, 0, "none"), (1.0, 0.0, 0.0, 0, "none"), (1.0, 1.0, 0.0, 0, "none"),
         (1.0, 1.0, 1.0, 4, "none"), (1.0, 1.0, 1.0, 4, "edit")]
     assert rungs[-1][1] == {} and configs[0].rollouts_per_node == 0
-    # A search configured without merging: the last two rungs are the same search, and say so.
-    no_merge = rung_overrides(full.replace(merge_distance="none"))
-    assert no_merge[3][1] == no_merge[4][1] == {}
+    # A search configured without merging is the fourth rung; the fifth still measures merging.
+    no_merge = rung_overrides(full.replace(merge_distance="none", merge_threshold=10.0))
+    assert no_merge[3][1] == {} and no_merge[4][1] == {"merge_distance": "edit"}
+    assert full.replace(merge_distance="none").replace(**no_merge[4][1]).merging

@@ -188,7 +188,7 @@ def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
         result = run.stage(f"search_ablation/{rung.name}", fn,
                            lambda r, label=rung.label: f"{label}: mcts {100 * r['accuracy']:.1f}%")
         rows.append({"rung": rung.name, "label": rung.label, "paper_gsm8k": rung.paper_gsm8k,
-                     "changes": changes, **result})
+                     "changes": changes, "configured": not changes, **result})
     return {"problems": rows[0]["n"], "rungs": rows}
 
 

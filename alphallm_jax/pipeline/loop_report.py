@@ -42,7 +42,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "| search | accuracy [95% CI] | tokens/question | nodes/question | paper (GSM8K, 70B) |",
                   "|---|---|---|---|---|"]
         for r in ablation["rungs"]:
-            lines.append(f"| {r['label']} | {_pct(r)} | {r.get('mean_generated_tokens', 0):.0f} | "
+            label = r["label"] + (" (the configured search)" if r.get("configured") else "")
+            lines.append(f"| {label} | {_pct(r)} | {r.get('mean_generated_tokens', 0):.0f} | "
                          f"{r.get('mean_nodes', 0):.1f} | {r['paper_gsm8k']:.1f}% |")
     lines += ["", "## Iterations", "",
               "| iteration | synthesized prompts | SFT traces | SFT greedy | CPL greedy | CPL mcts |", "|---|---|---|---|---|---|"]
