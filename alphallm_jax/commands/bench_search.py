@@ -57,8 +57,15 @@ def main(argv) -> None:
     scorer = load_critic_scorer(cfg, f.workdir, tokenizer)
     prompts = [p.prompt for p in pool]
 
+    fast_policy = None
+    if cfg.search.rollout_policy and cfg.rollout_policy.enabled:  # loaded once for every backend below
+        from alphallm_jax.critics.fast_rollout import load_fast_rollout_policy
+
+        fast_policy = load_fast_rollout_policy(cfg, f.workdir)
+
     def fresh_backend():
-        return make_backend(cfg, f.workdir, model, tokenizer, prompts, scorer=scorer, settings=settings)
+        return make_backend(cfg, f.workdir, model, tokenizer, prompts, scorer=scorer, settings=settings,
+                            fast_policy=fast_policy)
 
     prompt_tokens = {p.problem_id: len(tokenizer.encode(p.prompt, add_bos=True)) for p in pool}
     result = run_search_bench(fresh_backend, problems, settings.mcts, prompt_tokens,

@@ -86,9 +86,10 @@ def search_max_len(cfg, tokenizer, prompts: Sequence[str], options: OptionConfig
 
 
 def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scorer=None, mesh=None,
-                 settings: SearchSettings | None = None) -> LMSearchBackend:
+                 settings: SearchSettings | None = None, fast_policy=None) -> LMSearchBackend:
     """The LM backend for `prompts`: a search sampler over `model` (its own KV pool of `search.pool_slots`),
-    the critic (loaded when `scorer` is None) and, with `rollout_policy.enabled`, the fast-rollout policy."""
+    the critic (loaded when `scorer` is None) and, with `rollout_policy.enabled`, the fast-rollout policy
+    (`fast_policy`: its (model, tokenizer) already loaded; None: loaded here)."""
     from alphallm_jax.sampling import Sampler
 
     settings = settings or SearchSettings.from_config(cfg)
@@ -102,7 +103,7 @@ def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scor
     if cfg.search.rollout_policy and cfg.rollout_policy.enabled:
         from alphallm_jax.critics.fast_rollout import load_fast_rollout_policy
 
-        fast, fast_tokenizer = load_fast_rollout_policy(cfg, workdir, mesh=mesh)
+        fast, fast_tokenizer = fast_policy or load_fast_rollout_policy(cfg, workdir, mesh=mesh)
         rollout_sampler = Sampler(fast, fast_tokenizer, max_len=min(max_len, fast.cfg.max_position_embeddings),
                                   pool_slots=2, max_batch=max_batch, mesh=mesh)
     return LMSearchBackend(sampler, scorer, task=cfg.task, options=settings.options, rollout_sampler=rollout_sampler)
