@@ -16,7 +16,6 @@ and DIR/sweep.png (accuracy against generated tokens per question, a line per ch
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 
 import jax
@@ -110,13 +109,10 @@ def sweep_checkpoints(cfg) -> list[SweepCheckpoint]:
     return unique
 
 
-def _dirname(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
 def run_sweep(cfg, workdir) -> dict:
     """Evaluate every cell of the grid (module doc); returns the merged rows (process 0) or {}."""
     from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.pipeline.evaluation import method_dirname
     from alphallm_jax.pipeline.loop import evaluate_policy
 
     specs = method_specs(list(cfg.sweep.methods), list(cfg.sweep.budgets))
@@ -130,7 +126,8 @@ def run_sweep(cfg, workdir) -> dict:
     results = {}
     for c in checkpoints:
         print(f"[sweep] {c.name} ({c.path}): {', '.join(specs)}")
-        results[c.name] = evaluate_policy(cfg, component_root, c.path, specs, root / _dirname(c.name), mesh=mesh)
+        results[c.name] = evaluate_policy(cfg, component_root, c.path, specs, root / method_dirname(c.name),
+                                          mesh=mesh)
     if jax.process_index() != 0:
         return {}
     rows = [{"checkpoint": c.name, "path": c.path, "method": spec, **results[c.name][spec]}
