@@ -1,1 +1,24 @@
 """`alphallm` subcommands: each module defines `define_flags()` and `main(argv)`."""
+
+from __future__ import annotations
+
+DEMO_CONFIG = "configs/demo_arith.py"
+
+
+def define_config_flag(default: str | None = None) -> None:
+    """`--config=configs/x.py[:variant]` (ml-collections, locked: a typo in `--config.a.b` fails and names
+    the key); required when there is no default."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", default, "Config file (configs/*.py[:variant]).", lock_config=True)
+    if default is None:
+        flags.mark_flag_as_required("config")
+
+
+def define_run_flags(default_config: str | None = None, workdir_help: str = "Output directory (resumable).") -> None:
+    """`--config` as above and the required `--workdir`."""
+    from absl import flags
+
+    define_config_flag(default_config)
+    flags.DEFINE_string("workdir", None, workdir_help, required=True)

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 
 from absl import flags
-from ml_collections import config_flags
+
+from alphallm_jax.commands import DEMO_CONFIG, define_run_flags
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", "configs/demo_arith.py", "Config file (configs/*.py[:variant]).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "A run of `alphallm loop` (policy, critics, fast-rollout policy).",
-                        required=True)
+    define_run_flags(DEMO_CONFIG, "A run of `alphallm loop` (policy, critics, fast-rollout policy).")
     flags.DEFINE_string("policy", None, "The policy checkpoint (default WORKDIR/base/policy).")
     flags.DEFINE_integer("num_problems", 64, "Problems searched in lockstep.")
     flags.DEFINE_integer("sequential_problems", 8, "Of those, how many are also searched one at a time.")

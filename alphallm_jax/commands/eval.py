@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
+
+from alphallm_jax.commands import define_run_flags
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
-    flags.mark_flag_as_required("config")
+    define_run_flags()
 
 
 def main(argv) -> None:

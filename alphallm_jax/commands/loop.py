@@ -8,13 +8,12 @@ DIR/report.json, DIR/report.md and plots. Rerun the same command after an interr
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
+
+from alphallm_jax.commands import DEMO_CONFIG, define_run_flags
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", "configs/demo_arith.py", "Config file (configs/*.py[:variant]).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
+    define_run_flags(DEMO_CONFIG)
 
 
 def main(argv) -> None:

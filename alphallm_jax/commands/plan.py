@@ -7,13 +7,13 @@ shape, so a plan for a 64-chip pod runs on a laptop (see alphallm_jax/pipeline/p
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
+
+from alphallm_jax.commands import define_config_flag
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
+    define_config_flag()
     flags.DEFINE_string("out", None, "Also write the plan as JSON to this file.")
-    flags.mark_flag_as_required("config")
 
 
 def main(argv) -> None:

@@ -7,15 +7,14 @@ from D0 (the `synthesis` config section); they land in WORKDIR/synthesis/ with c
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
+
+from alphallm_jax.commands import define_run_flags
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
+    define_run_flags()
     flags.DEFINE_string("policy", None, "The policy checkpoint (default: model.checkpoint, else WORKDIR/base/policy).")
     flags.DEFINE_integer("iteration", 1, "The loop iteration the prompts are for (seeds the sampling).")
-    flags.mark_flag_as_required("config")
 
 
 def main(argv) -> None:

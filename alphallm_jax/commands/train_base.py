@@ -7,13 +7,12 @@ the config's eval split with `base.eval_methods` (greedy and pass@16 by default)
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
+
+from alphallm_jax.commands import DEMO_CONFIG, define_run_flags
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", "configs/demo_arith.py", "Config file (configs/*.py[:variant]).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
+    define_run_flags(DEMO_CONFIG)
 
 
 def main(argv) -> None:

@@ -9,15 +9,14 @@ extracted records, the trainer's run, and the trained policy to `DIR/policy` (re
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
+
+from alphallm_jax.commands import define_run_flags
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
+    define_run_flags()
     flags.DEFINE_enum("train.method", None, ["sft", "dpo"],
                       "What to train; default: config.policy_train.method.")
-    flags.mark_flag_as_required("config")
 
 
 def main(argv) -> None:
