@@ -7,11 +7,10 @@ and of the last iteration, accuracy against generated tokens per question.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from alphallm_jax.pipeline import reporting
-from alphallm_jax.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from alphallm_jax.utils.io import atomic_write_json, atomic_write_text
 
 
 def _pct(r: dict | None) -> str:
@@ -90,10 +89,7 @@ def _plot_iterations(report: dict[str, Any], path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())  # replaces the plot of an earlier run
+    reporting.save_figure(fig, path, dpi=120)
 
 
 def write_report(report: dict[str, Any], root) -> None:

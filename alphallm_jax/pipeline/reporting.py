@@ -53,8 +53,6 @@ def plot_accuracy_vs_compute(series: Mapping[str, Sequence[tuple[float, float]]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from alphallm_jax.utils.io import atomic_write_bytes
-
     groups = list(dict.fromkeys(name.rpartition(" ")[0] for name in series))
     methods = list(dict.fromkeys(name.rpartition(" ")[2] for name in series))
     colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
@@ -73,9 +71,18 @@ def plot_accuracy_vs_compute(series: Mapping[str, Sequence[tuple[float, float]]]
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path, dpi: int | None = None) -> None:
+    """Write a matplotlib figure as PNG atomically (replacing an earlier run's) and close it."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    from alphallm_jax.utils.io import atomic_write_bytes
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
