@@ -11,7 +11,7 @@ import transformers
 from alphallm_jax.models.hf_io import load_hf_checkpoint
 from alphallm_jax.models.sharding import make_mesh
 from alphallm_jax.models.tokenizer import Tokenizer
-from alphallm_jax.sampling import Sampler, SampleRequest
+from alphallm_jax.sampling import Sampler, SampleRequest, engine
 from alphallm_jax.sampling.stop_rules import StopTables, build_stop_table
 from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
 
@@ -177,6 +177,21 @@ def test_stop_table_matches_across_token_boundaries():
     assert state == 4
     nl = StopTables(("\n", "\n\n"), texts)
     assert nl.table_kqv[0, 0, 4] == 1 and nl.table_kqv[1, 0, 4] == 1 and nl.table_kqv[1, 1, 5] == 2
+
+
+def test_different_stop_sets_and_lengths_share_one_decode_compile(llama, tokenizer):
+    """Stop tables are padded and cache lengths rounded, so samplers built by different stages (other
+    stop strings, slightly different max_len) reuse the compiled decode loop."""
+    model, _ = llama
+    prompt = _prompts(1, seed=22)[0]
+    runs = [(58, ("\n",)), (64, ("\n\n", "\nQuestion:")), (61, ())]
+    before = None
+    for max_len, stop in runs:
+        sampler = Sampler(model, tokenizer, max_len=max_len)
+        sampler.sample([SampleRequest(state=sampler.new_state(prompt), max_new_tokens=12, temperature=0.0,
+                                      stop=stop)], keep_states=True)
+        before = engine.decode._cache_size() if before is None else before
+    assert engine.decode._cache_size() == before
 
 
 def test_stop_strings_and_eos_end_rows_on_device(llama, tokenizer):

@@ -208,7 +208,7 @@ class CriticScorer:
         rows = _pow2(len(seqs), self._min_batch)
         length = min(_bucket_len(max(len(s) for s in seqs), self.len_granule),
                      max(self.max_len, max(len(s) for s in seqs)))
-        k = _pow2(max(len(r) for r in reads))
+        k = _pow2(max(len(r) for r in reads), 16)  # read slots are cheap; fewer shapes, fewer compiles
         ids_bs = np.zeros((rows, length), np.int32)
         pos_bs = np.full((rows, length), -1, np.int32)
         read_bk = np.zeros((rows, k), np.int32)

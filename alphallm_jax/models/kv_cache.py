@@ -92,13 +92,14 @@ class KVCache:
                         slot_pos_bt=self.slot_pos_bt[idx_b])
 
   def scatter_rows(self, idx_b: jax.Array, other: KVCache) -> KVCache:
-    """This cache with rows `idx_b` replaced by `other`'s rows (in place under donation)."""
+    """This cache with rows `idx_b` replaced by `other`'s rows (in place under donation); an index
+    out of range (e.g. `batch`, used as padding) writes nothing."""
     if other.cache_len != self.cache_len:
       raise ValueError(f"cache_len {other.cache_len} != {self.cache_len}")
     return self.replace(
-        k=tuple(k.at[idx_b].set(o) for k, o in zip(self.k, other.k)),
-        v=tuple(v.at[idx_b].set(o) for v, o in zip(self.v, other.v)),
-        slot_pos_bt=self.slot_pos_bt.at[idx_b].set(other.slot_pos_bt))
+        k=tuple(k.at[idx_b].set(o, mode="drop") for k, o in zip(self.k, other.k)),
+        v=tuple(v.at[idx_b].set(o, mode="drop") for v, o in zip(self.v, other.v)),
+        slot_pos_bt=self.slot_pos_bt.at[idx_b].set(other.slot_pos_bt, mode="drop"))
 
   def truncate(self, lengths_b: jax.Array) -> KVCache:
     """Forgets positions >= lengths_b[row] (rewinds rows; the keys become unreachable)."""

@@ -84,7 +84,12 @@ class KVPool:
         for slot, state in zip(slots, states):
             state.slot, state.was_cached = slot, True
             self._lru[slot] = state
-        self.cache = _store_rows(self.cache, jnp.asarray(slots, jnp.int32), batch, jnp.asarray(rows, jnp.int32))
+        # Index lists padded to a power of two (padding writes to slot num_slots: dropped), so storing
+        # batches of different sizes reuses a few compiles.
+        padded = max(1, 1 << max(0, (len(slots) - 1).bit_length()))
+        pad = padded - len(slots)
+        self.cache = _store_rows(self.cache, jnp.asarray(slots + [self.num_slots] * pad, jnp.int32), batch,
+                                 jnp.asarray(list(rows) + [0] * pad, jnp.int32))
 
     def _allocate(self, pinned) -> int:
         if self._free:

@@ -80,6 +80,16 @@ def _bucket_len(n: int, granule: int = 16) -> int:
     return _bucket(n, granule) if n > 256 else -(-n // granule) * granule
 
 
+CACHE_LEN_GRANULE = 32
+
+
+def cache_len_for(max_len: int) -> int:
+    """KV cache slots for sequences of up to `max_len` tokens: rounded up to a multiple of 32, so that
+    samplers built for slightly different lengths (evaluation, rollouts, search, synthesis) share
+    their compiled prefill and decode programs."""
+    return -(-max_len // CACHE_LEN_GRANULE) * CACHE_LEN_GRANULE
+
+
 class Sampler:
     """Batched, jitted sampling with KV forking for tree search.
 
@@ -111,6 +121,7 @@ class Sampler:
         self._pool_slots = pool_slots
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}
+        self._stop_tables_on_device: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
         self._token_texts: tuple[str, ...] | None = None
         self.stats = SamplerStats()
 
@@ -168,7 +179,8 @@ class Sampler:
     @property
     def pool(self) -> KVPool:
         if self._pool is None:
-            self._pool = KVPool(self.cfg, self._pool_slots, self.max_len, cache_factory=self._new_cache)
+            self._pool = KVPool(self.cfg, self._pool_slots, cache_len_for(self.max_len),
+                                cache_factory=self._new_cache)
         return self._pool
 
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -188,7 +200,10 @@ class Sampler:
             if self._token_texts is None:
                 self._token_texts = (token_texts(self.tokenizer, self.cfg.vocab_size) if self.tokenizer
                                      else ("",) * self.cfg.vocab_size)
-            self._stop_tables[stops] = StopTables(stops, self._token_texts)
+            tables = StopTables(stops, self._token_texts)
+            self._stop_tables[stops] = tables
+            # Sent to the device once, not with every decode call (K x Q x vocab int32).
+            self._stop_tables_on_device[stops] = (jnp.asarray(tables.table_kqv), jnp.asarray(tables.match_state_k))
         return self._stop_tables[stops]
 
     def _sample_batch(self, reqs: list[SampleRequest], keep_states: bool) -> list[Completion]:
@@ -226,7 +241,8 @@ class Sampler:
             cache = self.pool.gather([b for b, _, _ in firsts] + [None] * (n_unique - len(firsts)))
         else:
             need = max(s + len(c) for _, s, c in firsts) + max(r.max_new_tokens for r in reqs)
-            cache = self._new_cache(n_unique, self.max_len if keep_states else min(self.max_len, _bucket_len(need, 64)))
+            full = cache_len_for(self.max_len)
+            cache = self._new_cache(n_unique, full if keep_states else min(full, _bucket_len(need, 64)))
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             logits_uv, cache = engine.prefill(self.graphdef, self.params, cache, self._put(chunk_us), self._put(pos_us))
             self.stats.prefilled_tokens += sum(len(c) for _, _, c in firsts)
@@ -242,8 +258,9 @@ class Sampler:
             tables = self._stop_table(stops)
             max_new = _bucket(max(r.max_new_tokens for r in reqs), 8)
             state = self._initial_state(reqs, plans, cache, n_rows, max_new, tables)
-            state = engine.decode(self.graphdef, self.params, state, logits_uv, jnp.asarray(tables.table_kqv),
-                                  jnp.asarray(tables.match_state_k), self.eos_ids, any(r.top_p < 1 or r.top_k > 0 for r in reqs))
+            table_kqv, match_state_k = self._stop_tables_on_device[stops]
+            state = engine.decode(self.graphdef, self.params, state, logits_uv, table_kqv, match_state_k,
+                                  self.eos_ids, any(r.top_p < 1 or r.top_k > 0 for r in reqs))
             self.stats.device_calls += 2
         tokens_bt, logprobs_bt, num_gen_b, reason_b, stop_state_bk = jax.device_get(
             (state.tokens_bt, state.logprobs_bt, state.num_gen_b, state.reason_b, state.stop_state_bk))

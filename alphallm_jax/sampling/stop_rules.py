@@ -55,18 +55,29 @@ def build_stop_table(stop: str, token_texts: tuple[str, ...]) -> np.ndarray:
     return table
 
 
+def _round_up_pow2(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
 class StopTables:
-    """The stacked tables of several stop strings: `int32[K, Q, V]` with Q = longest stop + 1."""
+    """The stacked tables of several stop strings: `int32[K, Q, V]`.
+
+    K and Q are padded (K to a power of two >= 4, Q to one >= 16) so that different stop sets share
+    one decode compile; a padded string row stays in state 0 and its match state is never reached.
+    """
+
+    MIN_STRINGS, MIN_STATES = 4, 16
 
     def __init__(self, stops: tuple[str, ...], token_texts: tuple[str, ...]):
         self.stops = stops
-        self.match_state_k = np.array([len(s) for s in stops], dtype=np.int32)
-        num_states = max((len(s) for s in stops), default=0) + 1
-        table_kqv = np.zeros((max(len(stops), 1), num_states, len(token_texts)), dtype=np.int32)
+        num_strings = _round_up_pow2(len(stops), self.MIN_STRINGS)
+        num_states = _round_up_pow2(max((len(s) for s in stops), default=0) + 1, self.MIN_STATES)
+        table_kqv = np.zeros((num_strings, num_states, len(token_texts)), dtype=np.int32)
         for k, s in enumerate(stops):
             table_kqv[k, : len(s) + 1] = _cached_table(s, token_texts)
-        if not stops:
-            self.match_state_k = np.array([num_states + 1], dtype=np.int32)  # never reached
+        never = num_states  # no table entry holds it
+        self.match_state_k = np.array([len(s) for s in stops] + [never] * (num_strings - len(stops)),
+                                      dtype=np.int32)
         self.table_kqv = table_kqv
 
     def index(self, stop: str) -> int:
