@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -149,6 +151,33 @@ def test_forked_continuation_equals_decoding_from_scratch(which, request, tokeni
         np.testing.assert_allclose(child.logprobs, again.logprobs, atol=1e-4)
     # Only the pending token of each parent was prefilled for the children.
     assert scratch.stats.prefilled_tokens > sampler.stats.prefilled_tokens
+
+
+def test_stragglers_continue_in_a_smaller_batch_with_the_same_results(llama, tokenizer):
+    """Rows of one batch stop at very different lengths; once few still run they continue in a compacted
+    batch. Tokens, log-probabilities and kept states equal sampling each request alone."""
+    model, _ = llama
+    prompts = _prompts(32, seed=13)
+    caps = [2] * 28 + [30, 31, 33, 40]  # 4 of 32 rows run long: the loop shrinks to 4 rows
+    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=64)
+    reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=cap, temperature=1.0, seed=i)
+            for i, (p, cap) in enumerate(zip(prompts, caps))]
+    batched = sampler.sample(reqs)
+    assert sampler.stats.compactions >= 1
+    alone = Sampler(model, tokenizer, max_len=96)
+    for req, got in zip(reqs, batched):
+        (want,) = alone.sample([dataclasses.replace(req, state=alone.new_state(list(req.state.tokens)))],
+                               keep_states=False)
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
+    # The long rows' kept KV states were written back from the compacted batch: continuing them equals
+    # decoding the whole text from scratch.
+    more = sampler.sample([SampleRequest(state=c.state, max_new_tokens=5, temperature=0.0) for c in batched[-4:]],
+                          keep_states=False)
+    for c, m in zip(batched[-4:], more):
+        (want,) = alone.sample([SampleRequest(state=alone.new_state(list(c.state.tokens)), max_new_tokens=5,
+                                              temperature=0.0)], keep_states=False)
+        assert m.token_ids == want.token_ids
 
 
 def test_evicted_state_is_rebuilt_from_its_nearest_cached_ancestor(llama, tokenizer):

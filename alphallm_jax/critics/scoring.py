@@ -7,8 +7,9 @@
     r = scorer.score_solutions(prompt_ids, solution_ids, texts)  # SolutionScores: + tools, PRM aggregate
 
 One backbone pass per sequence gives all three heads. Sequences are sorted by length and packed
-into batches whose shapes are bucketed (rows to powers of two, length to multiples of `len_granule`,
-read positions to powers of two), so a stream of different sizes compiles only a few programs.
+into batches whose shapes are bucketed (`utils.shapes`: rows to powers of two, length to geometric
+multiples of `len_granule`, read positions to powers of two >= 16), so a stream of different sizes
+compiles only a few programs.
 Trailing EOS tokens are ignored (a terminal state that sampled EOS scores like the same text without
 it). Read positions follow `critics.positions`.
 """
@@ -29,6 +30,7 @@ from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with
 from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel, read_positions
+from alphallm_jax.utils.shapes import bucket_length, pow2_at_least
 
 PRM_AGGREGATES = ("min", "prod", "mean", "last")
 
@@ -55,14 +57,6 @@ class SolutionScores:
     value: np.ndarray  # value at the last token
     prm_steps: list[np.ndarray]
     tool_failures: list[list[str]]
-
-
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
-
-
-def _bucket_len(n: int, granule: int) -> int:
-    return _pow2(n, granule) if n > 8 * granule else -(-n // granule) * granule
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -205,10 +199,10 @@ class CriticScorer:
 
     def _run(self, seqs: list[list[int]], reads: list[list[int]]) -> np.ndarray:
         """One device call for up to max_batch sequences (right-padded, bucketed): [b, k, c]."""
-        rows = _pow2(len(seqs), self._min_batch)
-        length = min(_bucket_len(max(len(s) for s in seqs), self.len_granule),
+        rows = pow2_at_least(len(seqs), self._min_batch)
+        length = min(bucket_length(max(len(s) for s in seqs), self.len_granule),
                      max(self.max_len, max(len(s) for s in seqs)))
-        k = _pow2(max(len(r) for r in reads), 16)  # read slots are cheap; fewer shapes, fewer compiles
+        k = pow2_at_least(max(len(r) for r in reads), 16)  # read slots are cheap; fewer shapes, fewer compiles
         ids_bs = np.zeros((rows, length), np.int32)
         pos_bs = np.full((rows, length), -1, np.int32)
         read_bk = np.zeros((rows, k), np.int32)

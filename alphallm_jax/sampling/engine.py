@@ -91,14 +91,22 @@ def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, 
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
-def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate):
-    """Sample the first token from the prefill logits, then decode until every row has stopped."""
-    st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate)
+def _shrink_below(batch: int) -> int:
+    """A loop over `batch` rows exits early once at most this many still run (0: never), so that the
+    host can continue them in a smaller batch instead of paying for the finished rows every step."""
+    return batch // SHRINK_FRACTION if batch >= SHRINK_MIN_BATCH else 0
+
+
+SHRINK_FRACTION, SHRINK_MIN_BATCH = 4, 16
+
+
+def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, truncate) -> DecodeState:
     model = nnx.merge(graphdef, params)
+    shrink_below = _shrink_below(st.tokens_bt.shape[0])
 
     def cond(st: DecodeState):
-        return ~jnp.all(st.done_b)
+        running = jnp.sum(~st.done_b)
+        return (running > 0) & (running > shrink_below)
 
     def body(st: DecodeState):
         active_b = ~st.done_b
@@ -109,6 +117,35 @@ def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_
         return _sample_step(st, logits_bv, table_kqv, match_state_k, eos_ids, truncate)
 
     return jax.lax.while_loop(cond, body, st)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
+def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate):
+    """Sample the first token from the prefill logits, then decode until every row has stopped, or
+    until only a few rows still run in a large batch (see `_shrink_below`; continue with
+    `compact_rows`, `resume_decode` and `merge_rows`)."""
+    st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate)
+    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, truncate)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
+def resume_decode(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, truncate):
+    """Continue a decode state whose rows have their next token sampled but not yet cached."""
+    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, truncate)
+
+
+@jax.jit
+def compact_rows(st: DecodeState, rows_b: jax.Array, real_b: jax.Array) -> DecodeState:
+    """The rows `rows_b` of a decode state (cache rows included) as a new, smaller state; rows where
+    `real_b` is False are padding and start done."""
+    sub = jax.tree.map(lambda x: x[rows_b], st)
+    return sub.replace(reason_b=jnp.where(real_b, sub.reason_b, LENGTH))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def merge_rows(st: DecodeState, rows_b: jax.Array, sub: DecodeState) -> DecodeState:
+    """`st` with rows `rows_b` replaced by `sub`'s rows; an index out of range (padding) writes nothing."""
+    return jax.tree.map(lambda x, y: x.at[rows_b].set(y, mode="drop"), st, sub)
 
 
 @jax.jit

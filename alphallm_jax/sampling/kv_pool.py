@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from alphallm_jax.models.kv_cache import KVCache
+from alphallm_jax.utils.shapes import pow2_at_least
 
 _state_ids = itertools.count()
 
@@ -86,7 +87,7 @@ class KVPool:
             self._lru[slot] = state
         # Index lists padded to a power of two (padding writes to slot num_slots: dropped), so storing
         # batches of different sizes reuses a few compiles.
-        padded = max(1, 1 << max(0, (len(slots) - 1).bit_length()))
+        padded = pow2_at_least(len(slots))
         pad = padded - len(slots)
         self.cache = _store_rows(self.cache, jnp.asarray(slots + [self.num_slots] * pad, jnp.int32), batch,
                                  jnp.asarray(list(rows) + [0] * pad, jnp.int32))

@@ -23,6 +23,7 @@ from alphallm_jax.sampling import engine
 from alphallm_jax.sampling.kv_pool import KVPool, SeqState
 from alphallm_jax.sampling.stop_rules import StopTables
 from alphallm_jax.sampling.token_texts import token_texts
+from alphallm_jax.utils.shapes import bucket_length, pow2_at_least
 
 _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
 
@@ -66,18 +67,10 @@ class SamplerStats:
     rebuilds: int = 0  # requests whose state had been evicted and was rebuilt from an ancestor
     evictions: int = 0
     device_calls: int = 0  # prefill + decode launches
+    compactions: int = 0  # decode loops continued in a smaller batch once most rows had stopped
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
-
-
-def _bucket(n: int, minimum: int = 1) -> int:
-    """Next power of two >= max(n, minimum): few distinct shapes, few compiles."""
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
-
-
-def _bucket_len(n: int, granule: int = 16) -> int:
-    return _bucket(n, granule) if n > 256 else -(-n // granule) * granule
 
 
 CACHE_LEN_GRANULE = 32
@@ -230,8 +223,8 @@ class Sampler:
         unique: dict[tuple, int] = {}
         source = [unique.setdefault((id(b), c), len(unique)) for b, _, c in plans]
         firsts = [plans[source.index(u)] for u in range(len(unique))]
-        n_unique = _bucket(len(unique), self._min_batch)
-        seq = _bucket_len(max(len(c) for _, _, c in firsts))
+        n_unique = pow2_at_least(len(unique), self._min_batch)
+        seq = bucket_length(max(len(c) for _, _, c in firsts), 16)
         chunk_us = np.zeros((n_unique, seq), np.int32)
         pos_us = np.full((n_unique, seq), -1, np.int32)
         for u, (_, skip, chunk) in enumerate(firsts):
@@ -242,13 +235,13 @@ class Sampler:
         else:
             need = max(s + len(c) for _, s, c in firsts) + max(r.max_new_tokens for r in reqs)
             full = cache_len_for(self.max_len)
-            cache = self._new_cache(n_unique, full if keep_states else min(full, _bucket_len(need, 64)))
+            cache = self._new_cache(n_unique, full if keep_states else min(full, bucket_length(need, 64)))
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             logits_uv, cache = engine.prefill(self.graphdef, self.params, cache, self._put(chunk_us), self._put(pos_us))
             self.stats.prefilled_tokens += sum(len(c) for _, _, c in firsts)
 
             # 3. Fork shared prefixes into their samples (a device-side row copy).
-            n_rows = _bucket(len(reqs), self._min_batch)
+            n_rows = pow2_at_least(len(reqs), self._min_batch)
             source_b = np.array(source + [0] * (n_rows - len(reqs)), np.int32)
             if n_rows != n_unique or not np.array_equal(source_b, np.arange(n_rows)):
                 cache, logits_uv = engine.fork_rows(cache, logits_uv, self._put(source_b))
@@ -256,12 +249,14 @@ class Sampler:
             # 4. Decode every row until it stops.
             stops = tuple(sorted({s for r in reqs for s in r.stop}))
             tables = self._stop_table(stops)
-            max_new = _bucket(max(r.max_new_tokens for r in reqs), 8)
+            max_new = pow2_at_least(max(r.max_new_tokens for r in reqs), 32)
             state = self._initial_state(reqs, plans, cache, n_rows, max_new, tables)
             table_kqv, match_state_k = self._stop_tables_on_device[stops]
+            truncate = any(r.top_p < 1 or r.top_k > 0 for r in reqs)
             state = engine.decode(self.graphdef, self.params, state, logits_uv, table_kqv, match_state_k,
-                                  self.eos_ids, any(r.top_p < 1 or r.top_k > 0 for r in reqs))
+                                  self.eos_ids, truncate)
             self.stats.device_calls += 2
+            state = self._finish_stragglers(state, len(reqs), (table_kqv, match_state_k, self.eos_ids, truncate))
         tokens_bt, logprobs_bt, num_gen_b, reason_b, stop_state_bk = jax.device_get(
             (state.tokens_bt, state.logprobs_bt, state.num_gen_b, state.reason_b, state.stop_state_bk))
         self.stats.decoded_tokens += int(num_gen_b[:len(reqs)].sum())
@@ -287,6 +282,25 @@ class Sampler:
             pool.store(state.cache, list(range(len(reqs))), [c.state for c in completions])
             self.stats.evictions += pool.evictions - evicted_before
         return completions
+
+    def _finish_stragglers(self, state: engine.DecodeState, n_real: int, decode_args) -> engine.DecodeState:
+        """A large batch's decode loop returns once few rows still run (rows finish at very different
+        lengths: an option of one line next to a rollout to the end); those rows continue in a smaller
+        batch and are written back, so finished rows stop costing a row of compute per step."""
+        while True:
+            running = np.flatnonzero(np.asarray(jax.device_get(state.reason_b))[:n_real] == engine.RUNNING)
+            if not len(running):
+                return state
+            sub_rows = pow2_at_least(len(running), self._min_batch)
+            pad = sub_rows - len(running)
+            rows_b = np.concatenate([running, np.full(pad, running[0])]).astype(np.int32)
+            real_b = np.arange(sub_rows) < len(running)
+            sub = engine.compact_rows(state, self._put(rows_b), self._put(real_b))
+            sub = engine.resume_decode(self.graphdef, self.params, sub, *decode_args)
+            write_b = np.where(real_b, rows_b, state.tokens_bt.shape[0]).astype(np.int32)  # padding: dropped
+            state = engine.merge_rows(state, self._put(write_b), sub)
+            self.stats.device_calls += 1
+            self.stats.compactions += 1
 
     def _initial_state(self, reqs, plans, cache, n_rows, max_new, tables) -> engine.DecodeState:
         pad = n_rows - len(reqs)

@@ -13,6 +13,8 @@ import functools
 
 import numpy as np
 
+from alphallm_jax.utils.shapes import pow2_at_least
+
 
 def _failure_function(s: str) -> list[int]:
     fail = [0] * len(s)
@@ -55,10 +57,6 @@ def build_stop_table(stop: str, token_texts: tuple[str, ...]) -> np.ndarray:
     return table
 
 
-def _round_up_pow2(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
-
-
 class StopTables:
     """The stacked tables of several stop strings: `int32[K, Q, V]`.
 
@@ -70,8 +68,8 @@ class StopTables:
 
     def __init__(self, stops: tuple[str, ...], token_texts: tuple[str, ...]):
         self.stops = stops
-        num_strings = _round_up_pow2(len(stops), self.MIN_STRINGS)
-        num_states = _round_up_pow2(max((len(s) for s in stops), default=0) + 1, self.MIN_STATES)
+        num_strings = pow2_at_least(len(stops), self.MIN_STRINGS)
+        num_states = pow2_at_least(max((len(s) for s in stops), default=0) + 1, self.MIN_STATES)
         table_kqv = np.zeros((num_strings, num_states, len(token_texts)), dtype=np.int32)
         for k, s in enumerate(stops):
             table_kqv[k, : len(s) + 1] = _cached_table(s, token_texts)

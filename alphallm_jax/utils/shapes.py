@@ -1,0 +1,22 @@
+"""Shape buckets for jitted device calls: few distinct shapes, so few compiles.
+
+Every batch dimension goes to a power of two; every length to a multiple of its granule, in steps that
+grow geometrically (granule x 1, 2, 3, 4, 6, 8, 12, 16, 24, ...), so padding stays under a third of the
+length while a whole run (evaluation, rollouts, search, synthesis, scoring) compiles a handful of sizes.
+"""
+
+from __future__ import annotations
+
+
+def pow2_at_least(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+def bucket_length(n: int, granule: int = 16) -> int:
+    """`n` rounded up to granule x {1, 2, 3, 4, 6, 8, 12, 16, 24, ...}."""
+    units = max(1, -(-int(n) // granule))
+    if units > 4:
+        p = pow2_at_least(units)
+        units = 3 * p // 4 if 3 * p // 4 >= units else p
+    return units * granule
