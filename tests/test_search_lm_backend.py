@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from alphallm_jax.critics.scoring import CriticScorer
@@ -159,6 +160,28 @@ def test_trees_are_consistent_and_count_every_generated_token(searched, stack):
                 assert node.value is not None and node.prm is not None and node.rollout_orm is not None
             assert node.option.count("\n") <= 1 or node.terminal  # an option is one step
         assert t.root.value is not None
+
+
+def test_node_scores_read_inside_rollouts_equal_scoring_the_state_alone(searched, stack):
+    """Nodes with rollouts take v and PRM from their first rollout's scoring pass, at the node's last token."""
+    trees, backend, log, _ = searched
+    tokenizer, _, scorer, _ = stack
+    states, want = [], []
+    for t in trees:
+        prompt_ids = tokenizer.encode(t.problem.prompt, add_bos=True)
+        for node in t.nodes:
+            if node.terminal or node.value is None:
+                continue
+            states.append(prompt_ids + [i for n in t.options_to(node.id) for i in n.option_token_ids])
+            want.append((node.value, node.prm))
+    assert len(states) > 3
+    alone = scorer.score(states)
+    np.testing.assert_allclose(alone.value, [v for v, _ in want], atol=1e-5)
+    with_prm = [i for i, (_, p) in enumerate(want) if p is not None]  # the root has no step to judge
+    assert len(with_prm) >= len(want) - len(trees)
+    np.testing.assert_allclose(alone.prm[with_prm], [want[i][1] for i in with_prm], atol=1e-5)
+    # A separate state pass only in rounds where some node had no rollout (e.g. at the depth limit).
+    assert len(log.of("evaluate", "score")) < len(log.of("evaluate", "score_solutions"))
 
 
 def test_same_seed_same_trees_whatever_the_batching(searched, stack):

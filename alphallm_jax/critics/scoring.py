@@ -57,6 +57,10 @@ class SolutionScores:
     value: np.ndarray  # value at the last token
     prm_steps: list[np.ndarray]
     tool_failures: list[list[str]]
+    # Value and PRM read at `prefix_ends[i]` (NaN where none was asked): a search node scored inside
+    # its rollout's sequence, which the causal backbone computes exactly as scoring the node alone.
+    prefix_value: np.ndarray | None = None
+    prefix_prm: np.ndarray | None = None
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -170,19 +174,35 @@ class CriticScorer:
         return self.tokenizer.encode(prompt, add_bos=True), self.tokenizer.encode(solution)
 
     def score_solutions(self, prompt_ids: Sequence[Sequence[int]], solution_ids: Sequence[Sequence[int]],
-                        texts: Sequence[str]) -> SolutionScores:
-        """Complete solutions: ORM, PRM over every step, tool checks on `texts`, combined scores."""
+                        texts: Sequence[str], *,
+                        prefix_ends: Sequence[int | None] | None = None) -> SolutionScores:
+        """Complete solutions: ORM, PRM over every step, tool checks on `texts`, combined scores.
+
+        `prefix_ends[i]` (optional) also reads value and PRM at that index of sequence i (prompt + solution):
+        the score of the prefix state, from the same backbone pass.
+        """
         if not len(prompt_ids) == len(solution_ids) == len(texts):
             raise ValueError("prompt_ids, solution_ids and texts must have the same length")
+        if prefix_ends is not None and len(prefix_ends) != len(texts):
+            raise ValueError(f"{len(prefix_ends)} prefix_ends for {len(texts)} solutions")
         seqs = [list(p) + list(s) for p, s in zip(prompt_ids, solution_ids)]
         ends = [self.step_ends(seq, len(p)) for seq, p in zip(seqs, prompt_ids)]
-        scores = self.score(seqs, step_ends=ends)
+        extra = [None] * len(seqs) if prefix_ends is None else list(prefix_ends)
+        scores = self.score(seqs, step_ends=[e + ([x] if x is not None else []) for e, x in zip(ends, extra)])
+        prm_steps = [pp if x is None else pp[:-1] for pp, x in zip(scores.prm_steps, extra)]
         checks = check_solutions(list(texts), self.task, self.tools)
         ok = np.asarray([c.ok for c in checks], np.float32)
+        prefix_value = prefix_prm = None
+        if prefix_ends is not None:
+            prefix_value = np.asarray([np.nan if x is None else pv[-1] for pv, x in zip(scores.value_steps, extra)],
+                                      np.float32)
+            prefix_prm = np.asarray([np.nan if x is None else pp[-1] for pp, x in zip(scores.prm_steps, extra)],
+                                    np.float32)
         return SolutionScores(
             orm=scores.orm, orm_tool=combine_with_orm(scores.orm, ok, self.tools), tool_ok=ok,
-            prm=np.asarray([aggregate_prm(s, self.prm_aggregate) for s in scores.prm_steps], np.float32),
-            value=scores.value, prm_steps=scores.prm_steps, tool_failures=[c.failures for c in checks])
+            prm=np.asarray([aggregate_prm(s, self.prm_aggregate) for s in prm_steps], np.float32),
+            value=scores.value, prm_steps=prm_steps, tool_failures=[c.failures for c in checks],
+            prefix_value=prefix_value, prefix_prm=prefix_prm)
 
     def score_texts(self, prompts: Sequence[str], solutions: Sequence[str]) -> SolutionScores:
         """`score_solutions` from text (tokenised as the policy was trained)."""

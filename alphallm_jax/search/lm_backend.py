@@ -174,8 +174,10 @@ class LMSearchBackend:
     def evaluate(self, requests: Sequence[EvaluateRequest]) -> list[NodeScores]:
         self.stats.evaluate_calls += 1
         scores = [NodeScores() for _ in requests]
-        self._score_states(requests, scores)
         rollouts = self._rollouts(requests)
+        # A node with rollouts takes v and PRM from its first rollout's scoring pass (same prefix, causal
+        # backbone); only nodes without rollouts need a pass of their own.
+        self._score_states(requests, scores, skip=[bool(r) for r in rollouts])
         self._score_solutions(requests, rollouts, scores)
         return scores
 
@@ -291,9 +293,11 @@ class LMSearchBackend:
 
     # -------------------------------------------------------------------------------- evaluate
 
-    def _score_states(self, requests: Sequence[EvaluateRequest], scores: list[NodeScores]) -> None:
-        """v(s) and the PRM of the newest step for every non-terminal node, in one scorer call."""
-        wanted = [i for i, r in enumerate(requests) if not r.terminal and (r.want_value or r.want_prm)]
+    def _score_states(self, requests: Sequence[EvaluateRequest], scores: list[NodeScores],
+                      skip: Sequence[bool]) -> None:
+        """v(s) and the PRM of the newest step for every non-terminal node not in `skip`, in one scorer call."""
+        wanted = [i for i, r in enumerate(requests)
+                  if not r.terminal and (r.want_value or r.want_prm) and not skip[i]]
         if not wanted:
             return
         self.stats.scorer_calls += 1
@@ -354,8 +358,9 @@ class LMSearchBackend:
 
     def _score_solutions(self, requests: Sequence[EvaluateRequest], rollouts, scores: list[NodeScores]) -> None:
         """The ORM (with tool checks) of every terminal node and every rollout, in one scorer call; terminal
-        nodes also take their value and newest-step PRM from it."""
-        prompt_ids, solution_ids, texts, owners = [], [], [], []
+        nodes also take their value and newest-step PRM from it, and nodes with rollouts theirs (read at the
+        node's last token inside its first rollout)."""
+        prompt_ids, solution_ids, texts, owners, prefix_ends = [], [], [], [], []
         for i, r in enumerate(requests):
             h: LMHandle = r.handle
             prompt = list(h.seq.tokens[:h.prompt_len])
@@ -364,19 +369,28 @@ class LMSearchBackend:
                 solution_ids.append(list(h.solution_ids))
                 texts.append(h.text)
                 owners.append((i, None))
-            for text, ids, _ in rollouts[i]:
+                prefix_ends.append(None)
+            for k, (text, ids, _) in enumerate(rollouts[i]):
                 prompt_ids.append(prompt)
                 solution_ids.append(list(h.solution_ids) + list(ids))
                 texts.append(h.text + text)
                 owners.append((i, "rollout"))
+                # The node's own v and PRM: read at its last token inside its first rollout.
+                wants_state = k == 0 and not r.terminal and (r.want_value or r.want_prm)
+                prefix_ends.append(len(h.seq.tokens) - 1 if wants_state else None)
         if not texts:
             return
         self.stats.scorer_calls += 1
-        out = self.scorer.score_solutions(prompt_ids, solution_ids, texts)
+        out = self.scorer.score_solutions(prompt_ids, solution_ids, texts, prefix_ends=prefix_ends)
         rollout_orm: dict[int, list[float]] = {}
         for j, (i, kind) in enumerate(owners):
             if kind == "rollout":
                 rollout_orm.setdefault(i, []).append(float(out.orm_tool[j]))
+                if prefix_ends[j] is not None:
+                    if requests[i].want_value:
+                        scores[i].value = float(out.prefix_value[j])
+                    if requests[i].want_prm:
+                        scores[i].prm = float(out.prefix_prm[j])
                 continue
             r = requests[i]
             scores[i].orm = float(out.orm_tool[j])
