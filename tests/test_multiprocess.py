@@ -1,6 +1,7 @@
 """Two CPU processes as two hosts of one JAX runtime (`launch/local.sh`): an evaluation sweep, sharded over
 the processes and merged by process 0, gives the same table and predictions as one process (sampled
-methods included); and the launcher's environment contract."""
+methods included); base-policy training, data parallel over both, gives one process's weights; and the
+launcher's environment contract."""
 
 from __future__ import annotations
 
@@ -71,6 +72,37 @@ def test_two_processes_give_the_one_process_sweep(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+def test_two_processes_train_the_one_process_base_policy(tmp_path):
+    """`alphallm train-base` as two hosts: the trainer steps one data-parallel program over both processes'
+    devices (global parameters, both orbax managers committing), process 0 writes the tokenizer and the
+    policy; the weights equal one process's up to float reduction order."""
+    import glob
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    args = ["train-base", "--config=configs/demo_arith.py:quick", "--config.base.num_train=200",
+            "--config.base.num_dev=16", "--config.eval.limit=8", "--config.base.eval_methods=('greedy',)"]
+    one = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args, f"--workdir={tmp_path / 'one'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path / 'logs'}", "--",
+                          *args, f"--workdir={tmp_path / 'two'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert two.returncode == 0, two.stderr[-3000:] + logs[-3000:]
+    records = [json.loads((tmp_path / run / "base" / "base_policy.json").read_text()) for run in ("one", "two")]
+    assert records[0]["steps"] == records[1]["steps"] > 0
+    assert abs(records[0]["best_dev_loss"] - records[1]["best_dev_loss"]) < 1e-4
+    a, b = (load_file(glob.glob(str(tmp_path / run / "base" / "policy" / "*.safetensors"))[0])
+            for run in ("one", "two"))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-4, err_msg=name)
+
+
 def test_local_launcher_sets_the_distributed_environment(tmp_path):
     probe = ("import os, json; print(json.dumps({k: os.environ.get(k) for k in ('ALPHALLM_COORDINATOR', "
              "'ALPHALLM_NUM_PROCESSES', 'ALPHALLM_PROCESS_ID', 'JAX_PLATFORMS', 'JAX_NUM_CPU_DEVICES')}))")

@@ -21,6 +21,7 @@ from alphallm_jax.pipeline.evaluation import load_split
 from alphallm_jax.train.batching import SFTExample
 from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.trainer import TrainConfig, Trainer
+from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import as_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
     """
     base_dir = as_path(workdir) / subdir
     policy_dir = base_dir / "policy"
-    if (policy_dir / DONE).exists():
+    # Every process takes process 0's view of the shared workdir (training is one SPMD program).
+    if broadcast_int((policy_dir / DONE).exists()):
         return {"policy": str(policy_dir), "skipped": True}
     start = time.time()
     d0 = load_split(cfg, cfg.base.train_split, cfg.base.num_train)
@@ -76,10 +78,12 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
     spm_path = as_path(tokenizer_path) if tokenizer_path else base_dir / "tokenizer.model"
     if tokenizer_path and not spm_path.exists():
         raise FileNotFoundError(f"tokenizer {spm_path} not found (train the base policy first)")
-    if not spm_path.exists():
-        texts = [format_prompt(p, cfg.data.prompt_format) + format_solution(p.solution, p.task, p.answer)
-                 for p in d0]
-        train_sentencepiece(texts, spm_path, vocab_size=cfg.base.tokenizer_vocab_size)
+    if broadcast_int(not spm_path.exists()):
+        if is_coordinator():
+            texts = [format_prompt(p, cfg.data.prompt_format) + format_solution(p.solution, p.task, p.answer)
+                     for p in d0]
+            train_sentencepiece(texts, spm_path, vocab_size=cfg.base.tokenizer_vocab_size)
+        barrier(f"{subdir}-tokenizer")
     tokenizer = Tokenizer.from_sentencepiece(spm_path)
 
     model_cfg = model_config_from(cfg, tokenizer, model_section)
@@ -100,8 +104,10 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
         "stopped_early": fit.stopped_early,
         "wall_seconds": time.time() - start,
     }
-    atomic_write_json(base_dir / "base_policy.json", record)
-    (policy_dir / DONE).write_text("ok\n")
+    if is_coordinator():
+        atomic_write_json(base_dir / "base_policy.json", record)
+        (policy_dir / DONE).write_text("ok\n")
+    barrier(f"{subdir}-policy-saved")
     return record
 
 

@@ -235,7 +235,13 @@ class Trainer:
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.collate_fn = collate_fn
         self.length_fn = length_fn
-        self.mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=[jax.local_devices()[0]])
+        if mesh is None:
+            # One process: its first device. Several processes (a multi-host run): every device of every
+            # process, data parallel, so parameters and optimizer state are global arrays that all
+            # processes step and checkpoint together (orbax cannot save host-local arrays there).
+            mesh = (make_mesh(1, 1, 1, devices=[jax.local_devices()[0]]) if jax.process_count() == 1
+                    else make_mesh(jax.device_count(), 1, 1))
+        self.mesh = mesh
         self.is_main = jax.process_index() == 0
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         micro = train_cfg.batch_size // train_cfg.grad_accum_steps
@@ -275,7 +281,8 @@ class Trainer:
             self.rest = jax.device_put(self.rest, self.rest_shardings)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.opt_state = None
-        self.rng = jax.random.key_data(jax.random.PRNGKey(train_cfg.seed))
+        key = np.asarray(jax.random.key_data(jax.random.PRNGKey(train_cfg.seed)))
+        self.rng = jax.make_array_from_callback(key.shape, self.replicated, lambda idx: key[idx])  # a global array
         self.step = 0
         self._eval_fn = None
         self._writer = None
@@ -352,8 +359,11 @@ class Trainer:
         cfg = self.cfg
 
         def manager(name, max_to_keep):
-            opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                enable_async_checkpointing=cfg.async_checkpointing)
+            # Distinct barrier keys per manager: in a multi-process run the two managers' async
+            # commits would otherwise wait on the same-named barrier.
+            opts = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=cfg.async_checkpointing,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
             return ocp.CheckpointManager(os.path.join(self.workdir, name), options=opts)
 
         ckpt = manager("checkpoints", max(1, cfg.keep_checkpoints)) if cfg.checkpoint_every >= 0 \
