@@ -41,6 +41,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _run_one_and_two(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`alphallm ARGS` as one process into tmp_path/one, then as two (`launch/local.sh`) into tmp_path/two;
+    both must succeed. Returns the two-process run (process 0's output)."""
+    one = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args, f"--workdir={tmp_path / 'one'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path / 'logs'}", "--",
+                          *args, f"--workdir={tmp_path / 'two'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert two.returncode == 0, two.stderr[-3000:] + logs[-3000:]
+    return two
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
 def test_two_processes_give_the_one_process_sweep(tmp_path):
@@ -50,14 +64,7 @@ def test_two_processes_give_the_one_process_sweep(tmp_path):
     args = ["sweep", "--config=configs/demo_arith.py:quick", f"--config.sweep.checkpoints=('a={p0}','b={p1}')",
             "--config.sweep.methods=('greedy','maj')", "--config.sweep.budgets=(4,)",
             "--config.eval.limit=12", "--config.eval.max_new_tokens=12", "--config.eval.batch_size=4"]
-    one = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args, f"--workdir={tmp_path / 'one'}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path / 'logs'}", "--",
-                          *args, f"--workdir={tmp_path / 'two'}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
-    assert two.returncode == 0, two.stderr[-3000:] + logs[-3000:]
+    two = _run_one_and_two(args, tmp_path)
     parts = sorted(p.name for p in (tmp_path / "two" / "b" / "eval" / "greedy").glob("predictions.part*"))
     assert parts == ["predictions.part000-of-002.jsonl", "predictions.part001-of-002.jsonl"]
     for name in ("sweep.json", "sweep.md", *(f"{c}/eval/{f}" for c in "ab" for f in (
@@ -85,14 +92,7 @@ def test_two_processes_train_the_one_process_base_policy(tmp_path):
 
     args = ["train-base", "--config=configs/demo_arith.py:quick", "--config.base.num_train=200",
             "--config.base.num_dev=16", "--config.eval.limit=8", "--config.base.eval_methods=('greedy',)"]
-    one = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args, f"--workdir={tmp_path / 'one'}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path / 'logs'}", "--",
-                          *args, f"--workdir={tmp_path / 'two'}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
-    assert two.returncode == 0, two.stderr[-3000:] + logs[-3000:]
+    _run_one_and_two(args, tmp_path)
     records = [json.loads((tmp_path / run / "base" / "base_policy.json").read_text()) for run in ("one", "two")]
     assert records[0]["steps"] == records[1]["steps"] > 0
     assert abs(records[0]["best_dev_loss"] - records[1]["best_dev_loss"]) < 1e-4
