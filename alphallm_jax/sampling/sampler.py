@@ -23,7 +23,7 @@ from alphallm_jax.sampling import engine
 from alphallm_jax.sampling.kv_pool import KVPool, SeqState
 from alphallm_jax.sampling.stop_rules import StopTables
 from alphallm_jax.sampling.token_texts import token_texts
-from alphallm_jax.utils.shapes import bucket_length, pow2_at_least
+from alphallm_jax.utils.shapes import bucket_length, pow2_at_least, round_up
 
 _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
 
@@ -80,7 +80,7 @@ def cache_len_for(max_len: int) -> int:
     """KV cache slots for sequences of up to `max_len` tokens: rounded up to a multiple of 32, so that
     samplers built for slightly different lengths (evaluation, rollouts, search, synthesis) share
     their compiled prefill and decode programs."""
-    return -(-max_len // CACHE_LEN_GRANULE) * CACHE_LEN_GRANULE
+    return round_up(max_len, CACHE_LEN_GRANULE)
 
 
 class Sampler:
@@ -114,7 +114,6 @@ class Sampler:
         self._pool_slots = pool_slots
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}
-        self._stop_tables_on_device: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
         self._token_texts: tuple[str, ...] | None = None
         self.stats = SamplerStats()
 
@@ -193,10 +192,7 @@ class Sampler:
             if self._token_texts is None:
                 self._token_texts = (token_texts(self.tokenizer, self.cfg.vocab_size) if self.tokenizer
                                      else ("",) * self.cfg.vocab_size)
-            tables = StopTables(stops, self._token_texts)
-            self._stop_tables[stops] = tables
-            # Sent to the device once, not with every decode call (K x Q x vocab int32).
-            self._stop_tables_on_device[stops] = (jnp.asarray(tables.table_kqv), jnp.asarray(tables.match_state_k))
+            self._stop_tables[stops] = StopTables(stops, self._token_texts)
         return self._stop_tables[stops]
 
     def _sample_batch(self, reqs: list[SampleRequest], keep_states: bool) -> list[Completion]:
@@ -251,7 +247,7 @@ class Sampler:
             tables = self._stop_table(stops)
             max_new = pow2_at_least(max(r.max_new_tokens for r in reqs), 32)
             state = self._initial_state(reqs, plans, cache, n_rows, max_new, tables)
-            table_kqv, match_state_k = self._stop_tables_on_device[stops]
+            table_kqv, match_state_k = tables.on_device()
             truncate = any(r.top_p < 1 or r.top_k > 0 for r in reqs)
             state = engine.decode(self.graphdef, self.params, state, logits_uv, table_kqv, match_state_k,
                                   self.eos_ids, truncate)

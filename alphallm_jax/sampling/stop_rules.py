@@ -77,6 +77,15 @@ class StopTables:
         self.match_state_k = np.array([len(s) for s in stops] + [never] * (num_strings - len(stops)),
                                       dtype=np.int32)
         self.table_kqv = table_kqv
+        self._device = None
+
+    def on_device(self):
+        """(table_kqv, match_state_k) as device arrays, sent once rather than with every decode call."""
+        if self._device is None:
+            import jax.numpy as jnp
+
+            self._device = (jnp.asarray(self.table_kqv), jnp.asarray(self.match_state_k))
+        return self._device
 
     def index(self, stop: str) -> int:
         return self.stops.index(stop)

@@ -13,6 +13,11 @@ def pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
 
 
+def round_up(n: int, granule: int) -> int:
+    """`n` rounded up to a multiple of `granule`."""
+    return -(-int(n) // granule) * granule
+
+
 def bucket_length(n: int, granule: int = 16) -> int:
     """`n` rounded up to granule x {1, 2, 3, 4, 6, 8, 12, 16, 24, ...}."""
     units = max(1, -(-int(n) // granule))
