@@ -91,22 +91,22 @@ def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, 
     )
 
 
-def _shrink_below(batch: int) -> int:
+SHRINK_FRACTION, SHRINK_MIN_BATCH = 4, 16
+
+
+def shrink_below(batch: int) -> int:
     """A loop over `batch` rows exits early once at most this many still run (0: never), so that the
     host can continue them in a smaller batch instead of paying for the finished rows every step."""
     return batch // SHRINK_FRACTION if batch >= SHRINK_MIN_BATCH else 0
 
 
-SHRINK_FRACTION, SHRINK_MIN_BATCH = 4, 16
-
-
 def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, truncate) -> DecodeState:
     model = nnx.merge(graphdef, params)
-    shrink_below = _shrink_below(st.tokens_bt.shape[0])
+    limit = shrink_below(st.tokens_bt.shape[0])
 
     def cond(st: DecodeState):
         running = jnp.sum(~st.done_b)
-        return (running > 0) & (running > shrink_below)
+        return (running > 0) & (running > limit)
 
     def body(st: DecodeState):
         active_b = ~st.done_b
@@ -122,7 +122,7 @@ def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eo
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
 def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate):
     """Sample the first token from the prefill logits, then decode until every row has stopped, or
-    until only a few rows still run in a large batch (see `_shrink_below`; continue with
+    until only a few rows still run in a large batch (see `shrink_below`; continue with
     `compact_rows`, `resume_decode` and `merge_rows`)."""
     st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate)
     return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, truncate)

@@ -283,7 +283,8 @@ class Sampler:
         """A large batch's decode loop returns once few rows still run (rows finish at very different
         lengths: an option of one line next to a rollout to the end); those rows continue in a smaller
         batch and are written back, so finished rows stop costing a row of compute per step."""
-        while True:
+        # Small batches never exit early: no host sync for them.
+        while engine.shrink_below(state.tokens_bt.shape[0]):
             running = np.flatnonzero(np.asarray(jax.device_get(state.reason_b))[:n_real] == engine.RUNNING)
             if not len(running):
                 return state
@@ -297,6 +298,7 @@ class Sampler:
             state = engine.merge_rows(state, self._put(write_b), sub)
             self.stats.device_calls += 1
             self.stats.compactions += 1
+        return state
 
     def _initial_state(self, reqs, plans, cache, n_rows, max_new, tables) -> engine.DecodeState:
         pad = n_rows - len(reqs)
