@@ -3,3 +3,26 @@
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+QUICK_LOOP_CONFIG = "configs/demo_arith.py:quick"
+
+
+@pytest.fixture(scope="session")
+def quick_loop_run(tmp_path_factory):
+    """One uninterrupted single-process run of the quick demo loop, shared by the tests that compare
+    other runs (killed and resumed, two processes) against it: its workdir."""
+    from tests.helpers import REPO_ROOT, require_shared_data
+
+    require_shared_data()
+    workdir = tmp_path_factory.mktemp("quick_loop") / "whole"
+    out = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "loop", f"--config={QUICK_LOOP_CONFIG}",
+                          f"--workdir={workdir}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "iteration 1:" in out.stdout
+    return workdir

@@ -1,4 +1,5 @@
-"""Shared test paths: the data beside the repository (../shared/data), read in place, never copied."""
+"""Shared test helpers: the data beside the repository (../shared/data), read in place, never copied; what
+the loop tests compare between runs."""
 
 from __future__ import annotations
 
@@ -24,3 +25,25 @@ def load_config(name: str, variant: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(variant)
+
+
+def loop_artifact_hashes(root: Path, suffixes=(".safetensors",)) -> dict[str, str]:
+    """sha256 of a loop workdir's artifacts that must match between runs: policies (files with
+    `suffixes`), trees, traces, pairs, synthesized prompts, predictions."""
+    import hashlib
+
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_file() and (path.suffix in suffixes or path.name in (
+                "sft_traces.jsonl", "pairs.jsonl", "prompts.jsonl", "predictions.jsonl")
+                or (path.suffix == ".jsonl" and "/trees/" in f"/{rel}")):
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def loop_accuracies(report: dict):
+    """(base accuracy per method, [(SFT greedy, CPL greedy) per iteration]) of a loop report."""
+    base = {k: v["accuracy"] for k, v in report["base"].items()}
+    iters = [(it["sft"]["greedy"]["accuracy"], it["cpl"]["greedy"]["accuracy"]) for it in report["iterations"]]
+    return base, iters

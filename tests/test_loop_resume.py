@@ -1,7 +1,6 @@
 """The quick demo loop, killed with SIGKILL at random moments and resumed, ends with the same artifacts
 as an uninterrupted run (same config, same seed)."""
 
-import hashlib
 import json
 import os
 import random
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO_ROOT, require_shared_data
+from tests.helpers import REPO_ROOT, loop_accuracies, loop_artifact_hashes
 
 QUICK = "configs/demo_arith.py:quick"
 
@@ -22,31 +21,8 @@ def _cli(*args, timeout=900):
                           text=True, timeout=timeout)
 
 
-def _artifacts(root):
-    """Hashes of the artifacts that must match: policies, trees, traces, pairs, predictions."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_file() and (path.suffix in (".safetensors",) or path.name in (
-                "sft_traces.jsonl", "pairs.jsonl", "prompts.jsonl", "predictions.jsonl")
-                or (path.suffix == ".jsonl" and "/trees/" in f"/{rel}")):
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
-def _accuracies(report):
-    base = {k: v["accuracy"] for k, v in report["base"].items()}
-    iters = [(it["sft"]["greedy"]["accuracy"], it["cpl"]["greedy"]["accuracy"]) for it in report["iterations"]]
-    return base, iters
-
-
 @pytest.mark.slow
-def test_quick_loop_killed_at_random_points_resumes_to_the_same_artifacts(tmp_path):
-    require_shared_data()
-    whole = _cli("loop", f"--config={QUICK}", f"--workdir={tmp_path / 'whole'}")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    assert "iteration 1:" in whole.stdout
-
+def test_quick_loop_killed_at_random_points_resumes_to_the_same_artifacts(quick_loop_run, tmp_path):
     killed = tmp_path / "killed"
     rng = random.Random(int(os.environ.get("ALPHALLM_KILL_SEED", "0")))
     for _ in range(2):
@@ -59,7 +35,7 @@ def test_quick_loop_killed_at_random_points_resumes_to_the_same_artifacts(tmp_pa
     resumed = _cli("loop", f"--config={QUICK}", f"--workdir={killed}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    a = json.loads((tmp_path / "whole" / "report.json").read_text())
+    a = json.loads((quick_loop_run / "report.json").read_text())
     b = json.loads((killed / "report.json").read_text())
-    assert _accuracies(a) == _accuracies(b)
-    assert _artifacts(tmp_path / "whole") == _artifacts(killed)
+    assert loop_accuracies(a) == loop_accuracies(b)
+    assert loop_artifact_hashes(quick_loop_run) == loop_artifact_hashes(killed)

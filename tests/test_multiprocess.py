@@ -1,7 +1,7 @@
 """Two CPU processes as two hosts of one JAX runtime (`launch/local.sh`): an evaluation sweep, sharded over
 the processes and merged by process 0, gives the same table and predictions as one process (sampled
-methods included); base-policy training, data parallel over both, gives one process's weights; and the
-launcher's environment contract."""
+methods included); base-policy training, data parallel over both, gives one process's weights; the quick
+demo loop gives one process's report and artifacts; and the launcher's environment contract."""
 
 from __future__ import annotations
 
@@ -78,7 +78,6 @@ def test_two_processes_give_the_one_process_sweep(tmp_path):
     assert "maj@4" in two.stdout  # process 0 prints the merged table
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
 def test_two_processes_train_the_one_process_base_policy(tmp_path):
@@ -101,6 +100,63 @@ def test_two_processes_train_the_one_process_base_policy(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-4, err_msg=name)
+
+
+def _json_differences(a, b, path="", atol=1e-3) -> list[str]:
+    """Where two JSON values differ: anything but a float must be equal, floats within `atol`."""
+    if isinstance(a, float) or isinstance(b, float):
+        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= atol
+        return [] if ok else [f"{path}: {a!r} vs {b!r}"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a.keys() ^ b.keys())}"]
+        return [d for k in a for d in _json_differences(a[k], b[k], f"{path}.{k}", atol)]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _json_differences(x, y, f"{path}[{i}]", atol)]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+def test_two_processes_run_the_one_process_quick_loop(quick_loop_run, tmp_path):
+    """`alphallm loop` (quick demo) as two hosts: the training stages step data parallel over both, the
+    critic rollouts, searches and evaluations split their work between the processes, process 0 writes
+    the stage records. Same report, trees, pairs, traces, prompts and predictions as one process; floats
+    (critic scores, Q values) agree up to the reduction order of data-parallel training."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from tests.conftest import QUICK_LOOP_CONFIG
+    from tests.helpers import loop_accuracies, loop_artifact_hashes
+
+    two = tmp_path / "two"
+    out = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path / 'logs'}", "--", "loop",
+                          f"--config={QUICK_LOOP_CONFIG}", f"--workdir={two}"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=1200)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert out.returncode == 0, out.stderr[-3000:] + logs[-3000:]
+    assert "iteration 2:" in out.stdout
+
+    def read(run: Path, name: str):  # JSON or JSON lines, with the run's own directory written as WORKDIR
+        text = (run / name).read_text().replace(str(run), "WORKDIR")
+        return json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+
+    one_report, two_report = (read(run, "report.json") for run in (quick_loop_run, two))
+    assert loop_accuracies(one_report) == loop_accuracies(two_report)
+    timing = ("stage_seconds", "wall_seconds", "this_invocation_seconds")
+    assert _json_differences({k: v for k, v in one_report.items() if k not in timing},
+                             {k: v for k, v in two_report.items() if k not in timing}) == []
+    artifacts = loop_artifact_hashes(quick_loop_run, suffixes=())
+    assert artifacts.keys() == loop_artifact_hashes(two, suffixes=()).keys()
+    assert any("/trees/" in name for name in artifacts) and any(n.endswith("pairs.jsonl") for n in artifacts)
+    for name in artifacts:
+        assert _json_differences(read(quick_loop_run, name), read(two, name), path=name) == []
+    final = one_report["iterations"][-1]["policy"].removeprefix("WORKDIR/")
+    a, b = (load_file(next((run / final).glob("*.safetensors"))) for run in (quick_loop_run, two))
+    for name in a:  # after five training stages (base, critics, 2 x SFT + DPO): Adam's steps amplify it a bit
+        np.testing.assert_allclose(a[name], b[name], atol=1e-3, err_msg=name)
 
 
 def test_local_launcher_sets_the_distributed_environment(tmp_path):

@@ -38,6 +38,7 @@ from alphallm_jax.data.grading import is_correct
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import final_answer_marker, step_separator
 from alphallm_jax.sampling import Sampler, SampleRequest, SeqState
+from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator, this_process_share
 from alphallm_jax.utils.io import (
     PathLike,
     as_path,
@@ -221,7 +222,7 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
                        desc: str = "critic data") -> list[dict]:
     """Builds (or resumes, or reads back) the rows for `problems` under `out_dir`; returns them."""
     out = as_path(out_dir)
-    if (out / DONE).exists():
+    if broadcast_int((out / DONE).exists()):
         return read_jsonl(out / "rows.jsonl")
     if not problems:
         raise ValueError(f"{desc}: no problems to roll out")
@@ -236,15 +237,18 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
         if old != record:
             raise ValueError(f"{out} holds critic data built with other settings ({config_path}); "
                              "delete that directory or restore the settings to resume")
-    else:
+    elif is_coordinator():
         atomic_write_json(config_path, record)
     eos_ids = set(sampler.cfg.eos_token_ids) | set(sampler.tokenizer.eos_ids if sampler.tokenizer else ())
     size = cfg.prompts_per_chunk
     num_chunks = -(-len(problems) // size)
     start = time.time()
     totals: dict[str, int] = {}
-    with tqdm(total=len(problems), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
-        for ci in range(num_chunks):
+    # Multi-host: chunk i belongs to process i % process_count (rows depend on the chunk's own seed only).
+    my_chunks = this_process_share(list(range(num_chunks)))
+    my_problems = sum(min(len(problems), (ci + 1) * size) - ci * size for ci in my_chunks)
+    with tqdm(total=my_problems, desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+        for ci in my_chunks:
             part = out / "parts" / f"chunk_{ci:05d}.jsonl"
             lo, hi = ci * size, min(len(problems), (ci + 1) * size)
             if not part.exists():
@@ -254,17 +258,20 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
                 for k, v in counters.items():
                     totals[k] = totals.get(k, 0) + v
             bar.update(hi - lo)
+    barrier(f"critic-data:{out}:parts")
     rows = []
     for ci in range(num_chunks):
         rows += read_jsonl(out / "parts" / f"chunk_{ci:05d}.jsonl")
-    write_jsonl_atomic(out / "rows.jsonl", rows)
-    trajs = [r for r in rows if r["kind"] == "trajectory"]
-    atomic_write_json(out / "stats.json", {
-        "problems": len(problems), "trajectory_rows": len(trajs), "rollout_rows": len(rows) - len(trajs),
-        "trajectory_accuracy": float(np.mean([r["correct"] for r in trajs])) if trajs else None,
-        "wall_seconds_this_run": time.time() - start, "this_run": totals,
-        "sampler": sampler.stats.as_dict()})
-    atomic_write_text(out / DONE, "ok\n")
+    if is_coordinator():
+        write_jsonl_atomic(out / "rows.jsonl", rows)
+        trajs = [r for r in rows if r["kind"] == "trajectory"]
+        atomic_write_json(out / "stats.json", {
+            "problems": len(problems), "trajectory_rows": len(trajs), "rollout_rows": len(rows) - len(trajs),
+            "trajectory_accuracy": float(np.mean([r["correct"] for r in trajs])) if trajs else None,
+            "wall_seconds_this_run": time.time() - start, "this_run": totals,
+            "sampler": sampler.stats.as_dict()})  # process 0's counters
+        atomic_write_text(out / DONE, "ok\n")
+    barrier(f"critic-data:{out}:done")
     return rows
 
 

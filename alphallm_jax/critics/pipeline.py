@@ -34,6 +34,7 @@ from alphallm_jax.models.critic import (
     load_critic,
     save_critic,
 )
+from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
     from alphallm_jax.train.trainer import TrainConfig, Trainer
 
     out = critics_dir(workdir) / "critic"
-    if (out / DONE).exists():
+    if broadcast_int((out / DONE).exists()):
         return load_critic(out, mesh=mesh), read_json(critics_dir(workdir) / "critic_train.json")
     train_cfg = TrainConfig.from_config(cfg.critics.train)
     blank = blank_token_ids(token_texts(tokenizer, policy.cfg.vocab_size),
@@ -141,8 +142,10 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
               "best_step": fit.best_step, "best_dev_loss": fit.best_dev_loss, "stopped_early": fit.stopped_early,
               "dev_metrics": fit.dev_metrics, "fit_seconds": time.time() - start,
               "backbone": cfg.critics.model.init, "param_count": critic.model_cfg.param_count()}
-    atomic_write_json(critics_dir(workdir) / "critic_train.json", record)
-    atomic_write_text(out / DONE, "ok\n")
+    if is_coordinator():
+        atomic_write_json(critics_dir(workdir) / "critic_train.json", record)
+        atomic_write_text(out / DONE, "ok\n")
+    barrier(f"critic:{out}")
     return critic, record
 
 
@@ -188,8 +191,9 @@ def run_train_critics(cfg, workdir) -> dict:
     cal = cfg.critics.calibration
     report = timed("calibration", calibration_report, scorer, dev_rows, threshold=cal.threshold,
                    num_bins=cal.num_bins)
-    atomic_write_json(root / "calibration.json", report)
-    atomic_write_text(root / "calibration.md", report_markdown(report))
+    if is_coordinator():  # every process scored the same dev rows
+        atomic_write_json(root / "calibration.json", report)
+        atomic_write_text(root / "calibration.md", report_markdown(report))
 
     fast = None
     if cfg.rollout_policy.enabled:
@@ -200,7 +204,8 @@ def run_train_critics(cfg, workdir) -> dict:
     summary = None
     if cfg.critics.eval_methods:
         summary = timed("eval", evaluate_with_critic, cfg, workdir, policy, tokenizer, scorer, mesh=mesh)
-    atomic_write_json(root / "timings.json", timings)
+    if is_coordinator():
+        atomic_write_json(root / "timings.json", timings)
     return {"calibration": report, "train": train_record, "eval": summary, "timings": timings,
             "fast_rollout_policy": fast}
 

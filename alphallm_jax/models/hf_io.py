@@ -25,6 +25,7 @@ from alphallm_jax.models.config import ModelConfig
 from alphallm_jax.models.creation import abstract_model
 from alphallm_jax.models.decoder import Decoder
 from alphallm_jax.models.sharding import ShardingRules, logical_names, logical_to_spec
+from alphallm_jax.utils.distributed import host_array
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -173,13 +174,6 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
   return model, cfg
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
   tmp = path.with_name(path.name + ".tmp")
   write(tmp)
@@ -198,7 +192,7 @@ def save_hf_checkpoint(model: Decoder, cfg: ModelConfig, path: str | os.PathLike
                      f"embedding ({cfg.vocab_size})")
   tensors = {}
   for spec in tensor_specs(cfg):
-    value = spec.to_hf(_to_host(variable_at(model, spec.path)[...]))
+    value = spec.to_hf(host_array(variable_at(model, spec.path)[...]))
     tensors[spec.hf_name] = np.ascontiguousarray(value.astype(cfg.param_dtype))
   if jax.process_index() != 0:
     return

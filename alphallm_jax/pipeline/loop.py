@@ -12,6 +12,10 @@ on their own (the trainer from its orbax checkpoints, the search and evaluation 
 run killed at any moment (`kill -9` included) resumes and ends with the same artifacts as an
 uninterrupted run with the same seed. Labels of D0 are used for the base policy, the critics and
 the evaluation of test splits only; the synthesized prompts the policy improves on carry none.
+
+Multi-host (`launch/local.sh`, `launch/tpu_pod.sh`): every process runs every stage; training is data
+parallel over all of them, searches and evaluations split their problems, and process 0 writes the
+stage records and markers (see `LoopRun.stage`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import ml_collections
 
 from alphallm_jax.pipeline.loop_report import find_method, write_report
+from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
 
 DONE = "DONE"
@@ -42,7 +47,9 @@ class LoopRun:
     def stage(self, name: str, fn: Callable[[Any], dict], summary: Callable[[dict], str] | None = None) -> dict:
         """Run `fn(stage_dir)` unless the stage finished before; returns its record."""
         stage_dir = self.root / name
-        if (stage_dir / DONE).exists():
+        # Multi-host: every process takes process 0's branch, runs the stage (its collectives and its
+        # share of the work), and continues with the record process 0 wrote, read back after a barrier.
+        if broadcast_int((stage_dir / DONE).exists()):
             self.log(f"[{name}] done before; skipped")
             finished = read_json(stage_dir / STAGE_RECORD)
             self.stage_seconds[name] = float(finished.get("wall_seconds", 0.0))
@@ -51,12 +58,16 @@ class LoopRun:
         start = time.time()
         record = fn(stage_dir)
         seconds = round(time.time() - start, 1)
-        self.stage_seconds[name] = seconds
-        atomic_write_json(stage_dir / STAGE_RECORD, {"record": record, "wall_seconds": seconds})
-        atomic_write_text(stage_dir / DONE, "ok\n")
-        line = summary(record) if summary else "done"
+        barrier(f"loop:{name}:ran")
+        if is_coordinator():
+            atomic_write_json(stage_dir / STAGE_RECORD, {"record": record, "wall_seconds": seconds})
+            atomic_write_text(stage_dir / DONE, "ok\n")
+        barrier(f"loop:{name}:done")
+        finished = read_json(stage_dir / STAGE_RECORD)
+        self.stage_seconds[name] = float(finished["wall_seconds"])
+        line = summary(finished["record"]) if summary else "done"
         self.log(f"[{name}] {line} ({seconds:.0f} s)")
-        return record
+        return finished["record"]
 
 
 def derived_config(cfg, **overrides) -> ml_collections.ConfigDict:
@@ -109,7 +120,8 @@ def run_loop(cfg, workdir) -> dict:
     start = time.time()
     run = LoopRun(cfg=cfg, root=as_path(workdir), mesh=mesh_from_config(cfg))
     run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.root / "config.json", cfg.to_dict())
+    if is_coordinator():
+        atomic_write_json(run.root / "config.json", cfg.to_dict())
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}
 
     policy_dir = _base_policy(run)
@@ -129,7 +141,9 @@ def run_loop(cfg, workdir) -> dict:
     report["stage_seconds"] = dict(run.stage_seconds)
     report["wall_seconds"] = round(sum(run.stage_seconds.values()), 1)
     report["this_invocation_seconds"] = round(time.time() - start, 1)
-    write_report(report, run.root)
+    if is_coordinator():
+        write_report(report, run.root)
+    barrier("loop:report")
     return report
 
 

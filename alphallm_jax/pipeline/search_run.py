@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 from tqdm import tqdm
 
 from alphallm_jax.data.grading import is_correct
@@ -31,6 +32,7 @@ from alphallm_jax.search.mcts import run_mcts
 from alphallm_jax.search.mcts_config import MCTSConfig
 from alphallm_jax.search.options import OptionConfig
 from alphallm_jax.search.tree import SearchProblem, Tree, problem_seed, write_tree
+from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
 from alphallm_jax.utils.io import DataFormatError, as_path, atomic_write_json, iter_jsonl
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,11 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
                   method: str = "mcts", problems_per_call: int = 256,
                   desc: str = "search") -> tuple[list[Tree], int]:
     """Search every problem whose tree is not yet under `trees_dir`, writing each tree as it finishes.
-    Returns every problem's tree (loaded or searched) in problem order, and how many were searched now."""
+    Returns every problem's tree (loaded or searched) in problem order, and how many were searched now.
+
+    Multi-host: each process searches its fixed share of the problems (`this_process_share`) on its own
+    devices and writes those trees; after a barrier every process reads all of them. A tree depends
+    only on its problem's seed, so the split does not change any tree."""
     if method not in METHODS:
         raise ValueError(f"search method {method!r}; choose from {METHODS}")
     trees_dir = as_path(trees_dir)
@@ -178,12 +184,13 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
     if len(set(paths.values())) != len(paths):
         raise ValueError("two problem ids map to the same tree file name; make the ids distinct")
     trees: dict[str, Tree] = {}
-    for p in problems:
+    mine = this_process_share(list(problems))
+    for p in mine:
         tree = _load_finished(paths[p.problem_id])
         if tree is not None:
             trees[p.problem_id] = tree
-    todo = [p for p in problems if p.problem_id not in trees]
-    with tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem") as bar:
+    todo = [p for p in mine if p.problem_id not in trees]
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="problem") as bar:
         def done(tree: Tree) -> None:
             write_tree(paths[tree.problem.problem_id], tree)
             trees[tree.problem.problem_id] = tree
@@ -196,6 +203,15 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
             else:
                 for tree in beam_search(chunk, backend, settings.beam):
                     done(tree)
+    if jax.process_count() > 1:
+        barrier(f"search:{trees_dir}")
+        for p in problems:
+            if p.problem_id not in trees:
+                tree = _load_finished(paths[p.problem_id])
+                if tree is None:
+                    raise RuntimeError(f"{paths[p.problem_id]}: no finished tree after every process searched "
+                                       "its share; rerun to resume")
+                trees[p.problem_id] = tree
     return [trees[p.problem_id] for p in problems], len(todo)
 
 
@@ -247,7 +263,8 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     backend = make_backend(cfg, workdir, model, tokenizer, [p.prompt for p in problems], mesh=mesh,
                            settings=settings)
     out = as_path(workdir) / "search"
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    if is_coordinator():
+        atomic_write_json(out / "config.json", cfg.to_dict())
     start = time.time()
     trees, searched = search_to_dir(problems, backend, settings, out / "trees", method=method,
                           problems_per_call=cfg.search.problems_per_call, desc=f"search {method}")
@@ -257,5 +274,6 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
         "wall_seconds": round(wall, 2), "backend_stats": backend.stats.as_dict(),
         "sampler_stats": backend.sampler.stats.as_dict(), "settings": settings.to_dict(),
     }
-    atomic_write_json(out / "summary.json", summary)
+    if is_coordinator():  # process 0's counters; the trees are every process's
+        atomic_write_json(out / "summary.json", summary)
     return summary

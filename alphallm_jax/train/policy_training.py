@@ -35,6 +35,7 @@ from alphallm_jax.train.dpo import PreferenceExample, make_collate, make_dpo_los
 from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees, write_records
 from alphallm_jax.train.trainer import TrainConfig, Trainer
+from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import PathLike, as_path, atomic_write_json, read_jsonl_tolerant_tail
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,12 @@ def _epoch_snapshots(model_cfg, tokenizer: Tokenizer, run_dir, steps_per_epoch: 
         if step % steps_per_epoch:
             return
         path = run_dir / f"epoch_{step // steps_per_epoch}"
-        if (path / DONE).exists():
+        if broadcast_int((path / DONE).exists()):  # saving gathers the parameters: all or none
             return
         save_hf_checkpoint(trainer.current_model(), model_cfg, path, tokenizer=tokenizer)
-        if jax.process_index() == 0:
+        if is_coordinator():
             (path / DONE).write_text("ok\n")
+        barrier(f"epoch-policy:{path}")
 
     return callback
 
@@ -229,7 +231,7 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         raise ValueError(f"method={method!r}; choose from {METHODS}")
     root = as_path(workdir)
     record_path = root / "train_policy.json"
-    if (root / "policy" / DONE).exists() and record_path.exists():
+    if broadcast_int((root / "policy" / DONE).exists() and record_path.exists()):
         return {**json.loads(record_path.read_text()), "skipped": True}
     if not cfg.model.checkpoint:
         raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
@@ -239,18 +241,19 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
     traces, pairs = extract_all(trees, ExtractionConfig.from_config(pt))
     model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
     if method == "sft":
-        if jax.process_index() == 0:
+        if is_coordinator():
             write_records(root / "sft_traces.jsonl", traces)
         summary = train_sft_on_traces(model, tokenizer, traces, pt, root, mesh=mesh)
     else:
-        if jax.process_index() == 0:
+        if is_coordinator():
             write_records(root / "pairs.jsonl", pairs)
         summary = train_preference(model, tokenizer, pairs, pt, root, mesh=mesh)
     save_hf_checkpoint(model, model.cfg, root / "policy", tokenizer=tokenizer)
     record = {"policy": str(root / "policy"), "init_checkpoint": str(cfg.model.checkpoint),
               "trees_dir": str(pt.trees_dir), "num_trees": len(trees), "sft_traces": len(traces),
               "pairs": pair_counts(pairs), **summary}
-    if jax.process_index() == 0:
+    if is_coordinator():
         atomic_write_json(record_path, record)
         (root / "policy" / DONE).write_text("ok\n")
+    barrier(f"train-policy:{root}")
     return record

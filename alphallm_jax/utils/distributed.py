@@ -72,6 +72,25 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def this_process_share(items):
+    """Items i with i % process_count == process_index: a fixed split of a list of work, the same
+    whatever has already been done (so every item belongs to exactly one process, resumed or not)."""
+    import jax
+
+    return items[jax.process_index()::jax.process_count()]
+
+
+def host_array(x) -> np.ndarray:
+    """A jax.Array as one numpy array on every process, gathering the shards other hosts hold."""
+    import jax
+
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def broadcast_int(value: int) -> int:
     """Process 0's `value` on every process (so that all take the same branch, e.g. where to resume)."""
     import jax
