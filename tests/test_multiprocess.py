@@ -206,3 +206,46 @@ def test_maybe_initialize_distributed_reads_the_environment(monkeypatch):
     # One process: the helpers are no-ops.
     assert distributed.broadcast_int(7) == 7 and distributed.is_coordinator()
     distributed.barrier("single")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/tpu_pod.sh needs bash")
+def test_tpu_pod_launcher_runs_one_command_on_every_worker(tmp_path):
+    """`launch/tpu_pod.sh` with a stand-in `gcloud` that records its arguments: one ssh to --worker=all whose
+    remote command cds into the checkout, joins the pod (ALPHALLM_DISTRIBUTED=auto) and passes the alphallm
+    arguments through quoted; --setup installs first; bad usage and a missing gcloud fail with a message."""
+    tpu_pod, bash = REPO / "launch" / "tpu_pod.sh", shutil.which("bash")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "gcloud_args.json"
+    fake = bin_dir / "gcloud"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    fake.chmod(0o755)
+    env = _env() | {"PATH": str(bin_dir)}  # the launcher needs nothing but bash builtins and gcloud
+    args = ["loop", "--config=configs/llama2_70b_gsm8k.py:v5p-128", "--workdir=gs://bucket/runs/70b",
+            "--config.loop.base_methods=('greedy', 'mcts')"]
+    out = subprocess.run([bash, str(tpu_pod), "--tpu=pod-a", "--zone=us-east5-a", "--project=proj", "--", *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    argv = json.loads(record.read_text())
+    assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod-a"]
+    assert "--zone=us-east5-a" in argv and "--worker=all" in argv and "--project=proj" in argv
+    remote = next(a for a in argv if a.startswith("--command=")).removeprefix("--command=")
+    assert remote.startswith("cd ~/alphallm_jax && ALPHALLM_DISTRIBUTED=auto .venv/bin/alphallm loop ")
+    # What each worker's shell will run: the arguments come back exactly, spaces and quotes included.
+    echoed = subprocess.run([bash, "-c", remote.split(" && ", 1)[1].replace(".venv/bin/alphallm", "printf '%s\\n'")],
+                            capture_output=True, text=True, timeout=30)
+    assert echoed.stdout.splitlines() == args
+
+    setup = subprocess.run([bash, str(tpu_pod), "--tpu=pod-a", "--zone=z", "--repo=/opt/a", "--setup", "--", "eval"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert setup.returncode == 0, setup.stderr
+    remote = next(a for a in json.loads(record.read_text()) if a.startswith("--command="))
+    assert remote.startswith("--command=cd /opt/a && python3 -m venv .venv && ") and "pip install" in remote
+    assert remote.endswith("&& ALPHALLM_DISTRIBUTED=auto .venv/bin/alphallm eval")
+
+    usage = subprocess.run([bash, str(tpu_pod), "--zone=z", "--", "eval"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    no_gcloud = subprocess.run([bash, str(tpu_pod), "--tpu=t", "--zone=z", "--", "eval"], cwd=REPO,
+                               env=env | {"PATH": str(tmp_path / "empty")}, capture_output=True, text=True, timeout=60)
+    assert no_gcloud.returncode == 2 and "gcloud is not installed" in no_gcloud.stderr
