@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         apply_xla_flags()
     # JAX probes for a TPU at start-up and logs its absence at INFO; that is noise on CPU and GPU hosts.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    # Compiled programs persist across runs and processes (utils/compile_cache.py; ALPHALLM_COMPILATION_CACHE).
+    from alphallm_jax.utils.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     # Join a multi-host runtime when the environment describes one (launch/*.sh), before any backend use.
     from alphallm_jax.utils.distributed import maybe_initialize_distributed
 

@@ -1,8 +1,19 @@
-"""Test-wide setup: 8 simulated CPU devices, so sharded code paths run on any machine."""
+"""Test-wide setup: 8 simulated CPU devices, so sharded code paths run on any machine; one persistent
+compilation cache for the session's `alphallm` subprocesses (the loop runs compile the same programs)."""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+if "ALPHALLM_COMPILATION_CACHE" not in os.environ:  # hermetic: never the user's ~/.cache
+    _cache_dir = tempfile.mkdtemp(prefix="alphallm-test-xla-")
+    os.environ["ALPHALLM_COMPILATION_CACHE"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, True)
 
 
 import subprocess  # noqa: E402

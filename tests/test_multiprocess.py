@@ -34,7 +34,8 @@ def _tiny_checkpoints(directory: Path) -> list[Path]:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALPHALLM_", "JAX_", "XLA_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ALPHALLM_", "JAX_", "XLA_")) or k == "ALPHALLM_COMPILATION_CACHE"}
     env["PYTHON"] = sys.executable
     env["ALPHALLM_CMD"] = f"{sys.executable} -m alphallm_jax.cli"
     env["PYTHONPATH"] = str(REPO)

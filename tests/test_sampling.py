@@ -158,7 +158,7 @@ def test_stragglers_continue_in_a_smaller_batch_with_the_same_results(llama, tok
     batch. Tokens, log-probabilities and kept states equal sampling each request alone."""
     model, _ = llama
     prompts = _prompts(32, seed=13)
-    caps = [2] * 28 + [30, 31, 33, 40]  # 4 of 32 rows run long: the loop shrinks to 4 rows
+    caps = [2] * 28 + [30, 31, 33, 40]  # 4 of 32 rows run long: the loop shrinks to 8 rows (MIN_ROWS)
     sampler = Sampler(model, tokenizer, max_len=96, pool_slots=64)
     reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=cap, temperature=1.0, seed=i)
             for i, (p, cap) in enumerate(zip(prompts, caps))]

@@ -30,7 +30,7 @@ from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with
 from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel, read_positions
-from alphallm_jax.utils.shapes import bucket_length, pow2_at_least
+from alphallm_jax.utils.shapes import bucket_length, pow2_at_least, row_bucket
 
 PRM_AGGREGATES = ("min", "prod", "mean", "last")
 
@@ -111,7 +111,7 @@ class CriticScorer:
             eos_ids = set(critic.model_cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         pad = {int(tokenizer.pad_id)} if tokenizer is not None else set()
-        self._min_batch = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self._row_multiple = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
         if tokenizer is not None:
             from alphallm_jax.sampling.token_texts import token_texts
 
@@ -219,7 +219,7 @@ class CriticScorer:
 
     def _run(self, seqs: list[list[int]], reads: list[list[int]]) -> np.ndarray:
         """One device call for up to max_batch sequences (right-padded, bucketed): [b, k, c]."""
-        rows = pow2_at_least(len(seqs), self._min_batch)
+        rows = row_bucket(len(seqs), self._row_multiple)
         length = min(bucket_length(max(len(s) for s in seqs), self.len_granule),
                      max(self.max_len, max(len(s) for s in seqs)))
         k = pow2_at_least(max(len(r) for r in reads), 16)  # read slots are cheap; fewer shapes, fewer compiles

@@ -91,7 +91,9 @@ def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, 
     )
 
 
-SHRINK_FRACTION, SHRINK_MIN_BATCH = 4, 16
+# A batch of 32 or more rows exits at a quarter still running; smaller ones would compact into the
+# 8-row minimum (utils.shapes.MIN_ROWS), not enough saving for their own programs.
+SHRINK_FRACTION, SHRINK_MIN_BATCH = 4, 32
 
 
 def shrink_below(batch: int) -> int:

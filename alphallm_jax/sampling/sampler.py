@@ -23,7 +23,7 @@ from alphallm_jax.sampling import engine
 from alphallm_jax.sampling.kv_pool import KVPool, SeqState
 from alphallm_jax.sampling.stop_rules import StopTables
 from alphallm_jax.sampling.token_texts import token_texts
-from alphallm_jax.utils.shapes import bucket_length, pow2_at_least, round_up
+from alphallm_jax.utils.shapes import bucket_length, pow2_at_least, round_up, row_bucket
 
 _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
 
@@ -110,7 +110,7 @@ class Sampler:
         if eos_ids is None:
             eos_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
         self.eos_ids = jnp.asarray(sorted(eos_ids), jnp.int32)
-        self._min_batch = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self._row_multiple = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
         self._pool_slots = pool_slots
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}
@@ -219,7 +219,7 @@ class Sampler:
         unique: dict[tuple, int] = {}
         source = [unique.setdefault((id(b), c), len(unique)) for b, _, c in plans]
         firsts = [plans[source.index(u)] for u in range(len(unique))]
-        n_unique = pow2_at_least(len(unique), self._min_batch)
+        n_unique = row_bucket(len(unique), self._row_multiple)
         seq = bucket_length(max(len(c) for _, _, c in firsts), 16)
         chunk_us = np.zeros((n_unique, seq), np.int32)
         pos_us = np.full((n_unique, seq), -1, np.int32)
@@ -237,7 +237,7 @@ class Sampler:
             self.stats.prefilled_tokens += sum(len(c) for _, _, c in firsts)
 
             # 3. Fork shared prefixes into their samples (a device-side row copy).
-            n_rows = pow2_at_least(len(reqs), self._min_batch)
+            n_rows = row_bucket(len(reqs), self._row_multiple)
             source_b = np.array(source + [0] * (n_rows - len(reqs)), np.int32)
             if n_rows != n_unique or not np.array_equal(source_b, np.arange(n_rows)):
                 cache, logits_uv = engine.fork_rows(cache, logits_uv, self._put(source_b))
@@ -288,7 +288,7 @@ class Sampler:
             running = np.flatnonzero(np.asarray(jax.device_get(state.reason_b))[:n_real] == engine.RUNNING)
             if not len(running):
                 return state
-            sub_rows = pow2_at_least(len(running), self._min_batch)
+            sub_rows = row_bucket(len(running), self._row_multiple)
             pad = sub_rows - len(running)
             rows_b = np.concatenate([running, np.full(pad, running[0])]).astype(np.int32)
             real_b = np.arange(sub_rows) < len(running)

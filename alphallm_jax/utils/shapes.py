@@ -1,8 +1,9 @@
 """Shape buckets for jitted device calls: few distinct shapes, so few compiles.
 
-Every batch dimension goes to a power of two; every length to a multiple of its granule, in steps that
-grow geometrically (granule x 1, 2, 3, 4, 6, 8, 12, 16, 24, ...), so padding stays under a third of the
-length while a whole run (evaluation, rollouts, search, synthesis, scoring) compiles a handful of sizes.
+Every batch dimension goes to a power of two, at least `MIN_ROWS`; every length to a multiple of its
+granule, in steps that grow geometrically (granule x 1, 2, 3, 4, 6, 8, 12, 16, 24, ...), so padding stays
+under a third of the length while a whole run (evaluation, rollouts, search, synthesis, scoring) compiles
+a handful of sizes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,18 @@ from __future__ import annotations
 def pow2_at_least(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+# Device calls of fewer rows cost about what 8 rows cost (a decode step of a few rows is bound by reading
+# the weights, on CPU by per-op overhead), while rows 1, 2 and 4 were three more compiles of every decode,
+# resume, prefill, fork, compaction and scoring program (~20 s of a 64-problem search eval on 2 cores).
+MIN_ROWS = 8
+
+
+def row_bucket(n: int, multiple_of: int = 1) -> int:
+    """Rows of a device call holding `n`: a power of two, at least MIN_ROWS and `multiple_of` (the mesh's
+    data-parallel size)."""
+    return pow2_at_least(n, max(MIN_ROWS, multiple_of))
 
 
 def round_up(n: int, granule: int) -> int:
