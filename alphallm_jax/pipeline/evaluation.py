@@ -21,6 +21,7 @@ from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import format_prompt
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
+from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
 from alphallm_jax.utils.io import (
     append_jsonl,
     as_path,
@@ -67,7 +68,7 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     Returns the merged summary on every process (the others read what process 0 wrote).
     """
     pidx, pcount = jax.process_index(), jax.process_count()
-    mine = problems[pidx::pcount]
+    mine = this_process_share(problems)
     out_root = as_path(workdir) / tag
     for spec in methods:
         method = make_method(spec)
@@ -81,15 +82,11 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
                 rows = [_grade(p, out, spec, ctx.task) for p, out in zip(batch, method.run(batch, ctx))]
                 append_jsonl(part, rows, many=True)
                 bar.update(len(batch))
-    if pcount > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"{tag}:parts-written")
-    summary = merge_results(problems, methods, out_root) if pidx == 0 else {}
-    if pcount > 1:
-        multihost_utils.sync_global_devices(f"{tag}:merged")
-        if pidx != 0:  # the workdir is shared (a local disk or a bucket): every process reads the merge
-            summary = read_json(out_root / "summary.json")["methods"]
+    barrier(f"{tag}:parts-written")
+    summary = merge_results(problems, methods, out_root) if is_coordinator() else {}
+    barrier(f"{tag}:merged")
+    if not is_coordinator():  # the workdir is shared (a local disk or a bucket): every process reads the merge
+        summary = read_json(out_root / "summary.json")["methods"]
     return summary
 
 
