@@ -111,7 +111,7 @@ class CriticScorer:
             eos_ids = set(critic.model_cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         pad = {int(tokenizer.pad_id)} if tokenizer is not None else set()
-        self._row_multiple = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self._row_multiple = shd.batch_shards(mesh)
         if tokenizer is not None:
             from alphallm_jax.sampling.token_texts import token_texts
 

@@ -65,6 +65,11 @@ class ShardingRules:
     return tuple((f, getattr(self, f)) for f in self.__dataclass_fields__)
 
 
+def batch_shards(mesh: jax.sharding.Mesh | None) -> int:
+  """How many ways a batch is split on `mesh`: the (data, fsdp) devices (1 without a mesh)."""
+  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
   if axes is None:
     return ()

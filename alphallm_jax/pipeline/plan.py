@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from alphallm_jax.models.config import ModelConfig
-from alphallm_jax.models.sharding import MESH_AXES, ShardingRules, logical_names, logical_to_spec
+from alphallm_jax.models.sharding import MESH_AXES, ShardingRules, batch_shards, logical_names, logical_to_spec
 
 GIB = 1024 ** 3
 FIT_FRACTION = 0.9
@@ -157,7 +157,7 @@ def _train_shape(stage: str, section, dp: int, model_dtype: str, *, pairs: bool 
 
 def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
     """The policy, the critic and (when enabled) the fast-rollout policy of `cfg`, with their workloads."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = batch_shards(mesh)
     policy_cfg, policy_src = _shape(cfg.model.preset, cfg.model.checkpoint or cfg.critics.policy, cfg.base.model,
                                     cfg.base.tokenizer_vocab_size)
     policy_cfg = policy_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)

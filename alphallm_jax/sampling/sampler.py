@@ -110,7 +110,7 @@ class Sampler:
         if eos_ids is None:
             eos_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
         self.eos_ids = jnp.asarray(sorted(eos_ids), jnp.int32)
-        self._row_multiple = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self._row_multiple = shd.batch_shards(mesh)
         self._pool_slots = pool_slots
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}

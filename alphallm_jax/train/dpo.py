@@ -35,11 +35,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from alphallm_jax.models.sharding import ShardingRules, logical_to_spec
+from alphallm_jax.models.sharding import ShardingRules, batch_shards, logical_to_spec
 from alphallm_jax.train.batching import Batch, BatchIterator, padded_length
 from alphallm_jax.train.losses import WEIGHT_KEY, LossFn, Metrics, sequence_log_probs
 from alphallm_jax.utils.distributed import host_array
 from alphallm_jax.utils.io import read_jsonl_tolerant_tail, write_jsonl_atomic
+from alphallm_jax.utils.shapes import round_up
 
 SIDES = ("chosen", "rejected")
 
@@ -195,9 +196,7 @@ def compute_pair_log_probs(model, examples: Sequence[PreferenceExample], *, batc
     """(log pi(chosen) [n], log pi(rejected) [n]) of every example under ``model``, float32, in the
     examples' order: one jitted forward per batch, no shuffling (length-sorted within windows of
     ``bucket_window`` batches to cut padding). With a mesh the rows are split over (data, fsdp)."""
-    if mesh is not None:
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
-        batch_size = -(-batch_size // dp) * dp
+    batch_size = round_up(batch_size, batch_shards(mesh))
     rules = rules if rules is not None else ShardingRules()
     graphdef, state = nnx.split(model)
     fn = _logp_fn(graphdef, logits_chunk_size)
