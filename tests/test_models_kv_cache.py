@@ -65,7 +65,7 @@ def test_cache_sizes():
   assert not short.ring and short.cache_len == 10
   empty = KVCache.create(CFG, 3, 16, dtype="bfloat16")
   np.testing.assert_array_equal(empty.lengths(), [0, 0, 0])
-  assert empty.k[0].shape == (3, 16, CFG.num_kv_heads, CFG.head_dim)
+  assert empty.k[0].shape == (3, CFG.num_kv_heads, 16, CFG.head_dim)
   assert empty.k[0].dtype == jnp.bfloat16 and empty.slot_pos_bt.dtype == jnp.int32
   assert len(empty.k) == len(empty.v) == CFG.num_layers
 

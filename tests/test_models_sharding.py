@@ -106,7 +106,7 @@ def test_sharded_cache_decode_matches_single_device(mesh, sharded, reference):
   graphdef, state = nnx.split(sharded)
   cache = KVCache.create(CFG, 2, 16, mesh=mesh)
   kv_shards = {s.data.shape for s in cache.k[0].addressable_shards}
-  assert kv_shards == {(1, 16, 2, 16)}  # batch split over fsdp, 2 KV heads replicated
+  assert kv_shards == {(1, 2, 16, 16)}  # batch split over fsdp, 2 KV heads replicated
 
   @functools.partial(jax.jit, donate_argnums=(1,))
   def step(state, cache, ids):
@@ -119,7 +119,7 @@ def test_sharded_cache_decode_matches_single_device(mesh, sharded, reference):
       logits, cache = step(state, cache, jnp.asarray(IDS[:, t:t + 1]))
       np.testing.assert_allclose(logits[:, 0], ref_logits[:, t], atol=1e-5)
   kv_shards = {s.data.shape for s in cache.k[0].addressable_shards}
-  assert kv_shards == {(1, 16, 2, 16)}  # batch split over fsdp, 2 KV heads replicated
+  assert kv_shards == {(1, 2, 16, 16)}  # batch split over fsdp, 2 KV heads replicated
 
 
 def test_hf_checkpoint_loads_onto_mesh(mesh, reference, tmp_path):

@@ -271,6 +271,18 @@ def test_prompt_seeds_make_samples_independent_of_batch_position(llama, tokenize
         sampler.generate(["Answer:"], prompt_seeds=[1, 2], **kw)
 
 
+def test_unpadded_small_batches_give_the_same_samples(llama, tokenizer):
+    """min_rows=1 (no padding of a one-prompt call to 8 rows) changes the device shapes, not the output."""
+    model, _ = llama
+    kw = dict(max_new_tokens=8, temperature=1.0, num_samples=1, seed=4)
+    padded = Sampler(model, tokenizer, max_len=64)
+    unpadded = Sampler(model, tokenizer, max_len=64, min_rows=1)
+    one = padded.generate(["Question: Tom has 3 apples."], **kw)
+    two = unpadded.generate(["Question: Tom has 3 apples."], **kw)
+    assert [c.token_ids for c in one[0]] == [c.token_ids for c in two[0]]
+    np.testing.assert_allclose(one[0][0].logprobs, two[0][0].logprobs, atol=1e-5)
+
+
 def test_sharded_sampler_equals_single_device(tmp_path, tokenizer):
     path, _ = _save_tiny_hf(tmp_path, "llama", seed=3)
     prompts = _prompts(5, seed=2)

@@ -44,8 +44,9 @@ def define_flags() -> None:
     flags.DEFINE_string("preset", "bench_30m", "Model preset.")
     flags.DEFINE_bool("compare_torch", True, "Also time the PyTorch AdamW loop on the same weights.")
     flags.DEFINE_integer("threads", 0, "CPU threads for torch (0: the cores this process may use).")
-    flags.DEFINE_enum("xla_cpu_flags", "recommended", ["none", "recommended", "fast_math"],
-                      "XLA:CPU flag set applied before JAX starts (alphallm_jax.train.xla_flags).")
+    from alphallm_jax.train.xla_flags import define_flag_set_flag
+
+    define_flag_set_flag()
 
 
 def flops_per_token(cfg, seq_len: int) -> tuple[float, int]:

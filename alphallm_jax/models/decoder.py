@@ -64,6 +64,36 @@ def attend(q_bsnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   return out_bskgh.reshape(b, s, n, h)
 
 
+def attend_cached(q_bsnh: jax.Array, k_bkth: jax.Array, v_bkth: jax.Array,
+                  mask_bst: jax.Array) -> jax.Array:
+  """`attend` over a KV cache laid out [batch, kv_heads, slots, head_dim].
+
+  That layout lets both products read the cache as it lies (slots before heads cost a transposed
+  copy of every layer's cache at every decode step). A one-token query (decoding) is computed as a
+  multiply-and-reduce rather than a dot: per (row, kv-head) the dot is a tiny matrix-vector product,
+  and XLA:CPU runs a batch of those far slower than one fused loop over the cache (2.4x per decode
+  step at 256 rows and 256 slots on the demo policy).
+  """
+  b, s, n, h = q_bsnh.shape
+  kv_heads = k_bkth.shape[1]
+  q_bkgsh = q_bsnh.reshape(b, s, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+  if s == 1:
+    q_bkgh = q_bkgsh[:, :, :, 0].astype(jnp.float32)
+    scores_bkgt = jnp.sum(q_bkgh[:, :, :, None, :] * k_bkth[:, :, None].astype(jnp.float32), axis=-1)
+    scores_bkgst = scores_bkgt[:, :, :, None, :] * (h ** -0.5)
+  else:
+    scores_bkgst = jnp.einsum("bkgsh,bkth->bkgst", q_bkgsh, k_bkth,
+                              preferred_element_type=jnp.float32) * (h ** -0.5)
+  scores_bkgst = jnp.where(mask_bst[:, None, None], scores_bkgst, _MASK_VALUE)
+  probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1)
+  if s == 1:
+    out_bkgh = jnp.sum(probs_bkgst[:, :, :, 0, :, None] * v_bkth[:, :, None].astype(jnp.float32), axis=3)
+    out_bkgsh = out_bkgh[:, :, :, None, :].astype(v_bkth.dtype)
+  else:
+    out_bkgsh = jnp.einsum("bkgst,bkth->bkgsh", probs_bkgst.astype(v_bkth.dtype), v_bkth)
+  return out_bkgsh.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
+
+
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
 
@@ -104,20 +134,20 @@ class DecoderLayer(nnx.Module):
 
     new_kv = None
     if layer_kv is None:
-      keys_btkh, values_btkh = k_bskh, v_bskh
+      attn_bsnh = attend(q_bsnh, k_bskh, v_bskh, mask_bst)
     else:
-      # Scatter into the (donated) cache buffers: in place, never a rebuilt cache.
+      # Scatter into the (donated) cache buffers: in place, never a rebuilt cache. The cache keeps
+      # kv-heads before slots ([b, k, t, h]), the layout both attention dots read without a transpose
+      # (slots first cost a full copy of the cache per layer per decode step).
       row_bs, slot_bs = write_bs
       k_cache, v_cache = layer_kv
-      k_cache = k_cache.at[row_bs, slot_bs].set(k_bskh.astype(k_cache.dtype), mode="drop")
-      v_cache = v_cache.at[row_bs, slot_bs].set(v_bskh.astype(v_cache.dtype), mode="drop")
+      k_cache = k_cache.at[row_bs, :, slot_bs].set(k_bskh.astype(k_cache.dtype), mode="drop")
+      v_cache = v_cache.at[row_bs, :, slot_bs].set(v_bskh.astype(v_cache.dtype), mode="drop")
       k_cache = shard_activation(k_cache, kv_cache_lib.KV_NAMES)
       v_cache = shard_activation(v_cache, kv_cache_lib.KV_NAMES)
       new_kv = (k_cache, v_cache)
-      keys_btkh = k_cache.astype(self.cfg.dtype)
-      values_btkh = v_cache.astype(self.cfg.dtype)
-
-    attn_bsnh = attend(q_bsnh, keys_btkh, values_btkh, mask_bst)
+      attn_bsnh = attend_cached(q_bsnh, k_cache.astype(self.cfg.dtype), v_cache.astype(self.cfg.dtype),
+                                mask_bst)
     x_bsd = x_bsd + jnp.einsum("bsnh,nhd->bsd", attn_bsnh, self._w(self.o_nhd))
     x_bsd = shard_activation(x_bsd, ACT_BSD)
 

@@ -21,13 +21,19 @@ from jax.sharding import NamedSharding
 from alphallm_jax.models.config import ModelConfig
 from alphallm_jax.models.sharding import ShardingRules, logical_to_spec
 
-KV_NAMES = ("batch", "cache_seq", "kv_heads", "head_dim")
+# Heads before slots: both attention products read the cache as it lies (decoder.attend_cached).
+KV_NAMES = ("batch", "kv_heads", "cache_seq", "head_dim")
 SLOT_NAMES = ("batch", "cache_seq")
+
+
+def kv_shape(cfg: ModelConfig, batch: int, cache_len: int) -> tuple[int, int, int, int]:
+  """One layer's key (or value) buffer: [batch, kv_heads, cache_len, head_dim] (named by KV_NAMES)."""
+  return (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
 
 
 @flax.struct.dataclass
 class KVCache:
-  """k[i], v[i]: layer i's keys/values [batch, cache_len, kv_heads, head_dim]; slot_pos_bt int32."""
+  """k[i], v[i]: layer i's keys/values [batch, kv_heads, cache_len, head_dim]; slot_pos_bt int32."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -51,19 +57,19 @@ class KVCache:
       if window + chunk - 1 < max_len:
         cache_len, ring = window + chunk - 1, True
     dtype = jnp.dtype(dtype or cfg.dtype)
-    kv_shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = kv_shape(cfg, batch, cache_len)
 
     def build():
-      zeros = tuple(jnp.zeros(kv_shape, dtype) for _ in range(cfg.num_layers))
+      zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
       slot_pos = jnp.full((batch, cache_len), -1, jnp.int32)
       return cls(k=zeros, v=tuple(jnp.zeros_like(z) for z in zeros), slot_pos_bt=slot_pos,
                  ring=ring)
 
     if mesh is None:
       return build()
-    kv_sharding = NamedSharding(mesh, logical_to_spec(KV_NAMES, rules, shape=kv_shape, mesh=mesh))
+    kv_sharding = NamedSharding(mesh, logical_to_spec(KV_NAMES, rules, shape=shape, mesh=mesh))
     slot_sharding = NamedSharding(
-        mesh, logical_to_spec(SLOT_NAMES, rules, shape=kv_shape[:2], mesh=mesh))
+        mesh, logical_to_spec(SLOT_NAMES, rules, shape=(batch, cache_len), mesh=mesh))
     shardings = cls(k=(kv_sharding,) * cfg.num_layers, v=(kv_sharding,) * cfg.num_layers,
                     slot_pos_bt=slot_sharding, ring=ring)
     return jax.jit(build, out_shardings=shardings)()

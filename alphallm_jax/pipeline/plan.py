@@ -244,12 +244,12 @@ def kv_pool_bytes(spec: ModelSpec, mesh, rules: ShardingRules = ShardingRules())
     rows are split over (data, fsdp) and its kv heads over tensor when they divide, like `KVCache`."""
     from jax.sharding import NamedSharding
 
-    from alphallm_jax.models.kv_cache import KV_NAMES
+    from alphallm_jax.models.kv_cache import KV_NAMES, kv_shape
 
     c = spec.model_cfg
     total = 0
     for rows in spec.kv_rows:
-        shape = (rows, spec.kv_len, c.num_kv_heads, c.head_dim)
+        shape = kv_shape(c, rows, spec.kv_len)
         shard = NamedSharding(mesh, logical_to_spec(KV_NAMES, rules, shape=shape, mesh=mesh)).shard_shape(shape)
         total += math.prod(shard) * 2 * c.num_layers * _BYTES[c.dtype]
     return total

@@ -23,7 +23,7 @@ from alphallm_jax.sampling import engine
 from alphallm_jax.sampling.kv_pool import KVPool, SeqState
 from alphallm_jax.sampling.stop_rules import StopTables
 from alphallm_jax.sampling.token_texts import token_texts
-from alphallm_jax.utils.shapes import bucket_length, pow2_at_least, round_up, row_bucket
+from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, round_up, row_bucket
 
 _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
 
@@ -94,11 +94,14 @@ class Sampler:
       max_batch: rows per device call; larger request lists are split.
       mesh: optional mesh; batch rows are sharded over (data, fsdp), heads over tensor.
       eos_ids: end-of-sequence ids (default: the tokenizer's and the model config's).
+      min_rows: fewest rows of a device call (`utils.shapes.MIN_ROWS` by default: fewer compiles). A
+        call of one row padded to 8 costs 8x the prefill compute of a large model on CPU; latency-bound
+        use of such a model passes 1.
     """
 
     def __init__(self, model, tokenizer, *, max_len: int = 1024, pool_slots: int = 64, max_batch: int = 256,
                  mesh: jax.sharding.Mesh | None = None, rules: shd.ShardingRules | None = None,
-                 eos_ids: Sequence[int] | None = None):
+                 eos_ids: Sequence[int] | None = None, min_rows: int = MIN_ROWS):
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
@@ -111,6 +114,7 @@ class Sampler:
             eos_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
         self.eos_ids = jnp.asarray(sorted(eos_ids), jnp.int32)
         self._row_multiple = shd.batch_shards(mesh)
+        self._min_rows = min_rows
         self._pool_slots = pool_slots
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}
@@ -219,7 +223,7 @@ class Sampler:
         unique: dict[tuple, int] = {}
         source = [unique.setdefault((id(b), c), len(unique)) for b, _, c in plans]
         firsts = [plans[source.index(u)] for u in range(len(unique))]
-        n_unique = row_bucket(len(unique), self._row_multiple)
+        n_unique = row_bucket(len(unique), self._row_multiple, self._min_rows)
         seq = bucket_length(max(len(c) for _, _, c in firsts), 16)
         chunk_us = np.zeros((n_unique, seq), np.int32)
         pos_us = np.full((n_unique, seq), -1, np.int32)
@@ -237,7 +241,7 @@ class Sampler:
             self.stats.prefilled_tokens += sum(len(c) for _, _, c in firsts)
 
             # 3. Fork shared prefixes into their samples (a device-side row copy).
-            n_rows = row_bucket(len(reqs), self._row_multiple)
+            n_rows = row_bucket(len(reqs), self._row_multiple, self._min_rows)
             source_b = np.array(source + [0] * (n_rows - len(reqs)), np.int32)
             if n_rows != n_unique or not np.array_equal(source_b, np.arange(n_rows)):
                 cache, logits_uv = engine.fork_rows(cache, logits_uv, self._put(source_b))
@@ -288,7 +292,7 @@ class Sampler:
             running = np.flatnonzero(np.asarray(jax.device_get(state.reason_b))[:n_real] == engine.RUNNING)
             if not len(running):
                 return state
-            sub_rows = row_bucket(len(running), self._row_multiple)
+            sub_rows = row_bucket(len(running), self._row_multiple, self._min_rows)
             pad = sub_rows - len(running)
             rows_b = np.concatenate([running, np.full(pad, running[0])]).astype(np.int32)
             real_b = np.arange(sub_rows) < len(running)

@@ -28,6 +28,15 @@ FLAG_SETS: dict[str, tuple[str, ...]] = {"none": (), "recommended": CPU_TRAINING
                                          "fast_math": CPU_FAST_MATH_FLAGS}
 
 
+def define_flag_set_flag() -> None:
+    """`--xla_cpu_flags={none,recommended,fast_math}` for the benchmarks, which pick their flag set
+    (the other commands always apply the recommended one)."""
+    from absl import flags
+
+    flags.DEFINE_enum("xla_cpu_flags", "recommended", list(FLAG_SETS),
+                      "XLA:CPU flag set applied before JAX starts (alphallm_jax.train.xla_flags).")
+
+
 def _backend_started() -> bool:
     try:
         from jax._src import xla_bridge

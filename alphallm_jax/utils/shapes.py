@@ -20,10 +20,10 @@ def pow2_at_least(n: int, minimum: int = 1) -> int:
 MIN_ROWS = 8
 
 
-def row_bucket(n: int, multiple_of: int = 1) -> int:
-    """Rows of a device call holding `n`: a power of two, at least MIN_ROWS and `multiple_of` (the mesh's
-    data-parallel size)."""
-    return pow2_at_least(n, max(MIN_ROWS, multiple_of))
+def row_bucket(n: int, multiple_of: int = 1, min_rows: int = MIN_ROWS) -> int:
+    """Rows of a device call holding `n`: a power of two, at least `min_rows` and `multiple_of` (the
+    mesh's data-parallel size)."""
+    return pow2_at_least(n, max(min_rows, multiple_of))
 
 
 def round_up(n: int, granule: int) -> int:
