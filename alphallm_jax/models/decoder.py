@@ -120,7 +120,7 @@ class DecoderLayer(nnx.Module):
                mask_bst: jax.Array, layer_kv=None, write_bs=None):
     """Returns (x_bsd, (k_cache, v_cache) or None).
 
-    layer_kv: this layer's (k, v) cache [b, t, k, h], or None to attend within the chunk.
+    layer_kv: this layer's (k, v) cache [b, k, t, h], or None to attend within the chunk.
     write_bs: (row_bs, slot_bs) scatter indices; slot == cache_len drops the write (padding).
     """
     eps = self.cfg.rms_norm_eps
