@@ -14,9 +14,11 @@ def pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
 
 
-# Device calls of fewer rows cost about what 8 rows cost (a decode step of a few rows is bound by reading
-# the weights, on CPU by per-op overhead), while rows 1, 2 and 4 were three more compiles of every decode,
-# resume, prefill, fork, compaction and scoring program (~20 s of a 64-problem search eval on 2 cores).
+# For the demo's tiny models, device calls of fewer rows cost about what 8 rows cost (a decode step of a few
+# rows is bound by reading the weights, on CPU by per-op overhead), while rows 1, 2 and 4 were three more
+# compiles of every decode, resume, prefill, fork, compaction and scoring program (~20 s of a 64-problem
+# search eval on 2 cores). A large model's prefill is compute-bound, so padding it costs real work:
+# `row_bucket(..., min_rows=1)` (`Sampler(min_rows=1)`) turns the padding off.
 MIN_ROWS = 8
 
 
