@@ -17,6 +17,7 @@ from tqdm import tqdm
 from alphallm_jax.benchmarks.common import machine_info, matmul_peak_flops, median_seconds, usable_cores
 from alphallm_jax.models import create_model, presets
 from alphallm_jax.sampling import Sampler, SampleRequest
+from alphallm_jax.train.xla_flags import FLAG_SETS, apply_xla_flags
 
 
 def generation_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -33,7 +34,15 @@ def generation_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float
 
 
 def run(*, batch_sizes=(1, 16, 64), prompt_len: int = 128, new_tokens: int = 64, repeats: int = 5,
-        compare_hf: bool = True, preset: str = "bench_30m", seed: int = 0) -> dict:
+        compare_hf: bool = True, preset: str = "bench_30m", seed: int = 0,
+        xla_cpu_flags: str = "recommended") -> dict:
+    """Runs the benchmark and returns the JSON-ready result.
+
+    ``xla_cpu_flags`` names a flag set of ``alphallm_jax.train.xla_flags.FLAG_SETS``; "recommended" is
+    the one every other command runs with. It is applied first, which only works before JAX starts its
+    backend; the result records what was applied.
+    """
+    flags_added = apply_xla_flags(FLAG_SETS[xla_cpu_flags])
     cfg = presets.get(preset)
     model = create_model(cfg, seed=seed)
     # No padding of small batches to MIN_ROWS: batch 1 is a latency measurement, and 8 padded rows
@@ -72,7 +81,8 @@ def run(*, batch_sizes=(1, 16, 64), prompt_len: int = 128, new_tokens: int = 64,
         "decoding": "greedy, exactly new_tokens per row",
         "matmul_peak_flops": peak,
         "rows": rows,
-        "machine": machine_info(),
+        "xla_cpu_flag_set": xla_cpu_flags,
+        "machine": {**machine_info(), "xla_flags_added": flags_added},
     }
 
 

@@ -20,19 +20,13 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
-    from alphallm_jax.train.xla_flags import FLAG_SETS, apply_xla_flags
-
-    f = flags.FLAGS
-    # The flag set every other command runs with (cli.py) unless --xla_cpu_flags says otherwise; XLA
-    # reads its flags once, so before anything starts the backend.
-    flags_added = apply_xla_flags(FLAG_SETS[f.xla_cpu_flags])
     from alphallm_jax.benchmarks.sampler_bench import run
     from alphallm_jax.utils.io import atomic_write_json
 
+    f = flags.FLAGS
     result = run(batch_sizes=tuple(int(b) for b in f.batch_sizes), prompt_len=f.prompt_len,
-                 new_tokens=f.new_tokens, repeats=f.repeats, compare_hf=f.compare_hf, preset=f.preset)
-    result["xla_cpu_flag_set"] = f.xla_cpu_flags
-    result["machine"]["xla_flags_added"] = flags_added
+                 new_tokens=f.new_tokens, repeats=f.repeats, compare_hf=f.compare_hf, preset=f.preset,
+                 xla_cpu_flags=f.xla_cpu_flags)
     for row in result["rows"]:
         line = f"batch {row['batch']:>3}: ours {row['ours_tokens_per_s']:9.1f} tok/s"
         if "hf_tokens_per_s" in row:
