@@ -182,6 +182,10 @@ class Sampler:
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.create(self.cfg, batch, max_len, mesh=self.mesh, rules=self.rules)
 
+    def _rows(self, n: int) -> int:
+        """Rows of a device call holding `n` requests (the shape bucket; see `utils.shapes.row_bucket`)."""
+        return row_bucket(n, self._row_multiple, self._min_rows)
+
     def _put(self, x: np.ndarray) -> jax.Array:
         """Host batch array onto the device, rows sharded over (data, fsdp) when there is a mesh."""
         if self.mesh is None:
@@ -223,7 +227,7 @@ class Sampler:
         unique: dict[tuple, int] = {}
         source = [unique.setdefault((id(b), c), len(unique)) for b, _, c in plans]
         firsts = [plans[source.index(u)] for u in range(len(unique))]
-        n_unique = row_bucket(len(unique), self._row_multiple, self._min_rows)
+        n_unique = self._rows(len(unique))
         seq = bucket_length(max(len(c) for _, _, c in firsts), 16)
         chunk_us = np.zeros((n_unique, seq), np.int32)
         pos_us = np.full((n_unique, seq), -1, np.int32)
@@ -241,7 +245,7 @@ class Sampler:
             self.stats.prefilled_tokens += sum(len(c) for _, _, c in firsts)
 
             # 3. Fork shared prefixes into their samples (a device-side row copy).
-            n_rows = row_bucket(len(reqs), self._row_multiple, self._min_rows)
+            n_rows = self._rows(len(reqs))
             source_b = np.array(source + [0] * (n_rows - len(reqs)), np.int32)
             if n_rows != n_unique or not np.array_equal(source_b, np.arange(n_rows)):
                 cache, logits_uv = engine.fork_rows(cache, logits_uv, self._put(source_b))
@@ -292,7 +296,7 @@ class Sampler:
             running = np.flatnonzero(np.asarray(jax.device_get(state.reason_b))[:n_real] == engine.RUNNING)
             if not len(running):
                 return state
-            sub_rows = row_bucket(len(running), self._row_multiple, self._min_rows)
+            sub_rows = self._rows(len(running))
             pad = sub_rows - len(running)
             rows_b = np.concatenate([running, np.full(pad, running[0])]).astype(np.int32)
             real_b = np.arange(sub_rows) < len(running)
