@@ -61,6 +61,17 @@ def test_one_forward_returns_all_three_heads(critic):
     assert scorer.calls == 1  # 7 sequences, three heads: one device call
 
 
+def test_reading_positions_first_equals_reading_every_position(critic):
+    """Scoring applies the heads only at the read indices; the logits are those of the full forward."""
+    rng = np.random.default_rng(3)
+    ids_bs = jnp.asarray(rng.integers(10, 250, (3, 20)), jnp.int32)
+    pos_bs = jnp.tile(jnp.arange(20, dtype=jnp.int32), (3, 1))
+    read_bk = jnp.asarray([[0, 5, 19], [19, 19, 2], [7, 0, 11]], jnp.int32)
+    every_bsc = critic(ids_bs, positions_bs=pos_bs)
+    np.testing.assert_allclose(critic(ids_bs, positions_bs=pos_bs, read_bk=read_bk),
+                               read_positions(every_bsc, read_bk), rtol=1e-5, atol=1e-5)
+
+
 def test_heads_read_at_the_right_positions(critic):
     seqs = _seqs()
     seqs[1] = seqs[1] + [BLANK, EOS, EOS]  # trailing blank and EOS tokens

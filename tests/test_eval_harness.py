@@ -12,7 +12,7 @@ from alphallm_jax.config import default_config
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
-from alphallm_jax.pipeline.evaluation import evaluate_methods
+from alphallm_jax.pipeline.evaluation import evaluate_methods, seed_results
 from alphallm_jax.sampling import Completion
 from tests.helpers import MISTRAL_TOKENIZER, REPO_ROOT, load_config, require_shared_data
 
@@ -84,6 +84,22 @@ def test_harness_writes_resumable_graded_artifacts(tmp_path):
     part.write_text("\n".join(text[:2]) + "\n" + text[2][:15])
     evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=2)
     assert sampler.calls[-1][0] == ["q2"]
+
+
+def test_seeded_results_are_reused_not_recomputed(tmp_path):
+    """Rows of an earlier run of the same method (here on a superset of the problems) stand as this
+    process's finished share: only the problems they lack are generated, and the summary counts both."""
+    sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"]})
+    full = evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path / "full", batch_size=3)
+    rows = [json.loads(line) for line in (tmp_path / "full/eval/greedy/predictions.jsonl").read_text().splitlines()]
+    assert seed_results(PROBLEMS[:2], "greedy", rows, tmp_path / "sub") == 2
+    assert seed_results(PROBLEMS[:2], "greedy", rows, tmp_path / "sub") == 0  # never over a started part
+    calls = len(sampler.calls)
+    sub = evaluate_methods(PROBLEMS[:2], _ctx(sampler), ["greedy"], tmp_path / "sub", batch_size=3)
+    assert len(sampler.calls) == calls and sub["greedy"]["n"] == 2 and sub["greedy"]["correct"] == 2
+    seed_results(PROBLEMS, "greedy", rows[:1], tmp_path / "more")
+    more = evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path / "more", batch_size=3)
+    assert sampler.calls[-1][0] == ["q1", "q2"] and more == full
 
 
 def test_wilson_interval():

@@ -29,7 +29,7 @@ from alphallm_jax.critics.positions import blank_token_ids, orm_index, step_end_
 from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with_orm
 from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.models import sharding as shd
-from alphallm_jax.models.critic import HEAD_INDEX, CriticModel, read_positions
+from alphallm_jax.models.critic import HEAD_INDEX, CriticModel
 from alphallm_jax.utils.shapes import bucket_length, pow2_at_least, row_bucket
 
 PRM_AGGREGATES = ("min", "prod", "mean", "last")
@@ -67,8 +67,7 @@ class SolutionScores:
 def _score_batch(graphdef, params, ids_bs: jax.Array, pos_bs: jax.Array, read_bk: jax.Array) -> jax.Array:
     """Sigmoid of every head at the read indices: float32 [b, k, c]."""
     critic = nnx.merge(graphdef, params)
-    logits_bsc = critic(ids_bs, positions_bs=pos_bs)
-    return jax.nn.sigmoid(read_positions(logits_bsc, read_bk))
+    return jax.nn.sigmoid(critic(ids_bs, positions_bs=pos_bs, read_bk=read_bk))
 
 
 def aggregate_prm(steps: np.ndarray, how: str) -> float:

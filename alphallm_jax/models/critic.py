@@ -100,15 +100,23 @@ class CriticModel(nnx.Module):
   def head_cfg(self) -> CriticHeadConfig:
     return self.heads.head_cfg
 
-  def __call__(self, input_ids_bs: jax.Array, *, positions_bs: jax.Array | None = None) -> jax.Array:
-    """Logits of every head at every position: float32 [b, s, c]. positions_bs: -1 on padding."""
+  def __call__(self, input_ids_bs: jax.Array, *, positions_bs: jax.Array | None = None,
+               read_bk: jax.Array | None = None) -> jax.Array:
+    """Logits of every head at every position: float32 [b, s, c]. positions_bs: -1 on padding.
+
+    With `read_bk` (int [b, k] sequence indices) only at those positions: [b, k, c]. Scoring reads a
+    few positions per row, and the heads' [b, s, c, head_hidden] activations at every position cost
+    more than the backbone's MLPs on a small model.
+    """
     hidden_bsd, _ = self.backbone.hidden_states(input_ids_bs, positions_bs=positions_bs)
+    if read_bk is not None:
+      return self.heads(read_positions(hidden_bsd, read_bk))
     logits_bsc = self.heads(hidden_bsd)
     return shard_activation(logits_bsc, ("batch", "seq", None))
 
 
 def read_positions(values_bsc: jax.Array, idx_bk: jax.Array) -> jax.Array:
-  """values at sequence indices idx_bk (int [b, k]) of each row: [b, k, c]."""
+  """values (or hidden states) at sequence indices idx_bk (int [b, k]) of each row: [b, k, c]."""
   return jnp.take_along_axis(values_bsc, idx_bk[:, :, None], axis=1)
 
 

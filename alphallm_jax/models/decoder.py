@@ -52,16 +52,14 @@ def attention_mask(q_pos_bs: jax.Array, k_pos_bt: jax.Array, window: int | None)
 
 def attend(q_bsnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
            mask_bst: jax.Array) -> jax.Array:
-  """Grouped-query attention; MHA is the g == 1 case."""
-  b, s, n, h = q_bsnh.shape
-  kv_heads = k_btkh.shape[2]
-  q_bskgh = q_bsnh.reshape(b, s, kv_heads, n // kv_heads, h)
-  scores_bkgst = jnp.einsum("bskgh,btkh->bkgst", q_bskgh, k_btkh,
-                            preferred_element_type=jnp.float32) * (h ** -0.5)
-  scores_bkgst = jnp.where(mask_bst[:, None, None], scores_bkgst, _MASK_VALUE)
-  probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1).astype(v_btkh.dtype)
-  out_bskgh = jnp.einsum("bkgst,btkh->bskgh", probs_bkgst, v_btkh)
-  return out_bskgh.reshape(b, s, n, h)
+  """Grouped-query attention within a chunk; MHA is the g == 1 case.
+
+  Keys and values go heads-first, as the cache lies, and share `attend_cached`'s products: the
+  slots-first einsums made XLA:CPU transpose the [b, k, g, s, t] scores and probabilities instead
+  (forward of the 30M benchmark model at 8 x 256 tokens: 0.72 -> 0.65 s; forward and backward
+  2.82 -> 2.72 s).
+  """
+  return attend_cached(q_bsnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3), mask_bst)
 
 
 def attend_cached(q_bsnh: jax.Array, k_bkth: jax.Array, v_bkth: jax.Array,

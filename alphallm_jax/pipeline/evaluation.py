@@ -61,18 +61,23 @@ def prompt_builder(cfg, tokenizer):
     return prompt_for
 
 
+def _part_path(out_root, spec: str):
+    """This process's predictions file of `spec` (merged into predictions.jsonl by process 0)."""
+    pidx, pcount = jax.process_index(), jax.process_count()
+    return out_root / method_dirname(spec) / f"predictions.part{pidx:03d}-of-{pcount:03d}.jsonl"
+
+
 def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir, *, batch_size: int,
                      tag: str = "eval") -> dict:
     """Run `methods` (spec strings) on this process's share of `problems`; merge on process 0.
 
     Returns the merged summary on every process (the others read what process 0 wrote).
     """
-    pidx, pcount = jax.process_index(), jax.process_count()
     mine = this_process_share(problems)
     out_root = as_path(workdir) / tag
     for spec in methods:
         method = make_method(spec)
-        part = out_root / method_dirname(spec) / f"predictions.part{pidx:03d}-of-{pcount:03d}.jsonl"
+        part = _part_path(out_root, spec)
         done_rows, _ = read_jsonl_tolerant_tail(part, repair=True)
         done = {r["id"] for r in done_rows}
         todo = [p for p in mine if p.id not in done]
@@ -88,6 +93,21 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     if not is_coordinator():  # the workdir is shared (a local disk or a bucket): every process reads the merge
         summary = read_json(out_root / "summary.json")["methods"]
     return summary
+
+
+def seed_results(problems: list[Problem], spec: str, rows, workdir, *, tag: str = "eval") -> int:
+    """Results of `spec` computed by an earlier run of the same method, config and seeds (e.g. on a
+    superset of `problems`), written as this process's finished share, so that `evaluate_methods`
+    resumes past them instead of recomputing. Only a part file that does not exist yet is written;
+    returns the number of rows written."""
+    part = _part_path(as_path(workdir) / tag, spec)
+    if part.exists():
+        return 0
+    by_id = {r["id"]: r for r in rows}
+    mine = [by_id[p.id] for p in this_process_share(problems) if p.id in by_id]
+    if mine:
+        append_jsonl(part, mine, many=True)
+    return len(mine)
 
 
 def _grade(problem: Problem, out, spec: str, task: str) -> dict:

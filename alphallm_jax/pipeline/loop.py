@@ -187,16 +187,24 @@ def _critics(run: LoopRun, policy_dir: str) -> dict:
 def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
     """eta-MCTS with its components added one at a time in the paper's order (`pipeline.search_ablation`),
     with the base policy and critics on the first `loop.search_ablation_limit` evaluation problems."""
+    from alphallm_jax.pipeline.evaluation import load_eval_problems, method_dirname, seed_results
     from alphallm_jax.pipeline.search_ablation import rung_overrides
     from alphallm_jax.pipeline.search_run import SearchSettings
+    from alphallm_jax.utils.io import read_jsonl
 
     cfg = run.cfg
     limit = cfg.loop.search_ablation_limit or cfg.eval.limit
+    # The configured search is the base evaluation's mcts: same policy, critics, config and per-problem
+    # seeds, so its trees on the first `limit` problems are those of the base evaluation (a tree depends
+    # only on its problem's seed). Its results are reused rather than searched again.
+    base_mcts = run.root / "base_eval" / "eval" / method_dirname("mcts") / "predictions.jsonl"
     rows = []
     for rung, changes in rung_overrides(SearchSettings.from_config(cfg).mcts):
         c = derived_config(cfg, **{"eval.limit": limit}, **{f"search.mcts.{k}": v for k, v in changes.items()})
 
-        def fn(stage_dir, c=c):
+        def fn(stage_dir, c=c, reuse=not changes and "mcts" in cfg.loop.base_methods and base_mcts.exists()):
+            if reuse:
+                seed_results(load_eval_problems(c), "mcts", read_jsonl(base_mcts), stage_dir)
             return evaluate_policy(c, run.root, policy_dir, ("mcts",), stage_dir, mesh=run.mesh)["mcts"]
 
         result = run.stage(f"search_ablation/{rung.name}", fn,
