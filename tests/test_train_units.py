@@ -228,6 +228,16 @@ def test_length_bucketing_reduces_padding():
     assert first == sorted(first, reverse=True)  # longest first inside a window
 
 
+def test_shape_buckets_step_linearly_then_geometrically():
+    from alphallm_jax.utils.shapes import bucket_length
+
+    lengths = range(1, 400)
+    assert sorted({bucket_length(n, 32) for n in lengths}) == [32, 64, 96, 128, 192, 256, 384, 512]
+    assert sorted({bucket_length(n, 32, linear_units=8) for n in lengths}) == [
+        32, 64, 96, 128, 160, 192, 224, 256, 384, 512]
+    assert all(bucket_length(n, 16) >= n for n in lengths)
+
+
 # ----------------------------------------------------------------------------- losses and masks
 class _FixedLogits(nnx.Module):
     """A stand-in model whose logits are a parameter (independent of the input tokens)."""

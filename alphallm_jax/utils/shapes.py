@@ -33,10 +33,11 @@ def round_up(n: int, granule: int) -> int:
     return -(-int(n) // granule) * granule
 
 
-def bucket_length(n: int, granule: int = 16) -> int:
-    """`n` rounded up to granule x {1, 2, 3, 4, 6, 8, 12, 16, 24, ...}."""
+def bucket_length(n: int, granule: int = 16, linear_units: int = 4) -> int:
+    """`n` rounded up to granule x {1, 2, ..., linear_units, then 1.5x and 2x steps: 6, 8, 12, 16, 24, ...}
+    (the default; `linear_units=8`: 1..8, 12, 16, 24, ...)."""
     units = max(1, -(-int(n) // granule))
-    if units > 4:
+    if units > linear_units:
         p = pow2_at_least(units)
         units = 3 * p // 4 if 3 * p // 4 >= units else p
     return units * granule
