@@ -180,6 +180,21 @@ def test_local_launcher_sets_the_distributed_environment(tmp_path):
     assert usage.returncode == 2 and "usage" in usage.stderr
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+def test_counters_are_summed_over_processes(tmp_path):
+    """`sum_over_processes` (the search summary's sampler and backend counters): every host's own counts
+    add up on every host."""
+    probe = ("import json, os; from alphallm_jax.utils.distributed import maybe_initialize_distributed, "
+             "sum_over_processes; maybe_initialize_distributed(); i = int(os.environ['ALPHALLM_PROCESS_ID']); "
+             "print(json.dumps(sum_over_processes({'tokens': 10 ** i, 'calls': 3 + i})))")
+    env = _env() | {"ALPHALLM_CMD": f"{sys.executable} -c"}
+    out = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path}", "--", probe], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    other = (tmp_path / "process_1.log").read_text().strip().splitlines()[-1]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == json.loads(other) == {"tokens": 11, "calls": 7}
+
+
 def test_maybe_initialize_distributed_reads_the_environment(monkeypatch):
     import jax
 

@@ -32,7 +32,7 @@ from alphallm_jax.search.mcts import run_mcts
 from alphallm_jax.search.mcts_config import MCTSConfig
 from alphallm_jax.search.options import OptionConfig
 from alphallm_jax.search.tree import SearchProblem, Tree, problem_seed, write_tree
-from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
+from alphallm_jax.utils.distributed import barrier, is_coordinator, sum_over_processes, this_process_share
 from alphallm_jax.utils.io import DataFormatError, as_path, atomic_write_json, iter_jsonl
 
 log = logging.getLogger(__name__)
@@ -271,9 +271,9 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     wall = time.time() - start
     summary = {
         "method": method, **summarize_trees(trees), "searched_now": searched,
-        "wall_seconds": round(wall, 2), "backend_stats": backend.stats.as_dict(),
-        "sampler_stats": backend.sampler.stats.as_dict(), "settings": settings.to_dict(),
+        "wall_seconds": round(wall, 2), "backend_stats": sum_over_processes(backend.stats.as_dict()),
+        "sampler_stats": sum_over_processes(backend.sampler.stats.as_dict()), "settings": settings.to_dict(),
     }
-    if is_coordinator():  # process 0's counters; the trees are every process's
+    if is_coordinator():  # every process's counters, summed; the trees are every process's
         atomic_write_json(out / "summary.json", summary)
     return summary

@@ -100,3 +100,19 @@ def broadcast_int(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+    """Integer counters summed over every process (the same keys on each), e.g. the tokens each host's
+    sampler prefilled for its share of a search; unchanged for a single process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return dict(counts)
+    from jax.experimental import multihost_utils
+
+    keys = sorted(counts)
+    mine = np.asarray([int(counts[k]) for k in keys], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(keys))
+    return {k: int(v) for k, v in zip(keys, every.sum(axis=0))}
+
