@@ -92,6 +92,44 @@ def attend_cached(q_bsnh: jax.Array, k_bkth: jax.Array, v_bkth: jax.Array,
   return out_bkgsh.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
 
 
+@jax.custom_vjp
+def swiglu_mlp(y_bsd: jax.Array, gate_df: jax.Array, up_df: jax.Array, down_fd: jax.Array) -> jax.Array:
+  """`down(silu(y @ gate) * (y @ up))`, with a hand-written backward pass.
+
+  Autodiff's backward fused the SwiGLU derivative into transposed copies of the [b*s, f] gradients
+  for the weight-gradient dots, strided writes that cost XLA:CPU more than the dots around them; this
+  one computes the same products with the gradients as they lie (30M benchmark model, 8 x 256 tokens,
+  forward and backward: 2.72-2.82 -> 2.42-2.45 s). Residuals: the input and the two projections.
+  """
+  return _swiglu_fwd(y_bsd, gate_df, up_df, down_fd)[0]
+
+
+def _swiglu_fwd(y_bsd, gate_df, up_df, down_fd):
+  gate_bsf = jnp.einsum("bsd,df->bsf", y_bsd, gate_df)
+  up_bsf = jnp.einsum("bsd,df->bsf", y_bsd, up_df)
+  act_bsf = shard_activation(jax.nn.silu(gate_bsf) * up_bsf, ACT_BSF)
+  out_bsd = jnp.einsum("bsf,fd->bsd", act_bsf, down_fd)
+  return out_bsd, (y_bsd, gate_bsf, up_bsf, gate_df, up_df, down_fd)
+
+
+def _swiglu_bwd(res, dout_bsd):
+  y_bsd, gate_bsf, up_bsf, gate_df, up_df, down_fd = res
+  sig_bsf = jax.nn.sigmoid(gate_bsf)
+  silu_bsf = gate_bsf * sig_bsf
+  dact_bsf = jnp.einsum("bsd,fd->bsf", dout_bsd, down_fd)
+  ddown_fd = jnp.einsum("bsf,bsd->fd", silu_bsf * up_bsf, dout_bsd)
+  dgate_bsf = shard_activation(dact_bsf * up_bsf * sig_bsf * (1 + gate_bsf * (1 - sig_bsf)), ACT_BSF)
+  dup_bsf = shard_activation(dact_bsf * silu_bsf, ACT_BSF)
+  dgate_df = jnp.einsum("bsd,bsf->df", y_bsd, dgate_bsf)
+  dup_df = jnp.einsum("bsd,bsf->df", y_bsd, dup_bsf)
+  dy_bsd = jnp.einsum("bsf,df->bsd", dgate_bsf, gate_df) + jnp.einsum("bsf,df->bsd", dup_bsf, up_df)
+  return (dy_bsd.astype(y_bsd.dtype), dgate_df.astype(gate_df.dtype), dup_df.astype(up_df.dtype),
+          ddown_fd.astype(down_fd.dtype))
+
+
+swiglu_mlp.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
 
@@ -150,10 +188,7 @@ class DecoderLayer(nnx.Module):
     x_bsd = shard_activation(x_bsd, ACT_BSD)
 
     y_bsd = rms_norm(x_bsd, self.mlp_norm_d, eps)
-    gate_bsf = jnp.einsum("bsd,df->bsf", y_bsd, self._w(self.gate_df))
-    up_bsf = jnp.einsum("bsd,df->bsf", y_bsd, self._w(self.up_df))
-    act_bsf = shard_activation(jax.nn.silu(gate_bsf) * up_bsf, ACT_BSF)
-    x_bsd = x_bsd + jnp.einsum("bsf,fd->bsd", act_bsf, self._w(self.down_fd))
+    x_bsd = x_bsd + swiglu_mlp(y_bsd, self._w(self.gate_df), self._w(self.up_df), self._w(self.down_fd))
     return shard_activation(x_bsd, ACT_BSD), new_kv
 
 
