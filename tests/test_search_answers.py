@@ -54,3 +54,26 @@ def test_ties_are_broken_by_visits_then_lower_id():
         child = tree.add_child(0, option="x\n")
         child.N, child.W = n, 0.5 * n
     assert greedy_q_leaf(tree) == 2
+
+
+def test_orm_vote_over_rollouts_counts_every_scored_rollout():
+    """`orm_vote_rollouts`: terminals and fast rollouts vote with their ORM; the winner's best terminal
+    stands for it, or, with no terminal, its best rollout, whose text completes the chosen solution."""
+    from alphallm_jax.search.answers import orm_vote_rollouts
+
+    tree = build()
+    tree.nodes[1].rollouts = [{"text": "y\n#### 9", "answer": "9", "orm": 0.5},
+                              {"text": "z\n#### 7", "answer": "7", "orm": 0.3}]
+    tree.nodes[6].rollouts = [{"text": "w\n#### 9", "answer": "9", "orm": 0.7},
+                              {"text": "cut off", "answer": None, "orm": 0.9}]
+    # 7: 0.95 (terminal a2) + 0.3 = 1.25 > 9: 0.5 + 0.7 = 1.2 > 5: 1.1; 7's terminal stands for it.
+    assert orm_vote_rollouts(tree) == ("7", 4, None)
+    tree.nodes[1].rollouts[1]["orm"] = 0.2  # 7: 1.15 < 9: 1.2, which only rollouts found
+    choice = choose_answer(tree, "orm_vote_rollouts")
+    assert (choice.answer, choice.node_id, choice.rollout, choice.needs_completion) == ("9", 6, 0, False)
+    tree.chosen_path, tree.chosen_rollout = tree.path_to(6), 0
+    assert tree.chosen_text() == "b\nx\nw\n#### 9"
+    tree.nodes[6].rollouts[0]["orm"] = 0.1  # 9: 0.6; 7 (terminal a2 0.95 + rollout 0.2) wins by its terminal
+    choice = choose_answer(tree, "orm_vote_rollouts")
+    assert (choice.answer, choice.node_id, choice.rollout) == ("7", 4, None)
+    assert orm_vote(tree) == ("5", 3)  # terminals alone: unchanged

@@ -18,7 +18,7 @@ from alphallm_jax.pipeline.search_run import SearchSettings, search_problem
 from alphallm_jax.sampling import Sampler
 from alphallm_jax.search import BeamSearchConfig, MCTSConfig, beam_search, run_mcts
 from alphallm_jax.search.lm_backend import LMSearchBackend
-from alphallm_jax.search.options import OptionConfig, has_equation, option_end
+from alphallm_jax.search.options import OptionConfig, has_equation, option_end, solution_answer
 from alphallm_jax.search.protocol import ExpandRequest, RootRequest
 from tests.tiny_lm import arith_tokenizer, random_critic, steered_policy
 
@@ -158,6 +158,11 @@ def test_trees_are_consistent_and_count_every_generated_token(searched, stack):
                 assert node.orm is not None
             else:
                 assert node.value is not None and node.prm is not None and node.rollout_orm is not None
+                # Each rollout is kept with its answer (the grader's, from the whole solution) and ORM,
+                # whose mean is the node's rollout ORM.
+                assert node.rollouts and abs(np.mean([r["orm"] for r in node.rollouts]) - node.rollout_orm) < 1e-6
+                for r in node.rollouts:
+                    assert r["answer"] == solution_answer(t.solution_text(node.id) + r["text"], "arith")
             assert node.option.count("\n") <= 1 or node.terminal  # an option is one step
         assert t.root.value is not None
 

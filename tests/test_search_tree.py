@@ -90,6 +90,26 @@ def test_jsonl_schema_and_round_trip(tmp_path):
     assert again.solution_text(5, with_prompt=True) == tree.solution_text(5, with_prompt=True)
 
 
+def test_rollouts_and_a_chosen_rollout_round_trip_and_older_files_still_load(tmp_path):
+    tree = random_tree(np.random.default_rng(2))
+    tree.nodes[3].rollouts = [{"text": " then 2+2=4\n#### 4", "answer": "4", "orm": 0.8},
+                              {"text": " no end", "answer": None, "orm": 0.1}]
+    tree.chosen_path, tree.chosen_rollout, tree.answer = tree.path_to(3), 0, "4"
+    path = tmp_path / "t.jsonl"
+    write_tree(path, tree)
+    again = Tree.load(path)
+    assert again.to_records() == tree.to_records() and again.chosen_rollout == 0
+    assert again.chosen_text() == tree.solution_text(3) + " then 2+2=4\n#### 4"
+    old_rows = [json.loads(line) for line in path.read_text().splitlines()]  # as written before rollouts were kept
+    old_rows[0].pop("chosen_rollout")
+    for row in old_rows[1:]:
+        row.pop("rollouts")
+    path.write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    old = Tree.load(path)
+    assert old.chosen_rollout is None and all(n.rollouts == [] for n in old.nodes)
+    assert old.chosen_text() == tree.solution_text(3)
+
+
 @pytest.mark.parametrize("breakage,match", [
     (lambda rows: rows[1:], "header"),
     (lambda rows: [rows[0], *rows[2:]], "ids"),

@@ -49,3 +49,13 @@ def test_view_tree_command_writes_the_page(tmp_path):
     assert run.returncode == 0, run.stderr
     header, nodes = load_tree(tree_path)
     assert out.read_text(encoding="utf-8") == render_tree_html(header, nodes)
+
+
+def test_a_chosen_rollout_completes_the_chosen_solution_escaped():
+    tree = searched_tree()
+    leaf = tree.nodes[tree.chosen_path[-1]]
+    leaf.rollouts = [{"text": "so 1<2 & done\n#### 3", "answer": "3", "orm": 0.9}]
+    tree.chosen_rollout = 0
+    page = render_tree_html(tree.header(), [n.to_record() for n in tree.nodes])
+    solution = page.split("<h2>Chosen solution</h2>")[1].split("</pre>")[0]
+    assert solution.endswith("so 1&lt;2 &amp; done\n#### 3</b>")

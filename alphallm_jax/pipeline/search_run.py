@@ -217,7 +217,7 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
 
 def chosen_solution(tree: Tree) -> str:
     """The solution text of the path the search chose ("" when it chose none)."""
-    return tree.solution_text(tree.chosen_path[-1]) if tree.chosen_path else ""
+    return tree.chosen_text()
 
 
 def summarize_trees(trees: Sequence[Tree]) -> dict[str, Any]:

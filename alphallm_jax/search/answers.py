@@ -1,4 +1,5 @@
-"""Picking the answer of a searched tree: greedy-Q path, best terminal, or ORM-weighted vote.
+"""Picking the answer of a searched tree: greedy-Q path, best terminal, or ORM-weighted vote (over the
+terminals, or over the terminals and every fast rollout, `orm_vote_rollouts`).
 
 Ties are broken deterministically (more visits first, then the lower node id), so a tree always gives
 the same answer. These work on loaded trees too, so one search can be graded under every method.
@@ -19,6 +20,7 @@ class AnswerChoice:
     node_id: int  # the last node of the chosen path
     answer: str | None
     needs_completion: bool  # the greedy path ends at a non-terminal node: roll it out to the end
+    rollout: int | None = None  # the answer is this rollout of node_id (its text completes the solution)
 
 
 def greedy_q_leaf(tree: Tree) -> int:
@@ -62,6 +64,33 @@ def orm_vote(tree: Tree) -> tuple[str, int] | None:
     return answer, best_node[answer].id
 
 
+def orm_vote_rollouts(tree: Tree) -> tuple[str, int, int | None] | None:
+    """`orm_vote` with every scored fast rollout as a voter too: the search already sampled and scored
+    these complete solutions (their tokens are in its budget), about five times as many as its terminals.
+    Returns (answer, node id, rollout index or None): the winning answer's best terminal when it has one,
+    else its best-scored rollout."""
+    mass: dict[str, float] = defaultdict(float)
+    best: dict[str, tuple[tuple, int, int | None]] = {}  # answer -> (key, node id, rollout)
+
+    def vote(answer: str, weight: float, key: tuple, node_id: int, rollout: int | None) -> None:
+        mass[answer] += weight
+        if answer not in best or key > best[answer][0]:
+            best[answer] = (key, node_id, rollout)
+
+    for node in tree.terminals():
+        if node.answer is not None:
+            weight = _orm_weight(node)
+            vote(node.answer, weight, (1, weight, node.N, -node.id), node.id, None)
+    for node in tree.nodes:
+        for k, r in enumerate(node.rollouts):
+            if r.get("answer") is not None and r.get("orm") is not None:
+                vote(r["answer"], float(r["orm"]), (0, float(r["orm"]), node.N, -node.id, -k), node.id, k)
+    if not mass:
+        return None
+    answer = max(mass, key=lambda a: (mass[a], best[a][0]))
+    return answer, best[answer][1], best[answer][2]
+
+
 def _orm_weight(node: Node) -> float:
     return node.orm if node.orm is not None else max(0.0, _score(node))
 
@@ -75,6 +104,10 @@ def choose_answer(tree: Tree, method: str) -> AnswerChoice:
         vote = orm_vote(tree)
         if vote is not None:
             return AnswerChoice(method, vote[1], vote[0], False)
+    elif method == "orm_vote_rollouts":
+        vote = orm_vote_rollouts(tree)
+        if vote is not None:
+            return AnswerChoice(method, vote[1], vote[0], False, vote[2])
     elif method != "greedy_q":
         raise ValueError(f"unknown answer selection {method!r}")
     leaf = tree.nodes[greedy_q_leaf(tree)]

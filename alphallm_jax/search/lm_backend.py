@@ -386,6 +386,9 @@ class LMSearchBackend:
         for j, (i, kind) in enumerate(owners):
             if kind == "rollout":
                 rollout_orm.setdefault(i, []).append(float(out.orm_tool[j]))
+                tail = texts[j][len(requests[i].handle.text):]
+                scores[i].rollouts.append({"text": tail, "answer": solution_answer(texts[j], self.task),
+                                           "orm": float(out.orm_tool[j])})
                 if prefix_ends[j] is not None:
                     if requests[i].want_value:
                         scores[i].value = float(out.prefix_value[j])

@@ -233,6 +233,8 @@ class _TreeSearch:
         where = f"problem {self.tree.problem.problem_id!r} node {node_id}"
         for name in ("value", "prm", "orm", "rollout_orm"):
             setattr(node, name, finite_or_none(getattr(scores, name), f"{name} of {where}"))
+        node.rollouts = [dict(r, orm=finite_or_none(r.get("orm"), f"a rollout ORM of {where}"))
+                         for r in scores.rollouts]
         self.tree.generated_tokens += int(scores.rollout_tokens)
         if node_id == 0:
             return
@@ -276,11 +278,13 @@ class _TreeSearch:
             self.phase = COMPLETING
             self.slots.append(_Slot(parent_id=choice.node_id, path=[], index=0, kind=COMPLETE))
         else:
-            self._set_answer(choice.node_id, choice.method, choice.answer)
+            self._set_answer(choice.node_id, choice.method, choice.answer, choice.rollout)
 
-    def _set_answer(self, node_id: int, method: str, answer: str | None = None) -> None:
+    def _set_answer(self, node_id: int, method: str, answer: str | None = None,
+                    rollout: int | None = None) -> None:
         self.slots.clear()
         self.tree.chosen_path = self.tree.path_to(node_id)
+        self.tree.chosen_rollout = rollout
         self.tree.answer = answer if answer is not None else self.tree.nodes[node_id].answer
         self.tree.answer_method = method
         self.tree.extra.update(terminals=self.terminal_count, option_samples=self.option_samples,

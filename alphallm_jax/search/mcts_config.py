@@ -16,7 +16,7 @@ SELECTIONS = ("uct", "puct")
 UCT_FORMS = ("paper", "code")  # paper: sqrt(2 ln N / n); the authors' code: sqrt(ln N / n)
 MERGE_DISTANCES = ("edit", "cosine", "none")  # none: state merging off (the ablation without it)
 TERMINAL_REWARDS = ("orm", "orm_scaled")
-ANSWER_SELECTIONS = ("greedy_q", "best_terminal", "orm_vote")
+ANSWER_SELECTIONS = ("greedy_q", "best_terminal", "orm_vote", "orm_vote_rollouts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ class MCTSConfig:
     max_depth: int = 10  # a node at this depth is terminal; the option leading to it is rolled out to the end
 
     # Answer: the highest-Q path (completed to the end if needed), the best terminal by critic score,
-    # or the ORM-weighted vote over terminal answers.
+    # or the ORM-weighted vote over terminal answers (orm_vote_rollouts: over the fast rollouts' answers too).
     answer_selection: str = "greedy_q"
 
     # Lockstep batching: each active tree sends up to leaves_per_tree_per_round expansions per round,

@@ -94,6 +94,9 @@ class NodeScores:
     orm: float | None = None
     rollout_orm: float | None = None  # mean ORM over the rollouts
     rollout_tokens: int = 0  # tokens the rollouts sampled
+    # Each rollout as {"text": the solution's text after the node, "answer": its final answer or None,
+    # "orm": its (tool-checked) ORM}: complete solutions the search paid for, which answer selection can count.
+    rollouts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class SearchBackend(Protocol):

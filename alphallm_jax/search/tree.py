@@ -68,6 +68,8 @@ class Node:
     children: list[int] = dataclasses.field(default_factory=list)
     # Added after the search to complete the greedy-Q path to the end; never backpropagated.
     completion: bool = False
+    # The fast rollouts from this node: {"text" (after the node), "answer", "orm"} (NodeScores.rollouts).
+    rollouts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # Host-only search state, never serialised.
     virtual_loss: int = 0  # selections in flight through this node
     pending_children: int = 0  # expansions of this node in flight
@@ -92,7 +94,7 @@ class Node:
             "rollout_orm": _opt_float(self.rollout_orm), "reward": _opt_float(self.reward),
             "terminal": self.terminal, "answer": self.answer, "finish_reason": self.finish_reason,
             "merged": self.merged, "resamples": self.resamples, "children": list(self.children),
-            "completion": self.completion,
+            "completion": self.completion, "rollouts": [dict(r) for r in self.rollouts],
         }
 
     @classmethod
@@ -104,6 +106,7 @@ class Node:
             rollout_orm=r["rollout_orm"], reward=r["reward"], terminal=bool(r["terminal"]), answer=r["answer"],
             finish_reason=r["finish_reason"], merged=bool(r["merged"]), resamples=int(r["resamples"]),
             children=[int(c) for c in r["children"]], completion=bool(r.get("completion", False)),
+            rollouts=[dict(x) for x in r.get("rollouts") or []],
         )
 
 
@@ -112,8 +115,10 @@ def _opt_float(x: float | None) -> float | None:
 
 
 NODE_KEYS = tuple(Node(0, None, 0).to_record())
+OPTIONAL_NODE_KEYS = ("completion", "rollouts")  # absent from tree files written before they existed
 HEADER_KEYS = ("kind", "problem_id", "question", "prompt", "reference", "task", "config", "seed",
                "chosen_path", "answer", "answer_method", "num_nodes", "generated_tokens", "simulations")
+OPTIONAL_HEADER_KEYS = ("chosen_rollout",)
 
 
 @dataclasses.dataclass(eq=False)
@@ -126,6 +131,8 @@ class Tree:
     chosen_path: list[int] = dataclasses.field(default_factory=list)
     answer: str | None = None
     answer_method: str = ""
+    # The answer came from this rollout of the chosen path's last node (`orm_vote_rollouts`), else None.
+    chosen_rollout: int | None = None
     generated_tokens: int = 0
     simulations: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra header fields
@@ -165,6 +172,15 @@ class Tree:
         text = "".join(n.option for n in self.options_to(node_id))
         return self.problem.prompt + text if with_prompt else text
 
+    def chosen_text(self) -> str:
+        """The solution the search chose: its path's options, then the chosen rollout's text if any
+        ("" when it chose nothing)."""
+        if not self.chosen_path:
+            return ""
+        last = self.nodes[self.chosen_path[-1]]
+        tail = last.rollouts[self.chosen_rollout]["text"] if self.chosen_rollout is not None else ""
+        return self.solution_text(last.id) + tail
+
     def backpropagate(self, node_id: int, reward: float) -> None:
         """N += 1 and W += reward on the node and every ancestor."""
         for i in self.path_to(node_id):
@@ -179,7 +195,8 @@ class Tree:
             "kind": "problem", "problem_id": self.problem.problem_id, "question": self.problem.question,
             "prompt": self.problem.prompt, "reference": self.problem.reference, "task": self.problem.task,
             "config": dict(self.config), "seed": self.problem.seed, "chosen_path": list(self.chosen_path),
-            "answer": self.answer, "answer_method": self.answer_method, "num_nodes": len(self.nodes),
+            "answer": self.answer, "answer_method": self.answer_method, "chosen_rollout": self.chosen_rollout,
+            "num_nodes": len(self.nodes),
             "generated_tokens": int(self.generated_tokens), "simulations": int(self.simulations),
             **self.extra,
         }
@@ -194,11 +211,12 @@ class Tree:
             problem_id=header["problem_id"], prompt=header["prompt"], question=header["question"],
             reference=header["reference"], task=header["task"], seed=int(header["seed"]),
         )
-        extra = {k: v for k, v in header.items() if k not in HEADER_KEYS}
+        extra = {k: v for k, v in header.items() if k not in HEADER_KEYS + OPTIONAL_HEADER_KEYS}
         return cls(
             problem=problem, config=dict(header["config"]), nodes=[Node.from_record(r) for r in node_records],
             chosen_path=[int(i) for i in header["chosen_path"]], answer=header["answer"],
             answer_method=header["answer_method"], generated_tokens=int(header["generated_tokens"]),
+            chosen_rollout=None if header.get("chosen_rollout") is None else int(header["chosen_rollout"]),
             simulations=int(header["simulations"]), extra=extra,
         )
 
@@ -233,7 +251,7 @@ def _split_records(records: Iterable[dict[str, Any]], *, where: str) -> tuple[di
         line = i + 2
         if not isinstance(r, dict) or r.get("kind") != "node":
             raise DataFormatError(where, line, 'expected a {"kind": "node"} line')
-        lacking = [k for k in NODE_KEYS if k not in r and k != "completion"]
+        lacking = [k for k in NODE_KEYS if k not in r and k not in OPTIONAL_NODE_KEYS]
         if lacking:
             raise DataFormatError(where, line, f"node lacks {lacking}")
         if r["id"] != i:

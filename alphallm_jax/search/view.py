@@ -99,6 +99,8 @@ def render_tree_html(header: dict[str, Any], nodes: Sequence[dict[str, Any]]) ->
     esc = html.escape
     chosen_path = [int(i) for i in header.get("chosen_path") or []]
     solution = "".join(nodes[i]["option"] for i in chosen_path[1:]) if chosen_path else ""
+    if chosen_path and header.get("chosen_rollout") is not None:  # the answer came from a fast rollout
+        solution += (nodes[chosen_path[-1]].get("rollouts") or [])[int(header["chosen_rollout"])]["text"]
     rows = [("problem", header.get("problem_id")), ("task", header.get("task")),
             ("reference", header.get("reference")), ("answer", header.get("answer")),
             ("answer method", header.get("answer_method")), ("nodes", header.get("num_nodes")),
