@@ -117,7 +117,8 @@ def _swiglu_bwd(res, dout_bsd):
   sig_bsf = jax.nn.sigmoid(gate_bsf)
   silu_bsf = gate_bsf * sig_bsf
   dact_bsf = jnp.einsum("bsd,fd->bsf", dout_bsd, down_fd)
-  ddown_fd = jnp.einsum("bsf,bsd->fd", silu_bsf * up_bsf, dout_bsd)
+  # [d, f] then transposed: the dot's transposed operand is then the narrower [b*s, d] gradient.
+  ddown_fd = jnp.einsum("bsd,bsf->df", dout_bsd, silu_bsf * up_bsf).T
   dgate_bsf = shard_activation(dact_bsf * up_bsf * sig_bsf * (1 + gate_bsf * (1 - sig_bsf)), ACT_BSF)
   dup_bsf = shard_activation(dact_bsf * silu_bsf, ACT_BSF)
   dgate_df = jnp.einsum("bsd,bsf->df", y_bsd, dgate_bsf)
