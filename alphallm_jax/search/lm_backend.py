@@ -368,13 +368,13 @@ class LMSearchBackend:
                 prompt_ids.append(prompt)
                 solution_ids.append(list(h.solution_ids))
                 texts.append(h.text)
-                owners.append((i, None))
+                owners.append((i, None))  # the node itself
                 prefix_ends.append(None)
             for k, (text, ids, _) in enumerate(rollouts[i]):
                 prompt_ids.append(prompt)
                 solution_ids.append(list(h.solution_ids) + list(ids))
                 texts.append(h.text + text)
-                owners.append((i, "rollout"))
+                owners.append((i, k))  # its k-th rollout
                 # The node's own v and PRM: read at its last token inside its first rollout.
                 wants_state = k == 0 and not r.terminal and (r.want_value or r.want_prm)
                 prefix_ends.append(len(h.seq.tokens) - 1 if wants_state else None)
@@ -382,12 +382,9 @@ class LMSearchBackend:
             return
         self.stats.scorer_calls += 1
         out = self.scorer.score_solutions(prompt_ids, solution_ids, texts, prefix_ends=prefix_ends)
-        rollout_orm: dict[int, list[float]] = {}
-        for j, (i, kind) in enumerate(owners):
-            if kind == "rollout":
-                rollout_orm.setdefault(i, []).append(float(out.orm_tool[j]))
-                tail = texts[j][len(requests[i].handle.text):]
-                scores[i].rollouts.append({"text": tail, "answer": solution_answer(texts[j], self.task),
+        for j, (i, k) in enumerate(owners):
+            if k is not None:
+                scores[i].rollouts.append({"text": rollouts[i][k][0], "answer": solution_answer(texts[j], self.task),
                                            "orm": float(out.orm_tool[j])})
                 if prefix_ends[j] is not None:
                     if requests[i].want_value:
@@ -401,9 +398,10 @@ class LMSearchBackend:
                 scores[i].value = float(out.value[j])
             if r.want_prm and out.prm_steps[j].size:
                 scores[i].prm = float(out.prm_steps[j][-1])
-        for i, values in rollout_orm.items():
-            scores[i].rollout_orm = float(np.mean(values))
-            scores[i].rollout_tokens = int(sum(n for _, _, n in rollouts[i]))
+        for i, s in enumerate(scores):
+            if s.rollouts:
+                s.rollout_orm = float(np.mean([r["orm"] for r in s.rollouts]))
+                s.rollout_tokens = int(sum(n for _, _, n in rollouts[i]))
 
 
 def _same_vocabulary(a, b) -> bool:
