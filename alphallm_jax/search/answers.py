@@ -48,20 +48,8 @@ def best_terminal(tree: Tree) -> int | None:
 
 def orm_vote(tree: Tree) -> tuple[str, int] | None:
     """The answer with the largest ORM mass over terminals, and its best-scored terminal node."""
-    mass: dict[str, float] = defaultdict(float)
-    best_node: dict[str, Node] = {}
-    for node in tree.terminals():
-        if node.answer is None:
-            continue
-        weight = _orm_weight(node)
-        mass[node.answer] += weight
-        current = best_node.get(node.answer)
-        if current is None or (weight, node.N, -node.id) > (_orm_weight(current), current.N, -current.id):
-            best_node[node.answer] = node
-    if not mass:
-        return None
-    answer = max(mass, key=lambda a: (mass[a], -best_node[a].id))
-    return answer, best_node[answer].id
+    vote = _vote(tree, with_rollouts=False)
+    return None if vote is None else (vote[0], vote[1])
 
 
 def orm_vote_rollouts(tree: Tree) -> tuple[str, int, int | None] | None:
@@ -69,6 +57,13 @@ def orm_vote_rollouts(tree: Tree) -> tuple[str, int, int | None] | None:
     these complete solutions (their tokens are in its budget), about five times as many as its terminals.
     Returns (answer, node id, rollout index or None): the winning answer's best terminal when it has one,
     else its best-scored rollout."""
+    return _vote(tree, with_rollouts=True)
+
+
+def _vote(tree: Tree, *, with_rollouts: bool) -> tuple[str, int, int | None] | None:
+    """ORM mass per answer; each answer is represented by its best voter (terminals before rollouts, then
+    higher ORM, more visits, lower node id). Ties in mass go to the answer whose representative has the
+    lower node id."""
     mass: dict[str, float] = defaultdict(float)
     best: dict[str, tuple[tuple, int, int | None]] = {}  # answer -> (key, node id, rollout)
 
@@ -80,14 +75,15 @@ def orm_vote_rollouts(tree: Tree) -> tuple[str, int, int | None] | None:
     for node in tree.terminals():
         if node.answer is not None:
             weight = _orm_weight(node)
-            vote(node.answer, weight, (1, weight, node.N, -node.id), node.id, None)
-    for node in tree.nodes:
-        for k, r in enumerate(node.rollouts):
-            if r.get("answer") is not None and r.get("orm") is not None:
-                vote(r["answer"], float(r["orm"]), (0, float(r["orm"]), node.N, -node.id, -k), node.id, k)
+            vote(node.answer, weight, (1, weight, node.N, -node.id, 0), node.id, None)
+    if with_rollouts:
+        for node in tree.nodes:
+            for k, r in enumerate(node.rollouts):
+                if r.get("answer") is not None and r.get("orm") is not None:
+                    vote(r["answer"], float(r["orm"]), (0, float(r["orm"]), node.N, -node.id, -k), node.id, k)
     if not mass:
         return None
-    answer = max(mass, key=lambda a: (mass[a], best[a][0]))
+    answer = max(mass, key=lambda a: (mass[a], -best[a][1]))
     return answer, best[answer][1], best[answer][2]
 
 
