@@ -48,6 +48,11 @@ def get_config(variant: str | None = None):
     c.critics.train.update(dict(learning_rate=3e-4, end_learning_rate=3e-5, batch_size=16, epochs=1,
                                 max_seq_len=256, pad_to_multiple=32, checkpoint_every=100))
     c.critics.scoring.max_batch = 128
+    # The critic's backbone is the fast-rollout policy (277k parameters, trained first), not a copy of the
+    # policy (886k): on the first 100 dev problems mcts scored 49.0% with either, in 42 s instead of 59 s,
+    # and the critic trains in 53 s instead of 108 s (dev ORM AUROC 0.661 vs 0.768; with the calculator,
+    # which the search uses, 0.887 vs 0.895; value 0.589 vs 0.622).
+    c.critics.model.init = "rollout_policy"
     c.rollout_policy.enabled = True
     c.rollout_policy.train = ml_collections.ConfigDict(c.base.train.to_dict())  # trained like the base policy
     # eta-MCTS (alphallm search, the mcts/beam eval methods): a budget scaled to the tiny model on CPU; steps

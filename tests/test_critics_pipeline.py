@@ -49,6 +49,7 @@ def test_train_critics_end_to_end(tmp_path):
                                          num_kv_heads=1, head_dim=8))
     cfg.rollout_policy.train.update(dict(batch_size=8, epochs=1, checkpoint_every=-1))
     cfg.base.num_train, cfg.base.num_dev = 16, 8
+    cfg.critics.model.init = "rollout_policy"  # the critic's backbone: the fast policy, trained first
 
     out = run_train_critics(cfg, tmp_path / "run")
     root = tmp_path / "run" / "critics"
@@ -56,6 +57,8 @@ def test_train_critics_end_to_end(tmp_path):
                  "calibration.md", "timings.json", "eval/summary.json", "critic_train.json"):
         assert (root / path).exists(), path
     assert (tmp_path / "run" / "fast_rollout" / "policy" / "DONE").exists()
+    critic_config = json.loads((root / "critic" / "critic_config.json").read_text())
+    assert '"hidden_size": 16' in json.dumps(critic_config) and out["train"]["backbone"] == "rollout_policy"
     report = json.loads((root / "calibration.json").read_text())
     for name in ("value", "prm", "orm", "orm_tool"):
         assert report[name]["n"] > 0 and 0.0 <= report[name]["ece"] <= 1.0
@@ -65,3 +68,13 @@ def test_train_critics_end_to_end(tmp_path):
 
     again = run_train_critics(cfg, tmp_path / "run")  # everything is resumed from the artifacts
     assert again["timings"]["data"] < out["timings"]["data"] and again["train"] == out["train"]
+
+
+def test_rollout_policy_backbone_needs_the_fast_policy(tmp_path):
+    from alphallm_jax.config import default_config
+    from alphallm_jax.critics.pipeline import make_critic
+
+    cfg = default_config()
+    cfg.critics.model.init = "rollout_policy"
+    with pytest.raises(FileNotFoundError, match="rollout_policy.enabled"):
+        make_critic(cfg, None, None, workdir=tmp_path)

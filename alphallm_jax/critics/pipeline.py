@@ -3,9 +3,10 @@
 Stages under WORKDIR/critics, each skipped when its artifact is complete (a rerun resumes):
   1. the policy: `critics.policy`, else WORKDIR/base/policy (trained by `train-base` code if missing);
   2. `data/train`, `data/dev`: MC rollout rows (`critics.data`), resumable chunk by chunk;
-  3. `train/` (trainer checkpoints, metrics) -> `critic/` (orbax critic + tokenizer + DONE);
-  4. `calibration.json` / `calibration.md`: precision, recall, ECE, AUROC per critic on the dev rows;
-  5. the fast-rollout policy (WORKDIR/fast_rollout) when `rollout_policy.enabled`;
+  3. the fast-rollout policy (WORKDIR/fast_rollout) when `rollout_policy.enabled`; the critic's backbone
+     when `critics.model.init="rollout_policy"`;
+  4. `train/` (trainer checkpoints, metrics) -> `critic/` (orbax critic + tokenizer + DONE);
+  5. `calibration.json` / `calibration.md`: precision, recall, ECE, AUROC per critic on the dev rows;
   6. `eval/`: `critics.eval_methods` (greedy, maj@k, orm@k, prm@k, pass@k) on `eval.split`.
 `timings.json` records each stage's wall and CPU seconds in this run (a skipped stage takes ~0 s).
 """
@@ -38,7 +39,7 @@ from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinato
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
-BACKBONE_INITS = ("policy", "checkpoint", "scratch")
+BACKBONE_INITS = ("policy", "rollout_policy", "checkpoint", "scratch")
 
 
 def critics_dir(workdir):
@@ -81,20 +82,25 @@ def build_data(cfg, workdir, policy, tokenizer, *, mesh=None) -> tuple[list[dict
     return train_rows, dev_rows
 
 
-def make_critic(cfg, policy, tokenizer, *, mesh=None) -> CriticModel:
+def make_critic(cfg, policy, tokenizer, *, mesh=None, workdir=None) -> CriticModel:
     """A fresh critic with the configured backbone (`critics.model.init`)."""
     m = cfg.critics.model
     heads = CriticHeadConfig(hidden=m.head_hidden, activation=m.head_activation)
     if m.init == "policy":
         return critic_from_policy(policy, heads, seed=cfg.seed)
-    if m.init == "checkpoint":
+    if m.init in ("checkpoint", "rollout_policy"):
         from alphallm_jax import load_pretrained
+        from alphallm_jax.critics.fast_rollout import fast_policy_dir
 
-        if not m.checkpoint:
+        if m.init == "checkpoint" and not m.checkpoint:
             raise ValueError("critics.model.init='checkpoint' needs critics.model.checkpoint")
-        backbone, backbone_tokenizer = load_pretrained(m.checkpoint, dtype=m.dtype, mesh=mesh)
+        path = m.checkpoint if m.init == "checkpoint" else fast_policy_dir(cfg, workdir)
+        if m.init == "rollout_policy" and not (as_path(path) / DONE).exists() and not cfg.rollout_policy.checkpoint:
+            raise FileNotFoundError(f"critics.model.init='rollout_policy': no fast-rollout policy at {path} "
+                                    "(set rollout_policy.enabled=True, or rollout_policy.checkpoint)")
+        backbone, backbone_tokenizer = load_pretrained(path, dtype=m.dtype, mesh=mesh)
         if backbone_tokenizer.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"critic backbone {m.checkpoint} has another tokenizer "
+            raise ValueError(f"critic backbone {path} has another tokenizer "
                              f"({backbone_tokenizer.vocab_size} vs the policy's {tokenizer.vocab_size} tokens)")
         return critic_from_policy(backbone, heads, seed=cfg.seed)
     if m.init == "scratch":
@@ -128,7 +134,7 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
     dev_examples = make(_subsample_rollouts(dev_rows, cfg.critics.rollout_row_fraction, cfg.seed + 1))
     if not train_examples:
         raise ValueError("no critic training examples (every row was longer than critics.train.max_seq_len?)")
-    critic = make_critic(cfg, policy, tokenizer, mesh=mesh)
+    critic = make_critic(cfg, policy, tokenizer, mesh=mesh, workdir=workdir)
     trainer = Trainer(critic, make_critic_loss((loss.value_weight, loss.prm_weight, loss.orm_weight), loss.value,
                                                loss.orm_rank_weight),
                       train_cfg, mesh=mesh, workdir=str(critics_dir(workdir) / "train"),
@@ -185,6 +191,11 @@ def run_train_critics(cfg, workdir) -> dict:
     policy_dir = timed("policy", resolve_policy, cfg, workdir, mesh=mesh)
     policy, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=mesh)
     train_rows, dev_rows = timed("data", build_data, cfg, workdir, policy, tokenizer, mesh=mesh)
+    fast = None
+    if cfg.rollout_policy.enabled:  # first: the critic's backbone may be the fast-rollout policy
+        from alphallm_jax.critics.fast_rollout import train_fast_rollout_policy
+
+        fast = timed("fast_rollout_policy", train_fast_rollout_policy, cfg, workdir, policy_dir, mesh=mesh)
     critic, train_record = timed("train", train_critic, cfg, workdir, train_rows, dev_rows, policy, tokenizer,
                                  mesh=mesh)
     scorer = make_scorer(cfg, critic, tokenizer, mesh=mesh)
@@ -194,12 +205,6 @@ def run_train_critics(cfg, workdir) -> dict:
     if is_coordinator():  # every process scored the same dev rows
         atomic_write_json(root / "calibration.json", report)
         atomic_write_text(root / "calibration.md", report_markdown(report))
-
-    fast = None
-    if cfg.rollout_policy.enabled:
-        from alphallm_jax.critics.fast_rollout import train_fast_rollout_policy
-
-        fast = timed("fast_rollout_policy", train_fast_rollout_policy, cfg, workdir, policy_dir, mesh=mesh)
 
     summary = None
     if cfg.critics.eval_methods:
