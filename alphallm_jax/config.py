@@ -50,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.base.dev_split = "arith:dev"
     c.base.num_train = 0  # 0: the whole split
     c.base.num_dev = 0
+    # arith D0 only: the share of worked solutions whose opening product's result is written as the sum
+    # (3*12=<<3*12=15>>15), final answers kept right (data.arith.with_product_slips); 0.0: D0 as generated.
+    c.base.product_slip_fraction = 0.0
     c.base.tokenizer_vocab_size = 768
     c.base.question_loss = True  # plain format: the loss covers the question too (imagination samples questions)
     c.base.model = ml_collections.ConfigDict(dict(
@@ -77,8 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
         num_solutions=8, num_rollouts=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256,
         max_step_tokens=96, max_steps=16, solution_stop=("\n\n", "\nQuestion:"), prompts_per_chunk=16,
         keep_rollouts=True, pool_slots=1024))
-    # Backbone: init="policy" copies the policy's weights; "checkpoint" loads `checkpoint` (an HF/orbax
-    # decoder sharing the policy's tokenizer); "scratch" builds the sizes below from random weights.
+    # Backbone: init="policy" copies the policy's weights; "rollout_policy" the fast-rollout policy's (a
+    # separate, smaller model, trained first); "checkpoint" loads `checkpoint` (an HF/orbax decoder sharing
+    # the policy's tokenizer); "scratch" builds the sizes below from random weights.
     c.critics.model = ml_collections.ConfigDict(dict(
         init="policy", checkpoint="", head_hidden=256, head_activation="silu", hidden_size=128,
         intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=10000.0,

@@ -158,3 +158,53 @@ def test_check_annotations_catches_errors():
     assert check_annotations(good.replace("=12>>", "=13>>")) != []
     assert check_annotations("Tom has 3*4=<<3*4=12>>12 pens.\n#### 13") != []
     assert check_annotations("Tom has 3*4=<<3*4=12>>12 pens.") != []
+
+
+def _product_problem(question, solution, answer):
+    from alphallm_jax.data.problems import Problem
+
+    return Problem(id="arith-train-99999", question=question, answer=answer, solution=solution, task="arith",
+                   meta={"events": ["start_product", "terminal"]})
+
+
+def test_summed_product_carries_the_wrong_value_through_the_chain():
+    p = _product_problem(
+        "Zoe picks 4 baskets of lemons. Each basket has 6 lemons. She sells each lemon for 3 dollars. "
+        "How many dollars does she make?",
+        "Zoe picks 4 baskets of 6 lemons, so she has 4*6=<<4*6=24>>24 lemons.\n"
+        "She makes 24*3=<<24*3=72>>72 dollars.\n#### 72", "72")
+    assert arith.summed_product_solution(p) == (
+        "Zoe picks 4 baskets of 6 lemons, so she has 4*6=<<4*6=10>>10 lemons.\n"
+        "She makes 10*3=<<10*3=30>>30 dollars.\n#### 30")
+    # A computed value that is also a number of the question is ambiguous: left as written.
+    q = _product_problem("Tom buys 2 packs of 3 pencils. He loses 6 pencils... How many?",
+                         "so 2*3=<<2*3=6>>6 pencils.\nso 10-6=<<10-6=4>>4 left.\n#### 4", "4")
+    assert arith.summed_product_solution(q) is None
+    # A wrong chain that leaves the integers (10/4) is not written.
+    r = _product_problem("Mia buys 4 bags of 6 stickers. She shares them among 4 friends. How many each?",
+                         "so 4*6=<<4*6=24>>24.\nEach gets 24/4=<<24/4=6>>6.\n#### 6", "6")
+    assert arith.summed_product_solution(r) is None
+
+
+def test_product_slips_keep_answers_and_only_the_opening_is_wrong(splits):
+    train = splits["train"][:800]
+    assert arith.with_product_slips(train, 0.0, seed=0) == train
+    full = arith.with_product_slips(train, 1.0, seed=0)
+    part = arith.with_product_slips(train, 0.5, seed=0)
+    assert part == arith.with_product_slips(train, 0.5, seed=0)  # deterministic
+    rewritten = [(p, q) for p, q in zip(train, full) if q.solution != p.solution]
+    eligible = [p for p in train if p.meta["events"][0] == "start_product"]
+    assert 0.6 * len(eligible) < len(rewritten) <= len(eligible)
+    for p, q in rewritten:
+        assert p.meta["events"][0] == "start_product" and q.meta["slip"] == "summed_product"
+        assert q.answer == p.answer and q.question == p.question
+        a, b = map(int, re.search(r"(\d+)\*(\d+)=<<", q.solution).groups())
+        # The calculator flags the opening line alone; the later lines' arithmetic is right.
+        errors = check_annotations(q.solution)
+        assert errors == [f"{a}*{b}={a + b} is wrong (should be {a * b})"] or a + b == a * b
+    # The rewritten final answers are wrong (a chance equality aside).
+    assert sum(q.solution.endswith(f"#### {p.answer}") for p, q in rewritten) < 0.05 * len(rewritten)
+    n_part = sum(q.solution != p.solution for p, q in zip(train, part))
+    assert 0.35 * len(rewritten) < n_part < 0.65 * len(rewritten)
+    with pytest.raises(ValueError, match="fraction"):
+        arith.with_product_slips(train, 1.5, seed=0)

@@ -936,6 +936,75 @@ def write_splits(
     return paths
 
 
+_ANNOTATED = re.compile(r"(\d+)([-+*/])(\d+)=<<\1\2\3=(\d+)>>\4")
+
+
+def summed_product_solution(problem: Problem) -> str | None:
+    """``problem``'s worked solution with its opening product's result replaced by the sum, or None.
+
+    The systematic slip "3 packs of 12 pencils: 3*12=<<3*12=15>>15 pencils" in the opening line
+    of a ``start_product`` story, carried consistently through the later lines (each later
+    expression recomputed from the wrong running value, its arithmetic right) to a wrong
+    ``#### N``. The calculator check flags the opening annotation; nothing else in the text
+    looks wrong. None when the story does not open with a product, or when the wrong chain
+    would be ambiguous (a computed value equal to a number of the question), leave the
+    integers or go below 1.
+    """
+    if not problem.solution or (problem.meta.get("events") or [""])[0] != "start_product":
+        return None
+    question_numbers = set(re.findall(r"\d+", problem.question))
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+           "/": lambda a, b: Fraction(a, b)}
+    shown_of: dict[int, int] = {}  # a value of the right chain -> the value the slipped chain writes
+    lines = problem.solution.split("\n")
+    out = []
+    for i, line in enumerate(lines[:-1]):
+        m = _ANNOTATED.search(line)
+        if m is None:
+            return None
+        a, op, b, r = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        if i == 0:
+            if op != "*":
+                return None
+            a2, b2, r2 = a, b, a + b
+        else:
+            if any(v in shown_of and str(v) in question_numbers for v in (a, b)):
+                return None
+            a2, b2 = shown_of.get(a, a), shown_of.get(b, b)
+            r2 = ops[op](a2, b2)
+            if r2 != int(r2) or r2 < 1:
+                return None
+            r2 = int(r2)
+        shown_of[r] = r2
+        out.append(line[:m.start()] + f"{a2}{op}{b2}=<<{a2}{op}{b2}={r2}>>{r2}" + line[m.end():])
+    final = re.fullmatch(r"#### (\d+)", lines[-1])
+    if final is None or int(final.group(1)) not in shown_of:
+        return None
+    return "\n".join(out + [f"#### {shown_of[int(final.group(1))]}"])
+
+
+def with_product_slips(problems: Iterable[Problem], fraction: float, seed: int) -> list[Problem]:
+    """``problems`` with a ``fraction`` of their product openings slipped (see ``summed_product_solution``).
+
+    A labelled set whose worked solutions carry one systematic slip while its final answers
+    (``Problem.answer``) stay right. Which problems are rewritten is deterministic in (``seed``,
+    problem id); ``meta["slip"]`` marks them. A policy trained on it writes the sum as the
+    product whenever the slip is the majority habit, yet still samples the right product: the
+    room that critic-guided search (the calculator check sees the slip) and the self-training
+    rounds are built to use.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"slip fraction must lie in [0, 1], got {fraction}")
+    out = []
+    for p in problems:
+        wrong = None
+        if fraction > 0 and random.Random(f"product-slip|{seed}|{p.id}").random() < fraction:
+            wrong = summed_product_solution(p)
+        out.append(p if wrong is None else
+                   dataclasses.replace(p, solution=wrong, meta={**p.meta, "slip": "summed_product"}))
+    return out
+
+
 def vocabulary(problems: Iterable[Problem]) -> set[str]:
     """The set of alphabetic words used by the questions and solutions of ``problems``."""
     words: set[str] = set()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+from alphallm_jax.data.arith import with_product_slips
 from alphallm_jax.data.prompts import QUESTION_PREFIX, format_prompt, format_solution
 from alphallm_jax.data.spm_training import SPECIAL_IDS, train_sentencepiece
 from alphallm_jax.models import ModelConfig, Tokenizer, create_model
@@ -73,6 +74,8 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
         return {"policy": str(policy_dir), "skipped": True}
     start = time.time()
     d0 = load_split(cfg, cfg.base.train_split, cfg.base.num_train)
+    if cfg.base.product_slip_fraction:
+        d0 = with_product_slips(d0, cfg.base.product_slip_fraction, cfg.seed)
     dev = load_split(cfg, cfg.base.dev_split, cfg.base.num_dev)
 
     spm_path = as_path(tokenizer_path) if tokenizer_path else base_dir / "tokenizer.model"
