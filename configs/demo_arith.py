@@ -121,6 +121,7 @@ def get_config(variant: str | None = None):
         c.critics.data.max_new_tokens = 96
         c.search.options.max_solution_tokens = 96
         c.rollout_policy.enabled = False
+        c.critics.model.init = "policy"  # no fast-rollout policy to start the critic from
         c.loop.base_methods = ("greedy", "maj@4", "orm@4", "mcts")
         c.loop.ablation_orderings = ("shuffle",)
         c.loop.ablation_seeds = 1
