@@ -208,3 +208,14 @@ def test_product_slips_keep_answers_and_only_the_opening_is_wrong(splits):
     assert 0.35 * len(rewritten) < n_part < 0.65 * len(rewritten)
     with pytest.raises(ValueError, match="fraction"):
         arith.with_product_slips(train, 1.5, seed=0)
+
+
+def test_product_slips_are_refused_outside_arith(tmp_path):
+    from alphallm_jax.config import default_config
+    from alphallm_jax.pipeline.base_policy import train_base_policy
+
+    cfg = default_config()
+    cfg.task, cfg.base.product_slip_fraction = "gsm8k", 0.5
+    with pytest.raises(ValueError, match="base.product_slip_fraction"):
+        train_base_policy(cfg, tmp_path)
+    assert not (tmp_path / "base" / "tokenizer.model").exists()

@@ -75,6 +75,9 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
     start = time.time()
     d0 = load_split(cfg, cfg.base.train_split, cfg.base.num_train)
     if cfg.base.product_slip_fraction:
+        if cfg.task != "arith":
+            raise ValueError(f"base.product_slip_fraction={cfg.base.product_slip_fraction} rewrites arith "
+                             f"stories; task is {cfg.task!r} (set it to 0.0)")
         d0 = with_product_slips(d0, cfg.base.product_slip_fraction, cfg.seed)
     dev = load_split(cfg, cfg.base.dev_split, cfg.base.num_dev)
 
