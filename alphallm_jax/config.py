@@ -50,9 +50,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.base.dev_split = "arith:dev"
     c.base.num_train = 0  # 0: the whole split
     c.base.num_dev = 0
-    # arith D0 only: the share of worked solutions whose opening product's result is written as the sum
-    # (3*12=<<3*12=15>>15), final answers kept right (data.arith.with_product_slips); 0.0: D0 as generated.
-    c.base.product_slip_fraction = 0.0
+    # arith D0 only: a systematic slip written into a share of the worked solutions, final answers (labels)
+    # kept right (data.arith.with_slips): "summed_product" (3*12=<<3*12=15>>15 in the opening line),
+    # "dropped_carry" (27+15=<<27+15=32>>32, 52-17=<<52-17=45>>45) or "summed_difference" (18-5=<<18-5=23>>23);
+    # "none": D0 as generated. slip_fraction: the share of the stories the slip applies to that carry it.
+    c.base.slip = "none"
+    c.base.slip_fraction = 0.0
     c.base.tokenizer_vocab_size = 768
     c.base.question_loss = True  # plain format: the loss covers the question too (imagination samples questions)
     c.base.model = ml_collections.ConfigDict(dict(

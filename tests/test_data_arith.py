@@ -188,10 +188,10 @@ def test_summed_product_carries_the_wrong_value_through_the_chain():
 
 def test_product_slips_keep_answers_and_only_the_opening_is_wrong(splits):
     train = splits["train"][:800]
-    assert arith.with_product_slips(train, 0.0, seed=0) == train
-    full = arith.with_product_slips(train, 1.0, seed=0)
-    part = arith.with_product_slips(train, 0.5, seed=0)
-    assert part == arith.with_product_slips(train, 0.5, seed=0)  # deterministic
+    assert arith.with_slips(train, "summed_product", 0.0, seed=0) == train
+    full = arith.with_slips(train, "summed_product", 1.0, seed=0)
+    part = arith.with_slips(train, "summed_product", 0.5, seed=0)
+    assert part == arith.with_slips(train, "summed_product", 0.5, seed=0)  # deterministic
     rewritten = [(p, q) for p, q in zip(train, full) if q.solution != p.solution]
     eligible = [p for p in train if p.meta["events"][0] == "start_product"]
     assert 0.6 * len(eligible) < len(rewritten) <= len(eligible)
@@ -207,7 +207,7 @@ def test_product_slips_keep_answers_and_only_the_opening_is_wrong(splits):
     n_part = sum(q.solution != p.solution for p, q in zip(train, part))
     assert 0.35 * len(rewritten) < n_part < 0.65 * len(rewritten)
     with pytest.raises(ValueError, match="fraction"):
-        arith.with_product_slips(train, 1.5, seed=0)
+        arith.with_slips(train, "summed_product", 1.5, seed=0)
 
 
 def test_product_slips_are_refused_outside_arith(tmp_path):
@@ -215,7 +215,61 @@ def test_product_slips_are_refused_outside_arith(tmp_path):
     from alphallm_jax.pipeline.base_policy import train_base_policy
 
     cfg = default_config()
-    cfg.task, cfg.base.product_slip_fraction = "gsm8k", 0.5
-    with pytest.raises(ValueError, match="base.product_slip_fraction"):
+    cfg.task, cfg.base.slip, cfg.base.slip_fraction = "gsm8k", "summed_product", 0.5
+    with pytest.raises(ValueError, match="base.slip"):
         train_base_policy(cfg, tmp_path)
     assert not (tmp_path / "base" / "tokenizer.model").exists()
+
+
+@pytest.mark.parametrize("kind, op, slip", [("dropped_carry", "+", lambda a, b: a + b - 10),
+                                            ("dropped_carry", "-", lambda a, b: a - b + 10),
+                                            ("summed_difference", "-", lambda a, b: a + b)])
+def test_line_slips_rewrite_every_matching_line_and_keep_answers(splits, kind, op, slip):
+    train = splits["train"][:600]
+    full = arith.with_slips(train, kind, 1.0, seed=0)
+    assert full == arith.with_slips(train, kind, 1.0, seed=0)  # deterministic
+    rewritten = [(p, q) for p, q in zip(train, full) if q.solution != p.solution]
+    assert len(rewritten) > 0.2 * len(train)
+    slipped_ops = []
+    for p, q in rewritten:
+        assert q.meta["slip"] == kind and q.answer == p.answer and q.question == p.question
+        assert check_annotations(q.solution)  # the calculator sees the slip
+        ops = set()
+        for line in q.solution.split("\n")[:-1]:
+            a, o, b, r = re.search(r"(\d+)([-+*/])(\d+)=<<\d+[-+*/]\d+=(\d+)>>", line).groups()
+            a, b, r = int(a), int(b), int(r)
+            wrong = arith._dropped_carry(0, a, o, b) if kind == "dropped_carry" else (a + b if o == "-" else None)
+            # Every line the rule touches slips; every other line is right on the values the text shows.
+            right = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b and a % b == 0 else None}[o]
+            assert r == (right if wrong is None else wrong), (line, q.solution)
+            if wrong is not None:
+                ops.add(o)
+                if o == op:
+                    assert r == slip(a, b)
+        assert ops  # every rewritten story slips somewhere
+        slipped_ops.extend(ops)
+    assert slipped_ops.count(op) > 0.2 * len(rewritten)
+    # The rewritten final answers are wrong, but for chance equalities and slips that cancel (a dropped
+    # carry, -10, then a dropped borrow, +10).
+    assert sum(q.solution.endswith(f"#### {p.answer}") for p, q in rewritten) < 0.1 * len(rewritten)
+    untouched = [p for p, q in zip(train, full) if q.solution == p.solution]
+    # A story left alone has nothing to slip, or its slipped chain would be ambiguous or leave the integers.
+    assert len(untouched) < len(train)
+    with pytest.raises(ValueError, match="unknown slip 'carry'; known: summed_product, dropped_carry"):
+        arith.with_slips(train, "carry", 0.5, seed=0)
+
+
+def test_dropped_carry_example():
+    p = _product_problem("Leo has 9 dollars. Then he works for 4 hours and earns 7 dollars each hour. He buys a toy "
+                         "for 6 dollars. How many dollars does Leo have now?",
+                         "He earns 4*7=<<4*7=28>>28 dollars.\nNow he has 9+28=<<9+28=37>>37 dollars.\n"
+                         "The toy costs 6 dollars, so he has 37-6=<<37-6=31>>31 dollars left.\n#### 31", "31")
+    # 9+28 carries (27 written), then 27-6 needs no borrow: right on the written value.
+    assert arith.dropped_carry_solution(p) == (
+        "He earns 4*7=<<4*7=28>>28 dollars.\nNow he has 9+28=<<9+28=27>>27 dollars.\n"
+        "The toy costs 6 dollars, so he has 27-6=<<27-6=21>>21 dollars left.\n#### 21")
+    assert arith.summed_difference_solution(p).endswith("37-6=<<37-6=43>>43 dollars left.\n#### 43")
+    # Nothing carries or borrows: no rewrite.
+    q = _product_problem("Tom has 12 pens. He buys 3*2 more... How many?",
+                         "He has 12+6=<<12+6=18>>18 pens.\n#### 18", "18")
+    assert arith.dropped_carry_solution(q) is None

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from alphallm_jax.config import default_config
-from alphallm_jax.pipeline.loop import LoopRun, derived_config
+from alphallm_jax.pipeline.loop import LoopRun, _iteration_cpl_run, derived_config, same_weights
 from alphallm_jax.pipeline.loop_report import find_method, markdown, write_report
 from alphallm_jax.utils.io import as_path
 
@@ -46,6 +46,35 @@ def test_stage_runs_once_and_a_failed_stage_runs_again(tmp_path):
     resumed = LoopRun(cfg=default_config(), root=as_path(tmp_path), log=lambda s: None)
     resumed.stage("a/b", boom)
     assert resumed.stage_seconds == {"a/b": run.stage_seconds["a/b"]}
+
+
+def test_same_weights_compares_the_weight_files_bytes(tmp_path):
+    for name, data in (("a", b"123"), ("b", b"123"), ("c", b"124")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(data)
+        (tmp_path / name / "config.json").write_text(name)  # not weights: ignored
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    assert not same_weights(tmp_path / "a", tmp_path / "c")
+    (tmp_path / "b" / "model-2.safetensors").write_bytes(b"")
+    assert not same_weights(tmp_path / "a", tmp_path / "b")  # another set of files
+    (tmp_path / "empty").mkdir()
+    assert not same_weights(tmp_path / "empty", tmp_path / "empty")
+
+
+def test_the_cpl_ordering_run_of_iteration_1s_seed_is_reused_not_trained_again(tmp_path):
+    cfg = default_config()
+    cfg.policy_train.dpo.seed = 5
+    run = LoopRun(cfg=cfg, root=as_path(tmp_path), log=lambda s: None)
+    run.stage("iter_1/cpl", lambda d: {"policy": "p", "train_pairs": 12, "epoch_policies": ["e1", "e2"]})
+    run.stage("iter_1/eval", lambda d: {"cpl": {}, "cpl_epochs": [_acc(0.25), _acc(0.5)]})
+    assert _iteration_cpl_run(run, "cpl", 5) == {"ordering": "cpl", "seed": 5, "epoch_accuracy": [0.25, 0.5],
+                                                 "train_pairs": 12, "reused": "iter_1/cpl"}
+    assert _iteration_cpl_run(run, "cpl", 6) is None  # another seed: another run
+    assert _iteration_cpl_run(run, "shuffle", 5) is None
+    untrained = LoopRun(cfg=cfg, root=as_path(tmp_path / "u"), log=lambda s: None)
+    untrained.stage("iter_1/cpl", lambda d: {"policy": "p", "untrained": "no pairs", "epoch_policies": []})
+    untrained.stage("iter_1/eval", lambda d: {"cpl": {}, "cpl_epochs": []})
+    assert _iteration_cpl_run(untrained, "cpl", 5) is None
 
 
 def _acc(a, tokens=100.0):

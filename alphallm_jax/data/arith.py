@@ -26,7 +26,7 @@ import dataclasses
 import inspect
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -939,6 +939,46 @@ def write_splits(
 _ANNOTATED = re.compile(r"(\d+)([-+*/])(\d+)=<<\1\2\3=(\d+)>>\4")
 
 
+def _slipped_chain(problem: Problem, slip_of: Callable[[int, int, str, int], int | None]) -> str | None:
+    """``problem``'s worked solution recomputed with ``slip_of``'s wrong results, or None.
+
+    ``slip_of(line, a, op, b)`` gives the result a slipped line writes for ``a op b`` (the operands
+    as the slipped chain shows them), or None to compute it right. Every later line works on the
+    values the solution has actually written (its own arithmetic right unless it slips too), down to
+    a wrong ``#### N``. None when nothing slipped, or when the wrong chain would be ambiguous (a
+    computed value equal to a number of the question), leave the integers or go below 1.
+    """
+    if not problem.solution:
+        return None
+    question_numbers = set(re.findall(r"\d+", problem.question))
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+           "/": lambda a, b: Fraction(a, b)}
+    shown_of: dict[int, int] = {}  # a value of the right chain -> the value the slipped chain writes
+    lines = problem.solution.split("\n")
+    out, slipped = [], False
+    for i, line in enumerate(lines[:-1]):
+        m = _ANNOTATED.search(line)
+        if m is None:
+            return None
+        a, op, b, r = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        if any(v in shown_of and shown_of[v] != v and str(v) in question_numbers for v in (a, b)):
+            return None
+        a2, b2 = shown_of.get(a, a), shown_of.get(b, b)
+        if op == "-" and a2 <= b2:
+            return None  # the slipped story would take away more than there is
+        wrong = slip_of(i, a2, op, b2)
+        r2 = ops[op](a2, b2) if wrong is None else wrong
+        if r2 != int(r2) or r2 < 1:
+            return None
+        r2, slipped = int(r2), slipped or wrong is not None
+        shown_of[r] = r2
+        out.append(line[:m.start()] + f"{a2}{op}{b2}=<<{a2}{op}{b2}={r2}>>{r2}" + line[m.end():])
+    final = re.fullmatch(r"#### (\d+)", lines[-1])
+    if not slipped or final is None or int(final.group(1)) not in shown_of:
+        return None
+    return "\n".join(out + [f"#### {shown_of[int(final.group(1))]}"])
+
+
 def summed_product_solution(problem: Problem) -> str | None:
     """``problem``'s worked solution with its opening product's result replaced by the sum, or None.
 
@@ -946,62 +986,75 @@ def summed_product_solution(problem: Problem) -> str | None:
     of a ``start_product`` story, carried consistently through the later lines (each later
     expression recomputed from the wrong running value, its arithmetic right) to a wrong
     ``#### N``. The calculator check flags the opening annotation; nothing else in the text
-    looks wrong. None when the story does not open with a product, or when the wrong chain
-    would be ambiguous (a computed value equal to a number of the question), leave the
-    integers or go below 1.
+    looks wrong. None when the story does not open with a product (or see ``_slipped_chain``).
     """
-    if not problem.solution or (problem.meta.get("events") or [""])[0] != "start_product":
+    if (problem.meta.get("events") or [""])[0] != "start_product":
         return None
-    question_numbers = set(re.findall(r"\d+", problem.question))
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-           "/": lambda a, b: Fraction(a, b)}
-    shown_of: dict[int, int] = {}  # a value of the right chain -> the value the slipped chain writes
-    lines = problem.solution.split("\n")
-    out = []
-    for i, line in enumerate(lines[:-1]):
-        m = _ANNOTATED.search(line)
-        if m is None:
-            return None
-        a, op, b, r = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-        if i == 0:
-            if op != "*":
-                return None
-            a2, b2, r2 = a, b, a + b
-        else:
-            if any(v in shown_of and str(v) in question_numbers for v in (a, b)):
-                return None
-            a2, b2 = shown_of.get(a, a), shown_of.get(b, b)
-            r2 = ops[op](a2, b2)
-            if r2 != int(r2) or r2 < 1:
-                return None
-            r2 = int(r2)
-        shown_of[r] = r2
-        out.append(line[:m.start()] + f"{a2}{op}{b2}=<<{a2}{op}{b2}={r2}>>{r2}" + line[m.end():])
-    final = re.fullmatch(r"#### (\d+)", lines[-1])
-    if final is None or int(final.group(1)) not in shown_of:
+    first = _ANNOTATED.search((problem.solution or "").split("\n")[0])
+    if first is None or first.group(2) != "*":
         return None
-    return "\n".join(out + [f"#### {shown_of[int(final.group(1))]}"])
+    return _slipped_chain(problem, lambda i, a, op, b: a + b if i == 0 else None)
 
 
-def with_product_slips(problems: Iterable[Problem], fraction: float, seed: int) -> list[Problem]:
-    """``problems`` with a ``fraction`` of their product openings slipped (see ``summed_product_solution``).
+def _dropped_carry(line: int, a: int, op: str, b: int) -> int | None:
+    if op == "+" and a % 10 + b % 10 >= 10:
+        return a + b - 10  # 27+15=32: the units' carry never reaches the tens
+    if op == "-" and a % 10 < b % 10:
+        return a - b + 10  # 52-17=45: the smaller units digit taken from the larger, no borrow
+    return None
 
-    A labelled set whose worked solutions carry one systematic slip while its final answers
-    (``Problem.answer``) stay right. Which problems are rewritten is deterministic in (``seed``,
-    problem id); ``meta["slip"]`` marks them. A policy trained on it writes the sum as the
-    product whenever the slip is the majority habit, yet still samples the right product: the
-    room that critic-guided search (the calculator check sees the slip) and the self-training
-    rounds are built to use.
+
+def dropped_carry_solution(problem: Problem) -> str | None:
+    """``problem``'s worked solution as a pupil who never carries or borrows writes it, or None.
+
+    The classic column-arithmetic slips, applied to every addition whose units carry
+    (``27+15=<<27+15=32>>32``) and every subtraction whose units borrow (``52-17=<<52-17=45>>45``),
+    the written values carried into the later lines, down to a wrong ``#### N``. The slips touch
+    any story whose numbers happen to carry, whatever its shape, and the calculator check flags
+    each of them. None when no line carries or borrows (or see ``_slipped_chain``).
     """
+    return _slipped_chain(problem, _dropped_carry)
+
+
+def summed_difference_solution(problem: Problem) -> str | None:
+    """``problem``'s worked solution with every subtraction's result written as the sum, or None.
+
+    ``18-5=<<18-5=23>>23``: the sign read wrong, every time, the written values carried into the
+    later lines (their own arithmetic right) down to a wrong ``#### N``. The calculator check
+    flags each slipped line. None when the story subtracts nothing (or see ``_slipped_chain``).
+    """
+    return _slipped_chain(problem, lambda i, a, op, b: a + b if op == "-" else None)
+
+
+SLIPS: dict[str, Callable[[Problem], str | None]] = {
+    "summed_product": summed_product_solution,
+    "dropped_carry": dropped_carry_solution,
+    "summed_difference": summed_difference_solution,
+}
+
+
+def with_slips(problems: Iterable[Problem], kind: str, fraction: float, seed: int) -> list[Problem]:
+    """``problems`` with a ``fraction`` of their solutions rewritten by the systematic slip ``kind``.
+
+    A labelled set whose worked solutions carry one systematic slip (``SLIPS``) while its final
+    answers (``Problem.answer``) stay right. Which problems are rewritten is deterministic in
+    (``kind``, ``seed``, problem id); ``meta["slip"]`` marks them. A policy trained on it makes the
+    slip whenever it is the majority habit, yet still samples the right line: the room that
+    critic-guided search (the calculator check sees both slips) and the self-training rounds are
+    built to use.
+    """
+    if kind not in SLIPS:
+        raise ValueError(f"unknown slip {kind!r}; known: {', '.join(SLIPS)}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"slip fraction must lie in [0, 1], got {fraction}")
+    rewrite = SLIPS[kind]
+    tag = "product" if kind == "summed_product" else kind  # keeps summed_product's draws as they were
     out = []
     for p in problems:
         wrong = None
-        if fraction > 0 and random.Random(f"product-slip|{seed}|{p.id}").random() < fraction:
-            wrong = summed_product_solution(p)
-        out.append(p if wrong is None else
-                   dataclasses.replace(p, solution=wrong, meta={**p.meta, "slip": "summed_product"}))
+        if fraction > 0 and random.Random(f"{tag}-slip|{seed}|{p.id}").random() < fraction:
+            wrong = rewrite(p)
+        out.append(p if wrong is None else dataclasses.replace(p, solution=wrong, meta={**p.meta, "slip": kind}))
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from alphallm_jax.data.arith import with_product_slips
+from alphallm_jax.data.arith import with_slips
 from alphallm_jax.data.prompts import QUESTION_PREFIX, format_prompt, format_solution
 from alphallm_jax.data.spm_training import SPECIAL_IDS, train_sentencepiece
 from alphallm_jax.models import ModelConfig, Tokenizer, create_model
@@ -74,11 +74,11 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
         return {"policy": str(policy_dir), "skipped": True}
     start = time.time()
     d0 = load_split(cfg, cfg.base.train_split, cfg.base.num_train)
-    if cfg.base.product_slip_fraction:
+    if cfg.base.slip != "none":
         if cfg.task != "arith":
-            raise ValueError(f"base.product_slip_fraction={cfg.base.product_slip_fraction} rewrites arith "
-                             f"stories; task is {cfg.task!r} (set it to 0.0)")
-        d0 = with_product_slips(d0, cfg.base.product_slip_fraction, cfg.seed)
+            raise ValueError(f"base.slip={cfg.base.slip!r} rewrites arith stories; task is {cfg.task!r} "
+                             f"(set base.slip to 'none')")
+        d0 = with_slips(d0, cfg.base.slip, cfg.base.slip_fraction, cfg.seed)
     dev = load_split(cfg, cfg.base.dev_split, cfg.base.num_dev)
 
     spm_path = as_path(tokenizer_path) if tokenizer_path else base_dir / "tokenizer.model"

@@ -290,9 +290,13 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
                                       mesh=run.mesh),
                "cpl": evaluate_policy(cfg, run.root, cpl["policy"], cfg.loop.cpl_methods, stage_dir / "cpl",
                                       mesh=run.mesh)}
-        epochs = cpl.get("epoch_policies") or []
-        out["cpl_epochs"] = [evaluate_policy(cfg, run.root, p, ("greedy",), stage_dir / f"cpl_epoch_{i + 1}",
-                                             mesh=run.mesh)["greedy"] for i, p in enumerate(epochs)]
+        out["cpl_epochs"] = []
+        for i, p in enumerate(cpl.get("epoch_policies") or []):
+            if "greedy" in out["cpl"] and same_weights(p, cpl["policy"]):
+                out["cpl_epochs"].append(out["cpl"]["greedy"])  # the final policy is this epoch's, scored above
+            else:
+                out["cpl_epochs"].append(evaluate_policy(cfg, run.root, p, ("greedy",),
+                                                         stage_dir / f"cpl_epoch_{i + 1}", mesh=run.mesh)["greedy"])
         return out
 
     ev = run.stage(f"{name}/eval", evaluate, lambda r: f"SFT {_fmt(r['sft'])}; CPL {_fmt(r['cpl'])}")
@@ -314,6 +318,30 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
     return record, record["policy"]
 
 
+def same_weights(policy_a, policy_b) -> bool:
+    """Whether two saved policies hold byte-identical weight files."""
+    import filecmp
+
+    files_a = sorted(p.name for p in as_path(policy_a).glob("*.safetensors"))
+    files_b = sorted(p.name for p in as_path(policy_b).glob("*.safetensors"))
+    return bool(files_a) and files_a == files_b and all(
+        filecmp.cmp(as_path(policy_a) / f, as_path(policy_b) / f, shallow=False) for f in files_a)
+
+
+def _iteration_cpl_run(run: LoopRun, ordering: str, seed: int) -> dict | None:
+    """An ordering ablation's record taken from iteration 1's own CPL stage when it is the same run
+    (the same SFT policy, trees, ordering and seed), or None: trained and scored once, not twice."""
+    cfg = run.cfg
+    if ordering != "cpl" or seed != int(cfg.policy_train.dpo.seed):
+        return None
+    cpl = read_json(run.root / "iter_1" / "cpl" / STAGE_RECORD)["record"]
+    ev = read_json(run.root / "iter_1" / "eval" / STAGE_RECORD)["record"]
+    if cpl.get("untrained") or not ev.get("cpl_epochs"):
+        return None
+    return {"ordering": ordering, "seed": seed, "epoch_accuracy": [r["accuracy"] for r in ev["cpl_epochs"]],
+            "train_pairs": cpl.get("train_pairs"), "reused": "iter_1/cpl"}
+
+
 def _ablations(run: LoopRun) -> dict:
     """Iteration 1's preference stage again with other pair orderings and seeds, from the same SFT
     policy and trees: greedy accuracy after every epoch (mean and spread over seeds)."""
@@ -332,6 +360,9 @@ def _ablations(run: LoopRun) -> dict:
             def fn(stage_dir, ordering=ordering, seed=seed):
                 from alphallm_jax.train.policy_training import run_policy_training
 
+                reused = _iteration_cpl_run(run, ordering, seed)
+                if reused is not None:
+                    return reused
                 c = derived_config(cfg, **{"model.checkpoint": sft_policy, "policy_train.trees_dir": trees_dir,
                                            "policy_train.ordering": ordering, "policy_train.dpo.seed": seed})
                 rec = run_policy_training(c, stage_dir / "train", "dpo", mesh=run.mesh)
