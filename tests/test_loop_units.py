@@ -5,7 +5,7 @@ import json
 import pytest
 
 from alphallm_jax.config import default_config
-from alphallm_jax.pipeline.loop import LoopRun, _iteration_cpl_run, derived_config, same_weights
+from alphallm_jax.pipeline.loop import LoopRun, _iteration_cpl_run, check_resumed_config, derived_config, same_weights
 from alphallm_jax.pipeline.loop_report import find_method, markdown, write_report
 from alphallm_jax.utils.io import as_path
 
@@ -46,6 +46,20 @@ def test_stage_runs_once_and_a_failed_stage_runs_again(tmp_path):
     resumed = LoopRun(cfg=default_config(), root=as_path(tmp_path), log=lambda s: None)
     resumed.stage("a/b", boom)
     assert resumed.stage_seconds == {"a/b": run.stage_seconds["a/b"]}
+
+
+def test_a_resumed_run_may_extend_the_loop_but_not_change_what_finished_stages_computed(tmp_path):
+    path = tmp_path / "config.json"
+    cfg = default_config()
+    assert check_resumed_config(cfg, path) == []  # a new workdir
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert check_resumed_config(cfg, path) == []
+    longer = derived_config(cfg, **{"loop.iterations": 4, "mesh.data": 2})
+    assert check_resumed_config(longer, path) == ["loop.iterations", "mesh.data"]
+    changed = derived_config(cfg, **{"search.mcts.c_uct": 0.3, "eval.methods": ("greedy",), "loop.iterations": 3})
+    with pytest.raises(ValueError, match=r"differs in eval\.methods: \['greedy', 'maj@16'\] -> \['greedy'\]; "
+                                         r"search\.mcts\.c_uct: .* -> 0\.3\. .*use a new --workdir"):
+        check_resumed_config(changed, path)
 
 
 def test_same_weights_compares_the_weight_files_bytes(tmp_path):

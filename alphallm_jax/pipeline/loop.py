@@ -113,6 +113,39 @@ def _fmt(results: dict) -> str:
     return ", ".join(f"{spec} {100 * r['accuracy']:.1f}%" for spec, r in results.items())
 
 
+# What a resumed run may change: how far the loop goes and where it runs, never what a finished stage
+# computed (finished stages are not recomputed, so any other change would mix two configs in one report).
+RESUMABLE_KEYS = ("loop.iterations", "mesh.")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_resumed_config(cfg, path) -> list[str]:
+    """The dotted keys where `cfg` differs from the config a run in this workdir started with (`path`,
+    its config.json); raises a ValueError naming them unless every one is in `RESUMABLE_KEYS`."""
+    import json
+
+    path = as_path(path)
+    if not path.exists():
+        return []
+    old = _flat(read_json(path))
+    new = _flat(json.loads(json.dumps(cfg.to_dict())))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    fixed = [k for k in changed if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)]
+    if fixed:
+        listed = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in fixed[:12])
+        more = f" (and {len(fixed) - 12} more)" if len(fixed) > 12 else ""
+        raise ValueError(f"{path} holds the config this workdir's run started with, and this run's config "
+                         f"differs in {listed}{more}. Finished stages are not recomputed, so resuming would mix "
+                         f"two configs in one report: use a new --workdir, or set these keys back (a resumed run "
+                         f"may change only {', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_KEYS)}).")
+    return changed
+
+
 def run_loop(cfg, workdir) -> dict:
     """Every stage of the loop (module doc); returns the report (also written to DIR/report.json)."""
     from alphallm_jax.config import mesh_from_config
@@ -120,6 +153,7 @@ def run_loop(cfg, workdir) -> dict:
     start = time.time()
     run = LoopRun(cfg=cfg, root=as_path(workdir), mesh=mesh_from_config(cfg))
     run.root.mkdir(parents=True, exist_ok=True)
+    check_resumed_config(cfg, run.root / "config.json")
     if is_coordinator():
         atomic_write_json(run.root / "config.json", cfg.to_dict())
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}
