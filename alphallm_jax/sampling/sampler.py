@@ -76,6 +76,12 @@ class SamplerStats:
 CACHE_LEN_GRANULE = 32
 
 
+# Width of the generated-token buffers of a decode call: one scatter per step writes them whatever their
+# width, so every request of up to 256 new tokens shares one width, and one decode program per row and
+# cache bucket serves options, rollouts and whole solutions alike (instead of one per length bucket).
+MIN_NEW_SLOTS = 256
+
+
 def cache_len_for(max_len: int) -> int:
     """KV cache slots for sequences of up to `max_len` tokens: rounded up to a multiple of 32, so that
     samplers built for slightly different lengths (evaluation, rollouts, search, synthesis) share
@@ -253,7 +259,7 @@ class Sampler:
             # 4. Decode every row until it stops.
             stops = tuple(sorted({s for r in reqs for s in r.stop}))
             tables = self._stop_table(stops)
-            max_new = pow2_at_least(max(r.max_new_tokens for r in reqs), 32)
+            max_new = pow2_at_least(max(r.max_new_tokens for r in reqs), MIN_NEW_SLOTS)
             state = self._initial_state(reqs, plans, cache, n_rows, max_new, tables)
             table_kqv, match_state_k = tables.on_device()
             truncate = any(r.top_p < 1 or r.top_k > 0 for r in reqs)
