@@ -1040,7 +1040,7 @@ def with_slips(problems: Iterable[Problem], kind: str, fraction: float, seed: in
     answers (``Problem.answer``) stay right. Which problems are rewritten is deterministic in
     (``kind``, ``seed``, problem id); ``meta["slip"]`` marks them. A policy trained on it makes the
     slip whenever it is the majority habit, yet still samples the right line: the room that
-    critic-guided search (the calculator check sees both slips) and the self-training rounds are
+    critic-guided search (the calculator check sees every one of them) and the self-training rounds are
     built to use.
     """
     if kind not in SLIPS:
