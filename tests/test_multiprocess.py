@@ -1,7 +1,7 @@
 """Two CPU processes as two hosts of one JAX runtime (`launch/local.sh`): an evaluation sweep, sharded over
 the processes and merged by process 0, gives the same table and predictions as one process (sampled
-methods included); base-policy training, data parallel over both, gives one process's weights; the quick
-demo loop gives one process's report and artifacts; and the launcher's environment contract."""
+methods included); the quick demo loop gives one process's stages, report schema, artifacts and base
+policy (trained data parallel over both), with accuracies close; and the launchers' contracts."""
 
 from __future__ import annotations
 
@@ -79,53 +79,29 @@ def test_two_processes_give_the_one_process_sweep(tmp_path):
     assert "maj@4" in two.stdout  # process 0 prints the merged table
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
-def test_two_processes_train_the_one_process_base_policy(tmp_path):
-    """`alphallm train-base` as two hosts: the trainer steps one data-parallel program over both processes'
-    devices (global parameters, both orbax managers committing), process 0 writes the tokenizer and the
-    policy; the weights equal one process's up to float reduction order."""
-    import glob
-
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    args = ["train-base", "--config=configs/demo_arith.py:quick", "--config.base.num_train=200",
-            "--config.base.num_dev=16", "--config.eval.limit=8", "--config.base.eval_methods=('greedy',)"]
-    _run_one_and_two(args, tmp_path)
-    records = [json.loads((tmp_path / run / "base" / "base_policy.json").read_text()) for run in ("one", "two")]
-    assert records[0]["steps"] == records[1]["steps"] > 0
-    assert abs(records[0]["best_dev_loss"] - records[1]["best_dev_loss"]) < 1e-4
-    a, b = (load_file(glob.glob(str(tmp_path / run / "base" / "policy" / "*.safetensors"))[0])
-            for run in ("one", "two"))
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], atol=1e-4, err_msg=name)
-
-
-def _json_differences(a, b, path="", atol=1e-3) -> list[str]:
-    """Where two JSON values differ: anything but a float must be equal, floats within `atol`."""
-    if isinstance(a, float) or isinstance(b, float):
-        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= atol
-        return [] if ok else [f"{path}: {a!r} vs {b!r}"]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [f"{path}: keys {sorted(a.keys() ^ b.keys())}"]
-        return [d for k in a for d in _json_differences(a[k], b[k], f"{path}.{k}", atol)]
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path}: {len(a)} vs {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _json_differences(x, y, f"{path}[{i}]", atol)]
-    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+def _schema(value):
+    """A JSON value with every scalar replaced by a placeholder: its keys and list lengths only."""
+    if isinstance(value, dict):
+        return {k: _schema(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_schema(v) for v in value]
+    return "value"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
 def test_two_processes_run_the_one_process_quick_loop(quick_loop_run, tmp_path):
     """`alphallm loop` (quick demo) as two hosts: the training stages step data parallel over both, the
-    critic rollouts, searches and evaluations split their work between the processes, process 0 writes
-    the stage records. Same report, trees, pairs, traces, prompts and predictions as one process; floats
-    (critic scores, Q values) agree up to the reduction order of data-parallel training."""
+    critic rollouts, searches and evaluations split their work between the processes, process 0 merges
+    and writes the stage records.
+
+    What must equal one process: the stages, the report's schema, the artifacts written, the evaluated
+    problems in their order, and the base policy up to float reduction order. What need not, exactly: the
+    later stages. Data-parallel training sums gradients in another order than one device does, and even
+    the same two-way sum differs in the last bits between one process of two devices and two processes
+    (measured: 1e-5 on the base policy after two steps), so a sampled token can flip (seen on one machine
+    kind and not another) and every later synthesized prompt, tree and pair follows it. Accuracies must
+    stay within two problems. Sharded evaluation alone is exact (the sweep test above)."""
     import numpy as np
     from safetensors.numpy import load_file
 
@@ -139,25 +115,36 @@ def test_two_processes_run_the_one_process_quick_loop(quick_loop_run, tmp_path):
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
     assert out.returncode == 0, out.stderr[-3000:] + logs[-3000:]
     assert "iteration 2:" in out.stdout
+    runs = (quick_loop_run, two)
 
-    def read(run: Path, name: str):  # JSON or JSON lines, with the run's own directory written as WORKDIR
-        text = (run / name).read_text().replace(str(run), "WORKDIR")
-        return json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+    reports = [json.loads((run / "report.json").read_text()) for run in runs]
+    assert _schema(reports[0]) == _schema(reports[1])
+    (base_one, iters_one), (base_two, iters_two) = (loop_accuracies(r) for r in reports)
+    within = 2 / reports[0]["base"]["greedy"]["n"] + 1e-9
+    assert base_one.keys() == base_two.keys()
+    assert all(abs(base_one[m] - base_two[m]) <= within for m in base_one), (base_one, base_two)
+    assert all(abs(a - b) <= within for x, y in zip(iters_one, iters_two) for a, b in zip(x, y)), (iters_one, iters_two)
 
-    one_report, two_report = (read(run, "report.json") for run in (quick_loop_run, two))
-    assert loop_accuracies(one_report) == loop_accuracies(two_report)
-    timing = ("stage_seconds", "wall_seconds", "this_invocation_seconds")
-    assert _json_differences({k: v for k, v in one_report.items() if k not in timing},
-                             {k: v for k, v in two_report.items() if k not in timing}) == []
-    artifacts = loop_artifact_hashes(quick_loop_run, suffixes=())
-    assert artifacts.keys() == loop_artifact_hashes(two, suffixes=()).keys()
-    assert any("/trees/" in name for name in artifacts) and any(n.endswith("pairs.jsonl") for n in artifacts)
-    for name in artifacts:
-        assert _json_differences(read(quick_loop_run, name), read(two, name), path=name) == []
-    final = one_report["iterations"][-1]["policy"].removeprefix("WORKDIR/")
-    a, b = (load_file(next((run / final).glob("*.safetensors"))) for run in (quick_loop_run, two))
-    for name in a:  # after five training stages (base, critics, 2 x SFT + DPO): Adam's steps amplify it a bit
-        np.testing.assert_allclose(a[name], b[name], atol=1e-3, err_msg=name)
+    # The same artifacts (tree files are named by the synthesized prompts, which may differ).
+    names = [{n for n in loop_artifact_hashes(run, suffixes=()) if "/trees/" not in n} for run in runs]
+    assert names[0] == names[1]
+    predictions = sorted(n for n in names[0] if n.endswith("predictions.jsonl"))
+    assert any(n.startswith("iter_2/") for n in predictions)
+    for name in predictions:  # merged from both processes' parts, in the problems' order
+        ids = [[json.loads(line)["id"] for line in (run / name).read_text().splitlines()] for run in runs]
+        assert ids[0] == ids[1], name
+        assert sorted(p.name for p in (two / name).parent.glob("predictions.part*")) == [
+            "predictions.part000-of-002.jsonl", "predictions.part001-of-002.jsonl"], name
+
+    # The base policy, trained data parallel over both processes' devices (global parameters and
+    # optimizer state, both orbax managers committing): one process's weights up to reduction order.
+    records = [json.loads((run / "base" / "base_policy.json").read_text()) for run in runs]
+    assert records[0]["steps"] == records[1]["steps"] > 0
+    assert abs(records[0]["best_dev_loss"] - records[1]["best_dev_loss"]) < 1e-4
+    a, b = (load_file(next((run / "base" / "policy").glob("*.safetensors"))) for run in runs)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-4, err_msg=name)
 
 
 def test_local_launcher_sets_the_distributed_environment(tmp_path):

@@ -223,6 +223,51 @@ def test_different_stop_sets_and_lengths_share_one_decode_compile(llama, tokeniz
     assert engine.decode._cache_size() == before
 
 
+def test_sampling_mode_compiles_only_what_the_batch_needs(llama, tokenizer):
+    """An all-greedy batch runs a decode step without random draws, and gives the tokens and
+    log-probabilities that the same greedy rows give inside a sampled batch."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from alphallm_jax.sampling.token_sampling import row_keys, sample_next_token, sampling_mode
+
+    assert sampling_mode([0.0, 0.0], [0.9, 1.0], [0, 5]) == "greedy"  # truncation never changes an argmax
+    assert sampling_mode([0.0, 0.7], [0.9, 1.0], [0, 0]) == "sample"
+    assert sampling_mode([0.0, 0.7], [1.0, 1.0], [0, 3]) == "truncate"
+    with pytest.raises(ValueError, match="sampling mode"):
+        sample_next_token(jnp.zeros((1, 4)), row_keys(jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32)),
+                          jnp.ones(1), jnp.ones(1), jnp.zeros(1, jnp.int32), mode="beam")
+    args = (jnp.zeros((2, 8)), row_keys(jnp.arange(2), jnp.zeros(2, jnp.int32)), jnp.zeros(2), jnp.ones(2),
+            jnp.zeros(2, jnp.int32))
+
+    def primitives(jaxpr) -> set[str]:  # of the program and every program nested in it
+        found = set()
+        for eqn in jaxpr.eqns:
+            found.add(str(eqn.primitive))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        found |= primitives(inner)
+        return found
+
+    programs = {mode: primitives(jax.make_jaxpr(functools.partial(sample_next_token, mode=mode))(*args).jaxpr)
+                for mode in ("greedy", "sample", "truncate")}
+    assert "random_bits" not in programs["greedy"] and "sort" not in programs["greedy"]
+    assert "random_bits" in programs["sample"] and "sort" not in programs["sample"]
+    assert "sort" in programs["truncate"]
+
+    model, _ = llama
+    prompt = _prompts(1, seed=23)[0]
+    sampler = Sampler(model, tokenizer, max_len=48)
+    greedy = SampleRequest(state=sampler.new_state(prompt), max_new_tokens=10, temperature=0.0)
+    (alone,) = sampler.sample([greedy], keep_states=False)
+    mixed = sampler.sample([greedy, dataclasses.replace(greedy, temperature=1.0, seed=3)], keep_states=False)
+    assert mixed[0].token_ids == alone.token_ids
+    np.testing.assert_allclose(mixed[0].logprobs, alone.logprobs, atol=1e-6)
+
+
 def test_stop_strings_and_eos_end_rows_on_device(llama, tokenizer):
     model, _ = llama
     prompt = _prompts(1, seed=21)[0]

@@ -59,13 +59,13 @@ def prefill(graphdef, params, cache: KVCache, chunk_bs: jax.Array, positions_bs:
     return logits_bv.astype(jnp.float32), cache
 
 
-def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, truncate) -> DecodeState:
+def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, mode) -> DecodeState:
     """Sample the next token of every running row and apply EOS, stop-string and length rules."""
     active_b = ~st.done_b
     batch, max_new = st.tokens_bt.shape
     token_b, logprob_b = sample_next_token(
         logits_bv, row_keys(st.seed_b, st.num_gen_b), st.temperature_b, st.top_p_b, st.top_k_b,
-        truncate=truncate,
+        mode=mode,
     )
     rows_b = jnp.arange(batch)
     write_at_b = jnp.where(active_b, st.num_gen_b, max_new)  # out of range: dropped
@@ -102,7 +102,7 @@ def shrink_below(batch: int) -> int:
     return batch // SHRINK_FRACTION if batch >= SHRINK_MIN_BATCH else 0
 
 
-def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, truncate) -> DecodeState:
+def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, mode) -> DecodeState:
     model = nnx.merge(graphdef, params)
     limit = shrink_below(st.tokens_bt.shape[0])
 
@@ -116,24 +116,24 @@ def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eo
         hidden_b1d, cache = model.hidden_states(st.last_token_b[:, None], positions_bs=positions_b1, cache=st.cache)
         logits_bv = model.logits_from_hidden(hidden_b1d)[:, 0]
         st = st.replace(cache=cache, pos_b=st.pos_b + active_b.astype(jnp.int32))
-        return _sample_step(st, logits_bv, table_kqv, match_state_k, eos_ids, truncate)
+        return _sample_step(st, logits_bv, table_kqv, match_state_k, eos_ids, mode)
 
     return jax.lax.while_loop(cond, body, st)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
-def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate):
+def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, mode):
     """Sample the first token from the prefill logits, then decode until every row has stopped, or
     until only a few rows still run in a large batch (see `shrink_below`; continue with
     `compact_rows`, `resume_decode` and `merge_rows`)."""
-    st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, truncate)
-    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, truncate)
+    st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, mode)
+    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def resume_decode(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, truncate):
+def resume_decode(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, mode):
     """Continue a decode state whose rows have their next token sampled but not yet cached."""
-    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, truncate)
+    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode)
 
 
 @jax.jit

@@ -22,6 +22,7 @@ from alphallm_jax.models.kv_cache import KVCache
 from alphallm_jax.sampling import engine
 from alphallm_jax.sampling.kv_pool import KVPool, SeqState
 from alphallm_jax.sampling.stop_rules import StopTables
+from alphallm_jax.sampling.token_sampling import sampling_mode
 from alphallm_jax.sampling.token_texts import token_texts
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, round_up, row_bucket
 
@@ -262,11 +263,11 @@ class Sampler:
             max_new = pow2_at_least(max(r.max_new_tokens for r in reqs), MIN_NEW_SLOTS)
             state = self._initial_state(reqs, plans, cache, n_rows, max_new, tables)
             table_kqv, match_state_k = tables.on_device()
-            truncate = any(r.top_p < 1 or r.top_k > 0 for r in reqs)
+            mode = sampling_mode([r.temperature for r in reqs], [r.top_p for r in reqs], [r.top_k for r in reqs])
             state = engine.decode(self.graphdef, self.params, state, logits_uv, table_kqv, match_state_k,
-                                  self.eos_ids, truncate)
+                                  self.eos_ids, mode)
             self.stats.device_calls += 2
-            state = self._finish_stragglers(state, len(reqs), (table_kqv, match_state_k, self.eos_ids, truncate))
+            state = self._finish_stragglers(state, len(reqs), (table_kqv, match_state_k, self.eos_ids, mode))
         tokens_bt, logprobs_bt, num_gen_b, reason_b, stop_state_bk = jax.device_get(
             (state.tokens_bt, state.logprobs_bt, state.num_gen_b, state.reason_b, state.stop_state_bk))
         self.stats.decoded_tokens += int(num_gen_b[:len(reqs)].sum())

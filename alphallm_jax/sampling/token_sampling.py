@@ -15,6 +15,19 @@ def row_keys(seed_b: jax.Array, step_b: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seed_b, step_b)
 
 
+SAMPLING_MODES = ("greedy", "sample", "truncate")
+
+
+def sampling_mode(temperatures, top_ps, top_ks) -> str:
+    """The cheapest static mode that serves every row of a batch (host-side settings per row):
+    "greedy" when every row is greedy (no random draw at all), "truncate" when some sampled row asks for
+    top-p or top-k (a vocabulary sort per row), else "sample"."""
+    sampled = [(p, k) for t, p, k in zip(temperatures, top_ps, top_ks, strict=True) if t > 0]
+    if not sampled:
+        return "greedy"
+    return "truncate" if any(p < 1 or k > 0 for p, k in sampled) else "sample"
+
+
 def sample_next_token(
     logits_bv: jax.Array,
     key_b2: jax.Array,
@@ -22,20 +35,25 @@ def sample_next_token(
     top_p_b: jax.Array,
     top_k_b: jax.Array,
     *,
-    truncate: bool,
+    mode: str,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row. Returns (token_b int32, logprob_b float32).
 
     The log-probability is under the model's untempered, untruncated distribution (what DPO, CPL and
-    PUCT need). `temperature_b == 0` means greedy. `truncate` (static) enables top-k/top-p, which
-    needs a full sort of the vocabulary per row, so it is compiled only when some row asks for it.
+    PUCT need). `temperature_b == 0` means greedy. `mode` (static, see `sampling_mode`) compiles only
+    what the batch needs: a Gumbel draw per vocabulary entry is most of a small model's sampling step,
+    and top-k/top-p need a full sort of the vocabulary per row.
     """
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode {mode!r} is not one of {SAMPLING_MODES}")
     logits_bv = logits_bv.astype(jnp.float32)
     logprobs_bv = jax.nn.log_softmax(logits_bv, axis=-1)
     greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy_b, jnp.take_along_axis(logprobs_bv, greedy_b[:, None], axis=-1)[:, 0]
     scaled_bv = logits_bv / jnp.maximum(temperature_b, 1e-6)[:, None]
 
-    if truncate:
+    if mode == "truncate":
         vocab = logits_bv.shape[-1]
         order_bv = jnp.argsort(-scaled_bv, axis=-1)
         sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
