@@ -2,6 +2,8 @@
 
 Every row carries its own settings and its own PRNG key, so a row's sample depends only on its own
 seed and step, never on which other rows share the batch (batched search equals sequential search).
+A sampled row draws one uniform and locates it in the running sum of its token weights (inverse CDF),
+instead of one Gumbel variate per vocabulary entry: on CPU the random bits were most of the step.
 """
 
 from __future__ import annotations
@@ -9,13 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+SAMPLING_MODES = ("greedy", "sample", "truncate")
+
 
 def row_keys(seed_b: jax.Array, step_b: jax.Array) -> jax.Array:
     """One raw PRNG key per row from (row seed, row step): `uint32[B, 2]`."""
     return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seed_b, step_b)
-
-
-SAMPLING_MODES = ("greedy", "sample", "truncate")
 
 
 def sampling_mode(temperatures, top_ps, top_ks) -> str:
@@ -26,6 +27,49 @@ def sampling_mode(temperatures, top_ps, top_ks) -> str:
     if not sampled:
         return "greedy"
     return "truncate" if any(p < 1 or k > 0 for p, k in sampled) else "sample"
+
+
+def inverse_cdf_sample(key_b2: jax.Array, weights_bv: jax.Array) -> jax.Array:
+    """One index per row, drawn with probability `weights / sum(weights)` (weights >= 0, some positive
+    in every row): a uniform per row scaled to the row's total, located in the running sum. Entries of
+    zero weight are never drawn (nor weights below float32's resolution of the running sum, ~6e-8 of it).
+    """
+    cdf_bv = jnp.cumsum(weights_bv, axis=-1)
+    u_b = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key_b2) * cdf_bv[:, -1]
+    index_b = jnp.sum(cdf_bv <= u_b[:, None], axis=-1)  # the first entry whose running sum passes u
+    # u * total may round up to the total itself: that draw belongs to the last entry of positive weight.
+    last_b = weights_bv.shape[-1] - 1 - jnp.argmax(weights_bv[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(index_b, last_b).astype(jnp.int32)
+
+
+def nucleus_mask(weights_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array) -> jax.Array:
+    """The entries top-p and top-k keep (`weights_bv` >= 0; `top_k_b` 0: no top-k), without sorting.
+
+    Top-p keeps an entry when the weight of the entries strictly heavier than it is below p of the total
+    (the smallest prefix of the sorted weights that reaches p, the heaviest entry always kept); top-k keeps
+    an entry when fewer than k are strictly heavier (ties at the k-th weight are all kept). Both are a
+    threshold on the weight: the heaviest threshold whose kept mass still reaches p (whose kept count
+    still reaches k), found by bisection over float32 bit patterns (monotone for non-negative floats), 31
+    masked sums per row instead of a sort of the vocabulary.
+    """
+    bits_bv = jax.lax.bitcast_convert_type(weights_bv, jnp.int32)
+    target_mass_b = top_p_b * jnp.sum(weights_bv, axis=-1)
+    target_count_b = jnp.maximum(top_k_b, 1)
+
+    def bisect(_, bounds):
+        lo_pb, hi_pb, lo_kb, hi_kb = bounds  # lo: a threshold known to qualify; hi: known not to, + 1
+        mid_pb, mid_kb = lo_pb + (hi_pb - lo_pb) // 2, lo_kb + (hi_kb - lo_kb) // 2
+        mass_b = jnp.sum(jnp.where(bits_bv >= mid_pb[:, None], weights_bv, 0.0), axis=-1)
+        count_b = jnp.sum(bits_bv >= mid_kb[:, None], axis=-1)
+        ok_pb, ok_kb = mass_b >= target_mass_b, count_b >= target_count_b
+        return (jnp.where(ok_pb, mid_pb, lo_pb), jnp.where(ok_pb, hi_pb, mid_pb),
+                jnp.where(ok_kb, mid_kb, lo_kb), jnp.where(ok_kb, hi_kb, mid_kb))
+
+    zeros_b = jnp.zeros(weights_bv.shape[:1], jnp.int32)
+    top_b = jnp.max(bits_bv, axis=-1) + 1
+    lo_pb, _, lo_kb, _ = jax.lax.fori_loop(0, 32, bisect, (zeros_b, top_b, zeros_b, top_b))
+    threshold_b = jnp.maximum(jnp.where(top_p_b < 1.0, lo_pb, 0), jnp.where(top_k_b > 0, lo_kb, 0))
+    return bits_bv >= threshold_b[:, None]
 
 
 def sample_next_token(
@@ -41,34 +85,19 @@ def sample_next_token(
 
     The log-probability is under the model's untempered, untruncated distribution (what DPO, CPL and
     PUCT need). `temperature_b == 0` means greedy. `mode` (static, see `sampling_mode`) compiles only
-    what the batch needs: a Gumbel draw per vocabulary entry is most of a small model's sampling step,
-    and top-k/top-p need a full sort of the vocabulary per row.
+    what the batch needs: top-k/top-p cost a bisection over the vocabulary per row (`nucleus_mask`).
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"sampling mode {mode!r} is not one of {SAMPLING_MODES}")
     logits_bv = logits_bv.astype(jnp.float32)
-    logprobs_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    if mode == "greedy":
-        return greedy_b, jnp.take_along_axis(logprobs_bv, greedy_b[:, None], axis=-1)[:, 0]
-    scaled_bv = logits_bv / jnp.maximum(temperature_b, 1e-6)[:, None]
-
-    if mode == "truncate":
-        vocab = logits_bv.shape[-1]
-        order_bv = jnp.argsort(-scaled_bv, axis=-1)
-        sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
-        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-        mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-        rank_v = jnp.arange(vocab)[None, :]
-        # top-p keeps the smallest prefix whose mass reaches p (the first token always survives).
-        keep_bv = mass_before_bv < top_p_b[:, None]
-        keep_bv &= jnp.where(top_k_b[:, None] > 0, rank_v < top_k_b[:, None], True)
-        sorted_bv = jnp.where(keep_bv, sorted_bv, -jnp.inf)
-        choice_b = jax.vmap(jax.random.categorical)(key_b2, sorted_bv)
-        sampled_b = jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0]
-    else:
-        sampled_b = jax.vmap(jax.random.categorical)(key_b2, scaled_bv)
-
-    token_b = jnp.where(temperature_b <= 0.0, greedy_b, sampled_b.astype(jnp.int32))
-    logprob_b = jnp.take_along_axis(logprobs_bv, token_b[:, None], axis=-1)[:, 0]
-    return token_b, logprob_b
+    token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    if mode != "greedy":
+        # Weights relative to the row's best token, so the largest is exp(0) = 1 at any temperature.
+        scaled_bv = (logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True)) / jnp.maximum(temperature_b, 1e-6)[:, None]
+        weights_bv = jnp.exp(scaled_bv)
+        if mode == "truncate":
+            weights_bv = jnp.where(nucleus_mask(weights_bv, top_p_b, top_k_b), weights_bv, 0.0)
+        sampled_b = inverse_cdf_sample(key_b2, weights_bv)
+        token_b = jnp.where(temperature_b <= 0.0, token_b, sampled_b.astype(jnp.int32))
+    chosen_b = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)[:, 0]
+    return token_b, chosen_b - jax.nn.logsumexp(logits_bv, axis=-1)

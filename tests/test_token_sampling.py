@@ -1,0 +1,88 @@
+"""The per-row token draw (`sampling/token_sampling.py`) on fixed weights, without a model: the inverse-CDF
+draw follows the weights, never draws an entry of zero weight, and a row's draw depends on its own key
+only; the modes compile only what a batch needs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alphallm_jax.sampling.token_sampling import inverse_cdf_sample, row_keys, sample_next_token, sampling_mode
+
+
+def _keys(n: int, seed: int = 0) -> jax.Array:
+    return row_keys(jnp.arange(n, dtype=jnp.int32) + seed, jnp.zeros(n, jnp.int32))
+
+
+def test_inverse_cdf_draws_follow_the_weights():
+    weights = np.array([0.0, 3.0, 0.0, 1.0, 0.009, 5.0, 0.0, 0.991, 0.0], np.float32)  # zeros at both ends
+    n = 20_000
+    draws = np.asarray(jax.jit(inverse_cdf_sample)(_keys(n), jnp.tile(jnp.asarray(weights), (n, 1))))
+    counts = np.bincount(draws, minlength=len(weights)) / n
+    expected = weights / weights.sum()
+    assert np.all(counts[weights == 0] == 0), counts
+    assert 0.5 * np.abs(counts - expected).sum() < 0.015, (counts, expected)
+    assert counts[4] > 0  # a 0.09% entry is reached
+
+
+def test_inverse_cdf_rows_are_independent_of_their_batch():
+    rng = np.random.default_rng(0)
+    weights = jnp.asarray(rng.exponential(size=(16, 300)).astype(np.float32))
+    weights = weights.at[:, ::7].set(0.0)
+    keys = _keys(16, seed=5)
+    batch = np.asarray(inverse_cdf_sample(keys, weights))
+    alone = [int(inverse_cdf_sample(keys[i:i + 1], weights[i:i + 1])[0]) for i in range(16)]
+    assert batch.tolist() == alone
+    assert all(float(weights[i, b]) > 0 for i, b in enumerate(batch))
+
+
+def test_a_draw_that_rounds_to_the_total_takes_the_last_positive_entry():
+    # Every key draws u < 1, but u * total can round to the total; simulate it with a one-entry row
+    # followed by zeros, and check the index never points past the positive weights.
+    weights = jnp.asarray([[2.0, 0.0, 0.0], [0.0, 0.0, 1e-30]], jnp.float32)
+    draws = np.asarray(inverse_cdf_sample(_keys(2), weights))
+    assert draws.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.5, 0.8, 0), (2.0, 1.0, 3)])
+def test_sampled_tokens_follow_the_tempered_truncated_softmax(temperature, top_p, top_k):
+    logits = np.array([2.0, 1.5, 0.3, -1.0, 0.9, -3.0, 1.2, 0.0], np.float32)
+    probs = np.exp(logits / temperature)
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    kept = order[(np.cumsum(probs[order]) - probs[order]) < top_p]
+    kept = kept[:top_k] if top_k else kept
+    expected = np.zeros_like(probs)
+    expected[kept] = probs[kept] / probs[kept].sum()
+    n = 20_000
+    mode = sampling_mode([temperature], [top_p], [top_k])
+    step = jax.jit(functools.partial(sample_next_token, mode=mode))
+    tokens, logprobs = step(jnp.tile(jnp.asarray(logits), (n, 1)), _keys(n), jnp.full(n, temperature),
+                            jnp.full(n, top_p), jnp.full(n, top_k, jnp.int32))
+    counts = np.bincount(np.asarray(tokens), minlength=len(logits)) / n
+    assert np.all(counts[expected == 0] == 0)
+    assert 0.5 * np.abs(counts - expected).sum() < 0.015, (counts, expected)
+    log_softmax = logits - np.log(np.exp(logits).sum())  # untempered, untruncated
+    np.testing.assert_allclose(np.asarray(logprobs), log_softmax[np.asarray(tokens)], atol=1e-5)
+
+
+def test_nucleus_mask_equals_the_sorted_prefix_rule():
+    """Against the definition on sorted weights (distinct weights: ties are where the two may differ)."""
+    from alphallm_jax.sampling.token_sampling import nucleus_mask
+
+    rng = np.random.default_rng(1)
+    weights = rng.permuted(np.tile(np.exp(-np.linspace(0.0, 12.0, 500)), (24, 1)), axis=1).astype(np.float32)
+    top_p = rng.choice([0.0, 0.3, 0.9, 0.999, 1.0], size=24).astype(np.float32)
+    top_k = rng.choice([0, 1, 7, 499, 800], size=24).astype(np.int32)
+    mask = np.asarray(nucleus_mask(jnp.asarray(weights), jnp.asarray(top_p), jnp.asarray(top_k)))
+    for row, p, k, got in zip(weights, top_p, top_k, mask):
+        order = np.argsort(-row)
+        mass_before = np.cumsum(row[order], dtype=np.float64) - row[order]
+        keep = mass_before < p * row.sum(dtype=np.float64) if p < 1 else np.ones(len(row), bool)
+        keep[0] = True  # the heaviest entry always survives
+        keep &= np.arange(len(row)) < k if k > 0 else True
+        want = np.zeros(len(row), bool)
+        want[order[keep]] = True
+        assert np.array_equal(got, want), (p, k, got.sum(), want.sum())
