@@ -86,3 +86,14 @@ def test_nucleus_mask_equals_the_sorted_prefix_rule():
         want = np.zeros(len(row), bool)
         want[order[keep]] = True
         assert np.array_equal(got, want), (p, k, got.sum(), want.sum())
+
+
+def test_an_untruncated_row_draws_the_same_token_in_every_sampling_mode():
+    """A row without top-p/top-k draws the same token whether or not a batch mate's truncation compiled
+    the nucleus step into its batch: a row's sample never depends on its batch mates."""
+    n = 64
+    logits = jax.random.normal(jax.random.PRNGKey(3), (n, 50)) * 2.0
+    args = (logits, _keys(n, seed=11), jnp.full(n, 0.8), jnp.ones(n), jnp.zeros(n, jnp.int32))
+    sampled, _ = sample_next_token(*args, mode="sample")
+    truncated, _ = sample_next_token(*args, mode="truncate")
+    assert np.array_equal(np.asarray(sampled), np.asarray(truncated))
