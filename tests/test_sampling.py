@@ -223,43 +223,9 @@ def test_different_stop_sets_and_lengths_share_one_decode_compile(llama, tokeniz
     assert engine.decode._cache_size() == before
 
 
-def test_sampling_mode_compiles_only_what_the_batch_needs(llama, tokenizer):
-    """An all-greedy batch runs a decode step without random draws, a batch without top-p/top-k without
-    the nucleus bisection; greedy rows give the same tokens and log-probabilities inside a sampled batch."""
-    import functools
-
-    import jax.numpy as jnp
-
-    from alphallm_jax.sampling.token_sampling import row_keys, sample_next_token, sampling_mode
-
-    assert sampling_mode([0.0, 0.0], [0.9, 1.0], [0, 5]) == "greedy"  # truncation never changes an argmax
-    assert sampling_mode([0.0, 0.7], [0.9, 1.0], [0, 0]) == "sample"
-    assert sampling_mode([0.0, 0.7], [1.0, 1.0], [0, 3]) == "truncate"
-    with pytest.raises(ValueError, match="sampling mode"):
-        sample_next_token(jnp.zeros((1, 4)), row_keys(jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32)),
-                          jnp.ones(1), jnp.ones(1), jnp.zeros(1, jnp.int32), mode="beam")
-    args = (jnp.zeros((2, 8)), row_keys(jnp.arange(2), jnp.zeros(2, jnp.int32)), jnp.zeros(2), jnp.ones(2),
-            jnp.zeros(2, jnp.int32))
-
-    def primitives(jaxpr) -> set[str]:  # of the program and every program nested in it
-        found = set()
-        for eqn in jaxpr.eqns:
-            found.add(str(eqn.primitive))
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else [param]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        found |= primitives(inner)
-        return found
-
-    programs = {mode: primitives(jax.make_jaxpr(functools.partial(sample_next_token, mode=mode))(*args).jaxpr)
-                for mode in ("greedy", "sample", "truncate")}
-    loops = {"while", "scan"}  # top-p/top-k's bisection
-    assert "random_bits" not in programs["greedy"] and not programs["greedy"] & loops
-    assert "random_bits" in programs["sample"] and not programs["sample"] & loops
-    assert "random_bits" in programs["truncate"] and programs["truncate"] & loops
-    assert not any("sort" in found for found in programs.values())  # no vocabulary sort in any mode
-
+def test_greedy_rows_give_the_same_tokens_alone_and_in_a_sampled_batch(llama, tokenizer):
+    """An all-greedy batch runs the greedy program (no random draws; tests/test_token_sampling.py), a
+    mixed one the sampling program: the greedy row's tokens and log-probabilities are the same in both."""
     model, _ = llama
     prompt = _prompts(1, seed=23)[0]
     sampler = Sampler(model, tokenizer, max_len=48)

@@ -38,9 +38,9 @@ def test_inverse_cdf_rows_are_independent_of_their_batch():
     assert all(float(weights[i, b]) > 0 for i, b in enumerate(batch))
 
 
-def test_a_draw_that_rounds_to_the_total_takes_the_last_positive_entry():
-    # Every key draws u < 1, but u * total can round to the total; simulate it with a one-entry row
-    # followed by zeros, and check the index never points past the positive weights.
+def test_draws_never_point_past_the_last_positive_weight():
+    # u * total can round up to the total (u < 1 always); the draw is then clamped to the last entry of
+    # positive weight. Rows whose positive weight is first or last, trailing zeros and a tiny total.
     weights = jnp.asarray([[2.0, 0.0, 0.0], [0.0, 0.0, 1e-30]], jnp.float32)
     draws = np.asarray(inverse_cdf_sample(_keys(2), weights))
     assert draws.tolist() == [0, 2]
@@ -97,3 +97,35 @@ def test_an_untruncated_row_draws_the_same_token_in_every_sampling_mode():
     sampled, _ = sample_next_token(*args, mode="sample")
     truncated, _ = sample_next_token(*args, mode="truncate")
     assert np.array_equal(np.asarray(sampled), np.asarray(truncated))
+
+
+def test_sampling_modes_compile_only_what_a_batch_needs():
+    """An all-greedy batch draws no random bits, a batch without top-p/top-k runs no nucleus bisection,
+    and no mode sorts the vocabulary."""
+    assert sampling_mode([0.0, 0.0], [0.9, 1.0], [0, 5]) == "greedy"  # truncation never changes an argmax
+    assert sampling_mode([0.0, 0.7], [0.9, 1.0], [0, 0]) == "sample"
+    assert sampling_mode([0.0, 0.7], [1.0, 1.0], [0, 3]) == "truncate"
+    with pytest.raises(ValueError, match="sampling mode"):
+        sample_next_token(jnp.zeros((1, 4)), row_keys(jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32)),
+                          jnp.ones(1), jnp.ones(1), jnp.zeros(1, jnp.int32), mode="beam")
+    args = (jnp.zeros((2, 8)), row_keys(jnp.arange(2), jnp.zeros(2, jnp.int32)), jnp.zeros(2), jnp.ones(2),
+            jnp.zeros(2, jnp.int32))
+
+    def primitives(jaxpr) -> set[str]:  # of the program and every program nested in it
+        found = set()
+        for eqn in jaxpr.eqns:
+            found.add(str(eqn.primitive))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        found |= primitives(inner)
+        return found
+
+    programs = {mode: primitives(jax.make_jaxpr(functools.partial(sample_next_token, mode=mode))(*args).jaxpr)
+                for mode in ("greedy", "sample", "truncate")}
+    loops = {"while", "scan"}  # top-p/top-k's bisection
+    assert "random_bits" not in programs["greedy"] and not programs["greedy"] & loops
+    assert "random_bits" in programs["sample"] and not programs["sample"] & loops
+    assert "random_bits" in programs["truncate"] and programs["truncate"] & loops
+    assert not any("sort" in found for found in programs.values())  # no vocabulary sort in any mode

@@ -3,7 +3,7 @@
 Every row carries its own settings and its own PRNG key, so a row's sample depends only on its own
 seed and step, never on which other rows share the batch (batched search equals sequential search).
 A sampled row draws one uniform and locates it in the running sum of its token weights (inverse CDF),
-instead of one Gumbel variate per vocabulary entry: on CPU the random bits were most of the step.
+instead of one Gumbel variate per vocabulary entry: on CPU those random bits were most of the draw.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def row_keys(seed_b: jax.Array, step_b: jax.Array) -> jax.Array:
 def sampling_mode(temperatures, top_ps, top_ks) -> str:
     """The cheapest static mode that serves every row of a batch (host-side settings per row):
     "greedy" when every row is greedy (no random draw at all), "truncate" when some sampled row asks for
-    top-p or top-k (a vocabulary sort per row), else "sample"."""
+    top-p or top-k (the nucleus bisection per row), else "sample"."""
     sampled = [(p, k) for t, p, k in zip(temperatures, top_ps, top_ks, strict=True) if t > 0]
     if not sampled:
         return "greedy"
@@ -49,8 +49,8 @@ def nucleus_mask(weights_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array) 
     (the smallest prefix of the sorted weights that reaches p, the heaviest entry always kept); top-k keeps
     an entry when fewer than k are strictly heavier (ties at the k-th weight are all kept). Both are a
     threshold on the weight: the heaviest threshold whose kept mass still reaches p (whose kept count
-    still reaches k), found by bisection over float32 bit patterns (monotone for non-negative floats), 31
-    masked sums per row instead of a sort of the vocabulary.
+    still reaches k), found by bisection over float32 bit patterns (monotone for non-negative floats): 32
+    rounds of masked sums per row instead of a sort of the vocabulary.
     """
     bits_bv = jax.lax.bitcast_convert_type(weights_bv, jnp.int32)
     target_mass_b = top_p_b * jnp.sum(weights_bv, axis=-1)
