@@ -24,16 +24,12 @@ QUICK = "configs/demo_arith.py:quick"
 
 
 def _copy_run(source, target, *, drop):
-    """A copy of a loop workdir without the stages named in `drop`, its records' paths pointing into the
-    copy (a workdir's records name the policies they wrote by absolute path)."""
+    """A copy of a loop workdir without the stages named in `drop`. The copy's records still name the
+    source's paths: the resumed run must move them under the copy itself (`read_stage_record`)."""
     shutil.copytree(source, target)
     for name in drop:
         path = target / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for path in target.rglob("*.json"):
-        text = path.read_text()
-        if str(source) in text:
-            path.write_text(text.replace(str(source), str(target)))
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ import pytest
 from alphallm_jax.config import default_config
 from alphallm_jax.pipeline.loop import LoopRun, _iteration_cpl_run, check_resumed_config, derived_config, same_weights
 from alphallm_jax.pipeline.loop_report import find_method, markdown, write_report
-from alphallm_jax.utils.io import as_path
+from alphallm_jax.pipeline.sweep import loop_checkpoints
+from alphallm_jax.utils.io import as_path, rebase_paths
 
 
 def test_derived_config_overrides_a_copy_and_rejects_unknown_keys():
@@ -46,6 +47,37 @@ def test_stage_runs_once_and_a_failed_stage_runs_again(tmp_path):
     resumed = LoopRun(cfg=default_config(), root=as_path(tmp_path), log=lambda s: None)
     resumed.stage("a/b", boom)
     assert resumed.stage_seconds == {"a/b": run.stage_seconds["a/b"]}
+
+
+def test_rebase_paths_moves_the_old_root_and_what_lies_under_it_only():
+    record = {"policy": "/old/run/iter_1/sft/policy", "root": "/old/run", "sibling": "/old/run2/policy",
+              "name": "run", "epochs": ["/old/run/e1", "/elsewhere/e2"], "n": 3, "nested": {"p": "/old/run/"}}
+    moved = rebase_paths(record, "/old/run", "/new/place")
+    assert moved == {"policy": "/new/place/iter_1/sft/policy", "root": "/new/place", "sibling": "/old/run2/policy",
+                     "name": "run", "epochs": ["/new/place/e1", "/elsewhere/e2"], "n": 3, "nested": {"p": "/new/place/"}}
+    assert rebase_paths(record, None, "/new/place") is record  # a record from before roots were stored
+    assert rebase_paths(record, "/old/run/", "/new/place/")["policy"] == "/new/place/iter_1/sft/policy"
+
+
+def test_a_moved_workdir_resumes_its_finished_stages_with_their_paths_moved(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "disk2" / "new"
+    run = LoopRun(cfg=default_config(), root=as_path(old), log=lambda s: None)
+
+    def train(stage_dir):
+        (stage_dir / "policy").mkdir()
+        return {"policy": str(stage_dir / "policy"), "epoch_policies": [str(stage_dir / "policy")]}
+
+    assert run.stage("iter_1/sft", train)["policy"] == str(old / "iter_1/sft/policy")
+    new.parent.mkdir()
+    old.rename(new)
+
+    def must_not_run(stage_dir):
+        raise AssertionError("a finished stage ran again")
+
+    moved = LoopRun(cfg=default_config(), root=as_path(new), log=lambda s: None)
+    record = moved.stage("iter_1/sft", must_not_run)
+    assert record == {"policy": str(new / "iter_1/sft/policy"), "epoch_policies": [str(new / "iter_1/sft/policy")]}
+    assert [c.path for c in loop_checkpoints(new)] == [str(new / "iter_1/sft/policy")]
 
 
 def test_a_resumed_run_may_extend_the_loop_but_not_change_what_finished_stages_computed(tmp_path):

@@ -29,10 +29,17 @@ import ml_collections
 
 from alphallm_jax.pipeline.loop_report import find_method, write_report
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
-from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
+from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json, rebase_paths
 
 DONE = "DONE"
 STAGE_RECORD = "stage.json"
+
+
+def read_stage_record(stage_dir, root) -> dict:
+    """A finished stage's `stage.json`, the paths in its record moved under `root` when the workdir was
+    written under another root (`rebase_paths`): a moved or copied workdir resumes and reports."""
+    finished = read_json(as_path(stage_dir) / STAGE_RECORD)
+    return {**finished, "record": rebase_paths(finished["record"], finished.get("workdir"), str(root))}
 
 
 @dataclasses.dataclass
@@ -51,7 +58,7 @@ class LoopRun:
         # share of the work), and continues with the record process 0 wrote, read back after a barrier.
         if broadcast_int((stage_dir / DONE).exists()):
             self.log(f"[{name}] done before; skipped")
-            finished = read_json(stage_dir / STAGE_RECORD)
+            finished = read_stage_record(stage_dir, self.root)
             self.stage_seconds[name] = float(finished.get("wall_seconds", 0.0))
             return finished["record"]
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -60,10 +67,12 @@ class LoopRun:
         seconds = round(time.time() - start, 1)
         barrier(f"loop:{name}:ran")
         if is_coordinator():
-            atomic_write_json(stage_dir / STAGE_RECORD, {"record": record, "wall_seconds": seconds})
+            # The root the record's paths were written under: a moved workdir rebases them on resume.
+            atomic_write_json(stage_dir / STAGE_RECORD, {"record": record, "wall_seconds": seconds,
+                                                         "workdir": str(self.root)})
             atomic_write_text(stage_dir / DONE, "ok\n")
         barrier(f"loop:{name}:done")
-        finished = read_json(stage_dir / STAGE_RECORD)
+        finished = read_stage_record(stage_dir, self.root)
         self.stage_seconds[name] = float(finished["wall_seconds"])
         line = summary(finished["record"]) if summary else "done"
         self.log(f"[{name}] {line} ({seconds:.0f} s)")
@@ -368,8 +377,8 @@ def _iteration_cpl_run(run: LoopRun, ordering: str, seed: int) -> dict | None:
     cfg = run.cfg
     if ordering != "cpl" or seed != int(cfg.policy_train.dpo.seed):
         return None
-    cpl = read_json(run.root / "iter_1" / "cpl" / STAGE_RECORD)["record"]
-    ev = read_json(run.root / "iter_1" / "eval" / STAGE_RECORD)["record"]
+    cpl = read_stage_record(run.root / "iter_1" / "cpl", run.root)["record"]
+    ev = read_stage_record(run.root / "iter_1" / "eval", run.root)["record"]
     if cpl.get("untrained") or not ev.get("cpl_epochs"):
         return None
     return {"ordering": ordering, "seed": seed, "epoch_accuracy": [r["accuracy"] for r in ev["cpl_epochs"]],
@@ -383,7 +392,7 @@ def _ablations(run: LoopRun) -> dict:
 
     cfg = run.cfg
     it_root = run.root / "iter_1"
-    sft_policy = read_json(it_root / "sft" / STAGE_RECORD)["record"]["policy"]
+    sft_policy = read_stage_record(it_root / "sft", run.root)["record"]["policy"]
     trees_dir = str(it_root / "search" / "trees")
     table: dict[str, Any] = {}
     for ordering in cfg.loop.ablation_orderings:

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import jax
 
 from alphallm_jax.pipeline import reporting
-from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
+from alphallm_jax.pipeline.loop import STAGE_RECORD, read_stage_record
+from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text
 
 # Methods whose spec takes a budget `@k` (samples, simulations or beam width); the rest run once.
 BUDGETED_METHODS = ("maj", "orm", "prm", "pass", "mcts", "beam")
@@ -70,16 +71,17 @@ def loop_checkpoints(loop_workdir) -> list[SweepCheckpoint]:
     """The base policy and every finished iteration's SFT and CPL policies of a loop run, from the stage
     records the loop wrote (a stage that kept its input policy names the same directory: listed once)."""
     root = as_path(loop_workdir)
-    base = root / "base" / "stage.json"
+    base = root / "base"
     found: list[SweepCheckpoint] = []
-    if base.exists():
-        found.append(SweepCheckpoint("base", read_json(base)["record"]["policy"]))
+    if (base / STAGE_RECORD).exists():
+        found.append(SweepCheckpoint("base", read_stage_record(base, root)["record"]["policy"]))
     it = 1
     while (root / f"iter_{it}").exists():
         for stage in ("sft", "cpl"):
-            record = root / f"iter_{it}" / stage / "stage.json"
-            if record.exists():
-                found.append(SweepCheckpoint(f"iter_{it}/{stage}", read_json(record)["record"]["policy"]))
+            stage_dir = root / f"iter_{it}" / stage
+            if (stage_dir / STAGE_RECORD).exists():
+                found.append(SweepCheckpoint(f"iter_{it}/{stage}",
+                                             read_stage_record(stage_dir, root)["record"]["policy"]))
         it += 1
     if not found:
         raise FileNotFoundError(f"sweep.loop_workdir={loop_workdir}: no finished loop stage (base/stage.json, "

@@ -36,7 +36,7 @@ from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees, write_records
 from alphallm_jax.train.trainer import TrainConfig, Trainer
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
-from alphallm_jax.utils.io import PathLike, as_path, atomic_write_json, read_jsonl_tolerant_tail
+from alphallm_jax.utils.io import PathLike, as_path, atomic_write_json, read_jsonl_tolerant_tail, rebase_paths
 
 log = logging.getLogger(__name__)
 DONE = "DONE"
@@ -232,7 +232,8 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
     root = as_path(workdir)
     record_path = root / "train_policy.json"
     if broadcast_int((root / "policy" / DONE).exists() and record_path.exists()):
-        return {**json.loads(record_path.read_text()), "skipped": True}
+        done = json.loads(record_path.read_text())
+        return {**rebase_paths(done, done.pop("workdir", None), str(root)), "skipped": True}
     if not cfg.model.checkpoint:
         raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
     if not pt.trees_dir:
@@ -253,7 +254,7 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
               "trees_dir": str(pt.trees_dir), "num_trees": len(trees), "sft_traces": len(traces),
               "pairs": pair_counts(pairs), **summary}
     if is_coordinator():
-        atomic_write_json(record_path, record)
+        atomic_write_json(record_path, {**record, "workdir": str(root)})  # moved workdirs: see rebase_paths
         (root / "policy" / DONE).write_text("ok\n")
     barrier(f"train-policy:{root}")
     return record

@@ -276,6 +276,31 @@ def _rewrite_or_truncate(p: epath.Path, new_data: bytes, truncate_at: int | None
         p.write_bytes(new_data)
 
 
+def rebase_paths(obj: Any, old_root: str | None, new_root: str) -> Any:
+    """`obj` (parsed JSON) with every string that is `old_root` or a path under it moved under `new_root`.
+
+    Records name the files they wrote by path; a workdir moved (another disk, a bucket, a relative
+    path taken from another directory) keeps working when each record also holds the root it was
+    written under. `old_root` None (a record from before roots were stored) or equal: `obj` as it is.
+    """
+    if old_root is None or old_root == new_root:
+        return obj
+    prefix = old_root.rstrip("/") + "/"
+
+    def move(x):
+        if isinstance(x, str):
+            if x == old_root or x.startswith(prefix):
+                return new_root.rstrip("/") + x[len(old_root.rstrip("/")):]
+            return x
+        if isinstance(x, list):
+            return [move(v) for v in x]
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x
+
+    return move(obj)
+
+
 def read_json(path: PathLike) -> Any:
     """Parse a JSON file; :class:`DataFormatError` naming the file on malformed JSON."""
     p = as_path(path)
