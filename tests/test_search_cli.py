@@ -92,3 +92,10 @@ def test_search_cli_writes_trees_resumes_and_summarises(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((workdir / "search" / "summary.json").read_text())["searched_now"] == 0
     assert {name: (trees_dir / name).read_bytes() for name in files} == before
+    # A run killed after one tree searches the other alone, in smaller batches than the first run's
+    # lockstep of both: the same tree to the byte (policy and critic results do not depend on batch mates).
+    (trees_dir / "b.jsonl").unlink()
+    resumed = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((workdir / "search" / "summary.json").read_text())["searched_now"] == 1
+    assert {name: (trees_dir / name).read_bytes() for name in files} == before

@@ -54,9 +54,10 @@ def attention_mask(q_pos_bs: jax.Array, k_pos_bt: jax.Array, window: int | None)
 
 
 def query_block_size(seq_len: int) -> int:
-  """Queries per block of `attend`: 64, or more so that a sequence never has more than
-  `MAX_QUERY_BLOCKS` blocks (each block is its own pair of dots, unrolled in the program)."""
-  return max(QUERY_BLOCK, -(-seq_len // MAX_QUERY_BLOCKS))
+  """Queries per block of `attend`: `QUERY_BLOCK`, or a larger multiple of it once a sequence would
+  need more than `MAX_QUERY_BLOCKS` blocks (each block is its own pair of dots, unrolled in the program)."""
+  blocks = -(-seq_len // QUERY_BLOCK)
+  return QUERY_BLOCK * max(1, -(-blocks // MAX_QUERY_BLOCKS))
 
 
 def attend(q_bsnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
@@ -70,20 +71,29 @@ def attend(q_bsnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   caller numbers its real tokens in increasing positions along the sequence, padding (-1) anywhere.
   30M benchmark model, 8 x 256 tokens, one layer's attention forward and backward on 2 CPU cores:
   69-72 ms unblocked, 45-50 ms in blocks of 64 (torch's fused SDPA kernel: 40 ms).
-  A query that sees no key at all (padding) gets uniform weights over its block's keys: garbage that
-  no caller reads.
+
+  The chunk is padded (masked) to whole blocks, so a query's block always reads the same number of
+  keys whatever the chunk's length: a right-padded row gets the same bits in a batch padded to any
+  length (up to `QUERY_BLOCK * MAX_QUERY_BLOCKS` tokens), which the critic's scores, and through them
+  a resumed search's trees, rely on (unblocked softmax sums over the whole padded length rounded
+  differently per length). A query that sees no key (padding) gets uniform weights: garbage no caller
+  reads.
 
   Keys and values go heads-first, as the cache lies, and share `attend_cached`'s products: the
   slots-first einsums made XLA:CPU transpose the [b, k, g, s, t] scores and probabilities instead.
   """
-  k_bkth, v_bkth = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
   s = q_bsnh.shape[1]
   block = query_block_size(s)
-  if s <= block:
-    return attend_cached(q_bsnh, k_bkth, v_bkth, mask_bst)
-  return jnp.concatenate(
+  padded = -(-s // block) * block
+  if padded != s:
+    pad_s = ((0, 0), (0, padded - s), (0, 0), (0, 0))
+    q_bsnh, k_btkh, v_btkh = jnp.pad(q_bsnh, pad_s), jnp.pad(k_btkh, pad_s), jnp.pad(v_btkh, pad_s)
+    mask_bst = jnp.pad(mask_bst, ((0, 0), (0, padded - s), (0, padded - s)))  # padded keys: invisible
+  k_bkth, v_bkth = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
+  out_bsnh = jnp.concatenate(
       [attend_cached(q_bsnh[:, i:i + block], k_bkth[:, :, :i + block], v_bkth[:, :, :i + block],
-                     mask_bst[:, i:i + block, :i + block]) for i in range(0, s, block)], axis=1)
+                     mask_bst[:, i:i + block, :i + block]) for i in range(0, padded, block)], axis=1)
+  return out_bsnh[:, :s]
 
 
 def attend_cached(q_bsnh: jax.Array, k_bkth: jax.Array, v_bkth: jax.Array,
