@@ -223,8 +223,15 @@ def _critics(run: LoopRun, policy_dir: str) -> dict:
         return {name: {k: cal[name][k] for k in ("auroc", "ece", "precision", "recall") if k in cal[name]}
                 for name in cal if isinstance(cal[name], dict) and "auroc" in cal[name]}
 
-    return run.stage("critics_stage", train, lambda r: ", ".join(
-        f"{k} AUROC {v['auroc']:.3f} ECE {v['ece']:.3f}" for k, v in r.items() if isinstance(v, dict)))
+    def summary(record):  # AUROC is None when the dev split has one class only (a barely trained policy)
+        return ", ".join(f"{k} AUROC {_f3(v['auroc'])} ECE {_f3(v['ece'])}" for k, v in record.items()
+                         if isinstance(v, dict))
+
+    return run.stage("critics_stage", train, summary)
+
+
+def _f3(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
