@@ -39,8 +39,8 @@ def test_inverse_cdf_rows_are_independent_of_their_batch():
 
 
 def test_draws_never_point_past_the_last_positive_weight():
-    # u * total can round up to the total (u < 1 always); the draw is then clamped to the last entry of
-    # positive weight. Rows whose positive weight is first or last, trailing zeros and a tiny total.
+    # The scaled uniform stays below the row's total, so the entry that passes it is one whose running sum
+    # rose, never a trailing zero. Rows whose positive weight is first or last, trailing zeros, a tiny total.
     weights = jnp.asarray([[2.0, 0.0, 0.0], [0.0, 0.0, 1e-30]], jnp.float32)
     draws = np.asarray(inverse_cdf_sample(_keys(2), weights))
     assert draws.tolist() == [0, 2]

@@ -35,11 +35,12 @@ def inverse_cdf_sample(key_b2: jax.Array, weights_bv: jax.Array) -> jax.Array:
     zero weight are never drawn (nor weights below float32's resolution of the running sum, ~6e-8 of it).
     """
     cdf_bv = jnp.cumsum(weights_bv, axis=-1)
-    u_b = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key_b2) * cdf_bv[:, -1]
-    index_b = jnp.sum(cdf_bv <= u_b[:, None], axis=-1)  # the first entry whose running sum passes u
-    # u * total may round up to the total itself: that draw belongs to the last entry of positive weight.
-    last_b = weights_bv.shape[-1] - 1 - jnp.argmax(weights_bv[:, ::-1] > 0, axis=-1)
-    return jnp.minimum(index_b, last_b).astype(jnp.int32)
+    total_b = cdf_bv[:, -1]
+    u_b = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key_b2) * total_b
+    # u * total may round up to the total itself; kept below it, u is passed by an entry whose running
+    # sum rose to pass it, i.e. one of positive weight (never past the last one, never a zero weight).
+    u_b = jnp.minimum(u_b, jnp.nextafter(total_b, 0.0))
+    return jnp.sum(cdf_bv <= u_b[:, None], axis=-1).astype(jnp.int32)  # the first entry passing u
 
 
 def nucleus_mask(weights_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array) -> jax.Array:
