@@ -19,6 +19,7 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
+    from alphallm_jax.critics.calibration import metric_text
     from alphallm_jax.critics.pipeline import run_train_critics
 
     f = flags.FLAGS
@@ -26,8 +27,8 @@ def main(argv) -> None:
     cal = out["calibration"]
     for name in ("value", "prm", "orm", "orm_tool"):
         m = cal[name]
-        print(f"{name:>9}: precision {_f(m['precision'])} recall {_f(m['recall'])} ECE {_f(m['ece'])} "
-              f"AUROC {_f(m['auroc'])} (n={m['n']})")
+        print(f"{name:>9}: precision {metric_text(m['precision'])} recall {metric_text(m['recall'])} ECE {metric_text(m['ece'])} "
+              f"AUROC {metric_text(m['auroc'])} (n={m['n']})")
     for spec, s in (out["eval"] or {}).items():
         lo, hi = s["ci95"]
         print(f"{spec:>9}: accuracy {100 * s['accuracy']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] on {s['n']} problems")
@@ -35,6 +36,3 @@ def main(argv) -> None:
     print("stage seconds (wall / process CPU): " + ", ".join(
         f"{k} {v:.0f}/{t[k + '_cpu']:.0f}" for k, v in t.items() if not k.endswith("_cpu")))
 
-
-def _f(x) -> str:
-    return "-" if x is None else f"{x:.3f}"

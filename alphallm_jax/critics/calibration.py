@@ -97,3 +97,9 @@ def calibration_metrics(scores, labels, *, threshold: float = 0.5, num_bins: int
         "threshold": threshold,
         "num_bins": num_bins,
     }
+
+
+def metric_text(x) -> str:
+    """A calibration metric with three decimals, or "-" where it is undefined (None: e.g. AUROC on a
+    split of one class)."""
+    return "-" if x is None else f"{x:.3f}"

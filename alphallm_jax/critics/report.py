@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics
+from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics, metric_text
 from alphallm_jax.critics.data import row_tokens, trajectory_read_points
 from alphallm_jax.critics.scoring import CriticScorer
 
@@ -85,14 +85,11 @@ def report_markdown(report: Mapping[str, Any]) -> str:
              "", "| critic | n | precision | recall | ECE | AUROC | Brier | label |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name in ("value", "prm", "orm", "orm_tool", "tools_only", "prm_solution"):
         m = report[name]
-        lines.append(f"| {name} | {m['n']} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['ece'])} | "
-                     f"{_f(m['auroc'])} | {_f(m['brier'])} | {m.get('label', '')} |")
+        lines.append(f"| {name} | {m['n']} | {metric_text(m['precision'])} | {metric_text(m['recall'])} | {metric_text(m['ece'])} | "
+                     f"{metric_text(m['auroc'])} | {metric_text(m['brier'])} | {m.get('label', '')} |")
     ref = report["paper_reference"]
     lines += ["", "Paper (precision / recall / ECE): value " +
               " / ".join(str(ref["value"][k]) for k in ("precision", "recall", "ece")) + "; PRM " +
               " / ".join(str(ref["prm"][k]) for k in ("precision", "recall", "ece")) + "."]
     return "\n".join(lines) + "\n"
 
-
-def _f(x) -> str:
-    return "-" if x is None else f"{x:.3f}"

@@ -224,14 +224,13 @@ def _critics(run: LoopRun, policy_dir: str) -> dict:
                 for name in cal if isinstance(cal[name], dict) and "auroc" in cal[name]}
 
     def summary(record):  # AUROC is None when the dev split has one class only (a barely trained policy)
-        return ", ".join(f"{k} AUROC {_f3(v['auroc'])} ECE {_f3(v['ece'])}" for k, v in record.items()
-                         if isinstance(v, dict))
+        from alphallm_jax.critics.calibration import metric_text
+
+        return ", ".join(f"{k} AUROC {metric_text(v['auroc'])} ECE {metric_text(v['ece'])}"
+                         for k, v in record.items() if isinstance(v, dict))
 
     return run.stage("critics_stage", train, summary)
 
-
-def _f3(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def _search_ablation(run: LoopRun, policy_dir: str) -> dict:

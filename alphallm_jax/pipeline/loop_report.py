@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from alphallm_jax.critics.calibration import metric_text
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.utils.io import atomic_write_json, atomic_write_text
 
@@ -34,7 +35,7 @@ def markdown(report: dict[str, Any]) -> str:
     for head, r in report.get("critics", {}).items():
         if isinstance(r, dict) and "auroc" in r:
             cells = [r.get(k) for k in ("auroc", "ece", "precision", "recall")]
-            lines.append(f"| {head} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+            lines.append(f"| {head} | " + " | ".join(metric_text(c) for c in cells) + " |")
     ablation = report.get("search_ablation")
     if ablation:
         lines += ["", f"## eta-MCTS components, added one at a time (base policy, {ablation['problems']} problems)", "",
