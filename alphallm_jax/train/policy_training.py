@@ -233,7 +233,8 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
     record_path = root / "train_policy.json"
     if broadcast_int((root / "policy" / DONE).exists() and record_path.exists()):
         done = json.loads(record_path.read_text())
-        return {**rebase_paths(done, done.pop("workdir", None), str(root)), "skipped": True}
+        written_under = done.pop("workdir", None)
+        return {**rebase_paths(done, written_under, str(root)), "skipped": True}
     if not cfg.model.checkpoint:
         raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
     if not pt.trees_dir:

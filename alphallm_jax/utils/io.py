@@ -285,13 +285,11 @@ def rebase_paths(obj: Any, old_root: str | None, new_root: str) -> Any:
     """
     if old_root is None or old_root == new_root:
         return obj
-    prefix = old_root.rstrip("/") + "/"
+    old, new = old_root.rstrip("/"), new_root.rstrip("/")
 
     def move(x):
         if isinstance(x, str):
-            if x == old_root or x.startswith(prefix):
-                return new_root.rstrip("/") + x[len(old_root.rstrip("/")):]
-            return x
+            return new + x[len(old):] if x == old or x.startswith(old + "/") else x
         if isinstance(x, list):
             return [move(v) for v in x]
         if isinstance(x, dict):
