@@ -138,6 +138,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.policy_train.method = "sft"  # sft (AlphaLLM's round) | dpo (preference learning)
     # Traces and pairs.
     c.policy_train.orm_threshold = 0.5  # an SFT trace is kept when its ORM is at least this
+    # best_score (the paper: the best-scored complete trajectory) | answer_vote (the best one reaching the
+    # winner of the search's ORM vote, kept when the winner holds min_vote_share of the ORM mass)
+    c.policy_train.sft_selection = "best_score"
+    c.policy_train.min_vote_share = 0.0
     c.policy_train.score_field = "reward"  # critic score choosing SFT traces and best completions
     c.policy_train.tau = 1.0  # minimum value gap of a pair (the paper's margin)
     c.policy_train.complete_value_field = "Q"  # the value compared for complete pairs

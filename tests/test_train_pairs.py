@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -144,6 +145,29 @@ def test_sft_trace_and_threshold(tree):
     assert (trace["leaf"], trace["path"], trace["token_ids"], trace["orm"]) == (4, [1, 4], [11, 12, 41, 42, EOS], 0.9)
     assert trace["text"] == "s1\n#### 4" and trace["prompt"] == PROMPT
     assert pairs_lib.extract_sft_trace(tree, ExtractionConfig(orm_threshold=0.95)) is None
+
+
+def test_sft_trace_by_answer_vote(tmp_path):
+    """`answer_vote`: the best-scored complete trajectory among those reaching the ORM vote's winner
+    (terminals and fast rollouts vote), skipped when the winner's share of the ORM mass is too small."""
+    path = write_tree(tmp_path / "p0.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    # Terminal ORMs: 4 -> 0.9, 5 -> 0.1, 6 -> 0.3, 7 -> 0.0, 9 -> 0.6; a rollout from node 8 also ends at 9,
+    # so 9 wins 1.1 to 0.9 out of 2.4, while the single best-scored trajectory still ends at 4.
+    rows[1 + 8]["rollouts"] = [{"text": "x\n#### 9", "answer": "9", "orm": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tree = pairs_lib.read_tree(path)
+    assert pairs_lib.extract_sft_trace(tree, ExtractionConfig(orm_threshold=0.5))["leaf"] == 4
+    vote = ExtractionConfig(orm_threshold=0.5, sft_selection="answer_vote", min_vote_share=0.45)
+    trace = pairs_lib.extract_sft_trace(tree, vote)
+    assert (trace["leaf"], trace["path"], trace["answer"]) == (9, [1, 8, 9], "9")
+    assert trace["vote_share"] == pytest.approx(1.1 / 2.4)
+    assert pairs_lib.extract_sft_trace(tree, dataclasses.replace(vote, min_vote_share=0.5)) is None
+    assert pairs_lib.extract_sft_trace(tree, dataclasses.replace(vote, orm_threshold=0.7)) is None
+    with pytest.raises(ValueError, match="sft_selection"):
+        ExtractionConfig(sft_selection="vote")
+    with pytest.raises(ValueError, match="min_vote_share"):
+        ExtractionConfig(min_vote_share=1.5)
 
 
 def test_directory_artifacts_and_selection(tmp_path):

@@ -60,12 +60,11 @@ def orm_vote_rollouts(tree: Tree) -> tuple[str, int, int | None] | None:
     return _vote(tree, with_rollouts=True)
 
 
-def _vote(tree: Tree, *, with_rollouts: bool) -> tuple[str, int, int | None] | None:
-    """ORM mass per answer; each answer is represented by its best voter (terminals before rollouts, then
-    higher ORM, more visits, lower node id). Ties in mass go to the answer whose representative has the
-    lower node id."""
+def _ballot(tree: Tree, *, with_rollouts: bool) -> tuple[dict[str, float], dict[str, tuple[tuple, int, int | None]]]:
+    """ORM mass per answer and each answer's best voter (terminals before rollouts, then higher ORM, more
+    visits, lower node id) as (key, node id, rollout)."""
     mass: dict[str, float] = defaultdict(float)
-    best: dict[str, tuple[tuple, int, int | None]] = {}  # answer -> (key, node id, rollout)
+    best: dict[str, tuple[tuple, int, int | None]] = {}
 
     def vote(answer: str, weight: float, key: tuple, node_id: int, rollout: int | None) -> None:
         mass[answer] += weight
@@ -81,10 +80,32 @@ def _vote(tree: Tree, *, with_rollouts: bool) -> tuple[str, int, int | None] | N
             for k, r in enumerate(node.rollouts):
                 if r.get("answer") is not None and r.get("orm") is not None:
                     vote(r["answer"], float(r["orm"]), (0, float(r["orm"]), node.N, -node.id, -k), node.id, k)
+    return mass, best
+
+
+def _winner(mass: dict[str, float], best: dict[str, tuple[tuple, int, int | None]]) -> str:
+    """Ties in mass go to the answer whose representative has the lower node id."""
+    return max(mass, key=lambda a: (mass[a], -best[a][1]))
+
+
+def _vote(tree: Tree, *, with_rollouts: bool) -> tuple[str, int, int | None] | None:
+    """The winning answer of the ORM-weighted vote, with its representative (node id, rollout)."""
+    mass, best = _ballot(tree, with_rollouts=with_rollouts)
     if not mass:
         return None
-    answer = max(mass, key=lambda a: (mass[a], -best[a][1]))
+    answer = _winner(mass, best)
     return answer, best[answer][1], best[answer][2]
+
+
+def vote_share(tree: Tree, *, with_rollouts: bool = True) -> tuple[str, float] | None:
+    """The ORM-vote winner and its share of the total ORM mass, in [0, 1]: how far the search's scored
+    ends agree on it (0.0 when every vote weighs nothing). None when no end has an answer."""
+    mass, best = _ballot(tree, with_rollouts=with_rollouts)
+    if not mass:
+        return None
+    answer = _winner(mass, best)
+    total = sum(mass.values())
+    return answer, (mass[answer] / total if total > 0 else 0.0)
 
 
 def _orm_weight(node: Node) -> float:

@@ -25,7 +25,12 @@ Definitions (the knobs are ``ExtractionConfig`` fields, set from ``cfg.policy_tr
 Records (JSONL artifacts, written with ``write_records``):
 
 * SFT trace (``kind = "sft_trace"``): per problem the complete trajectory with the best critic
-  score, kept when its ORM (``orm``, else ``reward``) >= ``orm_threshold``;
+  score, kept when its ORM (``orm``, else ``reward``) >= ``orm_threshold``. With
+  ``sft_selection = "answer_vote"`` the candidates are only the complete trajectories that reach the
+  winner of the search's ORM-weighted vote over its terminals and fast rollouts
+  (``search.answers.vote_share``), and the problem is skipped when the winner holds less than
+  ``min_vote_share`` of the ORM mass: the trace then agrees with the answer the search reports, and
+  problems the search is unsure about train nothing;
 * stepwise pair: two children u, v of one parent, both visited, with ``Q(u) - Q(v) > tau``;
 * complete pair: two complete trajectories with ``value(s) - value(t) > tau``, value =
   ``node[complete_value_field]`` (default the leaf's Q, as in the paper);
@@ -54,10 +59,13 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from alphallm_jax.search.answers import vote_share
+from alphallm_jax.search.tree import Tree
 from alphallm_jax.utils.io import DataFormatError, as_path, read_jsonl, write_jsonl_atomic
 
 PAIR_KINDS = ("stepwise", "complete", "q_pair")
 COMPLETIONS = ("best_terminal", "greedy_q")
+SFT_SELECTIONS = ("best_score", "answer_vote")
 NODE_FIELDS = ("id", "parent", "depth", "option", "option_token_ids", "N", "Q", "terminal",
                "children")
 SCORE_FIELDS = ("reward", "orm", "value", "prm", "rollout_orm", "Q")
@@ -76,10 +84,16 @@ class ExtractionConfig:
     min_visits: int = 1  # nodes with fewer visits have no Q estimate and are in no pair
     max_pairs_per_prompt: int = 0  # per kind and problem, largest gaps first; 0: all
     q_pairs_min_gap: float = 0.0
+    sft_selection: str = "best_score"  # best_score (the paper's) | answer_vote (see the module doc)
+    min_vote_share: float = 0.0  # answer_vote: the winner's least share of the ORM mass
 
     def __post_init__(self):
         if self.completion not in COMPLETIONS:
             raise ValueError(f"completion={self.completion!r}; choose from {COMPLETIONS}")
+        if self.sft_selection not in SFT_SELECTIONS:
+            raise ValueError(f"sft_selection={self.sft_selection!r}; choose from {SFT_SELECTIONS}")
+        if not 0.0 <= self.min_vote_share <= 1.0:
+            raise ValueError(f"min_vote_share={self.min_vote_share!r} must lie in [0, 1]")
         for name in ("score_field", "complete_value_field", "step_reward_field"):
             if getattr(self, name) not in SCORE_FIELDS:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose from {SCORE_FIELDS}")
@@ -218,9 +232,17 @@ def completions(tree: SearchTree, cfg: ExtractionConfig) -> list[int | None]:
 
 # ------------------------------------------------------------------------------------- records
 def extract_sft_trace(tree: SearchTree, cfg: ExtractionConfig) -> dict[str, Any] | None:
-    """The problem's best complete trajectory by critic score, or None (no complete trajectory, or
-    its ORM is below ``orm_threshold``)."""
+    """The problem's best complete trajectory by critic score (with ``answer_vote``: among those reaching
+    the vote's winner), or None: no such trajectory, its ORM is below ``orm_threshold``, or the winner's
+    vote share is below ``min_vote_share``."""
     leaves = [n for n in tree.nodes if is_complete(n)]
+    share = None
+    if cfg.sft_selection == "answer_vote":
+        vote = vote_share(Tree.from_records([tree.header, *tree.nodes]))
+        if vote is None or vote[1] < cfg.min_vote_share:
+            return None
+        share = vote[1]
+        leaves = [n for n in leaves if n.get("answer") == vote[0]]
     if not leaves:
         return None
     leaf = max(leaves, key=lambda n: _best_key(n, cfg.score_field))
@@ -232,7 +254,7 @@ def extract_sft_trace(tree: SearchTree, cfg: ExtractionConfig) -> dict[str, Any]
         "kind": "sft_trace", "problem_id": tree.problem_id, "prompt": tree.header["prompt"],
         "leaf": leaf["id"], "path": path, "text": tree.text(path), "token_ids": tree.tokens(path),
         "score": _field(leaf, cfg.score_field, -math.inf), "orm": orm, "q": float(leaf["Q"]),
-        "answer": leaf.get("answer"), "finish_reason": leaf.get("finish_reason"),
+        "answer": leaf.get("answer"), "finish_reason": leaf.get("finish_reason"), "vote_share": share,
     }
 
 
