@@ -60,7 +60,7 @@ def test_train_critics_end_to_end(tmp_path):
     critic_config = json.loads((root / "critic" / "critic_config.json").read_text())
     assert '"hidden_size": 16' in json.dumps(critic_config) and out["train"]["backbone"] == "rollout_policy"
     report = json.loads((root / "calibration.json").read_text())
-    for name in ("value", "prm", "orm", "orm_tool"):
+    for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool"):
         assert report[name]["n"] > 0 and 0.0 <= report[name]["ece"] <= 1.0
     summary = json.loads((root / "eval" / "summary.json").read_text())
     assert set(summary["methods"]) == {"greedy", "maj@2", "orm@2", "prm@2"}

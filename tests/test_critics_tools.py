@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from alphallm_jax.critics import tools
-from alphallm_jax.critics.tools import CalcError, ToolConfig, check_solution, combine_with_orm, evaluate
+from alphallm_jax.critics.tools import CalcError, ToolConfig, check_solution, combine_with_checks, evaluate
 
 GOOD = ("The books cost 2*2=<<2*2=4>>4 dollars.\n"
         "So he has 6-4=<<6-4=2>>2 dollars left.\n"
@@ -89,15 +89,34 @@ def test_tool_checks_can_be_switched_off():
     assert check_solution(bad, "arith", ToolConfig(annotations=False, written_equations=False)).ok
 
 
-def test_combine_with_orm_modes():
+def test_step_checks_fold_into_a_search_states_value_and_prm():
+    """`critics.tools.steps`: the search backend scores a state whose text holds a wrong calculation down
+    (value and PRM times the penalty), leaves a right one and the scores it did not ask for alone."""
+    from types import SimpleNamespace
+
+    from alphallm_jax.search.lm_backend import LMSearchBackend
+    from alphallm_jax.search.protocol import NodeScores
+
+    texts = [" He has 2+3=<<2+3=5>>5 apples.\n", " He has 2+3=<<2+3=6>>6 apples.\n", " So 4*5=21.\n", ""]
+    requests = [SimpleNamespace(handle=SimpleNamespace(text=t)) for t in texts]
+    scores = [NodeScores(value=0.8, prm=0.6), NodeScores(value=0.8, prm=0.6), NodeScores(value=0.5),
+              NodeScores()]
+    backend = SimpleNamespace(task="arith", scorer=SimpleNamespace(tools=ToolConfig(steps=True, penalty=0.1)))
+    LMSearchBackend._fold_step_checks(backend, requests, scores)
+    got = [(s.value, s.prm) for s in scores]
+    assert got == [(pytest.approx(0.8), pytest.approx(0.6)), (pytest.approx(0.08), pytest.approx(0.06)),
+                   (pytest.approx(0.05), None), (None, None)]
+
+
+def test_combine_with_checks_modes():
     orm = np.array([0.9, 0.9, 0.2], np.float32)
     ok = np.array([1.0, 0.0, 1.0], np.float32)
-    np.testing.assert_allclose(combine_with_orm(orm, ok, ToolConfig(combine="none")), orm)
-    np.testing.assert_allclose(combine_with_orm(orm, ok, ToolConfig(combine="product", penalty=0.1)),
+    np.testing.assert_allclose(combine_with_checks(orm, ok, ToolConfig(combine="none")), orm)
+    np.testing.assert_allclose(combine_with_checks(orm, ok, ToolConfig(combine="product", penalty=0.1)),
                                [0.9, 0.09, 0.2], rtol=1e-6)
-    np.testing.assert_allclose(combine_with_orm(orm, ok, ToolConfig(combine="mix", mix_weight=0.5)),
+    np.testing.assert_allclose(combine_with_checks(orm, ok, ToolConfig(combine="mix", mix_weight=0.5)),
                                [0.95, 0.45, 0.6], rtol=1e-6)
-    np.testing.assert_allclose(combine_with_orm(orm, ok, ToolConfig(combine="min")), [0.9, 0.0, 0.2])
+    np.testing.assert_allclose(combine_with_checks(orm, ok, ToolConfig(combine="min")), [0.9, 0.0, 0.2])
     with pytest.raises(ValueError, match="combine"):
         ToolConfig(combine="max")
 

@@ -25,13 +25,13 @@ def main(argv) -> None:
     f = flags.FLAGS
     out = run_train_critics(f.config, f.workdir)
     cal = out["calibration"]
-    for name in ("value", "prm", "orm", "orm_tool"):
+    for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool"):
         m = cal[name]
-        print(f"{name:>9}: precision {metric_text(m['precision'])} recall {metric_text(m['recall'])} ECE {metric_text(m['ece'])} "
+        print(f"{name:>10}: precision {metric_text(m['precision'])} recall {metric_text(m['recall'])} ECE {metric_text(m['ece'])} "
               f"AUROC {metric_text(m['auroc'])} (n={m['n']})")
     for spec, s in (out["eval"] or {}).items():
         lo, hi = s["ci95"]
-        print(f"{spec:>9}: accuracy {100 * s['accuracy']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] on {s['n']} problems")
+        print(f"{spec:>10}: accuracy {100 * s['accuracy']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] on {s['n']} problems")
     t = out["timings"]
     print("stage seconds (wall / process CPU): " + ", ".join(
         f"{k} {v:.0f}/{t[k + '_cpu']:.0f}" for k, v in t.items() if not k.endswith("_cpu")))

@@ -5,7 +5,9 @@ Labels (fixed in advance, one primary per critic, a secondary where the definiti
     graded outcome (a sample of the expected reward v(s) estimates); the MC targets are compared too;
   * PRM: every step, label = the step is "correct" by Monte-Carlo (some outcome continuing from it
     reaches the right answer; Math-Shepherd's hard estimate); secondary: the trajectory's outcome;
-  * ORM: every dev trajectory, label = graded outcome; also the tool-augmented ORM and the tools alone.
+  * ORM: every dev trajectory, label = graded outcome; also the tool-augmented ORM and the tools alone;
+  * value and PRM with the tool checks of each state's text folded in (`value_tool`, `prm_tool`: what
+    the search scores with `critics.tools.steps`), against the same labels.
 One forward pass per trajectory gives every state's value, every step's PRM and the ORM.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics, metric_text
 from alphallm_jax.critics.data import row_tokens, trajectory_read_points
 from alphallm_jax.critics.scoring import CriticScorer
+from alphallm_jax.critics.tools import check_solutions, combine_with_checks
 
 
 def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], *, threshold: float = 0.5,
@@ -33,20 +36,23 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
                                        [[t for s in r["step_ids"] for t in s] for r in trajs],
                                        [r["text"] for r in trajs])
 
-    value_s, value_y, value_mc = [], [], []
-    prm_s, prm_hard, prm_outcome = [], [], []
+    value_s, value_y, value_mc, value_ok = [], [], [], []
+    prm_s, prm_hard, prm_outcome, prm_ok = [], [], [], []
     for r, v_k, p_k in zip(trajs, scores.value_steps, scores.prm_steps):
         k_total = len(r["step_ids"])
+        ok_k = _prefix_checks(scorer, r["step_ids"])  # ok_k[k]: the text of steps 1..k passes the tools
         for k in range(k_total):  # non-terminal states
             value_s.append(v_k[k])
             value_y.append(float(r["correct"]))
             value_mc.append(r["state_hits"][k] / max(r["state_counts"][k], 1))
+            value_ok.append(ok_k[k])
         for k in range(1, k_total + 1):
             if not r["step_ids"][k - 1]:
                 continue
             prm_s.append(p_k[k])
             prm_hard.append(float(r["state_hits"][k] > 0))
             prm_outcome.append(float(r["correct"]))
+            prm_ok.append(ok_k[k])
     orm_y = np.asarray([float(r["correct"]) for r in trajs])
 
     def metrics(s, y):
@@ -61,6 +67,10 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
                   "mc_target_corr": _corr(value_s, value_mc)},
         "prm": {**metrics(prm_s, prm_hard), "label": "step reaches the answer in some MC continuation",
                 "vs_outcome": metrics(prm_s, prm_outcome)},
+        "value_tool": {**metrics(combine_with_checks(value_s, value_ok, scorer.tools), value_y),
+                       "combine": scorer.tools.combine},
+        "prm_tool": {**metrics(combine_with_checks(prm_s, prm_ok, scorer.tools), prm_hard),
+                     "combine": scorer.tools.combine},
         "orm": {**metrics(solutions.orm, orm_y), "label": "graded outcome of each dev trajectory"},
         "orm_tool": {**metrics(solutions.orm_tool, orm_y), "combine": scorer.tools.combine},
         "tools_only": {**metrics(solutions.tool_ok, orm_y),
@@ -73,6 +83,14 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
     return report
 
 
+def _prefix_checks(scorer: CriticScorer, step_ids: Sequence[Sequence[int]]) -> list[float]:
+    """1.0 / 0.0 per state k = 0 .. K: whether the text of the first k steps passes the tool checks."""
+    if scorer.tokenizer is None:
+        raise ValueError("the calibration report's tool columns need the scorer's tokenizer")
+    texts = [scorer.tokenizer.decode([t for step in step_ids[:k] for t in step]) for k in range(len(step_ids) + 1)]
+    return [float(c.ok) for c in check_solutions(texts, scorer.task, scorer.tools)]
+
+
 def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
     if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
         return None
@@ -83,7 +101,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = ["# Critic calibration (dev split)", "",
              f"{report['dev_trajectories']} dev trajectories, policy accuracy {100 * report['dev_accuracy']:.1f}%.",
              "", "| critic | n | precision | recall | ECE | AUROC | Brier | label |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for name in ("value", "prm", "orm", "orm_tool", "tools_only", "prm_solution"):
+    for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool", "tools_only", "prm_solution"):
         m = report[name]
         lines.append(f"| {name} | {m['n']} | {metric_text(m['precision'])} | {metric_text(m['recall'])} | {metric_text(m['ece'])} | "
                      f"{metric_text(m['auroc'])} | {metric_text(m['brier'])} | {m.get('label', '')} |")

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from alphallm_jax.critics.positions import blank_token_ids, orm_index, step_end_indices, strip_trailing
-from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with_orm
+from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with_checks
 from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel
@@ -198,7 +198,7 @@ class CriticScorer:
             prefix_prm = np.asarray([np.nan if x is None else pp[-1] for pp, x in zip(scores.prm_steps, extra)],
                                     np.float32)
         return SolutionScores(
-            orm=scores.orm, orm_tool=combine_with_orm(scores.orm, ok, self.tools), tool_ok=ok,
+            orm=scores.orm, orm_tool=combine_with_checks(scores.orm, ok, self.tools), tool_ok=ok,
             prm=np.asarray([aggregate_prm(s, self.prm_aggregate) for s in prm_steps], np.float32),
             value=scores.value, prm_steps=prm_steps, tool_failures=[c.failures for c in checks],
             prefix_value=prefix_value, prefix_prm=prefix_prm)

@@ -19,7 +19,8 @@ What a solution is checked for:
 A result written with fewer decimals than the exact value is accepted when it is the exact value
 rounded to the written precision (`10/3=3.33`).
 
-`combine_with_orm` folds the checks into the ORM score by config (`product`, `mix`, `min`, `none`).
+`combine_with_checks` folds the checks into the ORM score by config (`product`, `mix`, `min`, `none`);
+with `steps`, the search folds the checks of a state's text into its value and PRM the same way.
 """
 
 from __future__ import annotations
@@ -407,6 +408,9 @@ class ToolConfig:
     rel_tol: float = 0.0
     max_latex_checks: int = 8
     latex_budget_s: float = 20.0
+    # Also fold the checks of a search state's text (the solution so far) into its value and PRM, so a
+    # step with a wrong calculation is scored down when it is written, not only through its rollouts' ORM.
+    steps: bool = False
 
     def __post_init__(self):
         if self.combine not in COMBINE_MODES:
@@ -449,8 +453,9 @@ def check_solutions(texts: Sequence[str], task: str, cfg: ToolConfig = ToolConfi
         return list(ex.map(lambda t: check_solution(t, task, cfg), texts))
 
 
-def combine_with_orm(orm: np.ndarray, tool_ok: np.ndarray, cfg: ToolConfig = ToolConfig()) -> np.ndarray:
-    """The tool-augmented ORM score in [0, 1]."""
+def combine_with_checks(orm: np.ndarray, tool_ok: np.ndarray, cfg: ToolConfig = ToolConfig()) -> np.ndarray:
+    """A critic probability (the ORM; with `steps`, a state's value or PRM) folded with its text's
+    checks: a score in [0, 1]."""
     orm = np.asarray(orm, np.float32)
     ok = np.asarray(tool_ok, np.float32)
     if not cfg.enabled or cfg.combine == "none":

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from alphallm_jax.critics.tools import check_solutions, combine_with_checks
 from alphallm_jax.sampling import Completion, Sampler, SampleRequest, SeqState
 from alphallm_jax.sampling.token_texts import token_texts
 from alphallm_jax.search.options import OptionConfig, has_equation, option_end, solution_answer
@@ -179,6 +180,8 @@ class LMSearchBackend:
         # backbone); only nodes without rollouts need a pass of their own.
         self._score_states(requests, scores, skip=[bool(r) for r in rollouts])
         self._score_solutions(requests, rollouts, scores)
+        if self.scorer.tools.steps:
+            self._fold_step_checks(requests, scores)
         return scores
 
     def release(self, handles: Sequence[LMHandle]) -> None:
@@ -307,6 +310,24 @@ class LMSearchBackend:
                 scores[i].value = float(out.value[j])
             if requests[i].want_prm:
                 scores[i].prm = float(out.prm[j])
+
+    def _fold_step_checks(self, requests: Sequence[EvaluateRequest], scores: list[NodeScores]) -> None:
+        """`critics.tools.steps`: each scored state's value and PRM folded with the tool checks of its text
+        (the solution so far), as the ORM is with a complete solution's: a wrong calculation costs the
+        state its score when it is written."""
+        owners = [i for i, s in enumerate(scores) if s.value is not None or s.prm is not None]
+        if not owners:
+            return
+        checks = check_solutions([requests[i].handle.text for i in owners], self.task, self.scorer.tools)
+        ok = np.asarray([c.ok for c in checks], np.float32)
+        for field in ("value", "prm"):
+            have = [j for j, i in enumerate(owners) if getattr(scores[i], field) is not None]
+            if not have:
+                continue
+            raw = np.asarray([getattr(scores[owners[j]], field) for j in have], np.float32)
+            folded = combine_with_checks(raw, ok[have], self.scorer.tools)
+            for j, x in zip(have, folded):
+                setattr(scores[owners[j]], field, float(x))
 
     def _rollouts(self, requests: Sequence[EvaluateRequest]) -> list[list[tuple[str, list[int], int]]]:
         """num_rollouts completions to the end per non-terminal node, in one sampler call. Per request: its
