@@ -267,7 +267,14 @@ def test_mcts_and_beam_evaluation_methods_run_end_to_end(stack, tmp_path):
         assert s["n"] == 3 and 0.0 <= s["accuracy"] <= 1.0 and s["mean_nodes"] > 1 and s["mean_generated_tokens"] > 0
     rows = [json.loads(line) for line in (tmp_path / "eval" / "mcts" / "predictions.jsonl").read_text().splitlines()]
     assert all(r["extra"]["answer_method"] for r in rows)
-    assert isinstance(ctx.components["search_backend"], LMSearchBackend)
+    backend = ctx.components["search_backend"]
+    assert isinstance(backend, LMSearchBackend)
+    # mcts_lean: the same search without fast rollouts, answered by the ORM vote over its terminals.
+    rollouts = backend.stats.rollouts
+    lean = evaluate_methods(list(problems), ctx, ["mcts_lean@4"], tmp_path, batch_size=8)["mcts_lean@4"]
+    assert lean["n"] == 3 and lean["mean_nodes"] > 1 and backend.stats.rollouts == rollouts
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "mcts_lean_4" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["extra"]["answer_method"] for r in rows} <= {"orm_vote", "greedy_q"}
 
 
 def test_search_bench_times_both_modes_on_the_same_trees(stack):

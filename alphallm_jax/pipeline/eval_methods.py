@@ -201,6 +201,14 @@ def _mcts(k: int | None) -> EvalMethod:
     return make_search_method("mcts", k)
 
 
+@register_method("mcts_lean")
+def _mcts_lean(k: int | None) -> EvalMethod:
+    """eta-MCTS without fast rollouts (v + PRM only, ORM vote over terminals); see `pipeline.search_methods`."""
+    from alphallm_jax.pipeline.search_methods import make_search_method
+
+    return make_search_method("mcts_lean", k)
+
+
 @register_method("beam")
 def _beam(k: int | None) -> EvalMethod:
     """Step-level beam search guided by the PRM or value (k: beam width); see `pipeline.search_methods`."""

@@ -1,5 +1,7 @@
-"""Tree search as evaluation methods: `mcts` / `mcts@k` (eta-MCTS, k = num_simulations) and `beam` /
-`beam@k` (step-level beam search guided by the PRM or value, k = beam width).
+"""Tree search as evaluation methods: `mcts` / `mcts@k` (eta-MCTS, k = num_simulations), `mcts_lean` /
+`mcts_lean@k` (the same search without fast rollouts: nodes are evaluated by v and PRM alone, beta_orm = 0,
+and the answer is the ORM vote over its terminals; with `critics.tools.steps` the calculator still scores
+every state) and `beam` / `beam@k` (step-level beam search guided by the PRM or value, k = beam width).
 
 Each method searches a batch of problems in lockstep through one `LMSearchBackend` and reports the
 chosen path's solution, every generated token (options, rejected near-duplicates, rollouts) and the
@@ -21,13 +23,13 @@ from typing import Any
 
 from alphallm_jax.search.lm_backend import LMSearchBackend
 
-SEARCH_METHODS = ("mcts", "beam")
+SEARCH_METHODS = ("mcts", "mcts_lean", "beam")
 CRITIC_METHODS = ("orm", "prm", *SEARCH_METHODS)
 
 
 @dataclasses.dataclass
 class TreeSearchMethod:
-    method: str  # mcts | beam
+    method: str  # mcts | mcts_lean | beam
     k: int | None = None
     spec: str = ""
 
@@ -40,8 +42,10 @@ class TreeSearchMethod:
         settings = ctx.components.get("search") or SearchSettings()
         backend = search_backend(ctx, settings)
         searched = [search_problem(p, ctx.prompt_for(p), ctx.seed) for p in problems]
-        if self.method == "mcts":
+        if self.method in ("mcts", "mcts_lean"):
             config = settings.mcts
+            if self.method == "mcts_lean":
+                config = config.replace(num_rollouts=0, beta_orm=0.0, answer_selection="orm_vote")
             if self.k:
                 config = config.replace(num_simulations=self.k, min_terminals=min(config.min_terminals, self.k))
             trees = run_mcts(searched, backend, config)

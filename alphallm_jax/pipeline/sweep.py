@@ -4,7 +4,7 @@ The grid comes from the config's `sweep` section:
   * checkpoints: `sweep.checkpoints` ("NAME=DIR" or "DIR") and, with `sweep.loop_workdir`, a loop run's
     base policy and every iteration's SFT and CPL policies (named base, iter_1/sft, iter_1/cpl, ...);
   * methods: `sweep.methods`, evaluation method names; a method that takes a budget (maj, orm, prm,
-    pass, mcts, beam) runs once per `sweep.budgets` entry (`maj@4`, `maj@16`, ...), the others once.
+    pass, mcts, mcts_lean, beam) runs once per `sweep.budgets` entry (`maj@4`, `maj@16`, ...), the others once.
 Every cell runs through the evaluation harness (`evaluation.evaluate_methods`), so problems are sharded
 over JAX processes, each process appends its rows to its own part file and a rerun skips finished
 problems; cells of one checkpoint share their samples (maj@16 and orm@16 read the same 16). The critics
@@ -25,7 +25,7 @@ from alphallm_jax.pipeline.loop import STAGE_RECORD, read_stage_record
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text
 
 # Methods whose spec takes a budget `@k` (samples, simulations or beam width); the rest run once.
-BUDGETED_METHODS = ("maj", "orm", "prm", "pass", "mcts", "beam")
+BUDGETED_METHODS = ("maj", "orm", "prm", "pass", "mcts", "mcts_lean", "beam")
 
 
 @dataclasses.dataclass(frozen=True)
