@@ -453,15 +453,15 @@ def check_solutions(texts: Sequence[str], task: str, cfg: ToolConfig = ToolConfi
         return list(ex.map(lambda t: check_solution(t, task, cfg), texts))
 
 
-def combine_with_checks(orm: np.ndarray, tool_ok: np.ndarray, cfg: ToolConfig = ToolConfig()) -> np.ndarray:
+def combine_with_checks(score: np.ndarray, tool_ok: np.ndarray, cfg: ToolConfig = ToolConfig()) -> np.ndarray:
     """A critic probability (the ORM; with `steps`, a state's value or PRM) folded with its text's
     checks: a score in [0, 1]."""
-    orm = np.asarray(orm, np.float32)
+    score = np.asarray(score, np.float32)
     ok = np.asarray(tool_ok, np.float32)
     if not cfg.enabled or cfg.combine == "none":
-        return orm
+        return score
     if cfg.combine == "product":
-        return orm * np.where(ok > 0, 1.0, cfg.penalty).astype(np.float32)
+        return score * np.where(ok > 0, 1.0, cfg.penalty).astype(np.float32)
     if cfg.combine == "mix":
-        return ((1.0 - cfg.mix_weight) * orm + cfg.mix_weight * ok).astype(np.float32)
-    return np.minimum(orm, ok)
+        return ((1.0 - cfg.mix_weight) * score + cfg.mix_weight * ok).astype(np.float32)
+    return np.minimum(score, ok)
