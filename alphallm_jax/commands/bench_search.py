@@ -20,7 +20,6 @@ def define_flags() -> None:
     flags.DEFINE_string("policy", None, "The policy checkpoint (default WORKDIR/base/policy).")
     flags.DEFINE_integer("num_problems", 64, "Problems searched in lockstep.")
     flags.DEFINE_integer("sequential_problems", 8, "Of those, how many are also searched one at a time.")
-    flags.DEFINE_integer("warmup_problems", 8, "Other problems searched first, untimed (compilation).")
     flags.DEFINE_string("out", None, "Write the JSON result here (also printed).")
 
 
@@ -46,11 +45,9 @@ def main(argv) -> None:
     model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype)
     prompt_for = prompt_builder(cfg, tokenizer)
     split = cfg.search.split or cfg.eval.split
-    wanted = f.num_problems + f.warmup_problems
-    pool = [search_problem(p, prompt_for(p), cfg.seed) for p in load_split(cfg, split, wanted)]
-    if len(pool) < wanted:
-        raise ValueError(f"split {split} has {len(pool)} problems; the bench needs {wanted}")
-    warmup, problems = pool[:f.warmup_problems], pool[f.warmup_problems:]
+    pool = [search_problem(p, prompt_for(p), cfg.seed) for p in load_split(cfg, split, f.num_problems)]
+    if len(pool) < f.num_problems:
+        raise ValueError(f"split {split} has {len(pool)} problems; the bench needs {f.num_problems}")
     settings = SearchSettings.from_config(cfg)
     scorer = load_critic_scorer(cfg, f.workdir, tokenizer)
     prompts = [p.prompt for p in pool]
@@ -66,8 +63,8 @@ def main(argv) -> None:
                             fast_policy=fast_policy)
 
     prompt_tokens = {p.problem_id: len(tokenizer.encode(p.prompt, add_bos=True)) for p in pool}
-    result = run_search_bench(fresh_backend, problems, settings.mcts, prompt_tokens,
-                              sequential_problems=f.sequential_problems, warmup=warmup)
+    result = run_search_bench(fresh_backend, pool, settings.mcts, prompt_tokens,
+                              sequential_problems=f.sequential_problems)
     result.update({"policy": policy, "split": split, "machine": machine_info(), "mcts": settings.mcts.to_dict()})
     text = json.dumps(result, indent=2, default=str)
     print(text)
