@@ -27,6 +27,7 @@ from typing import Any
 
 import ml_collections
 
+from alphallm_jax.critics.calibration import metric_text
 from alphallm_jax.pipeline.loop_report import find_method, write_report
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json, rebase_paths
@@ -224,13 +225,10 @@ def _critics(run: LoopRun, policy_dir: str) -> dict:
                 for name in cal if isinstance(cal[name], dict) and "auroc" in cal[name]}
 
     def summary(record):  # AUROC is None when the dev split has one class only (a barely trained policy)
-        from alphallm_jax.critics.calibration import metric_text
-
         return ", ".join(f"{k} AUROC {metric_text(v['auroc'])} ECE {metric_text(v['ece'])}"
                          for k, v in record.items() if isinstance(v, dict))
 
     return run.stage("critics_stage", train, summary)
-
 
 
 def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
