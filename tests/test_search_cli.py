@@ -17,9 +17,11 @@ from alphallm_jax.pipeline.search_run import (
     load_search_problems,
     mcts_config_from,
     read_prompts_file,
+    search_to_dir,
     tree_filename,
 )
-from alphallm_jax.search import MCTSConfig, Tree
+from alphallm_jax.search import MCTSConfig, SearchProblem, Tree
+from alphallm_jax.search.synthetic import SyntheticBackend
 from alphallm_jax.utils.io import DataFormatError
 from tests.helpers import REPO_ROOT
 from tests.tiny_lm import arith_tokenizer, random_critic, steered_policy
@@ -58,6 +60,26 @@ def test_problems_from_a_split_or_a_prompts_file(tmp_path):
         read_prompts_file(path, "arith", lambda p: "", seed=0)
 
 
+def test_a_resumed_search_redoes_started_chunks_whole_and_rewrites_nothing(tmp_path):
+    """Trees are searched in fixed chunks of `problems_per_call` (lockstep batches, whose floats depend
+    on their shapes): a rerun skips finished chunks, searches a started one again with all its problems,
+    and writes only the trees it lacks."""
+    problems = [SearchProblem(f"p{i}", f"Q{i}\n", seed=i) for i in range(5)]
+    settings = SearchSettings(mcts=MCTSConfig(c_min0=2, c_max0=2, num_simulations=6, min_terminals=1, max_depth=3))
+    trees_dir = tmp_path / "trees"
+    trees, searched = search_to_dir(problems, SyntheticBackend(), settings, trees_dir, problems_per_call=2)
+    assert searched == 5 and [t.problem.problem_id for t in trees] == [p.problem_id for p in problems]
+    before = {p.name: p.read_bytes() for p in trees_dir.iterdir()}
+    (trees_dir / "p1.jsonl").unlink()  # chunks [p0 p1] [p2 p3] [p4]: only the first is started
+    mtimes = {p.name: p.stat().st_mtime_ns for p in trees_dir.iterdir()}
+    backend = SyntheticBackend()
+    _, searched = search_to_dir(problems, backend, settings, trees_dir, problems_per_call=2)
+    assert searched == 1
+    assert {r.problem_id for call in backend.calls_of("start") for r in call} == {"p0", "p1"}
+    assert {p.name: p.read_bytes() for p in trees_dir.iterdir()} == before
+    assert all(trees_dir.joinpath(n).stat().st_mtime_ns == t for n, t in mtimes.items())
+
+
 @pytest.mark.slow
 def test_search_cli_writes_trees_resumes_and_summarises(tmp_path):
     tokenizer = arith_tokenizer(tmp_path)
@@ -92,8 +114,8 @@ def test_search_cli_writes_trees_resumes_and_summarises(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((workdir / "search" / "summary.json").read_text())["searched_now"] == 0
     assert {name: (trees_dir / name).read_bytes() for name in files} == before
-    # A run killed after one tree searches the other alone, in smaller batches than the first run's
-    # lockstep of both: the same tree to the byte (policy and critic results do not depend on batch mates).
+    # A run killed after one tree searches its chunk (both problems) again and writes the missing tree:
+    # the same to the byte.
     (trees_dir / "b.jsonl").unlink()
     resumed = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,7 +4,8 @@
 JSONL file of prompts (`search.prompts_file`) with eta-MCTS (or the beam baseline, `search.method=beam`)
 and writes, under DIR/search:
   trees/<problem id>.jsonl   one tree per problem, written atomically as soon as it is finished
-                             (a rerun skips problems whose tree file is complete);
+                             (a rerun skips every chunk of `search.problems_per_call` problems whose
+                             tree files are complete, and searches a started chunk again whole);
   summary.json               accuracy (when the problems have reference answers), nodes, generated tokens
                              and simulations per question, backend and sampler counters, wall time;
   config.json                the config of the latest run.
@@ -174,8 +175,10 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
     Returns every problem's tree (loaded or searched) in problem order, and how many were searched now.
 
     Multi-host: each process searches its fixed share of the problems (`this_process_share`) on its own
-    devices and writes those trees; after a barrier every process reads all of them. A tree depends
-    only on its problem's seed, so the split does not change any tree."""
+    devices and writes those trees; after a barrier every process reads all of them. A tree's random
+    draws depend only on its problem's seed, so the split changes none of them, though
+    floats of batched kernels can differ in their last bits between splits (never between a killed and
+    resumed run and an uninterrupted one: see the chunks below)."""
     if method not in METHODS:
         raise ValueError(f"search method {method!r}; choose from {METHODS}")
     trees_dir = as_path(trees_dir)
@@ -192,12 +195,20 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
     todo = [p for p in mine if p.problem_id not in trees]
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="problem") as bar:
         def done(tree: Tree) -> None:
+            if tree.problem.problem_id in trees:  # finished before: recomputed with its chunk, not rewritten
+                return
             write_tree(paths[tree.problem.problem_id], tree)
             trees[tree.problem.problem_id] = tree
             bar.update(1)
 
-        for start in range(0, len(todo), max(1, problems_per_call)):
-            chunk = todo[start:start + problems_per_call]
+        # Lockstep trees share batched device calls, whose floats depend on the batch's shapes; a resumed
+        # run searches the same fixed chunks of `mine` as an uninterrupted one (a chunk with any unfinished
+        # tree is searched whole), so every tree comes out bit-identical.
+        size = max(1, problems_per_call)
+        for start in range(0, len(mine), size):
+            chunk = mine[start:start + size]
+            if all(p.problem_id in trees for p in chunk):
+                continue
             if method == "mcts":
                 run_mcts(chunk, backend, settings.mcts, on_tree_done=done)
             else:
