@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from alphallm_jax.search.tree import Node
 from alphallm_jax.train import pairs as pairs_lib
 from alphallm_jax.train.cpl import select_pairs
 from alphallm_jax.train.pairs import ExtractionConfig
@@ -76,13 +77,13 @@ def summary(pairs):
 
 
 def test_complete_means_finished():
-    def node(finish, answer):
-        return {"terminal": True, "finish_reason": finish, "answer": answer}
+    def node(finish, answer, terminal=True):
+        return Node(1, 0, 1, terminal=terminal, finish_reason=finish, answer=answer)
 
     assert pairs_lib.is_complete(node("eos", None)) and pairs_lib.is_complete(node("stop", "4"))
     assert not pairs_lib.is_complete(node("stop", None))  # cut at max_depth
     assert not pairs_lib.is_complete(node("length", "4"))
-    assert not pairs_lib.is_complete({"terminal": False, "finish_reason": "eos", "answer": "4"})
+    assert not pairs_lib.is_complete(node("eos", "4", terminal=False))
 
 
 def test_completions(tree):
@@ -90,7 +91,7 @@ def test_completions(tree):
     assert best == [4, 4, 6, None, 4, 5, 6, None, 9, 9]
     # greedy_q differs where the highest-Q path does not reach the best-scored end: with node 9
     # scored above node 4, best_terminal picks 9 under nodes 0, 1 while greedy Q follows 1 -> 4.
-    tree.nodes[9]["reward"] = 0.95
+    tree.nodes[9].reward = 0.95
     assert pairs_lib.completions(tree, ExtractionConfig())[:2] == [9, 9]
     assert pairs_lib.completions(tree, ExtractionConfig(completion="greedy_q")) == \
         [4, 4, 6, None, 4, 5, 6, None, 9, 9]
@@ -125,7 +126,7 @@ def test_stepwise_complete_and_q_pairs_exactly(tree):
     assert second["prefix_path"] == [1] and second["prefix_token_ids"] == [11, 12]
     assert second["prefix_text"] == "s1\n"
     # The reference answer is never used: changing it changes nothing.
-    tree.header["reference"] = "4"
+    tree.problem = dataclasses.replace(tree.problem, reference="4")
     assert summary(pairs_lib.extract_pairs(tree, ExtractionConfig(tau=1.0))) == summary(got)
 
 
@@ -176,7 +177,7 @@ def test_directory_artifacts_and_selection(tmp_path):
     write_tree(trees_dir / "b.jsonl", problem_id="b")
     write_tree(trees_dir / "a.jsonl", problem_id="a")
     trees = pairs_lib.read_trees(trees_dir)
-    assert [t.problem_id for t in trees] == ["a", "b"]
+    assert [t.problem.problem_id for t in trees] == ["a", "b"]
     traces, pairs = pairs_lib.extract_all(trees, ExtractionConfig())
     assert [t["problem_id"] for t in traces] == ["a", "b"]
     assert pairs_lib.pair_counts(pairs) == {"stepwise": 6, "complete": 6, "q_pair": 4}

@@ -164,6 +164,28 @@ class Tree:
             current = self.nodes[current].parent
         return path[::-1]
 
+    def path_below(self, ancestor: int, node_id: int) -> list[int]:
+        """Node ids strictly below `ancestor` down to `node_id` (an ancestor of it or itself)."""
+        path = self.path_to(node_id)
+        return path[path.index(ancestor) + 1:]
+
+    def lca(self, u: int, v: int) -> int:
+        """The lowest common ancestor of two nodes."""
+        common = 0
+        for a, b in zip(self.path_to(u), self.path_to(v), strict=False):
+            if a != b:
+                break
+            common = a
+        return common
+
+    def token_ids(self, ids: Iterable[int]) -> list[int]:
+        """The option tokens of the nodes `ids`, concatenated."""
+        return [int(t) for i in ids for t in self.nodes[i].option_token_ids]
+
+    def text(self, ids: Iterable[int]) -> str:
+        """The options of the nodes `ids`, concatenated."""
+        return "".join(self.nodes[i].option for i in ids)
+
     def options_to(self, node_id: int) -> list[Node]:
         """The nodes whose options make up the state of `node_id` (the root's empty option excluded)."""
         return [self.nodes[i] for i in self.path_to(node_id)[1:]]
@@ -262,6 +284,13 @@ def _split_records(records: Iterable[dict[str, Any]], *, where: str) -> tuple[di
             raise DataFormatError(where, line, f"parent {r['parent']} is not a node id")
         if any(not isinstance(c, int) or not 0 < c < len(nodes) for c in r["children"]):
             raise DataFormatError(where, line, f"children {r['children']} are not node ids")
+    if not nodes:
+        raise DataFormatError(where, None, "no nodes (a tree has at least its root)")
+    for i, r in enumerate(nodes):  # links agree both ways (every node was checked above)
+        if r["parent"] is not None and i not in nodes[r["parent"]]["children"]:
+            raise DataFormatError(where, i + 2, f"parent {r['parent']} does not list node {i} as a child")
+        if any(nodes[c]["parent"] != i for c in r["children"]):
+            raise DataFormatError(where, i + 2, f"children {r['children']} do not name node {i} as parent")
     if header["num_nodes"] != len(nodes):
         raise DataFormatError(where, 1, f"header says {header['num_nodes']} nodes, the file has {len(nodes)}")
     return header, nodes

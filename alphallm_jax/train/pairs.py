@@ -2,7 +2,7 @@
 
 Input: the search's tree files (JSONL, one per problem): a ``"problem"`` header line, then one
 ``"node"`` line per node (ids 0..n-1, root 0, ``Q``/``N``, critic scores, ``option`` and
-``option_token_ids``; see ``read_tree``). A node's full solution is the header ``prompt`` followed by
+``option_token_ids``; written and read by ``search.tree``). A node's full solution is the header ``prompt`` followed by
 the options along the root -> node path. Only critic scores and Q choose traces and pairs: the
 prompts are synthetic and unlabelled, so the header's ``reference`` is never read.
 
@@ -12,7 +12,7 @@ Definitions (the knobs are ``ExtractionConfig`` fields, set from ``cfg.policy_tr
   answer and not cut off by the token limit. Terminals cut at ``max_depth`` (no answer, ended at a
   stop string) or by ``"length"`` are not finished solutions. The search's ``completion`` nodes
   (the greedy path rolled out to the end, never visited) count as ends too;
-* critic score of a terminal: ``node[score_field]`` (default ``"reward"``, the search's combined
+* critic score of a terminal: ``node.<score_field>`` (default ``"reward"``, the search's combined
   r(s), which for a terminal is its ORM score), falling back to ``reward`` then ``orm``;
 * best completion of a node u (``completion``):
   ``"best_terminal"`` (default): the complete terminal in u's subtree (u included) with the highest
@@ -33,7 +33,7 @@ Records (JSONL artifacts, written with ``write_records``):
   problems the search is unsure about train nothing;
 * stepwise pair: two children u, v of one parent, both visited, with ``Q(u) - Q(v) > tau``;
 * complete pair: two complete trajectories with ``value(s) - value(t) > tau``, value =
-  ``node[complete_value_field]`` (default the leaf's Q, as in the paper);
+  ``node.<complete_value_field>`` (default the leaf's Q, as in the paper);
 * Q pair (the AlphaLLM-Q baseline, Xie et al. 2024): per depth d >= 1, the highest-Q versus the
   lowest-Q node of that depth (visited, with a completion) when their gap exceeds
   ``q_pairs_min_gap``.
@@ -60,8 +60,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from alphallm_jax.search.answers import vote_share
-from alphallm_jax.search.tree import Tree
-from alphallm_jax.utils.io import DataFormatError, as_path, read_jsonl, write_jsonl_atomic
+from alphallm_jax.search.tree import Node, Tree
+from alphallm_jax.utils.io import as_path, write_jsonl_atomic
 
 PAIR_KINDS = ("stepwise", "complete", "q_pair")
 COMPLETIONS = ("best_terminal", "greedy_q")
@@ -106,114 +106,50 @@ class ExtractionConfig:
 
 
 # --------------------------------------------------------------------------------------- trees
-@dataclasses.dataclass
-class SearchTree:
-    """One problem's search tree: the header and the nodes (``nodes[i]["id"] == i``)."""
-
-    header: dict[str, Any]
-    nodes: list[dict[str, Any]]
-    path: str = ""
-
-    @property
-    def problem_id(self) -> str:
-        return str(self.header["problem_id"])
-
-    def root_path(self, node: int) -> list[int]:
-        """Node ids root .. node."""
-        out = [node]
-        while self.nodes[out[-1]]["parent"] is not None:
-            out.append(self.nodes[out[-1]]["parent"])
-        return out[::-1]
-
-    def path_below(self, ancestor: int, node: int) -> list[int]:
-        """Node ids strictly below ``ancestor`` down to ``node``."""
-        path = self.root_path(node)
-        return path[path.index(ancestor) + 1:]
-
-    def lca(self, u: int, v: int) -> int:
-        pu, pv = self.root_path(u), self.root_path(v)
-        common = 0
-        for a, b in zip(pu, pv, strict=False):
-            if a != b:
-                break
-            common = a
-        return common
-
-    def tokens(self, ids: Iterable[int]) -> list[int]:
-        return [int(t) for i in ids for t in self.nodes[i]["option_token_ids"]]
-
-    def text(self, ids: Iterable[int]) -> str:
-        return "".join(self.nodes[i]["option"] for i in ids)
+def read_tree(path: str | os.PathLike) -> Tree:
+    """A tree file, read and checked by the search's own reader (`Tree.load`)."""
+    return Tree.load(path)
 
 
-def read_tree(path: str | os.PathLike) -> SearchTree:
-    """A tree file, checked: header first, node ids 0..n-1 in order, parents and children agree."""
-    rows = read_jsonl(path)
-    if not rows or rows[0].get("kind") != "problem":
-        raise DataFormatError(path, 1, "the first line must be the problem header (kind 'problem')")
-    header, nodes = rows[0], rows[1:]
-    for key in ("problem_id", "prompt"):
-        if key not in header:
-            raise DataFormatError(path, 1, f"header has no {key!r}")
-    if not nodes:
-        raise DataFormatError(path, None, "no nodes")
-    for i, node in enumerate(nodes):
-        line = i + 2
-        missing = [k for k in NODE_FIELDS if k not in node]
-        if node.get("kind") != "node" or missing:
-            raise DataFormatError(path, line, f"not a node line (kind {node.get('kind')!r}, missing {missing})")
-        if node["id"] != i:
-            raise DataFormatError(path, line, f"node id {node['id']} where {i} was expected")
-        parent = node["parent"]
-        if (i == 0) != (parent is None):
-            raise DataFormatError(path, line, "the root (id 0), and only it, has parent null")
-        if parent is not None and not (0 <= parent < len(nodes) and i in nodes[parent]["children"]):
-            raise DataFormatError(path, line, f"parent {parent} does not list node {i} as a child")
-        if any(not 0 <= c < len(nodes) or nodes[c]["parent"] != i for c in node["children"]):
-            raise DataFormatError(path, line, f"children {node['children']} do not name node {i} as parent")
-    return SearchTree(header=header, nodes=nodes, path=os.fspath(path))
-
-
-def read_trees(trees_dir: str | os.PathLike) -> list[SearchTree]:
+def read_trees(trees_dir: str | os.PathLike) -> list[Tree]:
     """Every ``*.jsonl`` tree under ``trees_dir`` (sorted by file name, so the order is fixed)."""
     root = as_path(trees_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"trees directory {root} does not exist")
-    files = sorted(root.glob("*.jsonl"), key=lambda p: p.name)
-    return [read_tree(p) for p in files]
+    return [read_tree(p) for p in sorted(root.glob("*.jsonl"), key=lambda p: p.name)]
 
 
 # ------------------------------------------------------------------------------------- scoring
-def _field(node: Mapping[str, Any], name: str, default: float) -> float:
-    """``node[name]``, else its ``reward``, else its ``orm``, else ``default``."""
+def _field(node: Node, name: str, default: float) -> float:
+    """``node.<name>``, else its ``reward``, else its ``orm``, else ``default``."""
     for key in (name, "reward", "orm"):
-        value = node.get(key)
+        value = getattr(node, key)
         if value is not None:
             return float(value)
     return default
 
 
-def is_complete(node: Mapping[str, Any]) -> bool:
+def is_complete(node: Node) -> bool:
     """A terminal that finished the solution (see the module doc)."""
-    finish = node.get("finish_reason")
-    return bool(node["terminal"]) and (finish == "eos" or (node.get("answer") is not None and finish != "length"))
+    finish = node.finish_reason
+    return node.terminal and (finish == "eos" or (node.answer is not None and finish != "length"))
 
 
-def _best_key(node: Mapping[str, Any], score_field: str) -> tuple[float, float, int]:
+def _best_key(node: Node, score_field: str) -> tuple[float, float, int]:
     """Higher critic score, then higher Q, then smaller id."""
-    return (_field(node, score_field, -math.inf), float(node["Q"]), -int(node["id"]))
+    return (_field(node, score_field, -math.inf), node.Q, -node.id)
 
 
-def completions(tree: SearchTree, cfg: ExtractionConfig) -> list[int | None]:
+def completions(tree: Tree, cfg: ExtractionConfig) -> list[int | None]:
     """The best completion (a complete terminal id) of every node, None where there is none."""
     nodes = tree.nodes
-    by_depth = sorted(range(len(nodes)), key=lambda i: -nodes[i]["depth"])
+    by_depth = sorted(range(len(nodes)), key=lambda i: -nodes[i].depth)
     best: list[int | None] = [None] * len(nodes)
     for i in by_depth:  # children before parents
         if is_complete(nodes[i]):
             best[i] = i
             continue
-        found = [best[c] for c in nodes[i]["children"] if best[c] is not None]
+        found = [best[c] for c in nodes[i].children if best[c] is not None]
         if found:
             best[i] = max(found, key=lambda t: _best_key(nodes[t], cfg.score_field))
     if cfg.completion == "best_terminal":
@@ -224,55 +160,55 @@ def completions(tree: SearchTree, cfg: ExtractionConfig) -> list[int | None]:
             continue
         u = i
         while not is_complete(nodes[u]):
-            viable = [c for c in nodes[u]["children"] if best[c] is not None]
-            u = max(viable, key=lambda c: (float(nodes[c]["Q"]), -c))
+            viable = [c for c in nodes[u].children if best[c] is not None]
+            u = max(viable, key=lambda c: (float(nodes[c].Q), -c))
         greedy[i] = u
     return greedy
 
 
 # ------------------------------------------------------------------------------------- records
-def extract_sft_trace(tree: SearchTree, cfg: ExtractionConfig) -> dict[str, Any] | None:
+def extract_sft_trace(tree: Tree, cfg: ExtractionConfig) -> dict[str, Any] | None:
     """The problem's best complete trajectory by critic score (with ``answer_vote``: among those reaching
     the vote's winner), or None: no such trajectory, its ORM is below ``orm_threshold``, or the winner's
     vote share is below ``min_vote_share``."""
     leaves = [n for n in tree.nodes if is_complete(n)]
     share = None
     if cfg.sft_selection == "answer_vote":
-        vote = vote_share(Tree.from_records([tree.header, *tree.nodes]))
+        vote = vote_share(tree)
         if vote is None or vote[1] < cfg.min_vote_share:
             return None
         share = vote[1]
-        leaves = [n for n in leaves if n.get("answer") == vote[0]]
+        leaves = [n for n in leaves if n.answer == vote[0]]
     if not leaves:
         return None
     leaf = max(leaves, key=lambda n: _best_key(n, cfg.score_field))
     orm = _field(leaf, "orm", -math.inf)
     if orm < cfg.orm_threshold:
         return None
-    path = tree.path_below(0, leaf["id"])
+    path = tree.path_below(0, leaf.id)
     return {
-        "kind": "sft_trace", "problem_id": tree.problem_id, "prompt": tree.header["prompt"],
-        "leaf": leaf["id"], "path": path, "text": tree.text(path), "token_ids": tree.tokens(path),
-        "score": _field(leaf, cfg.score_field, -math.inf), "orm": orm, "q": float(leaf["Q"]),
-        "answer": leaf.get("answer"), "finish_reason": leaf.get("finish_reason"), "vote_share": share,
+        "kind": "sft_trace", "problem_id": tree.problem.problem_id, "prompt": tree.problem.prompt,
+        "leaf": leaf.id, "path": path, "text": tree.text(path), "token_ids": tree.token_ids(path),
+        "score": _field(leaf, cfg.score_field, -math.inf), "orm": orm, "q": float(leaf.Q),
+        "answer": leaf.answer, "finish_reason": leaf.finish_reason, "vote_share": share,
     }
 
 
-def _side(tree: SearchTree, prefix: int, node: int, leaf: int, value: float,
+def _side(tree: Tree, prefix: int, node: int, leaf: int, value: float,
           cfg: ExtractionConfig) -> dict[str, Any]:
     path = tree.path_below(prefix, leaf)
     leaf_node = tree.nodes[leaf]
     return {
-        "node": node, "leaf": leaf, "path": path, "q": float(tree.nodes[node]["Q"]), "value": value,
-        "leaf_q": float(leaf_node["Q"]), "leaf_score": _field(leaf_node, cfg.score_field, -math.inf),
-        "leaf_orm": leaf_node.get("orm"), "answer": leaf_node.get("answer"),
-        "finish_reason": leaf_node.get("finish_reason"),
-        "text": tree.text(path), "token_ids": tree.tokens(path),
+        "node": node, "leaf": leaf, "path": path, "q": float(tree.nodes[node].Q), "value": value,
+        "leaf_q": float(leaf_node.Q), "leaf_score": _field(leaf_node, cfg.score_field, -math.inf),
+        "leaf_orm": leaf_node.orm, "answer": leaf_node.answer,
+        "finish_reason": leaf_node.finish_reason,
+        "text": tree.text(path), "token_ids": tree.token_ids(path),
         "step_rewards": [_field(tree.nodes[i], cfg.step_reward_field, 0.0) for i in path],
     }
 
 
-def _pair(tree: SearchTree, kind: str, u: int, v: int, value_u: float, value_v: float,
+def _pair(tree: Tree, kind: str, u: int, v: int, value_u: float, value_v: float,
           best: Sequence[int | None], cfg: ExtractionConfig) -> dict[str, Any]:
     """``u`` preferred over ``v``: the record described in the module doc."""
     prefix = tree.lca(u, v)
@@ -280,10 +216,10 @@ def _pair(tree: SearchTree, kind: str, u: int, v: int, value_u: float, value_v: 
     chosen = _side(tree, prefix, u, best[u], value_u, cfg)
     rejected = _side(tree, prefix, v, best[v], value_v, cfg)
     return {
-        "kind": kind, "pair_id": f"{tree.problem_id}/{kind}/{u}-{v}", "problem_id": tree.problem_id,
-        "prompt": tree.header["prompt"], "prefix_node": prefix, "prefix_path": prefix_path,
-        "prefix_text": tree.text(prefix_path), "prefix_token_ids": tree.tokens(prefix_path),
-        "depth": int(tree.nodes[u]["depth"]), "gap": value_u - value_v,
+        "kind": kind, "pair_id": f"{tree.problem.problem_id}/{kind}/{u}-{v}", "problem_id": tree.problem.problem_id,
+        "prompt": tree.problem.prompt, "prefix_node": prefix, "prefix_path": prefix_path,
+        "prefix_text": tree.text(prefix_path), "prefix_token_ids": tree.token_ids(prefix_path),
+        "depth": int(tree.nodes[u].depth), "gap": value_u - value_v,
         "reward_gap": sum(chosen["step_rewards"]) - sum(rejected["step_rewards"]),
         "chosen": chosen, "rejected": rejected,
     }
@@ -303,7 +239,7 @@ def _ordered(a: int, b: int, va: float, vb: float) -> tuple[int, int, float, flo
     return (a, b, va, vb) if va > vb else (b, a, vb, va)
 
 
-def extract_pairs(tree: SearchTree, cfg: ExtractionConfig,
+def extract_pairs(tree: Tree, cfg: ExtractionConfig,
                   kinds: Sequence[str] = PAIR_KINDS) -> list[dict[str, Any]]:
     """The problem's pair records of ``kinds`` (stepwise, then complete, then Q pairs)."""
     unknown = set(kinds) - set(PAIR_KINDS)
@@ -313,20 +249,20 @@ def extract_pairs(tree: SearchTree, cfg: ExtractionConfig,
     best = completions(tree, cfg)
 
     def usable(i: int) -> bool:
-        return best[i] is not None and nodes[i]["N"] >= cfg.min_visits
+        return best[i] is not None and nodes[i].N >= cfg.min_visits
 
     out: list[dict[str, Any]] = []
     if "stepwise" in kinds:
         cands = []
         for parent in nodes:
-            kids = sorted(c for c in parent["children"] if usable(c))
+            kids = sorted(c for c in parent.children if usable(c))
             for a, b in itertools.combinations(kids, 2):
-                qa, qb = float(nodes[a]["Q"]), float(nodes[b]["Q"])
+                qa, qb = float(nodes[a].Q), float(nodes[b].Q)
                 if abs(qa - qb) > cfg.tau:
                     cands.append(_ordered(a, b, qa, qb))
         out += [_pair(tree, "stepwise", *c, best, cfg) for c in _cap(cands, cfg.max_pairs_per_prompt)]
     if "complete" in kinds:
-        leaves = [n["id"] for n in nodes if is_complete(n) and n["N"] >= cfg.min_visits]
+        leaves = [n.id for n in nodes if is_complete(n) and n.N >= cfg.min_visits]
         cands = []
         for a, b in itertools.combinations(leaves, 2):
             va = _field(nodes[a], cfg.complete_value_field, -math.inf)
@@ -336,21 +272,21 @@ def extract_pairs(tree: SearchTree, cfg: ExtractionConfig,
         out += [_pair(tree, "complete", *c, best, cfg) for c in _cap(cands, cfg.max_pairs_per_prompt)]
     if "q_pair" in kinds:
         cands = []
-        depths = sorted({int(n["depth"]) for n in nodes if n["depth"] >= 1})
+        depths = sorted({int(n.depth) for n in nodes if n.depth >= 1})
         for d in depths:
-            level = [n["id"] for n in nodes if n["depth"] == d and usable(n["id"])]
+            level = [n.id for n in nodes if n.depth == d and usable(n.id)]
             if len(level) < 2:
                 continue
-            hi = max(level, key=lambda i: (float(nodes[i]["Q"]), -i))
-            lo = min(level, key=lambda i: (float(nodes[i]["Q"]), i))
-            q_hi, q_lo = float(nodes[hi]["Q"]), float(nodes[lo]["Q"])
+            hi = max(level, key=lambda i: (float(nodes[i].Q), -i))
+            lo = min(level, key=lambda i: (float(nodes[i].Q), i))
+            q_hi, q_lo = float(nodes[hi].Q), float(nodes[lo].Q)
             if q_hi - q_lo > cfg.q_pairs_min_gap:
                 cands.append((hi, lo, q_hi, q_lo))
         out += [_pair(tree, "q_pair", *c, best, cfg) for c in _cap(cands, cfg.max_pairs_per_prompt)]
     return out
 
 
-def extract_all(trees: Iterable[SearchTree], cfg: ExtractionConfig,
+def extract_all(trees: Iterable[Tree], cfg: ExtractionConfig,
                 kinds: Sequence[str] = PAIR_KINDS) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(SFT traces, pairs) over all trees, in tree order."""
     traces, pairs = [], []
