@@ -80,6 +80,23 @@ def test_a_resumed_search_redoes_started_chunks_whole_and_rewrites_nothing(tmp_p
     assert all(trees_dir.joinpath(n).stat().st_mtime_ns == t for n, t in mtimes.items())
 
 
+def test_the_fast_rollout_policy_is_loaded_only_for_searches_that_roll_out(tmp_path):
+    """`mcts_lean` and `beam` sample no fast rollouts: their backend neither needs nor loads the
+    fast-rollout policy (here absent from the workdir), while `mcts`'s looks for it."""
+    from alphallm_jax.pipeline.search_methods import eval_components
+
+    tokenizer = arith_tokenizer(tmp_path)
+    cfg = default_config()
+    cfg.task, cfg.rollout_policy.enabled = "arith", True
+    cfg.critics.checkpoint = str(tmp_path / "critic")
+    save_critic(random_critic(tokenizer), tmp_path / "critic", tokenizer=tokenizer)
+    policy = steered_policy(tokenizer)
+    lean = eval_components(cfg, tmp_path / "run", ["greedy", "mcts_lean@4", "beam@2"], policy, tokenizer, ["Q\n"])
+    assert lean["search_backend"].rollout_sampler is lean["search_backend"].sampler  # nothing else loaded
+    with pytest.raises(FileNotFoundError):
+        eval_components(cfg, tmp_path / "run", ["mcts"], policy, tokenizer, ["Q\n"])
+
+
 @pytest.mark.slow
 def test_search_cli_writes_trees_resumes_and_summarises(tmp_path):
     tokenizer = arith_tokenizer(tmp_path)

@@ -89,10 +89,12 @@ def search_max_len(cfg, tokenizer, prompts: Sequence[str], options: OptionConfig
 
 
 def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scorer=None, mesh=None,
-                 settings: SearchSettings | None = None, fast_policy=None) -> LMSearchBackend:
+                 settings: SearchSettings | None = None, fast_policy=None,
+                 rollouts: bool = True) -> LMSearchBackend:
     """The LM backend for `prompts`: a search sampler over `model` (its own KV pool of `search.pool_slots`),
     the critic (loaded when `scorer` is None) and, with `rollout_policy.enabled`, the fast-rollout policy
-    (`fast_policy`: its (model, tokenizer) already loaded; None: loaded here)."""
+    (`fast_policy`: its (model, tokenizer) already loaded; None: loaded here). `rollouts=False`: the
+    caller's searches sample no fast rollouts, so the fast-rollout policy is not loaded."""
     from alphallm_jax.sampling import Sampler
 
     settings = settings or SearchSettings.from_config(cfg)
@@ -103,7 +105,7 @@ def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scor
     sampler = Sampler(model, tokenizer, max_len=max_len, pool_slots=cfg.search.pool_slots, max_batch=max_batch,
                       mesh=mesh)
     rollout_sampler = None
-    if cfg.search.rollout_policy and cfg.rollout_policy.enabled:
+    if rollouts and cfg.search.rollout_policy and cfg.rollout_policy.enabled:
         from alphallm_jax.critics.fast_rollout import load_fast_rollout_policy
 
         fast, fast_tokenizer = fast_policy or load_fast_rollout_policy(cfg, workdir, mesh=mesh)
