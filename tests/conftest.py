@@ -37,3 +37,9 @@ def quick_loop_run(tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "iteration 1:" in out.stdout
     return workdir
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quick-loop end-to-end module (the longest by far) runs first: under pytest-xdist (CI runs
+    `-n 2 --dist loadfile`) one worker starts on it at once while the other takes every other module."""
+    items.sort(key=lambda item: item.path.name != "test_quick_loop.py")  # stable: the rest keep their order

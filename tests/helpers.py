@@ -4,6 +4,8 @@ the loop tests compare between runs."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,23 @@ def loop_accuracies(report: dict):
     base = {k: v["accuracy"] for k, v in report["base"].items()}
     iters = [(it["sft"]["greedy"]["accuracy"], it["cpl"]["greedy"]["accuracy"]) for it in report["iterations"]]
     return base, iters
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of an `alphallm` subprocess (or `launch/local.sh`) started by a test: this
+    session's compilation cache, none of the caller's JAX/XLA/ALPHALLM settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ALPHALLM_", "JAX_", "XLA_")) or k == "ALPHALLM_COMPILATION_CACHE"}
+    env["PYTHON"] = sys.executable
+    env["ALPHALLM_CMD"] = f"{sys.executable} -m alphallm_jax.cli"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+def json_schema(value):
+    """A JSON value with every scalar replaced by a placeholder: its keys and list lengths only."""
+    if isinstance(value, dict):
+        return {k: json_schema(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_schema(v) for v in value]
+    return "value"
