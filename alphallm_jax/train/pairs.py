@@ -66,8 +66,6 @@ from alphallm_jax.utils.io import as_path, write_jsonl_atomic
 PAIR_KINDS = ("stepwise", "complete", "q_pair")
 COMPLETIONS = ("best_terminal", "greedy_q")
 SFT_SELECTIONS = ("best_score", "answer_vote")
-NODE_FIELDS = ("id", "parent", "depth", "option", "option_token_ids", "N", "Q", "terminal",
-               "children")
 SCORE_FIELDS = ("reward", "orm", "value", "prm", "rollout_orm", "Q")
 
 
