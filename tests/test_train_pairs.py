@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from alphallm_jax.search.tree import Node
+from alphallm_jax.search.tree import Node, Tree
 from alphallm_jax.train import pairs as pairs_lib
 from alphallm_jax.train.cpl import select_pairs
 from alphallm_jax.train.pairs import ExtractionConfig
@@ -68,7 +68,7 @@ def write_tree(path, spec=SPEC, problem_id="p0"):
 
 @pytest.fixture
 def tree(tmp_path):
-    return pairs_lib.read_tree(write_tree(tmp_path / "p0.jsonl"))
+    return Tree.load(write_tree(tmp_path / "p0.jsonl"))
 
 
 def summary(pairs):
@@ -157,7 +157,7 @@ def test_sft_trace_by_answer_vote(tmp_path):
     # so 9 wins 1.1 to 0.9 out of 2.4, while the single best-scored trajectory still ends at 4.
     rows[1 + 8]["rollouts"] = [{"text": "x\n#### 9", "answer": "9", "orm": 0.5}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tree = pairs_lib.read_tree(path)
+    tree = Tree.load(path)
     assert pairs_lib.extract_sft_trace(tree, ExtractionConfig(orm_threshold=0.5))["leaf"] == 4
     vote = ExtractionConfig(orm_threshold=0.5, sft_selection="answer_vote", min_vote_share=0.45)
     trace = pairs_lib.extract_sft_trace(tree, vote)
@@ -201,4 +201,4 @@ def test_malformed_tree_is_named(tmp_path):
     lines[3] = json.dumps(node)
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFormatError, match=r"t.jsonl:2: children \[1, 2, 3\] do not name node 0"):
-        pairs_lib.read_tree(path)
+        Tree.load(path)

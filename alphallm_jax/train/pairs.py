@@ -104,17 +104,13 @@ class ExtractionConfig:
 
 
 # --------------------------------------------------------------------------------------- trees
-def read_tree(path: str | os.PathLike) -> Tree:
-    """A tree file, read and checked by the search's own reader (`Tree.load`)."""
-    return Tree.load(path)
-
-
 def read_trees(trees_dir: str | os.PathLike) -> list[Tree]:
-    """Every ``*.jsonl`` tree under ``trees_dir`` (sorted by file name, so the order is fixed)."""
+    """Every ``*.jsonl`` tree under ``trees_dir`` (sorted by file name, so the order is fixed), read and
+    checked by the search's own reader (``Tree.load``)."""
     root = as_path(trees_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"trees directory {root} does not exist")
-    return [read_tree(p) for p in sorted(root.glob("*.jsonl"), key=lambda p: p.name)]
+    return [Tree.load(p) for p in sorted(root.glob("*.jsonl"), key=lambda p: p.name)]
 
 
 # ------------------------------------------------------------------------------------- scoring
