@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(f"alphallm_jax.commands.{module_name}")
     module.define_flags()
 
-    from absl import app
+    from absl import app, flags
     from absl import logging as absl_logging
 
     def run_quietly(argv):
@@ -84,7 +84,29 @@ def main(argv: list[str] | None = None) -> None:
             absl_logging.set_verbosity(absl_logging.WARNING)
         return module.main(argv)
 
-    app.run(run_quietly, argv=[f"alphallm {name}", *rest])
+    try:
+        app.run(run_quietly, argv=[f"alphallm {name}", *rest])
+    except (KeyError, AttributeError) as e:
+        # ml-collections reports an override of a field the config lacks as a bare `'key'` deep in absl's
+        # flag parsing; name the override instead.
+        if flags.FLAGS.is_parsed():
+            raise
+        print(f"alphallm {name}: {_override_error(rest, e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _override_error(args: list[str], error: Exception) -> str:
+    """The message for a `--config.a.b=v` override whose path the config does not have."""
+    text = str(error.args[0]) if error.args else str(error)
+    text = text.strip("'\"\\")
+    missing, _, hint = text.partition("\n")
+    missing = missing.strip("'\"\\")
+    overrides = [a.split("=", 1)[0][2:] for a in args if a.startswith("--config.")]
+    culprits = [o for o in overrides if missing in o.split(".")[1:]]
+    where = f"--{culprits[0]}" if culprits else "a --config.* override"
+    hint = hint.strip("'\"\\ ").replace('\\"', '"')
+    return (f"{where}: the config has no field {missing!r} there"
+            + (f" ({hint})" if hint else "") + "; every field and its default is in alphallm_jax/config.py")
 
 
 if __name__ == "__main__":

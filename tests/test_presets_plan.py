@@ -151,3 +151,17 @@ def test_held_out_dev_tails_are_disjoint_from_the_critics_training_prompts():
         dev = load_dataset(c.critics.dev_split, limit=c.critics.num_dev_prompts)
         assert len(dev) == HELD_OUT_DEV and not {p.id for p in train} & {p.id for p in dev}
         assert dev == load_dataset(c.critics.train_split)[-HELD_OUT_DEV:]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--config.base.train.max_stps=3", ["--config.base.train.max_stps", "'max_stps'"]),
+    ("--config.base.trian.epochs=1", ["--config.base.trian.epochs", "'trian'", 'Did you mean "train"']),
+])
+def test_config_override_typo_names_the_override(tmp_path, override, named):
+    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "plan",
+                           "--config", str(REPO / "configs" / "demo_arith.py"), override],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    for text in named:
+        assert text in proc.stderr, proc.stderr
