@@ -133,3 +133,32 @@ def test_math_equations_checked_by_sympy_off_the_main_thread():
     assert check_solution(r"So $\frac{1}{2} + \frac{1}{3} = \frac{5}{6}$ and $2^{10} = 1024$.", "math").ok
     r = check_solution(r"So $\frac{1}{2} + \frac{1}{3} = \frac{2}{5}$.", "math")
     assert not r.ok and "sympy" in r.failures[0]
+
+
+def _whole_text_check(text: str, cfg: ToolConfig) -> tools.CheckResult:
+    """The checks run on the text in one piece (what `check_solution` computes chunk by chunk)."""
+    result = tools.CheckResult()
+    if cfg.annotations:
+        result = result.merge(tools.check_annotations(text, cfg.rel_tol))
+    if cfg.written_equations:
+        result = result.merge(tools.check_written_equations(text, cfg.rel_tol))
+    return result
+
+
+def test_line_chunked_memoised_checks_equal_whole_text_checks():
+    # Fragments that put annotations, their trailing numbers and equations across line ends.
+    pieces = ["<<", ">>", "\n", "\n", "2*3=6", "2*3=7", "=", "6", " 6", "$", " ", "7-2", "+", "(", ")", "x",
+              "<<4/2=2>>", "<<4/2=3>>", ">", "<", "1,200", "10%", "\t"]
+    rng = np.random.default_rng(0)
+    cfgs = [ToolConfig(), ToolConfig(annotations=False), ToolConfig(written_equations=False)]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces, size=int(rng.integers(1, 30))))
+        for cfg in cfgs:
+            got, want = check_solution(text, "arith", cfg), _whole_text_check(text, cfg)
+            assert (got.checked, got.failures) == (want.checked, want.failures), repr(text)
+        assert "".join(tools.line_chunks(text)) == text
+    # A solution's lines are separate chunks; an annotation whose number follows on the next line is not.
+    assert tools.line_chunks("a 2+2=<<2+2=4>>4\nb 4*2=<<4*2=8>>8\n#### 8") == [
+        "a 2+2=<<2+2=4>>4\n", "b 4*2=<<4*2=8>>8\n", "#### 8"]
+    assert tools.line_chunks("<<2+2=4>>\n5 apples") == ["<<2+2=4>>\n5 apples"]
+    assert not check_solution("<<2+2=4>>\n5 apples", "arith").ok

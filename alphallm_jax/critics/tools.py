@@ -26,6 +26,7 @@ with `steps`, the search folds the checks of a state's text into its value and P
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Sequence
@@ -49,6 +50,8 @@ _SKIPPED = frozenset(" \t$")  # spaces and currency signs carry no arithmetic
 _RUN_CHARS = _DIGITS | frozenset(".,()%$ \t") | frozenset(_OPERATORS)
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 _WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+# A chunk must not end where an annotation's number may follow on the next line (`<<2*2=4>>\n4`).
+_ENDS_AT_ANNOTATION_RE = re.compile(r">>\s*\$?\s*$")
 
 
 class CalcError(ValueError):
@@ -425,15 +428,45 @@ class ToolConfig:
         return cls(**d)
 
 
+def line_chunks(text: str) -> list[str]:
+    """`text` cut after newlines that no check looks across: every annotation and written equation lies
+    inside one chunk (equation runs stop at newlines; a chunk never ends inside `<<...` or right after
+    `>>`), so checking the chunks one by one finds exactly what checking the whole text finds."""
+    chunks, start = [], 0
+    for i, ch in enumerate(text):
+        if ch != "\n":
+            continue
+        head = text[start:i]
+        if head.rfind("<<") > head.rfind(">>") or _ENDS_AT_ANNOTATION_RE.search(head):
+            continue
+        chunks.append(text[start:i + 1])
+        start = i + 1
+    if start < len(text) or not chunks:
+        chunks.append(text[start:])
+    return chunks
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _check_chunk(chunk: str, rel_tol: float, annotations: bool, written_equations: bool
+                 ) -> tuple[tuple[int, tuple[str, ...]], tuple[int, tuple[str, ...]]]:
+    """(checked, failures) of the annotation and the written-equation checks of one chunk, memoised: a
+    search checks every state's text, whose earlier lines are its parent's."""
+    ann = check_annotations(chunk, rel_tol) if annotations else CheckResult()
+    eqs = check_written_equations(chunk, rel_tol) if written_equations else CheckResult()
+    return (ann.checked, tuple(ann.failures)), (eqs.checked, tuple(eqs.failures))
+
+
 def check_solution(text: str, task: str, cfg: ToolConfig = ToolConfig()) -> CheckResult:
     """Every enabled check on one solution (or one step) text."""
     result = CheckResult()
     if not cfg.enabled:
         return result
-    if cfg.annotations:
-        result = result.merge(check_annotations(text, cfg.rel_tol))
-    if cfg.written_equations:
-        result = result.merge(check_written_equations(text, cfg.rel_tol))
+    if cfg.annotations or cfg.written_equations:
+        per_chunk = [_check_chunk(c, cfg.rel_tol, cfg.annotations, cfg.written_equations)
+                     for c in line_chunks(text)]
+        for kind in (0, 1):  # every annotation finding first, then every equation's, as in the text
+            for found in per_chunk:
+                result = result.merge(CheckResult(found[kind][0], list(found[kind][1])))
     if cfg.latex and task == "math":
         result = result.merge(check_latex_equations(text, max_checks=cfg.max_latex_checks,
                                                     budget_s=cfg.latex_budget_s))
