@@ -8,6 +8,7 @@ by absl, configs by ml-collections `config_flags` (`--config=configs/x.py[:varia
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -72,7 +73,6 @@ def main(argv: list[str] | None = None) -> None:
 
     maybe_initialize_distributed()
     module = importlib.import_module(f"alphallm_jax.commands.{module_name}")
-    module.define_flags()
 
     from absl import app, flags
     from absl import logging as absl_logging
@@ -85,29 +85,55 @@ def main(argv: list[str] | None = None) -> None:
         return module.main(argv)
 
     try:
+        module.define_flags()  # a default --config is loaded here, with the command line's overrides
         app.run(run_quietly, argv=[f"alphallm {name}", *rest])
     except (KeyError, AttributeError) as e:
         # ml-collections reports an override of a field the config lacks as a bare `'key'` deep in absl's
-        # flag parsing; name the override instead.
-        if flags.FLAGS.is_parsed():
+        # flag parsing; name the override and the valid keys instead.
+        if flags.FLAGS.is_parsed() or not any(a.startswith("--config.") for a in rest):
             raise
-        print(f"alphallm {name}: {_override_error(rest, e)}", file=sys.stderr)
+        print(f"alphallm {name}: {_override_error(rest, e, _config_for_message(rest))}", file=sys.stderr)
         sys.exit(2)
 
 
-def _override_error(args: list[str], error: Exception) -> str:
-    """The message for a `--config.a.b=v` override whose path the config does not have."""
-    text = str(error.args[0]) if error.args else str(error)
-    text = text.strip("'\"\\")
-    missing, _, hint = text.partition("\n")
-    missing = missing.strip("'\"\\")
-    overrides = [a.split("=", 1)[0][2:] for a in args if a.startswith("--config.")]
-    culprits = [o for o in overrides if missing in o.split(".")[1:]]
-    where = f"--{culprits[0]}" if culprits else "a --config.* override"
-    hint = hint.strip("'\"\\ ").replace('\\"', '"')
-    return (f"{where}: the config has no field {missing!r} there"
-            + (f" ({hint})" if hint else "") + "; every field and its default is in alphallm_jax/config.py")
+def _config_for_message(args: list[str]):
+    """The config that `--config` (or the demo default) names, loaded again for an error message; None
+    when it cannot be."""
+    from alphallm_jax.commands import DEMO_CONFIG
 
+    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if spec is None and "--config" in args[:-1]:
+        spec = args[args.index("--config") + 1]
+    path, _, variant = (spec or DEMO_CONFIG).partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("alphallm_config_for_message", path)
+        config_module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(config_module)
+        return config_module.get_config(variant) if variant else config_module.get_config()
+    except Exception:  # the message goes out without the key list
+        return None
+
+
+def _override_error(args: list[str], error: Exception, config) -> str:
+    """The message for a `--config.a.b=v` override whose path the config does not have: the override,
+    the missing field and the valid keys where it was looked up."""
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(...))
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    missing, _, hint = text.partition("\n")
+    missing, hint = missing.strip("'\""), hint.strip()
+    paths = [a.split("=", 1)[0][len("--config."):] for a in args if a.startswith("--config.")]
+    path = next((p for p in paths if missing in p.split(".")), None)
+    where = f"--config.{path}" if path else "a --config.* override"
+    message = f"{where}: the config has no field {missing!r}" + (f" ({hint})" if hint else "")
+    section, prefix = config, "config"
+    for key in (path.split(".") if path else []):
+        if key == missing or not hasattr(section, "keys") or key not in section:
+            break
+        section, prefix = section[key], f"{prefix}.{key}"
+    if hasattr(section, "keys"):
+        message += f"; valid keys of {prefix}: {', '.join(sorted(section.keys()))}"
+    return message
 
 if __name__ == "__main__":
     main()

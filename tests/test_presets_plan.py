@@ -153,15 +153,19 @@ def test_held_out_dev_tails_are_disjoint_from_the_critics_training_prompts():
         assert dev == load_dataset(c.critics.train_split)[-HELD_OUT_DEV:]
 
 
-@pytest.mark.parametrize("override, named", [
-    ("--config.base.train.max_stps=3", ["--config.base.train.max_stps", "'max_stps'"]),
-    ("--config.base.trian.epochs=1", ["--config.base.trian.epochs", "'trian'", 'Did you mean "train"']),
+@pytest.mark.parametrize("command, args, named", [
+    ("plan", ["--config", "configs/demo_arith.py", "--config.base.train.max_stps=3"],
+     ["--config.base.train.max_stps", "'max_stps'", "valid keys of config.base.train: batch_size,"]),
+    ("plan", ["--config=configs/demo_arith.py:quick", "--config.base.trian.epochs=1"],
+     ["--config.base.trian.epochs", "'trian'", 'Did you mean "train"', "valid keys of config.base: dev_split,"]),
+    # train-base has a default config, whose overrides absl parses while the flags are defined.
+    ("train-base", ["--workdir", "unused", "--config.bse=1"],
+     ["--config.bse", 'Did you mean "base"', "valid keys of config: base, critics,"]),
 ])
-def test_config_override_typo_names_the_override(tmp_path, override, named):
-    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "plan",
-                           "--config", str(REPO / "configs" / "demo_arith.py"), override],
+def test_config_override_typo_names_the_override_and_the_valid_keys(command, args, named):
+    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", command, *args],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     for text in named:
         assert text in proc.stderr, proc.stderr
