@@ -76,12 +76,22 @@ def main(argv: list[str] | None = None) -> None:
 
     from absl import app, flags
     from absl import logging as absl_logging
+    from ml_collections import config_flags
 
     def run_quietly(argv):
         # Orbax and absl log every checkpoint at INFO; keep the console for progress bars and
         # summaries unless the user asks for more with --verbosity.
         if not any(a.startswith(("--verbosity", "-v")) for a in rest):
             absl_logging.set_verbosity(absl_logging.WARNING)
+        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        if config is not None:  # a typo inside the config file itself
+            from alphallm_jax.config import unknown_config_keys
+
+            problems = unknown_config_keys(config)
+            if problems:
+                source = config_flags.get_config_filename(flags.FLAGS["config"])
+                print(f"alphallm {name}: {source}: " + "; ".join(problems), file=sys.stderr)
+                sys.exit(2)
         return module.main(argv)
 
     try:

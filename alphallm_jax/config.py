@@ -1,7 +1,8 @@
 """The project's config schema: every field with its default, shared by every config file.
 
 Config files in `configs/` start from `default_config()` and override fields; ml-collections locks
-the result, so `--config.eval.limt=5` (a typo) fails instead of being silently ignored.
+the result, so `--config.eval.limt=5` (a typo) fails instead of being silently ignored, and the CLI
+checks the file's own keys against this schema (`unknown_config_keys`).
 """
 
 from __future__ import annotations
@@ -254,6 +255,29 @@ def _mcts_section() -> dict:
 
     fields = {f.name: config_dict.placeholder(type(f.default)) for f in dataclasses.fields(MCTSConfig)}
     return {"preset": "gsm8k_small", **fields}
+
+
+def unknown_config_keys(cfg, schema=None, prefix: str = "config") -> list[str]:
+    """What a config file set that the schema (`default_config()`) lacks: one message per unknown key,
+    with the valid keys of its section. A file builds its config unlocked, so `c.loop.iteratons = 3`
+    would otherwise add a field nobody reads. Training sections (those with a `learning_rate`) take any
+    `TrainConfig` field, which the trainer checks again."""
+    schema = default_config() if schema is None else schema
+    if "learning_rate" in schema and "batch_size" in schema:
+        import dataclasses
+
+        from alphallm_jax.train.trainer import TrainConfig
+
+        valid = sorted(f.name for f in dataclasses.fields(TrainConfig))
+    else:
+        valid = sorted(schema.keys())
+    problems = []
+    for key in cfg.keys():
+        if key not in valid:
+            problems.append(f"{prefix}.{key} is not a field (valid keys of {prefix}: {', '.join(valid)})")
+        elif key in schema and hasattr(cfg[key], "keys") and hasattr(schema[key], "keys"):
+            problems += unknown_config_keys(cfg[key], schema[key], f"{prefix}.{key}")
+    return problems
 
 
 def mesh_from_config(cfg: ml_collections.ConfigDict):

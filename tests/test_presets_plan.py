@@ -41,11 +41,13 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize("name,variant", list(_all_configs()))
 def test_config_and_variant_load_into_their_consumers(name, variant):
+    from alphallm_jax.config import unknown_config_keys
     from alphallm_jax.pipeline.search_run import SearchSettings
     from alphallm_jax.synthesis import SynthesisSettings
     from alphallm_jax.train.trainer import TrainConfig
 
     c = load_config(name, variant)
+    assert unknown_config_keys(c) == []
     c.lock()
     with pytest.raises(AttributeError):
         c.model.chekpoint = "x"  # the schema is locked: a typo fails
@@ -169,3 +171,18 @@ def test_config_override_typo_names_the_override_and_the_valid_keys(command, arg
     assert "Traceback" not in proc.stderr
     for text in named:
         assert text in proc.stderr, proc.stderr
+
+
+def test_config_file_typo_is_named_with_the_valid_keys(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text("from alphallm_jax.config import default_config\n\n\ndef get_config():\n"
+                    "    c = default_config()\n    c.loop.iteratons = 3\n    c.base.train.lr = 1.0\n"
+                    "    c.base.train.max_steps = 5  # a TrainConfig field: fine\n    return c\n")
+    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "plan", "--config", str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for text in (str(path), "config.loop.iteratons is not a field", "valid keys of config.loop: ablation_orderings",
+                 "config.base.train.lr is not a field", "adam_b1"):
+        assert text in proc.stderr, proc.stderr
+    assert "max_steps is not" not in proc.stderr
