@@ -145,5 +145,6 @@ def _override_error(args: list[str], error: Exception, config) -> str:
         message += f"; valid keys of {prefix}: {', '.join(sorted(section.keys()))}"
     return message
 
+
 if __name__ == "__main__":
     main()
