@@ -12,6 +12,7 @@ from alphallm_jax.critics.calibration import (
     calibration_metrics,
     expected_calibration_error,
     precision_recall,
+    within_group_auroc,
 )
 
 
@@ -50,3 +51,26 @@ def test_precision_recall_and_report():
     assert m["brier"] == pytest.approx((0.01 + 0.36 + 0.36 + 0.04) / 4)
     with pytest.raises(ValueError, match="probabilities"):
         calibration_metrics([1.5], [1])
+
+
+def test_within_group_auroc_counts_only_pairs_of_one_group():
+    # Prompt a: right .3 above wrong .1 (ordered); prompt b: right .6 below wrong .9, tie with wrong .6;
+    # prompt c has no wrong solution, so it adds no pair. Pooled: (1 + 0 + 0.5) / 3.
+    scores = [0.3, 0.1, 0.6, 0.9, 0.6, 0.8]
+    labels = [1, 0, 1, 0, 0, 1]
+    groups = ["a", "a", "b", "b", "b", "c"]
+    value, pairs = within_group_auroc(scores, labels, groups)
+    assert pairs == 3 and value == pytest.approx(1.5 / 3)
+    # Scores that order every prompt right but not across prompts: within 1.0, global AUROC under 1.
+    s2, y2, g2 = [0.2, 0.1, 0.9, 0.8], [1, 0, 1, 0], ["a", "a", "b", "b"]
+    assert within_group_auroc(s2, y2, g2) == (1.0, 2)
+    assert auroc(s2, y2) == pytest.approx(0.75)
+    # Brute force against pairwise counting within groups, ties included.
+    rng = np.random.default_rng(1)
+    s, y, g = np.round(rng.random(80), 1), rng.random(80) < 0.4, rng.integers(0, 7, 80)
+    pairs = [(1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0)
+             for i, j in itertools.product(range(80), range(80)) if y[i] and not y[j] and g[i] == g[j]]
+    assert within_group_auroc(s, y, g) == (pytest.approx(np.mean(pairs)), len(pairs))
+    assert within_group_auroc([0.2, 0.4], [1, 0], ["a", "b"]) == (None, 0)
+    with pytest.raises(ValueError, match="groups"):
+        within_group_auroc([0.2, 0.4], [1, 0], ["a"])

@@ -81,6 +81,26 @@ def auroc(scores, labels) -> float | None:
     return float((np.sum(ranks[pos]) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def within_group_auroc(scores, labels, groups) -> tuple[float | None, int]:
+    """AUROC over the (positive, negative) pairs that share a group (ties count half), and the number of
+    such pairs; None when no group holds both classes. With groups = prompts it measures the order
+    best-of-N reranking uses, which scores need not share across prompts."""
+    s, y = _arrays(scores, labels)
+    g = np.asarray(groups)
+    if g.shape != s.shape:
+        raise ValueError(f"{g.size} groups for {s.size} scores")
+    ordered, pairs = 0.0, 0
+    for key in np.unique(g):
+        members = g == key
+        pos = y[members] > 0.5
+        n_pos, n_neg = int(np.sum(pos)), int(np.sum(~pos))
+        if n_pos and n_neg:
+            ranks = _average_ranks(s[members])
+            ordered += float(np.sum(ranks[pos]) - n_pos * (n_pos + 1) / 2.0)
+            pairs += n_pos * n_neg
+    return (ordered / pairs if pairs else None), pairs
+
+
 def calibration_metrics(scores, labels, *, threshold: float = 0.5, num_bins: int = 10) -> dict:
     """Every metric of the module for one critic, as a JSON-ready dict."""
     s, y = _arrays(scores, labels)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics, metric_text
+from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics, metric_text, within_group_auroc
 from alphallm_jax.critics.data import row_tokens, trajectory_read_points
 from alphallm_jax.critics.scoring import CriticScorer
 from alphallm_jax.critics.tools import check_solutions, combine_with_checks
@@ -55,9 +55,15 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
             prm_ok.append(ok_k[k])
     orm_y = np.asarray([float(r["correct"]) for r in trajs])
 
+    prompts = [r["problem_id"] for r in trajs]
+
     def metrics(s, y):
         return calibration_metrics(np.asarray(s, np.float64), np.asarray(y, np.float64), threshold=threshold,
                                    num_bins=num_bins)
+
+    def solution_metrics(s):  # + right against wrong solutions of one prompt: what reranking compares
+        within, pairs = within_group_auroc(np.asarray(s, np.float64), orm_y, prompts)
+        return {**metrics(s, orm_y), "within_prompt_auroc": within, "within_prompt_pairs": pairs}
 
     value_s = np.asarray(value_s, np.float64)
     value_mc = np.asarray(value_mc, np.float64)
@@ -71,11 +77,11 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
                        "combine": scorer.tools.combine},
         "prm_tool": {**metrics(combine_with_checks(prm_s, prm_ok, scorer.tools), prm_hard),
                      "combine": scorer.tools.combine},
-        "orm": {**metrics(solutions.orm, orm_y), "label": "graded outcome of each dev trajectory"},
-        "orm_tool": {**metrics(solutions.orm_tool, orm_y), "combine": scorer.tools.combine},
-        "tools_only": {**metrics(solutions.tool_ok, orm_y),
+        "orm": {**solution_metrics(solutions.orm), "label": "graded outcome of each dev trajectory"},
+        "orm_tool": {**solution_metrics(solutions.orm_tool), "combine": scorer.tools.combine},
+        "tools_only": {**solution_metrics(solutions.tool_ok),
                        "fraction_flagged": float(np.mean(solutions.tool_ok < 0.5))},
-        "prm_solution": {**metrics(solutions.prm, orm_y), "aggregate": scorer.prm_aggregate},
+        "prm_solution": {**solution_metrics(solutions.prm), "aggregate": scorer.prm_aggregate},
         "dev_trajectories": len(trajs),
         "dev_accuracy": float(np.mean(orm_y)),
         "paper_reference": PAPER_REFERENCE,
@@ -105,6 +111,12 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         m = report[name]
         lines.append(f"| {name} | {m['n']} | {metric_text(m['precision'])} | {metric_text(m['recall'])} | {metric_text(m['ece'])} | "
                      f"{metric_text(m['auroc'])} | {metric_text(m['brier'])} | {m.get('label', '')} |")
+    within = [(name, report[name]) for name in ("orm", "orm_tool", "tools_only", "prm_solution")
+              if "within_prompt_auroc" in report[name]]
+    if within:
+        lines += ["", "Within a prompt (right against wrong solutions of the same problem, the order best-of-N "
+                  f"reranking uses; {within[0][1]['within_prompt_pairs']} pairs), AUROC: " +
+                  ", ".join(f"{name} {metric_text(m['within_prompt_auroc'])}" for name, m in within) + "."]
     ref = report["paper_reference"]
     lines += ["", "Paper (precision / recall / ECE): value " +
               " / ".join(str(ref["value"][k]) for k in ("precision", "recall", "ece")) + "; PRM " +
