@@ -62,6 +62,10 @@ def test_train_critics_end_to_end(tmp_path):
     report = json.loads((root / "calibration.json").read_text())
     for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool"):
         assert report[name]["n"] > 0 and 0.0 <= report[name]["ece"] <= 1.0
+    for name in ("orm", "orm_tool", "tools_only", "prm_solution"):
+        within = report[name]["within_prompt_auroc"]
+        assert report[name]["within_prompt_pairs"] >= 0 and (within is None or 0.0 <= within <= 1.0)
+    assert "Within a prompt" in (root / "calibration.md").read_text()
     summary = json.loads((root / "eval" / "summary.json").read_text())
     assert set(summary["methods"]) == {"greedy", "maj@2", "orm@2", "prm@2"}
     assert set(out["timings"]) >= {"data", "train", "calibration", "eval", "fast_rollout_policy"}
