@@ -70,15 +70,19 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _ordered_pairs(s: np.ndarray, pos: np.ndarray) -> tuple[float, int]:
+    """(positive-above-negative pairs, ties counting half; all positive-negative pairs): Mann-Whitney U."""
+    n_pos, n_neg = int(np.sum(pos)), int(np.sum(~pos))
+    if n_pos == 0 or n_neg == 0:
+        return 0.0, 0
+    return float(np.sum(_average_ranks(s)[pos]) - n_pos * (n_pos + 1) / 2.0), n_pos * n_neg
+
+
 def auroc(scores, labels) -> float | None:
     """Area under the ROC curve (ties count half); None when all labels are the same."""
     s, y = _arrays(scores, labels)
-    pos = y > 0.5
-    n_pos, n_neg = int(np.sum(pos)), int(np.sum(~pos))
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = _average_ranks(s)
-    return float((np.sum(ranks[pos]) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    ordered, pairs = _ordered_pairs(s, y > 0.5)
+    return ordered / pairs if pairs else None
 
 
 def within_group_auroc(scores, labels, groups) -> tuple[float | None, int]:
@@ -92,12 +96,8 @@ def within_group_auroc(scores, labels, groups) -> tuple[float | None, int]:
     ordered, pairs = 0.0, 0
     for key in np.unique(g):
         members = g == key
-        pos = y[members] > 0.5
-        n_pos, n_neg = int(np.sum(pos)), int(np.sum(~pos))
-        if n_pos and n_neg:
-            ranks = _average_ranks(s[members])
-            ordered += float(np.sum(ranks[pos]) - n_pos * (n_pos + 1) / 2.0)
-            pairs += n_pos * n_neg
+        o, n = _ordered_pairs(s[members], y[members] > 0.5)
+        ordered, pairs = ordered + o, pairs + n
     return (ordered / pairs if pairs else None), pairs
 
 
