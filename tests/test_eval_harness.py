@@ -57,6 +57,20 @@ def test_majority_vote_picks_the_most_frequent_answer_and_counts_compute():
     assert sampler.calls[0][1] == 3
 
 
+def test_a_smaller_budget_reads_the_first_samples_of_a_larger_one():
+    sampler = ScriptedSampler({"q0": ["#### 1", "#### 12", "#### 12"], "q1": ["#### 7", "#### 5", "#### 5"],
+                               "q2": ["#### 30", "#### 2", "#### 2"]})
+    ctx = _ctx(sampler)
+    ctx.components["sample_cache"] = {}
+    assert [o.prediction for o in make_method("maj@3").run(PROBLEMS, ctx)] == ["#### 12", "#### 5", "#### 2"]
+    calls = len(sampler.calls)
+    outs = make_method("maj@1").run(PROBLEMS, ctx)
+    assert len(sampler.calls) == calls  # no new samples: the first one of each problem's three
+    assert [o.prediction for o in outs] == ["#### 1", "#### 7", "#### 30"]
+    make_method("maj@4").run(PROBLEMS, ctx)  # a larger budget samples
+    assert sampler.calls[-1][1] == 4
+
+
 def test_method_specs_are_validated():
     with pytest.raises(ValueError, match="unknown evaluation method 'sample@4'"):
         make_method("sample@4")

@@ -82,12 +82,15 @@ def strip_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def _sample(problems, ctx: EvalContext, *, num_samples: int, temperature: float):
-    # Methods with the same budget see the same samples (same seeds); with a dict under
-    # components["sample_cache"] they are also sampled only once.
+    # Sample j of a problem has its own seed whatever the budget, so a budget of k sees the first k samples
+    # of any larger one (nested budgets, as the papers' accuracy-against-budget curves assume). With a dict
+    # under components["sample_cache"], methods at the same temperature sample each problem only once.
     cache = ctx.components.get("sample_cache")
     key = (tuple(p.id for p in problems), num_samples, temperature, ctx.seed)
-    if cache is not None and key in cache:
-        return cache[key]
+    if cache is not None:
+        larger = [k for k in cache if k[0] == key[0] and k[2:] == key[2:] and k[1] >= num_samples]
+        if larger:
+            return [samples[:num_samples] for samples in cache[min(larger, key=lambda k: k[1])]]
     cfg = ctx.eval_cfg
     out = ctx.sampler.generate(
         [ctx.prompt_for(p) for p in problems], max_new_tokens=cfg.max_new_tokens, temperature=temperature,
