@@ -104,6 +104,10 @@ def default_config() -> ml_collections.ConfigDict:
         latex=True, rel_tol=0.0, max_latex_checks=8, latex_budget_s=20.0, steps=False))
     c.critics.scoring = ml_collections.ConfigDict(dict(max_batch=64, len_granule=32, prm_aggregate="min"))
     c.critics.calibration = ml_collections.ConfigDict(dict(threshold=0.5, num_bins=10))
+    # The outcome combiner (critics.combiner): P(right) from the ORM, the tool verdict and the policy's mean
+    # token log-probability, a logistic regression (L2 penalty `l2`) fitted on the train trajectories;
+    # orm@k reranks by it when the samples carry log-probabilities.
+    c.critics.combiner = ml_collections.ConfigDict(dict(enabled=True, l2=1.0))
     # Best-of-k by the critics against greedy and self-consistency, on `eval.split` (0: every problem).
     c.critics.eval_methods = ("greedy", "maj@16", "orm@16", "prm@16", "pass@16")
     c.critics.eval_limit = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -159,6 +160,16 @@ def test_build_data_through_the_sampler_with_forking_and_resume(tiny_policy, tmp
         assert all(c >= 1 for c in r["state_counts"])
         assert sum(len(s) for s in r["step_ids"]) <= 24
     assert rolls, "intermediate states were rolled out"
+    # Each step's summed token log-probability under the policy, as a forward pass over the row computes it.
+    for r in (trajs[0], trajs[5], rolls[0]):
+        assert len(r["step_logprobs"]) == len(r["step_ids"])
+        ids = list(r["prompt_ids"]) + [t for s in r["step_ids"] for t in s]
+        logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids], jnp.int32))[0].astype(jnp.float32), -1))
+        pos = len(r["prompt_ids"])
+        for step, got in zip(r["step_ids"], r["step_logprobs"]):
+            want = sum(float(logp[pos + i - 1, t]) for i, t in enumerate(step))
+            assert got == pytest.approx(want, abs=1e-3 + 1e-4 * abs(want))
+            pos += len(step)
     # Forking: a rollout prefills only its state's pending token, never the prefix again.
     stats = sampler.stats
     prompt_tokens = sum(len(tokenizer.encode(f"Question: {p.question}\nAnswer:\n", add_bos=True)) for p in problems)

@@ -66,6 +66,14 @@ def test_train_critics_end_to_end(tmp_path):
         within = report[name]["within_prompt_auroc"]
         assert report[name]["within_prompt_pairs"] >= 0 and (within is None or 0.0 <= within <= 1.0)
     assert "Within a prompt" in (root / "calibration.md").read_text()
+    # The outcome combiner, fitted on the train trajectories when they hold both outcomes (a random policy's
+    # may not): then calibration.json and calibration.md report it and orm@k reranks by it.
+    train_rows = [json.loads(line) for line in (root / "data/train/rows.jsonl").read_text().splitlines()]
+    outcomes = {r["correct"] for r in train_rows if r["kind"] == "trajectory"}
+    assert (root / "critic" / "combiner.json").exists() == (outcomes == {True, False})
+    if outcomes == {True, False}:
+        assert report["orm_combined"]["n"] == report["orm"]["n"]
+        assert "| orm_combined |" in (root / "calibration.md").read_text()
     summary = json.loads((root / "eval" / "summary.json").read_text())
     assert set(summary["methods"]) == {"greedy", "maj@2", "orm@2", "prm@2"}
     assert set(out["timings"]) >= {"data", "train", "calibration", "eval", "fast_rollout_policy"}

@@ -32,20 +32,27 @@ class StubScorer:
     """ORM score: the digit after 'orm'; PRM: the digit after 'prm'; the tool fails texts with 'bad'."""
 
     tokenizer = StubTokenizer()
+    eos_ids = frozenset({2})
 
-    def __init__(self):
+    def __init__(self, combined=False):
         self.calls = 0
+        self.combined = combined  # orm_combined: the digit after 'comb'
+        self.mean_logprobs = None
 
-    def score_solutions(self, prompt_ids, solution_ids, texts):
+    def score_solutions(self, prompt_ids, solution_ids, texts, mean_logprobs=None):
         self.calls += 1
+        self.mean_logprobs = mean_logprobs
         orm = np.array([int(t.split("orm")[1][0]) / 10 for t in texts], np.float32)
         prm = np.array([int(t.split("prm")[1][0]) / 10 for t in texts], np.float32)
         ok = np.array([0.0 if "bad" in t else 1.0 for t in texts], np.float32)
+        comb = np.array([int(t.split("comb")[1][0]) / 10 for t in texts], np.float32) if self.combined else None
         return SolutionScores(orm=orm, orm_tool=orm * ok, tool_ok=ok, prm=prm, value=orm,
-                              prm_steps=[np.array([p]) for p in prm], tool_failures=[[] for _ in texts])
+                              prm_steps=[np.array([p]) for p in prm], tool_failures=[[] for _ in texts],
+                              orm_combined=comb)
 
 
-ANSWERS = {"q0": ["orm9 prm1 bad\n#### 5", "orm7 prm2\n#### 12", "orm1 prm8\n#### 3", "orm1 prm1\n#### 5"]}
+ANSWERS = {"q0": ["orm9 prm1 comb1 bad\n#### 5", "orm7 prm2 comb2\n#### 12", "orm1 prm8 comb3\n#### 3",
+                  "orm1 prm1 comb9\n#### 5"]}
 PROBLEMS = [Problem(id="t-0", question="q0", answer="12", solution=None, task="arith")]
 
 
@@ -66,6 +73,14 @@ def test_orm_and_prm_rerank_pick_the_best_scoring_sample():
     assert maj.prediction.endswith("#### 5")
     assert ctx.sampler.calls == 1  # one set of samples served all three methods
     assert orm.generated_tokens == maj.generated_tokens
+
+
+def test_orm_rerank_uses_the_outcome_combiner_with_each_samples_mean_logprob():
+    scorer = StubScorer(combined=True)
+    out = make_method("orm@4").run(PROBLEMS, _ctx(critic=scorer, sample_cache={}))[0]
+    assert out.prediction.endswith("#### 5") and out.extra["score"] == pytest.approx(0.9)  # comb9 wins
+    # ScriptedSampler: len(text) tokens with one log-probability of -1 -> mean -1 / len(text)
+    assert scorer.mean_logprobs == pytest.approx([-1.0 / len(t) for t in ANSWERS["q0"]])
 
 
 def test_rerank_needs_a_critic_and_a_budget():

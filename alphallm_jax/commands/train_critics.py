@@ -25,7 +25,9 @@ def main(argv) -> None:
     f = flags.FLAGS
     out = run_train_critics(f.config, f.workdir)
     cal = out["calibration"]
-    for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool"):
+    for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool", "orm_combined"):
+        if name not in cal:  # orm_combined: only with a fitted outcome combiner
+            continue
         m = cal[name]
         print(f"{name:>10}: precision {metric_text(m['precision'])} recall {metric_text(m['recall'])} ECE {metric_text(m['ece'])} "
               f"AUROC {metric_text(m['auroc'])} (n={m['n']})")

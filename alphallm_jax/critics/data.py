@@ -14,6 +14,8 @@ Labels, pooled per distinct state (identical prefixes of one prompt share their 
   * the soft PRM label of step k is that same fraction (the chance that the policy reaches the right
     answer after step k); the hard one is whether any of those outcomes was correct;
   * ORM: the graded outcome of every complete trajectory, and of every rollout when `keep_rollouts`.
+Every row also keeps `step_logprobs`, each step's summed token log-probability under the (untempered)
+policy, as the sampler returned it: the outcome combiner's confidence feature.
 
 Artifacts (`out_dir`): `parts/chunk_NNNNN.jsonl` (one per `prompts_per_chunk` prompts, written
 atomically, skipped on a rerun), then `rows.jsonl`, `stats.json` and `DONE`. `config.json` records
@@ -96,6 +98,7 @@ class _Trajectory:
     state: SeqState
     step_ids: list[list[int]] = dataclasses.field(default_factory=list)
     step_texts: list[str] = dataclasses.field(default_factory=list)
+    step_logprobs: list[float] = dataclasses.field(default_factory=list)  # summed over each step's tokens
     keys: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # s_0 .. s_k
     generated: int = 0  # tokens sampled so far (the solution budget)
     done: bool = False
@@ -154,6 +157,7 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
             ids = strip_trailing(c.token_ids, eos)
             t.step_ids.append(ids)
             t.step_texts.append(c.text)
+            t.step_logprobs.append(float(np.sum(c.logprobs[:len(ids)])))
             t.state = c.state
             t.generated += len(c.token_ids)
             t.keys.append(t.keys[-1] + tuple(ids))
@@ -183,6 +187,7 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
                 sources.append((key, t, m))
         for (key, t, _), c in zip(sources, sampler.sample(requests, keep_states=False)):
             text = t.text + c.text
+            last = strip_trailing(c.token_ids, eos)
             correct = grade(t.problem_index, text)
             stats.add(key, correct)
             counters["rollouts"] += 1
@@ -191,7 +196,8 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
                 rows.append({
                     "problem_id": problems[t.problem_index].id, "kind": "rollout",
                     "prompt_ids": list(roots[t.problem_index].tokens),
-                    "step_ids": [list(s) for s in t.step_ids] + [strip_trailing(c.token_ids, eos)],
+                    "step_ids": [list(s) for s in t.step_ids] + [last],
+                    "step_logprobs": t.step_logprobs + [float(np.sum(c.logprobs[:len(last)]))],
                     "text": _strip_stop(text, cfg.solution_stop), "from_step": len(t.step_ids),
                     "complete": marker in c.text or c.finish_reason == "eos", "correct": bool(correct)})
         for key in fresh:
@@ -205,7 +211,8 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
         rows.append({
             "problem_id": problems[t.problem_index].id, "kind": "trajectory",
             "prompt_ids": list(roots[t.problem_index].tokens), "step_ids": [list(s) for s in t.step_ids],
-            "text": _strip_stop(t.text, cfg.solution_stop), "complete": t.complete, "correct": bool(t.correct),
+            "step_logprobs": t.step_logprobs, "text": _strip_stop(t.text, cfg.solution_stop), "complete": t.complete,
+            "correct": bool(t.correct),
             "state_hits": [stats.hits[k] for k in t.keys], "state_counts": [stats.counts[k] for k in t.keys]})
     return rows, counters
 

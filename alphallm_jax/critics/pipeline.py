@@ -6,6 +6,7 @@ Stages under WORKDIR/critics, each skipped when its artifact is complete (a reru
   3. the fast-rollout policy (WORKDIR/fast_rollout) when `rollout_policy.enabled`; the critic's backbone
      when `critics.model.init="rollout_policy"`;
   4. `train/` (trainer checkpoints, metrics) -> `critic/` (orbax critic + tokenizer + DONE);
+  4b. `critic/combiner.json`: the outcome combiner (`critics.combiner`), fitted on the train trajectories;
   5. `calibration.json` / `calibration.md`: precision, recall, ECE, AUROC per critic on the dev rows;
   6. `eval/`: `critics.eval_methods` (greedy, maj@k, orm@k, prm@k, pass@k) on `eval.split`.
 `timings.json` records each stage's wall and CPU seconds in this run (a skipped stage takes ~0 s).
@@ -20,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from alphallm_jax.critics.combiner import COMBINER_FILE, OutcomeCombiner, mean_token_logprob, solution_features
 from alphallm_jax.critics.data import DONE, RolloutConfig, build_rollout_data, critic_examples
 from alphallm_jax.critics.losses import collate_critic, critic_example_length, make_critic_loss
 from alphallm_jax.critics.positions import blank_token_ids
@@ -163,10 +165,52 @@ def _subsample_rollouts(rows: list[dict], fraction: float, seed: int) -> list[di
     return [r for r, k in zip(rows, keep) if k or r["kind"] == "trajectory"]
 
 
-def make_scorer(cfg, critic, tokenizer, *, mesh=None) -> CriticScorer:
+def make_scorer(cfg, critic, tokenizer, *, mesh=None, combiner: OutcomeCombiner | None = None) -> CriticScorer:
     s = cfg.critics.scoring
     return CriticScorer(critic, tokenizer, task=cfg.task, max_batch=s.max_batch, len_granule=s.len_granule, mesh=mesh,
-                        tools=ToolConfig.from_config(cfg.critics.tools), prm_aggregate=s.prm_aggregate)
+                        tools=ToolConfig.from_config(cfg.critics.tools), prm_aggregate=s.prm_aggregate,
+                        combiner=combiner)
+
+
+def load_combiner(cfg, critic_path) -> OutcomeCombiner | None:
+    """The critic's outcome combiner when `critics.combiner.enabled` and one was fitted (else None)."""
+    path = as_path(critic_path) / COMBINER_FILE
+    if not cfg.critics.combiner.enabled or not path.exists():
+        return None
+    return OutcomeCombiner.load(path)
+
+
+def solution_rows_features(scorer: CriticScorer, rows) -> tuple[np.ndarray, np.ndarray] | None:
+    """(combiner features [N, 3], labels [N]) of data rows; None when a row lacks `step_logprobs` (critic
+    data built before they were recorded)."""
+    if any("step_logprobs" not in r for r in rows):
+        return None
+    sol = scorer.score_solutions([r["prompt_ids"] for r in rows], [[t for s in r["step_ids"] for t in s] for r in rows],
+                                 [r["text"] for r in rows])
+    mean_lp = [mean_token_logprob(r["step_logprobs"], r["step_ids"]) for r in rows]
+    return solution_features(sol.orm, sol.tool_ok, mean_lp), np.asarray([float(r["correct"]) for r in rows])
+
+
+def fit_combiner(cfg, workdir, scorer: CriticScorer, train_rows) -> OutcomeCombiner | None:
+    """Fits (or loads) the outcome combiner on the train split's trajectories; writes critic/combiner.json."""
+    path = critics_dir(workdir) / "critic" / COMBINER_FILE
+    if not cfg.critics.combiner.enabled:
+        return None
+    if broadcast_int(path.exists()):
+        return OutcomeCombiner.load(path)
+    data = solution_rows_features(scorer, [r for r in train_rows if r["kind"] == "trajectory"])
+    if data is None:
+        log.warning("critic data under %s has no step_logprobs (built by an older version): no outcome combiner; "
+                    "delete critics/data to rebuild it", critics_dir(workdir) / "data")
+        return None
+    if not 0 < float(np.mean(data[1])) < 1:
+        log.warning("every train trajectory is %s: no outcome combiner to fit", "right" if data[1][0] else "wrong")
+        return None
+    combiner = OutcomeCombiner.fit(*data, l2=cfg.critics.combiner.l2)
+    if is_coordinator():
+        combiner.save(path)
+    barrier(f"combiner:{path}")
+    return combiner
 
 
 def run_train_critics(cfg, workdir) -> dict:
@@ -199,6 +243,7 @@ def run_train_critics(cfg, workdir) -> dict:
     critic, train_record = timed("train", train_critic, cfg, workdir, train_rows, dev_rows, policy, tokenizer,
                                  mesh=mesh)
     scorer = make_scorer(cfg, critic, tokenizer, mesh=mesh)
+    scorer.combiner = timed("combiner", fit_combiner, cfg, workdir, scorer, train_rows)
     cal = cfg.critics.calibration
     report = timed("calibration", calibration_report, scorer, dev_rows, threshold=cal.threshold,
                    num_bins=cal.num_bins)

@@ -5,7 +5,8 @@ Labels (fixed in advance, one primary per critic, a secondary where the definiti
     graded outcome (a sample of the expected reward v(s) estimates); the MC targets are compared too;
   * PRM: every step, label = the step is "correct" by Monte-Carlo (some outcome continuing from it
     reaches the right answer; Math-Shepherd's hard estimate); secondary: the trajectory's outcome;
-  * ORM: every dev trajectory, label = graded outcome; also the tool-augmented ORM and the tools alone;
+  * ORM: every dev trajectory, label = graded outcome; also the tool-augmented ORM, the tools alone and
+    the outcome combiner (`orm_combined`: ORM, tools and the policy's confidence; fitted on train rows);
   * value and PRM with the tool checks of each state's text folded in (`value_tool`, `prm_tool`: what
     the search scores with `critics.tools.steps`), against the same labels.
 One forward pass per trajectory gives every state's value, every step's PRM and the ORM.
@@ -19,9 +20,13 @@ from typing import Any
 import numpy as np
 
 from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics, metric_text, within_group_auroc
+from alphallm_jax.critics.combiner import mean_token_logprob
 from alphallm_jax.critics.data import row_tokens, trajectory_read_points
 from alphallm_jax.critics.scoring import CriticScorer
 from alphallm_jax.critics.tools import check_solutions, combine_with_checks
+
+TABLE_ORDER = ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool", "orm_combined", "tools_only",
+                        "prm_solution")
 
 
 def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], *, threshold: float = 0.5,
@@ -34,7 +39,10 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
     scores = scorer.score(seqs, step_ends=ends)
     solutions = scorer.score_solutions([r["prompt_ids"] for r in trajs],
                                        [[t for s in r["step_ids"] for t in s] for r in trajs],
-                                       [r["text"] for r in trajs])
+                                       [r["text"] for r in trajs],
+                                       mean_logprobs=[mean_token_logprob(r["step_logprobs"], r["step_ids"])
+                                                      for r in trajs] if all("step_logprobs" in r for r in trajs)
+                                       else None)
 
     value_s, value_y, value_mc, value_ok = [], [], [], []
     prm_s, prm_hard, prm_outcome, prm_ok = [], [], [], []
@@ -82,6 +90,8 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
         "tools_only": {**solution_metrics(solutions.tool_ok),
                        "fraction_flagged": float(np.mean(solutions.tool_ok < 0.5))},
         "prm_solution": {**solution_metrics(solutions.prm), "aggregate": scorer.prm_aggregate},
+        **({"orm_combined": {**solution_metrics(solutions.orm_combined),
+                             "combiner": scorer.combiner.to_dict()}} if solutions.orm_combined is not None else {}),
         "dev_trajectories": len(trajs),
         "dev_accuracy": float(np.mean(orm_y)),
         "paper_reference": PAPER_REFERENCE,
@@ -107,12 +117,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = ["# Critic calibration (dev split)", "",
              f"{report['dev_trajectories']} dev trajectories, policy accuracy {100 * report['dev_accuracy']:.1f}%.",
              "", "| critic | n | precision | recall | ECE | AUROC | Brier | label |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool", "tools_only", "prm_solution"):
+    for name in TABLE_ORDER:
+        if name not in report:
+            continue
         m = report[name]
         lines.append(f"| {name} | {m['n']} | {metric_text(m['precision'])} | {metric_text(m['recall'])} | {metric_text(m['ece'])} | "
                      f"{metric_text(m['auroc'])} | {metric_text(m['brier'])} | {m.get('label', '')} |")
-    within = [(name, report[name]) for name in ("orm", "orm_tool", "tools_only", "prm_solution")
-              if "within_prompt_auroc" in report[name]]
+    within = [(name, report[name]) for name in TABLE_ORDER
+              if "within_prompt_auroc" in report.get(name, {})]
     if within:
         lines += ["", "Within a prompt (right against wrong solutions of the same problem, the order best-of-N "
                   f"reranking uses; {within[0][1]['within_prompt_pairs']} pairs), AUROC: " +

@@ -3,8 +3,9 @@
 k solutions are sampled per problem exactly as `maj@k` samples them (same seeds, so the methods
 compare on the same samples); all k * batch solutions are scored in one batched critic call; the
 prediction is the highest-scoring one: `orm@k` by the tool-augmented ORM (`ToolConfig` decides how
-the tools fold in; combine="none" gives the plain ORM), `prm@k` by the PRM aggregated over the
-solution's steps. Ties go to the higher summed log-probability. The critic comes from
+the tools fold in; combine="none" gives the plain ORM), or by the outcome combiner when the critic has
+one (`critics.combiner`: the ORM, the tools and the sample's mean token log-probability), `prm@k` by the
+PRM aggregated over the solution's steps. Ties go to the higher summed log-probability. The critic comes from
 `ctx.components["critic"]` (a `CriticScorer`).
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from alphallm_jax.critics.positions import strip_trailing
 
 HEADS = ("orm", "prm")
 
@@ -31,15 +34,20 @@ class CriticRerank:
             raise ValueError(f"{self.spec} needs a critic: set critics.checkpoint for `alphallm eval`, or put a "
                              "CriticScorer in EvalContext.components['critic']")
         samples = _sample(problems, ctx, num_samples=self.k, temperature=ctx.eval_cfg.temperature)
-        prompt_ids, solution_ids, texts = [], [], []
+        prompt_ids, solution_ids, texts, mean_lp = [], [], [], []
         for problem, group in zip(problems, samples):
             ids = scorer.tokenizer.encode(ctx.prompt_for(problem), add_bos=True)
             for c in group:
                 prompt_ids.append(ids)
                 solution_ids.append(c.token_ids)
                 texts.append(strip_stop(c.text, ctx.eval_cfg.stop))
-        scores = scorer.score_solutions(prompt_ids, solution_ids, texts)
-        chosen = scores.orm_tool if self.head == "orm" else scores.prm
+                kept = len(strip_trailing(c.token_ids, scorer.eos_ids))  # as the critic data counts them
+                mean_lp.append(float(np.sum(c.logprobs[:kept])) / max(kept, 1))
+        scores = scorer.score_solutions(prompt_ids, solution_ids, texts, mean_logprobs=mean_lp)
+        if self.head == "prm":
+            chosen = scores.prm
+        else:
+            chosen = scores.orm_tool if scores.orm_combined is None else scores.orm_combined
         outs = []
         for i, group in enumerate(samples):
             lo = i * self.k

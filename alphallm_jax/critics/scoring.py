@@ -5,6 +5,7 @@
     s = scorer.score(seqs, step_ends=[[...], ...])       # + value_steps / prm_steps at given indices
     s = scorer.score_states(seq_states)                  # sampler SeqStates (search nodes)
     r = scorer.score_solutions(prompt_ids, solution_ids, texts)  # SolutionScores: + tools, PRM aggregate
+    r = scorer.score_solutions(..., mean_logprobs=m)     # + orm_combined, with an `OutcomeCombiner`
 
 One backbone pass per sequence gives all three heads. Sequences are sorted by length and packed
 into batches whose shapes are bucketed (`utils.shapes`: rows to powers of two, length to geometric
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alphallm_jax.critics.combiner import OutcomeCombiner, solution_features
 from alphallm_jax.critics.positions import blank_token_ids, orm_index, step_end_indices, strip_trailing
 from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with_checks
 from alphallm_jax.data.prompts import step_separator
@@ -61,6 +63,9 @@ class SolutionScores:
     # its rollout's sequence, which the causal backbone computes exactly as scoring the node alone.
     prefix_value: np.ndarray | None = None
     prefix_prm: np.ndarray | None = None
+    # The outcome combiner's P(right) from the ORM, the tools and the policy's mean token log-probability
+    # (`critics.combiner`); None without a combiner or without the log-probabilities.
+    orm_combined: np.ndarray | None = None
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -91,7 +96,8 @@ class CriticScorer:
     def __init__(self, critic: CriticModel, tokenizer=None, *, task: str = "arith", max_batch: int = 64,
                  len_granule: int = 32, max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
                  rules: shd.ShardingRules | None = None, tools: ToolConfig | None = None,
-                 prm_aggregate: str = "min", eos_ids: Collection[int] | None = None):
+                 prm_aggregate: str = "min", eos_ids: Collection[int] | None = None,
+                 combiner: OutcomeCombiner | None = None):
         if prm_aggregate not in PRM_AGGREGATES:
             raise ValueError(f"prm aggregate {prm_aggregate!r}; choose from {PRM_AGGREGATES}")
         self.critic = critic
@@ -104,6 +110,7 @@ class CriticScorer:
         self.rules = rules or shd.ShardingRules()
         self.tools = tools if tools is not None else ToolConfig()
         self.prm_aggregate = prm_aggregate
+        self.combiner = combiner
         self.separator = step_separator(task)
         self.graphdef, self.params = nnx.split(critic)
         if eos_ids is None:
@@ -173,9 +180,12 @@ class CriticScorer:
         return self.tokenizer.encode(prompt, add_bos=True), self.tokenizer.encode(solution)
 
     def score_solutions(self, prompt_ids: Sequence[Sequence[int]], solution_ids: Sequence[Sequence[int]],
-                        texts: Sequence[str], *,
-                        prefix_ends: Sequence[int | None] | None = None) -> SolutionScores:
+                        texts: Sequence[str], *, prefix_ends: Sequence[int | None] | None = None,
+                        mean_logprobs: Sequence[float] | None = None) -> SolutionScores:
         """Complete solutions: ORM, PRM over every step, tool checks on `texts`, combined scores.
+
+        `mean_logprobs[i]` (optional): the policy's mean token log-probability of solution i; with the
+        scorer's `combiner` it gives `orm_combined`.
 
         `prefix_ends[i]` (optional) also reads value and PRM at that index of sequence i (prompt + solution):
         the score of the prefix state, from the same backbone pass.
@@ -184,6 +194,8 @@ class CriticScorer:
             raise ValueError("prompt_ids, solution_ids and texts must have the same length")
         if prefix_ends is not None and len(prefix_ends) != len(texts):
             raise ValueError(f"{len(prefix_ends)} prefix_ends for {len(texts)} solutions")
+        if mean_logprobs is not None and len(mean_logprobs) != len(texts):
+            raise ValueError(f"{len(mean_logprobs)} mean_logprobs for {len(texts)} solutions")
         seqs = [list(p) + list(s) for p, s in zip(prompt_ids, solution_ids)]
         ends = [self.step_ends(seq, len(p)) for seq, p in zip(seqs, prompt_ids)]
         extra = [None] * len(seqs) if prefix_ends is None else list(prefix_ends)
@@ -197,11 +209,14 @@ class CriticScorer:
                                       np.float32)
             prefix_prm = np.asarray([np.nan if x is None else pp[-1] for pp, x in zip(scores.prm_steps, extra)],
                                     np.float32)
+        combined = None
+        if self.combiner is not None and mean_logprobs is not None:
+            combined = self.combiner.predict(solution_features(scores.orm, ok, mean_logprobs))
         return SolutionScores(
             orm=scores.orm, orm_tool=combine_with_checks(scores.orm, ok, self.tools), tool_ok=ok,
             prm=np.asarray([aggregate_prm(s, self.prm_aggregate) for s in prm_steps], np.float32),
             value=scores.value, prm_steps=prm_steps, tool_failures=[c.failures for c in checks],
-            prefix_value=prefix_value, prefix_prm=prefix_prm)
+            prefix_value=prefix_value, prefix_prm=prefix_prm, orm_combined=combined)
 
     def score_texts(self, prompts: Sequence[str], solutions: Sequence[str]) -> SolutionScores:
         """`score_solutions` from text (tokenised as the policy was trained)."""

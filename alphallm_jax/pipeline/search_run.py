@@ -74,10 +74,11 @@ def critic_dir(cfg, workdir):
 
 def load_critic_scorer(cfg, workdir, tokenizer, *, mesh=None):
     """The trained critic as a `CriticScorer` configured by `critics.scoring` and `critics.tools`."""
-    from alphallm_jax.critics.pipeline import make_scorer
+    from alphallm_jax.critics.pipeline import load_combiner, make_scorer
     from alphallm_jax.models.critic import load_critic
 
-    return make_scorer(cfg, load_critic(critic_dir(cfg, workdir), mesh=mesh), tokenizer, mesh=mesh)
+    path = critic_dir(cfg, workdir)
+    return make_scorer(cfg, load_critic(path, mesh=mesh), tokenizer, mesh=mesh, combiner=load_combiner(cfg, path))
 
 
 def search_max_len(cfg, tokenizer, prompts: Sequence[str], options: OptionConfig, limit: int) -> int:
