@@ -12,7 +12,8 @@ calculator-clean solutions, and the policy's confidence does (see README).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -102,3 +103,11 @@ def mean_token_logprob(step_logprobs: Sequence[float], step_ids: Sequence[Sequen
     """A data row's mean token log-probability: its steps' summed log-probabilities over their tokens."""
     n = sum(len(s) for s in step_ids)
     return float(np.sum(step_logprobs)) / max(n, 1)
+
+
+def rows_mean_logprobs(rows: Sequence[Mapping[str, Any]]) -> list[float] | None:
+    """Each critic data row's mean token log-probability; None when a row lacks `step_logprobs` (data
+    built before rows recorded them)."""
+    if any("step_logprobs" not in r for r in rows):
+        return None
+    return [mean_token_logprob(r["step_logprobs"], r["step_ids"]) for r in rows]

@@ -293,8 +293,12 @@ def trajectory_read_points(row: Mapping[str, Any]) -> tuple[list[int], int]:
     return ends, ends[-1] + 1
 
 
+def row_solution_ids(row: Mapping[str, Any]) -> list[int]:
+    return [t for step in row["step_ids"] for t in step]
+
+
 def row_tokens(row: Mapping[str, Any]) -> list[int]:
-    return list(row["prompt_ids"]) + [t for step in row["step_ids"] for t in step]
+    return list(row["prompt_ids"]) + row_solution_ids(row)
 
 
 def critic_example(row: Mapping[str, Any], *, blank_ids: Collection[int], prm_label: str = "soft",

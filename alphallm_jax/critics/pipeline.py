@@ -21,8 +21,8 @@ import time
 import jax
 import numpy as np
 
-from alphallm_jax.critics.combiner import COMBINER_FILE, OutcomeCombiner, mean_token_logprob, solution_features
-from alphallm_jax.critics.data import DONE, RolloutConfig, build_rollout_data, critic_examples
+from alphallm_jax.critics.combiner import COMBINER_FILE, OutcomeCombiner, rows_mean_logprobs, solution_features
+from alphallm_jax.critics.data import DONE, RolloutConfig, build_rollout_data, critic_examples, row_solution_ids
 from alphallm_jax.critics.losses import collate_critic, critic_example_length, make_critic_loss
 from alphallm_jax.critics.positions import blank_token_ids
 from alphallm_jax.critics.report import calibration_report, report_markdown
@@ -180,17 +180,6 @@ def load_combiner(cfg, critic_path) -> OutcomeCombiner | None:
     return OutcomeCombiner.load(path)
 
 
-def solution_rows_features(scorer: CriticScorer, rows) -> tuple[np.ndarray, np.ndarray] | None:
-    """(combiner features [N, 3], labels [N]) of data rows; None when a row lacks `step_logprobs` (critic
-    data built before they were recorded)."""
-    if any("step_logprobs" not in r for r in rows):
-        return None
-    sol = scorer.score_solutions([r["prompt_ids"] for r in rows], [[t for s in r["step_ids"] for t in s] for r in rows],
-                                 [r["text"] for r in rows])
-    mean_lp = [mean_token_logprob(r["step_logprobs"], r["step_ids"]) for r in rows]
-    return solution_features(sol.orm, sol.tool_ok, mean_lp), np.asarray([float(r["correct"]) for r in rows])
-
-
 def fit_combiner(cfg, workdir, scorer: CriticScorer, train_rows) -> OutcomeCombiner | None:
     """Fits (or loads) the outcome combiner on the train split's trajectories; writes critic/combiner.json."""
     path = critics_dir(workdir) / "critic" / COMBINER_FILE
@@ -198,15 +187,20 @@ def fit_combiner(cfg, workdir, scorer: CriticScorer, train_rows) -> OutcomeCombi
         return None
     if broadcast_int(path.exists()):
         return OutcomeCombiner.load(path)
-    data = solution_rows_features(scorer, [r for r in train_rows if r["kind"] == "trajectory"])
-    if data is None:
+    trajs = [r for r in train_rows if r["kind"] == "trajectory"]
+    mean_lp = rows_mean_logprobs(trajs)
+    if mean_lp is None:
         log.warning("critic data under %s has no step_logprobs (built by an older version): no outcome combiner; "
                     "delete critics/data to rebuild it", critics_dir(workdir) / "data")
         return None
-    if not 0 < float(np.mean(data[1])) < 1:
-        log.warning("every train trajectory is %s: no outcome combiner to fit", "right" if data[1][0] else "wrong")
+    labels = np.asarray([float(r["correct"]) for r in trajs])
+    if not 0 < float(np.mean(labels)) < 1:
+        log.warning("every train trajectory is %s: no outcome combiner to fit", "right" if labels[0] else "wrong")
         return None
-    combiner = OutcomeCombiner.fit(*data, l2=cfg.critics.combiner.l2)
+    sol = scorer.score_solutions([r["prompt_ids"] for r in trajs], [row_solution_ids(r) for r in trajs],
+                                 [r["text"] for r in trajs])
+    combiner = OutcomeCombiner.fit(solution_features(sol.orm, sol.tool_ok, mean_lp), labels,
+                                   l2=cfg.critics.combiner.l2)
     if is_coordinator():
         combiner.save(path)
     barrier(f"combiner:{path}")

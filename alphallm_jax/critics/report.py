@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics, metric_text, within_group_auroc
-from alphallm_jax.critics.combiner import mean_token_logprob
-from alphallm_jax.critics.data import row_tokens, trajectory_read_points
+from alphallm_jax.critics.combiner import rows_mean_logprobs
+from alphallm_jax.critics.data import row_solution_ids, row_tokens, trajectory_read_points
 from alphallm_jax.critics.scoring import CriticScorer
 from alphallm_jax.critics.tools import check_solutions, combine_with_checks
 
 TABLE_ORDER = ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool", "orm_combined", "tools_only",
-                        "prm_solution")
+               "prm_solution")
 
 
 def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], *, threshold: float = 0.5,
@@ -37,12 +37,8 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
     seqs = [row_tokens(r) for r in trajs]
     ends = [trajectory_read_points(r)[0] for r in trajs]
     scores = scorer.score(seqs, step_ends=ends)
-    solutions = scorer.score_solutions([r["prompt_ids"] for r in trajs],
-                                       [[t for s in r["step_ids"] for t in s] for r in trajs],
-                                       [r["text"] for r in trajs],
-                                       mean_logprobs=[mean_token_logprob(r["step_logprobs"], r["step_ids"])
-                                                      for r in trajs] if all("step_logprobs" in r for r in trajs)
-                                       else None)
+    solutions = scorer.score_solutions([r["prompt_ids"] for r in trajs], [row_solution_ids(r) for r in trajs],
+                                       [r["text"] for r in trajs], mean_logprobs=rows_mean_logprobs(trajs))
 
     value_s, value_y, value_mc, value_ok = [], [], [], []
     prm_s, prm_hard, prm_outcome, prm_ok = [], [], [], []
