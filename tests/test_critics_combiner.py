@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from alphallm_jax.critics.calibration import auroc
-from alphallm_jax.critics.combiner import FEATURES, OutcomeCombiner, mean_token_logprob, solution_features
+from alphallm_jax.critics.combiner import (
+    FEATURES,
+    OutcomeCombiner,
+    mean_token_logprob,
+    rows_mean_logprobs,
+    solution_features,
+)
 
 
 def _synthetic(n, seed=0):
@@ -63,8 +69,11 @@ def test_features_and_mean_logprob():
     f = solution_features([0.5, 0.9, 1.0], [1.0, 0.0, 1.0], [-0.2, -1.0, 0.0])
     assert f[:, 0] == pytest.approx([0.0, np.log(9.0), np.log((1 - 1e-6) / 1e-6)])  # ORM logit, clipped
     assert f[:, 1].tolist() == [1.0, 0.0, 1.0] and f[:, 2].tolist() == [-0.2, -1.0, 0.0]
-    assert mean_token_logprob([-1.0, -2.0], [[5, 6], [7]]) == pytest.approx(-1.0)
-    assert mean_token_logprob([], []) == 0.0
+    assert mean_token_logprob(-3.0, 3) == pytest.approx(-1.0)
+    assert mean_token_logprob(0.0, 0) == 0.0
+    rows = [{"step_logprobs": [-1.0, -2.0], "step_ids": [[5, 6], [7]]}, {"step_logprobs": [], "step_ids": []}]
+    assert rows_mean_logprobs(rows) == pytest.approx([-1.0, 0.0])
+    assert rows_mean_logprobs([{"step_ids": [[5]]}]) is None  # data built before rows kept log-probs
 
 
 def test_scorer_gives_the_combined_score_only_with_log_probabilities(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from alphallm_jax import cli
@@ -80,6 +81,23 @@ def test_train_critics_end_to_end(tmp_path):
 
     again = run_train_critics(cfg, tmp_path / "run")  # everything is resumed from the artifacts
     assert again["timings"]["data"] < out["timings"]["data"] and again["train"] == out["train"]
+
+    # A random policy is almost never right, so the combiner's fitted branch is reached by relabelling the
+    # trajectories (a label is a plain field of the row): both outcomes, then a rerun fits and reports it.
+    for split in ("train", "dev"):
+        path = root / "data" / split / "rows.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for i, row in enumerate(r for r in rows if r["kind"] == "trajectory"):
+            row["correct"] = bool(i % 2)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "critic" / "combiner.json").unlink(missing_ok=True)
+    third = run_train_critics(cfg, tmp_path / "run")
+    combiner = json.loads((root / "critic" / "combiner.json").read_text())
+    assert len(combiner["weights"]) == 3 and all(np.isfinite(combiner["weights"]))
+    report = json.loads((root / "calibration.json").read_text())
+    assert report["orm_combined"]["n"] == report["orm"]["n"] > 0
+    assert 0.0 <= report["orm_combined"]["ece"] <= 1.0 and "| orm_combined |" in (root / "calibration.md").read_text()
+    assert third["train"] == out["train"] and "combiner" in third["timings"]
 
 
 def test_rollout_policy_backbone_needs_the_fast_policy(tmp_path):

@@ -99,10 +99,10 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
 
 
-def mean_token_logprob(step_logprobs: Sequence[float], step_ids: Sequence[Sequence[int]]) -> float:
-    """A data row's mean token log-probability: its steps' summed log-probabilities over their tokens."""
-    n = sum(len(s) for s in step_ids)
-    return float(np.sum(step_logprobs)) / max(n, 1)
+def mean_token_logprob(summed_logprob: float, num_tokens: int) -> float:
+    """A solution's mean token log-probability (0 without tokens), the combiner's third feature: the same
+    for a sample's per-token log-probs (`orm@k`) and a data row's per-step sums (`rows_mean_logprobs`)."""
+    return float(summed_logprob) / max(int(num_tokens), 1)
 
 
 def rows_mean_logprobs(rows: Sequence[Mapping[str, Any]]) -> list[float] | None:
@@ -110,4 +110,4 @@ def rows_mean_logprobs(rows: Sequence[Mapping[str, Any]]) -> list[float] | None:
     built before rows recorded them)."""
     if any("step_logprobs" not in r for r in rows):
         return None
-    return [mean_token_logprob(r["step_logprobs"], r["step_ids"]) for r in rows]
+    return [mean_token_logprob(np.sum(r["step_logprobs"]), sum(len(s) for s in r["step_ids"])) for r in rows]

@@ -237,7 +237,7 @@ def run_train_critics(cfg, workdir) -> dict:
     critic, train_record = timed("train", train_critic, cfg, workdir, train_rows, dev_rows, policy, tokenizer,
                                  mesh=mesh)
     scorer = make_scorer(cfg, critic, tokenizer, mesh=mesh)
-    scorer.combiner = timed("combiner", fit_combiner, cfg, workdir, scorer, train_rows)
+    scorer = scorer.with_combiner(timed("combiner", fit_combiner, cfg, workdir, scorer, train_rows))
     cal = cfg.critics.calibration
     report = timed("calibration", calibration_report, scorer, dev_rows, threshold=cal.threshold,
                    num_bins=cal.num_bins)

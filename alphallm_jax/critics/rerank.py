@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from alphallm_jax.critics.combiner import mean_token_logprob
 from alphallm_jax.critics.positions import strip_trailing
 
 HEADS = ("orm", "prm")
@@ -42,7 +43,7 @@ class CriticRerank:
                 solution_ids.append(c.token_ids)
                 texts.append(strip_stop(c.text, ctx.eval_cfg.stop))
                 kept = len(strip_trailing(c.token_ids, scorer.eos_ids))  # as the critic data counts them
-                mean_lp.append(float(np.sum(c.logprobs[:kept])) / max(kept, 1))
+                mean_lp.append(mean_token_logprob(np.sum(c.logprobs[:kept]), kept))
         scores = scorer.score_solutions(prompt_ids, solution_ids, texts, mean_logprobs=mean_lp)
         if self.head == "prm":
             chosen = scores.prm

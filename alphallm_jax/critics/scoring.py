@@ -17,6 +17,7 @@ it). Read positions follow `critics.positions`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Collection, Sequence
@@ -128,6 +129,13 @@ class CriticScorer:
         self.calls = 0  # device calls, for benchmarks and tests
 
     # ------------------------------------------------------------------------------- public API
+    def with_combiner(self, combiner: OutcomeCombiner | None) -> CriticScorer:
+        """This scorer (same critic, compiled programs and settings) with another outcome combiner: the
+        combiner is fitted on this scorer's own ORM scores, so it arrives after the scorer."""
+        other = copy.copy(self)
+        other.combiner = combiner
+        return other
+
 
     def score(self, sequences: Sequence[Sequence[int]], *,
               step_ends: Sequence[Sequence[int]] | None = None) -> CriticScores:
