@@ -29,6 +29,7 @@ import ml_collections
 
 from alphallm_jax.critics.calibration import metric_text
 from alphallm_jax.pipeline.loop_report import find_method, write_report
+from alphallm_jax.pipeline.paired import paired_comparison
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json, rebase_paths
 
@@ -362,7 +363,22 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
     mcts = find_method(ev["cpl"], "mcts")
     if mcts is not None:
         record["mcts"] = mcts
+    # Greedy, paired on the same problems: SFT against the policy it started from, CPL against SFT.
+    if it == 1:
+        start = run.root / "base_eval"
+    else:
+        start = run.root / f"iter_{it - 1}" / "eval" / ("cpl" if cfg.loop.next_policy == "cpl" else "sft")
+    sft_greedy, cpl_greedy = greedy_predictions(it_root / "eval" / "sft"), greedy_predictions(it_root / "eval" / "cpl")
+    record["paired_greedy"] = {"sft": paired_comparison(greedy_predictions(start), sft_greedy),
+                               "cpl": paired_comparison(sft_greedy, cpl_greedy)}
     return record, record["policy"]
+
+
+def greedy_predictions(eval_out_dir):
+    """The greedy predictions file that `evaluate_policy(..., out_dir)` writes."""
+    from alphallm_jax.pipeline.evaluation import method_dirname
+
+    return as_path(eval_out_dir) / "eval" / method_dirname("greedy") / "predictions.jsonl"
 
 
 def same_weights(policy_a, policy_b) -> bool:

@@ -22,6 +22,12 @@ def _pct(r: dict | None) -> str:
     return f"{100 * r['accuracy']:.1f}%{ci}"
 
 
+def _paired(r: dict | None) -> str:
+    if not r:
+        return "-"
+    return f"{100 * r['delta']:+.1f} points: +{r['gained']} / -{r['lost']} of {r['n']}, p = {r['p_value']:.2f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# alphallm loop report", ""]
     cfg = report.get("config", {})
@@ -50,6 +56,13 @@ def markdown(report: dict[str, Any]) -> str:
     for it in report.get("iterations", []):
         lines.append(f"| {it['iteration']} | {it['synthesized_prompts']} | {it.get('sft_traces', '-')} | "
                      f"{_pct(it['sft'].get('greedy'))} | {_pct(it['cpl'].get('greedy'))} | {_pct(find_method(it['cpl'], 'mcts'))} |")
+    paired = [it for it in report.get("iterations", []) if any((it.get("paired_greedy") or {}).values())]
+    if paired:
+        lines += ["", "Greedy, paired on the same problems (gained: wrong before, right after; lost: the reverse; "
+                  "exact McNemar p):", "", "| iteration | SFT vs the policy it started from | CPL vs SFT |", "|---|---|---|"]
+        for it in paired:
+            lines.append(f"| {it['iteration']} | {_paired(it['paired_greedy'].get('sft'))} | "
+                         f"{_paired(it['paired_greedy'].get('cpl'))} |")
     if report.get("ablations"):
         lines += ["", "## Pair orderings (iteration 1, from the same SFT policy and trees)", "",
                   "| ordering | pairs | epoch | greedy mean | spread (max-min over seeds) |", "|---|---|---|---|---|"]
