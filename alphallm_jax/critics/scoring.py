@@ -136,7 +136,6 @@ class CriticScorer:
         other.combiner = combiner
         return other
 
-
     def score(self, sequences: Sequence[Sequence[int]], *,
               step_ends: Sequence[Sequence[int]] | None = None) -> CriticScores:
         """All three heads for each token sequence; `step_ends[i]` adds reads at those indices of
