@@ -61,6 +61,12 @@ def prompt_builder(cfg, tokenizer):
     return prompt_for
 
 
+def predictions_path(workdir, spec: str, tag: str = "eval"):
+    """The merged predictions file of `spec` that `evaluate_methods(..., workdir, tag=tag)` writes
+    (`merge_results`)."""
+    return as_path(workdir) / tag / method_dirname(spec) / "predictions.jsonl"
+
+
 def _part_path(out_root, spec: str):
     """This process's predictions file of `spec` (merged into predictions.jsonl by process 0)."""
     pidx, pcount = jax.process_index(), jax.process_count()

@@ -235,7 +235,7 @@ def _critics(run: LoopRun, policy_dir: str) -> dict:
 def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
     """eta-MCTS with its components added one at a time in the paper's order (`pipeline.search_ablation`),
     with the base policy and critics on the first `loop.search_ablation_limit` evaluation problems."""
-    from alphallm_jax.pipeline.evaluation import load_eval_problems, method_dirname, seed_results
+    from alphallm_jax.pipeline.evaluation import load_eval_problems, predictions_path, seed_results
     from alphallm_jax.pipeline.search_ablation import rung_overrides
     from alphallm_jax.pipeline.search_run import SearchSettings
     from alphallm_jax.utils.io import read_jsonl
@@ -245,7 +245,7 @@ def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
     # The configured search is the base evaluation's mcts: same policy, critics, config and per-problem
     # seeds, so its trees on the first `limit` problems are those of the base evaluation (a tree depends
     # only on its problem's seed). Its results are reused rather than searched again.
-    base_mcts = run.root / "base_eval" / "eval" / method_dirname("mcts") / "predictions.jsonl"
+    base_mcts = predictions_path(run.root / "base_eval", "mcts")
     rows = []
     for rung, changes in rung_overrides(SearchSettings.from_config(cfg).mcts):
         c = derived_config(cfg, **{"eval.limit": limit}, **{f"search.mcts.{k}": v for k, v in changes.items()})
@@ -364,21 +364,16 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
     if mcts is not None:
         record["mcts"] = mcts
     # Greedy, paired on the same problems: SFT against the policy it started from, CPL against SFT.
+    from alphallm_jax.pipeline.evaluation import predictions_path
+
     if it == 1:
         start = run.root / "base_eval"
     else:
         start = run.root / f"iter_{it - 1}" / "eval" / ("cpl" if cfg.loop.next_policy == "cpl" else "sft")
-    sft_greedy, cpl_greedy = greedy_predictions(it_root / "eval" / "sft"), greedy_predictions(it_root / "eval" / "cpl")
-    record["paired_greedy"] = {"sft": paired_comparison(greedy_predictions(start), sft_greedy),
+    sft_greedy, cpl_greedy = (predictions_path(it_root / "eval" / k, "greedy") for k in ("sft", "cpl"))
+    record["paired_greedy"] = {"sft": paired_comparison(predictions_path(start, "greedy"), sft_greedy),
                                "cpl": paired_comparison(sft_greedy, cpl_greedy)}
     return record, record["policy"]
-
-
-def greedy_predictions(eval_out_dir):
-    """The greedy predictions file that `evaluate_policy(..., out_dir)` writes."""
-    from alphallm_jax.pipeline.evaluation import method_dirname
-
-    return as_path(eval_out_dir) / "eval" / method_dirname("greedy") / "predictions.jsonl"
 
 
 def same_weights(policy_a, policy_b) -> bool:
