@@ -5,7 +5,14 @@ import json
 import pytest
 
 from alphallm_jax.config import default_config
-from alphallm_jax.pipeline.loop import LoopRun, _iteration_cpl_run, check_resumed_config, derived_config, same_weights
+from alphallm_jax.pipeline.loop import (
+    LoopRun,
+    _iteration_cpl_run,
+    _next_policy_stage,
+    check_resumed_config,
+    derived_config,
+    same_weights,
+)
 from alphallm_jax.pipeline.loop_report import find_method, markdown, write_report
 from alphallm_jax.pipeline.sweep import loop_checkpoints
 from alphallm_jax.utils.io import as_path, rebase_paths
@@ -92,6 +99,16 @@ def test_a_resumed_run_may_extend_the_loop_but_not_change_what_finished_stages_c
     with pytest.raises(ValueError, match=r"differs in eval\.methods: \['greedy', 'maj@16'\] -> \['greedy'\]; "
                                          r"search\.mcts\.c_uct: .* -> 0\.3\. .*use a new --workdir"):
         check_resumed_config(changed, path)
+
+
+def test_next_policy_names_the_stage_the_next_iteration_starts_from():
+    cfg = default_config()
+    assert _next_policy_stage(cfg) == "cpl"
+    cfg.loop.next_policy = "sft"
+    assert _next_policy_stage(cfg) == "sft"
+    cfg.loop.next_policy = "dpo"
+    with pytest.raises(ValueError, match="loop.next_policy.*'dpo'"):
+        _next_policy_stage(cfg)
 
 
 def test_same_weights_compares_the_weight_files_bytes(tmp_path):

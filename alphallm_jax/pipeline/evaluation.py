@@ -64,7 +64,11 @@ def prompt_builder(cfg, tokenizer):
 def predictions_path(workdir, spec: str, tag: str = "eval"):
     """The merged predictions file of `spec` that `evaluate_methods(..., workdir, tag=tag)` writes
     (`merge_results`)."""
-    return as_path(workdir) / tag / method_dirname(spec) / "predictions.jsonl"
+    return _merged_path(as_path(workdir) / tag, spec)
+
+
+def _merged_path(out_root, spec: str):
+    return out_root / method_dirname(spec) / "predictions.jsonl"
 
 
 def _part_path(out_root, spec: str):
@@ -146,7 +150,7 @@ def merge_results(problems: list[Problem], methods, out_root) -> dict:
             raise RuntimeError(f"{spec}: {len(missing)} problems have no result (first: {missing[:3]}); "
                                "a process did not finish: rerun to resume")
         merged = sorted((rows[p.id] for p in problems), key=lambda r: order[r["id"]])
-        write_jsonl_atomic(method_dir / "predictions.jsonl", merged)
+        write_jsonl_atomic(_merged_path(out_root, spec), merged)
         summary[spec] = reporting.summarize(merged)
     atomic_write_json(out_root / "summary.json", {"methods": summary, "num_problems": len(problems)})
     atomic_write_text(out_root / "summary.md", reporting.markdown_table(summary, title=f"{out_root.name}"))

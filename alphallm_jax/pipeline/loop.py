@@ -165,6 +165,7 @@ def run_loop(cfg, workdir) -> dict:
     run = LoopRun(cfg=cfg, root=as_path(workdir), mesh=mesh_from_config(cfg))
     run.root.mkdir(parents=True, exist_ok=True)
     check_resumed_config(cfg, run.root / "config.json")
+    _next_policy_stage(cfg)  # a bad value fails now, not after the first iteration's training
     if is_coordinator():
         atomic_write_json(run.root / "config.json", cfg.to_dict())
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}
@@ -358,7 +359,7 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
         "cpl_epochs": ev["cpl_epochs"],
         "sft_traces": sft["sft_traces"],
         "pairs": cpl.get("pairs"),
-        "policy": cpl["policy"] if cfg.loop.next_policy == "cpl" else sft["policy"],
+        "policy": {"sft": sft, "cpl": cpl}[_next_policy_stage(cfg)]["policy"],
     }
     mcts = find_method(ev["cpl"], "mcts")
     if mcts is not None:
@@ -369,11 +370,18 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
     if it == 1:
         start = run.root / "base_eval"
     else:
-        start = run.root / f"iter_{it - 1}" / "eval" / ("cpl" if cfg.loop.next_policy == "cpl" else "sft")
+        start = run.root / f"iter_{it - 1}" / "eval" / _next_policy_stage(cfg)
     sft_greedy, cpl_greedy = (predictions_path(it_root / "eval" / k, "greedy") for k in ("sft", "cpl"))
     record["paired_greedy"] = {"sft": paired_comparison(predictions_path(start, "greedy"), sft_greedy),
                                "cpl": paired_comparison(sft_greedy, cpl_greedy)}
     return record, record["policy"]
+
+
+def _next_policy_stage(cfg) -> str:
+    """The stage ("sft" or "cpl") whose policy the next iteration starts from (`loop.next_policy`)."""
+    if cfg.loop.next_policy not in ("sft", "cpl"):
+        raise ValueError(f"loop.next_policy must be 'sft' or 'cpl', got {cfg.loop.next_policy!r}")
+    return cfg.loop.next_policy
 
 
 def same_weights(policy_a, policy_b) -> bool:
