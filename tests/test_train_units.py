@@ -88,6 +88,40 @@ def test_adamw_clipping_and_decay_match_a_manual_update():
     np.testing.assert_allclose(new["norm"], params["norm"])  # zero grad, no decay on norms
 
 
+def test_the_step_scaling_unit_updates_by_the_schedule_equals_adamw_with_the_schedule():
+    # The trainer compiles one step for every schedule: AdamW at learning rate 1, its updates scaled by
+    # the schedule's value passed in. Three steps of it must equal optax's AdamW driven by the schedule.
+    model = create_model(presets.get("tiny"), seed=0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    batch = {k: jnp.asarray(v) for k, v in collate_sft([([5, 6, 7], [8, 9]), ([4], [3, 2, 1])], 2).items()}
+    sched = make_schedule(1e-3, 3, end_lr=1e-4, warmup_steps=1, kind="cosine")
+    key = jax.random.key_data(jax.random.PRNGKey(0))
+    unit_tx = make_optimizer(learning_rate=1.0, weight_decay=0.1)
+    step = jax.jit(step_lib.make_train_step(graphdef, losses.sft_loss, unit_tx), compiler_options=FAST)
+    p, s = params, unit_tx.init(params)
+    for i in range(3):
+        p, s, metrics = step(p, s, rest, batch, sched(i), key)
+        assert float(metrics["learning_rate"]) == pytest.approx(float(sched(i)))
+    tx = make_optimizer(learning_rate=sched, weight_decay=0.1)
+    grad_fn = jax.jit(step_lib.make_loss_and_grad(graphdef, rest, losses.sft_loss), compiler_options=FAST)
+    q, t = params, tx.init(params)
+    for _ in range(3):
+        _, grads = grad_fn(q, batch)
+        updates, t = tx.update(grads, t, q)
+        q = optax.apply_updates(q, updates)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)  # fused vs eager rounding
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
+
+
+def test_schedules_give_the_same_rates_on_the_host_and_traced():
+    sched = make_schedule(3e-3, 50, end_lr=1e-4, warmup_ratio=0.1, kind="cosine")
+    host = np.array([sched(s) for s in range(50)])
+    traced = np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(50)))
+    assert isinstance(sched(3), np.ndarray) and sched(3).dtype == np.float32
+    np.testing.assert_allclose(host, traced, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- accumulation
 def test_accumulated_gradients_equal_the_full_batch_token_mean():
     rng = np.random.default_rng(0)
@@ -135,9 +169,9 @@ def test_train_step_with_accumulation_equals_one_big_batch():
     tx = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(1.0))
     outs = []
     for accum in (1, 2):
-        step = jax.jit(step_lib.make_train_step(graphdef, losses.sft_loss, tx, None, accum),
+        step = jax.jit(step_lib.make_train_step(graphdef, losses.sft_loss, tx, accum),
                        compiler_options=FAST)
-        p, _, metrics = step(params, tx.init(params), rest, batch, 0,
+        p, _, metrics = step(params, tx.init(params), rest, batch, np.float32(1.0),
                              jax.random.key_data(jax.random.PRNGKey(0)))
         outs.append((p, metrics))
     (p1, m1), (p2, m2) = outs

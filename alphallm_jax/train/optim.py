@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -50,7 +51,8 @@ def make_schedule(peak_lr: float, total_steps: int, *, end_lr: float | None = No
     """Warm-up then ``kind`` decay from ``peak_lr`` to ``end_lr`` over ``total_steps`` updates.
 
     ``end_lr`` defaults to ``peak_lr`` (no decay). Returns a function of the 0-based update count
-    (an int or a traced integer array) giving a float32 learning rate.
+    giving a float32 learning rate: a NumPy value for a host number or NumPy array (how the trainer
+    feeds its compiled step, so that one program serves every schedule), a JAX array for a traced one.
     """
     if kind not in SCHEDULES:
         raise ValueError(f"Unknown schedule {kind!r}; choose from {SCHEDULES}")
@@ -59,16 +61,17 @@ def make_schedule(peak_lr: float, total_steps: int, *, end_lr: float | None = No
     decay_len = max(1, total_steps - warm - 1)
 
     def schedule(count):
-        s = jnp.asarray(count, jnp.float32)
+        xp = np if isinstance(count, (int, float, np.ndarray, np.generic)) else jnp
+        s = xp.asarray(count, xp.float32)
         warm_lr = peak_lr * (s + 1.0) / max(warm, 1)
-        p = jnp.clip((s - warm) / decay_len, 0.0, 1.0)
+        p = xp.clip((s - warm) / decay_len, 0.0, 1.0)
         if kind == "cosine":
-            decayed = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+            decayed = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + xp.cos(xp.pi * p))
         elif kind == "linear":
             decayed = peak_lr + (end_lr - peak_lr) * p
         else:
-            decayed = jnp.full_like(p, peak_lr)
-        return jnp.where(s < warm, warm_lr, decayed).astype(jnp.float32)
+            decayed = xp.full_like(p, peak_lr)
+        return xp.where(s < warm, warm_lr, decayed).astype(xp.float32)
 
     return schedule
 

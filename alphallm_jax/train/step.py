@@ -95,26 +95,31 @@ def make_loss_and_grad(graphdef: nnx.GraphDef, rest: Any, loss_fn: LossFn) -> Ca
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: Callable[[Any], jax.Array] | None = None, grad_accum_steps: int = 1):
-    """``step(params, opt_state, rest, batch, step, rng) -> (params, opt_state, metrics)``.
+                    grad_accum_steps: int = 1):
+    """``step(params, opt_state, rest, batch, learning_rate, rng) -> (params, opt_state, metrics)``.
+
+    ``tx`` gives the updates of a unit learning rate (build it with learning rate 1); the step scales
+    them by ``learning_rate``, a float32 scalar argument, as optax scales by a schedule's value. The
+    rate being an input rather than a constant of the program, one compiled step serves every schedule
+    and run length (a loop's SFT and DPO rounds of different sizes share theirs).
 
     A step whose loss or gradient norm is not finite applies no update (parameters and optimizer
     state come back unchanged) and reports ``metrics["finite"] = False``; the trainer then stops.
     """
-    def train_step(params, opt_state, rest, batch, step, rng):
+    def train_step(params, opt_state, rest, batch, learning_rate, rng):
         loss_and_grad = make_loss_and_grad(graphdef, rest, loss_fn)
         (loss, metrics), grads = accumulated_loss_and_grads(
             loss_and_grad, params, batch, grad_accum_steps, rng)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        unit_updates, new_opt_state = tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: jnp.asarray(learning_rate, u.dtype) * u, unit_updates)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_params = jax.tree.map(keep, new_params, params)
         new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(step)
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
         return new_params, new_opt_state, metrics
 
     return train_step

@@ -437,27 +437,26 @@ class Trainer:
         nnx.update(self.model, params)
 
     # ---------------------------------------------------------------- compiled steps
-    def _compiled(self, total: int, warm: int):
+    def _compiled(self):
         """(tx, opt_state shardings, jitted opt init, jitted train step), shared by every Trainer
-        with the same model graph, loss, mesh and optimizer settings (no recompiles across runs)."""
+        with the same model graph, loss, mesh and optimizer settings (no recompiles across runs). The
+        learning-rate schedule is not among them: the step takes the rate as an input."""
         cfg = self.cfg
         options = tuple(sorted((cfg.compiler_options or {}).items()))
-        key = (self.graphdef, self.loss_fn, self.mesh, self.rules, total, warm, cfg.learning_rate,
-               cfg.end_learning_rate, cfg.schedule, cfg.weight_decay, cfg.max_grad_norm,
+        key = (self.graphdef, self.loss_fn, self.mesh, self.rules, cfg.weight_decay, cfg.max_grad_norm,
                cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.grad_accum_steps, options,
                jax.tree.structure(self.params), jax.tree.structure(self.rest))
         hit = _STEP_CACHE.get(key)
         if hit is not None:
             return hit
-        schedule = make_schedule(cfg.learning_rate, total, end_lr=cfg.end_learning_rate,
-                                 warmup_steps=warm, kind=cfg.schedule)
-        tx = make_optimizer(learning_rate=schedule, weight_decay=cfg.weight_decay,
+        # Unit learning rate: the step scales the updates by the schedule's value (train.step).
+        tx = make_optimizer(learning_rate=1.0, weight_decay=cfg.weight_decay,
                             max_grad_norm=cfg.max_grad_norm, b1=cfg.adam_b1, b2=cfg.adam_b2,
                             eps=cfg.adam_eps)
         opt_shardings = self._opt_shardings(jax.eval_shape(tx.init, self.params))
         init_fn = jax.jit(tx.init, out_shardings=opt_shardings)
         train_step = jax.jit(
-            step_lib.make_train_step(self.graphdef, self.loss_fn, tx, schedule, cfg.grad_accum_steps),
+            step_lib.make_train_step(self.graphdef, self.loss_fn, tx, cfg.grad_accum_steps),
             in_shardings=(self.param_shardings, opt_shardings, self.rest_shardings, None,
                           self.replicated, self.replicated),
             out_shardings=(self.param_shardings, opt_shardings, self.replicated),
@@ -523,7 +522,9 @@ class Trainer:
         if cfg.max_steps:
             total = min(total, cfg.max_steps) if cfg.epochs >= 1 else cfg.max_steps
         warm = warmup_steps_for(total, cfg.warmup_ratio, cfg.warmup_steps)
-        tx, opt_shardings, init_fn, train_step = self._compiled(total, warm)
+        schedule = make_schedule(cfg.learning_rate, total, end_lr=cfg.end_learning_rate,
+                                 warmup_steps=warm, kind=cfg.schedule)
+        tx, opt_shardings, init_fn, train_step = self._compiled()
         self.opt_state = init_fn(self.params)
 
         ckpt, best = self._managers(with_dev=bool(dev_examples))
@@ -571,8 +572,7 @@ class Trainer:
                 batch = self._device_batch(host_batch)
                 step_key = jax.random.key_data(jax.random.fold_in(base_key, self.step))
                 self.params, self.opt_state, metrics = train_step(
-                    self.params, self.opt_state, self.rest, batch, jnp.asarray(self.step, jnp.int32),
-                    step_key)
+                    self.params, self.opt_state, self.rest, batch, schedule(self.step), step_key)
                 it.advance()  # it.state: the next batch to train on (what checkpoints record)
                 # Prepare the next batch on the host while the device computes this step.
                 pending = next_batch() if self.step + 1 < total else None
