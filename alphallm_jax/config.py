@@ -53,7 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.base.num_dev = 0
     # arith D0 only: a systematic slip written into a share of the worked solutions, final answers (labels)
     # kept right (data.arith.with_slips): "summed_product" (3*12=<<3*12=15>>15 in the opening line),
-    # "dropped_carry" (27+15=<<27+15=32>>32, 52-17=<<52-17=45>>45) or "summed_difference" (18-5=<<18-5=23>>23);
+    # "dropped_carry" (27+15=<<27+15=32>>32, 52-17=<<52-17=45>>45), "summed_difference" (18-5=<<18-5=23>>23)
+    # or "intermediate_answer" (every line right, `#### N` the result of the line before the last);
     # "none": D0 as generated. slip_fraction: the share of the stories the slip applies to that carry it.
     c.base.slip = "none"
     c.base.slip_fraction = 0.0
@@ -163,6 +164,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.policy_train.alpha = 0.5  # CPL: w = r_g + alpha * p_g (paper: 0.5)
     c.policy_train.beta = 0.1  # DPO temperature
     c.policy_train.label_smoothing = 0.0  # conservative DPO; 0: plain DPO
+    # > 0: DPO plus this weight times the chosen response's mean token NLL (keeps the winner likely)
+    c.policy_train.dpo_nll_weight = 0.0
     c.policy_train.logp_batch_size = 64  # pairs per batch of the reference and p_g passes
     c.policy_train.logits_chunk_size = 0  # >0: vocabulary projection in sequence chunks (large vocabs)
     c.policy_train.save_epoch_policies = True  # DPO: a policy checkpoint after every epoch

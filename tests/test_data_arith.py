@@ -273,3 +273,28 @@ def test_dropped_carry_example():
     q = _product_problem("Tom has 12 pens. He buys 3*2 more... How many?",
                          "He has 12+6=<<12+6=18>>18 pens.\n#### 18", "18")
     assert arith.dropped_carry_solution(q) is None
+
+
+def test_intermediate_answer_slip_answers_the_line_before_the_last(splits):
+    p = _product_problem("Leo has 9 dollars. Then he works for 4 hours and earns 7 dollars each hour. He buys a toy "
+                         "for 6 dollars. How many dollars does Leo have now?",
+                         "He earns 4*7=<<4*7=28>>28 dollars.\nNow he has 9+28=<<9+28=37>>37 dollars.\n"
+                         "The toy costs 6 dollars, so he has 37-6=<<37-6=31>>31 dollars left.\n#### 31", "31")
+    # Every line stays right (the calculator passes it); only the answer line takes the earlier result.
+    slipped = arith.intermediate_answer_solution(p)
+    assert slipped == p.solution.replace("#### 31", "#### 37")
+    assert check_annotations(slipped)
+    one_line = _product_problem("Tom has 12 pens. He buys 6 more. How many?", "He has 12+6=<<12+6=18>>18 pens.\n#### 18",
+                                "18")
+    assert arith.intermediate_answer_solution(one_line) is None
+    same = _product_problem("Tom has 2 bags of 2 pens. He ...", "He has 2*2=<<2*2=4>>4 pens.\n"
+                            "He has 4/1=<<4/1=4>>4 pens.\n#### 4", "4")
+    assert arith.intermediate_answer_solution(same) is None  # the earlier result is the answer too
+    train = splits["train"][:400]
+    half = arith.with_slips(train, "intermediate_answer", 0.5, seed=0)
+    rewritten = [(p, q) for p, q in zip(train, half) if q.solution != p.solution]
+    assert 0.35 * len(train) < len(rewritten) < 0.65 * len(train)
+    for p, q in rewritten:
+        assert q.answer == p.answer and q.meta["slip"] == "intermediate_answer"
+        assert q.solution.split("\n")[:-1] == p.solution.split("\n")[:-1]
+        assert not q.solution.endswith(f"#### {p.answer}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -312,3 +313,50 @@ def test_sharded_sampler_equals_single_device(tmp_path, tokenizer):
     for a, b in zip(*outs):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_prefill_row_blocks_rule():
+    assert engine.prefill_row_blocks(64, 128) == 4  # 16 x 128 = 2048 tokens a block
+    assert engine.prefill_row_blocks(16, 128) == 1
+    assert engine.prefill_row_blocks(1, 4096) == 1  # a row is never split
+    assert engine.prefill_row_blocks(64, 4096) == 64
+    assert engine.prefill_row_blocks(64, 4096, data_shards=2) == 32  # each block still spans both shards
+    assert engine.prefill_row_blocks(24, 256) == 3  # a divisor of the rows
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_prefill_in_row_blocks_equals_one_pass(tmp_path, sharded):
+    """A large prefill runs as a loop over blocks of rows: the same logits and cache as one pass, on one
+    device and with the rows sharded over a mesh; the sampler's greedy tokens are unchanged."""
+    path, _ = _save_tiny_hf(tmp_path, "mistral", sliding_window=8, seed=5)
+    mesh = make_mesh(data=2, fsdp=1, tensor=4) if sharded else None
+    model, _ = load_hf_checkpoint(path, mesh=mesh)
+    sampler = Sampler(model, None, max_len=48, mesh=mesh)
+    prompts = _prompts(8, seed=7, lo=3, hi=20)
+    chunk_bs = np.zeros((8, 24), np.int32)
+    pos_bs = np.full((8, 24), -1, np.int32)
+    for i, p in enumerate(prompts):
+        chunk_bs[i, :len(p)], pos_bs[i, :len(p)] = p, np.arange(len(p))
+    outs = []
+    for blocks in (1, 4):
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            cache = sampler._new_cache(8, 48)
+            outs.append(engine.prefill(sampler.graphdef, sampler.params, cache, sampler._put(chunk_bs),
+                                       sampler._put(pos_bs), blocks))
+    (logits_one, cache_one), (logits_blocks, cache_blocks) = outs
+    np.testing.assert_allclose(np.asarray(logits_blocks), np.asarray(logits_one), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(cache_blocks.slot_pos_bt), np.asarray(cache_one.slot_pos_bt))
+    for a, b in zip(cache_blocks.k + cache_blocks.v, cache_one.k + cache_one.v):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    if sharded:
+        assert cache_blocks.k[0].sharding.is_equivalent_to(cache_one.k[0].sharding, 4)
+
+    def greedy(block_tokens):
+        engine.PREFILL_BLOCK_TOKENS = block_tokens
+        reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=6, temperature=0.0) for p in prompts]
+        return [c.token_ids for c in sampler.sample(reqs, keep_states=False)]
+
+    try:
+        assert greedy(16) == greedy(2048)  # 4 blocks (2 with the mesh's 2 data shards) vs one pass
+    finally:
+        engine.PREFILL_BLOCK_TOKENS = 2048

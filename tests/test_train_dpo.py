@@ -95,6 +95,14 @@ def test_paired_forward_equals_separate_passes_and_ignores_filler_rows():
     assert float(metrics["reward_accuracy"]) == 1.0  # the reference was lowered on every chosen side
     # The reference pass itself summed response tokens only: prompt tokens are not scored.
     np.testing.assert_allclose(ref_w + 1.0, sides["chosen"], rtol=1e-4)
+    # The NLL term on the winner: plus the weight times its mean per-token NLL (response tokens only).
+    n_tokens = np.array([len(e.chosen_ids) for e in examples], np.float64)
+    nll = np.mean(-sides["chosen"] / n_tokens)
+    loss_nll, metrics_nll = dpo.dpo_loss(model, {k: jnp.asarray(v) for k, v in batch.items()}, beta=beta,
+                                         nll_weight=0.7)
+    np.testing.assert_allclose(float(metrics_nll["chosen_nll"]), nll, rtol=1e-4)
+    np.testing.assert_allclose(float(loss_nll), float(loss) + 0.7 * nll, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics_nll["dpo_loss"]), float(loss), rtol=1e-6)
 
 
 def test_short_fit_learns_policy_moves_reference_stays(tmp_path):

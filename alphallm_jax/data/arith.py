@@ -1026,10 +1026,25 @@ def summed_difference_solution(problem: Problem) -> str | None:
     return _slipped_chain(problem, lambda i, a, op, b: a + b if op == "-" else None)
 
 
+def intermediate_answer_solution(problem: Problem) -> str | None:
+    """``problem``'s worked solution, every line right, with ``#### N`` giving the result of the line
+    before the last: the classic error of answering an intermediate quantity. No arithmetic is wrong,
+    so the calculator check passes it; the answer line contradicts the line above it. None for a
+    one-line solution, or when the two results are equal."""
+    lines = (problem.solution or "").split("\n")
+    if len(lines) < 3 or re.fullmatch(r"#### \d+", lines[-1]) is None:
+        return None
+    before_last = _ANNOTATED.search(lines[-3])
+    if before_last is None or lines[-1] == f"#### {before_last.group(4)}":
+        return None
+    return "\n".join(lines[:-1] + [f"#### {before_last.group(4)}"])
+
+
 SLIPS: dict[str, Callable[[Problem], str | None]] = {
     "summed_product": summed_product_solution,
     "dropped_carry": dropped_carry_solution,
     "summed_difference": summed_difference_solution,
+    "intermediate_answer": intermediate_answer_solution,
 }
 
 

@@ -248,7 +248,9 @@ class Sampler:
             full = cache_len_for(self.max_len)
             cache = self._new_cache(n_unique, full if keep_states else min(full, bucket_length(need, 64)))
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            logits_uv, cache = engine.prefill(self.graphdef, self.params, cache, self._put(chunk_us), self._put(pos_us))
+            blocks = engine.prefill_row_blocks(n_unique, seq, self._row_multiple)
+            logits_uv, cache = engine.prefill(self.graphdef, self.params, cache, self._put(chunk_us), self._put(pos_us),
+                                              blocks)
             self.stats.prefilled_tokens += sum(len(c) for _, _, c in firsts)
 
             # 3. Fork shared prefixes into their samples (a device-side row copy).

@@ -2,7 +2,10 @@
 
 ``L = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``, ``z = beta * [(log pi(y_w|x) - log ref(y_w|x))
 - (log pi(y_l|x) - log ref(y_l|x))]``, the log-probabilities summed over response tokens only;
-``eps = label_smoothing`` (conservative DPO; 0: plain DPO).
+``eps = label_smoothing`` (conservative DPO; 0: plain DPO). With ``nll_weight`` > 0 the loss adds that
+weight times the chosen response's mean token negative log-likelihood (DPO with an NLL term on the
+winner, as in iterative reasoning preference optimisation): plain DPO can win its margin by lowering
+both responses' likelihood, which on reasoning traces lowers the chosen one too.
 
 The reference model is the policy at the start of preference learning. Its log-probabilities do not
 change, so ``with_reference`` computes them once, in one unshuffled batched jitted pass, and stores
@@ -136,11 +139,13 @@ def dpo_terms(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array, ref_chos
 
 
 def dpo_loss(model, batch: dict[str, jax.Array], *, beta: float, label_smoothing: float = 0.0,
-             logits_chunk_size: int | None = None) -> tuple[jax.Array, Metrics]:
-    """Mean DPO loss over the batch's real pairs (``row_mask``); ``metrics["weight"]`` = pairs.
+             nll_weight: float = 0.0, logits_chunk_size: int | None = None) -> tuple[jax.Array, Metrics]:
+    """Mean DPO loss over the batch's real pairs (``row_mask``), plus ``nll_weight`` times the chosen
+    responses' mean per-token NLL; ``metrics["weight"]`` = pairs.
 
-    Metrics: ``loss``, ``reward_accuracy`` (chosen reward > rejected reward), ``chosen_reward``,
-    ``rejected_reward``, ``margin`` (their difference), ``logp_chosen``, ``logp_rejected``.
+    Metrics: ``loss``, ``dpo_loss``, ``chosen_nll`` (per token), ``reward_accuracy`` (chosen reward >
+    rejected reward), ``chosen_reward``, ``rejected_reward``, ``margin`` (their difference),
+    ``logp_chosen``, ``logp_rejected``.
     """
     logp_chosen_b, logp_rejected_b = pair_log_probs(model, batch, logits_chunk_size=logits_chunk_size)
     loss_b, chosen_b, rejected_b = dpo_terms(
@@ -153,9 +158,12 @@ def dpo_loss(model, batch: dict[str, jax.Array], *, beta: float, label_smoothing
     def mean(x_b):
         return jnp.sum(x_b * row_b) * inv
 
-    loss = mean(loss_b)
+    chosen_tokens_b = jnp.sum(batch["chosen_loss_mask"].astype(jnp.float32), axis=-1)
+    chosen_nll = mean(-logp_chosen_b / jnp.maximum(chosen_tokens_b, 1.0))
+    dpo = mean(loss_b)
+    loss = dpo + nll_weight * chosen_nll if nll_weight else dpo
     return loss, {
-        "loss": loss, "reward_accuracy": mean((chosen_b > rejected_b).astype(jnp.float32)),
+        "loss": loss, "dpo_loss": dpo, "chosen_nll": chosen_nll, "reward_accuracy": mean((chosen_b > rejected_b).astype(jnp.float32)),
         "chosen_reward": mean(chosen_b), "rejected_reward": mean(rejected_b),
         "margin": mean(chosen_b - rejected_b), "logp_chosen": mean(logp_chosen_b),
         "logp_rejected": mean(logp_rejected_b), WEIGHT_KEY: count,
@@ -163,12 +171,12 @@ def dpo_loss(model, batch: dict[str, jax.Array], *, beta: float, label_smoothing
 
 
 @functools.lru_cache(maxsize=32)
-def make_dpo_loss(beta: float, label_smoothing: float = 0.0,
-                  logits_chunk_size: int | None = None) -> LossFn:
+def make_dpo_loss(beta: float, label_smoothing: float = 0.0, logits_chunk_size: int | None = None,
+                  nll_weight: float = 0.0) -> LossFn:
     """``dpo_loss`` with its options bound; the same options give the same function object, so
     the trainer's compiled step is reused across runs."""
     return functools.partial(dpo_loss, beta=float(beta), label_smoothing=float(label_smoothing),
-                             logits_chunk_size=logits_chunk_size)
+                             nll_weight=float(nll_weight), logits_chunk_size=logits_chunk_size)
 
 
 # ------------------------------------------------------------------ batched log-probability pass

@@ -168,8 +168,8 @@ def train_sft_on_traces(model, tokenizer: Tokenizer, records: Sequence[Mapping[s
 def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str, Any]], cfg: Any,
                      workdir: PathLike, *, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """DPO of ``model`` (in place) on pair records with ``cfg.dpo`` (a TrainConfig section), ordered
-    by ``cfg.ordering`` (which also picks the pair kinds), ``cfg.beta``, ``cfg.label_smoothing`` and,
-    for CPL, ``cfg.alpha``. ``model`` as passed in is the reference. Returns a summary with each
+    by ``cfg.ordering`` (which also picks the pair kinds), ``cfg.beta``, ``cfg.label_smoothing``,
+    ``cfg.dpo_nll_weight`` and, for CPL, ``cfg.alpha``. ``model`` as passed in is the reference. Returns a summary with each
     epoch's mean train metrics and the saved epoch policies."""
     ordering = str(_get(cfg, "ordering", "cpl"))
     if ordering not in ORDERINGS:
@@ -186,7 +186,9 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
     collate = make_collate(max_seq_len=train_cfg.max_seq_len, pad_to_multiple=train_cfg.pad_to_multiple,
                            fixed_length=train_cfg.fixed_seq_len)
     start = time.time()
-    trainer = Trainer(model, make_dpo_loss(float(cfg.beta), float(_get(cfg, "label_smoothing", 0.0)), chunk),
+    loss_fn = make_dpo_loss(float(cfg.beta), float(_get(cfg, "label_smoothing", 0.0)), chunk,
+                            nll_weight=float(_get(cfg, "dpo_nll_weight", 0.0)))
+    trainer = Trainer(model, loss_fn,
                       train_cfg, mesh=mesh, workdir=str(run_dir / "train"), collate_fn=collate,
                       length_fn=preference_length)
     # The reference is the trainer's starting point, computed as its steps compute (master weights,
