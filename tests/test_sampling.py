@@ -325,7 +325,7 @@ def test_prefill_row_blocks_rule():
 
 
 @pytest.mark.parametrize("sharded", [False, True])
-def test_prefill_in_row_blocks_equals_one_pass(tmp_path, sharded):
+def test_prefill_in_row_blocks_equals_one_pass(tmp_path, monkeypatch, sharded):
     """A large prefill runs as a loop over blocks of rows: the same logits and cache as one pass, on one
     device and with the rows sharded over a mesh; the sampler's greedy tokens are unchanged."""
     path, _ = _save_tiny_hf(tmp_path, "mistral", sliding_window=8, seed=5)
@@ -352,11 +352,8 @@ def test_prefill_in_row_blocks_equals_one_pass(tmp_path, sharded):
         assert cache_blocks.k[0].sharding.is_equivalent_to(cache_one.k[0].sharding, 4)
 
     def greedy(block_tokens):
-        engine.PREFILL_BLOCK_TOKENS = block_tokens
+        monkeypatch.setattr(engine, "PREFILL_BLOCK_TOKENS", block_tokens)
         reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=6, temperature=0.0) for p in prompts]
         return [c.token_ids for c in sampler.sample(reqs, keep_states=False)]
 
-    try:
-        assert greedy(16) == greedy(2048)  # 4 blocks (2 with the mesh's 2 data shards) vs one pass
-    finally:
-        engine.PREFILL_BLOCK_TOKENS = 2048
+    assert greedy(16) == greedy(2048)  # a row a block (two, with the mesh's 2 data shards) vs one pass
