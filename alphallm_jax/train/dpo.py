@@ -163,7 +163,8 @@ def dpo_loss(model, batch: dict[str, jax.Array], *, beta: float, label_smoothing
     dpo = mean(loss_b)
     loss = dpo + nll_weight * chosen_nll if nll_weight else dpo
     return loss, {
-        "loss": loss, "dpo_loss": dpo, "chosen_nll": chosen_nll, "reward_accuracy": mean((chosen_b > rejected_b).astype(jnp.float32)),
+        "loss": loss, "dpo_loss": dpo, "chosen_nll": chosen_nll,
+        "reward_accuracy": mean((chosen_b > rejected_b).astype(jnp.float32)),
         "chosen_reward": mean(chosen_b), "rejected_reward": mean(rejected_b),
         "margin": mean(chosen_b - rejected_b), "logp_chosen": mean(logp_chosen_b),
         "logp_rejected": mean(logp_rejected_b), WEIGHT_KEY: count,

@@ -169,8 +169,8 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
                      workdir: PathLike, *, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """DPO of ``model`` (in place) on pair records with ``cfg.dpo`` (a TrainConfig section), ordered
     by ``cfg.ordering`` (which also picks the pair kinds), ``cfg.beta``, ``cfg.label_smoothing``,
-    ``cfg.dpo_nll_weight`` and, for CPL, ``cfg.alpha``. ``model`` as passed in is the reference. Returns a summary with each
-    epoch's mean train metrics and the saved epoch policies."""
+    ``cfg.dpo_nll_weight`` and, for CPL, ``cfg.alpha``. ``model`` as passed in is the reference.
+    Returns a summary with each epoch's mean train metrics and the saved epoch policies."""
     ordering = str(_get(cfg, "ordering", "cpl"))
     if ordering not in ORDERINGS:
         raise ValueError(f"policy_train.ordering={ordering!r}; choose from {ORDERINGS}")
