@@ -282,10 +282,19 @@ def test_search_bench_times_both_modes_on_the_same_trees(stack):
 
     tokenizer, problems = stack[0], _problems(stack)
     prompt_tokens = {p.problem_id: len(tokenizer.encode(p.prompt, add_bos=True)) for p in problems}
+    prompt_ids = [tokenizer.encode(p.prompt, add_bos=True) for p in problems]
     result = run_search_bench(lambda: LMSearchBackend(_sampler(stack), stack[2], task="arith", options=OPTIONS),
-                              problems, MCTS, prompt_tokens, sequential_problems=2)
+                              problems, MCTS, prompt_tokens, sequential_problems=2, prompt_ids=prompt_ids)
     batched, sequential = result["batched"], result["sequential"]
     assert batched["problems"] == 3 and sequential["problems"] == 2 and batched["nodes"] > sequential["nodes"] > 0
+    # Three trees in lockstep send larger rounds to the sampler than one tree at a time; the decoding cost
+    # per row and token is measured at both sizes (the policy rolls out itself: one sampler).
+    assert batched["rows_per_round"]["policy"] > sequential["rows_per_round"]["policy"] >= 1
+    cost = result["decode_row_cost"]["policy"]
+    assert cost["rows"]["batched"] == round(batched["rows_per_round"]["policy"])
+    assert all(t > 0 for t in cost["us_per_row_token"].values())
+    assert cost["decode_batching_gain"] == pytest.approx(
+        cost["us_per_row_token"]["sequential"] / cost["us_per_row_token"]["batched"])
     assert result["speedup"] == pytest.approx(result["batched_nodes_per_s"] / result["sequential_nodes_per_s"])
     # Expansions fork their parents' cached states: prefill covers each prompt once plus a few re-primed
     # tokens, never a parent's whole prefix again.

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a measured matmul peak, median timing, the machine's description."""
+"""Shared pieces of the benchmarks: a measured matmul peak and streaming bandwidth, median timing, the
+machine's description."""
 
 from __future__ import annotations
 
@@ -37,6 +38,21 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 7, dtype=jnp.float32) -> d
 def matmul_peak_flops(n: int = 2048, repeats: int = 7, dtype=jnp.float32) -> float:
     """The median of `measure_matmul_peak`: the peak the sampler's rooflines are taken against."""
     return measure_matmul_peak(n, repeats, dtype)["median_flops"]
+
+
+def measure_stream_bandwidth(matrices: int = 32, rows: int = 512, cols: int = 4096, repeats: int = 7,
+                             dtype=jnp.float32) -> dict:
+    """Bytes/s at which one jitted program of vector-matrix products reads `matrices` weight-like
+    matrices (8 MiB each by default, 256 MiB in all: far more than the caches): how fast decoding one
+    row can stream a model's weights, layer after layer; the memory side of the sampler's roofline.
+    (One 256 MiB matrix streams 10-30% slower on 2 CPU cores.) Best and median of `repeats` timed runs."""
+    keys = jax.random.split(jax.random.PRNGKey(0), matrices)
+    ws = [jax.random.normal(k, (rows, cols), dtype) for k in keys]
+    x = jnp.ones((1, rows), dtype)
+    vecmats = jax.jit(lambda x, ws: [x @ w for w in ws])
+    seconds, times = median_seconds(lambda: jax.block_until_ready(vecmats(x, ws)), repeats=repeats, warmup=2)
+    nbytes = float(matrices * rows * cols * jnp.dtype(dtype).itemsize)
+    return {"bytes": nbytes, "best_bytes_per_s": nbytes / min(times), "median_bytes_per_s": nbytes / seconds}
 
 
 def usable_cores() -> int:

@@ -13,6 +13,14 @@ the jitted functions shared). Reported:
   trees' unique tokens (each prompt once plus every option's tokens). 1.0 means no prefix was ever
   recomputed; forked expansions should keep it near 1.
 
+To say how much batching can give on the machine at hand, the bench also reports, per sampler the
+search uses (the policy's, and the fast-rollout policy's when there is one), the mean rows of its
+prefill-and-decode rounds in each mode (`rows_per_round`) and what decoding costs per row and token at
+those two batch sizes, measured on a fresh backend (`decode_row_cost`): `decode_batching_gain` is the
+ratio, the most that batching the decoding itself can give (a device that runs small batches at a
+fraction of its throughput gains much; two CPU cores, whose per-row cost hardly falls with the batch,
+little).
+
 Each side runs its workload twice on fresh backends and the second run is timed: the same problems and
 seeds build the same trees, so the first run compiles every shape the timed one meets and neither rate
 counts compilation. (A warm-up on fewer, other problems left the 64-tree batch shapes to compile inside
@@ -22,10 +30,13 @@ with the cache warm gave 1.36.)
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from alphallm_jax.sampling import SampleRequest
 from alphallm_jax.search.mcts import run_mcts
 from alphallm_jax.search.tree import SearchProblem, Tree
 
@@ -40,21 +51,57 @@ def tree_nodes(trees: Sequence[Tree]) -> int:
     return sum(len(t.nodes) - 1 for t in trees)
 
 
+def _samplers(backend) -> dict[str, Any]:
+    """The backend's samplers by role: the policy's, and the fast-rollout policy's when it is another."""
+    samplers = {"policy": backend.sampler}
+    if getattr(backend, "rollout_sampler", backend.sampler) is not backend.sampler:
+        samplers["rollout"] = backend.rollout_sampler
+    return samplers
+
+
 def _timed_search(make_backend, problems: Sequence[SearchProblem], mcts_cfg, *, one_at_a_time: bool):
     backend = make_backend()
-    before = backend.sampler.stats.prefilled_tokens
+    samplers = _samplers(backend)
+    before = {k: dataclasses.replace(s.stats) for k, s in samplers.items()}
     start = time.perf_counter()
     if one_at_a_time:
         trees = [tree for p in problems for tree in run_mcts([p], backend, mcts_cfg)]
     else:
         trees = run_mcts(problems, backend, mcts_cfg)
     seconds = time.perf_counter() - start
-    return trees, seconds, backend.sampler.stats.prefilled_tokens - before
+    rows_per_round = {k: (s.stats.batch_rows - before[k].batch_rows) / max(1, s.stats.batches - before[k].batches)
+                      for k, s in samplers.items()}
+    prefilled = backend.sampler.stats.prefilled_tokens - before["policy"].prefilled_tokens
+    return trees, seconds, prefilled, rows_per_round
+
+
+def decode_row_cost(sampler, prompt_ids: Sequence[Sequence[int]], rows: int, *, new_tokens: int = 32,
+                    temperature: float = 1.0, repeats: int = 3) -> float:
+    """Median seconds per row and decoded token when `rows` requests (prompts taken in turn from
+    `prompt_ids`) decode together: a call for up to `new_tokens` tokens less one for a single token
+    (the same prefill), over the tokens the first generated beyond the second's. One untimed round first
+    (compiles)."""
+    prompts = [prompt_ids[i % len(prompt_ids)] for i in range(rows)]
+
+    def timed(max_new: int) -> tuple[float, int]:
+        requests = [SampleRequest(state=sampler.new_state(p), max_new_tokens=max_new, temperature=temperature,
+                                  seed=i) for i, p in enumerate(prompts)]
+        start = time.perf_counter()
+        out = sampler.sample(requests, keep_states=False)
+        return time.perf_counter() - start, sum(len(c.token_ids) for c in out)
+
+    def once() -> float:
+        (long_s, long_tokens), (short_s, short_tokens) = timed(new_tokens), timed(1)
+        return max(long_s - short_s, 0.0) / max(1, long_tokens - short_tokens)
+
+    once()
+    return statistics.median(once() for _ in range(repeats))
 
 
 def run_search_bench(make_backend, problems: Sequence[SearchProblem], mcts_cfg, prompt_tokens: dict[str, int], *,
-                     sequential_problems: int) -> dict[str, Any]:
-    """`make_backend()` gives a fresh backend over the same models; see the module doc."""
+                     sequential_problems: int, prompt_ids: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+    """`make_backend()` gives a fresh backend over the same models; see the module doc. `prompt_ids`
+    (token ids of some of the problems' prompts) enables the `decode_row_cost` measurement."""
     if len(problems) < 1 or sequential_problems < 1:
         raise ValueError("need at least one problem on each side")
     seq_set = problems[:sequential_problems]
@@ -66,16 +113,26 @@ def run_search_bench(make_backend, problems: Sequence[SearchProblem], mcts_cfg, 
             raise RuntimeError("the search built other trees on its second run: the bench times the second")
         return second
 
-    batched, batched_s, prefilled = second_run(problems, False)
-    sequential, sequential_s, _ = second_run(seq_set, True)
+    batched, batched_s, prefilled, batched_rows = second_run(problems, False)
+    sequential, sequential_s, _, sequential_rows = second_run(seq_set, True)
     batched_rate = tree_nodes(batched) / batched_s
     sequential_rate = tree_nodes(sequential) / sequential_s
     unique = unique_tokens(batched, prompt_tokens)
-    return {
+    result = {
         "batched_nodes_per_s": batched_rate, "sequential_nodes_per_s": sequential_rate,
         "speedup": batched_rate / sequential_rate, "prefill_to_unique_tokens": prefilled / unique,
         "batched": {"problems": len(problems), "nodes": tree_nodes(batched), "seconds": batched_s,
-                    "prefilled_tokens": prefilled, "unique_tokens": unique},
-        "sequential": {"problems": len(seq_set), "nodes": tree_nodes(sequential), "seconds": sequential_s},
+                    "prefilled_tokens": prefilled, "unique_tokens": unique, "rows_per_round": batched_rows},
+        "sequential": {"problems": len(seq_set), "nodes": tree_nodes(sequential), "seconds": sequential_s,
+                       "rows_per_round": sequential_rows},
         "timed_run": "second of two (the first compiles)",
     }
+    if prompt_ids:
+        costs = {}
+        for role, sampler in _samplers(make_backend()).items():
+            rows = {"sequential": max(1, round(sequential_rows[role])), "batched": max(1, round(batched_rows[role]))}
+            seconds = {mode: decode_row_cost(sampler, prompt_ids, n) for mode, n in rows.items()}
+            costs[role] = {"rows": rows, "us_per_row_token": {m: 1e6 * t for m, t in seconds.items()},
+                           "decode_batching_gain": seconds["sequential"] / seconds["batched"]}
+        result["decode_row_cost"] = costs
+    return result

@@ -31,7 +31,13 @@ def main(argv) -> None:
         line = f"batch {row['batch']:>3}: ours {row['ours_tokens_per_s']:9.1f} tok/s"
         if "hf_tokens_per_s" in row:
             line += f"  hf {row['hf_tokens_per_s']:9.1f} tok/s  ratio {row['ratio']:5.2f}"
-        print(line + f"  roofline fraction {row['roofline_fraction']:.3f}")
+        line += f"  roofline fraction {row['roofline_fraction']:.3f} (compute), {row['roofline']['fraction']:.3f}"
+        line += " (compute and memory)"
+        if "ratio_ceiling" in row["roofline"]:
+            line += f"; ratio at that roofline {row['roofline']['ratio_ceiling']:.2f}"
+        print(line)
+    print(f"matmul peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, streaming "
+          f"{result['stream_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     if f.out:
         atomic_write_json(f.out, result)
         print(f"wrote {f.out}")

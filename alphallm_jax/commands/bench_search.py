@@ -64,7 +64,8 @@ def main(argv) -> None:
 
     prompt_tokens = {p.problem_id: len(tokenizer.encode(p.prompt, add_bos=True)) for p in pool}
     result = run_search_bench(fresh_backend, pool, settings.mcts, prompt_tokens,
-                              sequential_problems=f.sequential_problems)
+                              sequential_problems=f.sequential_problems,
+                              prompt_ids=[tokenizer.encode(p.prompt, add_bos=True) for p in pool])
     result.update({"policy": policy, "split": split, "machine": machine_info(), "mcts": settings.mcts.to_dict()})
     text = json.dumps(result, indent=2, default=str)
     print(text)

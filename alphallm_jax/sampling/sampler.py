@@ -69,6 +69,8 @@ class SamplerStats:
     evictions: int = 0
     device_calls: int = 0  # prefill + decode launches
     compactions: int = 0  # decode loops continued in a smaller batch once most rows had stopped
+    batches: int = 0  # prefill-and-decode rounds (`sample` splits its requests into max_batch rounds)
+    batch_rows: int = 0  # requests over those rounds (padding rows excluded)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -211,6 +213,8 @@ class Sampler:
         return self._stop_tables[stops]
 
     def _sample_batch(self, reqs: list[SampleRequest], keep_states: bool) -> list[Completion]:
+        self.stats.batches += 1
+        self.stats.batch_rows += len(reqs)
         # 1. What each request must prefill: the tokens its nearest cached ancestor lacks.
         plans = []
         for r in reqs:

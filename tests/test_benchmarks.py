@@ -1,0 +1,71 @@
+"""The sampler benchmark's accounting (FLOPs and bytes per phase, the two-sided roofline) and a tiny
+end-to-end run of it against transformers."""
+
+import dataclasses
+import math
+
+import pytest
+
+from alphallm_jax.benchmarks.common import measure_stream_bandwidth
+from alphallm_jax.benchmarks.sampler_bench import generation_flops, generation_phases, roofline, run
+from alphallm_jax.models import presets
+
+# d=8, f=16, 2 layers, 2 heads and 1 KV head of size 4, vocabulary 32: small enough to count by hand.
+CFG = presets.get("tiny", vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=4)
+
+
+def test_generation_phases_counted_by_hand():
+    d, f, h, v, layers = 8, 16, 4, 32, 2
+    # Per token: q (d x 2h), k and v (d x h each), o (2h x d), gate/up/down (3 d x f), then the vocabulary.
+    per_token = layers * 2 * (d * 2 * h + 2 * d * h + 2 * h * d + 3 * d * f) + 2 * d * v
+    per_pair = layers * 4 * 2 * h
+    batch, prompt, new = 3, 5, 4
+    phases = generation_phases(CFG, batch, prompt, new)
+    assert [p["phase"] for p in phases] == ["prefill"] + ["decode"] * (new - 1)
+
+    prefill = batch * (per_token * prompt - (prompt - 1) * 2 * d * v + per_pair * prompt * (prompt + 1) / 2)
+    assert phases[0]["flops"] == pytest.approx(prefill)
+    for step, phase in enumerate(phases[1:], start=1):
+        assert phase["flops"] == pytest.approx(batch * (per_token + per_pair * (prompt + step)))
+    assert generation_flops(CFG, batch, prompt, new) == pytest.approx(sum(p["flops"] for p in phases))
+
+    # Bytes: the weights but the (gathered) embedding table, 4 bytes each, and the KV cache per token:
+    # 2 layers x (k, v) x 1 head x 4 x 4 bytes.
+    weights = (CFG.param_count() - v * d) * 4
+    kv_per_token = layers * 2 * 1 * h * 4
+    assert phases[0]["bytes"] == weights + batch * prompt * kv_per_token
+    assert phases[2]["bytes"] == weights + batch * (prompt + 2) * kv_per_token
+    assert generation_phases(CFG, batch, prompt, new, prefill_blocks=2)[0]["bytes"] == (
+        2 * weights + batch * prompt * kv_per_token)
+    tied = dataclasses.replace(CFG, tie_word_embeddings=True)
+    assert generation_phases(tied, 1, prompt, 2)[1]["bytes"] == tied.param_count() * 4 + (prompt + 1) * kv_per_token
+
+
+def test_roofline_takes_the_slower_side_per_phase():
+    phases = [{"flops": 100.0, "bytes": 10.0}, {"flops": 1.0, "bytes": 50.0}, {"flops": 4.0, "bytes": 4.0}]
+    bound = roofline(phases, peak_flops=10.0, bandwidth_bytes_per_s=5.0)
+    assert bound["compute_seconds"] == pytest.approx(10.0 + 0.1 + 0.4)
+    assert bound["memory_seconds"] == pytest.approx(2.0 + 10.0 + 0.8)
+    assert bound["bound_seconds"] == pytest.approx(10.0 + 10.0 + 0.8)
+    assert bound["memory_bound_phases"] == 2
+
+
+def test_stream_bandwidth_is_measured():
+    result = measure_stream_bandwidth(matrices=3, rows=256, cols=512, repeats=3)
+    assert result["bytes"] == 3 * 256 * 512 * 4
+    assert 0 < result["median_bytes_per_s"] <= result["best_bytes_per_s"] < math.inf
+
+
+def test_sampler_bench_runs_end_to_end_against_transformers():
+    pytest.importorskip("transformers")
+    result = run(batch_sizes=(1, 2), prompt_len=8, new_tokens=4, repeats=1, preset="tiny")
+    assert [row["batch"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["first_row_tokens_agree"]
+        assert row["ratio"] == pytest.approx(row["hf_seconds"] / row["ours_seconds"])
+        bound = row["roofline"]
+        assert bound["bound_seconds"] >= max(bound["compute_seconds"], bound["memory_seconds"]) > 0
+        assert bound["fraction"] == pytest.approx(bound["bound_seconds"] / row["ours_seconds"])
+        assert bound["ratio_ceiling"] == pytest.approx(row["hf_seconds"] / bound["bound_seconds"])
+    assert result["stream_bandwidth_bytes_per_s"] > 0
