@@ -7,7 +7,7 @@ import math
 import pytest
 
 from alphallm_jax.benchmarks.common import measure_stream_bandwidth
-from alphallm_jax.benchmarks.sampler_bench import generation_flops, generation_phases, roofline, run
+from alphallm_jax.benchmarks.sampler_bench import generation_phases, roofline, run
 from alphallm_jax.models import presets
 
 # d=8, f=16, 2 layers, 2 heads and 1 KV head of size 4, vocabulary 32: small enough to count by hand.
@@ -28,7 +28,6 @@ def test_generation_phases_counted_by_hand():
     assert phases[0]["flops"] == pytest.approx(prefill)
     for step, phase in enumerate(phases[1:], start=1):
         assert phase["flops"] == pytest.approx(batch * (per_token + per_pair * (prompt + step)))
-    assert generation_flops(CFG, batch, prompt, new) == pytest.approx(sum(p["flops"] for p in phases))
 
     # Bytes: the weights but the (gathered) embedding table, 4 bytes each, and the KV cache per token:
     # 2 layers x (k, v) x 1 head x 4 x 4 bytes.

@@ -69,11 +69,6 @@ def generation_phases(cfg, batch: int, prompt_len: int, new_tokens: int, prefill
     return phases
 
 
-def generation_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Matmul FLOPs of prefilling `prompt_len` tokens and decoding `new_tokens` for `batch` rows."""
-    return sum(p["flops"] for p in generation_phases(cfg, batch, prompt_len, new_tokens))
-
-
 def roofline(phases: list[dict], peak_flops: float, bandwidth_bytes_per_s: float) -> dict:
     """Seconds at the roofline: each phase bound by its compute at `peak_flops` or its bytes at
     `bandwidth_bytes_per_s`, whichever takes longer, summed over phases."""
