@@ -54,7 +54,7 @@ def tree_nodes(trees: Sequence[Tree]) -> int:
 def _samplers(backend) -> dict[str, Any]:
     """The backend's samplers by role: the policy's, and the fast-rollout policy's when it is another."""
     samplers = {"policy": backend.sampler}
-    if getattr(backend, "rollout_sampler", backend.sampler) is not backend.sampler:
+    if backend.rollout_sampler is not backend.sampler:
         samplers["rollout"] = backend.rollout_sampler
     return samplers
 

@@ -62,10 +62,10 @@ def main(argv) -> None:
         return make_backend(cfg, f.workdir, model, tokenizer, prompts, scorer=scorer, settings=settings,
                             fast_policy=fast_policy)
 
-    prompt_tokens = {p.problem_id: len(tokenizer.encode(p.prompt, add_bos=True)) for p in pool}
+    prompt_ids = [tokenizer.encode(p.prompt, add_bos=True) for p in pool]
+    prompt_tokens = {p.problem_id: len(ids) for p, ids in zip(pool, prompt_ids)}
     result = run_search_bench(fresh_backend, pool, settings.mcts, prompt_tokens,
-                              sequential_problems=f.sequential_problems,
-                              prompt_ids=[tokenizer.encode(p.prompt, add_bos=True) for p in pool])
+                              sequential_problems=f.sequential_problems, prompt_ids=prompt_ids)
     result.update({"policy": policy, "split": split, "machine": machine_info(), "mcts": settings.mcts.to_dict()})
     text = json.dumps(result, indent=2, default=str)
     print(text)
