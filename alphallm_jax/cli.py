@@ -27,10 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synthesize": ("synthesize", "imagination: new prompts from D0 written by a policy, filtered; counts per filter"),
     "sweep": ("sweep", "evaluation methods x budgets x checkpoints (a loop run's policies), sharded: one table, one plot"),
     "plan": ("plan", "per-device memory of every model on the configured mesh, computed abstractly (no memory)"),
-    "bench": ("bench", "benchmarks with side-by-side ratios: `alphallm bench {sampler,train,search} --out F.json`"),
+    "bench": ("bench", "benchmarks with side-by-side ratios: `alphallm bench {sampler,train,search,decode} --out F.json`"),
 }
 # `alphallm bench NAME` runs alphallm_jax.commands.bench_NAME.
-BENCHMARKS = ("sampler", "train", "search")
+BENCHMARKS = ("sampler", "train", "search", "decode")
 
 
 def _usage() -> str:

@@ -44,6 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling.max_len = 1024  # longest sequence a cached state may reach
     c.sampling.pool_slots = 256
     c.sampling.max_batch = 64
+    # Slots per KV cache chunk; attention skips the chunks no row has reached. 0: 64 on CPU, one chunk
+    # on accelerators; -1: always one chunk.
+    c.sampling.kv_chunk_slots = 0
 
     # The built-in demo's base policy, trained from scratch on labelled D0 (alphallm train-base).
     c.base = ml_collections.ConfigDict()

@@ -1,11 +1,12 @@
 """The sampler benchmark's accounting (FLOPs and bytes per phase, the two-sided roofline) and a tiny
-end-to-end run of it against transformers."""
+end-to-end run of it against transformers; the decode benchmark (one KV chunk vs slot chunks) end to end."""
 
 import dataclasses
 import math
 
 import pytest
 
+from alphallm_jax.benchmarks import decode_bench
 from alphallm_jax.benchmarks.common import measure_stream_bandwidth
 from alphallm_jax.benchmarks.sampler_bench import generation_phases, roofline, run
 from alphallm_jax.models import presets
@@ -68,3 +69,24 @@ def test_sampler_bench_runs_end_to_end_against_transformers():
         assert bound["fraction"] == pytest.approx(bound["bound_seconds"] / row["ours_seconds"])
         assert bound["ratio_ceiling"] == pytest.approx(row["hf_seconds"] / bound["bound_seconds"])
     assert result["stream_bandwidth_bytes_per_s"] > 0
+
+
+def test_decode_bench_times_both_cache_layouts_on_the_same_contents():
+    result = decode_bench.run(preset="tiny", rows=4, cache_len=32, fills=(3, 20), chunk_slots=8, repeats=2,
+                              steps_per_repeat=1)
+    assert [row["fill"] for row in result["fills"]] == [3, 20]
+    for row in result["fills"]:
+        assert row["speedup"] == pytest.approx(row["one_chunk_step_seconds"] / row["chunked_step_seconds"])
+        assert row["max_abs_logit_difference"] < 1e-4  # the same cache contents, split into 4 chunks
+    with pytest.raises(ValueError, match="below cache_len"):
+        decode_bench.run(preset="tiny", rows=4, cache_len=32, fills=(32,))
+
+
+def test_demo_policy_preset_is_the_demo_configs_policy():
+    from tests.helpers import load_config
+
+    cfg = load_config("demo_arith", None)
+    preset = presets.get("demo_policy")
+    assert preset.vocab_size == cfg.base.tokenizer_vocab_size
+    for key, value in cfg.base.model.items():
+        assert getattr(preset, key) == value, key

@@ -65,23 +65,32 @@ def test_cache_sizes():
   assert not short.ring and short.cache_len == 10
   empty = KVCache.create(CFG, 3, 16, dtype="bfloat16")
   np.testing.assert_array_equal(empty.lengths(), [0, 0, 0])
-  assert empty.k[0].shape == (3, CFG.num_kv_heads, 16, CFG.head_dim)
-  assert empty.k[0].dtype == jnp.bfloat16 and empty.slot_pos_bt.dtype == jnp.int32
-  assert len(empty.k) == len(empty.v) == CFG.num_layers
+  assert empty.k[0][0].shape == (3, CFG.num_kv_heads, CFG.head_dim, 16)  # keys: head_dim before slots
+  assert empty.v[0][0].shape == (3, CFG.num_kv_heads, 16, CFG.head_dim)
+  assert empty.k[0][0].dtype == jnp.bfloat16 and empty.slot_pos_bt.dtype == jnp.int32
+  assert len(empty.k) == len(empty.v) == CFG.num_layers and empty.chunk_lengths == (16,)
+  chunked = KVCache.create(CFG, 2, 40, chunk_slots=16)
+  assert chunked.chunk_lengths == (16, 16, 8) and chunked.cache_len == 40
+  assert [c.shape for c in chunked.k[1]] == [(2, CFG.num_kv_heads, CFG.head_dim, n) for n in (16, 16, 8)]
+  assert KVCache.create(CFG, 2, 40, chunk_slots=64).chunk_lengths == (40,)
+  with pytest.raises(ValueError, match="chunk_slots"):
+    KVCache.create(CFG, 2, 40, chunk_slots=0)
 
 
-def test_decode_step_updates_cache_in_place(plain):
-  cache = KVCache.create(CFG, 2, 32)
+@pytest.mark.parametrize("chunk_slots", [None, 8])
+def test_decode_step_updates_cache_in_place(plain, chunk_slots):
+  cache = KVCache.create(CFG, 2, 32, chunk_slots=chunk_slots)
   _, cache = plain.step(cache, IDS[:, :7])
-  buffers = [x.unsafe_buffer_pointer() for x in (*cache.k, *cache.v, cache.slot_pos_bt)]
+  buffers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(cache)]
   ids, pos = jnp.asarray(IDS[:, 7:8]), cache.lengths()[:, None]
   hlo = plain.jit_step.lower(plain.state, cache, ids, pos).compile().as_text()
   old = cache
   logits, cache = plain.step(cache, ids, pos)
-  assert old.k[0].is_deleted()  # the cache argument was donated ...
+  assert old.k[0][0].is_deleted()  # the cache argument was donated ...
   # ... and every output buffer is the input buffer: updated in place, not rebuilt.
-  assert [x.unsafe_buffer_pointer() for x in (*cache.k, *cache.v, cache.slot_pos_bt)] == buffers
-  assert not re.search(r"= f32\[2,32,2,16\]\{[0-9,]*\} copy\(", hlo)
+  assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(cache)] == buffers
+  n = chunk_slots or 32
+  assert not re.search(rf"= f32\[2,2,({n},16|16,{n})\]\{{[0-9,]*\}} copy\(", hlo)
   np.testing.assert_array_equal(cache.lengths(), [8, 8])
   np.testing.assert_allclose(logits[:, 0], plain.full[:, 7], atol=TOL)
 

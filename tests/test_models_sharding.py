@@ -105,7 +105,7 @@ def test_sharded_cache_decode_matches_single_device(mesh, sharded, reference):
   _, ref_logits = reference
   graphdef, state = nnx.split(sharded)
   cache = KVCache.create(CFG, 2, 16, mesh=mesh)
-  kv_shards = {s.data.shape for s in cache.k[0].addressable_shards}
+  kv_shards = {s.data.shape for s in cache.k[0][0].addressable_shards}
   assert kv_shards == {(1, 2, 16, 16)}  # batch split over fsdp, 2 KV heads replicated
 
   @functools.partial(jax.jit, donate_argnums=(1,))
@@ -118,7 +118,7 @@ def test_sharded_cache_decode_matches_single_device(mesh, sharded, reference):
     for t in range(8, 12):
       logits, cache = step(state, cache, jnp.asarray(IDS[:, t:t + 1]))
       np.testing.assert_allclose(logits[:, 0], ref_logits[:, t], atol=1e-5)
-  kv_shards = {s.data.shape for s in cache.k[0].addressable_shards}
+  kv_shards = {s.data.shape for s in cache.k[0][0].addressable_shards}
   assert kv_shards == {(1, 2, 16, 16)}  # batch split over fsdp, 2 KV heads replicated
 
 

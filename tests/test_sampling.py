@@ -66,11 +66,14 @@ def _prompts(n, seed=0, lo=3, hi=14):
 
 
 @pytest.mark.parametrize("which", ["llama", "mistral"])
-def test_greedy_matches_transformers_generate(which, request, tokenizer):
+@pytest.mark.parametrize("chunk_slots", [-1, 4])  # one cache chunk; chunks of 4 slots, most skipped early on
+def test_greedy_matches_transformers_generate(which, chunk_slots, request, tokenizer):
     model, hf_model = request.getfixturevalue(which)
     prompts = _prompts(4, seed=1)
     max_new = 24  # prompt + new > the Mistral window of 8
-    sampler = Sampler(model, tokenizer, max_len=64)
+    sampler = Sampler(model, tokenizer, max_len=64, kv_chunk_slots=chunk_slots)
+    cache = sampler._new_cache(8, 64)  # Mistral: a ring of 15 slots
+    assert len(cache.chunk_lengths) == (1 if chunk_slots < 0 else -(-cache.cache_len // chunk_slots))
     reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=max_new, temperature=0.0) for p in prompts]
     ours = sampler.sample(reqs, keep_states=False)
     for prompt, completion in zip(prompts, ours):
@@ -129,11 +132,11 @@ def test_logprobs_are_untempered(llama, tokenizer):
 
 
 @pytest.mark.parametrize("which", ["llama", "mistral"])
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_forked_continuation_equals_decoding_from_scratch(which, request, tokenizer, temperature):
+@pytest.mark.parametrize("temperature,chunk_slots", [(0.0, -1), (1.0, -1), (1.0, 16)])
+def test_forked_continuation_equals_decoding_from_scratch(which, request, tokenizer, temperature, chunk_slots):
     model, _ = request.getfixturevalue(which)
     prompts = _prompts(3, seed=11)
-    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=16)
+    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=16, kv_chunk_slots=chunk_slots)
     roots = [sampler.new_state(p) for p in prompts]
     first = sampler.sample([SampleRequest(state=r, max_new_tokens=9, temperature=temperature, seed=i)
                             for i, r in enumerate(roots)])
@@ -142,7 +145,7 @@ def test_forked_continuation_equals_decoding_from_scratch(which, request, tokeni
                                for c in first for j in range(3)])
     hits = sampler.stats.cache_hits
     assert hits == 9
-    scratch = Sampler(model, tokenizer, max_len=96)
+    scratch = Sampler(model, tokenizer, max_len=96, kv_chunk_slots=chunk_slots)
     for idx, child in enumerate(children):
         parent = first[idx // 3]
         context = list(parent.state.tokens)
@@ -297,7 +300,8 @@ def test_unpadded_small_batches_give_the_same_samples(llama, tokenizer):
     np.testing.assert_allclose(one[0][0].logprobs, two[0][0].logprobs, atol=1e-5)
 
 
-def test_sharded_sampler_equals_single_device(tmp_path, tokenizer):
+@pytest.mark.parametrize("chunk_slots", [-1, 16])
+def test_sharded_sampler_equals_single_device(tmp_path, tokenizer, chunk_slots):
     path, _ = _save_tiny_hf(tmp_path, "llama", seed=3)
     prompts = _prompts(5, seed=2)
     single_model, _ = load_hf_checkpoint(path)
@@ -305,7 +309,7 @@ def test_sharded_sampler_equals_single_device(tmp_path, tokenizer):
     sharded_model, _ = load_hf_checkpoint(path, mesh=mesh)
     outs = []
     for model, m in ((single_model, None), (sharded_model, mesh)):
-        sampler = Sampler(model, tokenizer, max_len=64, mesh=m)
+        sampler = Sampler(model, tokenizer, max_len=64, mesh=m, kv_chunk_slots=chunk_slots)
         reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=10, temperature=t, seed=i)
                 for i, p in enumerate(prompts) for t in (0.0, 1.0)]
         outs.append(sampler.sample(reqs))
@@ -346,10 +350,10 @@ def test_prefill_in_row_blocks_equals_one_pass(tmp_path, monkeypatch, sharded):
     (logits_one, cache_one), (logits_blocks, cache_blocks) = outs
     np.testing.assert_allclose(np.asarray(logits_blocks), np.asarray(logits_one), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(cache_blocks.slot_pos_bt), np.asarray(cache_one.slot_pos_bt))
-    for a, b in zip(cache_blocks.k + cache_blocks.v, cache_one.k + cache_one.v):
+    for a, b in zip(jax.tree.leaves(cache_blocks), jax.tree.leaves(cache_one)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     if sharded:
-        assert cache_blocks.k[0].sharding.is_equivalent_to(cache_one.k[0].sharding, 4)
+        assert cache_blocks.k[0][0].sharding.is_equivalent_to(cache_one.k[0][0].sharding, 4)
 
     def greedy(block_tokens):
         monkeypatch.setattr(engine, "PREFILL_BLOCK_TOKENS", block_tokens)

@@ -75,7 +75,7 @@ def build_data(cfg, workdir, policy, tokenizer, *, mesh=None) -> tuple[list[dict
     dev = load_split(cfg, cfg.critics.dev_split, cfg.critics.num_dev_prompts)
     longest = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in train + dev)
     sampler = Sampler(policy, tokenizer, max_len=longest + data_cfg.max_new_tokens, pool_slots=data_cfg.pool_slots,
-                      max_batch=cfg.sampling.max_batch, mesh=mesh)
+                      max_batch=cfg.sampling.max_batch, mesh=mesh, kv_chunk_slots=cfg.sampling.kv_chunk_slots)
     root = critics_dir(workdir) / "data"
     train_rows = build_rollout_data(sampler, train, prompt_for, data_cfg, root / "train", task=cfg.task,
                                     seed=cfg.seed, desc="critic data (train)")

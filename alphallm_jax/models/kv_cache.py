@@ -9,6 +9,10 @@ Under a sliding window W a ring of T slots stays correct for a chunk of c tokens
 writes never overwrite a key its earliest query still needs: positions q0-W+1 .. q0 must survive
 writes of q0 .. q0+c-1, i.e. T >= W + c - 1. The decoder therefore splits longer chunks into
 sub-chunks of `max_chunk(window)` tokens.
+
+The slots are stored in chunks (separate buffers of `chunk_slots` slots each, the last one possibly
+shorter), so that attention can skip a chunk no row has reached: a decode step then reads the keys
+in use rather than the whole cache (`decoder.attend_chunks`). One chunk is the plain layout.
 """
 
 from __future__ import annotations
@@ -21,33 +25,53 @@ from jax.sharding import NamedSharding
 from alphallm_jax.models.config import ModelConfig
 from alphallm_jax.models.sharding import ShardingRules, logical_to_spec
 
-# Heads before slots: both attention products read the cache as it lies (decoder.attend_cached).
-KV_NAMES = ("batch", "kv_heads", "cache_seq", "head_dim")
+# Heads before slots, and keys with head_dim before slots: a decode step's scores reduce over head_dim
+# across contiguous slots and its output over slots across contiguous head_dim (decoder.attend_chunks).
+KEY_NAMES = ("batch", "kv_heads", "head_dim", "cache_seq")
+VALUE_NAMES = ("batch", "kv_heads", "cache_seq", "head_dim")
 SLOT_NAMES = ("batch", "cache_seq")
 
 
 def kv_shape(cfg: ModelConfig, batch: int, cache_len: int) -> tuple[int, int, int, int]:
-  """One layer's key (or value) buffer: [batch, kv_heads, cache_len, head_dim] (named by KV_NAMES)."""
+  """One layer's value buffer: [batch, kv_heads, cache_len, head_dim] (named by VALUE_NAMES); the
+  key buffer holds as many elements, [batch, kv_heads, head_dim, cache_len] (`key_shape`)."""
   return (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
+
+
+def key_shape(cfg: ModelConfig, batch: int, cache_len: int) -> tuple[int, int, int, int]:
+  return (batch, cfg.num_kv_heads, cfg.head_dim, cache_len)
+
+
+def chunk_lengths(cache_len: int, chunk_slots: int | None) -> tuple[int, ...]:
+  """Slots per chunk: `chunk_slots` each, the last one what remains (one chunk: None or >= cache_len)."""
+  if chunk_slots is None or chunk_slots >= cache_len:
+    return (cache_len,)
+  if chunk_slots < 1:
+    raise ValueError(f"chunk_slots must be positive, got {chunk_slots}")
+  full, rest = divmod(cache_len, chunk_slots)
+  return (chunk_slots,) * full + ((rest,) if rest else ())
 
 
 @flax.struct.dataclass
 class KVCache:
-  """k[i], v[i]: layer i's keys/values [batch, kv_heads, cache_len, head_dim]; slot_pos_bt int32."""
+  """k[i][j]: layer i's keys in slot chunk j, [batch, kv_heads, head_dim, chunk_len_j]; v[i][j] its
+  values, [batch, kv_heads, chunk_len_j, head_dim] (chunks in slot order); slot_pos_bt int32
+  [batch, cache_len]."""
 
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: tuple[tuple[jax.Array, ...], ...]
+  v: tuple[tuple[jax.Array, ...], ...]
   slot_pos_bt: jax.Array
   ring: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
-             prefill_chunk: int | None = None, mesh: jax.sharding.Mesh | None = None,
-             rules: ShardingRules = ShardingRules()) -> KVCache:
+             prefill_chunk: int | None = None, chunk_slots: int | None = None,
+             mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = ShardingRules()) -> KVCache:
     """An empty cache for positions 0 .. max_len-1 (positions must stay below max_len).
 
     With a sliding window W < max_len the cache is a ring of W + prefill_chunk - 1 slots
     (prefill_chunk defaults to W); longer chunks are processed in sub-chunks by the decoder.
+    `chunk_slots` splits the slots into chunks of that many (None: one chunk; see `chunk_lengths`).
     dtype defaults to the compute dtype; with `mesh`, buffers are created already sharded.
     """
     window = cfg.sliding_window
@@ -57,20 +81,25 @@ class KVCache:
       if window + chunk - 1 < max_len:
         cache_len, ring = window + chunk - 1, True
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = kv_shape(cfg, batch, cache_len)
+    lengths = chunk_lengths(cache_len, chunk_slots)
+
+    def layers(shape_fn, make):
+      return tuple(tuple(make(shape_fn(cfg, batch, n)) for n in lengths) for _ in range(cfg.num_layers))
 
     def build():
-      zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
       slot_pos = jnp.full((batch, cache_len), -1, jnp.int32)
-      return cls(k=zeros, v=tuple(jnp.zeros_like(z) for z in zeros), slot_pos_bt=slot_pos,
-                 ring=ring)
+      zeros = lambda shape: jnp.zeros(shape, dtype)  # noqa: E731
+      return cls(k=layers(key_shape, zeros), v=layers(kv_shape, zeros), slot_pos_bt=slot_pos, ring=ring)
 
     if mesh is None:
       return build()
-    kv_sharding = NamedSharding(mesh, logical_to_spec(KV_NAMES, rules, shape=shape, mesh=mesh))
+
+    def sharding(names):
+      return lambda shape: NamedSharding(mesh, logical_to_spec(names, rules, shape=shape, mesh=mesh))
+
     slot_sharding = NamedSharding(
         mesh, logical_to_spec(SLOT_NAMES, rules, shape=(batch, cache_len), mesh=mesh))
-    shardings = cls(k=(kv_sharding,) * cfg.num_layers, v=(kv_sharding,) * cfg.num_layers,
+    shardings = cls(k=layers(key_shape, sharding(KEY_NAMES)), v=layers(kv_shape, sharding(VALUE_NAMES)),
                     slot_pos_bt=slot_sharding, ring=ring)
     return jax.jit(build, out_shardings=shardings)()
 
@@ -81,6 +110,11 @@ class KVCache:
   @property
   def cache_len(self) -> int:
     return self.slot_pos_bt.shape[1]
+
+  @property
+  def chunk_lengths(self) -> tuple[int, ...]:
+    """Slots per chunk, in slot order."""
+    return tuple(chunk.shape[2] for chunk in self.v[0])
 
   def max_chunk(self, window: int | None) -> int | None:
     """Longest chunk that one write-then-attend pass handles correctly (None: any)."""
@@ -94,18 +128,14 @@ class KVCache:
 
   def gather_rows(self, idx_b: jax.Array) -> KVCache:
     """A cache made of rows `idx_b` of this one (device-side copy; rows may repeat)."""
-    return self.replace(k=tuple(k[idx_b] for k in self.k), v=tuple(v[idx_b] for v in self.v),
-                        slot_pos_bt=self.slot_pos_bt[idx_b])
+    return jax.tree.map(lambda x: x[idx_b], self)
 
   def scatter_rows(self, idx_b: jax.Array, other: KVCache) -> KVCache:
     """This cache with rows `idx_b` replaced by `other`'s rows (in place under donation); an index
     out of range (e.g. `batch`, used as padding) writes nothing."""
-    if other.cache_len != self.cache_len:
-      raise ValueError(f"cache_len {other.cache_len} != {self.cache_len}")
-    return self.replace(
-        k=tuple(k.at[idx_b].set(o, mode="drop") for k, o in zip(self.k, other.k)),
-        v=tuple(v.at[idx_b].set(o, mode="drop") for v, o in zip(self.v, other.v)),
-        slot_pos_bt=self.slot_pos_bt.at[idx_b].set(other.slot_pos_bt, mode="drop"))
+    if other.chunk_lengths != self.chunk_lengths:
+      raise ValueError(f"cache chunks {other.chunk_lengths} != {self.chunk_lengths}")
+    return jax.tree.map(lambda x, o: x.at[idx_b].set(o, mode="drop"), self, other)
 
   def truncate(self, lengths_b: jax.Array) -> KVCache:
     """Forgets positions >= lengths_b[row] (rewinds rows; the keys become unreachable)."""

@@ -15,6 +15,10 @@ _LLAMA3 = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512),
+    # The demo's base policy shape (configs/demo_arith.py, with its tokenizer's 768 tokens), for benchmarks.
+    "demo_policy": ModelConfig(vocab_size=768, hidden_size=128, intermediate_size=384, num_layers=4,
+                               num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
+                               tie_word_embeddings=True),
     "bench_30m": ModelConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408,
                              num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
                              max_position_embeddings=2048),

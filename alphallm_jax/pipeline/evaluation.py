@@ -170,7 +170,8 @@ def eval_context(cfg, model, tokenizer, *, mesh=None) -> tuple[list[Problem], Ev
     prompt_for = prompt_builder(cfg, tokenizer)
     longest_prompt = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in problems)
     sampler = Sampler(model, tokenizer, max_len=longest_prompt + cfg.eval.max_new_tokens,
-                      pool_slots=cfg.sampling.pool_slots, max_batch=cfg.sampling.max_batch, mesh=mesh)
+                      pool_slots=cfg.sampling.pool_slots, max_batch=cfg.sampling.max_batch, mesh=mesh,
+                      kv_chunk_slots=cfg.sampling.kv_chunk_slots)
     return problems, EvalContext(sampler=sampler, task=cfg.task, prompt_for=prompt_for, eval_cfg=cfg.eval,
                                  seed=cfg.seed)
 

@@ -244,13 +244,13 @@ def kv_pool_bytes(spec: ModelSpec, mesh, rules: ShardingRules = ShardingRules())
     rows are split over (data, fsdp) and its kv heads over tensor when they divide, like `KVCache`."""
     from jax.sharding import NamedSharding
 
-    from alphallm_jax.models.kv_cache import KV_NAMES, kv_shape
+    from alphallm_jax.models.kv_cache import VALUE_NAMES, kv_shape
 
     c = spec.model_cfg
     total = 0
     for rows in spec.kv_rows:
-        shape = kv_shape(c, rows, spec.kv_len)
-        shard = NamedSharding(mesh, logical_to_spec(KV_NAMES, rules, shape=shape, mesh=mesh)).shard_shape(shape)
+        shape = kv_shape(c, rows, spec.kv_len)  # the keys: as many elements, split the same way
+        shard = NamedSharding(mesh, logical_to_spec(VALUE_NAMES, rules, shape=shape, mesh=mesh)).shard_shape(shape)
         total += math.prod(shard) * 2 * c.num_layers * _BYTES[c.dtype]
     return total
 

@@ -104,14 +104,15 @@ def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scor
     max_len = search_max_len(cfg, tokenizer, prompts, settings.options, limit)
     max_batch = cfg.search.max_batch or cfg.sampling.max_batch
     sampler = Sampler(model, tokenizer, max_len=max_len, pool_slots=cfg.search.pool_slots, max_batch=max_batch,
-                      mesh=mesh)
+                      mesh=mesh, kv_chunk_slots=cfg.sampling.kv_chunk_slots)
     rollout_sampler = None
     if rollouts and cfg.search.rollout_policy and cfg.rollout_policy.enabled:
         from alphallm_jax.critics.fast_rollout import load_fast_rollout_policy
 
         fast, fast_tokenizer = fast_policy or load_fast_rollout_policy(cfg, workdir, mesh=mesh)
         rollout_sampler = Sampler(fast, fast_tokenizer, max_len=min(max_len, fast.cfg.max_position_embeddings),
-                                  pool_slots=2, max_batch=max_batch, mesh=mesh)
+                                  pool_slots=2, max_batch=max_batch, mesh=mesh,
+                                  kv_chunk_slots=cfg.sampling.kv_chunk_slots)
     return LMSearchBackend(sampler, scorer, task=cfg.task, options=settings.options, rollout_sampler=rollout_sampler)
 
 

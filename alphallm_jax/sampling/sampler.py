@@ -85,6 +85,16 @@ CACHE_LEN_GRANULE = 32
 MIN_NEW_SLOTS = 256
 
 
+# Slots per KV cache chunk on CPU: a decode step's attention reads only the chunks some row has reached
+# (`decoder.attend_chunks`). On accelerators the cache stays one chunk: a `lax.cond` per chunk and
+# layer is untested there, and their attention is not the share of a step it is on CPU.
+CPU_KV_CHUNK_SLOTS = 64
+
+
+def default_kv_chunk_slots() -> int | None:
+    return CPU_KV_CHUNK_SLOTS if jax.default_backend() == "cpu" else None
+
+
 def cache_len_for(max_len: int) -> int:
     """KV cache slots for sequences of up to `max_len` tokens: rounded up to a multiple of 32, so that
     samplers built for slightly different lengths (evaluation, rollouts, search, synthesis) share
@@ -106,11 +116,14 @@ class Sampler:
       min_rows: fewest rows of a device call (`utils.shapes.MIN_ROWS` by default: fewer compiles). A
         call of one row padded to 8 costs 8x the prefill compute of a large model on CPU; latency-bound
         use of such a model passes 1.
+      kv_chunk_slots: slots per KV cache chunk (`KVCache`); attention skips the chunks no row has
+        reached. 0: `default_kv_chunk_slots()`; negative: one chunk.
     """
 
     def __init__(self, model, tokenizer, *, max_len: int = 1024, pool_slots: int = 64, max_batch: int = 256,
                  mesh: jax.sharding.Mesh | None = None, rules: shd.ShardingRules | None = None,
-                 eos_ids: Sequence[int] | None = None, min_rows: int = MIN_ROWS):
+                 eos_ids: Sequence[int] | None = None, min_rows: int = MIN_ROWS,
+                 kv_chunk_slots: int = 0):
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
@@ -124,6 +137,8 @@ class Sampler:
         self.eos_ids = jnp.asarray(sorted(eos_ids), jnp.int32)
         self._row_multiple = shd.batch_shards(mesh)
         self._min_rows = min_rows
+        self.kv_chunk_slots = (default_kv_chunk_slots() if kv_chunk_slots == 0
+                               else None if kv_chunk_slots < 0 else kv_chunk_slots)
         self._pool_slots = pool_slots
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}
@@ -189,7 +204,8 @@ class Sampler:
         return self._pool
 
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.create(self.cfg, batch, max_len, mesh=self.mesh, rules=self.rules)
+        return KVCache.create(self.cfg, batch, max_len, chunk_slots=self.kv_chunk_slots, mesh=self.mesh,
+                              rules=self.rules)
 
     def _rows(self, n: int) -> int:
         """Rows of a device call holding `n` requests (the shape bucket; see `utils.shapes.row_bucket`)."""

@@ -70,7 +70,7 @@ def _sampler(cfg, model, tokenizer, mesh):
 
     max_len = min(cfg.sampling.max_len, model.cfg.max_position_embeddings)
     return Sampler(model, tokenizer, max_len=max_len, pool_slots=cfg.sampling.pool_slots,
-                   max_batch=cfg.sampling.max_batch, mesh=mesh)
+                   max_batch=cfg.sampling.max_batch, mesh=mesh, kv_chunk_slots=cfg.sampling.kv_chunk_slots)
 
 
 def synthesize_from_config(cfg, policy_dir, seeds: Sequence[Problem], out_dir, *, seed: int, mesh=None,
