@@ -1,0 +1,79 @@
+"""experiments/sft_controls.py: the arms' data, the label-free trace rule, and one run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alphallm_jax.critics.tools import ToolConfig
+from alphallm_jax.sampling import Completion
+from experiments import sft_controls
+from tests.helpers import MISTRAL_TOKENIZER, REPO_ROOT, load_config, require_shared_data
+
+
+def _completion(text: str, reason: str = "eos") -> Completion:
+    return Completion(text=text, token_ids=(1, 2), logprobs=(-0.1, -0.2), finish_reason=reason)
+
+
+RIGHT = "Tom has 3*4=<<3*4=12>>12 pens.\n#### 12"
+WRONG_CALC = "Tom has 3*4=<<3*4=13>>13 pens.\n#### 13"
+OTHER = "Tom has 3+4=<<3+4=7>>7 pens.\n#### 7"
+
+
+def test_the_trace_rule_drops_wrong_calculations_and_cut_samples_then_votes():
+    tools = ToolConfig()
+    # Three wrong calculations would outvote two right ones; the calculator drops them first.
+    picked = sft_controls.pick_trace([_completion(WRONG_CALC)] * 3 + [_completion(RIGHT)] * 2 + [_completion(OTHER)],
+                                     "arith", tools, 0.6)
+    assert picked is not None and picked[0] == "12" and picked[1].text == RIGHT
+    # A split vote (2 of 3 = 0.67 >= 0.6 passes; 1 of 2 does not).
+    assert sft_controls.pick_trace([_completion(RIGHT), _completion(OTHER)], "arith", tools, 0.6) is None
+    # Samples cut at the token cap or without an answer never vote.
+    assert sft_controls.pick_trace([_completion(RIGHT, "length"), _completion("no answer here")], "arith",
+                                   tools, 0.6) is None
+
+
+def test_arms_are_spelled_and_fresh_problems_are_new_and_prefix_stable():
+    assert sft_controls.parse_arm("ref:800:1e-4") == ("ref", 800, 1e-4)
+    assert sft_controls.parse_arm("none") == ("none", 0, 0.0)
+    for bad in ("ref:800", "gold:8:1e-4", "none:1:1"):
+        with pytest.raises(ValueError, match="KIND:N:RATE"):
+            sft_controls.parse_arm(bad)
+    cfg = load_config("demo_arith")
+    short, long = sft_controls.fresh_problems(cfg, 20), sft_controls.fresh_problems(cfg, 60)
+    assert [p.question for p in long[:20]] == [p.question for p in short]
+    from alphallm_jax.pipeline.evaluation import load_split
+
+    named = {p.question for s in ("arith:train", "arith:dev", "arith:test") for p in load_split(cfg, s)}
+    assert not named & {p.question for p in long}
+
+
+@pytest.mark.slow
+def test_controls_run_end_to_end_on_a_tiny_model_and_resume(tmp_path):
+    require_shared_data()
+    ckpt = tmp_path / "tiny"
+    made = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "init-model", "--preset=tiny",
+                           f"--tokenizer={MISTRAL_TOKENIZER}", f"--out={ckpt}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    out = tmp_path / "controls"
+    args = ["--config=configs/demo_arith.py:quick", f"--policy={ckpt}", f"--out={out}", "--arm=none",
+            "--arm=d0:8:1e-3", "--arm=self:2:1e-3", "--epochs=1", "--test_limit=2", "--dev_limit=2"]
+    command = [sys.executable, "experiments/sft_controls.py", *args]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in records] == ["none", "d0:8:1e-3", "self:2:1e-3"]
+    assert records[1]["steps"] >= 1 and records[0].get("steps") is None
+    # A random model's samples rarely agree on a checked answer; a self arm without traces trains no step.
+    assert (records[2]["steps"] > 0) == (records[2]["traces"] > 0)
+    for r in records:
+        assert 0.0 <= r["test_greedy"] <= 1.0 and 0.0 <= r["dev_greedy"] <= 1.0
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout == ""  # every arm read back, nothing retrained
+    bad = subprocess.run([sys.executable, "experiments/sft_controls.py", *args[:3], "--arm=gold:1:1"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "KIND:N:RATE" in bad.stderr
