@@ -173,6 +173,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dev_limit", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=None, help="self arms; default: eval.temperature")
     args = parser.parse_args(argv)
+    from alphallm_jax.utils.io import append_jsonl, read_jsonl_tolerant_tail
+
     arms = list(args.arm)
     parsed = [parse_arm(a) for a in arms]  # every arm's spelling checked before any training
     cfg = load_config(args.config)
@@ -183,8 +185,7 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {json.loads(line)["arm"]: json.loads(line) for line in results_path.read_text().splitlines()
-            } if results_path.exists() else {}
+    done = {r["arm"]: r for r in read_jsonl_tolerant_tail(results_path, repair=True)[0]}  # a killed run's torn line dropped
     self_offset = max([n for kind, n, _ in parsed if kind == "ref"] + [0])
     generated: list = []
 
@@ -203,8 +204,7 @@ def main(argv=None) -> list[dict]:
                          temperature=args.temperature if args.temperature is not None else cfg.eval.temperature,
                          fresh=fresh, self_offset=self_offset)
         print(json.dumps(record), flush=True)
-        with results_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(results_path, record)
         records.append(record)
     return records
 
