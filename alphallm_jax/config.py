@@ -105,7 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
         early_stopping_patience=3, checkpoint_every=200, keep_checkpoints=2, seed=0))
     c.critics.tools = ml_collections.ConfigDict(dict(  # alphallm_jax.critics.tools.ToolConfig
         enabled=True, combine="product", penalty=0.05, mix_weight=0.5, annotations=True, written_equations=True,
-        latex=True, rel_tol=0.0, max_latex_checks=8, latex_budget_s=20.0, steps=False))
+        latex=True, rel_tol=0.0, max_latex_checks=8, latex_budget_s=20.0, steps=False,
+        question_numbers=False))
     c.critics.scoring = ml_collections.ConfigDict(dict(max_batch=64, len_granule=32, prm_aggregate="min"))
     c.critics.calibration = ml_collections.ConfigDict(dict(threshold=0.5, num_bins=10))
     # The outcome combiner (critics.combiner): P(right) from the ORM, the tool verdict and the policy's mean

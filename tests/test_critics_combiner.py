@@ -94,3 +94,23 @@ def test_scorer_gives_the_combined_score_only_with_log_probabilities(tmp_path):
     assert s.orm_combined == pytest.approx(expected)
     with pytest.raises(ValueError, match="1 mean_logprobs for 2 solutions"):
         scorer.score_solutions(prompts, sols, texts, mean_logprobs=[-0.3])
+
+
+def test_scorer_checks_question_numbers_against_the_decoded_prompt(tmp_path):
+    """`critics.tools.question_numbers`: the scorer decodes each prompt's question and flags a complete
+    solution that leaves one of its numbers unused."""
+    from alphallm_jax.critics.scoring import CriticScorer
+    from alphallm_jax.critics.tools import ToolConfig
+    from tests.tiny_lm import arith_tokenizer, random_critic
+
+    tokenizer = arith_tokenizer(tmp_path)
+    critic = random_critic(tokenizer, seed=1)
+    texts = ["3+4=<<3+4=7>>7\n#### 7", "3+3=<<3+3=6>>6\n#### 6"]
+    prompts = [tokenizer.encode("Question: 3+4?\nAnswer:\n", add_bos=True)] * 2
+    sols = [tokenizer.encode(t) for t in texts]
+    off = CriticScorer(critic, tokenizer, task="arith")
+    assert off.score_solutions(prompts, sols, texts).tool_ok.tolist() == [1.0, 1.0]
+    on = CriticScorer(critic, tokenizer, task="arith", tools=ToolConfig(question_numbers=True))
+    s = on.score_solutions(prompts, sols, texts)
+    assert s.tool_ok.tolist() == [1.0, 0.0]
+    assert s.tool_failures[1] == ["question numbers never used in a calculation: 4"]

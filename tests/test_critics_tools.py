@@ -162,3 +162,43 @@ def test_line_chunked_memoised_checks_equal_whole_text_checks():
         "a 2+2=<<2+2=4>>4\n", "b 4*2=<<4*2=8>>8\n", "#### 8"]
     assert tools.line_chunks("<<2+2=4>>\n5 apples") == ["<<2+2=4>>\n5 apples"]
     assert not check_solution("<<2+2=4>>\n5 apples", "arith").ok
+
+
+def test_question_numbers_every_stated_number_must_be_an_operand():
+    from alphallm_jax.critics.tools import calculation_operands, check_question_numbers, stated_numbers
+
+    q = "Nina reads 2 pages every day for 5 days. On her holiday she reads 4 pages each day for 5 days."
+    right = "She reads 5*2=<<5*2=10>>10 pages.\nThen 4*5=<<4*5=20>>20 pages.\nIn all 10+20=<<10+20=30>>30.\n#### 30"
+    assert stated_numbers(q) == {2: 1, 5: 2, 4: 1}
+    assert check_question_numbers(q, right).ok and check_question_numbers(q, right).checked == 1
+    # 5 is stated twice and used once: the second 5 days were never counted.
+    once = "She reads 5*2=<<5*2=10>>10 pages.\nThen 2*4=<<2*4=8>>8 pages.\nIn all 10+8=<<10+8=18>>18.\n#### 18"
+    found = check_question_numbers(q, once)
+    assert not found.ok and found.failures == ["question numbers never used in a calculation: 5"]
+    # Written equations count, and `a*b=<<a*b=c>>c` is one calculation, not two.
+    assert calculation_operands("So 5*2=<<5*2=10>>10 and 4*5 = 20 and 10+20=30.") == {5: 2, 2: 1, 4: 1, 10: 1,
+                                                                                      20: 1}
+    assert check_question_numbers("He has $1,200 and 3.5 kg.", "So 1200*3.5=4200.").ok
+    assert not check_question_numbers("He has 7 apples.", "#### 7").ok  # an answer line is no calculation
+
+
+def test_question_numbers_only_for_complete_solutions_with_a_question():
+    q = "Kate has 10 pencils. She gives 4 friends 2 pencils each. Then she buys 7 more pencils."
+    wrong = "She gives away 4*2=<<4*2=8>>8 pencils.\nSo she has 10-8=<<10-8=2>>2 pencils left.\n#### 2"
+    on = ToolConfig(question_numbers=True)
+    assert check_solution(wrong, "arith", ToolConfig()).ok  # the calculator alone finds nothing
+    assert not check_solution(wrong, "arith", on, question=q).ok
+    assert check_solution(wrong, "arith", on).ok  # a search state: no question, no check
+    assert [c.ok for c in tools.check_solutions([wrong, wrong], "arith", on, [q, None])] == [False, True]
+    with pytest.raises(ValueError, match="1 questions for 2"):
+        tools.check_solutions([wrong, wrong], "arith", on, [q])
+
+
+def test_arith_reference_solutions_use_every_question_number():
+    """The check is on in the arith demo because arith's generator uses every number it states."""
+    from alphallm_jax.critics.tools import check_question_numbers
+    from alphallm_jax.data.arith import HARD_CONFIG, ArithConfig, generate_problems
+
+    for cfg in (ArithConfig(), HARD_CONFIG):
+        for p in generate_problems(cfg, 300, 0, split="check"):
+            assert check_question_numbers(p.question, p.solution).ok, (p.question, p.solution)

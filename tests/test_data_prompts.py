@@ -139,3 +139,12 @@ def test_select_exemplars_filters():
     assert len(ex) == 3 and all(e.solution for e in ex) and all(e.question != "q1" for e in ex)
     with pytest.raises(ValueError):
         select_exemplars(pool, 6)
+
+
+def test_question_of_prompt_reads_the_last_question():
+    from alphallm_jax.data.prompts import plain_prompt, question_of_prompt
+
+    assert question_of_prompt(plain_prompt("  Ann has 3 cats. ")) == "Ann has 3 cats."
+    fewshot = plain_prompt("Bo has 2 dogs.") + " 2\n#### 2\n\n" + plain_prompt("Cy has 5 hens.")
+    assert question_of_prompt(fewshot) == "Cy has 5 hens."
+    assert question_of_prompt("<|user|>Cy has 5 hens.<|assistant|>") is None

@@ -7,6 +7,7 @@ import pytest
 from alphallm_jax.config import default_config
 from alphallm_jax.pipeline.loop import (
     LoopRun,
+    _ablations,
     _iteration_cpl_run,
     _next_policy_stage,
     check_resumed_config,
@@ -138,6 +139,28 @@ def test_the_cpl_ordering_run_of_iteration_1s_seed_is_reused_not_trained_again(t
     untrained.stage("iter_1/cpl", lambda d: {"policy": "p", "untrained": "no pairs", "epoch_policies": []})
     untrained.stage("iter_1/eval", lambda d: {"cpl": {}, "cpl_epochs": []})
     assert _iteration_cpl_run(untrained, "cpl", 5) is None
+
+
+def test_an_ordering_without_pairs_is_reported_untrained_not_a_failed_loop(tmp_path):
+    """Iteration 1's trees may hold no pair an ordering uses (the quick demo once had Q pairs only): the
+    ablation records why and trains nothing, and the table shows the row without epochs."""
+    from tests.test_train_pairs import write_tree
+
+    cfg = default_config()
+    cfg.loop.ablation_orderings = ("shuffle", "complete_only")
+    cfg.loop.ablation_seeds = 2
+    cfg.policy_train.tau = 100.0  # no two completions differ by that much: no stepwise or complete pair
+    run = LoopRun(cfg=cfg, root=as_path(tmp_path), log=lambda s: None)
+    (tmp_path / "iter_1" / "search" / "trees").mkdir(parents=True)
+    write_tree(tmp_path / "iter_1" / "search" / "trees" / "p0.jsonl")
+    run.stage("iter_1/sft", lambda d: {"policy": str(tmp_path / "no_such_policy")})  # never loaded
+    table = _ablations(run)
+    assert table["shuffle"]["epochs"] == [] and table["shuffle"]["train_pairs"] == 0
+    assert table["shuffle"]["untrained"] == "no pairs for ordering 'shuffle' passed the thresholds"
+    assert table["complete_only"]["seeds"] == [0, 1]
+    md = markdown({"config": {"task": "arith", "iterations": 1, "seed": 0}, "base": {}, "critics": {},
+                   "iterations": [], "ablations": table, "wall_seconds": 1.0})
+    assert "| shuffle | 0 | - | untrained: no pairs for ordering 'shuffle' passed the thresholds | - |" in md
 
 
 def _acc(a, tokens=100.0):

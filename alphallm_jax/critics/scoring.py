@@ -30,7 +30,7 @@ from flax import nnx
 from alphallm_jax.critics.combiner import OutcomeCombiner, solution_features
 from alphallm_jax.critics.positions import blank_token_ids, orm_index, step_end_indices, strip_trailing
 from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with_checks
-from alphallm_jax.data.prompts import step_separator
+from alphallm_jax.data.prompts import question_of_prompt, step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel
 from alphallm_jax.utils.shapes import bucket_length, pow2_at_least, row_bucket
@@ -208,7 +208,7 @@ class CriticScorer:
         extra = [None] * len(seqs) if prefix_ends is None else list(prefix_ends)
         scores = self.score(seqs, step_ends=[e + ([x] if x is not None else []) for e, x in zip(ends, extra)])
         prm_steps = [pp if x is None else pp[:-1] for pp, x in zip(scores.prm_steps, extra)]
-        checks = check_solutions(list(texts), self.task, self.tools)
+        checks = check_solutions(list(texts), self.task, self.tools, self._questions(prompt_ids))
         ok = np.asarray([c.ok for c in checks], np.float32)
         prefix_value = prefix_prm = None
         if prefix_ends is not None:
@@ -231,6 +231,15 @@ class CriticScorer:
         return self.score_solutions([e[0] for e in encoded], [e[1] for e in encoded], list(solutions))
 
     # -------------------------------------------------------------------------------- internals
+
+    def _questions(self, prompt_ids: Sequence[Sequence[int]]) -> list[str | None] | None:
+        """Each prompt's question, for the `question_numbers` check (None when it is off); decoded once
+        per distinct prompt: a search scores many rollouts of one prompt in a call."""
+        if not (self.tools.enabled and self.tools.question_numbers) or self.tokenizer is None:
+            return None
+        keys = [tuple(int(t) for t in p) for p in prompt_ids]
+        found = {key: question_of_prompt(self.tokenizer.decode(list(key))) for key in set(keys)}
+        return [found[key] for key in keys]
 
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:

@@ -16,6 +16,8 @@ What a solution is checked for:
     numeric LaTeX are compared with math-verify's sympy-based equivalence, which runs in the grading
     module's worker processes under a wall-clock budget (`data.grading.math_verify_equal`), never on
     this thread.
+  * with `question_numbers`, a complete solution whose question is known: every number the question
+    states is an operand of some calculation (annotation or written equation), as often as stated.
 A result written with fewer decimals than the exact value is accepted when it is the exact value
 rounded to the written precision (`10/3=3.33`).
 
@@ -29,6 +31,7 @@ import dataclasses
 import functools
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -284,14 +287,14 @@ def _tokens_text(tokens: Sequence[Token]) -> str:
     return "".join(t.text for t in tokens)
 
 
-def check_written_equations(text: str, rel_tol: float = 0.0) -> CheckResult:
-    """Checks `a op b = c` equations written in running text (annotations removed first).
+def _written_equations(text: str):
+    """(lhs tokens, lhs value, rhs tokens, rhs value) of every `a op b = c` written in running text
+    (annotations removed first).
 
     The left side is the longest arithmetic suffix before '=' with at least two numbers (so `x = 5`
     or `half of 20 = 10` are not equations); the right side is the longest arithmetic prefix after it.
     """
     plain = _ANNOTATION_RE.sub("", text)
-    result = CheckResult()
     for eq in (i for i, ch in enumerate(plain) if ch == "="):
         start, end = _run_bounds(plain, eq)
         try:
@@ -317,12 +320,59 @@ def check_written_equations(text: str, rel_tol: float = 0.0) -> CheckResult:
                 break
         if rhs is None:
             continue
+        yield lhs_tokens, lhs, rhs_tokens, rhs
+
+
+def check_written_equations(text: str, rel_tol: float = 0.0) -> CheckResult:
+    """Checks every `a op b = c` equation written in running text (see `_written_equations`)."""
+    result = CheckResult()
+    for lhs_tokens, lhs, rhs_tokens, rhs in _written_equations(text):
         result.checked += 1
         rhs_text = _tokens_text(rhs_tokens)
         if not values_match(lhs, rhs, rhs_text, rel_tol):
             result.failures.append(f"wrong equation {_tokens_text(lhs_tokens)}={rhs_text}: "
                                    f"left side is {_fmt(lhs)}")
     return result
+
+
+def stated_numbers(text: str) -> Counter:
+    """Every number written in `text` (digits, decimals, thousands separators), counted by value."""
+    found: Counter = Counter()
+    for m in _NUMBER_RE.finditer(text):
+        try:
+            found[_number(m.group())] += 1
+        except CalcError:
+            continue
+    return found
+
+
+def calculation_operands(text: str) -> Counter:
+    """The numbers on the left of every calculation in `text`, counted by value: each annotation's
+    expression and each written equation's left side. `2*2=<<2*2=4>>4` writes one calculation twice,
+    so the two sources are merged by the larger count, not added."""
+    annotated: Counter = Counter()
+    for m in _ANNOTATION_RE.finditer(text):
+        try:
+            tokens = scan(m.group(1).split("=")[0], lenient=True)
+        except CalcError:
+            continue
+        annotated.update(t.value for t in tokens if t.kind == "num")
+    written: Counter = Counter()
+    for lhs_tokens, *_ in _written_equations(text):
+        written.update(t.value for t in lhs_tokens if t.kind == "num")
+    return annotated | written
+
+
+def check_question_numbers(question: str, solution: str) -> CheckResult:
+    """Every number the question states is an operand of some calculation of the solution, as often as
+    the question states it. Arith questions are built so that every number is used; GSM8K's reference
+    solutions pass 71.5% of the time (numbers written as words, distractors, a number used in an
+    unannotated step), so the check is a per-task setting (`critics.tools.question_numbers`)."""
+    unused = stated_numbers(question) - calculation_operands(solution)
+    if not unused:
+        return CheckResult(1, [])
+    listed = ", ".join(f"{_fmt(v)}" + (f" (x{n})" if n > 1 else "") for v, n in sorted(unused.items()))
+    return CheckResult(1, [f"question numbers never used in a calculation: {listed}"])
 
 
 def _fmt(x: Fraction) -> str:
@@ -414,6 +464,9 @@ class ToolConfig:
     # Also fold the checks of a search state's text (the solution so far) into its value and PRM, so a
     # step with a wrong calculation is scored down when it is written, not only through its rollouts' ORM.
     steps: bool = False
+    # Complete solutions only: every number of the question is used by some calculation
+    # (`check_question_numbers`). Right for tasks whose questions hold no spare numbers (arith).
+    question_numbers: bool = False
 
     def __post_init__(self):
         if self.combine not in COMBINE_MODES:
@@ -456,8 +509,10 @@ def _check_chunk(chunk: str, rel_tol: float, annotations: bool, written_equation
     return (ann.checked, tuple(ann.failures)), (eqs.checked, tuple(eqs.failures))
 
 
-def check_solution(text: str, task: str, cfg: ToolConfig = ToolConfig()) -> CheckResult:
-    """Every enabled check on one solution (or one step) text."""
+def check_solution(text: str, task: str, cfg: ToolConfig = ToolConfig(), question: str | None = None
+                   ) -> CheckResult:
+    """Every enabled check on one solution (or one step) text. `question`: given for a complete solution,
+    it enables `question_numbers` (a partial solution has not used every number yet)."""
     result = CheckResult()
     if not cfg.enabled:
         return result
@@ -470,20 +525,27 @@ def check_solution(text: str, task: str, cfg: ToolConfig = ToolConfig()) -> Chec
     if cfg.latex and task == "math":
         result = result.merge(check_latex_equations(text, max_checks=cfg.max_latex_checks,
                                                     budget_s=cfg.latex_budget_s))
+    if cfg.question_numbers and question is not None:
+        result = result.merge(check_question_numbers(question, text))
     return result
 
 
-def check_solutions(texts: Sequence[str], task: str, cfg: ToolConfig = ToolConfig()) -> list[CheckResult]:
-    """`check_solution` over many texts; MATH texts run concurrently (their sympy work is in
-    worker processes, so threads only wait)."""
+def check_solutions(texts: Sequence[str], task: str, cfg: ToolConfig = ToolConfig(),
+                    questions: Sequence[str | None] | None = None) -> list[CheckResult]:
+    """`check_solution` over many texts (`questions[i]`: text i's question, None where unknown); MATH
+    texts run concurrently (their sympy work is in worker processes, so threads only wait)."""
+    if questions is None:
+        questions = [None] * len(texts)
+    if len(questions) != len(texts):
+        raise ValueError(f"{len(questions)} questions for {len(texts)} solution texts")
     if task != "math" or len(texts) < 2 or not (cfg.enabled and cfg.latex):
-        return [check_solution(t, task, cfg) for t in texts]
+        return [check_solution(t, task, cfg, q) for t, q in zip(texts, questions)]
     from concurrent.futures import ThreadPoolExecutor
 
     from alphallm_jax.data.grading import math_verify_config
 
     with ThreadPoolExecutor(max_workers=math_verify_config().workers) as ex:
-        return list(ex.map(lambda t: check_solution(t, task, cfg), texts))
+        return list(ex.map(lambda tq: check_solution(tq[0], task, cfg, tq[1]), zip(texts, questions)))
 
 
 def combine_with_checks(score: np.ndarray, tool_ok: np.ndarray, cfg: ToolConfig = ToolConfig()) -> np.ndarray:

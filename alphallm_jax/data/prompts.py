@@ -184,6 +184,17 @@ def plain_prompt(question: str) -> str:
     return f"{QUESTION_PREFIX}{question.strip()}\n{ANSWER_PREFIX}"
 
 
+def question_of_prompt(prompt: str) -> str | None:
+    """The question of a ``plain`` or ``fewshot`` prompt (the last one, after its exemplars); None for a
+    text without ``Question: `` (a chat prompt, whose turn markup depends on the template)."""
+    start = prompt.rfind(QUESTION_PREFIX)
+    if start < 0:
+        return None
+    start += len(QUESTION_PREFIX)
+    end = prompt.find("\n" + ANSWER_PREFIX.rstrip("\n"), start)
+    return prompt[start:end if end >= 0 else len(prompt)].strip()
+
+
 def _exemplar_block(ex: Problem) -> str:
     return plain_prompt(ex.question) + format_solution(ex.solution or "", ex.task, ex.answer)
 

@@ -308,21 +308,15 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
 
     def train_policy(method: str, init_policy: str, **overrides):
         def fn(stage_dir):
-            from alphallm_jax.train.cpl import select_pairs
-            from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees
             from alphallm_jax.train.policy_training import run_policy_training
 
             c = derived_config(cfg, **{"model.checkpoint": init_policy, "policy_train.trees_dir": trees_dir,
                                        **overrides})
-            trees = read_trees(trees_dir)
-            traces, pairs = extract_all(trees, ExtractionConfig.from_config(c.policy_train))
-            usable = traces if method == "sft" else select_pairs(pairs, c.policy_train.ordering)
-            if not usable:
+            data = _training_data(c, method)
+            if data["untrained"]:
                 # Nothing passed the critic's bar (a weak policy, a tiny budget): the policy stays as it was,
                 # and the record says so rather than failing the loop.
-                return {"policy": init_policy, "num_trees": len(trees), "sft_traces": len(traces),
-                        "pairs": pair_counts(pairs), "train_pairs": 0, "steps": 0, "epoch_policies": [],
-                        "untrained": f"no {'SFT traces' if method == 'sft' else 'pairs'} passed the thresholds"}
+                return {"policy": init_policy, **data, "train_pairs": 0, "steps": 0, "epoch_policies": []}
             rec = run_policy_training(c, stage_dir, method, mesh=run.mesh)
             keep = ("policy", "num_trees", "sft_traces", "pairs", "steps", "epoch_policies", "ordering",
                     "train_pairs")
@@ -394,6 +388,24 @@ def same_weights(policy_a, policy_b) -> bool:
         filecmp.cmp(as_path(policy_a) / f, as_path(policy_b) / f, shallow=False) for f in files_a)
 
 
+def _training_data(c, method: str) -> dict:
+    """What a policy-training stage would train on, from the trees of `c.policy_train.trees_dir`: the
+    counts of trees, SFT traces and pairs by kind, and `untrained` (why there is nothing to train on
+    with `method` and `c.policy_train.ordering`; None when there is)."""
+    from alphallm_jax.train.cpl import select_pairs
+    from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees
+
+    trees = read_trees(c.policy_train.trees_dir)
+    traces, pairs = extract_all(trees, ExtractionConfig.from_config(c.policy_train))
+    usable = traces if method == "sft" else select_pairs(pairs, c.policy_train.ordering)
+    untrained = None
+    if not usable:
+        untrained = ("no SFT traces passed the thresholds" if method == "sft" else
+                     f"no pairs for ordering {c.policy_train.ordering!r} passed the thresholds")
+    return {"num_trees": len(trees), "sft_traces": len(traces), "pairs": pair_counts(pairs),
+            "untrained": untrained}
+
+
 def _iteration_cpl_run(run: LoopRun, ordering: str, seed: int) -> dict | None:
     """An ordering ablation's record taken from iteration 1's own CPL stage when it is the same run
     (the same SFT policy, trees, ordering and seed), or None: trained and scored once, not twice."""
@@ -431,6 +443,10 @@ def _ablations(run: LoopRun) -> dict:
                     return reused
                 c = derived_config(cfg, **{"model.checkpoint": sft_policy, "policy_train.trees_dir": trees_dir,
                                            "policy_train.ordering": ordering, "policy_train.dpo.seed": seed})
+                untrained = _training_data(c, "dpo")["untrained"]
+                if untrained:  # e.g. Q pairs only: this ordering has nothing to order, which the table says
+                    return {"ordering": ordering, "seed": seed, "epoch_accuracy": [], "train_pairs": 0,
+                            "untrained": untrained}
                 rec = run_policy_training(c, stage_dir / "train", "dpo", mesh=run.mesh)
                 epochs = [evaluate_policy(cfg, run.root, p, ("greedy",), stage_dir / f"epoch_{i + 1}",
                                           mesh=run.mesh)["greedy"]["accuracy"]
@@ -439,12 +455,14 @@ def _ablations(run: LoopRun) -> dict:
                         "train_pairs": rec.get("train_pairs")}
 
             per_seed.append(run.stage(f"ablations/{ordering}_seed{seed}", fn,
-                                      lambda r: f"{r['ordering']}: greedy per epoch "
-                                                + ", ".join(f"{100 * a:.1f}%" for a in r["epoch_accuracy"])))
+                                      lambda r: f"{r['ordering']}: " + (f"untrained, {r['untrained']}"
+                                                if r.get("untrained") else "greedy per epoch " + ", ".join(
+                                                    f"{100 * a:.1f}%" for a in r["epoch_accuracy"]))))
         num_epochs = min(len(r["epoch_accuracy"]) for r in per_seed)
         table[ordering] = {
             "seeds": [r["seed"] for r in per_seed],
             "train_pairs": per_seed[0]["train_pairs"],
+            "untrained": next((r["untrained"] for r in per_seed if r.get("untrained")), None),
             "epochs": [{"epoch": e + 1,
                         "mean": statistics.fmean(r["epoch_accuracy"][e] for r in per_seed),
                         "spread": (max(r["epoch_accuracy"][e] for r in per_seed)

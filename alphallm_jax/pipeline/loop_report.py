@@ -67,6 +67,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Pair orderings (iteration 1, from the same SFT policy and trees)", "",
                   "| ordering | pairs | epoch | greedy mean | spread (max-min over seeds) |", "|---|---|---|---|---|"]
         for ordering, r in report["ablations"].items():
+            if not r["epochs"]:
+                lines.append(f"| {ordering} | {r['train_pairs']} | - | untrained: {r.get('untrained')} | - |")
             for e in r["epochs"]:
                 lines.append(f"| {ordering} | {r['train_pairs']} | {e['epoch']} | {100 * e['mean']:.1f}% | "
                              f"{100 * e['spread']:.1f} |")
