@@ -67,15 +67,15 @@ def resolve_policy(cfg, workdir, *, mesh=None):
 def build_data(cfg, workdir, policy, tokenizer, *, mesh=None) -> tuple[list[dict], list[dict]]:
     """(train rows, dev rows) from the policy's rollouts on the critics' train and dev prompts."""
     from alphallm_jax.pipeline.evaluation import load_split, prompt_builder
-    from alphallm_jax.sampling import Sampler
+    from alphallm_jax.sampling import sampler_from_config
 
     data_cfg = RolloutConfig.from_config(cfg.critics.data)
     prompt_for = prompt_builder(cfg, tokenizer)
     train = load_split(cfg, cfg.critics.train_split, cfg.critics.num_train_prompts)
     dev = load_split(cfg, cfg.critics.dev_split, cfg.critics.num_dev_prompts)
     longest = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in train + dev)
-    sampler = Sampler(policy, tokenizer, max_len=longest + data_cfg.max_new_tokens, pool_slots=data_cfg.pool_slots,
-                      max_batch=cfg.sampling.max_batch, mesh=mesh, kv_chunk_slots=cfg.sampling.kv_chunk_slots)
+    sampler = sampler_from_config(cfg, policy, tokenizer, max_len=longest + data_cfg.max_new_tokens,
+                                  pool_slots=data_cfg.pool_slots, mesh=mesh)
     root = critics_dir(workdir) / "data"
     train_rows = build_rollout_data(sampler, train, prompt_for, data_cfg, root / "train", task=cfg.task,
                                     seed=cfg.seed, desc="critic data (train)")
@@ -167,9 +167,9 @@ def _subsample_rollouts(rows: list[dict], fraction: float, seed: int) -> list[di
 
 def make_scorer(cfg, critic, tokenizer, *, mesh=None, combiner: OutcomeCombiner | None = None) -> CriticScorer:
     s = cfg.critics.scoring
-    return CriticScorer(critic, tokenizer, task=cfg.task, max_batch=s.max_batch, len_granule=s.len_granule, mesh=mesh,
-                        tools=ToolConfig.from_config(cfg.critics.tools), prm_aggregate=s.prm_aggregate,
-                        combiner=combiner)
+    return CriticScorer(critic, tokenizer, task=cfg.task, max_batch=s.max_batch, len_granule=s.len_granule,
+                        min_rows=s.min_rows, mesh=mesh, tools=ToolConfig.from_config(cfg.critics.tools),
+                        prm_aggregate=s.prm_aggregate, combiner=combiner)
 
 
 def load_combiner(cfg, critic_path) -> OutcomeCombiner | None:

@@ -33,7 +33,7 @@ from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with
 from alphallm_jax.data.prompts import question_of_prompt, step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel
-from alphallm_jax.utils.shapes import bucket_length, pow2_at_least, row_bucket
+from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, row_bucket
 
 PRM_AGGREGATES = ("min", "prod", "mean", "last")
 
@@ -98,7 +98,7 @@ class CriticScorer:
                  len_granule: int = 32, max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
                  rules: shd.ShardingRules | None = None, tools: ToolConfig | None = None,
                  prm_aggregate: str = "min", eos_ids: Collection[int] | None = None,
-                 combiner: OutcomeCombiner | None = None):
+                 combiner: OutcomeCombiner | None = None, min_rows: int = MIN_ROWS):
         if prm_aggregate not in PRM_AGGREGATES:
             raise ValueError(f"prm aggregate {prm_aggregate!r}; choose from {PRM_AGGREGATES}")
         self.critic = critic
@@ -106,6 +106,7 @@ class CriticScorer:
         self.task = task
         self.max_batch = max_batch
         self.len_granule = len_granule
+        self.min_rows = min_rows
         self.max_len = max_len or critic.model_cfg.max_position_embeddings
         self.mesh = mesh
         self.rules = rules or shd.ShardingRules()
@@ -249,7 +250,7 @@ class CriticScorer:
 
     def _run(self, seqs: list[list[int]], reads: list[list[int]]) -> np.ndarray:
         """One device call for up to max_batch sequences (right-padded, bucketed): [b, k, c]."""
-        rows = row_bucket(len(seqs), self._row_multiple)
+        rows = row_bucket(len(seqs), self._row_multiple, self.min_rows)
         # Lengths step by one granule up to 8 granules (not 4): a scoring call is a full forward whose
         # cost grows with the padded length, and search scores mostly 130-200-token solutions, which
         # the coarser 128 -> 192 step padded by up to half (critic time of a 64-problem search: -16%).
@@ -274,7 +275,7 @@ class CriticScorer:
 
 def load_scorer(path, *, task: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
                 tools: ToolConfig | None = None, prm_aggregate: str = "min", max_batch: int = 64,
-                len_granule: int = 32) -> CriticScorer:
+                len_granule: int = 32, min_rows: int = MIN_ROWS) -> CriticScorer:
     """A scorer for the critic checkpoint at `path` (with its tokenizer)."""
     from alphallm_jax.models.critic import load_critic
     from alphallm_jax.models.tokenizer import Tokenizer
@@ -282,4 +283,4 @@ def load_scorer(path, *, task: str, mesh: jax.sharding.Mesh | None = None, dtype
     critic = load_critic(path, mesh=mesh, dtype=dtype)
     tokenizer = Tokenizer.from_dir(path)
     return CriticScorer(critic, tokenizer, task=task, mesh=mesh, tools=tools, prm_aggregate=prm_aggregate,
-                        max_batch=max_batch, len_granule=len_granule)
+                        max_batch=max_batch, len_granule=len_granule, min_rows=min_rows)

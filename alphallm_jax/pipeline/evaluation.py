@@ -164,14 +164,12 @@ def merge_results(problems: list[Problem], methods, out_root) -> dict:
 
 def eval_context(cfg, model, tokenizer, *, mesh=None) -> tuple[list[Problem], EvalContext]:
     """The config's eval problems and a context whose sampler fits their longest prompt."""
-    from alphallm_jax.sampling import Sampler
+    from alphallm_jax.sampling import sampler_from_config
 
     problems = load_eval_problems(cfg)
     prompt_for = prompt_builder(cfg, tokenizer)
     longest_prompt = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in problems)
-    sampler = Sampler(model, tokenizer, max_len=longest_prompt + cfg.eval.max_new_tokens,
-                      pool_slots=cfg.sampling.pool_slots, max_batch=cfg.sampling.max_batch, mesh=mesh,
-                      kv_chunk_slots=cfg.sampling.kv_chunk_slots)
+    sampler = sampler_from_config(cfg, model, tokenizer, max_len=longest_prompt + cfg.eval.max_new_tokens, mesh=mesh)
     return problems, EvalContext(sampler=sampler, task=cfg.task, prompt_for=prompt_for, eval_cfg=cfg.eval,
                                  seed=cfg.seed)
 

@@ -96,23 +96,22 @@ def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scor
     the critic (loaded when `scorer` is None) and, with `rollout_policy.enabled`, the fast-rollout policy
     (`fast_policy`: its (model, tokenizer) already loaded; None: loaded here). `rollouts=False`: the
     caller's searches sample no fast rollouts, so the fast-rollout policy is not loaded."""
-    from alphallm_jax.sampling import Sampler
+    from alphallm_jax.sampling import sampler_from_config
 
     settings = settings or SearchSettings.from_config(cfg)
     scorer = scorer if scorer is not None else load_critic_scorer(cfg, workdir, tokenizer, mesh=mesh)
     limit = min(model.cfg.max_position_embeddings, scorer.max_len)
     max_len = search_max_len(cfg, tokenizer, prompts, settings.options, limit)
     max_batch = cfg.search.max_batch or cfg.sampling.max_batch
-    sampler = Sampler(model, tokenizer, max_len=max_len, pool_slots=cfg.search.pool_slots, max_batch=max_batch,
-                      mesh=mesh, kv_chunk_slots=cfg.sampling.kv_chunk_slots)
+    sampler = sampler_from_config(cfg, model, tokenizer, max_len=max_len, pool_slots=cfg.search.pool_slots,
+                                  max_batch=max_batch, mesh=mesh)
     rollout_sampler = None
     if rollouts and cfg.search.rollout_policy and cfg.rollout_policy.enabled:
         from alphallm_jax.critics.fast_rollout import load_fast_rollout_policy
 
         fast, fast_tokenizer = fast_policy or load_fast_rollout_policy(cfg, workdir, mesh=mesh)
-        rollout_sampler = Sampler(fast, fast_tokenizer, max_len=min(max_len, fast.cfg.max_position_embeddings),
-                                  pool_slots=2, max_batch=max_batch, mesh=mesh,
-                                  kv_chunk_slots=cfg.sampling.kv_chunk_slots)
+        rollout_sampler = sampler_from_config(cfg, fast, fast_tokenizer, pool_slots=2, max_batch=max_batch,
+                                              max_len=min(max_len, fast.cfg.max_position_embeddings), mesh=mesh)
     return LMSearchBackend(sampler, scorer, task=cfg.task, options=settings.options, rollout_sampler=rollout_sampler)
 
 

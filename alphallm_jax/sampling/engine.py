@@ -136,15 +136,18 @@ def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, 
 SHRINK_FRACTION, SHRINK_MIN_BATCH = 4, 32
 
 
-def shrink_below(batch: int) -> int:
+def shrink_below(batch: int, min_rows: int = 1) -> int:
     """A loop over `batch` rows exits early once at most this many still run (0: never), so that the
-    host can continue them in a smaller batch instead of paying for the finished rows every step."""
-    return batch // SHRINK_FRACTION if batch >= SHRINK_MIN_BATCH else 0
+    host can continue them in a smaller batch instead of paying for the finished rows every step.
+    Never when the smaller batch (at least `min_rows`, the caller's smallest row bucket) would not be
+    at most half of this one: a loop that exits into a batch of its own size makes no progress."""
+    return batch // SHRINK_FRACTION if batch >= max(SHRINK_MIN_BATCH, 2 * min_rows) else 0
 
 
-def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, mode) -> DecodeState:
+def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, mode,
+                 min_rows) -> DecodeState:
     model = nnx.merge(graphdef, params)
-    limit = shrink_below(st.tokens_bt.shape[0])
+    limit = shrink_below(st.tokens_bt.shape[0], min_rows)
 
     def cond(st: DecodeState):
         running = jnp.sum(~st.done_b)
@@ -161,19 +164,21 @@ def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eo
     return jax.lax.while_loop(cond, body, st)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
-def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, mode):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8), donate_argnums=(2,))
+def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, mode,
+           min_rows: int = 1):
     """Sample the first token from the prefill logits, then decode until every row has stopped, or
     until only a few rows still run in a large batch (see `shrink_below`; continue with
     `compact_rows`, `resume_decode` and `merge_rows`)."""
     st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, mode)
-    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode)
+    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode, min_rows)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def resume_decode(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, mode):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
+def resume_decode(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, mode,
+                  min_rows: int = 1):
     """Continue a decode state whose rows have their next token sampled but not yet cached."""
-    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode)
+    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode, min_rows)
 
 
 @jax.jit

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from alphallm_jax.models.kv_cache import KVCache
-from alphallm_jax.utils.shapes import pow2_at_least
+from alphallm_jax.utils.shapes import row_bucket
 
 _state_ids = itertools.count()
 
@@ -85,9 +85,9 @@ class KVPool:
         for slot, state in zip(slots, states):
             state.slot, state.was_cached = slot, True
             self._lru[slot] = state
-        # Index lists padded to a power of two (padding writes to slot num_slots: dropped), so storing
-        # batches of different sizes reuses a few compiles.
-        padded = pow2_at_least(len(slots))
+        # Index lists padded to a row bucket (padding writes to slot num_slots: dropped), so storing
+        # batches of different sizes reuses the few compiles the device calls' row buckets already need.
+        padded = row_bucket(len(slots), 1)
         pad = padded - len(slots)
         self.cache = _store_rows(self.cache, jnp.asarray(slots + [self.num_slots] * pad, jnp.int32), batch,
                                  jnp.asarray(list(rows) + [0] * pad, jnp.int32))

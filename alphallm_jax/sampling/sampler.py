@@ -95,10 +95,17 @@ def default_kv_chunk_slots() -> int | None:
     return CPU_KV_CHUNK_SLOTS if jax.default_backend() == "cpu" else None
 
 
-def cache_len_for(max_len: int) -> int:
-    """KV cache slots for sequences of up to `max_len` tokens: rounded up to a multiple of 32, so that
-    samplers built for slightly different lengths (evaluation, rollouts, search, synthesis) share
-    their compiled prefill and decode programs."""
+def cache_len_for(max_len: int, chunk_slots: int | None = None) -> int:
+    """KV cache slots for sequences of up to `max_len` tokens.
+
+    An unchunked cache is read whole by every decode step, so it is only rounded up to a multiple of 32.
+    A chunked one (`chunk_slots`, CPU) costs no compute for the chunks no row has reached
+    (`decoder.attend_chunks` skips them), so its length goes to a geometric bucket of whole chunks
+    (`bucket_length`: 1, 2, 3, 4, 6, 8, 12, ... chunks): the samplers of a run, each sized for its own
+    stage (evaluation, rollouts, search, synthesis), then share their compiled prefill, decode and
+    row programs. The quick demo loop went from three cache lengths to two."""
+    if chunk_slots:
+        return bucket_length(max_len, chunk_slots)
     return round_up(max_len, CACHE_LEN_GRANULE)
 
 
@@ -199,7 +206,7 @@ class Sampler:
     @property
     def pool(self) -> KVPool:
         if self._pool is None:
-            self._pool = KVPool(self.cfg, self._pool_slots, cache_len_for(self.max_len),
+            self._pool = KVPool(self.cfg, self._pool_slots, cache_len_for(self.max_len, self.kv_chunk_slots),
                                 cache_factory=self._new_cache)
         return self._pool
 
@@ -264,9 +271,11 @@ class Sampler:
         if any(b is not None for b, _, _ in firsts):
             cache = self.pool.gather([b for b, _, _ in firsts] + [None] * (n_unique - len(firsts)))
         else:
-            need = max(s + len(c) for _, s, c in firsts) + max(r.max_new_tokens for r in reqs)
-            full = cache_len_for(self.max_len)
-            cache = self._new_cache(n_unique, full if keep_states else min(full, bucket_length(need, 64)))
+            full = cache_len_for(self.max_len, self.kv_chunk_slots)
+            if not keep_states and not self.kv_chunk_slots:  # a whole-read cache: only what this call needs
+                need = max(s + len(c) for _, s, c in firsts) + max(r.max_new_tokens for r in reqs)
+                full = min(full, bucket_length(need, 64))
+            cache = self._new_cache(n_unique, full)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             blocks = engine.prefill_row_blocks(n_unique, seq, self._row_multiple)
             logits_uv, cache = engine.prefill(self.graphdef, self.params, cache, self._put(chunk_us), self._put(pos_us),
@@ -286,10 +295,10 @@ class Sampler:
             state = self._initial_state(reqs, plans, cache, n_rows, max_new, tables)
             table_kqv, match_state_k = tables.on_device()
             mode = sampling_mode([r.temperature for r in reqs], [r.top_p for r in reqs], [r.top_k for r in reqs])
-            state = engine.decode(self.graphdef, self.params, state, logits_uv, table_kqv, match_state_k,
-                                  self.eos_ids, mode)
+            decode_args = (table_kqv, match_state_k, self.eos_ids, mode, self._rows(1))
+            state = engine.decode(self.graphdef, self.params, state, logits_uv, *decode_args)
             self.stats.device_calls += 2
-            state = self._finish_stragglers(state, len(reqs), (table_kqv, match_state_k, self.eos_ids, mode))
+            state = self._finish_stragglers(state, len(reqs), decode_args)
         tokens_bt, logprobs_bt, num_gen_b, reason_b, stop_state_bk = jax.device_get(
             (state.tokens_bt, state.logprobs_bt, state.num_gen_b, state.reason_b, state.stop_state_bk))
         self.stats.decoded_tokens += int(num_gen_b[:len(reqs)].sum())
@@ -321,7 +330,7 @@ class Sampler:
         lengths: an option of one line next to a rollout to the end); those rows continue in a smaller
         batch and are written back, so finished rows stop costing a row of compute per step."""
         # Small batches never exit early: no host sync for them.
-        while engine.shrink_below(state.tokens_bt.shape[0]):
+        while engine.shrink_below(state.tokens_bt.shape[0], self._rows(1)):
             running = np.flatnonzero(np.asarray(jax.device_get(state.reason_b))[:n_real] == engine.RUNNING)
             if not len(running):
                 return state
@@ -377,6 +386,16 @@ class Sampler:
         prefix = self.tokenizer.decode(tail)
         full = self.tokenizer.decode(tail + body)
         return full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(body)
+
+
+def sampler_from_config(cfg, model, tokenizer, *, max_len: int, pool_slots: int | None = None,
+                        max_batch: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Sampler:
+    """A `Sampler` with the run config's `sampling` section (row buckets, KV chunks; pool and batch
+    unless a stage passes its own): every stage of a run builds its samplers here."""
+    s = cfg.sampling
+    return Sampler(model, tokenizer, max_len=max_len, pool_slots=s.pool_slots if pool_slots is None else pool_slots,
+                   max_batch=max_batch or s.max_batch, mesh=mesh, min_rows=s.min_rows,
+                   kv_chunk_slots=s.kv_chunk_slots)
 
 
 def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:

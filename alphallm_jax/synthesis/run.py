@@ -66,11 +66,10 @@ def settings_for_iteration(cfg, iteration: int) -> SynthesisSettings:
 
 
 def _sampler(cfg, model, tokenizer, mesh):
-    from alphallm_jax.sampling import Sampler
+    from alphallm_jax.sampling import sampler_from_config
 
-    max_len = min(cfg.sampling.max_len, model.cfg.max_position_embeddings)
-    return Sampler(model, tokenizer, max_len=max_len, pool_slots=cfg.sampling.pool_slots,
-                   max_batch=cfg.sampling.max_batch, mesh=mesh, kv_chunk_slots=cfg.sampling.kv_chunk_slots)
+    return sampler_from_config(cfg, model, tokenizer, max_len=min(cfg.sampling.max_len, model.cfg.max_position_embeddings),
+                               mesh=mesh)
 
 
 def synthesize_from_config(cfg, policy_dir, seeds: Sequence[Problem], out_dir, *, seed: int, mesh=None,
