@@ -103,7 +103,7 @@ def cache_len_for(max_len: int, chunk_slots: int | None = None) -> int:
     (`decoder.attend_chunks` skips them), so its length goes to a geometric bucket of whole chunks
     (`bucket_length`: 1, 2, 3, 4, 6, 8, 12, ... chunks): the samplers of a run, each sized for its own
     stage (evaluation, rollouts, search, synthesis), then share their compiled prefill, decode and
-    row programs. The quick demo loop went from three cache lengths to two."""
+    row programs (the quick demo's three cache lengths became two, and one with its `sampling.max_len`)."""
     if chunk_slots:
         return bucket_length(max_len, chunk_slots)
     return round_up(max_len, CACHE_LEN_GRANULE)
