@@ -271,16 +271,3 @@ class CriticScorer:
             out = _score_batch(self.graphdef, self.params, ids_bs, pos_bs, read_bk)
         self.calls += 1
         return np.asarray(jax.device_get(out))
-
-
-def load_scorer(path, *, task: str, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
-                tools: ToolConfig | None = None, prm_aggregate: str = "min", max_batch: int = 64,
-                len_granule: int = 32, min_rows: int = MIN_ROWS) -> CriticScorer:
-    """A scorer for the critic checkpoint at `path` (with its tokenizer)."""
-    from alphallm_jax.models.critic import load_critic
-    from alphallm_jax.models.tokenizer import Tokenizer
-
-    critic = load_critic(path, mesh=mesh, dtype=dtype)
-    tokenizer = Tokenizer.from_dir(path)
-    return CriticScorer(critic, tokenizer, task=task, mesh=mesh, tools=tools, prm_aggregate=prm_aggregate,
-                        max_batch=max_batch, len_granule=len_granule, min_rows=min_rows)
