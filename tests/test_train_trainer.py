@@ -225,3 +225,33 @@ def test_resume_with_best_checkpoints_equals_uninterrupted(tmp_path):
     assert ocp.CheckpointManager(tmp_path / "run" / "best").all_steps() == [STEPS]
     dev_rows = read_rows(tmp_path / "run", "dev")
     assert [r["step"] for r in dev_rows] == list(range(5, STEPS + 1, 5))
+
+
+def test_weight_decay_is_a_step_input_and_the_model_comes_back_placed_as_it_was(tmp_path):
+    # Runs with different weight decays share one compiled step (the decay is an argument, as the
+    # learning rate is); one step from the same start differs by exactly lr * wd * w on the decayed
+    # (matrix) parameters and not at all on norms. The trained model's arrays keep the placement they
+    # had (one device, unsharded), so it runs the programs compiled for the same model loaded from disk.
+    from flax import nnx
+
+    from alphallm_jax.train.optim import decay_mask
+
+    out, steps = {}, {}
+    for wd in (0.0, 0.5):
+        cfg = dataclasses.replace(CFG, weight_decay=wd, max_steps=1, epochs=1, eval_every=0)
+        model = create_model(MODEL_CFG, seed=0)
+        before = jax.tree.map(lambda x: x.sharding, nnx.state(model, nnx.Param))
+        trainer = Trainer(model, poisonable_sft_loss, cfg, workdir=tmp_path / f"wd{wd}")
+        steps[wd] = trainer._compiled()[3]
+        trainer.fit(TRAIN)
+        after = jax.tree.map(lambda x: x.sharding, nnx.state(model, nnx.Param))
+        assert jax.tree.leaves(after) == jax.tree.leaves(before)
+        assert all(isinstance(s, jax.sharding.SingleDeviceSharding) for s in jax.tree.leaves(after))
+        out[wd] = host_params(model)
+    assert steps[0.0] is steps[0.5]
+    initial = host_params(create_model(MODEL_CFG, seed=0))
+    mask = nnx.to_pure_dict(decay_mask(nnx.state(create_model(MODEL_CFG, seed=0), nnx.Param)))
+    lr = CFG.learning_rate  # the first and only step of a 1-step schedule runs at the peak rate
+    for plain, decayed, w0, m in zip(jax.tree.leaves(out[0.0]), jax.tree.leaves(out[0.5]),
+                                     jax.tree.leaves(initial), jax.tree.leaves(mask), strict=True):
+        np.testing.assert_allclose(plain - decayed, lr * 0.5 * w0 if m else 0.0, rtol=1e-4, atol=1e-7)

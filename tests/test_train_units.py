@@ -89,18 +89,19 @@ def test_adamw_clipping_and_decay_match_a_manual_update():
 
 
 def test_the_step_scaling_unit_updates_by_the_schedule_equals_adamw_with_the_schedule():
-    # The trainer compiles one step for every schedule: AdamW at learning rate 1, its updates scaled by
-    # the schedule's value passed in. Three steps of it must equal optax's AdamW driven by the schedule.
+    # The trainer compiles one step for every schedule and decay: Adam at learning rate 1 without decay;
+    # the step adds the decay and scales by the schedule's value, both passed in. Three steps of it must
+    # equal optax's AdamW driven by the schedule, with decay on the same parameters.
     model = create_model(presets.get("tiny"), seed=0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batch = {k: jnp.asarray(v) for k, v in collate_sft([([5, 6, 7], [8, 9]), ([4], [3, 2, 1])], 2).items()}
     sched = make_schedule(1e-3, 3, end_lr=1e-4, warmup_steps=1, kind="cosine")
     key = jax.random.key_data(jax.random.PRNGKey(0))
-    unit_tx = make_optimizer(learning_rate=1.0, weight_decay=0.1)
+    unit_tx = make_optimizer(learning_rate=1.0, weight_decay=0.0)
     step = jax.jit(step_lib.make_train_step(graphdef, losses.sft_loss, unit_tx), compiler_options=FAST)
     p, s = params, unit_tx.init(params)
     for i in range(3):
-        p, s, metrics = step(p, s, rest, batch, sched(i), key)
+        p, s, metrics = step(p, s, rest, batch, sched(i), np.float32(0.1), key)
         assert float(metrics["learning_rate"]) == pytest.approx(float(sched(i)))
     tx = make_optimizer(learning_rate=sched, weight_decay=0.1)
     grad_fn = jax.jit(step_lib.make_loss_and_grad(graphdef, rest, losses.sft_loss), compiler_options=FAST)
@@ -171,7 +172,7 @@ def test_train_step_with_accumulation_equals_one_big_batch():
     for accum in (1, 2):
         step = jax.jit(step_lib.make_train_step(graphdef, losses.sft_loss, tx, accum),
                        compiler_options=FAST)
-        p, _, metrics = step(params, tx.init(params), rest, batch, np.float32(1.0),
+        p, _, metrics = step(params, tx.init(params), rest, batch, np.float32(1.0), np.float32(0.0),
                              jax.random.key_data(jax.random.PRNGKey(0)))
         outs.append((p, metrics))
     (p1, m1), (p2, m2) = outs

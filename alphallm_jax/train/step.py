@@ -1,5 +1,5 @@
 """The pure, jittable pieces of a train step: microbatch gradient accumulation, the optimizer
-update with a non-finite guard, and evaluation.
+update (learning rate and weight decay as inputs) with a non-finite guard, and evaluation.
 
 Functions here take and return plain pytrees (the model's ``nnx.State`` of parameters, the optax
 state, batches of arrays); the ``Trainer`` jits them with shardings and donation.
@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from alphallm_jax.train.losses import WEIGHT_KEY, LossFn
+from alphallm_jax.train.optim import decay_mask
 
 RNG_KEY = "rng"
 
@@ -96,23 +97,32 @@ def make_loss_and_grad(graphdef: nnx.GraphDef, rest: Any, loss_fn: LossFn) -> Ca
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
                     grad_accum_steps: int = 1):
-    """``step(params, opt_state, rest, batch, learning_rate, rng) -> (params, opt_state, metrics)``.
+    """``step(params, opt_state, rest, batch, learning_rate, weight_decay, rng) -> (params, opt_state,
+    metrics)``.
 
-    ``tx`` gives the updates of a unit learning rate (build it with learning rate 1); the step scales
-    them by ``learning_rate``, a float32 scalar argument, as optax scales by a schedule's value. The
-    rate being an input rather than a constant of the program, one compiled step serves every schedule
-    and run length (a loop's SFT and DPO rounds of different sizes share theirs).
+    ``tx`` gives the updates of a unit learning rate and no weight decay (build it with learning rate 1
+    and weight decay 0); the step adds decoupled weight decay on ``optim.decay_mask``'s parameters and
+    scales by ``learning_rate``: ``updates = learning_rate * (unit_updates - weight_decay * params)``,
+    what optax's AdamW does with a schedule. Both are float32 scalar arguments rather than constants
+    of the program, so one compiled step serves every schedule, run length and decay (a loop's base
+    training and SFT rounds share theirs).
 
     A step whose loss or gradient norm is not finite applies no update (parameters and optimizer
     state come back unchanged) and reports ``metrics["finite"] = False``; the trainer then stops.
     """
-    def train_step(params, opt_state, rest, batch, learning_rate, rng):
+    def train_step(params, opt_state, rest, batch, learning_rate, weight_decay, rng):
         loss_and_grad = make_loss_and_grad(graphdef, rest, loss_fn)
         (loss, metrics), grads = accumulated_loss_and_grads(
             loss_and_grad, params, batch, grad_accum_steps, rng)
         grad_norm = optax.tree.norm(grads)
         unit_updates, new_opt_state = tx.update(grads, opt_state, params)
-        updates = jax.tree.map(lambda u: jnp.asarray(learning_rate, u.dtype) * u, unit_updates)
+
+        def scaled(update, param, decayed):
+            if decayed:  # decoupled weight decay (PyTorch's AdamW convention), scaled by the rate
+                update = update - jnp.asarray(weight_decay, update.dtype) * param
+            return jnp.asarray(learning_rate, update.dtype) * update
+
+        updates = jax.tree.map(scaled, unit_updates, params, decay_mask(params))
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731

@@ -260,6 +260,12 @@ class Trainer:
             for module, cfg in changed:
                 module.cfg = cfg
         self._orig_dtypes = jax.tree.map(lambda x: x.dtype, params)
+        # Where the model's arrays live (one process: often its single device, unsharded), so that
+        # the model comes back placed as it was, and runs the programs already compiled for it (or
+        # for the same model loaded from disk), not copies compiled for the trainer's mesh.
+        self._orig_shardings = (jax.tree.map(lambda x: x.sharding, params)
+                                if jax.process_count() == 1 and all(
+                                    isinstance(x, jax.Array) for x in jax.tree.leaves(params)) else None)
         self.param_shardings = state_shardings(params, self.mesh, rules)
         self.rest_shardings = state_shardings(self.rest, self.mesh, rules)
         master = DTYPES[train_cfg.master_dtype] if train_cfg.master_dtype else None
@@ -431,26 +437,30 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params, self.rest)
 
     def _write_back(self) -> None:
-        """Puts the trainer's parameters into the model (in the model's original dtypes)."""
+        """Puts the trainer's parameters into the model (in the model's original dtypes and
+        placement)."""
         params = jax.tree.map(lambda x, dt: x if x.dtype == dt else x.astype(dt),
                               self.params, self._orig_dtypes)
+        if self._orig_shardings is not None:
+            params = jax.device_put(params, self._orig_shardings)
         nnx.update(self.model, params)
 
     # ---------------------------------------------------------------- compiled steps
     def _compiled(self):
         """(tx, opt_state shardings, jitted opt init, jitted train step), shared by every Trainer
         with the same model graph, loss, mesh and optimizer settings (no recompiles across runs). The
-        learning-rate schedule is not among them: the step takes the rate as an input."""
+        learning-rate schedule and the weight decay are not among them: the step takes both as inputs."""
         cfg = self.cfg
         options = tuple(sorted((cfg.compiler_options or {}).items()))
-        key = (self.graphdef, self.loss_fn, self.mesh, self.rules, cfg.weight_decay, cfg.max_grad_norm,
+        key = (self.graphdef, self.loss_fn, self.mesh, self.rules, cfg.max_grad_norm,
                cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.grad_accum_steps, options,
                jax.tree.structure(self.params), jax.tree.structure(self.rest))
         hit = _STEP_CACHE.get(key)
         if hit is not None:
             return hit
-        # Unit learning rate: the step scales the updates by the schedule's value (train.step).
-        tx = make_optimizer(learning_rate=1.0, weight_decay=cfg.weight_decay,
+        # Unit learning rate and no decay: the step adds the decay and scales the updates by the
+        # schedule's value, both inputs (train.step).
+        tx = make_optimizer(learning_rate=1.0, weight_decay=0.0,
                             max_grad_norm=cfg.max_grad_norm, b1=cfg.adam_b1, b2=cfg.adam_b2,
                             eps=cfg.adam_eps)
         opt_shardings = self._opt_shardings(jax.eval_shape(tx.init, self.params))
@@ -458,7 +468,7 @@ class Trainer:
         train_step = jax.jit(
             step_lib.make_train_step(self.graphdef, self.loss_fn, tx, cfg.grad_accum_steps),
             in_shardings=(self.param_shardings, opt_shardings, self.rest_shardings, None,
-                          self.replicated, self.replicated),
+                          self.replicated, self.replicated, self.replicated),
             out_shardings=(self.param_shardings, opt_shardings, self.replicated),
             donate_argnums=(0, 1), compiler_options=cfg.compiler_options)
         value = (tx, opt_shardings, init_fn, train_step)
@@ -526,6 +536,7 @@ class Trainer:
                                  warmup_steps=warm, kind=cfg.schedule)
         tx, opt_shardings, init_fn, train_step = self._compiled()
         self.opt_state = init_fn(self.params)
+        weight_decay = np.float32(cfg.weight_decay)
 
         ckpt, best = self._managers(with_dev=bool(dev_examples))
         early = _EarlyStop()
@@ -572,7 +583,7 @@ class Trainer:
                 batch = self._device_batch(host_batch)
                 step_key = jax.random.key_data(jax.random.fold_in(base_key, self.step))
                 self.params, self.opt_state, metrics = train_step(
-                    self.params, self.opt_state, self.rest, batch, schedule(self.step), step_key)
+                    self.params, self.opt_state, self.rest, batch, schedule(self.step), weight_decay, step_key)
                 it.advance()  # it.state: the next batch to train on (what checkpoints record)
                 # Prepare the next batch on the host while the device computes this step.
                 pending = next_batch() if self.step + 1 < total else None
