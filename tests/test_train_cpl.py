@@ -206,3 +206,22 @@ def test_run_policy_training_command(tmp_path):
     assert (tmp_path / "run" / "policy" / "DONE").exists()
     again = policy_training.run_policy_training(cfg, tmp_path / "run", "dpo")
     assert again["skipped"] and again["steps"] == 1
+
+
+def test_nothing_to_train_on_raises_or_is_recorded_untrained(tmp_path):
+    """With pairs too close to pass tau: `train-policy` fails, naming the ordering; the loop's call
+    (`allow_untrained`) records why, keeps the initial policy without loading it, and a rerun skips."""
+    trees_dir = tmp_path / "trees"
+    trees_dir.mkdir()
+    write_tree(trees_dir / "p0.jsonl")
+    cfg = default_config()
+    cfg.model.checkpoint = str(tmp_path / "never_loaded")
+    cfg.policy_train = section(trees_dir=str(trees_dir), ordering="cpl", tau=100.0)
+    with pytest.raises(ValueError, match="no pairs for ordering 'cpl'"):
+        policy_training.run_policy_training(cfg, tmp_path / "strict", "dpo")
+    record = policy_training.run_policy_training(cfg, tmp_path / "run", "dpo", allow_untrained=True)
+    assert record["untrained"] == "no pairs for ordering 'cpl' passed the thresholds"
+    assert record["policy"] == cfg.model.checkpoint and record["steps"] == 0 and record["num_trees"] == 1
+    assert (tmp_path / "run" / "pairs.jsonl").exists() and not (tmp_path / "run" / "policy").exists()
+    again = policy_training.run_policy_training(cfg, tmp_path / "run", "dpo", allow_untrained=True)
+    assert again["skipped"] and again["untrained"] == record["untrained"]

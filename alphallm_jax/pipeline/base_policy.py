@@ -119,10 +119,7 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
 
 def evaluate_base_policy(cfg, workdir, *, mesh=None) -> dict:
     """The base policy on the eval split with `base.eval_methods`, through the evaluation harness."""
-    from alphallm_jax import load_pretrained
-    from alphallm_jax.pipeline.evaluation import eval_context, evaluate_methods
+    from alphallm_jax.pipeline.evaluation import evaluate_checkpoint
 
-    model, tokenizer = load_pretrained(as_path(workdir) / "base" / "policy", dtype=cfg.model.dtype, mesh=mesh)
-    problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
-    return evaluate_methods(problems, ctx, list(cfg.base.eval_methods), as_path(workdir) / "base",
-                            batch_size=cfg.eval.batch_size)
+    base_dir = as_path(workdir) / "base"
+    return evaluate_checkpoint(cfg, workdir, base_dir / "policy", cfg.base.eval_methods, base_dir, mesh=mesh)[0]

@@ -174,20 +174,29 @@ def eval_context(cfg, model, tokenizer, *, mesh=None) -> tuple[list[Problem], Ev
                                  seed=cfg.seed)
 
 
+def evaluate_checkpoint(cfg, workdir, checkpoint, methods, out_dir, *, mesh=None,
+                        tag: str = "eval") -> tuple[dict, EvalContext]:
+    """`methods` on the config's eval split with the policy at `checkpoint`, results under `out_dir`; the
+    critics (orm@k, prm@k, mcts, beam) and the search backend come from `workdir`, loaded only when a
+    method needs them. Returns (the merged summary, the context)."""
+    from alphallm_jax import load_pretrained
+    from alphallm_jax.pipeline.search_methods import eval_components
+
+    model, tokenizer = load_pretrained(checkpoint, dtype=cfg.model.dtype, mesh=mesh)
+    problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
+    ctx.components.update(eval_components(cfg, workdir, list(methods), model, tokenizer,
+                                          [ctx.prompt_for(p) for p in problems], mesh=mesh))
+    summary = evaluate_methods(problems, ctx, list(methods), out_dir, batch_size=cfg.eval.batch_size, tag=tag)
+    return summary, ctx
+
+
 def run_eval_from_config(cfg, workdir) -> dict:
     """`alphallm eval`: load the checkpoint and the split named by the config and evaluate."""
-    from alphallm_jax import load_pretrained
     from alphallm_jax.config import mesh_from_config
-    from alphallm_jax.pipeline.search_methods import eval_components
 
     if not cfg.model.checkpoint:
         raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
-    mesh = mesh_from_config(cfg)
-    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
-    problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
-    # The critics (orm@k, prm@k, mcts, beam) and the search backend, loaded only when a method needs them.
-    ctx.components.update(eval_components(cfg, workdir, list(cfg.eval.methods), model, tokenizer,
-                                          [ctx.prompt_for(p) for p in problems], mesh=mesh))
+    summary, ctx = evaluate_checkpoint(cfg, workdir, cfg.model.checkpoint, cfg.eval.methods, workdir,
+                                       mesh=mesh_from_config(cfg))
     atomic_write_json(as_path(workdir) / "eval" / "config.json", cfg.to_dict())
-    summary = evaluate_methods(problems, ctx, list(cfg.eval.methods), workdir, batch_size=cfg.eval.batch_size)
     return {"summary": summary, "sampler_stats": dataclasses.asdict(ctx.sampler.stats)}

@@ -107,16 +107,9 @@ def _acc(summary: dict, spec: str) -> dict:
 def evaluate_policy(cfg, workdir, policy_dir, methods, out_dir, *, mesh=None) -> dict:
     """`methods` on the config's eval split with the policy at `policy_dir`; the critics and the search
     backend are loaded when a method needs them. Returns {spec: {"accuracy", "n", ...}}."""
-    from alphallm_jax import load_pretrained
-    from alphallm_jax.pipeline.evaluation import eval_context, evaluate_methods
-    from alphallm_jax.pipeline.search_methods import eval_components
+    from alphallm_jax.pipeline.evaluation import evaluate_checkpoint
 
-    model, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=mesh)
-    problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
-    ctx.components.update(eval_components(cfg, workdir, list(methods), model, tokenizer,
-                                          [ctx.prompt_for(p) for p in problems], mesh=mesh))
-    ctx.components.setdefault("sample_cache", {})
-    summary = evaluate_methods(problems, ctx, list(methods), out_dir, batch_size=cfg.eval.batch_size, tag="eval")
+    summary, _ = evaluate_checkpoint(cfg, workdir, policy_dir, methods, out_dir, mesh=mesh)
     return {spec: _acc(summary, spec) for spec in methods}
 
 
@@ -312,14 +305,11 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
 
             c = derived_config(cfg, **{"model.checkpoint": init_policy, "policy_train.trees_dir": trees_dir,
                                        **overrides})
-            data = _training_data(c, method)
-            if data["untrained"]:
-                # Nothing passed the critic's bar (a weak policy, a tiny budget): the policy stays as it was,
-                # and the record says so rather than failing the loop.
-                return {"policy": init_policy, **data, "train_pairs": 0, "steps": 0, "epoch_policies": []}
-            rec = run_policy_training(c, stage_dir, method, mesh=run.mesh)
+            # Nothing may pass the critic's bar (a weak policy, a tiny budget): the policy then stays as it
+            # was, and the record says why (`untrained`) rather than failing the loop.
+            rec = run_policy_training(c, stage_dir, method, mesh=run.mesh, allow_untrained=True)
             keep = ("policy", "num_trees", "sft_traces", "pairs", "steps", "epoch_policies", "ordering",
-                    "train_pairs")
+                    "train_pairs", "untrained")
             return {k: rec[k] for k in keep if k in rec}
         return fn
 
@@ -388,24 +378,6 @@ def same_weights(policy_a, policy_b) -> bool:
         filecmp.cmp(as_path(policy_a) / f, as_path(policy_b) / f, shallow=False) for f in files_a)
 
 
-def _training_data(c, method: str) -> dict:
-    """What a policy-training stage would train on, from the trees of `c.policy_train.trees_dir`: the
-    counts of trees, SFT traces and pairs by kind, and `untrained` (why there is nothing to train on
-    with `method` and `c.policy_train.ordering`; None when there is)."""
-    from alphallm_jax.train.cpl import select_pairs
-    from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees
-
-    trees = read_trees(c.policy_train.trees_dir)
-    traces, pairs = extract_all(trees, ExtractionConfig.from_config(c.policy_train))
-    usable = traces if method == "sft" else select_pairs(pairs, c.policy_train.ordering)
-    untrained = None
-    if not usable:
-        untrained = ("no SFT traces passed the thresholds" if method == "sft" else
-                     f"no pairs for ordering {c.policy_train.ordering!r} passed the thresholds")
-    return {"num_trees": len(trees), "sft_traces": len(traces), "pairs": pair_counts(pairs),
-            "untrained": untrained}
-
-
 def _iteration_cpl_run(run: LoopRun, ordering: str, seed: int) -> dict | None:
     """An ordering ablation's record taken from iteration 1's own CPL stage when it is the same run
     (the same SFT policy, trees, ordering and seed), or None: trained and scored once, not twice."""
@@ -443,11 +415,10 @@ def _ablations(run: LoopRun) -> dict:
                     return reused
                 c = derived_config(cfg, **{"model.checkpoint": sft_policy, "policy_train.trees_dir": trees_dir,
                                            "policy_train.ordering": ordering, "policy_train.dpo.seed": seed})
-                untrained = _training_data(c, "dpo")["untrained"]
-                if untrained:  # e.g. Q pairs only: this ordering has nothing to order, which the table says
+                rec = run_policy_training(c, stage_dir / "train", "dpo", mesh=run.mesh, allow_untrained=True)
+                if rec.get("untrained"):  # e.g. Q pairs only: this ordering has nothing to order, as the table says
                     return {"ordering": ordering, "seed": seed, "epoch_accuracy": [], "train_pairs": 0,
-                            "untrained": untrained}
-                rec = run_policy_training(c, stage_dir / "train", "dpo", mesh=run.mesh)
+                            "untrained": rec["untrained"]}
                 epochs = [evaluate_policy(cfg, run.root, p, ("greedy",), stage_dir / f"epoch_{i + 1}",
                                           mesh=run.mesh)["greedy"]["accuracy"]
                           for i, p in enumerate(rec.get("epoch_policies") or [rec["policy"]])]

@@ -220,11 +220,16 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
 
 
 def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
-                        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+                        mesh: jax.sharding.Mesh | None = None, allow_untrained: bool = False) -> dict[str, Any]:
     """``alphallm train-policy``: the policy from ``cfg.model.checkpoint``, the trees from
     ``cfg.policy_train.trees_dir``; writes ``sft_traces.jsonl`` or ``pairs.jsonl`` (every pair kind,
     with provenance), trains, and saves ``workdir/policy`` (+ ``DONE``) and ``train_policy.json``.
-    Skipped when ``workdir/policy/DONE`` exists."""
+    Skipped when ``workdir/policy/DONE`` exists.
+
+    When nothing passes the thresholds (no trace; no pair of a kind ``policy_train.ordering`` uses),
+    training raises, unless ``allow_untrained`` (the loop, whose weak policies and small budgets may
+    leave nothing): then the policy is not loaded, the record keeps ``cfg.model.checkpoint`` as its
+    policy and says why in ``untrained``, and a rerun skips it too."""
     from alphallm_jax import load_pretrained
 
     pt = cfg.policy_train
@@ -233,7 +238,8 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         raise ValueError(f"method={method!r}; choose from {METHODS}")
     root = as_path(workdir)
     record_path = root / "train_policy.json"
-    if broadcast_int((root / "policy" / DONE).exists() and record_path.exists()):
+    if broadcast_int(record_path.exists() and ((root / "policy" / DONE).exists()
+                                               or bool(json.loads(record_path.read_text()).get("untrained")))):
         done = json.loads(record_path.read_text())
         written_under = done.pop("workdir", None)
         return {**rebase_paths(done, written_under, str(root)), "skipped": True}
@@ -243,21 +249,34 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         raise ValueError("config key policy_train.trees_dir is empty: set it to the search's tree directory")
     trees = read_trees(pt.trees_dir)
     traces, pairs = extract_all(trees, ExtractionConfig.from_config(pt))
-    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
-    if method == "sft":
-        if is_coordinator():
-            write_records(root / "sft_traces.jsonl", traces)
-        summary = train_sft_on_traces(model, tokenizer, traces, pt, root, mesh=mesh)
+    if is_coordinator():
+        write_records(root / ("sft_traces.jsonl" if method == "sft" else "pairs.jsonl"),
+                      traces if method == "sft" else pairs)
+    counts = {"init_checkpoint": str(cfg.model.checkpoint), "trees_dir": str(pt.trees_dir),
+              "num_trees": len(trees), "sft_traces": len(traces), "pairs": pair_counts(pairs)}
+    ordering = str(_get(pt, "ordering", "cpl"))
+    if not (traces if method == "sft" else select_pairs(pairs, ordering)):
+        why = ("no SFT traces passed the thresholds" if method == "sft" else
+               f"no pairs for ordering {ordering!r} passed the thresholds")
+        if not allow_untrained:
+            raise ValueError(f"{why} (policy_train.orm_threshold, tau, sft_selection) in the "
+                             f"{len(trees)} trees of {pt.trees_dir}: {len(traces)} SFT traces, pairs "
+                             f"{pair_counts(pairs)}")
+        record = {"policy": str(cfg.model.checkpoint), **counts, "method": method, "steps": 0,
+                  "train_pairs": 0, "epoch_policies": [], "untrained": why}
+        if method == "dpo":
+            record["ordering"] = ordering
     else:
-        if is_coordinator():
-            write_records(root / "pairs.jsonl", pairs)
-        summary = train_preference(model, tokenizer, pairs, pt, root, mesh=mesh)
-    save_hf_checkpoint(model, model.cfg, root / "policy", tokenizer=tokenizer)
-    record = {"policy": str(root / "policy"), "init_checkpoint": str(cfg.model.checkpoint),
-              "trees_dir": str(pt.trees_dir), "num_trees": len(trees), "sft_traces": len(traces),
-              "pairs": pair_counts(pairs), **summary}
+        model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
+        if method == "sft":
+            summary = train_sft_on_traces(model, tokenizer, traces, pt, root, mesh=mesh)
+        else:
+            summary = train_preference(model, tokenizer, pairs, pt, root, mesh=mesh)
+        save_hf_checkpoint(model, model.cfg, root / "policy", tokenizer=tokenizer)
+        record = {"policy": str(root / "policy"), **counts, **summary}
     if is_coordinator():
         atomic_write_json(record_path, {**record, "workdir": str(root)})  # moved workdirs: see rebase_paths
-        (root / "policy" / DONE).write_text("ok\n")
+        if not record.get("untrained"):
+            (root / "policy" / DONE).write_text("ok\n")
     barrier(f"train-policy:{root}")
     return record
