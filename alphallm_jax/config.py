@@ -50,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Rows of a device call go to a power of two, at least this many (`utils.shapes.row_bucket`): each
     # bucket is one more compile of every prefill, decode and row program; smaller ones pad less.
     c.sampling.min_rows = 8
+    # Also three quarters of a power of two (..., 96, 128, 192, 256): a third of a call padded at most,
+    # not a half, for one more compiled shape per octave (worth it where rows cost compute: CPU).
+    c.sampling.fine_row_buckets = False
 
     # The built-in demo's base policy, trained from scratch on labelled D0 (alphallm train-base).
     c.base = ml_collections.ConfigDict()
@@ -110,7 +113,8 @@ def default_config() -> ml_collections.ConfigDict:
         enabled=True, combine="product", penalty=0.05, mix_weight=0.5, annotations=True, written_equations=True,
         latex=True, rel_tol=0.0, max_latex_checks=8, latex_budget_s=20.0, steps=False,
         question_numbers=False))
-    c.critics.scoring = ml_collections.ConfigDict(dict(max_batch=64, len_granule=32, min_rows=8, prm_aggregate="min"))
+    c.critics.scoring = ml_collections.ConfigDict(dict(max_batch=64, len_granule=32, min_rows=8, prm_aggregate="min",
+                                                       fine_row_buckets=False))
     c.critics.calibration = ml_collections.ConfigDict(dict(threshold=0.5, num_bins=10))
     # The outcome combiner (critics.combiner): P(right) from the ORM, the tool verdict and the policy's mean
     # token log-probability, a logistic regression (L2 penalty `l2`) fitted on the train trajectories;

@@ -187,7 +187,8 @@ def test_stragglers_continue_in_a_smaller_batch_with_the_same_results(llama, tok
 def test_a_batch_at_the_smallest_row_bucket_finishes_without_compacting(llama, tokenizer):
     """With `min_rows` 32 a 32-row batch has nowhere smaller to go: its loop must run every row to the
     end (it once exited into a batch of its own size, again and again, and never finished); a 64-row
-    batch still compacts into 32 rows. The tokens equal the default buckets'."""
+    batch still compacts into 32 rows. The tokens equal the default buckets', and those of 1.5x buckets
+    (`fine_row_buckets`: the 40 requests of the second call run as 48 rows, not 64)."""
     from alphallm_jax.sampling import engine
 
     assert engine.shrink_below(32, 32) == 0 and engine.shrink_below(64, 32) == 16
@@ -196,16 +197,16 @@ def test_a_batch_at_the_smallest_row_bucket_finishes_without_compacting(llama, t
     prompts = _prompts(40, seed=17)
     caps = [2] * 28 + [20, 21, 23, 30] + [2] * 8  # in the first 32 requests, 4 run long
     results = []
-    for min_rows in (8, 32):
-        sampler = Sampler(model, tokenizer, max_len=96, pool_slots=2, min_rows=min_rows)
+    for min_rows, fine in ((8, False), (32, False), (8, True)):
+        sampler = Sampler(model, tokenizer, max_len=96, pool_slots=2, min_rows=min_rows, fine_row_buckets=fine)
         reqs = [SampleRequest(state=sampler.new_state(p), max_new_tokens=cap, temperature=1.0, seed=i)
                 for i, (p, cap) in enumerate(zip(prompts, caps))]
         got = sampler.sample(reqs[:32], keep_states=False)  # 32 rows
         assert sampler.stats.compactions == (1 if min_rows == 8 else 0)
-        got += sampler.sample(reqs[32:] + reqs[:32], keep_states=False)  # 64 rows: compacts either way
+        got += sampler.sample(reqs[32:] + reqs[:32], keep_states=False)  # 64 rows (48 fine): compacts either way
         assert sampler.stats.compactions >= (2 if min_rows == 8 else 1)
         results.append([c.token_ids for c in got])
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
 
 
 def test_evicted_state_is_rebuilt_from_its_nearest_cached_ancestor(llama, tokenizer):

@@ -273,6 +273,19 @@ def test_shape_buckets_step_linearly_then_geometrically():
     assert all(bucket_length(n, 16) >= n for n in lengths)
 
 
+def test_row_buckets_are_powers_of_two_or_also_three_quarters_of_one():
+    from alphallm_jax.utils.shapes import row_bucket
+
+    ns = range(1, 400)
+    assert sorted({row_bucket(n) for n in ns}) == [8, 16, 32, 64, 128, 256, 512]
+    assert sorted({row_bucket(n, fine=True) for n in ns}) == [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    # Every bucket stays a multiple of the data-parallel size and at least min_rows.
+    assert sorted({row_bucket(n, 8, fine=True) for n in ns})[:4] == [8, 16, 24, 32]
+    assert sorted({row_bucket(n, 1, 32, fine=True) for n in ns})[:4] == [32, 48, 64, 96]
+    assert all(n <= row_bucket(n, 1, 8, fine=True) <= row_bucket(n) for n in ns)
+    assert all(row_bucket(n, fine=True) <= max(8, 1.5 * n) for n in ns)  # at most a third is padding
+
+
 # ----------------------------------------------------------------------------- losses and masks
 class _FixedLogits(nnx.Module):
     """A stand-in model whose logits are a parameter (independent of the input tokens)."""

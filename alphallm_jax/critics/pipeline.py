@@ -168,7 +168,8 @@ def _subsample_rollouts(rows: list[dict], fraction: float, seed: int) -> list[di
 def make_scorer(cfg, critic, tokenizer, *, mesh=None, combiner: OutcomeCombiner | None = None) -> CriticScorer:
     s = cfg.critics.scoring
     return CriticScorer(critic, tokenizer, task=cfg.task, max_batch=s.max_batch, len_granule=s.len_granule,
-                        min_rows=s.min_rows, mesh=mesh, tools=ToolConfig.from_config(cfg.critics.tools),
+                        min_rows=s.min_rows, fine_row_buckets=s.fine_row_buckets, mesh=mesh,
+                        tools=ToolConfig.from_config(cfg.critics.tools),
                         prm_aggregate=s.prm_aggregate, combiner=combiner)
 
 

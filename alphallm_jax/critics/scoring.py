@@ -98,7 +98,8 @@ class CriticScorer:
                  len_granule: int = 32, max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
                  rules: shd.ShardingRules | None = None, tools: ToolConfig | None = None,
                  prm_aggregate: str = "min", eos_ids: Collection[int] | None = None,
-                 combiner: OutcomeCombiner | None = None, min_rows: int = MIN_ROWS):
+                 combiner: OutcomeCombiner | None = None, min_rows: int = MIN_ROWS,
+                 fine_row_buckets: bool = False):
         if prm_aggregate not in PRM_AGGREGATES:
             raise ValueError(f"prm aggregate {prm_aggregate!r}; choose from {PRM_AGGREGATES}")
         self.critic = critic
@@ -107,6 +108,7 @@ class CriticScorer:
         self.max_batch = max_batch
         self.len_granule = len_granule
         self.min_rows = min_rows
+        self.fine_row_buckets = fine_row_buckets
         self.max_len = max_len or critic.model_cfg.max_position_embeddings
         self.mesh = mesh
         self.rules = rules or shd.ShardingRules()
@@ -250,7 +252,7 @@ class CriticScorer:
 
     def _run(self, seqs: list[list[int]], reads: list[list[int]]) -> np.ndarray:
         """One device call for up to max_batch sequences (right-padded, bucketed): [b, k, c]."""
-        rows = row_bucket(len(seqs), self._row_multiple, self.min_rows)
+        rows = row_bucket(len(seqs), self._row_multiple, self.min_rows, self.fine_row_buckets)
         # Lengths step by one granule up to 8 granules (not 4): a scoring call is a full forward whose
         # cost grows with the padded length, and search scores mostly 130-200-token solutions, which
         # the coarser 128 -> 192 step padded by up to half (critic time of a 64-problem search: -16%).

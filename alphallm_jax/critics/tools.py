@@ -337,13 +337,19 @@ def check_written_equations(text: str, rel_tol: float = 0.0) -> CheckResult:
 
 def stated_numbers(text: str) -> Counter:
     """Every number written in `text` (digits, decimals, thousands separators), counted by value."""
+    return Counter(dict(_stated_numbers(text)))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _stated_numbers(text: str) -> tuple[tuple[Fraction, int], ...]:
+    """`stated_numbers`, memoised (a search checks every complete solution against its question)."""
     found: Counter = Counter()
     for m in _NUMBER_RE.finditer(text):
         try:
             found[_number(m.group())] += 1
         except CalcError:
             continue
-    return found
+    return tuple(found.items())
 
 
 def calculation_operands(text: str) -> Counter:
@@ -351,16 +357,29 @@ def calculation_operands(text: str) -> Counter:
     expression and each written equation's left side. `2*2=<<2*2=4>>4` writes one calculation twice,
     so the two sources are merged by the larger count, not added."""
     annotated: Counter = Counter()
-    for m in _ANNOTATION_RE.finditer(text):
+    written: Counter = Counter()
+    for chunk in line_chunks(text):  # no calculation spans two chunks
+        chunk_annotated, chunk_written = _chunk_operands(chunk)
+        annotated.update(dict(chunk_annotated))
+        written.update(dict(chunk_written))
+    return annotated | written
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _chunk_operands(chunk: str) -> tuple[tuple[tuple[Fraction, int], ...], tuple[tuple[Fraction, int], ...]]:
+    """(annotation operands, written-equation operands) of one `line_chunks` chunk, memoised like
+    `_check_chunk`: a search's complete solutions share their earlier lines."""
+    annotated: Counter = Counter()
+    for m in _ANNOTATION_RE.finditer(chunk):
         try:
             tokens = scan(m.group(1).split("=")[0], lenient=True)
         except CalcError:
             continue
         annotated.update(t.value for t in tokens if t.kind == "num")
     written: Counter = Counter()
-    for lhs_tokens, *_ in _written_equations(text):
+    for lhs_tokens, *_ in _written_equations(chunk):
         written.update(t.value for t in lhs_tokens if t.kind == "num")
-    return annotated | written
+    return tuple(annotated.items()), tuple(written.items())
 
 
 def check_question_numbers(question: str, solution: str) -> CheckResult:

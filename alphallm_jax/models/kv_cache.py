@@ -17,6 +17,8 @@ in use rather than the whole cache (`decoder.attend_chunks`). One chunk is the p
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,18 @@ def chunk_lengths(cache_len: int, chunk_slots: int | None) -> tuple[int, ...]:
     raise ValueError(f"chunk_slots must be positive, got {chunk_slots}")
   full, rest = divmod(cache_len, chunk_slots)
   return (chunk_slots,) * full + ((rest,) if rest else ())
+
+
+@functools.lru_cache(maxsize=256)
+def _empty_cache_builder(cls, key_shapes, value_shapes, slot_shape, dtype, ring: bool, shardings):
+  """A jitted maker of an empty cache of these shapes: one dispatch, not one per buffer (a search makes
+  a cache for every batch it samples); with `shardings`, every buffer is born sharded."""
+  def build():
+    zeros = lambda shapes: tuple(tuple(jnp.zeros(s, dtype) for s in layer) for layer in shapes)  # noqa: E731
+    return cls(k=zeros(key_shapes), v=zeros(value_shapes), slot_pos_bt=jnp.full(slot_shape, -1, jnp.int32),
+               ring=ring)
+
+  return jax.jit(build, out_shardings=shardings)
 
 
 @flax.struct.dataclass
@@ -86,22 +100,18 @@ class KVCache:
     def layers(shape_fn, make):
       return tuple(tuple(make(shape_fn(cfg, batch, n)) for n in lengths) for _ in range(cfg.num_layers))
 
-    def build():
-      slot_pos = jnp.full((batch, cache_len), -1, jnp.int32)
-      zeros = lambda shape: jnp.zeros(shape, dtype)  # noqa: E731
-      return cls(k=layers(key_shape, zeros), v=layers(kv_shape, zeros), slot_pos_bt=slot_pos, ring=ring)
+    shardings = None
+    if mesh is not None:
+      def sharding(names):
+        return lambda shape: NamedSharding(mesh, logical_to_spec(names, rules, shape=shape, mesh=mesh))
 
-    if mesh is None:
-      return build()
-
-    def sharding(names):
-      return lambda shape: NamedSharding(mesh, logical_to_spec(names, rules, shape=shape, mesh=mesh))
-
-    slot_sharding = NamedSharding(
-        mesh, logical_to_spec(SLOT_NAMES, rules, shape=(batch, cache_len), mesh=mesh))
-    shardings = cls(k=layers(key_shape, sharding(KEY_NAMES)), v=layers(kv_shape, sharding(VALUE_NAMES)),
-                    slot_pos_bt=slot_sharding, ring=ring)
-    return jax.jit(build, out_shardings=shardings)()
+      slot_sharding = NamedSharding(
+          mesh, logical_to_spec(SLOT_NAMES, rules, shape=(batch, cache_len), mesh=mesh))
+      shardings = cls(k=layers(key_shape, sharding(KEY_NAMES)), v=layers(kv_shape, sharding(VALUE_NAMES)),
+                      slot_pos_bt=slot_sharding, ring=ring)
+    same = lambda shape: shape  # noqa: E731
+    return _empty_cache_builder(cls, layers(key_shape, same), layers(kv_shape, same), (batch, cache_len),
+                                dtype, ring, shardings)()
 
   @property
   def batch(self) -> int:

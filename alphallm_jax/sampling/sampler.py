@@ -125,12 +125,14 @@ class Sampler:
         use of such a model passes 1.
       kv_chunk_slots: slots per KV cache chunk (`KVCache`); attention skips the chunks no row has
         reached. 0: `default_kv_chunk_slots()`; negative: one chunk.
+      fine_row_buckets: row buckets in steps of 1.5x, not 2x (`utils.shapes.row_bucket(fine=True)`): less
+        padding, more compiled shapes.
     """
 
     def __init__(self, model, tokenizer, *, max_len: int = 1024, pool_slots: int = 64, max_batch: int = 256,
                  mesh: jax.sharding.Mesh | None = None, rules: shd.ShardingRules | None = None,
                  eos_ids: Sequence[int] | None = None, min_rows: int = MIN_ROWS,
-                 kv_chunk_slots: int = 0):
+                 kv_chunk_slots: int = 0, fine_row_buckets: bool = False):
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
@@ -144,6 +146,7 @@ class Sampler:
         self.eos_ids = jnp.asarray(sorted(eos_ids), jnp.int32)
         self._row_multiple = shd.batch_shards(mesh)
         self._min_rows = min_rows
+        self._fine_rows = fine_row_buckets
         self.kv_chunk_slots = (default_kv_chunk_slots() if kv_chunk_slots == 0
                                else None if kv_chunk_slots < 0 else kv_chunk_slots)
         self._pool_slots = pool_slots
@@ -216,7 +219,7 @@ class Sampler:
 
     def _rows(self, n: int) -> int:
         """Rows of a device call holding `n` requests (the shape bucket; see `utils.shapes.row_bucket`)."""
-        return row_bucket(n, self._row_multiple, self._min_rows)
+        return row_bucket(n, self._row_multiple, self._min_rows, self._fine_rows)
 
     def _put(self, x: np.ndarray) -> jax.Array:
         """Host batch array onto the device, rows sharded over (data, fsdp) when there is a mesh."""
@@ -395,7 +398,7 @@ def sampler_from_config(cfg, model, tokenizer, *, max_len: int, pool_slots: int 
     s = cfg.sampling
     return Sampler(model, tokenizer, max_len=max_len, pool_slots=s.pool_slots if pool_slots is None else pool_slots,
                    max_batch=max_batch or s.max_batch, mesh=mesh, min_rows=s.min_rows,
-                   kv_chunk_slots=s.kv_chunk_slots)
+                   kv_chunk_slots=s.kv_chunk_slots, fine_row_buckets=s.fine_row_buckets)
 
 
 def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
