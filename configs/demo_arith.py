@@ -25,11 +25,6 @@ def get_config(variant: str | None = None):
     c.sampling.max_len = 256
     c.sampling.pool_slots = 512
     c.sampling.max_batch = 128
-    # Row buckets in 1.5x steps: on CPU a decode step's cost grows with its rows, and the search's batches
-    # of ~150-160 rows ran as 256 under powers of two (`alphallm bench search`: batched decode 187 -> 139
-    # us per row and token for the policy, 79 -> 56 for the fast-rollout policy; the same trees).
-    c.sampling.fine_row_buckets = True
-    c.critics.scoring.fine_row_buckets = True
     c.eval.split = "arith:test"
     c.eval.methods = ("greedy", "maj@16")
     c.eval.max_new_tokens = 160
@@ -179,7 +174,6 @@ def get_config(variant: str | None = None):
             train.pad_to_multiple = 160
         c.critics.scoring.len_granule = 160
         c.sampling.min_rows = c.critics.scoring.min_rows = 32
-        c.sampling.fine_row_buckets = c.critics.scoring.fine_row_buckets = False  # fewer shapes
     elif variant not in (None, ""):
         raise ValueError(f"unknown variant {variant!r} of demo_arith.py; known: quick")
     return c
