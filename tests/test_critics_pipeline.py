@@ -15,7 +15,7 @@ def test_train_critics_is_a_registered_subcommand():
 
 
 @pytest.mark.slow
-def test_train_critics_end_to_end(tmp_path):
+def test_train_critics_end_to_end(tmp_path, monkeypatch):
     from alphallm_jax.config import default_config
     from alphallm_jax.critics.pipeline import run_train_critics
     from alphallm_jax.data.arith import ArithConfig, generate_problems
@@ -41,8 +41,10 @@ def test_train_critics_end_to_end(tmp_path):
     cfg.critics.data.update(dict(num_solutions=2, num_rollouts=2, max_new_tokens=16, max_step_tokens=8, max_steps=3,
                                  prompts_per_chunk=2, pool_slots=64))
     cfg.critics.train.update(dict(batch_size=4, epochs=1, checkpoint_every=-1, max_seq_len=256))
-    cfg.critics.eval_methods = ("greedy", "maj@2", "orm@2", "prm@2")
+    cfg.critics.eval_methods = ("greedy", "maj@2", "orm@2", "prm@2", "mcts@2")
     cfg.critics.eval_limit = 3
+    cfg.search.mcts.update(dict(max_depth=2, c_min0=2, num_rollouts=1))
+    cfg.search.options.update(dict(max_option_tokens=8, max_solution_tokens=16))
     cfg.eval.max_new_tokens = 16
     cfg.sampling.max_batch = 32
     cfg.rollout_policy.enabled = True
@@ -52,7 +54,22 @@ def test_train_critics_end_to_end(tmp_path):
     cfg.base.num_train, cfg.base.num_dev = 16, 8
     cfg.critics.model.init = "rollout_policy"  # the critic's backbone: the fast policy, trained first
 
+    # The critics stage's mcts searches with the config's settings and the fast-rollout policy, as
+    # `alphallm eval` does (not the built-in defaults).
+    from alphallm_jax.search import mcts as mcts_lib
+    searched = []
+
+    def recording_run_mcts(problems, backend, config, *args, **kwargs):
+        searched.append((config, backend))
+        return real_run_mcts(problems, backend, config, *args, **kwargs)
+
+    real_run_mcts = mcts_lib.run_mcts
+    monkeypatch.setattr(mcts_lib, "run_mcts", recording_run_mcts)
     out = run_train_critics(cfg, tmp_path / "run")
+    assert len(searched) == 1
+    config, backend = searched[0]
+    assert (config.max_depth, config.c_min0, config.num_rollouts, config.num_simulations) == (2, 2, 1, 2)
+    assert backend.rollout_sampler is not backend.sampler and backend.options.max_option_tokens == 8
     root = tmp_path / "run" / "critics"
     for path in ("data/train/DONE", "data/dev/DONE", "critic/DONE", "critic/critic_config.json", "calibration.json",
                  "calibration.md", "timings.json", "eval/summary.json", "critic_train.json"):
@@ -76,7 +93,7 @@ def test_train_critics_end_to_end(tmp_path):
         assert report["orm_combined"]["n"] == report["orm"]["n"]
         assert "| orm_combined |" in (root / "calibration.md").read_text()
     summary = json.loads((root / "eval" / "summary.json").read_text())
-    assert set(summary["methods"]) == {"greedy", "maj@2", "orm@2", "prm@2"}
+    assert set(summary["methods"]) == {"greedy", "maj@2", "orm@2", "prm@2", "mcts@2"}
     assert set(out["timings"]) >= {"data", "train", "calibration", "eval", "fast_rollout_policy"}
 
     again = run_train_critics(cfg, tmp_path / "run")  # everything is resumed from the artifacts

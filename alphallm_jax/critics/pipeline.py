@@ -256,13 +256,16 @@ def run_train_critics(cfg, workdir) -> dict:
 
 
 def evaluate_with_critic(cfg, workdir, policy, tokenizer, scorer: CriticScorer, *, mesh=None) -> dict:
-    """`critics.eval_methods` on `eval.split` (first `critics.eval_limit` problems) with the critic available;
-    methods with the same k share one set of samples."""
+    """`critics.eval_methods` on `eval.split` (first `critics.eval_limit` problems) with this critic, through
+    the components `alphallm eval` builds (the search methods get the config's search settings and the
+    fast-rollout policy); methods with the same k share one set of samples."""
     from alphallm_jax.pipeline.evaluation import eval_context, evaluate_methods
+    from alphallm_jax.pipeline.search_methods import eval_components
 
     problems, ctx = eval_context(cfg, policy, tokenizer, mesh=mesh)
     if cfg.critics.eval_limit:
         problems = problems[:cfg.critics.eval_limit]
-    ctx.components.update({"critic": scorer, "sample_cache": {}})
+    ctx.components.update(eval_components(cfg, workdir, list(cfg.critics.eval_methods), policy, tokenizer,
+                                          [ctx.prompt_for(p) for p in problems], mesh=mesh, scorer=scorer))
     return evaluate_methods(problems, ctx, list(cfg.critics.eval_methods), critics_dir(workdir),
                             batch_size=cfg.eval.batch_size)

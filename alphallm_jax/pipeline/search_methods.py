@@ -79,15 +79,17 @@ def make_search_method(method: str, k: int | None) -> TreeSearchMethod:
 
 
 def eval_components(cfg, workdir, methods: Sequence[str], model, tokenizer, prompts: Sequence[str], *,
-                    mesh=None) -> dict[str, Any]:
-    """What `methods` need beyond the sampler: a shared sample cache, the critic for orm@k/prm@k/mcts/beam,
-    and for the search methods the settings and a search backend with its own sampler (`search.pool_slots`)."""
+                    mesh=None, scorer=None) -> dict[str, Any]:
+    """What `methods` need beyond the sampler: a shared sample cache, the critic for orm@k/prm@k/mcts/beam
+    (`scorer`, else loaded from `workdir`), and for the search methods the config's settings and a search
+    backend with its own sampler (`search.pool_slots`) and the fast-rollout policy."""
     from alphallm_jax.pipeline.search_run import SearchSettings, load_critic_scorer, make_backend
 
     names = {spec.partition("@")[0] for spec in methods}
     components: dict[str, Any] = {"sample_cache": {}}  # maj@k, orm@k, prm@k, pass@k share their samples
     if names & set(CRITIC_METHODS):
-        components["critic"] = load_critic_scorer(cfg, workdir, tokenizer, mesh=mesh)
+        components["critic"] = scorer if scorer is not None else load_critic_scorer(cfg, workdir, tokenizer,
+                                                                                    mesh=mesh)
     if names & set(SEARCH_METHODS):
         settings = SearchSettings.from_config(cfg)
         components["search"] = settings
