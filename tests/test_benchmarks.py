@@ -90,3 +90,21 @@ def test_demo_policy_preset_is_the_demo_configs_policy():
     assert preset.vocab_size == cfg.base.tokenizer_vocab_size
     for key, value in cfg.base.model.items():
         assert getattr(preset, key) == value, key
+
+
+def test_search_bench_variants_are_typed_config_overrides_and_typos_name_the_valid_keys():
+    from alphallm_jax.commands.bench_search import variant_config
+    from alphallm_jax.config import default_config
+
+    cfg = default_config()
+    fine = variant_config(cfg, "sampling.fine_row_buckets=true, critics.scoring.fine_row_buckets=1,search.mcts.c_uct=0.5")
+    assert fine.sampling.fine_row_buckets is True and fine.critics.scoring.fine_row_buckets is True
+    assert fine.search.mcts.c_uct == 0.5 and cfg.sampling.fine_row_buckets is False  # the original is untouched
+    with pytest.raises(ValueError, match="no key 'sampling.fine_row_bucket'; valid keys of config.sampling: .*fine_row_buckets"):
+        variant_config(cfg, "sampling.fine_row_bucket=true")
+    with pytest.raises(ValueError, match="not a boolean"):
+        variant_config(cfg, "sampling.fine_row_buckets=maybe")
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        variant_config(cfg, "sampling.fine_row_buckets")
+    with pytest.raises(ValueError, match="only boolean, number and string"):
+        variant_config(cfg, "sampling=1")

@@ -38,9 +38,10 @@ def stack(tmp_path_factory):
     return tokenizer, policy, scorer, problems
 
 
-def _sampler(stack, model=None) -> Sampler:
+def _sampler(stack, model=None, fine_row_buckets=False) -> Sampler:
     tokenizer, policy, _, _ = stack
-    return Sampler(model or policy, tokenizer, max_len=160, pool_slots=512, max_batch=16)
+    return Sampler(model or policy, tokenizer, max_len=160, pool_slots=512, max_batch=16,
+                   fine_row_buckets=fine_row_buckets)
 
 
 def _problems(stack, seed=0):
@@ -283,10 +284,27 @@ def test_search_bench_times_both_modes_on_the_same_trees(stack):
     tokenizer, problems = stack[0], _problems(stack)
     prompt_tokens = {p.problem_id: len(tokenizer.encode(p.prompt, add_bos=True)) for p in problems}
     prompt_ids = [tokenizer.encode(p.prompt, add_bos=True) for p in problems]
-    result = run_search_bench(lambda: LMSearchBackend(_sampler(stack), stack[2], task="arith", options=OPTIONS),
-                              problems, MCTS, prompt_tokens, sequential_problems=2, prompt_ids=prompt_ids)
+    made = []
+
+    def backend(fine=False):
+        made.append(fine)
+        return LMSearchBackend(_sampler(stack, fine_row_buckets=fine), stack[2], task="arith", options=OPTIONS)
+
+    result = run_search_bench(backend, problems, MCTS, prompt_tokens, sequential_problems=2, prompt_ids=prompt_ids,
+                              repeats=2, variants={"fine": lambda: backend(fine=True)})
     batched, sequential = result["batched"], result["sequential"]
     assert batched["problems"] == 3 and sequential["problems"] == 2 and batched["nodes"] > sequential["nodes"] > 0
+    # Every side runs once untimed, then once per timed round (a fresh backend each time; one more for the
+    # decode costs); rates are medians over the rounds and the speed-up the median of the rounds' ratios.
+    assert made.count(True) == 3 and made.count(False) == 2 * 3 + 1
+    assert len(batched["seconds_per_round"]) == len(sequential["seconds_per_round"]) == 2
+    ratios = [(batched["nodes"] / b) / (sequential["nodes"] / q)
+              for b, q in zip(batched["seconds_per_round"], sequential["seconds_per_round"])]
+    assert result["speedup_per_round"] == pytest.approx(ratios)
+    assert result["speedup"] == pytest.approx(sum(ratios) / 2)  # the median of two
+    assert result["batched_nodes_per_s"] == pytest.approx(batched["nodes"] / batched["seconds"])
+    fine = result["variants"]["fine"]
+    assert fine["nodes"] == batched["nodes"] and fine["nodes_per_s"] > 0 and fine["vs_batched"] > 0
     # Three trees in lockstep send larger rounds to the sampler than one tree at a time; the decoding cost
     # per row and token is measured at both sizes (the policy rolls out itself: one sampler).
     assert batched["rows_per_round"]["policy"] > sequential["rows_per_round"]["policy"] >= 1
@@ -295,10 +313,11 @@ def test_search_bench_times_both_modes_on_the_same_trees(stack):
     assert all(t > 0 for t in cost["us_per_row_token"].values())
     assert cost["decode_batching_gain"] == pytest.approx(
         cost["us_per_row_token"]["sequential"] / cost["us_per_row_token"]["batched"])
-    assert result["speedup"] == pytest.approx(result["batched_nodes_per_s"] / result["sequential_nodes_per_s"])
     # Expansions fork their parents' cached states: prefill covers each prompt once plus a few re-primed
     # tokens, never a parent's whole prefix again.
     assert batched["unique_tokens"] > sum(prompt_tokens.values())
     assert 0.0 < result["prefill_to_unique_tokens"] <= 1.1
     with pytest.raises(ValueError, match="at least one problem"):
         run_search_bench(lambda: None, problems, MCTS, prompt_tokens, sequential_problems=0)
+    with pytest.raises(ValueError, match="repeats"):
+        run_search_bench(lambda: None, problems, MCTS, prompt_tokens, sequential_problems=1, repeats=0)

@@ -21,11 +21,16 @@ ratio, the most that batching the decoding itself can give (a device that runs s
 fraction of its throughput gains much; two CPU cores, whose per-row cost hardly falls with the batch,
 little).
 
-Each side runs its workload twice on fresh backends and the second run is timed: the same problems and
-seeds build the same trees, so the first run compiles every shape the timed one meets and neither rate
-counts compilation. (A warm-up on fewer, other problems left the 64-tree batch shapes to compile inside
-the timed lockstep run: with a cold compilation cache it reported a speed-up of 1.12 where the same run
-with the cache warm gave 1.36.)
+Each side first runs its workload once untimed on a fresh backend: the same problems and seeds build the
+same trees every time, so that run compiles every shape the timed ones meet and no rate counts
+compilation. (A warm-up on fewer, other problems left the 64-tree batch shapes to compile inside the
+timed lockstep run: with a cold compilation cache it reported a speed-up of 1.12 where the same run with
+the cache warm gave 1.36.) Then `repeats` rounds each time every side once, in an order that rotates
+from round to round, so that a machine whose speed drifts between minutes slows both sides alike: the
+seconds are medians over the rounds (a rate is the nodes over them), and `speedup` is the median of the rounds' own ratios
+(`speedup_per_round` lists them). `variants` adds other lockstep backends (the same search with other
+settings, e.g. row buckets) to every round; each reports its median rate and the median of its per-round
+ratio to the lockstep side (`vs_batched`), an A/B measured side by side in one process.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from alphallm_jax.sampling import SampleRequest
@@ -99,34 +104,66 @@ def decode_row_cost(sampler, prompt_ids: Sequence[Sequence[int]], rows: int, *, 
 
 
 def run_search_bench(make_backend, problems: Sequence[SearchProblem], mcts_cfg, prompt_tokens: dict[str, int], *,
-                     sequential_problems: int, prompt_ids: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+                     sequential_problems: int, prompt_ids: Sequence[Sequence[int]] | None = None,
+                     repeats: int = 3, variants: Mapping[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
     """`make_backend()` gives a fresh backend over the same models; see the module doc. `prompt_ids`
-    (token ids of some of the problems' prompts) enables the `decode_row_cost` measurement."""
+    (token ids of some of the problems' prompts) enables the `decode_row_cost` measurement; `variants`
+    maps a name to another backend maker whose lockstep search joins every round."""
     if len(problems) < 1 or sequential_problems < 1:
         raise ValueError("need at least one problem on each side")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    variants = dict(variants or {})
+    if {"batched", "sequential"} & set(variants):
+        raise ValueError("a variant cannot be named 'batched' or 'sequential'")
     seq_set = problems[:sequential_problems]
+    # side -> (backend maker, problems, one tree at a time)
+    sides = {"batched": (make_backend, problems, False), "sequential": (make_backend, seq_set, True),
+             **{name: (maker, problems, False) for name, maker in variants.items()}}
+    warm = {name: _timed_search(maker, work, mcts_cfg, one_at_a_time=one)  # compiles every shape
+            for name, (maker, work, one) in sides.items()}
+    runs: dict[str, list] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            maker, work, one = sides[name]
+            run = _timed_search(maker, work, mcts_cfg, one_at_a_time=one)
+            if name in ("batched", "sequential") and (
+                    [t.to_records() for t in run[0]] != [t.to_records() for t in warm[name][0]]):
+                raise RuntimeError(f"the {name} search built other trees on a timed run than on its first")
+            runs[name].append(run)
 
-    def second_run(work, one_at_a_time):
-        first = _timed_search(make_backend, work, mcts_cfg, one_at_a_time=one_at_a_time)  # compiles
-        second = _timed_search(make_backend, work, mcts_cfg, one_at_a_time=one_at_a_time)
-        if [t.to_records() for t in first[0]] != [t.to_records() for t in second[0]]:
-            raise RuntimeError("the search built other trees on its second run: the bench times the second")
-        return second
+    def rates(name):
+        return [tree_nodes(trees) / seconds for trees, seconds, _, _ in runs[name]]
 
-    batched, batched_s, prefilled, batched_rows = second_run(problems, False)
-    sequential, sequential_s, _, sequential_rows = second_run(seq_set, True)
-    batched_rate = tree_nodes(batched) / batched_s
-    sequential_rate = tree_nodes(sequential) / sequential_s
+    def median_seconds(name):
+        return statistics.median(seconds for _, seconds, _, _ in runs[name])
+
+    batched, _, prefilled, batched_rows = runs["batched"][0]
+    sequential, _, _, sequential_rows = runs["sequential"][0]
+    per_round = [b / q for b, q in zip(rates("batched"), rates("sequential"))]
     unique = unique_tokens(batched, prompt_tokens)
     result = {
-        "batched_nodes_per_s": batched_rate, "sequential_nodes_per_s": sequential_rate,
-        "speedup": batched_rate / sequential_rate, "prefill_to_unique_tokens": prefilled / unique,
-        "batched": {"problems": len(problems), "nodes": tree_nodes(batched), "seconds": batched_s,
+        "batched_nodes_per_s": tree_nodes(batched) / median_seconds("batched"),
+        "sequential_nodes_per_s": tree_nodes(sequential) / median_seconds("sequential"),
+        "speedup": statistics.median(per_round), "speedup_per_round": per_round,
+        "prefill_to_unique_tokens": prefilled / unique,
+        "batched": {"problems": len(problems), "nodes": tree_nodes(batched), "seconds": median_seconds("batched"),
+                    "seconds_per_round": [run[1] for run in runs["batched"]],
                     "prefilled_tokens": prefilled, "unique_tokens": unique, "rows_per_round": batched_rows},
-        "sequential": {"problems": len(seq_set), "nodes": tree_nodes(sequential), "seconds": sequential_s,
+        "sequential": {"problems": len(seq_set), "nodes": tree_nodes(sequential),
+                       "seconds": median_seconds("sequential"),
+                       "seconds_per_round": [run[1] for run in runs["sequential"]],
                        "rows_per_round": sequential_rows},
-        "timed_run": "second of two (the first compiles)",
+        "timed_runs": f"{repeats} rounds after an untimed one (it compiles); medians",
     }
+    if variants:
+        result["variants"] = {name: {
+            "nodes": tree_nodes(runs[name][0][0]), "nodes_per_s": tree_nodes(runs[name][0][0]) / median_seconds(name),
+            "seconds": median_seconds(name), "seconds_per_round": [run[1] for run in runs[name]],
+            "rows_per_round": runs[name][0][3],
+            "vs_batched": statistics.median(v / b for v, b in zip(rates(name), rates("batched")))}
+            for name in variants}
     if prompt_ids:
         costs = {}
         for role, sampler in _samplers(make_backend()).items():

@@ -4,6 +4,10 @@ at a time, same config and models (see `alphallm_jax.benchmarks.search_bench`).
 RUN is a directory of `alphallm loop` (or `train-critics` next to a policy): the policy is RUN/base/policy
 unless `--policy` says otherwise; the critic and the fast-rollout policy are found as `alphallm search`
 finds them. The problems are the first ones of `search.split` (default `eval.split`).
+
+`--variant=KEY=VALUE[,KEY=VALUE...]` (repeatable) adds a lockstep search under the config with those
+overrides to every timed round, e.g. `--variant=sampling.fine_row_buckets=true,critics.scoring.fine_row_buckets=true`
+for 1.5x row buckets against powers of two, measured side by side.
 """
 
 from __future__ import annotations
@@ -20,7 +24,55 @@ def define_flags() -> None:
     flags.DEFINE_string("policy", None, "The policy checkpoint (default WORKDIR/base/policy).")
     flags.DEFINE_integer("num_problems", 64, "Problems searched in lockstep.")
     flags.DEFINE_integer("sequential_problems", 8, "Of those, how many are also searched one at a time.")
+    flags.DEFINE_integer("repeats", 3, "Timed rounds (each runs every side once); rates are medians.")
+    flags.DEFINE_multi_string("variant", [], "KEY=VALUE[,KEY=VALUE...] config overrides of another lockstep "
+                              "side timed in every round (repeatable).")
     flags.DEFINE_string("out", None, "Write the JSON result here (also printed).")
+
+
+def parse_value(text: str, current):
+    """`text` as the type of the config value it replaces (bool: true/false, 1/0, yes/no; an unset value:
+    a number when `text` reads as one)."""
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{text!r} is not a boolean (true or false)")
+        return lowered in ("true", "1", "yes")
+    if isinstance(current, (int, float, str)):
+        return type(current)(text)
+    if current is None:  # an unset key: a number when it reads as one, else the text
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    raise ValueError(f"only boolean, number and string keys can be overridden here, not {type(current).__name__}")
+
+
+def variant_config(cfg, spec: str):
+    """A copy of `cfg` with the overrides of one `--variant` (`KEY=VALUE,...`); a key the config does not
+    have fails naming it and the valid keys where it was looked up."""
+    from alphallm_jax.pipeline.loop import derived_config
+
+    overrides = {}
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--variant={spec}: {item!r} is not KEY=VALUE")
+        section, prefix = cfg, "config"
+        for name in key.strip().removeprefix("config.").split("."):
+            if not hasattr(section, "keys") or name not in section:
+                valid = f"; valid keys of {prefix}: {', '.join(sorted(section.keys()))}" if hasattr(section, "keys") else ""
+                raise ValueError(f"--variant={spec}: the config has no key {key!r}{valid}")
+            section, prefix = section[name], f"{prefix}.{name}"
+        try:
+            overrides[prefix.removeprefix("config.")] = parse_value(text, section)
+        except ValueError as e:
+            raise ValueError(f"--variant={spec}: {key}: {e}") from None
+    if not overrides:
+        raise ValueError(f"--variant={spec!r} sets nothing")
+    return derived_config(cfg, **overrides)
 
 
 def main(argv) -> None:
@@ -62,10 +114,18 @@ def main(argv) -> None:
         return make_backend(cfg, f.workdir, model, tokenizer, prompts, scorer=scorer, settings=settings,
                             fast_policy=fast_policy)
 
+    def variant_backend(vcfg):
+        vscorer = load_critic_scorer(vcfg, f.workdir, tokenizer)
+        return lambda: make_backend(vcfg, f.workdir, model, tokenizer, prompts, scorer=vscorer,
+                                    settings=SearchSettings.from_config(vcfg), fast_policy=fast_policy)
+
+    variants = {spec: variant_backend(variant_config(cfg, spec)) for spec in f.variant}
+
     prompt_ids = [tokenizer.encode(p.prompt, add_bos=True) for p in pool]
     prompt_tokens = {p.problem_id: len(ids) for p, ids in zip(pool, prompt_ids)}
     result = run_search_bench(fresh_backend, pool, settings.mcts, prompt_tokens,
-                              sequential_problems=f.sequential_problems, prompt_ids=prompt_ids)
+                              sequential_problems=f.sequential_problems, prompt_ids=prompt_ids,
+                              repeats=f.repeats, variants=variants)
     result.update({"policy": policy, "split": split, "machine": machine_info(), "mcts": settings.mcts.to_dict()})
     text = json.dumps(result, indent=2, default=str)
     print(text)
