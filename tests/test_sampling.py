@@ -386,3 +386,11 @@ def test_prefill_in_row_blocks_equals_one_pass(tmp_path, monkeypatch, sharded):
         return [c.token_ids for c in sampler.sample(reqs, keep_states=False)]
 
     assert greedy(16) == greedy(2048)  # a row a block (two, with the mesh's 2 data shards) vs one pass
+
+
+def test_generate_cli_reads_escapes_in_stop_strings_and_keeps_other_text_as_typed():
+    from alphallm_jax.commands.generate import unescape
+
+    assert unescape(r"\n") == "\n" and unescape(r"\n\nQuestion:") == "\n\nQuestion:" and unescape(r"a\tb") == "a\tb"
+    assert unescape(r"\\n") == "\\n"  # an escaped backslash stays a backslash
+    assert unescape("Réponse :") == "Réponse :" and unescape("答案\\n") == "答案\n"  # non-ASCII as typed

@@ -18,6 +18,12 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 
 
+def unescape(text: str) -> str:
+    """A flag value with its backslash escapes read (`\\n` is a newline); any other character, non-ASCII
+    included, stays as typed."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 def main(argv) -> None:
     del argv
     from alphallm_jax import load_pretrained
@@ -25,7 +31,7 @@ def main(argv) -> None:
 
     f = flags.FLAGS
     model, tokenizer = load_pretrained(f.checkpoint, dtype=f.dtype)
-    stops = [s.encode().decode("unicode_escape") for s in f.stop]  # let the shell pass "\n"
+    stops = [unescape(s) for s in f.stop]  # let the shell pass "\n"
     prompt_tokens = max(len(tokenizer.encode(p, add_bos=True)) for p in f.prompt)
     sampler = Sampler(model, tokenizer, max_len=prompt_tokens + f.max_new_tokens)
     results = sampler.generate(
