@@ -74,3 +74,22 @@ def test_within_group_auroc_counts_only_pairs_of_one_group():
     assert within_group_auroc([0.2, 0.4], [1, 0], ["a", "b"]) == (None, 0)
     with pytest.raises(ValueError, match="groups"):
         within_group_auroc([0.2, 0.4], [1, 0], ["a"])
+
+
+def test_the_value_reference_pools_each_states_own_rollouts_only():
+    from alphallm_jax.critics.report import _rollouts_by_state, _state_key
+
+    traj = {"problem_id": "p", "kind": "trajectory", "step_ids": [[1], [2], [3]], "correct": True}
+    rows = [traj,
+            {"problem_id": "p", "kind": "rollout", "from_step": 1, "step_ids": [[1], [5], [6]], "correct": True},
+            {"problem_id": "p", "kind": "rollout", "from_step": 1, "step_ids": [[1], [7]], "correct": False},
+            {"problem_id": "p", "kind": "rollout", "from_step": 2, "step_ids": [[1], [2], [9]], "correct": False},
+            {"problem_id": "p", "kind": "rollout", "from_step": 2, "step_ids": [[1], [4], [9]], "correct": True},
+            {"problem_id": "q", "kind": "rollout", "from_step": 1, "step_ids": [[1], [2]], "correct": True}]
+    by_state = _rollouts_by_state(rows)
+    # s_1 = [1]: the two rollouts sampled from it (not q's, not the trajectory's own continuation);
+    # s_2 = [1], [2]: only the rollout whose first two steps are the trajectory's.
+    assert by_state[_state_key("p", 1, traj["step_ids"])] == [1.0, 0.0]
+    assert by_state[_state_key("p", 2, traj["step_ids"])] == [0.0]
+    assert _state_key("p", 3, traj["step_ids"]) not in by_state
+    assert by_state[_state_key("q", 1, [[1]])] == [1.0]

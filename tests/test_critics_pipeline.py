@@ -80,6 +80,13 @@ def test_train_critics_end_to_end(tmp_path, monkeypatch):
     report = json.loads((root / "calibration.json").read_text())
     for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool"):
         assert report[name]["n"] > 0 and 0.0 <= report[name]["ece"] <= 1.0
+    # The held-out MC reference covers the states that have rollout rows of their own (a random policy's
+    # steps often run to the token cap, which ends a trajectory, so there may be none).
+    vref = report["value_reference"]
+    dev_rows = [json.loads(line) for line in (root / "data/dev/rows.jsonl").read_text().splitlines()]
+    assert (vref["states"] > 0) == any(r["kind"] == "rollout" for r in dev_rows)
+    assert vref["heldout_mc"]["n"] == vref["value"]["n"] == vref["tools_only"]["n"] == vref["states"]
+    assert ("How much the states decide" in (root / "calibration.md").read_text()) == (vref["states"] > 0)
     for name in ("orm", "orm_tool", "tools_only", "prm_solution"):
         within = report[name]["within_prompt_auroc"]
         assert report[name]["within_prompt_pairs"] >= 0 and (within is None or 0.0 <= within <= 1.0)

@@ -10,6 +10,12 @@ Labels (fixed in advance, one primary per critic, a secondary where the definiti
   * value and PRM with the tool checks of each state's text folded in (`value_tool`, `prm_tool`: what
     the search scores with `critics.tools.steps`), against the same labels.
 One forward pass per trajectory gives every state's value, every step's PRM and the ORM.
+
+`value_reference` says how much of a trajectory's outcome its states already decide, against how much
+the value head reads of it: on the non-root states that have rollout rows of their own (sampled from
+that exact prefix, so the trajectory's own continuation is not among them), the AUROC of those
+rollouts' mean outcome (a few-sample estimate of v(s), so a lower bound of what a perfect value function
+would reach), of the value head, and of the tool checks alone, all against the trajectory's outcome.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
 
     value_s, value_y, value_mc, value_ok = [], [], [], []
     prm_s, prm_hard, prm_outcome, prm_ok = [], [], [], []
+    rollouts = _rollouts_by_state(rows)
+    ref_mc, ref_value, ref_ok, ref_y, ref_n = [], [], [], [], []
     for r, v_k, p_k in zip(trajs, scores.value_steps, scores.prm_steps):
         k_total = len(r["step_ids"])
         ok_k = _prefix_checks(scorer, r["step_ids"])  # ok_k[k]: the text of steps 1..k passes the tools
@@ -50,6 +58,13 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
             value_y.append(float(r["correct"]))
             value_mc.append(r["state_hits"][k] / max(r["state_counts"][k], 1))
             value_ok.append(ok_k[k])
+            outcomes = rollouts.get(_state_key(r["problem_id"], k, r["step_ids"])) if k else None
+            if outcomes:
+                ref_mc.append(float(np.mean(outcomes)))
+                ref_value.append(v_k[k])
+                ref_ok.append(ok_k[k])
+                ref_y.append(float(r["correct"]))
+                ref_n.append(len(outcomes))
         for k in range(1, k_total + 1):
             if not r["step_ids"][k - 1]:
                 continue
@@ -88,11 +103,31 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
         "prm_solution": {**solution_metrics(solutions.prm), "aggregate": scorer.prm_aggregate},
         **({"orm_combined": {**solution_metrics(solutions.orm_combined),
                              "combiner": scorer.combiner.to_dict()}} if solutions.orm_combined is not None else {}),
+        "value_reference": {
+            "label": "trajectory outcome at each non-root state with rollouts of its own",
+            "states": len(ref_y), "rollouts_per_state": float(np.mean(ref_n)) if ref_n else None,
+            "positive_rate": float(np.mean(ref_y)) if ref_y else None,
+            "heldout_mc": metrics(ref_mc, ref_y), "value": metrics(ref_value, ref_y),
+            "tools_only": metrics(ref_ok, ref_y)},
         "dev_trajectories": len(trajs),
         "dev_accuracy": float(np.mean(orm_y)),
         "paper_reference": PAPER_REFERENCE,
     }
     return report
+
+
+def _state_key(problem_id: str, k: int, step_ids: Sequence[Sequence[int]]) -> tuple:
+    """A prefix state s_k of one problem: the tokens of its first k steps (as the data pools states)."""
+    return problem_id, tuple(t for step in step_ids[:k] for t in step)
+
+
+def _rollouts_by_state(rows: Sequence[Mapping[str, Any]]) -> dict[tuple, list[float]]:
+    """The graded outcomes of the rollout rows, by the state they were sampled from."""
+    out: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "rollout":
+            out.setdefault(_state_key(r["problem_id"], r["from_step"], r["step_ids"]), []).append(float(r["correct"]))
+    return out
 
 
 def _prefix_checks(scorer: CriticScorer, step_ids: Sequence[Sequence[int]]) -> list[float]:
@@ -125,6 +160,13 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "Within a prompt (right against wrong solutions of the same problem, the order best-of-N "
                   f"reranking uses; {within[0][1]['within_prompt_pairs']} pairs), AUROC: " +
                   ", ".join(f"{name} {metric_text(m['within_prompt_auroc'])}" for name, m in within) + "."]
+    vref = report.get("value_reference") or {}
+    if vref.get("states"):
+        lines += ["", f"How much the states decide: on {vref['states']} non-root states with rollouts of their own "
+                  f"({vref['rollouts_per_state']:.1f} per state; the trajectory's own continuation not among them), "
+                  f"AUROC against the trajectory's outcome: the rollouts' mean {metric_text(vref['heldout_mc']['auroc'])}, "
+                  f"the value head {metric_text(vref['value']['auroc'])}, the tool checks alone "
+                  f"{metric_text(vref['tools_only']['auroc'])}."]
     ref = report["paper_reference"]
     lines += ["", "Paper (precision / recall / ECE): value " +
               " / ".join(str(ref["value"][k]) for k in ("precision", "recall", "ece")) + "; PRM " +
