@@ -24,7 +24,7 @@ def define_flags() -> None:
     flags.DEFINE_string("policy", None, "The policy checkpoint (default WORKDIR/base/policy).")
     flags.DEFINE_integer("num_problems", 64, "Problems searched in lockstep.")
     flags.DEFINE_integer("sequential_problems", 8, "Of those, how many are also searched one at a time.")
-    flags.DEFINE_integer("repeats", 3, "Timed rounds (each runs every side once); rates are medians.")
+    flags.DEFINE_integer("repeats", 3, "Timed rounds (each runs every side once); seconds are medians over them.")
     flags.DEFINE_multi_string("variant", [], "KEY=VALUE[,KEY=VALUE...] config overrides of another lockstep "
                               "side timed in every round (repeatable).")
     flags.DEFINE_string("out", None, "Write the JSON result here (also printed).")
