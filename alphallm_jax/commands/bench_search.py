@@ -53,21 +53,19 @@ def parse_value(text: str, current):
 def variant_config(cfg, spec: str):
     """A copy of `cfg` with the overrides of one `--variant` (`KEY=VALUE,...`); a key the config does not
     have fails naming it and the valid keys where it was looked up."""
-    from alphallm_jax.pipeline.loop import derived_config
+    from alphallm_jax.pipeline.loop import config_section, derived_config
 
     overrides = {}
     for item in (part.strip() for part in spec.split(",") if part.strip()):
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--variant={spec}: {item!r} is not KEY=VALUE")
-        section, prefix = cfg, "config"
-        for name in key.strip().removeprefix("config.").split("."):
-            if not hasattr(section, "keys") or name not in section:
-                valid = f"; valid keys of {prefix}: {', '.join(sorted(section.keys()))}" if hasattr(section, "keys") else ""
-                raise ValueError(f"--variant={spec}: the config has no key {key!r}{valid}")
-            section, prefix = section[name], f"{prefix}.{name}"
+        key = key.strip().removeprefix("config.")
         try:
-            overrides[prefix.removeprefix("config.")] = parse_value(text, section)
+            section, leaf = config_section(cfg, key)
+            overrides[key] = parse_value(text, section[leaf])
+        except KeyError as e:
+            raise ValueError(f"--variant={spec}: {e.args[0]}") from None
         except ValueError as e:
             raise ValueError(f"--variant={spec}: {key}: {e}") from None
     if not overrides:

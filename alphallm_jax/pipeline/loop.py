@@ -81,17 +81,26 @@ class LoopRun:
         return finished["record"]
 
 
+def config_section(cfg, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
+    """(the section holding `dotted`'s last key, that key); a missing key raises a KeyError naming it and
+    the valid keys where it was looked up."""
+    section, prefix = cfg, "config"
+    names = dotted.split(".")
+    for depth, name in enumerate(names):
+        if not hasattr(section, "keys") or name not in section:
+            valid = f"; valid keys of {prefix}: {', '.join(sorted(section.keys()))}" if hasattr(section, "keys") else ""
+            raise KeyError(f"the config has no key {dotted!r}{valid}")
+        if depth < len(names) - 1:
+            section, prefix = section[name], f"{prefix}.{name}"
+    return section, names[-1]
+
+
 def derived_config(cfg, **overrides) -> ml_collections.ConfigDict:
     """A copy of `cfg` with dotted-key overrides (`{"model.checkpoint": path}`); keys must exist."""
     out = cfg.copy_and_resolve_references()
     for dotted, value in overrides.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config key {dotted!r} does not exist")
-        node[leaf] = value
+        section, leaf = config_section(out, dotted)
+        section[leaf] = value
     return out
 
 
