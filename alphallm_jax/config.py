@@ -115,7 +115,8 @@ def default_config() -> ml_collections.ConfigDict:
         question_numbers=False))
     c.critics.scoring = ml_collections.ConfigDict(dict(max_batch=64, len_granule=32, min_rows=8, prm_aggregate="min",
                                                        fine_row_buckets=False))
-    c.critics.calibration = ml_collections.ConfigDict(dict(threshold=0.5, num_bins=10))
+    # bootstrap: resamples of the dev prompts behind each AUROC's 95% interval (0: no intervals).
+    c.critics.calibration = ml_collections.ConfigDict(dict(threshold=0.5, num_bins=10, bootstrap=1000))
     # The outcome combiner (critics.combiner): P(right) from the ORM, the tool verdict and the policy's mean
     # token log-probability, a logistic regression (L2 penalty `l2`) fitted on the train trajectories;
     # orm@k reranks by it when the samples carry log-probabilities.

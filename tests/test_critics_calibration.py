@@ -9,6 +9,8 @@ import pytest
 
 from alphallm_jax.critics.calibration import (
     auroc,
+    auroc_interval,
+    auroc_text,
     calibration_metrics,
     expected_calibration_error,
     precision_recall,
@@ -93,3 +95,46 @@ def test_the_value_reference_pools_each_states_own_rollouts_only():
     assert by_state[_state_key("p", 2, traj["step_ids"])] == [0.0]
     assert _state_key("p", 3, traj["step_ids"]) not in by_state
     assert by_state[_state_key("q", 1, [[1]])] == [1.0]
+
+
+def _grouped_data(num_groups, per_group, seed=0):
+    """Scores that rank outcomes above chance, with a difficulty shared by each group's members."""
+    rng = np.random.default_rng(seed)
+    difficulty = np.repeat(rng.normal(size=num_groups), per_group)
+    y = rng.random(num_groups * per_group) < 1 / (1 + np.exp(-2 * difficulty))
+    s = 1 / (1 + np.exp(-(difficulty + rng.normal(size=y.size))))
+    return s, y, np.repeat(np.arange(num_groups), per_group)
+
+
+def test_auroc_interval_is_a_seeded_cluster_bootstrap():
+    s, y, g = _grouped_data(64, 8)
+    lo, hi = auroc_interval(s, y, g, num_resamples=400, seed=3)
+    assert lo < auroc(s, y) < hi < 1.0
+    assert auroc_interval(s, y, g, num_resamples=400, seed=3) == (lo, hi)  # same seed, same interval
+    assert auroc_interval(s, y, g, num_resamples=400, seed=4) != (lo, hi)
+    # Drawing single items as if independent understates the spread of grouped data: the interval from
+    # resampling the groups is wider than the one from resampling the items.
+    lo_i, hi_i = auroc_interval(s, y, np.arange(y.size), num_resamples=400, seed=3)
+    assert hi - lo > 1.3 * (hi_i - lo_i)
+    # Sixteen times the groups: about a quarter of the width.
+    s4, y4, g4 = _grouped_data(1024, 8, seed=1)
+    lo4, hi4 = auroc_interval(s4, y4, g4, num_resamples=400, seed=3)
+    assert hi4 - lo4 < 0.5 * (hi - lo)
+
+
+def test_auroc_interval_edge_cases_and_the_metrics_entry():
+    assert auroc_interval([0.2, 0.7], [1, 1], [0, 1]) is None  # one class
+    # Two groups, each of one class: most resamples draw one group twice and hold one class.
+    assert auroc_interval([0.2, 0.7], [0, 1], ["a", "b"], num_resamples=200) is None
+    with pytest.raises(ValueError, match="groups"):
+        auroc_interval([0.2, 0.7], [0, 1], [0])
+    s, y, g = _grouped_data(32, 4)
+    m = calibration_metrics(s, y, groups=g, num_resamples=200)
+    lo, hi = m["auroc_ci"]
+    assert lo < m["auroc"] < hi
+    assert "auroc_ci" not in calibration_metrics(s, y)
+    assert "auroc_ci" not in calibration_metrics(s, y, groups=g, num_resamples=0)
+    assert auroc_text(m) == f"{m['auroc']:.3f} ({lo:.3f}-{hi:.3f})"
+    assert auroc_text({"auroc": None}) == "-"
+    undefined = calibration_metrics([0.2, 0.7], [1, 1], groups=[0, 1], num_resamples=50)
+    assert undefined["auroc_ci"] == [None, None] and auroc_text(undefined) == "-"

@@ -81,6 +81,10 @@ def test_train_critics_end_to_end(tmp_path, monkeypatch):
     report = json.loads((root / "calibration.json").read_text())
     for name in ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool"):
         assert report[name]["n"] > 0 and 0.0 <= report[name]["ece"] <= 1.0
+        # A 95% interval from resampling the dev prompts wherever the AUROC is defined (it may not be: a
+        # random policy's resamples can miss a class).
+        ci = report[name]["auroc_ci"]
+        assert ci == [None, None] or (report[name]["auroc"] is not None and 0.0 <= ci[0] <= ci[1] <= 1.0)
     # The held-out MC reference covers the states that have rollout rows of their own (a random policy's
     # steps often run to the token cap, which ends a trajectory, so there may be none).
     vref = report["value_reference"]

@@ -19,7 +19,7 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
-    from alphallm_jax.critics.calibration import metric_text
+    from alphallm_jax.critics.calibration import auroc_text, metric_text
     from alphallm_jax.critics.pipeline import run_train_critics
 
     f = flags.FLAGS
@@ -30,7 +30,7 @@ def main(argv) -> None:
             continue
         m = cal[name]
         print(f"{name:>10}: precision {metric_text(m['precision'])} recall {metric_text(m['recall'])} ECE {metric_text(m['ece'])} "
-              f"AUROC {metric_text(m['auroc'])} (n={m['n']})")
+              f"AUROC {auroc_text(m)} (n={m['n']})")
     for spec, s in (out["eval"] or {}).items():
         lo, hi = s["ci95"]
         print(f"{spec:>10}: accuracy {100 * s['accuracy']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] on {s['n']} problems")

@@ -4,7 +4,10 @@
 * ECE: `sum_b n_b / N * |mean label_b - mean score_b|` over `num_bins` equal-width bins of [0, 1];
 * AUROC: the probability that a random positive scores above a random negative, ties counted half
   (the Mann-Whitney U statistic with average ranks); None when one class is missing;
-* Brier: mean squared error of the scores.
+* Brier: mean squared error of the scores;
+* an AUROC interval by the cluster bootstrap: whole groups (the dev prompts) are resampled with
+  replacement, since a prompt's solutions and states share its difficulty and are not independent
+  draws; the interval is the percentile range of the resamples' AUROCs.
 The paper reports value 0.82 / 0.79 / 0.032 and PRM 0.62 / 0.90 / 0.375 (precision / recall / ECE).
 """
 
@@ -59,14 +62,10 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks with ties given the mean of the ranks they span."""
     order = np.argsort(x, kind="mergesort")
     sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])  # first index of each run of ties
+    ends = np.r_[starts[1:], x.size] - 1
     ranks = np.empty(x.size, np.float64)
-    start = 0
-    while start < x.size:
-        end = start
-        while end + 1 < x.size and sorted_x[end + 1] == sorted_x[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2.0 + 1.0
-        start = end + 1
+    ranks[order] = np.repeat((starts + ends) / 2.0 + 1.0, ends - starts + 1)
     return ranks
 
 
@@ -101,10 +100,44 @@ def within_group_auroc(scores, labels, groups) -> tuple[float | None, int]:
     return (ordered / pairs if pairs else None), pairs
 
 
-def calibration_metrics(scores, labels, *, threshold: float = 0.5, num_bins: int = 10) -> dict:
-    """Every metric of the module for one critic, as a JSON-ready dict."""
+def auroc_interval(scores, labels, groups, *, level: float = 0.95, num_resamples: int = 1000,
+                   seed: int = 0) -> tuple[float, float] | None:
+    """The `level` percentile interval of the AUROC over `num_resamples` cluster-bootstrap resamples (whole
+    groups drawn with replacement; resamples holding one class are skipped); None when fewer
+    than half the resamples hold both classes or the labels hold one class."""
+    s, y = _arrays(scores, labels)
+    g = np.asarray(groups)
+    if g.shape != s.shape:
+        raise ValueError(f"{g.size} groups for {s.size} scores")
+    if not 0 < level < 1 or num_resamples < 1:
+        raise ValueError(f"need 0 < level < 1 and num_resamples >= 1, got {level}, {num_resamples}")
+    if auroc(s, y) is None:
+        return None
+    _, inverse = np.unique(g, return_inverse=True)
+    members = np.split(np.argsort(inverse, kind="mergesort"), np.cumsum(np.bincount(inverse))[:-1])
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(num_resamples):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        ordered, pairs = _ordered_pairs(s[idx], y[idx] > 0.5)
+        if pairs:
+            values.append(ordered / pairs)
+    if len(values) < num_resamples / 2:
+        return None
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def calibration_metrics(scores, labels, *, threshold: float = 0.5, num_bins: int = 10, groups=None,
+                        num_resamples: int = 1000, seed: int = 0) -> dict:
+    """Every metric of the module for one critic, as a JSON-ready dict; with `groups` (and
+    `num_resamples` > 0) also `auroc_ci`, the 95% cluster-bootstrap interval of the AUROC ([None, None]
+    where `auroc_interval` gives none)."""
     s, y = _arrays(scores, labels)
     precision, recall = precision_recall(s, y, threshold)
+    interval = None
+    if groups is not None and num_resamples > 0:
+        interval = auroc_interval(s, y, groups, num_resamples=num_resamples, seed=seed)
     return {
         "n": int(s.size),
         "positive_rate": float(np.mean(y > 0.5)) if s.size else None,
@@ -113,6 +146,9 @@ def calibration_metrics(scores, labels, *, threshold: float = 0.5, num_bins: int
         "recall": recall,
         "ece": expected_calibration_error(s, y, num_bins),
         "auroc": auroc(s, y),
+        # [None, None] where undefined, so reports of every run share one JSON shape
+        **({"auroc_ci": [None, None] if interval is None else list(interval)}
+           if groups is not None and num_resamples > 0 else {}),
         "brier": float(np.mean((s - y) ** 2)) if s.size else None,
         "threshold": threshold,
         "num_bins": num_bins,
@@ -123,3 +159,9 @@ def metric_text(x) -> str:
     """A calibration metric with three decimals, or "-" where it is undefined (None: e.g. AUROC on a
     split of one class)."""
     return "-" if x is None else f"{x:.3f}"
+
+
+def auroc_text(m) -> str:
+    """A metrics dict's AUROC with its interval where there is one: `0.580 (0.512-0.641)`."""
+    ci = m.get("auroc_ci")
+    return metric_text(m.get("auroc")) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and ci[0] is not None else "")

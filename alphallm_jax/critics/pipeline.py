@@ -241,7 +241,7 @@ def run_train_critics(cfg, workdir) -> dict:
     scorer = scorer.with_combiner(timed("combiner", fit_combiner, cfg, workdir, scorer, train_rows))
     cal = cfg.critics.calibration
     report = timed("calibration", calibration_report, scorer, dev_rows, threshold=cal.threshold,
-                   num_bins=cal.num_bins)
+                   num_bins=cal.num_bins, bootstrap=cal.bootstrap)
     if is_coordinator():  # every process scored the same dev rows
         atomic_write_json(root / "calibration.json", report)
         atomic_write_text(root / "calibration.md", report_markdown(report))

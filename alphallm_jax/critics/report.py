@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from alphallm_jax.critics.calibration import PAPER_REFERENCE, calibration_metrics, metric_text, within_group_auroc
+from alphallm_jax.critics.calibration import (
+    PAPER_REFERENCE,
+    auroc_text,
+    calibration_metrics,
+    metric_text,
+    within_group_auroc,
+)
 from alphallm_jax.critics.combiner import rows_mean_logprobs
 from alphallm_jax.critics.data import row_solution_ids, row_tokens, trajectory_read_points
 from alphallm_jax.critics.scoring import CriticScorer
@@ -36,7 +42,9 @@ TABLE_ORDER = ("value", "value_tool", "prm", "prm_tool", "orm", "orm_tool", "orm
 
 
 def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], *, threshold: float = 0.5,
-                       num_bins: int = 10) -> dict:
+                       num_bins: int = 10, bootstrap: int = 1000) -> dict:
+    """Every critic against its labels on the dev `rows`; `bootstrap` resamples of the dev prompts give
+    each AUROC a 95% interval (`auroc_ci`; 0: none)."""
     trajs = [r for r in rows if r["kind"] == "trajectory"]
     if not trajs:
         raise ValueError("no trajectory rows to calibrate on")
@@ -46,10 +54,10 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
     solutions = scorer.score_solutions([r["prompt_ids"] for r in trajs], [row_solution_ids(r) for r in trajs],
                                        [r["text"] for r in trajs], mean_logprobs=rows_mean_logprobs(trajs))
 
-    value_s, value_y, value_mc, value_ok = [], [], [], []
-    prm_s, prm_hard, prm_outcome, prm_ok = [], [], [], []
+    value_s, value_y, value_mc, value_ok, value_g = [], [], [], [], []
+    prm_s, prm_hard, prm_outcome, prm_ok, prm_g = [], [], [], [], []
     rollouts = _rollouts_by_state(rows)
-    ref_mc, ref_value, ref_ok, ref_y, ref_n = [], [], [], [], []
+    ref_mc, ref_value, ref_ok, ref_y, ref_n, ref_g = [], [], [], [], [], []
     for r, v_k, p_k in zip(trajs, scores.value_steps, scores.prm_steps):
         k_total = len(r["step_ids"])
         ok_k = _prefix_checks(scorer, r["step_ids"])  # ok_k[k]: the text of steps 1..k passes the tools
@@ -58,6 +66,7 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
             value_y.append(float(r["correct"]))
             value_mc.append(r["state_hits"][k] / max(r["state_counts"][k], 1))
             value_ok.append(ok_k[k])
+            value_g.append(r["problem_id"])
             outcomes = rollouts.get(_state_key(r["problem_id"], k, r["step_ids"])) if k else None
             if outcomes:
                 ref_mc.append(float(np.mean(outcomes)))
@@ -65,6 +74,7 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
                 ref_ok.append(ok_k[k])
                 ref_y.append(float(r["correct"]))
                 ref_n.append(len(outcomes))
+                ref_g.append(r["problem_id"])
         for k in range(1, k_total + 1):
             if not r["step_ids"][k - 1]:
                 continue
@@ -72,29 +82,30 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
             prm_hard.append(float(r["state_hits"][k] > 0))
             prm_outcome.append(float(r["correct"]))
             prm_ok.append(ok_k[k])
+            prm_g.append(r["problem_id"])
     orm_y = np.asarray([float(r["correct"]) for r in trajs])
 
     prompts = [r["problem_id"] for r in trajs]
 
-    def metrics(s, y):
+    def metrics(s, y, groups):  # groups: each item's prompt, the unit the AUROC interval resamples
         return calibration_metrics(np.asarray(s, np.float64), np.asarray(y, np.float64), threshold=threshold,
-                                   num_bins=num_bins)
+                                   num_bins=num_bins, groups=groups, num_resamples=bootstrap)
 
     def solution_metrics(s):  # + right against wrong solutions of one prompt: what reranking compares
         within, pairs = within_group_auroc(np.asarray(s, np.float64), orm_y, prompts)
-        return {**metrics(s, orm_y), "within_prompt_auroc": within, "within_prompt_pairs": pairs}
+        return {**metrics(s, orm_y, prompts), "within_prompt_auroc": within, "within_prompt_pairs": pairs}
 
     value_s = np.asarray(value_s, np.float64)
     value_mc = np.asarray(value_mc, np.float64)
     report = {
-        "value": {**metrics(value_s, value_y), "label": "trajectory outcome at each non-terminal state",
+        "value": {**metrics(value_s, value_y, value_g), "label": "trajectory outcome at each non-terminal state",
                   "mc_target_mae": float(np.mean(np.abs(value_s - value_mc))) if value_s.size else None,
                   "mc_target_corr": _corr(value_s, value_mc)},
-        "prm": {**metrics(prm_s, prm_hard), "label": "step reaches the answer in some MC continuation",
-                "vs_outcome": metrics(prm_s, prm_outcome)},
-        "value_tool": {**metrics(combine_with_checks(value_s, value_ok, scorer.tools), value_y),
+        "prm": {**metrics(prm_s, prm_hard, prm_g), "label": "step reaches the answer in some MC continuation",
+                "vs_outcome": metrics(prm_s, prm_outcome, prm_g)},
+        "value_tool": {**metrics(combine_with_checks(value_s, value_ok, scorer.tools), value_y, value_g),
                        "combine": scorer.tools.combine},
-        "prm_tool": {**metrics(combine_with_checks(prm_s, prm_ok, scorer.tools), prm_hard),
+        "prm_tool": {**metrics(combine_with_checks(prm_s, prm_ok, scorer.tools), prm_hard, prm_g),
                      "combine": scorer.tools.combine},
         "orm": {**solution_metrics(solutions.orm), "label": "graded outcome of each dev trajectory"},
         "orm_tool": {**solution_metrics(solutions.orm_tool), "combine": scorer.tools.combine},
@@ -107,8 +118,8 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
             "label": "trajectory outcome at each non-root state with rollouts of its own",
             "states": len(ref_y), "rollouts_per_state": float(np.mean(ref_n)) if ref_n else None,
             "positive_rate": float(np.mean(ref_y)) if ref_y else None,
-            "heldout_mc": metrics(ref_mc, ref_y), "value": metrics(ref_value, ref_y),
-            "tools_only": metrics(ref_ok, ref_y)},
+            "heldout_mc": metrics(ref_mc, ref_y, ref_g), "value": metrics(ref_value, ref_y, ref_g),
+            "tools_only": metrics(ref_ok, ref_y, ref_g)},
         "dev_trajectories": len(trajs),
         "dev_accuracy": float(np.mean(orm_y)),
         "paper_reference": PAPER_REFERENCE,
@@ -147,13 +158,14 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
 def report_markdown(report: Mapping[str, Any]) -> str:
     lines = ["# Critic calibration (dev split)", "",
              f"{report['dev_trajectories']} dev trajectories, policy accuracy {100 * report['dev_accuracy']:.1f}%.",
-             "", "| critic | n | precision | recall | ECE | AUROC | Brier | label |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "", "| critic | n | precision | recall | ECE | AUROC (95% interval) | Brier | label |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name in TABLE_ORDER:
         if name not in report:
             continue
         m = report[name]
         lines.append(f"| {name} | {m['n']} | {metric_text(m['precision'])} | {metric_text(m['recall'])} | {metric_text(m['ece'])} | "
-                     f"{metric_text(m['auroc'])} | {metric_text(m['brier'])} | {m.get('label', '')} |")
+                     f"{auroc_text(m)} | {metric_text(m['brier'])} | {m.get('label', '')} |")
     within = [(name, report[name]) for name in TABLE_ORDER
               if "within_prompt_auroc" in report.get(name, {})]
     if within:
@@ -164,9 +176,12 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     if vref.get("states"):
         lines += ["", f"How much the states decide: on {vref['states']} non-root states with rollouts of their own "
                   f"({vref['rollouts_per_state']:.1f} per state; the trajectory's own continuation not among them), "
-                  f"AUROC against the trajectory's outcome: the rollouts' mean {metric_text(vref['heldout_mc']['auroc'])}, "
-                  f"the value head {metric_text(vref['value']['auroc'])}, the tool checks alone "
-                  f"{metric_text(vref['tools_only']['auroc'])}."]
+                  f"AUROC against the trajectory's outcome: the rollouts' mean {auroc_text(vref['heldout_mc'])}, "
+                  f"the value head {auroc_text(vref['value'])}, the tool checks alone "
+                  f"{auroc_text(vref['tools_only'])}."]
+    if any((report.get(name, {}).get("auroc_ci") or [None])[0] is not None for name in TABLE_ORDER):
+        lines += ["", "AUROC intervals: 95% percentile intervals over resamples of the dev prompts (a prompt's "
+                  "solutions and states share its difficulty, so the prompt is the unit drawn)."]
     ref = report["paper_reference"]
     lines += ["", "Paper (precision / recall / ECE): value " +
               " / ".join(str(ref["value"][k]) for k in ("precision", "recall", "ece")) + "; PRM " +

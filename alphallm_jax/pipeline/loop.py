@@ -27,7 +27,7 @@ from typing import Any
 
 import ml_collections
 
-from alphallm_jax.critics.calibration import metric_text
+from alphallm_jax.critics.calibration import auroc_text, metric_text
 from alphallm_jax.pipeline.loop_report import find_method, write_report
 from alphallm_jax.pipeline.paired import paired_comparison
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
@@ -225,11 +225,11 @@ def _critics(run: LoopRun, policy_dir: str) -> dict:
 
         out = run_train_critics(cfg, run.root)
         cal = out["calibration"]
-        return {name: {k: cal[name][k] for k in ("auroc", "ece", "precision", "recall") if k in cal[name]}
+        return {name: {k: cal[name][k] for k in ("auroc", "auroc_ci", "ece", "precision", "recall") if k in cal[name]}
                 for name in cal if isinstance(cal[name], dict) and "auroc" in cal[name]}
 
     def summary(record):  # AUROC is None when the dev split has one class only (a barely trained policy)
-        return ", ".join(f"{k} AUROC {metric_text(v['auroc'])} ECE {metric_text(v['ece'])}"
+        return ", ".join(f"{k} AUROC {auroc_text(v)} ECE {metric_text(v['ece'])}"
                          for k, v in record.items() if isinstance(v, dict))
 
     return run.stage("critics_stage", train, summary)

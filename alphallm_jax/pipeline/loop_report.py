@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from alphallm_jax.critics.calibration import metric_text
+from alphallm_jax.critics.calibration import auroc_text, metric_text
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.utils.io import atomic_write_json, atomic_write_text
 
@@ -37,11 +37,12 @@ def markdown(report: dict[str, Any]) -> str:
     for spec, r in report.get("base", {}).items():
         if isinstance(r, dict) and "accuracy" in r:
             lines.append(f"| {spec} | {_pct(r)} | {r.get('mean_generated_tokens', 0):.0f} |")
-    lines += ["", "## Critics (dev split)", "", "| head | AUROC | ECE | precision | recall |", "|---|---|---|---|---|"]
+    lines += ["", "## Critics (dev split)", "", "| head | AUROC (95% interval over dev prompts) | ECE | precision | recall |",
+              "|---|---|---|---|---|"]
     for head, r in report.get("critics", {}).items():
         if isinstance(r, dict) and "auroc" in r:
-            cells = [r.get(k) for k in ("auroc", "ece", "precision", "recall")]
-            lines.append(f"| {head} | " + " | ".join(metric_text(c) for c in cells) + " |")
+            cells = [r.get(k) for k in ("ece", "precision", "recall")]
+            lines.append(f"| {head} | {auroc_text(r)} | " + " | ".join(metric_text(c) for c in cells) + " |")
     ablation = report.get("search_ablation")
     if ablation:
         lines += ["", f"## eta-MCTS components, added one at a time (base policy, {ablation['problems']} problems)", "",
