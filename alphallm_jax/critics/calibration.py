@@ -111,7 +111,7 @@ def auroc_interval(scores, labels, groups, *, level: float = 0.95, num_resamples
         raise ValueError(f"{g.size} groups for {s.size} scores")
     if not 0 < level < 1 or num_resamples < 1:
         raise ValueError(f"need 0 < level < 1 and num_resamples >= 1, got {level}, {num_resamples}")
-    if auroc(s, y) is None:
+    if np.all(y > 0.5) or not np.any(y > 0.5):  # one class: no AUROC to bound
         return None
     _, inverse = np.unique(g, return_inverse=True)
     members = np.split(np.argsort(inverse, kind="mergesort"), np.cumsum(np.bincount(inverse))[:-1])
@@ -135,9 +135,9 @@ def calibration_metrics(scores, labels, *, threshold: float = 0.5, num_bins: int
     where `auroc_interval` gives none)."""
     s, y = _arrays(scores, labels)
     precision, recall = precision_recall(s, y, threshold)
-    interval = None
-    if groups is not None and num_resamples > 0:
-        interval = auroc_interval(s, y, groups, num_resamples=num_resamples, seed=seed)
+    ci = {}
+    if groups is not None and num_resamples > 0:  # [None, None] where undefined: one JSON shape for every run
+        ci = {"auroc_ci": list(auroc_interval(s, y, groups, num_resamples=num_resamples, seed=seed) or (None, None))}
     return {
         "n": int(s.size),
         "positive_rate": float(np.mean(y > 0.5)) if s.size else None,
@@ -146,9 +146,7 @@ def calibration_metrics(scores, labels, *, threshold: float = 0.5, num_bins: int
         "recall": recall,
         "ece": expected_calibration_error(s, y, num_bins),
         "auroc": auroc(s, y),
-        # [None, None] where undefined, so reports of every run share one JSON shape
-        **({"auroc_ci": [None, None] if interval is None else list(interval)}
-           if groups is not None and num_resamples > 0 else {}),
+        **ci,
         "brier": float(np.mean((s - y) ** 2)) if s.size else None,
         "threshold": threshold,
         "num_bins": num_bins,
@@ -161,7 +159,12 @@ def metric_text(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def has_auroc_interval(m) -> bool:
+    """Whether a metrics dict carries a defined AUROC interval."""
+    return (m.get("auroc_ci") or [None])[0] is not None
+
+
 def auroc_text(m) -> str:
     """A metrics dict's AUROC with its interval where there is one: `0.580 (0.512-0.641)`."""
     ci = m.get("auroc_ci")
-    return metric_text(m.get("auroc")) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and ci[0] is not None else "")
+    return metric_text(m.get("auroc")) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if has_auroc_interval(m) else "")

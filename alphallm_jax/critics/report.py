@@ -29,6 +29,7 @@ from alphallm_jax.critics.calibration import (
     PAPER_REFERENCE,
     auroc_text,
     calibration_metrics,
+    has_auroc_interval,
     metric_text,
     within_group_auroc,
 )
@@ -179,7 +180,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                   f"AUROC against the trajectory's outcome: the rollouts' mean {auroc_text(vref['heldout_mc'])}, "
                   f"the value head {auroc_text(vref['value'])}, the tool checks alone "
                   f"{auroc_text(vref['tools_only'])}."]
-    if any((report.get(name, {}).get("auroc_ci") or [None])[0] is not None for name in TABLE_ORDER):
+    if any(has_auroc_interval(report.get(name, {})) for name in TABLE_ORDER):
         lines += ["", "AUROC intervals: 95% percentile intervals over resamples of the dev prompts (a prompt's "
                   "solutions and states share its difficulty, so the prompt is the unit drawn)."]
     ref = report["paper_reference"]
