@@ -303,14 +303,7 @@ def mesh_from_config(cfg: ml_collections.ConfigDict):
     """The configured mesh, or None for a single device."""
     import jax
 
-    from alphallm_jax.models.sharding import make_mesh
+    from alphallm_jax.models.sharding import make_mesh, resolve_mesh_shape
 
-    shape = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    if shape == (1, 1, 1) and len(jax.devices()) == 1:
-        return None
-    if -1 in shape:  # one axis may take whatever devices remain
-        known = -1 * int(shape[0] * shape[1] * shape[2])
-        shape = tuple(len(jax.devices()) // known if s == -1 else s for s in shape)
-    if shape == (1, 1, 1):
-        return None
-    return make_mesh(*shape)
+    shape = resolve_mesh_shape((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.device_count())
+    return None if shape == (1, 1, 1) else make_mesh(*shape)

@@ -130,3 +130,16 @@ def test_hf_checkpoint_loads_onto_mesh(mesh, reference, tmp_path):
   with jax.set_mesh(mesh):
     logits = forward(sharded, jnp.asarray(IDS))
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+
+
+def test_mesh_shapes_resolve_one_free_axis_and_reject_bad_sizes():
+  from alphallm_jax.models.sharding import parse_mesh_shape, resolve_mesh_shape
+
+  assert resolve_mesh_shape((-1, 1, 2), 8) == (4, 1, 2) and resolve_mesh_shape((1, 1, 1), 8) == (1, 1, 1)
+  assert parse_mesh_shape(" 2, -1,2", 8) == (2, 2, 2)
+  for sizes in ((-1, -1, 2), (0, 1, 1), (1, -2, 1), (1, 1)):
+    with pytest.raises(ValueError, match="must be three positive integers"):
+      resolve_mesh_shape(sizes, 8)
+  for text in ("8", "1,1,x", "1,,1"):
+    with pytest.raises(ValueError, match="expected three comma-separated integers"):
+      parse_mesh_shape(text, 8)

@@ -394,3 +394,33 @@ def test_generate_cli_reads_escapes_in_stop_strings_and_keeps_other_text_as_type
     assert unescape(r"\n") == "\n" and unescape(r"\n\nQuestion:") == "\n\nQuestion:" and unescape(r"a\tb") == "a\tb"
     assert unescape(r"\\n") == "\\n"  # an escaped backslash stays a backslash
     assert unescape("Réponse :") == "Réponse :" and unescape("答案\\n") == "答案\n"  # non-ASCII as typed
+
+
+def test_generate_cli_on_a_mesh_prints_what_one_device_prints(tmp_path):
+    """`alphallm generate --mesh=4,1,2` (8 simulated devices: the batch over data, heads over tensor) prints
+    the single-device greedy completions; a malformed --mesh names the flag and the expected form."""
+    import subprocess
+    import sys
+
+    from alphallm_jax.models.hf_io import save_hf_checkpoint
+    from tests.helpers import REPO_ROOT, subprocess_env
+    from tests.tiny_lm import arith_tokenizer, steered_policy
+
+    tokenizer = arith_tokenizer(tmp_path)
+    policy = steered_policy(tokenizer)
+    save_hf_checkpoint(policy, policy.cfg, tmp_path / "policy", tokenizer=tokenizer)
+    env = subprocess_env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+    def generate(*extra):
+        args = [sys.executable, "-m", "alphallm_jax.cli", "generate", f"--checkpoint={tmp_path / 'policy'}",
+                "--prompt=Question: Tom has 3 apples.", "--prompt=Question: Ann has 9 pens and 2 cups.",
+                "--prompt=Q", "--max_new_tokens=12", *extra]
+        return subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    one, sharded = generate(), generate("--mesh=4,1,2")
+    assert one.returncode == 0 and sharded.returncode == 0, (one.stderr[-2000:], sharded.stderr[-2000:])
+    assert one.stdout.count("--- [") == 3 and sharded.stdout == one.stdout
+    bad = generate("--mesh=4x2")
+    assert bad.returncode != 0 and "--mesh: mesh '4x2': expected three comma-separated integers" in bad.stderr
+    too_many = generate("--mesh=4,1,4")
+    assert too_many.returncode != 0 and "--mesh: mesh data*fsdp*tensor = 4*1*4 != 8 devices" in too_many.stderr

@@ -16,6 +16,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+    flags.DEFINE_string("mesh", "", "Shard the model and the batch over a data,fsdp,tensor mesh of this "
+                        "host's devices, e.g. 1,1,8 (one size may be -1); empty: one device.")
 
 
 def unescape(text: str) -> str:
@@ -24,16 +26,32 @@ def unescape(text: str) -> str:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+def mesh_from_flag(text: str):
+    """The --mesh value as a mesh over this host's devices, or None for one device."""
+    import jax
+
+    from alphallm_jax.models.sharding import make_mesh, parse_mesh_shape
+
+    if not text:
+        return None
+    try:
+        shape = parse_mesh_shape(text, jax.local_device_count())
+        return None if shape == (1, 1, 1) else make_mesh(*shape, devices=jax.local_devices())
+    except ValueError as e:
+        raise SystemExit(f"alphallm generate: --mesh: {e}") from None
+
+
 def main(argv) -> None:
     del argv
     from alphallm_jax import load_pretrained
     from alphallm_jax.sampling import Sampler
 
     f = flags.FLAGS
-    model, tokenizer = load_pretrained(f.checkpoint, dtype=f.dtype)
+    mesh = mesh_from_flag(f.mesh)
+    model, tokenizer = load_pretrained(f.checkpoint, dtype=f.dtype, mesh=mesh)
     stops = [unescape(s) for s in f.stop]  # let the shell pass "\n"
     prompt_tokens = max(len(tokenizer.encode(p, add_bos=True)) for p in f.prompt)
-    sampler = Sampler(model, tokenizer, max_len=prompt_tokens + f.max_new_tokens)
+    sampler = Sampler(model, tokenizer, max_len=prompt_tokens + f.max_new_tokens, mesh=mesh)
     results = sampler.generate(
         f.prompt, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p,
         top_k=f.top_k, stop=stops, num_samples=f.num_samples, seed=f.seed,

@@ -26,6 +26,30 @@ MESH_AXES = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
 
 
+def resolve_mesh_shape(sizes: Sequence[int], device_count: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes with at most one -1, which takes the devices the other axes leave."""
+  sizes = [int(s) for s in sizes]
+  if len(sizes) != 3 or sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh (data, fsdp, tensor) sizes must be three positive integers, one of them "
+                     f"may be -1; got {sizes}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    sizes[sizes.index(-1)] = max(1, device_count // known)
+  return tuple(sizes)
+
+
+def parse_mesh_shape(text: str, device_count: int) -> tuple[int, int, int]:
+  """A "data,fsdp,tensor" command-line value (e.g. "1,1,8" or "-1,1,2") as resolved sizes."""
+  try:
+    sizes = [int(part) for part in text.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3:
+    raise ValueError(f"mesh {text!r}: expected three comma-separated integers data,fsdp,tensor, "
+                     f"e.g. 1,1,8 (one may be -1)")
+  return resolve_mesh_shape(sizes, device_count)
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A ("data", "fsdp", "tensor") mesh with Auto axes over `devices` (default: all devices)."""

@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 
 from alphallm_jax.models.config import ModelConfig
-from alphallm_jax.models.sharding import MESH_AXES, ShardingRules, batch_shards, logical_names, logical_to_spec
+from alphallm_jax.models.sharding import (
+    MESH_AXES,
+    ShardingRules,
+    batch_shards,
+    logical_names,
+    logical_to_spec,
+    resolve_mesh_shape,
+)
 
 GIB = 1024 ** 3
 FIT_FRACTION = 0.9
@@ -76,13 +83,8 @@ def abstract_mesh(cfg):
     import jax
     from jax.sharding import AbstractMesh, AxisType
 
-    sizes = [int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)]
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes must be positive (one may be -1), got {sizes}")
-    if -1 in sizes:
-        known = math.prod(s for s in sizes if s != -1)
-        sizes[sizes.index(-1)] = max(1, jax.device_count() // known)
-    return AbstractMesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    sizes = resolve_mesh_shape((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.device_count())
+    return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def device_memory_bytes(cfg) -> tuple[int | None, str]:
