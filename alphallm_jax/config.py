@@ -112,7 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.critics.tools = ml_collections.ConfigDict(dict(  # alphallm_jax.critics.tools.ToolConfig
         enabled=True, combine="product", penalty=0.05, mix_weight=0.5, annotations=True, written_equations=True,
         latex=True, rel_tol=0.0, max_latex_checks=8, latex_budget_s=20.0, steps=False,
-        question_numbers=False))
+        question_numbers=False, operand_sources=False))
     c.critics.scoring = ml_collections.ConfigDict(dict(max_batch=64, len_granule=32, min_rows=8, prm_aggregate="min",
                                                        fine_row_buckets=False))
     # bootstrap: resamples of the dev prompts behind each AUROC's 95% interval (0: no intervals).

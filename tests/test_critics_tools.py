@@ -107,6 +107,17 @@ def test_step_checks_fold_into_a_search_states_value_and_prm():
     assert got == [(pytest.approx(0.8), pytest.approx(0.6)), (pytest.approx(0.08), pytest.approx(0.06)),
                    (pytest.approx(0.05), None), (None, None)]
 
+    # With the question checks on, the state's question comes from its prompt: a state that uses a number
+    # from nowhere is scored down; one that has not yet used every question number is not (it is partial).
+    prompt = "Question: Tom has 2 apples and buys 3 more, then 4 more. How many apples?\nAnswer:\n"
+    requests = [SimpleNamespace(handle=SimpleNamespace(text=t, prompt=prompt))
+                for t in (" He has 2+3=<<2+3=5>>5 apples.\n", " He has 2+7=<<2+7=9>>9 apples.\n")]
+    scores = [NodeScores(value=0.8), NodeScores(value=0.8)]
+    tools = ToolConfig(steps=True, penalty=0.1, question_numbers=True, operand_sources=True)
+    LMSearchBackend._fold_step_checks(SimpleNamespace(task="arith", scorer=SimpleNamespace(tools=tools)),
+                                      requests, scores)
+    assert [s.value for s in scores] == [pytest.approx(0.8), pytest.approx(0.08)]
+
 
 def test_combine_with_checks_modes():
     orm = np.array([0.9, 0.9, 0.2], np.float32)
@@ -194,11 +205,46 @@ def test_question_numbers_only_for_complete_solutions_with_a_question():
         tools.check_solutions([wrong, wrong], "arith", on, [q])
 
 
-def test_arith_reference_solutions_use_every_question_number():
-    """The check is on in the arith demo because arith's generator uses every number it states."""
+def test_operand_sources_every_operand_is_a_question_number_or_an_earlier_result():
+    from alphallm_jax.critics.tools import check_operand_sources, given_numbers
+
+    q = "Max has 14 pies. He gives half of them to Zoe. Then he bakes a dozen more. How many pies now?"
+    assert given_numbers(q) == {14, 2, 12}
+    right = "He gives 14/2=<<14/2=7>>7 pies.\nHe has 14-7=<<14-7=7>>7 left.\nThen 7+12=<<7+12=19>>19.\n#### 19"
+    found = check_operand_sources(q, right)
+    assert found.ok and found.checked == 6  # three annotations, three written equations
+    # 3 is nowhere in the question and no earlier line wrote it: a misread question.
+    stray = "He gives 14/3=<<14/3=5>>5 pies.\n"
+    found = check_operand_sources(q, stray)
+    assert not found.ok and found.failures[0] == ("<<14/3=5>> uses 3: neither a number of the question nor an "
+                                                  "earlier result")
+    # A result is available from its own line on (chained on one line), never before it is written.
+    assert check_operand_sources(q, "So 14-2=12 and 12+12=24.").ok
+    assert not check_operand_sources(q, "So 7+12=19.\nThen 14/2=7.").ok
+    # Partial solutions are checked as they stand; decimals and thousands separators read as numbers.
+    assert check_operand_sources("It costs $1,200 for 3.5 kg.", "So 1200/3.5=<<1200/3.5=342.86>>342.86").ok
+
+
+def test_operand_sources_checks_partial_solutions_where_question_numbers_waits():
+    q = "Kate has 10 pencils. She gives 4 friends 2 pencils each. Then she buys 7 more pencils."
+    partial = "She gives away 4*2=<<4*2=8>>8 pencils.\n"
+    misread = "She gives away 4*3=<<4*3=12>>12 pencils.\n"
+    both = ToolConfig(question_numbers=True, operand_sources=True)
+    assert both.needs_question and not ToolConfig().needs_question
+    assert check_solution(partial, "arith", both, question=q, complete=False).ok
+    assert not check_solution(partial, "arith", both, question=q).ok  # complete: 10 and 7 never used
+    assert not check_solution(misread, "arith", both, question=q, complete=False).ok
+    assert check_solution(misread, "arith", ToolConfig(), question=q, complete=False).ok  # arithmetic is right
+    assert [c.ok for c in tools.check_solutions([partial, misread], "arith", both, [q, q], complete=False)] == [
+        True, False]
+
+
+def test_arith_reference_solutions_pass_both_question_checks():
+    """The checks suit arith: its generator uses every number it states, and nothing else."""
     from alphallm_jax.critics.tools import check_question_numbers
     from alphallm_jax.data.arith import HARD_CONFIG, ArithConfig, generate_problems
 
     for cfg in (ArithConfig(), HARD_CONFIG):
         for p in generate_problems(cfg, 300, 0, split="check"):
             assert check_question_numbers(p.question, p.solution).ok, (p.question, p.solution)
+            assert tools.check_operand_sources(p.question, p.solution).ok, (p.question, p.solution)

@@ -61,7 +61,7 @@ def calibration_report(scorer: CriticScorer, rows: Sequence[Mapping[str, Any]], 
     ref_mc, ref_value, ref_ok, ref_y, ref_n, ref_g = [], [], [], [], [], []
     for r, v_k, p_k in zip(trajs, scores.value_steps, scores.prm_steps):
         k_total = len(r["step_ids"])
-        ok_k = _prefix_checks(scorer, r["step_ids"])  # ok_k[k]: the text of steps 1..k passes the tools
+        ok_k = _prefix_checks(scorer, r["prompt_ids"], r["step_ids"])  # ok_k[k]: steps 1..k pass the tools
         for k in range(k_total):  # non-terminal states
             value_s.append(v_k[k])
             value_y.append(float(r["correct"]))
@@ -142,12 +142,15 @@ def _rollouts_by_state(rows: Sequence[Mapping[str, Any]]) -> dict[tuple, list[fl
     return out
 
 
-def _prefix_checks(scorer: CriticScorer, step_ids: Sequence[Sequence[int]]) -> list[float]:
-    """1.0 / 0.0 per state k = 0 .. K: whether the text of the first k steps passes the tool checks."""
+def _prefix_checks(scorer: CriticScorer, prompt_ids: Sequence[int], step_ids: Sequence[Sequence[int]]
+                   ) -> list[float]:
+    """1.0 / 0.0 per state k = 0 .. K: whether the text of the first k steps passes the tool checks (those
+    of a partial solution, as the search checks its states)."""
     if scorer.tokenizer is None:
         raise ValueError("the calibration report's tool columns need the scorer's tokenizer")
     texts = [scorer.tokenizer.decode([t for step in step_ids[:k] for t in step]) for k in range(len(step_ids) + 1)]
-    return [float(c.ok) for c in check_solutions(texts, scorer.task, scorer.tools)]
+    questions = (scorer.questions([prompt_ids])[0],) * len(texts) if scorer.tools.needs_question else None
+    return [float(c.ok) for c in check_solutions(texts, scorer.task, scorer.tools, questions, complete=False)]
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -211,7 +211,7 @@ class CriticScorer:
         extra = [None] * len(seqs) if prefix_ends is None else list(prefix_ends)
         scores = self.score(seqs, step_ends=[e + ([x] if x is not None else []) for e, x in zip(ends, extra)])
         prm_steps = [pp if x is None else pp[:-1] for pp, x in zip(scores.prm_steps, extra)]
-        checks = check_solutions(list(texts), self.task, self.tools, self._questions(prompt_ids))
+        checks = check_solutions(list(texts), self.task, self.tools, self.questions(prompt_ids))
         ok = np.asarray([c.ok for c in checks], np.float32)
         prefix_value = prefix_prm = None
         if prefix_ends is not None:
@@ -233,16 +233,16 @@ class CriticScorer:
         encoded = [self.encode_solution(p, s) for p, s in zip(prompts, solutions)]
         return self.score_solutions([e[0] for e in encoded], [e[1] for e in encoded], list(solutions))
 
-    # -------------------------------------------------------------------------------- internals
-
-    def _questions(self, prompt_ids: Sequence[Sequence[int]]) -> list[str | None] | None:
-        """Each prompt's question, for the `question_numbers` check (None when it is off); decoded once
+    def questions(self, prompt_ids: Sequence[Sequence[int]]) -> list[str | None] | None:
+        """Each prompt's question, for the checks that read it (None when they are off); decoded once
         per distinct prompt: a search scores many rollouts of one prompt in a call."""
-        if not (self.tools.enabled and self.tools.question_numbers) or self.tokenizer is None:
+        if not self.tools.needs_question or self.tokenizer is None:
             return None
         keys = [tuple(int(t) for t in p) for p in prompt_ids]
         found = {key: question_of_prompt(self.tokenizer.decode(list(key))) for key in set(keys)}
         return [found[key] for key in keys]
+
+    # -------------------------------------------------------------------------------- internals
 
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:

@@ -394,6 +394,66 @@ def check_question_numbers(question: str, solution: str) -> CheckResult:
     return CheckResult(1, [f"question numbers never used in a calculation: {listed}"])
 
 
+# Numbers a question may give in words (arith's "half", GSM8K's "twice", "a dozen"): a calculation may use
+# them as if they were written in digits.
+_NUMBER_WORDS = {
+    "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+    "ten": 10, "eleven": 11, "twelve": 12, "twice": 2, "double": 2, "doubles": 2, "half": 2, "halves": 2,
+    "triple": 3, "triples": 3, "third": 3, "thirds": 3, "quarter": 4, "quarters": 4, "dozen": 12,
+    "dozens": 12, "percent": 100, "%": 100,
+}
+_WORD_RE = re.compile(r"[a-z]+|%")
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def given_numbers(question: str) -> frozenset[Fraction]:
+    """The numbers `question` gives: written in digits, or as number words (`half` is 2)."""
+    words = {Fraction(_NUMBER_WORDS[w]) for w in _WORD_RE.findall(question.lower()) if w in _NUMBER_WORDS}
+    return frozenset(v for v, _ in _stated_numbers(question)) | words
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _chunk_calculations(chunk: str) -> tuple[tuple[tuple[str, tuple[Fraction, ...]], ...], frozenset[Fraction]]:
+    """((calculation text, its operands) for every annotation and written equation, the numbers they
+    give as results) of one `line_chunks` chunk, memoised like `_check_chunk`."""
+    calculations, results = [], set()
+    for m in _ANNOTATION_RE.finditer(chunk):
+        parts = m.group(1).split("=")
+        try:
+            operands = tuple(t.value for t in scan(parts[0], lenient=True) if t.kind == "num")
+            written = [t.value for p in parts[1:] for t in scan(p, lenient=True) if t.kind == "num"]
+        except CalcError:
+            continue
+        calculations.append((f"<<{m.group(1)}>>", operands))
+        results.update(written)
+    for lhs_tokens, _, rhs_tokens, rhs in _written_equations(chunk):
+        calculations.append((f"{_tokens_text(lhs_tokens)}={_tokens_text(rhs_tokens)}",
+                             tuple(t.value for t in lhs_tokens if t.kind == "num")))
+        results.add(rhs)
+    return tuple(calculations), frozenset(results)
+
+
+def check_operand_sources(question: str, text: str) -> CheckResult:
+    """Every operand of every calculation in `text` (a complete or partial solution) is a number the
+    question gives (`given_numbers`) or a result written by a calculation of the same or an earlier line:
+    a number from nowhere is a misread question. Right for tasks whose solutions need no outside
+    constants (arith); GSM8K's use them (60 minutes, 7 days), so the check is a per-task setting
+    (`critics.tools.operand_sources`)."""
+    available = set(given_numbers(question))
+    result = CheckResult()
+    for chunk in line_chunks(text):
+        calculations, results = _chunk_calculations(chunk)
+        available |= results  # a line may chain its own results: `2*5=10, 10+3=13`
+        for expr, operands in calculations:
+            result.checked += 1
+            stray = [v for v in operands if v not in available]
+            if stray:
+                listed = ", ".join(_fmt(v) for v in stray)
+                result.failures.append(f"{expr} uses {listed}: neither a number of the question nor an "
+                                       f"earlier result")
+    return result
+
+
 def _fmt(x: Fraction) -> str:
     return str(x.numerator) if x.denominator == 1 else f"{x} (~{float(x):.6g})"
 
@@ -486,6 +546,14 @@ class ToolConfig:
     # Complete solutions only: every number of the question is used by some calculation
     # (`check_question_numbers`). Right for tasks whose questions hold no spare numbers (arith).
     question_numbers: bool = False
+    # Complete and partial solutions: every operand is a number of the question or an earlier result
+    # (`check_operand_sources`). Right for tasks whose solutions need no outside constants (arith).
+    operand_sources: bool = False
+
+    @property
+    def needs_question(self) -> bool:
+        """Whether a check reads the question (the scorer then decodes each prompt's)."""
+        return self.enabled and (self.question_numbers or self.operand_sources)
 
     def __post_init__(self):
         if self.combine not in COMBINE_MODES:
@@ -528,10 +596,11 @@ def _check_chunk(chunk: str, rel_tol: float, annotations: bool, written_equation
     return (ann.checked, tuple(ann.failures)), (eqs.checked, tuple(eqs.failures))
 
 
-def check_solution(text: str, task: str, cfg: ToolConfig = ToolConfig(), question: str | None = None
-                   ) -> CheckResult:
-    """Every enabled check on one solution (or one step) text. `question`: given for a complete solution,
-    it enables `question_numbers` (a partial solution has not used every number yet)."""
+def check_solution(text: str, task: str, cfg: ToolConfig = ToolConfig(), question: str | None = None,
+                   *, complete: bool = True) -> CheckResult:
+    """Every enabled check on one solution (or one step) text. `question`, where known, enables the checks
+    that read it: `operand_sources`, and for a `complete` solution `question_numbers` (a partial one has
+    not used every number yet)."""
     result = CheckResult()
     if not cfg.enabled:
         return result
@@ -544,27 +613,31 @@ def check_solution(text: str, task: str, cfg: ToolConfig = ToolConfig(), questio
     if cfg.latex and task == "math":
         result = result.merge(check_latex_equations(text, max_checks=cfg.max_latex_checks,
                                                     budget_s=cfg.latex_budget_s))
-    if cfg.question_numbers and question is not None:
+    if cfg.operand_sources and question is not None:
+        result = result.merge(check_operand_sources(question, text))
+    if cfg.question_numbers and question is not None and complete:
         result = result.merge(check_question_numbers(question, text))
     return result
 
 
 def check_solutions(texts: Sequence[str], task: str, cfg: ToolConfig = ToolConfig(),
-                    questions: Sequence[str | None] | None = None) -> list[CheckResult]:
-    """`check_solution` over many texts (`questions[i]`: text i's question, None where unknown); MATH
-    texts run concurrently (their sympy work is in worker processes, so threads only wait)."""
+                    questions: Sequence[str | None] | None = None, *, complete: bool = True) -> list[CheckResult]:
+    """`check_solution` over many texts (`questions[i]`: text i's question, None where unknown; `complete`:
+    all are complete solutions); MATH texts run concurrently (their sympy work is in worker processes, so
+    threads only wait)."""
     if questions is None:
         questions = [None] * len(texts)
     if len(questions) != len(texts):
         raise ValueError(f"{len(questions)} questions for {len(texts)} solution texts")
     if task != "math" or len(texts) < 2 or not (cfg.enabled and cfg.latex):
-        return [check_solution(t, task, cfg, q) for t, q in zip(texts, questions)]
+        return [check_solution(t, task, cfg, q, complete=complete) for t, q in zip(texts, questions)]
     from concurrent.futures import ThreadPoolExecutor
 
     from alphallm_jax.data.grading import math_verify_config
 
     with ThreadPoolExecutor(max_workers=math_verify_config().workers) as ex:
-        return list(ex.map(lambda tq: check_solution(tq[0], task, cfg, tq[1]), zip(texts, questions)))
+        return list(ex.map(lambda tq: check_solution(tq[0], task, cfg, tq[1], complete=complete),
+                           zip(texts, questions)))
 
 
 def combine_with_checks(score: np.ndarray, tool_ok: np.ndarray, cfg: ToolConfig = ToolConfig()) -> np.ndarray:

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from alphallm_jax.critics.tools import check_solutions, combine_with_checks
+from alphallm_jax.data.prompts import question_of_prompt
 from alphallm_jax.sampling import Completion, Sampler, SampleRequest, SeqState
 from alphallm_jax.sampling.token_texts import token_texts
 from alphallm_jax.search.options import OptionConfig, has_equation, option_end, solution_answer
@@ -318,7 +319,11 @@ class LMSearchBackend:
         owners = [i for i, s in enumerate(scores) if s.value is not None or s.prm is not None]
         if not owners:
             return
-        checks = check_solutions([requests[i].handle.text for i in owners], self.task, self.scorer.tools)
+        tools = self.scorer.tools
+        questions = ([question_of_prompt(requests[i].handle.prompt) for i in owners] if tools.needs_question
+                     else None)
+        checks = check_solutions([requests[i].handle.text for i in owners], self.task, tools, questions,
+                                 complete=False)
         ok = np.asarray([c.ok for c in checks], np.float32)
         for field in ("value", "prm"):
             have = [j for j, i in enumerate(owners) if getattr(scores[i], field) is not None]
