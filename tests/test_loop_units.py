@@ -8,6 +8,7 @@ from alphallm_jax.config import default_config
 from alphallm_jax.pipeline.loop import (
     LoopRun,
     _ablations,
+    _fast_rollout_policy,
     _iteration_cpl_run,
     _next_policy_stage,
     check_resumed_config,
@@ -123,6 +124,35 @@ def test_same_weights_compares_the_weight_files_bytes(tmp_path):
     assert not same_weights(tmp_path / "a", tmp_path / "b")  # another set of files
     (tmp_path / "empty").mkdir()
     assert not same_weights(tmp_path / "empty", tmp_path / "empty")
+
+
+def test_the_fast_rollout_policy_is_a_stage_of_its_own_when_the_loop_trains_it(tmp_path, monkeypatch):
+    """Trained in its own resumable stage (before the critics, which may start from it), so the critics'
+    stage time is theirs; skipped when the search has no fast-rollout policy or is given one."""
+    from alphallm_jax.critics import fast_rollout
+
+    calls = []
+
+    def fake_train(cfg, workdir, policy_dir, *, mesh=None):
+        calls.append(policy_dir)
+        return {"policy": str(workdir / "fast_rollout" / "policy"), "param_count": 7, "steps": 3,
+                "best_dev_loss": 0.5}
+
+    monkeypatch.setattr(fast_rollout, "train_fast_rollout_policy", fake_train)
+    lines = []
+    cfg = default_config()
+    run = LoopRun(cfg=cfg, root=as_path(tmp_path), log=lines.append)
+    _fast_rollout_policy(run, "/base/policy")  # rollout_policy.enabled is False by default
+    assert calls == [] and not (tmp_path / "fast_rollout").exists()
+    cfg.rollout_policy.enabled = True
+    _fast_rollout_policy(run, "/base/policy")
+    _fast_rollout_policy(run, "/base/policy")  # a rerun: done before
+    assert calls == ["/base/policy"] and (tmp_path / "fast_rollout" / "DONE").exists()
+    assert lines[0].startswith("[fast_rollout] policy ") and "7 parameters, 3 steps" in lines[0]
+    assert "fast_rollout" in run.stage_seconds
+    cfg.rollout_policy.checkpoint = "/given/fast"
+    _fast_rollout_policy(LoopRun(cfg=cfg, root=as_path(tmp_path / "given"), log=lines.append), "/base/policy")
+    assert calls == ["/base/policy"]
 
 
 def test_the_cpl_ordering_run_of_iteration_1s_seed_is_reused_not_trained_again(tmp_path):

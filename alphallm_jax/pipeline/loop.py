@@ -1,6 +1,7 @@
 """The self-improvement loop (`alphallm loop --config CONFIG --workdir DIR`), the product's main job.
 
-    base policy -> critics -> base evaluation -> search ablation (optional) -> for each iteration:
+    base policy -> fast-rollout policy (when configured) -> critics -> base evaluation -> search ablation
+    (optional) -> for each iteration:
         imagination (synthesize unlabelled prompts from D0 seeds with the current policy)
         -> eta-MCTS on them (policy + critics) -> SFT on the best traces (AlphaLLM's round)
         -> trajectory pairs -> CPL-DPO from the SFT policy -> evaluation
@@ -173,6 +174,7 @@ def run_loop(cfg, workdir) -> dict:
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}
 
     policy_dir = _base_policy(run)
+    _fast_rollout_policy(run, policy_dir)
     report["critics"] = _critics(run, policy_dir)
     report["base"] = run.stage("base_eval", lambda d: evaluate_policy(
         cfg, run.root, policy_dir, cfg.loop.base_methods, d, mesh=run.mesh), _fmt)
@@ -206,14 +208,30 @@ def _base_policy(run: LoopRun) -> str:
 
         return train_base_policy(cfg, run.root, mesh=run.mesh)
 
-    def line(r):
-        if r.get("skipped"):
-            return f"policy {r['policy']} (trained before)"
-        return (f"policy {r['policy']}: {r['param_count']:,} parameters, {r['steps']} steps, "
-                f"best dev loss {r['best_dev_loss']:.4f}")
-
-    record = run.stage("base", train, line)
+    record = run.stage("base", train, _policy_line)
     return record["policy"]
+
+
+def _fast_rollout_policy(run: LoopRun, policy_dir: str) -> None:
+    """The fast-rollout policy (`rollout_policy`), trained like the base policy on its tokenizer: a policy
+    for the search's rollouts, in a stage of its own before the critics, which may start from it."""
+    cfg = run.cfg
+    if not cfg.rollout_policy.enabled or cfg.rollout_policy.checkpoint:
+        return
+
+    def train(_stage_dir):
+        from alphallm_jax.critics.fast_rollout import train_fast_rollout_policy
+
+        return train_fast_rollout_policy(cfg, run.root, policy_dir, mesh=run.mesh)
+
+    run.stage("fast_rollout", train, _policy_line)
+
+
+def _policy_line(r: dict) -> str:
+    if r.get("skipped"):
+        return f"policy {r['policy']} (trained before)"
+    return (f"policy {r['policy']}: {r['param_count']:,} parameters, {r['steps']} steps, "
+            f"best dev loss {r['best_dev_loss']:.4f}")
 
 
 def _critics(run: LoopRun, policy_dir: str) -> dict:
