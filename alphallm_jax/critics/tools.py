@@ -17,7 +17,9 @@ What a solution is checked for:
     module's worker processes under a wall-clock budget (`data.grading.math_verify_equal`), never on
     this thread.
   * with `question_numbers`, a complete solution whose question is known: every number the question
-    states is an operand of some calculation (annotation or written equation), as often as stated.
+    states is an operand of some calculation (annotation or written equation), as often as stated;
+  * with `operand_sources`, a complete or partial solution whose question is known: every operand of
+    every calculation is a number the question gives (digits or a number word) or an earlier result.
 A result written with fewer decimals than the exact value is accepted when it is the exact value
 rounded to the written precision (`10/3=3.33`).
 
