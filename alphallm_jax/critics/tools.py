@@ -361,27 +361,35 @@ def calculation_operands(text: str) -> Counter:
     annotated: Counter = Counter()
     written: Counter = Counter()
     for chunk in line_chunks(text):  # no calculation spans two chunks
-        chunk_annotated, chunk_written = _chunk_operands(chunk)
-        annotated.update(dict(chunk_annotated))
-        written.update(dict(chunk_written))
+        calculations, _ = _chunk_calculations(chunk)
+        for kind, _, operands in calculations:
+            (annotated if kind == "annotation" else written).update(operands)
     return annotated | written
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _chunk_operands(chunk: str) -> tuple[tuple[tuple[Fraction, int], ...], tuple[tuple[Fraction, int], ...]]:
-    """(annotation operands, written-equation operands) of one `line_chunks` chunk, memoised like
-    `_check_chunk`: a search's complete solutions share their earlier lines."""
-    annotated: Counter = Counter()
+def _chunk_calculations(chunk: str) -> tuple[tuple[tuple[str, str, tuple[Fraction, ...]], ...], frozenset[Fraction]]:
+    """((kind, text, operands) of every annotation and written equation, the numbers they write as
+    results) of one `line_chunks` chunk, memoised like `_check_chunk`: a search's complete solutions
+    share their earlier lines."""
+    calculations, results = [], set()
     for m in _ANNOTATION_RE.finditer(chunk):
+        parts = m.group(1).split("=")
         try:
-            tokens = scan(m.group(1).split("=")[0], lenient=True)
+            operands = tuple(t.value for t in scan(parts[0], lenient=True) if t.kind == "num")
         except CalcError:
             continue
-        annotated.update(t.value for t in tokens if t.kind == "num")
-    written: Counter = Counter()
-    for lhs_tokens, *_ in _written_equations(chunk):
-        written.update(t.value for t in lhs_tokens if t.kind == "num")
-    return tuple(annotated.items()), tuple(written.items())
+        calculations.append(("annotation", f"<<{m.group(1)}>>", operands))
+        for part in parts[1:]:
+            try:
+                results.update(t.value for t in scan(part, lenient=True) if t.kind == "num")
+            except CalcError:
+                continue
+    for lhs_tokens, _, rhs_tokens, rhs in _written_equations(chunk):
+        calculations.append(("equation", f"{_tokens_text(lhs_tokens)}={_tokens_text(rhs_tokens)}",
+                             tuple(t.value for t in lhs_tokens if t.kind == "num")))
+        results.add(rhs)
+    return tuple(calculations), frozenset(results)
 
 
 def check_question_numbers(question: str, solution: str) -> CheckResult:
@@ -414,27 +422,6 @@ def given_numbers(question: str) -> frozenset[Fraction]:
     return frozenset(v for v, _ in _stated_numbers(question)) | words
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _chunk_calculations(chunk: str) -> tuple[tuple[tuple[str, tuple[Fraction, ...]], ...], frozenset[Fraction]]:
-    """((calculation text, its operands) for every annotation and written equation, the numbers they
-    give as results) of one `line_chunks` chunk, memoised like `_check_chunk`."""
-    calculations, results = [], set()
-    for m in _ANNOTATION_RE.finditer(chunk):
-        parts = m.group(1).split("=")
-        try:
-            operands = tuple(t.value for t in scan(parts[0], lenient=True) if t.kind == "num")
-            written = [t.value for p in parts[1:] for t in scan(p, lenient=True) if t.kind == "num"]
-        except CalcError:
-            continue
-        calculations.append((f"<<{m.group(1)}>>", operands))
-        results.update(written)
-    for lhs_tokens, _, rhs_tokens, rhs in _written_equations(chunk):
-        calculations.append((f"{_tokens_text(lhs_tokens)}={_tokens_text(rhs_tokens)}",
-                             tuple(t.value for t in lhs_tokens if t.kind == "num")))
-        results.add(rhs)
-    return tuple(calculations), frozenset(results)
-
-
 def check_operand_sources(question: str, text: str) -> CheckResult:
     """Every operand of every calculation in `text` (a complete or partial solution) is a number the
     question gives (`given_numbers`) or a result written by a calculation of the same or an earlier line:
@@ -446,7 +433,7 @@ def check_operand_sources(question: str, text: str) -> CheckResult:
     for chunk in line_chunks(text):
         calculations, results = _chunk_calculations(chunk)
         available |= results  # a line may chain its own results: `2*5=10, 10+3=13`
-        for expr, operands in calculations:
+        for _, expr, operands in calculations:
             result.checked += 1
             stray = [v for v in operands if v not in available]
             if stray:
