@@ -301,9 +301,7 @@ def unknown_config_keys(cfg, schema=None, prefix: str = "config") -> list[str]:
 
 def mesh_from_config(cfg: ml_collections.ConfigDict):
     """The configured mesh, or None for a single device."""
-    import jax
 
-    from alphallm_jax.models.sharding import make_mesh, resolve_mesh_shape
+    from alphallm_jax.models.sharding import mesh_or_none
 
-    shape = resolve_mesh_shape((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.device_count())
-    return None if shape == (1, 1, 1) else make_mesh(*shape)
+    return mesh_or_none((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))

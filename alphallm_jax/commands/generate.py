@@ -30,13 +30,12 @@ def mesh_from_flag(text: str):
     """The --mesh value as a mesh over this host's devices, or None for one device."""
     import jax
 
-    from alphallm_jax.models.sharding import make_mesh, parse_mesh_shape
+    from alphallm_jax.models.sharding import mesh_or_none, parse_mesh_shape
 
     if not text:
         return None
     try:
-        shape = parse_mesh_shape(text, jax.local_device_count())
-        return None if shape == (1, 1, 1) else make_mesh(*shape, devices=jax.local_devices())
+        return mesh_or_none(parse_mesh_shape(text, jax.local_device_count()), jax.local_devices())
     except ValueError as e:
         raise SystemExit(f"alphallm generate: --mesh: {e}") from None
 

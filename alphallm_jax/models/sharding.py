@@ -50,6 +50,14 @@ def parse_mesh_shape(text: str, device_count: int) -> tuple[int, int, int]:
   return resolve_mesh_shape(sizes, device_count)
 
 
+def mesh_or_none(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh | None:
+  """`make_mesh` over `devices` for (data, fsdp, tensor) `sizes` (one may be -1); None for 1, 1, 1 (one
+  device, no mesh)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(sizes, len(devices))
+  return None if shape == (1, 1, 1) else make_mesh(*shape, devices=devices)
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A ("data", "fsdp", "tensor") mesh with Auto axes over `devices` (default: all devices)."""
