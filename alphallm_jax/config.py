@@ -301,7 +301,6 @@ def unknown_config_keys(cfg, schema=None, prefix: str = "config") -> list[str]:
 
 def mesh_from_config(cfg: ml_collections.ConfigDict):
     """The configured mesh, or None for a single device."""
-
     from alphallm_jax.models.sharding import mesh_or_none
 
     return mesh_or_none((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
