@@ -160,6 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
     # winner of the search's ORM vote, kept when the winner holds min_vote_share of the ORM mass)
     c.policy_train.sft_selection = "best_score"
     c.policy_train.min_vote_share = 0.0
+    c.policy_train.sft_traces_per_prompt = 1  # >1: the k best trajectories of distinct text per prompt
     c.policy_train.score_field = "reward"  # critic score choosing SFT traces and best completions
     c.policy_train.tau = 1.0  # minimum value gap of a pair (the paper's margin)
     c.policy_train.complete_value_field = "Q"  # the value compared for complete pairs

@@ -142,10 +142,32 @@ def test_tau_cap_and_step_reward_field(tree):
 
 
 def test_sft_trace_and_threshold(tree):
-    trace = pairs_lib.extract_sft_trace(tree, ExtractionConfig(orm_threshold=0.5))
+    [trace] = pairs_lib.extract_sft_traces(tree, ExtractionConfig(orm_threshold=0.5))
     assert (trace["leaf"], trace["path"], trace["token_ids"], trace["orm"]) == (4, [1, 4], [11, 12, 41, 42, EOS], 0.9)
-    assert trace["text"] == "s1\n#### 4" and trace["prompt"] == PROMPT
-    assert pairs_lib.extract_sft_trace(tree, ExtractionConfig(orm_threshold=0.95)) is None
+    assert trace["text"] == "s1\n#### 4" and trace["prompt"] == PROMPT and trace["rank"] == 0
+    assert pairs_lib.extract_sft_traces(tree, ExtractionConfig(orm_threshold=0.95)) == []
+
+
+def test_sft_traces_per_prompt(tmp_path, tree):
+    """Up to k complete trajectories in score order, each passing the ORM threshold; the first that
+    fails ends the list; a trajectory whose text repeats a better one's is skipped."""
+    def leaves(t, **kw):
+        return [r["leaf"] for r in pairs_lib.extract_sft_traces(t, ExtractionConfig(**kw))]
+
+    assert leaves(tree, orm_threshold=0.05, sft_traces_per_prompt=3) == [4, 9, 6]
+    assert leaves(tree, orm_threshold=0.05, sft_traces_per_prompt=9) == [4, 9, 6, 5]
+    assert leaves(tree, orm_threshold=0.5, sft_traces_per_prompt=9) == [4, 9]
+    ranks = [r["rank"] for r in pairs_lib.extract_sft_traces(tree, ExtractionConfig(
+        orm_threshold=0.05, sft_traces_per_prompt=3))]
+    assert ranks == [0, 1, 2]
+    # Node 5 becomes a second-best twin of 4: "s1\n#### 4" again.
+    path = write_tree(tmp_path / "twin.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1 + 5].update(option="#### 4", option_token_ids=[41, 42, EOS], reward=0.8, orm=0.8, answer="4")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert leaves(Tree.load(path), orm_threshold=0.05, sft_traces_per_prompt=2) == [4, 9]
+    with pytest.raises(ValueError, match="sft_traces_per_prompt"):
+        ExtractionConfig(sft_traces_per_prompt=0)
 
 
 def test_sft_trace_by_answer_vote(tmp_path):
@@ -158,13 +180,13 @@ def test_sft_trace_by_answer_vote(tmp_path):
     rows[1 + 8]["rollouts"] = [{"text": "x\n#### 9", "answer": "9", "orm": 0.5}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tree = Tree.load(path)
-    assert pairs_lib.extract_sft_trace(tree, ExtractionConfig(orm_threshold=0.5))["leaf"] == 4
+    assert pairs_lib.extract_sft_traces(tree, ExtractionConfig(orm_threshold=0.5))[0]["leaf"] == 4
     vote = ExtractionConfig(orm_threshold=0.5, sft_selection="answer_vote", min_vote_share=0.45)
-    trace = pairs_lib.extract_sft_trace(tree, vote)
+    [trace] = pairs_lib.extract_sft_traces(tree, vote)
     assert (trace["leaf"], trace["path"], trace["answer"]) == (9, [1, 8, 9], "9")
     assert trace["vote_share"] == pytest.approx(1.1 / 2.4)
-    assert pairs_lib.extract_sft_trace(tree, dataclasses.replace(vote, min_vote_share=0.5)) is None
-    assert pairs_lib.extract_sft_trace(tree, dataclasses.replace(vote, orm_threshold=0.7)) is None
+    assert pairs_lib.extract_sft_traces(tree, dataclasses.replace(vote, min_vote_share=0.5)) == []
+    assert pairs_lib.extract_sft_traces(tree, dataclasses.replace(vote, orm_threshold=0.7)) == []
     with pytest.raises(ValueError, match="sft_selection"):
         ExtractionConfig(sft_selection="vote")
     with pytest.raises(ValueError, match="min_vote_share"):

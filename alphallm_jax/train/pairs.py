@@ -30,7 +30,10 @@ Records (JSONL artifacts, written with ``write_records``):
   winner of the search's ORM-weighted vote over its terminals and fast rollouts
   (``search.answers.vote_share``), and the problem is skipped when the winner holds less than
   ``min_vote_share`` of the ORM mass: the trace then agrees with the answer the search reports, and
-  problems the search is unsure about train nothing;
+  problems the search is unsure about train nothing. ``sft_traces_per_prompt = k`` keeps up to the k
+  best such trajectories of distinct text (each with ORM >= ``orm_threshold``), the trace ``rank``
+  0, 1, ...: more data per searched prompt for no more search (rejection-sampling fine-tuning keeps
+  every accepted sample the same way);
 * stepwise pair: two children u, v of one parent, both visited, with ``Q(u) - Q(v) > tau``;
 * complete pair: two complete trajectories with ``value(s) - value(t) > tau``, value =
   ``node.<complete_value_field>`` (default the leaf's Q, as in the paper);
@@ -84,6 +87,7 @@ class ExtractionConfig:
     q_pairs_min_gap: float = 0.0
     sft_selection: str = "best_score"  # best_score (the paper's) | answer_vote (see the module doc)
     min_vote_share: float = 0.0  # answer_vote: the winner's least share of the ORM mass
+    sft_traces_per_prompt: int = 1  # the best k complete trajectories of distinct text (1: the paper's)
 
     def __post_init__(self):
         if self.completion not in COMPLETIONS:
@@ -92,6 +96,8 @@ class ExtractionConfig:
             raise ValueError(f"sft_selection={self.sft_selection!r}; choose from {SFT_SELECTIONS}")
         if not 0.0 <= self.min_vote_share <= 1.0:
             raise ValueError(f"min_vote_share={self.min_vote_share!r} must lie in [0, 1]")
+        if self.sft_traces_per_prompt < 1:
+            raise ValueError(f"sft_traces_per_prompt={self.sft_traces_per_prompt!r} must be at least 1")
         for name in ("score_field", "complete_value_field", "step_reward_field"):
             if getattr(self, name) not in SCORE_FIELDS:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose from {SCORE_FIELDS}")
@@ -161,31 +167,37 @@ def completions(tree: Tree, cfg: ExtractionConfig) -> list[int | None]:
 
 
 # ------------------------------------------------------------------------------------- records
-def extract_sft_trace(tree: Tree, cfg: ExtractionConfig) -> dict[str, Any] | None:
-    """The problem's best complete trajectory by critic score (with ``answer_vote``: among those reaching
-    the vote's winner), or None: no such trajectory, its ORM is below ``orm_threshold``, or the winner's
-    vote share is below ``min_vote_share``."""
+def extract_sft_traces(tree: Tree, cfg: ExtractionConfig) -> list[dict[str, Any]]:
+    """The problem's best complete trajectories by critic score (with ``answer_vote``: among those
+    reaching the vote's winner), up to ``sft_traces_per_prompt`` of distinct text, each with ORM >=
+    ``orm_threshold``; none when the winner's vote share is below ``min_vote_share``."""
     leaves = [n for n in tree.nodes if is_complete(n)]
     share = None
     if cfg.sft_selection == "answer_vote":
         vote = vote_share(tree)
         if vote is None or vote[1] < cfg.min_vote_share:
-            return None
+            return []
         share = vote[1]
         leaves = [n for n in leaves if n.answer == vote[0]]
-    if not leaves:
-        return None
-    leaf = max(leaves, key=lambda n: _best_key(n, cfg.score_field))
-    orm = _field(leaf, "orm", -math.inf)
-    if orm < cfg.orm_threshold:
-        return None
-    path = tree.path_below(0, leaf.id)
-    return {
-        "kind": "sft_trace", "problem_id": tree.problem.problem_id, "prompt": tree.problem.prompt,
-        "leaf": leaf.id, "path": path, "text": tree.text(path), "token_ids": tree.token_ids(path),
-        "score": _field(leaf, cfg.score_field, -math.inf), "orm": orm, "q": float(leaf.Q),
-        "answer": leaf.answer, "finish_reason": leaf.finish_reason, "vote_share": share,
-    }
+    traces: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for leaf in sorted(leaves, key=lambda n: _best_key(n, cfg.score_field), reverse=True):
+        orm = _field(leaf, "orm", -math.inf)
+        if len(traces) == cfg.sft_traces_per_prompt or orm < cfg.orm_threshold:
+            break  # as the paper's rule drops a problem whose best trace fails the ORM, so ranks stop
+        path = tree.path_below(0, leaf.id)
+        text = tree.text(path)
+        if text in seen:  # the search's exact repeats (no state merging) would weight one solution twice
+            continue
+        seen.add(text)
+        traces.append({
+            "kind": "sft_trace", "problem_id": tree.problem.problem_id, "prompt": tree.problem.prompt,
+            "leaf": leaf.id, "rank": len(traces), "path": path, "text": text,
+            "token_ids": tree.token_ids(path), "score": _field(leaf, cfg.score_field, -math.inf),
+            "orm": orm, "q": float(leaf.Q), "answer": leaf.answer, "finish_reason": leaf.finish_reason,
+            "vote_share": share,
+        })
+    return traces
 
 
 def _side(tree: Tree, prefix: int, node: int, leaf: int, value: float,
@@ -285,9 +297,7 @@ def extract_all(trees: Iterable[Tree], cfg: ExtractionConfig,
     """(SFT traces, pairs) over all trees, in tree order."""
     traces, pairs = [], []
     for tree in trees:
-        trace = extract_sft_trace(tree, cfg)
-        if trace is not None:
-            traces.append(trace)
+        traces += extract_sft_traces(tree, cfg)
         pairs += extract_pairs(tree, cfg, kinds)
     return traces, pairs
 
