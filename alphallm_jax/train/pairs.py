@@ -184,7 +184,7 @@ def extract_sft_traces(tree: Tree, cfg: ExtractionConfig) -> list[dict[str, Any]
     for leaf in sorted(leaves, key=lambda n: _best_key(n, cfg.score_field), reverse=True):
         orm = _field(leaf, "orm", -math.inf)
         if len(traces) == cfg.sft_traces_per_prompt or orm < cfg.orm_threshold:
-            break  # as the paper's rule drops a problem whose best trace fails the ORM, so ranks stop
+            break  # the paper's rule: a best trace under the threshold drops the problem; later ranks stop there too
         path = tree.path_below(0, leaf.id)
         text = tree.text(path)
         if text in seen:  # the search's exact repeats (no state merging) would weight one solution twice
