@@ -46,7 +46,7 @@ def test_draws_never_point_past_the_last_positive_weight():
     assert draws.tolist() == [0, 2]
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.5, 0.8, 0), (2.0, 1.0, 3)])
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.5, 0.8, 0), (2.0, 1.0, 3), (0.7, 0.9, 3)])
 def test_sampled_tokens_follow_the_tempered_truncated_softmax(temperature, top_p, top_k):
     logits = np.array([2.0, 1.5, 0.3, -1.0, 0.9, -3.0, 1.2, 0.0], np.float32)
     probs = np.exp(logits / temperature)
@@ -88,6 +88,32 @@ def test_nucleus_mask_equals_the_sorted_prefix_rule():
         assert np.array_equal(got, want), (p, k, got.sum(), want.sum())
 
 
+def test_one_rule_masks_equal_both_rules_with_the_other_switched_off():
+    """`use_top_p=False` is top-p 1 on every row, `use_top_k=False` top-k 0; rows that ask for neither
+    keep every entry."""
+    from alphallm_jax.sampling.token_sampling import nucleus_mask
+
+    rng = np.random.default_rng(2)
+    weights = jnp.asarray(rng.exponential(size=(16, 300)).astype(np.float32))
+    top_p = jnp.asarray(rng.choice([0.2, 0.8, 1.0], size=16).astype(np.float32))
+    top_k = jnp.asarray(rng.choice([0, 1, 9], size=16).astype(np.int32))
+    only_p = nucleus_mask(weights, top_p, top_k, use_top_k=False)
+    only_k = nucleus_mask(weights, top_p, top_k, use_top_p=False)
+    np.testing.assert_array_equal(only_p, nucleus_mask(weights, top_p, jnp.zeros_like(top_k)))
+    np.testing.assert_array_equal(only_k, nucleus_mask(weights, jnp.ones_like(top_p), top_k))
+    np.testing.assert_array_equal(nucleus_mask(weights, top_p, top_k), only_p & only_k)
+    assert bool(nucleus_mask(weights, top_p, top_k, use_top_p=False, use_top_k=False).all())
+
+
+def _bisection_carry(args, mode: str) -> int:
+    """How many per-row arrays the nucleus bisection's loop carries in `mode` (2 per rule: lo, hi)."""
+    jaxpr = jax.make_jaxpr(functools.partial(sample_next_token, mode=mode))(*args).jaxpr
+    loops = [e for e in jaxpr.eqns if str(e.primitive) in ("while", "scan")]
+    assert len(loops) == 1, loops
+    body = loops[0].params.get("body_jaxpr") or loops[0].params["jaxpr"]
+    return sum(1 for v in body.jaxpr.outvars if v.aval.shape == (args[0].shape[0],) and v.aval.dtype == jnp.int32)
+
+
 def test_an_untruncated_row_draws_the_same_token_in_every_sampling_mode():
     """A row without top-p/top-k draws the same token whether or not a batch mate's truncation compiled
     the nucleus step into its batch: a row's sample never depends on its batch mates."""
@@ -95,8 +121,9 @@ def test_an_untruncated_row_draws_the_same_token_in_every_sampling_mode():
     logits = jax.random.normal(jax.random.PRNGKey(3), (n, 50)) * 2.0
     args = (logits, _keys(n, seed=11), jnp.full(n, 0.8), jnp.ones(n), jnp.zeros(n, jnp.int32))
     sampled, _ = sample_next_token(*args, mode="sample")
-    truncated, _ = sample_next_token(*args, mode="truncate")
-    assert np.array_equal(np.asarray(sampled), np.asarray(truncated))
+    for mode in ("top_p", "top_k", "truncate"):
+        truncated, _ = sample_next_token(*args, mode=mode)
+        assert np.array_equal(np.asarray(sampled), np.asarray(truncated)), mode
 
 
 def test_sampling_modes_compile_only_what_a_batch_needs():
@@ -104,7 +131,9 @@ def test_sampling_modes_compile_only_what_a_batch_needs():
     and no mode sorts the vocabulary."""
     assert sampling_mode([0.0, 0.0], [0.9, 1.0], [0, 5]) == "greedy"  # truncation never changes an argmax
     assert sampling_mode([0.0, 0.7], [0.9, 1.0], [0, 0]) == "sample"
-    assert sampling_mode([0.0, 0.7], [1.0, 1.0], [0, 3]) == "truncate"
+    assert sampling_mode([0.0, 0.7], [1.0, 1.0], [0, 3]) == "top_k"
+    assert sampling_mode([0.7, 0.7], [0.9, 1.0], [0, 0]) == "top_p"
+    assert sampling_mode([0.7, 0.7], [0.9, 1.0], [0, 3]) == "truncate"  # one row each: both bisections
     with pytest.raises(ValueError, match="sampling mode"):
         sample_next_token(jnp.zeros((1, 4)), row_keys(jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32)),
                           jnp.ones(1), jnp.ones(1), jnp.zeros(1, jnp.int32), mode="beam")
@@ -123,9 +152,13 @@ def test_sampling_modes_compile_only_what_a_batch_needs():
         return found
 
     programs = {mode: primitives(jax.make_jaxpr(functools.partial(sample_next_token, mode=mode))(*args).jaxpr)
-                for mode in ("greedy", "sample", "truncate")}
+                for mode in ("greedy", "sample", "top_p", "top_k", "truncate")}
     loops = {"while", "scan"}  # top-p/top-k's bisection
     assert "random_bits" not in programs["greedy"] and not programs["greedy"] & loops
     assert "random_bits" in programs["sample"] and not programs["sample"] & loops
     assert "random_bits" in programs["truncate"] and programs["truncate"] & loops
+    for mode in ("top_p", "top_k"):  # one bisection, whose loop carries one (lo, hi) pair per row, not two
+        assert "random_bits" in programs[mode] and programs[mode] & loops
+    assert _bisection_carry(args, "top_p") == _bisection_carry(args, "top_k") == 2
+    assert _bisection_carry(args, "truncate") == 4
     assert not any("sort" in found for found in programs.values())  # no vocabulary sort in any mode

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-SAMPLING_MODES = ("greedy", "sample", "truncate")
+SAMPLING_MODES = ("greedy", "sample", "top_p", "top_k", "truncate")  # truncate: top-p and top-k
 
 
 def row_keys(seed_b: jax.Array, step_b: jax.Array) -> jax.Array:
@@ -21,12 +21,14 @@ def row_keys(seed_b: jax.Array, step_b: jax.Array) -> jax.Array:
 
 def sampling_mode(temperatures, top_ps, top_ks) -> str:
     """The cheapest static mode that serves every row of a batch (host-side settings per row):
-    "greedy" when every row is greedy (no random draw at all), "truncate" when some sampled row asks for
-    top-p or top-k (the nucleus bisection per row), else "sample"."""
+    "greedy" when every row is greedy (no random draw at all); when some sampled row asks for top-p
+    and some (the same or another) for top-k, "truncate" (both bisections per row); "top_p" or "top_k"
+    when only one kind of truncation is asked for (that bisection alone); else "sample"."""
     sampled = [(p, k) for t, p, k in zip(temperatures, top_ps, top_ks, strict=True) if t > 0]
     if not sampled:
         return "greedy"
-    return "truncate" if any(p < 1 or k > 0 for p, k in sampled) else "sample"
+    any_p, any_k = any(p < 1 for p, _ in sampled), any(k > 0 for _, k in sampled)
+    return {(False, False): "sample", (True, False): "top_p", (False, True): "top_k"}.get((any_p, any_k), "truncate")
 
 
 def inverse_cdf_sample(key_b2: jax.Array, weights_bv: jax.Array) -> jax.Array:
@@ -43,7 +45,8 @@ def inverse_cdf_sample(key_b2: jax.Array, weights_bv: jax.Array) -> jax.Array:
     return jnp.sum(cdf_bv <= u_b[:, None], axis=-1).astype(jnp.int32)  # the first entry passing u
 
 
-def nucleus_mask(weights_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array) -> jax.Array:
+def nucleus_mask(weights_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array, *,
+                 use_top_p: bool = True, use_top_k: bool = True) -> jax.Array:
     """The entries top-p and top-k keep (`weights_bv` >= 0; `top_k_b` 0: no top-k), without sorting.
 
     Top-p keeps an entry when the weight of the entries strictly heavier than it is below p of the total
@@ -51,25 +54,39 @@ def nucleus_mask(weights_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array) 
     an entry when fewer than k are strictly heavier (ties at the k-th weight are all kept). Both are a
     threshold on the weight: the heaviest threshold whose kept mass still reaches p (whose kept count
     still reaches k), found by bisection over float32 bit patterns (monotone for non-negative floats): 32
-    rounds of masked sums per row instead of a sort of the vocabulary.
+    rounds of masked sums per row instead of a sort of the vocabulary. `use_top_p` / `use_top_k`
+    (static) leave one rule out of the program, as if every row had p = 1 (k = 0).
     """
+    if not (use_top_p or use_top_k):
+        return jnp.ones(weights_bv.shape, bool)
     bits_bv = jax.lax.bitcast_convert_type(weights_bv, jnp.int32)
     target_mass_b = top_p_b * jnp.sum(weights_bv, axis=-1)
     target_count_b = jnp.maximum(top_k_b, 1)
 
-    def bisect(_, bounds):
-        lo_pb, hi_pb, lo_kb, hi_kb = bounds  # lo: a threshold known to qualify; hi: known not to, + 1
-        mid_pb, mid_kb = lo_pb + (hi_pb - lo_pb) // 2, lo_kb + (hi_kb - lo_kb) // 2
-        mass_b = jnp.sum(jnp.where(bits_bv >= mid_pb[:, None], weights_bv, 0.0), axis=-1)
-        count_b = jnp.sum(bits_bv >= mid_kb[:, None], axis=-1)
-        ok_pb, ok_kb = mass_b >= target_mass_b, count_b >= target_count_b
-        return (jnp.where(ok_pb, mid_pb, lo_pb), jnp.where(ok_pb, hi_pb, mid_pb),
-                jnp.where(ok_kb, mid_kb, lo_kb), jnp.where(ok_kb, hi_kb, mid_kb))
+    def qualifies(mid_b, rule):  # does the threshold mid keep enough mass (p) or entries (k)?
+        if rule == "p":
+            return jnp.sum(jnp.where(bits_bv >= mid_b[:, None], weights_bv, 0.0), axis=-1) >= target_mass_b
+        return jnp.sum(bits_bv >= mid_b[:, None], axis=-1) >= target_count_b
+
+    rules = ("p",) * use_top_p + ("k",) * use_top_k
+
+    def bisect(_, bounds):  # per rule, lo: a threshold known to qualify; hi: known not to, + 1
+        out = []
+        for rule, (lo_b, hi_b) in zip(rules, bounds):
+            mid_b = lo_b + (hi_b - lo_b) // 2
+            ok_b = qualifies(mid_b, rule)
+            out.append((jnp.where(ok_b, mid_b, lo_b), jnp.where(ok_b, hi_b, mid_b)))
+        return tuple(out)
 
     zeros_b = jnp.zeros(weights_bv.shape[:1], jnp.int32)
     top_b = jnp.max(bits_bv, axis=-1) + 1
-    lo_pb, _, lo_kb, _ = jax.lax.fori_loop(0, 32, bisect, (zeros_b, top_b, zeros_b, top_b))
-    threshold_b = jnp.maximum(jnp.where(top_p_b < 1.0, lo_pb, 0), jnp.where(top_k_b > 0, lo_kb, 0))
+    found = jax.lax.fori_loop(0, 32, bisect, tuple((zeros_b, top_b) for _ in rules))
+    lo = dict(zip(rules, (lo_b for lo_b, _ in found)))
+    threshold_b = zeros_b
+    if use_top_p:
+        threshold_b = jnp.maximum(threshold_b, jnp.where(top_p_b < 1.0, lo["p"], 0))
+    if use_top_k:
+        threshold_b = jnp.maximum(threshold_b, jnp.where(top_k_b > 0, lo["k"], 0))
     return bits_bv >= threshold_b[:, None]
 
 
@@ -86,7 +103,7 @@ def sample_next_token(
 
     The log-probability is under the model's untempered, untruncated distribution (what DPO, CPL and
     PUCT need). `temperature_b == 0` means greedy. `mode` (static, see `sampling_mode`) compiles only
-    what the batch needs: top-k/top-p cost a bisection over the vocabulary per row (`nucleus_mask`).
+    what the batch needs: top-p and top-k each cost a bisection over the vocabulary per row (`nucleus_mask`).
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"sampling mode {mode!r} is not one of {SAMPLING_MODES}")
@@ -96,8 +113,10 @@ def sample_next_token(
         # Weights relative to the row's best token, so the largest is exp(0) = 1 at any temperature.
         scaled_bv = (logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True)) / jnp.maximum(temperature_b, 1e-6)[:, None]
         weights_bv = jnp.exp(scaled_bv)
-        if mode == "truncate":
-            weights_bv = jnp.where(nucleus_mask(weights_bv, top_p_b, top_k_b), weights_bv, 0.0)
+        if mode in ("top_p", "top_k", "truncate"):
+            keep_bv = nucleus_mask(weights_bv, top_p_b, top_k_b, use_top_p=mode != "top_k",
+                                   use_top_k=mode != "top_p")
+            weights_bv = jnp.where(keep_bv, weights_bv, 0.0)
         sampled_b = inverse_cdf_sample(key_b2, weights_bv)
         token_b = jnp.where(temperature_b <= 0.0, token_b, sampled_b.astype(jnp.int32))
     chosen_b = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)[:, 0]
