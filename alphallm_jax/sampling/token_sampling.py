@@ -81,12 +81,10 @@ def nucleus_mask(weights_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array, 
     zeros_b = jnp.zeros(weights_bv.shape[:1], jnp.int32)
     top_b = jnp.max(bits_bv, axis=-1) + 1
     found = jax.lax.fori_loop(0, 32, bisect, tuple((zeros_b, top_b) for _ in rules))
-    lo = dict(zip(rules, (lo_b for lo_b, _ in found)))
+    asks_b = {"p": top_p_b < 1.0, "k": top_k_b > 0}  # a row's threshold counts only for a rule it asks for
     threshold_b = zeros_b
-    if use_top_p:
-        threshold_b = jnp.maximum(threshold_b, jnp.where(top_p_b < 1.0, lo["p"], 0))
-    if use_top_k:
-        threshold_b = jnp.maximum(threshold_b, jnp.where(top_k_b > 0, lo["k"], 0))
+    for rule, (lo_b, _) in zip(rules, found):
+        threshold_b = jnp.maximum(threshold_b, jnp.where(asks_b[rule], lo_b, 0))
     return bits_bv >= threshold_b[:, None]
 
 
