@@ -14,6 +14,9 @@ greedy on the first `--test_limit` problems of `eval.split` and the first `--dev
         the majority answer of the rest kept when it holds at least `policy_train.min_vote_share` of
         them, one sample with that answer the trace. Labels are read only to count right traces.
 
+`--optimizer_from RUN/base/train` starts every arm's Adam state from that trainer's last checkpoint
+(the base's own moments) instead of a fresh one.
+
 Results are appended to OUT/results.jsonl, one line per arm; a rerun skips the arms already there.
 
   python experiments/sft_controls.py --config configs/demo_arith.py --policy RUN/base/policy \\
@@ -121,7 +124,7 @@ def greedy_accuracy(cfg, model, tokenizer, split: str, limit: int, workdir: Path
 
 
 def run_arm(cfg, arm: str, policy: str, out: Path, *, epochs: int, test_limit: int, dev_limit: int,
-            temperature: float, fresh, self_offset: int) -> dict:
+            temperature: float, fresh, self_offset: int, optimizer_from: str | None = None) -> dict:
     """One arm: `fresh(n)` gives the first n fresh problems; `self` arms start at `self_offset`, past
     every `ref` arm's, so that their questions are new to the policy too."""
     from alphallm_jax import load_pretrained
@@ -130,7 +133,8 @@ def run_arm(cfg, arm: str, policy: str, out: Path, *, epochs: int, test_limit: i
 
     kind, n, rate = parse_arm(arm)
     model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype)
-    record = {"arm": arm, "kind": kind, "n": n, "learning_rate": rate, "epochs": epochs}
+    record = {"arm": arm, "kind": kind, "n": n, "learning_rate": rate, "epochs": epochs,
+              "optimizer_from": optimizer_from}
     start = time.time()
     if kind != "none":
         if kind == "self":
@@ -143,7 +147,8 @@ def run_arm(cfg, arm: str, policy: str, out: Path, *, epochs: int, test_limit: i
         if not examples:  # a self arm whose samples never agreed: the policy is evaluated untrained
             record.update(steps=0, final_train_loss=None)
         else:
-            record.update(train_arm(cfg, model, examples, rate, epochs, out / arm.replace(":", "_") / "train"))
+            record.update(train_arm(cfg, model, examples, rate, epochs, out / arm.replace(":", "_") / "train",
+                                    optimizer_from=optimizer_from))
     record["train_seconds"] = time.time() - start
     arm_dir = out / arm.replace(":", "_")
     record["test_greedy"] = greedy_accuracy(cfg, model, tokenizer, cfg.eval.split, test_limit, arm_dir / "test")
@@ -151,13 +156,16 @@ def run_arm(cfg, arm: str, policy: str, out: Path, *, epochs: int, test_limit: i
     return record
 
 
-def train_arm(cfg, model, examples, rate: float, epochs: int, workdir: Path) -> dict:
-    """The loop's SFT round settings at the arm's rate and epochs; the model is trained in place."""
+def train_arm(cfg, model, examples, rate: float, epochs: int, workdir: Path, *,
+              optimizer_from: str | None = None) -> dict:
+    """The loop's SFT round settings at the arm's rate and epochs (and optimizer state, when given);
+    the model is trained in place."""
     from alphallm_jax.train.losses import make_sft_loss
     from alphallm_jax.train.trainer import TrainConfig, Trainer
 
     settings = {**TrainConfig.from_config(cfg.policy_train.sft).to_dict(), "learning_rate": rate,
-                "end_learning_rate": rate / 10, "epochs": epochs, "checkpoint_every": -1}
+                "end_learning_rate": rate / 10, "epochs": epochs, "checkpoint_every": -1,
+                "optimizer_from": optimizer_from}
     fit = Trainer(model, make_sft_loss(None), TrainConfig(**settings), workdir=str(workdir)).fit(examples, None)
     return {"steps": fit.step, "final_train_loss": fit.train_metrics.get("loss")}
 
@@ -172,6 +180,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--test_limit", type=int, default=150)
     parser.add_argument("--dev_limit", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=None, help="self arms; default: eval.temperature")
+    parser.add_argument("--optimizer_from", default=None,
+                        help="a trainer workdir (e.g. RUN/base/train) whose last optimizer state starts every arm")
     args = parser.parse_args(argv)
     from alphallm_jax.utils.io import append_jsonl, read_jsonl_tolerant_tail
 
@@ -182,6 +192,8 @@ def main(argv=None) -> list[dict]:
         raise ValueError(f"--config {args.config}: task {cfg.task!r}; these controls generate arith problems")
     if not Path(args.policy).is_dir():
         raise FileNotFoundError(f"--policy {args.policy}: no such checkpoint directory")
+    if args.optimizer_from and not Path(args.optimizer_from).is_dir():
+        raise FileNotFoundError(f"--optimizer_from {args.optimizer_from}: no such trainer directory")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
@@ -202,7 +214,7 @@ def main(argv=None) -> list[dict]:
         record = run_arm(cfg, arm, args.policy, out, epochs=args.epochs or cfg.policy_train.sft.epochs,
                          test_limit=args.test_limit, dev_limit=args.dev_limit,
                          temperature=args.temperature if args.temperature is not None else cfg.eval.temperature,
-                         fresh=fresh, self_offset=self_offset)
+                         fresh=fresh, self_offset=self_offset, optimizer_from=args.optimizer_from)
         print(json.dumps(record), flush=True)
         append_jsonl(results_path, record)
         records.append(record)

@@ -255,3 +255,33 @@ def test_weight_decay_is_a_step_input_and_the_model_comes_back_placed_as_it_was(
     for plain, decayed, w0, m in zip(jax.tree.leaves(out[0.0]), jax.tree.leaves(out[0.5]),
                                      jax.tree.leaves(initial), jax.tree.leaves(mask), strict=True):
         np.testing.assert_allclose(plain - decayed, lr * 0.5 * w0 if m else 0.0, rtol=1e-4, atol=1e-7)
+
+
+def test_optimizer_from_continues_adam_where_the_earlier_run_stopped(tmp_path):
+    # Three steps, then three more that start from the first run's parameters and (optimizer_from) its Adam
+    # moments and count, take the same updates as six steps in one run: one batch, so every step sees the
+    # same rows, and a constant rate without warm-up. A fresh optimizer's three steps land elsewhere.
+    from flax import nnx
+
+    one_batch = TRAIN[:CFG.batch_size]
+    cfg = dataclasses.replace(CFG, schedule="constant", warmup_steps=0, checkpoint_every=0, eval_every=0)
+    whole = create_model(MODEL_CFG, seed=0)
+    Trainer(whole, poisonable_sft_loss, dataclasses.replace(cfg, epochs=6), workdir=tmp_path / "six").fit(one_batch)
+    first = create_model(MODEL_CFG, seed=0)
+    Trainer(first, poisonable_sft_loss, dataclasses.replace(cfg, epochs=3), workdir=tmp_path / "three").fit(one_batch)
+    ends = {}
+    for name, source in (("continued", str(tmp_path / "three")), ("fresh", None)):
+        model = create_model(MODEL_CFG, seed=1)
+        nnx.update(model, jax.tree.map(jnp.copy, nnx.state(first, nnx.Param)))  # training donates the arrays
+        Trainer(model, poisonable_sft_loss, dataclasses.replace(cfg, epochs=3, optimizer_from=source),
+                workdir=tmp_path / name).fit(one_batch)
+        ends[name] = host_params(model)
+    assert_trees_close(ends["continued"], host_params(whole), atol=1e-6)
+    gaps = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ends["fresh"]), jax.tree.leaves(host_params(whole)))]
+    assert max(gaps) > 1e-3
+
+
+def test_optimizer_from_without_checkpoints_names_the_folder(tmp_path):
+    cfg = dataclasses.replace(CFG, epochs=1, optimizer_from=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, cfg, workdir=tmp_path / "run").fit(TRAIN)

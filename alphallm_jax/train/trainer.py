@@ -119,6 +119,11 @@ class TrainConfig:
     # XLA options for the train and eval steps, e.g. {"xla_backend_optimization_level": 0} for
     # fast compiles in tests; TPU/GPU scheduling flags in production.
     compiler_options: dict[str, Any] | None = None
+    # A trainer workdir (or its `checkpoints` folder) whose newest checkpoint's optimizer state (Adam's
+    # moments and count) starts this run instead of a fresh one: a round that continues a model's
+    # training then takes steps scaled by that training's gradient statistics, not a fresh Adam's
+    # first steps of about the learning rate on every parameter. The parameters are not read from it.
+    optimizer_from: str | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.grad_accum_steps < 1:
@@ -415,6 +420,34 @@ class Trainer:
         self.rng = state["rng"]
         return restored["meta"]
 
+    def _load_optimizer_state(self, path: str) -> Any:
+        """The optimizer state of the newest checkpoint under `path` (see `TrainConfig.optimizer_from`),
+        placed as this trainer's; the model must be the one that checkpoint trained."""
+        folder = os.path.abspath(os.fspath(path))
+        if os.path.basename(folder) != "checkpoints":
+            folder = os.path.join(folder, "checkpoints")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"optimizer_from={path!r}: no checkpoints folder at {folder}")
+        manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
+        try:
+            latest = manager.latest_step()
+            if latest is None:
+                raise FileNotFoundError(f"optimizer_from={path!r}: {folder} holds no checkpoint")
+
+            def abstract(x):
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+            try:
+                restored = manager.restore(latest, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(jax.tree.map(abstract, self._state_tree()))))
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"optimizer_from={path!r}: the checkpoint at step {latest} of {folder} was "
+                                 f"not written for this model and optimizer ({e})") from e
+        finally:
+            manager.close()
+        log.info("optimizer state from %s (step %d)", folder, latest)
+        return nested_to_tree(restored["state"]["opt_state"], self.opt_state)
+
     def _save_best(self, manager, dev_loss: float) -> None:
         manager.save(self.step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": tree_to_nested(self.params)}),
@@ -536,6 +569,8 @@ class Trainer:
                                  warmup_steps=warm, kind=cfg.schedule)
         tx, opt_shardings, init_fn, train_step = self._compiled()
         self.opt_state = init_fn(self.params)
+        if cfg.optimizer_from:
+            self.opt_state = self._load_optimizer_state(cfg.optimizer_from)
         weight_decay = np.float32(cfg.weight_decay)
 
         ckpt, best = self._managers(with_dev=bool(dev_examples))
