@@ -14,6 +14,10 @@ greedy on the first `--test_limit` problems of `eval.split` and the first `--dev
         the majority answer of the rest kept when it holds at least `policy_train.min_vote_share` of
         them, one sample with that answer the trace. Labels are read only to count right traces.
 
+`--fresh_eval N` also scores every arm on N held-out fresh problems (their own draw, disjoint from every
+split and every arm's problems), written once to OUT/fresh_eval.jsonl and reused by later runs into the
+same OUT, so that arms run apart are scored on the same problems.
+
 `--optimizer_from RUN/base/train` starts every arm's Adam state from that trainer's last checkpoint
 (the base's own moments) instead of a fresh one.
 
@@ -54,14 +58,29 @@ def parse_arm(text: str) -> tuple[str, int, float]:
     return parts[0], int(parts[1]), float(parts[2])
 
 
+def named_questions(cfg) -> set[str]:
+    """The questions of every named arith split, which fresh problems never repeat."""
+    from alphallm_jax.pipeline.evaluation import load_split
+
+    return {p.question for split in ("arith:train", "arith:dev", "arith:test", "arith:test_hard")
+            for p in load_split(cfg, split)}
+
+
 def fresh_problems(cfg, n: int):
     """`n` labelled arith problems that no named split holds."""
     from alphallm_jax.data.arith import ArithConfig, generate_problems
-    from alphallm_jax.pipeline.evaluation import load_split
 
-    taken = {p.question for split in ("arith:train", "arith:dev", "arith:test", "arith:test_hard")
-             for p in load_split(cfg, split)}
-    return generate_problems(ArithConfig(**cfg.data.arith), n, cfg.seed, split="fresh", exclude_questions=taken)
+    return generate_problems(ArithConfig(**cfg.data.arith), n, cfg.seed, split="fresh",
+                             exclude_questions=named_questions(cfg))
+
+
+def held_out_problems(cfg, n: int, used) -> list:
+    """`n` labelled arith problems for evaluation (`--fresh_eval`): their own draw (split name
+    "fresh_eval"), disjoint from every named split and from the arms' fresh problems `used`."""
+    from alphallm_jax.data.arith import ArithConfig, generate_problems
+
+    taken = named_questions(cfg) | {p.question for p in used}
+    return generate_problems(ArithConfig(**cfg.data.arith), n, cfg.seed, split="fresh_eval", exclude_questions=taken)
 
 
 def pick_trace(completions, task: str, tools, min_vote_share: float):
@@ -124,7 +143,8 @@ def greedy_accuracy(cfg, model, tokenizer, split: str, limit: int, workdir: Path
 
 
 def run_arm(cfg, arm: str, policy: str, out: Path, *, epochs: int, test_limit: int, dev_limit: int,
-            temperature: float, fresh, self_offset: int, optimizer_from: str | None = None) -> dict:
+            temperature: float, fresh, self_offset: int, optimizer_from: str | None = None,
+            fresh_eval: str | None = None) -> dict:
     """One arm: `fresh(n)` gives the first n fresh problems; `self` arms start at `self_offset`, past
     every `ref` arm's, so that their questions are new to the policy too."""
     from alphallm_jax import load_pretrained
@@ -153,6 +173,8 @@ def run_arm(cfg, arm: str, policy: str, out: Path, *, epochs: int, test_limit: i
     arm_dir = out / arm.replace(":", "_")
     record["test_greedy"] = greedy_accuracy(cfg, model, tokenizer, cfg.eval.split, test_limit, arm_dir / "test")
     record["dev_greedy"] = greedy_accuracy(cfg, model, tokenizer, cfg.base.dev_split, dev_limit, arm_dir / "dev")
+    if fresh_eval:
+        record["fresh_eval_greedy"] = greedy_accuracy(cfg, model, tokenizer, fresh_eval, 0, arm_dir / "fresh_eval")
     return record
 
 
@@ -180,6 +202,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--test_limit", type=int, default=150)
     parser.add_argument("--dev_limit", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=None, help="self arms; default: eval.temperature")
+    parser.add_argument("--fresh_eval", type=int, default=0,
+                        help="also greedy on this many held-out fresh problems (OUT/fresh_eval.jsonl)")
     parser.add_argument("--optimizer_from", default=None,
                         help="a trainer workdir (e.g. RUN/base/train) whose last optimizer state starts every arm")
     args = parser.parse_args(argv)
@@ -206,6 +230,24 @@ def main(argv=None) -> list[dict]:
             generated[:] = fresh_problems(cfg, n)
         return generated[:n]
 
+    fresh_eval = None
+    if args.fresh_eval:
+        from alphallm_jax.data.arith import to_gsm8k_row
+        from alphallm_jax.utils.io import atomic_write_text
+
+        used = fresh(max([n for kind, n, _ in parsed if kind == "ref"]
+                         + [self_offset + n for kind, n, _ in parsed if kind == "self"] + [0]))
+        path = out / "fresh_eval.jsonl"
+        fresh_eval = str(path)
+        if path.exists():  # an earlier run's held-out set: the arms of every run are scored on the same one
+            held = [json.loads(line)["question"] for line in path.read_text().splitlines()]
+            if len(held) != args.fresh_eval:
+                raise ValueError(f"{path} holds {len(held)} problems, not --fresh_eval={args.fresh_eval}")
+            if set(held) & {p.question for p in used}:
+                raise ValueError(f"{path}: these arms' fresh problems reach into the held-out set; use another --out")
+        else:
+            atomic_write_text(path, "".join(json.dumps(to_gsm8k_row(p)) + "\n"
+                                            for p in held_out_problems(cfg, args.fresh_eval, used)))
     records = []
     for arm in arms:
         if arm in done:
@@ -214,7 +256,8 @@ def main(argv=None) -> list[dict]:
         record = run_arm(cfg, arm, args.policy, out, epochs=args.epochs or cfg.policy_train.sft.epochs,
                          test_limit=args.test_limit, dev_limit=args.dev_limit,
                          temperature=args.temperature if args.temperature is not None else cfg.eval.temperature,
-                         fresh=fresh, self_offset=self_offset, optimizer_from=args.optimizer_from)
+                         fresh=fresh, self_offset=self_offset, optimizer_from=args.optimizer_from,
+                         fresh_eval=fresh_eval)
         print(json.dumps(record), flush=True)
         append_jsonl(results_path, record)
         records.append(record)

@@ -49,6 +49,10 @@ def test_arms_are_spelled_and_fresh_problems_are_new_and_prefix_stable():
 
     named = {p.question for s in ("arith:train", "arith:dev", "arith:test") for p in load_split(cfg, s)}
     assert not named & {p.question for p in long}
+    # The held-out evaluation problems (--fresh_eval) are new to every split and to the arms' problems.
+    held = sft_controls.held_out_problems(cfg, 40, long)
+    assert len(held) == 40 and not {p.question for p in held} & (named | {p.question for p in long})
+    assert [p.question for p in held] == [p.question for p in sft_controls.held_out_problems(cfg, 40, long)]
 
 
 @pytest.mark.slow
@@ -61,7 +65,8 @@ def test_controls_run_end_to_end_on_a_tiny_model_and_resume(tmp_path):
     assert made.returncode == 0, made.stderr[-2000:]
     out = tmp_path / "controls"
     args = ["--config=configs/demo_arith.py:quick", f"--policy={ckpt}", f"--out={out}", "--arm=none",
-            "--arm=d0:8:1e-3", "--arm=self:2:1e-3", "--epochs=1", "--test_limit=2", "--dev_limit=2"]
+            "--arm=d0:8:1e-3", "--arm=self:2:1e-3", "--epochs=1", "--test_limit=2", "--dev_limit=2",
+            "--fresh_eval=3"]
     command = [sys.executable, "experiments/sft_controls.py", *args]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -72,6 +77,9 @@ def test_controls_run_end_to_end_on_a_tiny_model_and_resume(tmp_path):
     assert (records[2]["steps"] > 0) == (records[2]["traces"] > 0)
     for r in records:
         assert 0.0 <= r["test_greedy"] <= 1.0 and 0.0 <= r["dev_greedy"] <= 1.0
+        right = r["fresh_eval_greedy"] * 3  # a count of the 3 held-out problems
+        assert 0 <= right <= 3 and abs(right - round(right)) < 1e-9
+    assert len((out / "fresh_eval.jsonl").read_text().splitlines()) == 3
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout == ""  # every arm read back, nothing retrained
     bad = subprocess.run([sys.executable, "experiments/sft_controls.py", *args[:3], "--arm=gold:1:1"],
