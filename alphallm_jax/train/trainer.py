@@ -569,8 +569,6 @@ class Trainer:
                                  warmup_steps=warm, kind=cfg.schedule)
         tx, opt_shardings, init_fn, train_step = self._compiled()
         self.opt_state = init_fn(self.params)
-        if cfg.optimizer_from:
-            self.opt_state = self._load_optimizer_state(cfg.optimizer_from)
         weight_decay = np.float32(cfg.weight_decay)
 
         ckpt, best = self._managers(with_dev=bool(dev_examples))
@@ -594,10 +592,13 @@ class Trainer:
             self._prune_best(best, above=self.step)  # best parameters a killed run saved later
             log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt.directory, self.step,
                      it.state.epoch, it.state.step)
-        elif self.is_main:
-            atomic_write_json(os.path.join(self.workdir, "train_config.json"),
-                              {**cfg.to_dict(), "total_steps": total, "warmup_steps": warm,
-                               "steps_per_epoch": it.steps_per_epoch})
+        else:
+            if cfg.optimizer_from:  # a first start only: a resumed run has its own optimizer state
+                self.opt_state = self._load_optimizer_state(cfg.optimizer_from)
+            if self.is_main:
+                atomic_write_json(os.path.join(self.workdir, "train_config.json"),
+                                  {**cfg.to_dict(), "total_steps": total, "warmup_steps": warm,
+                                   "steps_per_epoch": it.steps_per_epoch})
         if self.is_main:
             import tensorboardX
             self._writer = tensorboardX.SummaryWriter(os.path.join(self.workdir, "tensorboard"))
