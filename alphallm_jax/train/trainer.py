@@ -172,6 +172,11 @@ class _EarlyStop:
     stopped: bool = False
 
 
+def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """A restore target for `x`: its shape, dtype and placement."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
 def _path_parts(path) -> tuple[str, ...]:
     parts = []
     for k in path:
@@ -408,10 +413,7 @@ class Trainer:
                 best_manager.delete(s)
 
     def _restore(self, manager, step: int) -> dict:
-        def abstract(x):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
-        target = jax.tree.map(abstract, self._state_tree())
+        target = jax.tree.map(_abstract, self._state_tree())
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         state = restored["state"]
@@ -434,12 +436,9 @@ class Trainer:
             if latest is None:
                 raise FileNotFoundError(f"optimizer_from={path!r}: {folder} holds no checkpoint")
 
-            def abstract(x):
-                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
             try:
                 restored = manager.restore(latest, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(jax.tree.map(abstract, self._state_tree()))))
+                    state=ocp.args.StandardRestore(jax.tree.map(_abstract, self._state_tree()))))
             except (ValueError, KeyError) as e:
                 raise ValueError(f"optimizer_from={path!r}: the checkpoint at step {latest} of {folder} was "
                                  f"not written for this model and optimizer ({e})") from e
@@ -454,10 +453,7 @@ class Trainer:
             meta=ocp.args.JsonSave({"step": self.step, "dev_loss": dev_loss})), force=True)
 
     def _restore_best(self, manager, step: int) -> None:
-        def abstract(x):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
-        target = {"params": jax.tree.map(abstract, tree_to_nested(self.params))}
+        target = {"params": jax.tree.map(_abstract, tree_to_nested(self.params))}
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         self.params = nested_to_tree(restored["state"]["params"], self.params)
