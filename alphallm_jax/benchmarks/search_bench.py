@@ -82,10 +82,11 @@ def _timed_search(make_backend, problems: Sequence[SearchProblem], mcts_cfg, *, 
 
 def decode_row_cost(sampler, prompt_ids: Sequence[Sequence[int]], rows: int, *, new_tokens: int = 32,
                     temperature: float = 1.0, repeats: int = 3) -> float:
-    """Median seconds per row and decoded token when `rows` requests (prompts taken in turn from
-    `prompt_ids`) decode together: a call for up to `new_tokens` tokens less one for a single token
-    (the same prefill), over the tokens the first generated beyond the second's. One untimed round first
-    (compiles)."""
+    """Seconds per row and decoded token when `rows` requests (prompts taken in turn from `prompt_ids`)
+    decode together: a call for up to `new_tokens` tokens less one for a single token (the same
+    prefill), over the tokens the first generated beyond the second's. Each call's time is its fastest
+    of `repeats` (the two alternate): a shared machine's noise only adds time, and the difference of
+    single timings of a small model could come out at zero or below. One untimed round first (compiles)."""
     prompts = [prompt_ids[i % len(prompt_ids)] for i in range(rows)]
 
     def timed(max_new: int) -> tuple[float, int]:
@@ -95,12 +96,14 @@ def decode_row_cost(sampler, prompt_ids: Sequence[Sequence[int]], rows: int, *, 
         out = sampler.sample(requests, keep_states=False)
         return time.perf_counter() - start, sum(len(c.token_ids) for c in out)
 
-    def once() -> float:
-        (long_s, long_tokens), (short_s, short_tokens) = timed(new_tokens), timed(1)
-        return max(long_s - short_s, 0.0) / max(1, long_tokens - short_tokens)
-
-    once()
-    return statistics.median(once() for _ in range(repeats))
+    timed(new_tokens), timed(1)
+    rounds = [(timed(new_tokens), timed(1)) for _ in range(repeats)]
+    (_, long_tokens), (_, short_tokens) = rounds[0]
+    extra_s = min(long_s for (long_s, _), _ in rounds) - min(short_s for _, (short_s, _) in rounds)
+    if extra_s <= 0:
+        raise RuntimeError(f"decoding {long_tokens - short_tokens} more tokens at {rows} rows took no measurable "
+                           "time beyond one token's call; raise new_tokens or repeats")
+    return extra_s / max(1, long_tokens - short_tokens)
 
 
 def run_search_bench(make_backend, problems: Sequence[SearchProblem], mcts_cfg, prompt_tokens: dict[str, int], *,
