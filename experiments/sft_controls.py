@@ -66,20 +66,21 @@ def named_questions(cfg) -> set[str]:
             for p in load_split(cfg, split)}
 
 
-def fresh_problems(cfg, n: int):
-    """`n` labelled arith problems that no named split holds."""
+def fresh_problems(cfg, n: int, named: set[str] | None = None):
+    """`n` labelled arith problems that no named split holds (`named`, their questions, when the caller
+    has them already: building the splits is the slow part)."""
     from alphallm_jax.data.arith import ArithConfig, generate_problems
 
     return generate_problems(ArithConfig(**cfg.data.arith), n, cfg.seed, split="fresh",
-                             exclude_questions=named_questions(cfg))
+                             exclude_questions=named_questions(cfg) if named is None else named)
 
 
-def held_out_problems(cfg, n: int, used) -> list:
+def held_out_problems(cfg, n: int, used, named: set[str] | None = None) -> list:
     """`n` labelled arith problems for evaluation (`--fresh_eval`): their own draw (split name
     "fresh_eval"), disjoint from every named split and from the arms' fresh problems `used`."""
     from alphallm_jax.data.arith import ArithConfig, generate_problems
 
-    taken = named_questions(cfg) | {p.question for p in used}
+    taken = (named_questions(cfg) if named is None else named) | {p.question for p in used}
     return generate_problems(ArithConfig(**cfg.data.arith), n, cfg.seed, split="fresh_eval", exclude_questions=taken)
 
 
@@ -224,10 +225,16 @@ def main(argv=None) -> list[dict]:
     done = {r["arm"]: r for r in read_jsonl_tolerant_tail(results_path, repair=True)[0]}  # a killed run's torn line dropped
     self_offset = max([n for kind, n, _ in parsed if kind == "ref"] + [0])
     generated: list = []
+    named: set[str] = set()
+
+    def named_once() -> set[str]:
+        if not named:
+            named.update(named_questions(cfg))
+        return named
 
     def fresh(n: int):  # the generator is sequential: the first n of a longer draw are the same n
         if len(generated) < n:
-            generated[:] = fresh_problems(cfg, n)
+            generated[:] = fresh_problems(cfg, n, named_once())
         return generated[:n]
 
     fresh_eval = None
@@ -247,7 +254,7 @@ def main(argv=None) -> list[dict]:
                 raise ValueError(f"{path}: these arms' fresh problems reach into the held-out set; use another --out")
         else:
             atomic_write_text(path, "".join(json.dumps(to_gsm8k_row(p)) + "\n"
-                                            for p in held_out_problems(cfg, args.fresh_eval, used)))
+                                            for p in held_out_problems(cfg, args.fresh_eval, used, named_once())))
     records = []
     for arm in arms:
         if arm in done:

@@ -281,6 +281,22 @@ def test_optimizer_from_continues_adam_where_the_earlier_run_stopped(tmp_path):
     assert max(gaps) > 1e-3
 
 
+@pytest.mark.parametrize("change, message", [("intermediate_size", r"shape.*\b256\b.*\b128\b"),
+                                             ("num_layers", r"layers/\d+/.* here, nothing there")],
+                         ids=["wider", "deeper"])
+def test_optimizer_from_another_models_checkpoint_fails_before_training(tmp_path, change, message):
+    # The partial restore reads the optimizer state alone, and would hand back a leaf the checkpoint lacks
+    # unread: a wider model's checkpoint fails on the shape, a deeper model's on the first missing leaf,
+    # both before any step runs.
+    cfg = dataclasses.replace(CFG, epochs=1, max_steps=1, eval_every=0, checkpoint_every=1)
+    Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, cfg, workdir=tmp_path / "source").fit(TRAIN)
+    other = dataclasses.replace(MODEL_CFG, **{change: 2 * getattr(MODEL_CFG, change)})
+    run = dataclasses.replace(cfg, optimizer_from=str(tmp_path / "source"))
+    with pytest.raises(ValueError, match="not written for this model and optimizer.*" + message):
+        Trainer(create_model(other, seed=0), poisonable_sft_loss, run, workdir=tmp_path / "other").fit(TRAIN)
+    assert not list((tmp_path / "other").glob("checkpoints/*"))
+
+
 def test_optimizer_from_without_checkpoints_names_the_folder(tmp_path):
     cfg = dataclasses.replace(CFG, epochs=1, optimizer_from=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):

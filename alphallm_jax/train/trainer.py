@@ -424,28 +424,41 @@ class Trainer:
 
     def _load_optimizer_state(self, path: str) -> Any:
         """The optimizer state of the newest checkpoint under `path` (see `TrainConfig.optimizer_from`),
-        placed as this trainer's; the model must be the one that checkpoint trained."""
+        placed as this trainer's; the model must be the one that checkpoint trained. Only the optimizer
+        state is read (orbax's partial restore), not the parameters saved beside it."""
         folder = os.path.abspath(os.fspath(path))
         if os.path.basename(folder) != "checkpoints":
             folder = os.path.join(folder, "checkpoints")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"optimizer_from={path!r}: no checkpoints folder at {folder}")
+        target = {"opt_state": jax.tree.map(_abstract, tree_to_nested(self.opt_state))}
         manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
         try:
             latest = manager.latest_step()
             if latest is None:
                 raise FileNotFoundError(f"optimizer_from={path!r}: {folder} holds no checkpoint")
-
+            mismatch = f"optimizer_from={path!r}: the checkpoint at step {latest} of {folder} was not written " \
+                       f"for this model and optimizer"
             try:
-                restored = manager.restore(latest, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(jax.tree.map(_abstract, self._state_tree()))))
+                restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True)))["state"]
             except (ValueError, KeyError) as e:
-                raise ValueError(f"optimizer_from={path!r}: the checkpoint at step {latest} of {folder} was "
-                                 f"not written for this model and optimizer ({e})") from e
+                raise ValueError(f"{mismatch} ({e})") from e
         finally:
             manager.close()
+        # A partial restore neither fails on a missing key (the target's leaf comes back unread) nor on
+        # another shape (the saved one comes back): check every leaf against this trainer's.
+        for key_path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+            got = restored
+            for k in key_path:
+                got = got.get(k.key) if isinstance(got, dict) else None
+            if not isinstance(got, jax.Array) or (got.shape, got.dtype) != (want.shape, want.dtype):
+                found = "nothing" if not isinstance(got, jax.Array) else f"{got.dtype}{list(got.shape)}"
+                raise ValueError(f"{mismatch}: {'/'.join(_path_parts(key_path))} is {want.dtype}{list(want.shape)} "
+                                 f"here, {found} there")
         log.info("optimizer state from %s (step %d)", folder, latest)
-        return nested_to_tree(restored["state"]["opt_state"], self.opt_state)
+        return nested_to_tree(restored["opt_state"], self.opt_state)
 
     def _save_best(self, manager, dev_loss: float) -> None:
         manager.save(self.step, args=ocp.args.Composite(
