@@ -40,6 +40,24 @@ def test_intermediate_values_are_bounded():
         evaluate(big)
 
 
+@pytest.mark.parametrize("template", [
+    "He has <<2*3=6>>{big} apples.\nThe answer is 6.",  # the written result after an annotation (a loop crash)
+    "He has <<{big}*3=6>>6 apples.\nThe answer is 6.",
+    "He has 2*3 = {big} apples.\nThe answer is 6.",
+    "So {big} + 2 = 5.\nThe answer is {big}.",
+])
+def test_numbers_too_long_to_read_never_raise(template):
+    # Model text is data: a 40-digit number (beyond MAX_NUMBER_DIGITS) anywhere in a solution or its question
+    # is a check that fails or is skipped, never a CalcError out of the checks (the search scores such text).
+    big = "1" * 40
+    text = template.format(big=big)
+    cfg = ToolConfig(question_numbers=True, operand_sources=True)
+    for task in ("arith", "gsm8k"):
+        for complete in (True, False):
+            result = check_solution(text, task, cfg, f"Tom has 2 boxes of 3 apples and {big} pears.", complete=complete)
+            assert not result.ok or "<<" not in text  # an annotation with an unreadable number never passes
+
+
 def test_right_solution_passes_and_counts_its_checks():
     r = check_solution(GOOD, "arith")
     assert r.ok and r.failures == []
