@@ -124,3 +124,30 @@ def test_unicode_round_trip(tmp_path):
     write_jsonl_atomic(p, rows)
     assert read_jsonl(p) == rows
     assert json.loads(p.read_text(encoding="utf-8").splitlines()[0]) == rows[0]
+
+
+def test_files_fingerprint_follows_content_not_place(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from alphallm_jax.utils.io import files_fingerprint
+
+    ckpt = tmp_path / "a"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "config.json").write_text('{"hidden_size": 8}')
+    weights = np.random.default_rng(0).standard_normal(1 << 19).astype(np.float32)  # 2 MiB: read in blocks
+    (ckpt / "sub" / "model.safetensors").write_bytes(weights.tobytes())
+    base = files_fingerprint(ckpt)
+    shutil.copytree(ckpt, tmp_path / "b")  # a copy (new times, new place) keeps it
+    assert files_fingerprint(tmp_path / "b") == base
+    (tmp_path / "b" / "config.json").write_text('{"hidden_size": 9}')
+    assert files_fingerprint(tmp_path / "b") != base
+    (ckpt / "sub" / "model.safetensors").write_bytes((weights * 1.001).tobytes())  # retrained: every block
+    assert files_fingerprint(ckpt) != base
+    (ckpt / "sub" / "model.safetensors").write_bytes(weights.tobytes())
+    assert files_fingerprint(ckpt) == base
+    (ckpt / "sub" / "model.safetensors").rename(ckpt / "sub" / "other.safetensors")
+    assert files_fingerprint(ckpt) != base
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        files_fingerprint(tmp_path / "nowhere")

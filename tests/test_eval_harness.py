@@ -100,6 +100,24 @@ def test_harness_writes_resumable_graded_artifacts(tmp_path):
     assert sampler.calls[-1][0] == ["q2"]
 
 
+def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
+    # The identity (run.json) holds what results depend on: the same one resumes, more methods or problems
+    # too (eval.methods and eval.limit may change); another policy is refused before anything runs.
+    sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"]})
+    identity = {"policy": "aaa", "eval": {"temperature": 0.7, "methods": ["greedy"], "limit": 2}}
+    evaluate_methods(PROBLEMS[:2], _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=identity)
+    calls = len(sampler.calls)
+    more = {**identity, "eval": {**identity["eval"], "methods": ["greedy", "maj@2"], "limit": 3}}
+    evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=more)
+    assert sampler.calls[-1][0] == ["q2"] and len(sampler.calls) == calls + 1
+    calls = len(sampler.calls)
+    for changed, key in (({**identity, "policy": "bbb"}, "policy: 'aaa' -> 'bbb'"),
+                         ({**identity, "eval": {**identity["eval"], "temperature": 1.0}}, "eval.temperature")):
+        with pytest.raises(ValueError, match=f"holds results of another run, which differs in {key}"):
+            evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=changed)
+    assert len(sampler.calls) == calls
+
+
 def test_seeded_results_are_reused_not_recomputed(tmp_path):
     """Rows of an earlier run of the same method (here on a superset of the problems) stand as this
     process's finished share: only the problems they lack are generated, and the summary counts both."""

@@ -85,3 +85,7 @@ def test_controls_run_end_to_end_on_a_tiny_model_and_resume(tmp_path):
     bad = subprocess.run([sys.executable, "experiments/sft_controls.py", *args[:3], "--arm=gold:1:1"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "KIND:N:RATE" in bad.stderr
+    # Another policy into the same OUT would resume its arms and evaluations: refused, naming the policy.
+    (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + "\n")
+    other = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "holds results of another run" in other.stderr and "policy" in other.stderr

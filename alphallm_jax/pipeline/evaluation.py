@@ -9,6 +9,7 @@ is dropped), then process 0 merges the parts into `predictions.jsonl` per method
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 
@@ -27,6 +28,8 @@ from alphallm_jax.utils.io import (
     as_path,
     atomic_write_json,
     atomic_write_text,
+    files_fingerprint,
+    json_changes,
     read_json,
     read_jsonl_tolerant_tail,
     write_jsonl_atomic,
@@ -77,14 +80,53 @@ def _part_path(out_root, spec: str):
     return out_root / method_dirname(spec) / f"predictions.part{pidx:03d}-of-{pcount:03d}.jsonl"
 
 
+RUN_RECORD = "run.json"
+# Settings a resumed evaluation may change: which methods run and how many problems (a problem's result
+# depends on its own seed only).
+RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit")
+
+
+def eval_identity(cfg, checkpoint) -> dict:
+    """What an evaluation's per-problem results depend on besides the method's spec: the policy's files by
+    content (a moved or copied workdir still resumes; a retrained policy at the same path does not) and
+    the settings that shape prompts, sampling and search."""
+    def plain(section):
+        return section.to_dict() if hasattr(section, "to_dict") else section
+
+    return {"policy": files_fingerprint(checkpoint), "task": cfg.task, "seed": cfg.seed,
+            "eval": plain(cfg.eval), "search": plain(cfg.search),
+            "prompt": {k: cfg.data[k] for k in ("prompt_format", "num_exemplars", "exemplar_seed")}}
+
+
+def check_run_identity(folder, identity: dict, resumable=RESUMABLE_EVAL_KEYS) -> None:
+    """Record `identity` (what a folder's resumable results depend on) in `folder`/run.json on the first
+    call; on later calls raise a ValueError naming what differs outside `resumable`, rather than resume
+    past results that another policy or setting produced."""
+    folder = as_path(folder)
+    path = folder / RUN_RECORD
+    if is_coordinator() and not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, json.loads(json.dumps(identity)))
+    barrier(f"{folder.name}:identity")
+    changed = json_changes(read_json(path), identity, resumable)
+    if changed:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ValueError(f"{folder} holds results of another run, which differs in {shown}{more}: resuming "
+                         f"would mix the two. Use a new workdir, or remove {folder}.")
+
+
 def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir, *, batch_size: int,
-                     tag: str = "eval") -> dict:
-    """Run `methods` (spec strings) on this process's share of `problems`; merge on process 0.
+                     tag: str = "eval", identity: dict | None = None) -> dict:
+    """Run `methods` (spec strings) on this process's share of `problems`; merge on process 0. With
+    `identity` (`eval_identity`), a workdir holding another evaluation's results is refused, not resumed.
 
     Returns the merged summary on every process (the others read what process 0 wrote).
     """
     mine = this_process_share(problems)
     out_root = as_path(workdir) / tag
+    if identity is not None:
+        check_run_identity(out_root, identity)
     for spec in methods:
         method = make_method(spec)
         part = _part_path(out_root, spec)
@@ -186,7 +228,8 @@ def evaluate_checkpoint(cfg, workdir, checkpoint, methods, out_dir, *, mesh=None
     problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
     ctx.components.update(eval_components(cfg, workdir, list(methods), model, tokenizer,
                                           [ctx.prompt_for(p) for p in problems], mesh=mesh))
-    summary = evaluate_methods(problems, ctx, list(methods), out_dir, batch_size=cfg.eval.batch_size, tag=tag)
+    summary = evaluate_methods(problems, ctx, list(methods), out_dir, batch_size=cfg.eval.batch_size, tag=tag,
+                               identity=eval_identity(cfg, checkpoint))
     return summary, ctx
 
 

@@ -32,7 +32,7 @@ from alphallm_jax.critics.calibration import auroc_text, metric_text
 from alphallm_jax.pipeline.loop_report import find_method, write_report
 from alphallm_jax.pipeline.paired import paired_comparison
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
-from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json, rebase_paths
+from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, json_changes, read_json, rebase_paths
 
 DONE = "DONE"
 STAGE_RECORD = "stage.json"
@@ -132,32 +132,22 @@ def _fmt(results: dict) -> str:
 RESUMABLE_KEYS = ("loop.iterations", "mesh.")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-
-
 def check_resumed_config(cfg, path) -> list[str]:
     """The dotted keys where `cfg` differs from the config a run in this workdir started with (`path`,
     its config.json); raises a ValueError naming them unless every one is in `RESUMABLE_KEYS`."""
-    import json
-
     path = as_path(path)
     if not path.exists():
         return []
-    old = _flat(read_json(path))
-    new = _flat(json.loads(json.dumps(cfg.to_dict())))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
-    fixed = [k for k in changed if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)]
+    old, new = read_json(path), cfg.to_dict()
+    fixed = json_changes(old, new, RESUMABLE_KEYS)
     if fixed:
-        listed = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in fixed[:12])
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in fixed[:12])
         more = f" (and {len(fixed) - 12} more)" if len(fixed) > 12 else ""
         raise ValueError(f"{path} holds the config this workdir's run started with, and this run's config "
                          f"differs in {listed}{more}. Finished stages are not recomputed, so resuming would mix "
                          f"two configs in one report: use a new --workdir, or set these keys back (a resumed run "
                          f"may change only {', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_KEYS)}).")
-    return changed
+    return [k for k, _, _ in json_changes(old, new)]
 
 
 def run_loop(cfg, workdir) -> dict:

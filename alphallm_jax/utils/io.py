@@ -318,3 +318,50 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays and scalars
         return obj.tolist()
     return obj
+
+
+def files_fingerprint(directory: PathLike, *, block_bytes: int = 1 << 16, blocks: int = 16) -> str:
+    """A content fingerprint (sha256 hex) of every file under `directory`, such as a checkpoint: relative
+    names, sizes, files up to `blocks * block_bytes` whole and larger ones by `blocks` evenly spaced
+    blocks, so a 7B checkpoint costs a few MB of reads. Retrained weights differ in every block; a copied
+    or moved checkpoint keeps its fingerprint (no paths or times go in)."""
+    import hashlib
+
+    root = as_path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {root}")
+    def files(folder: epath.Path, prefix: str) -> Iterator[tuple[str, epath.Path]]:
+        for child in sorted(folder.iterdir(), key=lambda c: c.name):
+            if child.is_dir():
+                yield from files(child, f"{prefix}{child.name}/")
+            else:
+                yield f"{prefix}{child.name}", child
+
+    digest = hashlib.sha256()
+    for name, path in files(root, ""):
+        size = path.stat().length
+        digest.update(f"{name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            if size <= blocks * block_bytes:
+                digest.update(f.read())
+                continue
+            for i in range(blocks):
+                f.seek(i * (size - block_bytes) // (blocks - 1))
+                digest.update(f.read(block_bytes))
+    return digest.hexdigest()
+
+
+def json_changes(old: Any, new: Any, resumable: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf where two JSON records differ ("<absent>" for a
+    missing leaf), sorted, leaving out the keys in `resumable` (a key ending in "." covers its subtree).
+    Both records go through JSON first, so tuples and lists compare equal."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
+    free = tuple(resumable)
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(a.keys() | b.keys())
+            if a.get(k, "<absent>") != b.get(k, "<absent>")
+            and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in free)]
