@@ -138,3 +138,7 @@ def test_search_cli_writes_trees_resumes_and_summarises(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((workdir / "search" / "summary.json").read_text())["searched_now"] == 1
     assert {name: (trees_dir / name).read_bytes() for name in files} == before
+    # Another critic (or policy, or search setting) would skip the trees searched without it: refused.
+    save_critic(random_critic(tokenizer, seed=1), tmp_path / "critic", tokenizer=tokenizer)
+    other = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert other.returncode != 0 and "holds results of another run, which differs in critic" in other.stderr

@@ -274,9 +274,21 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     if not problems:
         raise ValueError("no problems to search (an empty split or prompts file)")
     settings = SearchSettings.from_config(cfg)
+    out = as_path(workdir) / "search"
+    # A rerun skips finished trees: only those of this same policy, critic and search (more problems may
+    # follow). The fast-rollout policy goes in when this search rolls out with it.
+    from alphallm_jax.pipeline.evaluation import check_run_identity
+    from alphallm_jax.utils.io import files_fingerprint
+
+    identity = {"policy": files_fingerprint(cfg.model.checkpoint), "critic": files_fingerprint(critic_dir(cfg, workdir)),
+                "method": method, "settings": settings.to_dict(), "seed": cfg.seed}
+    if method == "mcts" and settings.mcts.num_rollouts > 0 and cfg.search.rollout_policy and cfg.rollout_policy.enabled:
+        from alphallm_jax.critics.fast_rollout import fast_policy_dir
+
+        identity["rollout_policy"] = files_fingerprint(fast_policy_dir(cfg, workdir))
+    check_run_identity(out, identity, resumable=())
     backend = make_backend(cfg, workdir, model, tokenizer, [p.prompt for p in problems], mesh=mesh,
                            settings=settings)
-    out = as_path(workdir) / "search"
     if is_coordinator():
         atomic_write_json(out / "config.json", cfg.to_dict())
     start = time.time()
