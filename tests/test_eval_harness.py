@@ -116,6 +116,29 @@ def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
         with pytest.raises(ValueError, match=f"holds results of another run, which differs in {key}"):
             evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=changed)
     assert len(sampler.calls) == calls
+    # A component the record lacks joins it (a critic method added later); once recorded, it must match.
+    evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity={**more, "critic": "ccc"})
+    assert json.loads((tmp_path / "eval" / "run.json").read_text())["critic"] == "ccc"
+    with pytest.raises(ValueError, match="differs in critic: 'ccc' -> 'ddd'"):
+        evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity={**more, "critic": "ddd"})
+
+
+def test_eval_identity_holds_the_models_a_method_uses(tmp_path):
+    from alphallm_jax.pipeline.evaluation import eval_identity
+    from alphallm_jax.utils.io import files_fingerprint
+
+    cfg = default_config()
+    cfg.rollout_policy.enabled = True
+    for name, text in (("policy", "p"), ("critics/critic", "c"), ("fast_rollout/policy", "f")):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "model.safetensors").write_text(text)
+    plain = eval_identity(cfg, tmp_path / "policy", ["greedy", "maj@4"], tmp_path)
+    assert plain["policy"] == files_fingerprint(tmp_path / "policy") and "critic" not in plain
+    reranked = eval_identity(cfg, tmp_path / "policy", ["orm@4"], tmp_path)
+    assert reranked["critic"] == files_fingerprint(tmp_path / "critics/critic") and "rollout_policy" not in reranked
+    searched = eval_identity(cfg, tmp_path / "policy", ["mcts"], tmp_path)
+    assert searched["rollout_policy"] == files_fingerprint(tmp_path / "fast_rollout/policy")
+    assert len({plain["policy"], reranked["critic"], searched["rollout_policy"]}) == 3
 
 
 def test_seeded_results_are_reused_not_recomputed(tmp_path):

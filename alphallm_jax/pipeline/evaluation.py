@@ -86,34 +86,64 @@ RUN_RECORD = "run.json"
 RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit")
 
 
-def eval_identity(cfg, checkpoint) -> dict:
+def eval_identity(cfg, checkpoint, methods=(), workdir=None) -> dict:
     """What an evaluation's per-problem results depend on besides the method's spec: the policy's files by
-    content (a moved or copied workdir still resumes; a retrained policy at the same path does not) and
-    the settings that shape prompts, sampling and search."""
+    content (a moved or copied workdir still resumes; a retrained policy at the same path does not), the
+    critic's and the fast-rollout policy's where `methods` use them (`workdir` locates them), and the
+    settings that shape prompts, sampling and search."""
+    from alphallm_jax.pipeline.search_methods import CRITIC_METHODS
+    from alphallm_jax.pipeline.search_run import SearchSettings, critic_dir
+
     def plain(section):
         return section.to_dict() if hasattr(section, "to_dict") else section
 
-    return {"policy": files_fingerprint(checkpoint), "task": cfg.task, "seed": cfg.seed,
-            "eval": plain(cfg.eval), "search": plain(cfg.search),
-            "prompt": {k: cfg.data[k] for k in ("prompt_format", "num_exemplars", "exemplar_seed")}}
+    identity = {"policy": files_fingerprint(checkpoint), "task": cfg.task, "seed": cfg.seed,
+                "eval": plain(cfg.eval), "search": plain(cfg.search),
+                "prompt": {k: cfg.data[k] for k in ("prompt_format", "num_exemplars", "exemplar_seed")}}
+    names = {spec.partition("@")[0] for spec in methods}
+    if names & set(CRITIC_METHODS):
+        identity["critic"] = files_fingerprint(critic_dir(cfg, workdir))
+    if "mcts" in names and cfg.search.rollout_policy and cfg.rollout_policy.enabled \
+            and SearchSettings.from_config(cfg).mcts.num_rollouts > 0:  # the preset's, where the config has none
+        from alphallm_jax.critics.fast_rollout import fast_policy_dir
+
+        identity["rollout_policy"] = files_fingerprint(fast_policy_dir(cfg, workdir))
+    return identity
 
 
 def check_run_identity(folder, identity: dict, resumable=RESUMABLE_EVAL_KEYS) -> None:
     """Record `identity` (what a folder's resumable results depend on) in `folder`/run.json on the first
     call; on later calls raise a ValueError naming what differs outside `resumable`, rather than resume
-    past results that another policy or setting produced."""
+    past results that another policy or setting produced. A key only one side has is no conflict (an
+    evaluation that adds a critic method records the critic then), and joins the record."""
     folder = as_path(folder)
     path = folder / RUN_RECORD
+    identity = json.loads(json.dumps(identity))
     if is_coordinator() and not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, json.loads(json.dumps(identity)))
+        atomic_write_json(path, identity)
     barrier(f"{folder.name}:identity")
-    changed = json_changes(read_json(path), identity, resumable)
+    recorded = read_json(path)
+    changed = [(k, a, b) for k, a, b in json_changes(recorded, identity, resumable) if "<absent>" not in (a, b)]
     if changed:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
         raise ValueError(f"{folder} holds results of another run, which differs in {shown}{more}: resuming "
                          f"would mix the two. Use a new workdir, or remove {folder}.")
+    joined = _joined(recorded, identity)
+    if is_coordinator() and joined != recorded:
+        atomic_write_json(path, joined)
+
+
+def _joined(recorded: dict, new: dict) -> dict:
+    """`recorded` with the keys only `new` has added, at every depth."""
+    out = dict(recorded)
+    for k, v in new.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = _joined(out[k], v)
+    return out
 
 
 def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir, *, batch_size: int,
@@ -229,7 +259,7 @@ def evaluate_checkpoint(cfg, workdir, checkpoint, methods, out_dir, *, mesh=None
     ctx.components.update(eval_components(cfg, workdir, list(methods), model, tokenizer,
                                           [ctx.prompt_for(p) for p in problems], mesh=mesh))
     summary = evaluate_methods(problems, ctx, list(methods), out_dir, batch_size=cfg.eval.batch_size, tag=tag,
-                               identity=eval_identity(cfg, checkpoint))
+                               identity=eval_identity(cfg, checkpoint, methods, workdir))
     return summary, ctx
 
 
