@@ -105,6 +105,10 @@ def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
     # too (eval.methods and eval.limit may change); another policy is refused before anything runs.
     sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"]})
     identity = {"policy": "aaa", "eval": {"temperature": 0.7, "methods": ["greedy"], "limit": 2}}
+    # A first attempt that failed before any result left only its record: the next run takes the folder.
+    from alphallm_jax.pipeline.evaluation import check_run_identity
+
+    check_run_identity(tmp_path / "eval", {"policy": "zzz"})
     evaluate_methods(PROBLEMS[:2], _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=identity)
     calls = len(sampler.calls)
     more = {**identity, "eval": {**identity["eval"], "methods": ["greedy", "maj@2"], "limit": 3}}

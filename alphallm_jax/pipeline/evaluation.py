@@ -115,11 +115,12 @@ def check_run_identity(folder, identity: dict, resumable=RESUMABLE_EVAL_KEYS) ->
     """Record `identity` (what a folder's resumable results depend on) in `folder`/run.json on the first
     call; on later calls raise a ValueError naming what differs outside `resumable`, rather than resume
     past results that another policy or setting produced. A key only one side has is no conflict (an
-    evaluation that adds a critic method records the critic then), and joins the record."""
+    evaluation that adds a critic method records the critic then), and joins the record. A folder that
+    holds no results yet (a first attempt that failed early) takes the new identity."""
     folder = as_path(folder)
     path = folder / RUN_RECORD
     identity = json.loads(json.dumps(identity))
-    if is_coordinator() and not path.exists():
+    if is_coordinator() and (not path.exists() or not _holds_results(folder)):
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, identity)
     barrier(f"{folder.name}:identity")
@@ -133,6 +134,17 @@ def check_run_identity(folder, identity: dict, resumable=RESUMABLE_EVAL_KEYS) ->
     joined = _joined(recorded, identity)
     if is_coordinator() and joined != recorded:
         atomic_write_json(path, joined)
+
+
+def _holds_results(folder) -> bool:
+    """Whether `folder` holds a non-empty file besides the run and config records, at any depth."""
+    for child in folder.iterdir():
+        if child.is_dir():
+            if _holds_results(child):
+                return True
+        elif child.name not in (RUN_RECORD, "config.json") and child.stat().length > 0:
+            return True
+    return False
 
 
 def _joined(recorded: dict, new: dict) -> dict:
