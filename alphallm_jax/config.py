@@ -177,6 +177,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.policy_train.alpha = 0.5  # CPL: w = r_g + alpha * p_g (paper: 0.5)
     c.policy_train.beta = 0.1  # DPO temperature
     c.policy_train.label_smoothing = 0.0  # conservative DPO; 0: plain DPO
+    c.policy_train.preference_loss = "sigmoid"  # sigmoid (DPO) | ipo (squared loss, log-ratio gap 1/(2 beta))
     # > 0: DPO plus this weight times the chosen response's mean token NLL (keeps the winner likely)
     c.policy_train.dpo_nll_weight = 0.0
     c.policy_train.logp_batch_size = 64  # pairs per batch of the reference and p_g passes

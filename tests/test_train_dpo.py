@@ -73,6 +73,31 @@ def test_loss_and_gradient_match_formula(eps):
     np.testing.assert_allclose(gl, -beta * dz / 7, rtol=1e-4, atol=1e-7)
 
 
+def test_ipo_loss_and_gradient_match_formula():
+    rng = np.random.default_rng(1)
+    pw, pl, rw, rl = (rng.normal(-20.0, 5.0, 5).astype(np.float32) for _ in range(4))
+    beta = 0.25  # target gap 1 / (2 beta) = 2 nats
+    h = (pw - rw) - (pl - rl)
+    loss_b, cr, rr = dpo.dpo_terms(pw, pl, rw, rl, beta=beta, loss_type="ipo")
+    np.testing.assert_allclose(loss_b, (h - 2.0) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(cr - rr, beta * h, rtol=1e-5)
+    gw, gl = jax.grad(lambda a, b: jnp.mean(dpo.dpo_terms(a, b, rw, rl, beta=beta, loss_type="ipo")[0]),
+                      argnums=(0, 1))(jnp.asarray(pw), jnp.asarray(pl))
+    np.testing.assert_allclose(gw, 2.0 * (h - 2.0) / 5, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gl, -2.0 * (h - 2.0) / 5, rtol=1e-4, atol=1e-6)
+    # A pair already past the target is pushed back toward it, unlike the logistic loss.
+    assert float(jax.grad(lambda a: dpo.dpo_terms(a, -10.0, -10.0, -10.0, beta=beta, loss_type="ipo")[0])(
+        -5.0)) > 0.0
+
+
+@pytest.mark.parametrize("loss_type, eps, match", [("hinge", 0.0, "choose from"),
+                                                   ("ipo", 0.1, "label_smoothing")])
+def test_bad_preference_loss_names_the_key(loss_type, eps, match):
+    with pytest.raises(ValueError, match=match) as err:
+        dpo.make_dpo_loss(0.1, eps, loss_type=loss_type)
+    assert "policy_train." in str(err.value)
+
+
 def test_paired_forward_equals_separate_passes_and_ignores_filler_rows():
     model = create_model(MODEL_CFG, seed=0)
     examples = reference(model, preference_examples(3, 1))

@@ -5,7 +5,10 @@
 ``eps = label_smoothing`` (conservative DPO; 0: plain DPO). With ``nll_weight`` > 0 the loss adds that
 weight times the chosen response's mean token negative log-likelihood (DPO with an NLL term on the
 winner, as in iterative reasoning preference optimisation): plain DPO can win its margin by lowering
-both responses' likelihood, which on reasoning traces lowers the chosen one too.
+both responses' likelihood, which on reasoning traces lowers the chosen one too. ``loss_type="ipo"``
+replaces the logistic loss by IPO's squared one, ``L = (h - 1/(2 beta))^2`` with ``h = z / beta`` the
+summed log-ratio gap: the margin is pulled to a fixed target instead of pushed without bound, so the
+rejected side cannot be driven down for ever once the pair is already ranked.
 
 The reference model is the policy at the start of preference learning. Its log-probabilities do not
 change, so ``with_reference`` computes them once, in one unshuffled batched jitted pass, and stores
@@ -126,20 +129,39 @@ def pair_log_probs(model, batch: dict[str, jax.Array], *,
     return logp_2b[:b], logp_2b[b:]
 
 
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
 def dpo_terms(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array, ref_chosen_b: jax.Array,
-              ref_rejected_b: jax.Array, *, beta: float,
-              label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(loss [B], chosen reward [B], rejected reward [B]); reward = beta * (log pi - log ref)."""
+              ref_rejected_b: jax.Array, *, beta: float, label_smoothing: float = 0.0,
+              loss_type: str = "sigmoid") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss [B], chosen reward [B], rejected reward [B]); reward = beta * (log pi - log ref).
+    ``loss_type``: "sigmoid" (DPO, with conservative label smoothing) or "ipo" (squared, target gap
+    ``1 / (2 beta)`` in summed log-ratio units)."""
+    check_loss_type(loss_type, label_smoothing)
     chosen_reward_b = beta * (policy_chosen_b - ref_chosen_b)
     rejected_reward_b = beta * (policy_rejected_b - ref_rejected_b)
     z_b = chosen_reward_b - rejected_reward_b
-    loss_b = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_b)
-              - label_smoothing * jax.nn.log_sigmoid(-z_b))
+    if loss_type == "ipo":
+        loss_b = jnp.square(z_b / beta - 0.5 / beta)
+    else:
+        loss_b = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_b)
+                  - label_smoothing * jax.nn.log_sigmoid(-z_b))
     return loss_b, chosen_reward_b, rejected_reward_b
 
 
+def check_loss_type(loss_type: str, label_smoothing: float = 0.0) -> None:
+    """Fails on an unknown ``policy_train.preference_loss`` or label smoothing with IPO (which has none)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"policy_train.preference_loss={loss_type!r}; choose from {LOSS_TYPES}")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError("policy_train.label_smoothing applies to the sigmoid DPO loss only; "
+                         "set it to 0 with policy_train.preference_loss='ipo'")
+
+
 def dpo_loss(model, batch: dict[str, jax.Array], *, beta: float, label_smoothing: float = 0.0,
-             nll_weight: float = 0.0, logits_chunk_size: int | None = None) -> tuple[jax.Array, Metrics]:
+             nll_weight: float = 0.0, logits_chunk_size: int | None = None,
+             loss_type: str = "sigmoid") -> tuple[jax.Array, Metrics]:
     """Mean DPO loss over the batch's real pairs (``row_mask``), plus ``nll_weight`` times the chosen
     responses' mean per-token NLL; ``metrics["weight"]`` = pairs.
 
@@ -150,7 +172,8 @@ def dpo_loss(model, batch: dict[str, jax.Array], *, beta: float, label_smoothing
     logp_chosen_b, logp_rejected_b = pair_log_probs(model, batch, logits_chunk_size=logits_chunk_size)
     loss_b, chosen_b, rejected_b = dpo_terms(
         logp_chosen_b, logp_rejected_b, batch["ref_chosen_logp"].astype(jnp.float32),
-        batch["ref_rejected_logp"].astype(jnp.float32), beta=beta, label_smoothing=label_smoothing)
+        batch["ref_rejected_logp"].astype(jnp.float32), beta=beta, label_smoothing=label_smoothing,
+        loss_type=loss_type)
     row_b = batch["row_mask"].astype(jnp.float32)
     count = jnp.sum(row_b)
     inv = 1.0 / jnp.maximum(count, 1.0)
@@ -173,11 +196,13 @@ def dpo_loss(model, batch: dict[str, jax.Array], *, beta: float, label_smoothing
 
 @functools.lru_cache(maxsize=32)
 def make_dpo_loss(beta: float, label_smoothing: float = 0.0, logits_chunk_size: int | None = None,
-                  nll_weight: float = 0.0) -> LossFn:
+                  nll_weight: float = 0.0, loss_type: str = "sigmoid") -> LossFn:
     """``dpo_loss`` with its options bound; the same options give the same function object, so
     the trainer's compiled step is reused across runs."""
+    check_loss_type(loss_type, label_smoothing)
     return functools.partial(dpo_loss, beta=float(beta), label_smoothing=float(label_smoothing),
-                             nll_weight=float(nll_weight), logits_chunk_size=logits_chunk_size)
+                             nll_weight=float(nll_weight), logits_chunk_size=logits_chunk_size,
+                             loss_type=loss_type)
 
 
 # ------------------------------------------------------------------ batched log-probability pass

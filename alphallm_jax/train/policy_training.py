@@ -169,7 +169,7 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
                      workdir: PathLike, *, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """DPO of ``model`` (in place) on pair records with ``cfg.dpo`` (a TrainConfig section), ordered
     by ``cfg.ordering`` (which also picks the pair kinds), ``cfg.beta``, ``cfg.label_smoothing``,
-    ``cfg.dpo_nll_weight`` and, for CPL, ``cfg.alpha``. ``model`` as passed in is the reference.
+    ``cfg.dpo_nll_weight``, ``cfg.preference_loss`` and, for CPL, ``cfg.alpha``. ``model`` as passed in is the reference.
     Returns a summary with each epoch's mean train metrics and the saved epoch policies."""
     ordering = str(_get(cfg, "ordering", "cpl"))
     if ordering not in ORDERINGS:
@@ -187,7 +187,8 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
                            fixed_length=train_cfg.fixed_seq_len)
     start = time.time()
     loss_fn = make_dpo_loss(float(cfg.beta), float(_get(cfg, "label_smoothing", 0.0)), chunk,
-                            nll_weight=float(_get(cfg, "dpo_nll_weight", 0.0)))
+                            nll_weight=float(_get(cfg, "dpo_nll_weight", 0.0)),
+                            loss_type=str(_get(cfg, "preference_loss", "sigmoid")))
     trainer = Trainer(model, loss_fn,
                       train_cfg, mesh=mesh, workdir=str(run_dir / "train"), collate_fn=collate,
                       length_fn=preference_length)
