@@ -224,13 +224,14 @@ def main(argv=None) -> list[dict]:
     results_path = out / "results.jsonl"
     # Arms resume (their trainer checkpoints, their evaluations, results.jsonl): only from this same
     # policy, config and settings.
-    from alphallm_jax.pipeline.evaluation import check_run_identity
     from alphallm_jax.utils.io import files_fingerprint
+    from alphallm_jax.utils.run_identity import check_run_identity
 
     check_run_identity(out, {"policy": files_fingerprint(args.policy), "config": cfg.to_dict(),
                              "epochs": args.epochs, "temperature": args.temperature,
                              "test_limit": args.test_limit, "dev_limit": args.dev_limit,
-                             "optimizer_from": args.optimizer_from}, resumable=())
+                             "optimizer_from": args.optimizer_from and files_fingerprint(args.optimizer_from)},
+                       resumable=())
     done = {r["arm"]: r for r in read_jsonl_tolerant_tail(results_path, repair=True)[0]}  # a killed run's torn line dropped
     self_offset = max([n for kind, n, _ in parsed if kind == "ref"] + [0])
     generated: list = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
     sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"]})
     identity = {"policy": "aaa", "eval": {"temperature": 0.7, "methods": ["greedy"], "limit": 2}}
     # A first attempt that failed before any result left only its record: the next run takes the folder.
-    from alphallm_jax.pipeline.evaluation import check_run_identity
+    from alphallm_jax.utils.run_identity import check_run_identity
 
     check_run_identity(tmp_path / "eval", {"policy": "zzz"})
     evaluate_methods(PROBLEMS[:2], _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=identity)
@@ -143,6 +144,28 @@ def test_eval_identity_holds_the_models_a_method_uses(tmp_path):
     searched = eval_identity(cfg, tmp_path / "policy", ["mcts"], tmp_path)
     assert searched["rollout_policy"] == files_fingerprint(tmp_path / "fast_rollout/policy")
     assert len({plain["policy"], reranked["critic"], searched["rollout_policy"]}) == 3
+    assert "rollout_policy" not in eval_identity(cfg, tmp_path / "policy", ["mcts_lean@4", "beam"], tmp_path)
+    assert "critic_settings" not in plain
+    cfg.critics.tools.enabled = False  # the same critic files, other scores
+    assert eval_identity(cfg, tmp_path / "policy", ["orm@4"], tmp_path)["critic_settings"] != reranked["critic_settings"]
+
+
+def test_only_mcts_with_rollouts_and_the_fast_policy_enabled_rolls_out_with_it():
+    from alphallm_jax.pipeline.search_run import SearchSettings, rolls_out_with_fast_policy
+
+    cfg = default_config()
+    cfg.rollout_policy.enabled = True
+    assert SearchSettings.from_config(cfg).mcts.num_rollouts > 0
+    assert rolls_out_with_fast_policy(cfg, ["greedy", "mcts@8"])
+    assert not rolls_out_with_fast_policy(cfg, ["mcts_lean", "beam@4", "orm@16"])
+    cfg.search.rollout_policy = False  # the policy rolls out itself
+    assert not rolls_out_with_fast_policy(cfg, ["mcts"])
+    cfg.search.rollout_policy, cfg.rollout_policy.enabled = True, False
+    assert not rolls_out_with_fast_policy(cfg, ["mcts"])
+    cfg.rollout_policy.enabled = True
+    settings = SearchSettings.from_config(cfg)
+    no_rollouts = dataclasses.replace(settings, mcts=settings.mcts.replace(num_rollouts=0, beta_orm=0.0))
+    assert not rolls_out_with_fast_policy(cfg, ["mcts"], no_rollouts)
 
 
 def test_seeded_results_are_reused_not_recomputed(tmp_path):

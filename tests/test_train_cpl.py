@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -206,6 +207,17 @@ def test_run_policy_training_command(tmp_path):
     assert (tmp_path / "run" / "policy" / "DONE").exists()
     again = policy_training.run_policy_training(cfg, tmp_path / "run", "dpo")
     assert again["skipped"] and again["steps"] == 1
+    # A moved run still skips; another starting policy or other trees are refused, not skipped.
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    assert policy_training.run_policy_training(cfg, tmp_path / "moved", "dpo")["skipped"]
+    save_hf_checkpoint(create_model(model_cfg, seed=1), model_cfg, tmp_path / "other", tokenizer=tok)
+    cfg.model.checkpoint = str(tmp_path / "other")
+    with pytest.raises(ValueError, match="init_policy"):
+        policy_training.run_policy_training(cfg, tmp_path / "run", "dpo")
+    cfg.model.checkpoint = str(tmp_path / "init")
+    write_tree(trees_dir / "p2.jsonl", problem_id="p2")
+    with pytest.raises(ValueError, match="trees"):
+        policy_training.run_policy_training(cfg, tmp_path / "run", "dpo")
 
 
 def test_nothing_to_train_on_raises_or_is_recorded_untrained(tmp_path):
@@ -216,6 +228,8 @@ def test_nothing_to_train_on_raises_or_is_recorded_untrained(tmp_path):
     write_tree(trees_dir / "p0.jsonl")
     cfg = default_config()
     cfg.model.checkpoint = str(tmp_path / "never_loaded")
+    (tmp_path / "never_loaded").mkdir()
+    (tmp_path / "never_loaded" / "model.safetensors").write_bytes(b"not a checkpoint")
     cfg.policy_train = section(trees_dir=str(trees_dir), ordering="cpl", tau=100.0)
     with pytest.raises(ValueError, match="no pairs for ordering 'cpl'"):
         policy_training.run_policy_training(cfg, tmp_path / "strict", "dpo")

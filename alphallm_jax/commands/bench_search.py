@@ -83,6 +83,7 @@ def main(argv) -> None:
         SearchSettings,
         load_critic_scorer,
         make_backend,
+        rolls_out_with_fast_policy,
         search_problem,
     )
     from alphallm_jax.utils.io import as_path, atomic_write_json
@@ -103,7 +104,7 @@ def main(argv) -> None:
     prompts = [p.prompt for p in pool]
 
     fast_policy = None
-    if cfg.search.rollout_policy and cfg.rollout_policy.enabled:  # loaded once for every backend below
+    if rolls_out_with_fast_policy(cfg, ("mcts",), settings):  # loaded once for every backend below
         from alphallm_jax.critics.fast_rollout import load_fast_rollout_policy
 
         fast_policy = load_fast_rollout_policy(cfg, f.workdir)

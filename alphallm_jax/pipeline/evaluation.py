@@ -9,7 +9,6 @@ is dropped), then process 0 merges the parts into `predictions.jsonl` per method
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 
@@ -29,11 +28,11 @@ from alphallm_jax.utils.io import (
     atomic_write_json,
     atomic_write_text,
     files_fingerprint,
-    json_changes,
     read_json,
     read_jsonl_tolerant_tail,
     write_jsonl_atomic,
 )
+from alphallm_jax.utils.run_identity import check_run_identity
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,6 @@ def _part_path(out_root, spec: str):
     return out_root / method_dirname(spec) / f"predictions.part{pidx:03d}-of-{pcount:03d}.jsonl"
 
 
-RUN_RECORD = "run.json"
 # Settings a resumed evaluation may change: which methods run and how many problems (a problem's result
 # depends on its own seed only).
 RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit")
@@ -89,10 +87,10 @@ RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit")
 def eval_identity(cfg, checkpoint, methods=(), workdir=None) -> dict:
     """What an evaluation's per-problem results depend on besides the method's spec: the policy's files by
     content (a moved or copied workdir still resumes; a retrained policy at the same path does not), the
-    critic's and the fast-rollout policy's where `methods` use them (`workdir` locates them), and the
-    settings that shape prompts, sampling and search."""
+    critic's (with the settings that shape its scores) and the fast-rollout policy's where `methods` use
+    them (`workdir` locates them), and the settings that shape prompts, sampling and search."""
     from alphallm_jax.pipeline.search_methods import CRITIC_METHODS
-    from alphallm_jax.pipeline.search_run import SearchSettings, critic_dir
+    from alphallm_jax.pipeline.search_run import critic_dir, critic_settings, rolls_out_with_fast_policy
 
     def plain(section):
         return section.to_dict() if hasattr(section, "to_dict") else section
@@ -103,59 +101,12 @@ def eval_identity(cfg, checkpoint, methods=(), workdir=None) -> dict:
     names = {spec.partition("@")[0] for spec in methods}
     if names & set(CRITIC_METHODS):
         identity["critic"] = files_fingerprint(critic_dir(cfg, workdir))
-    if "mcts" in names and cfg.search.rollout_policy and cfg.rollout_policy.enabled \
-            and SearchSettings.from_config(cfg).mcts.num_rollouts > 0:  # the preset's, where the config has none
+        identity["critic_settings"] = critic_settings(cfg)
+    if rolls_out_with_fast_policy(cfg, methods):
         from alphallm_jax.critics.fast_rollout import fast_policy_dir
 
         identity["rollout_policy"] = files_fingerprint(fast_policy_dir(cfg, workdir))
     return identity
-
-
-def check_run_identity(folder, identity: dict, resumable=RESUMABLE_EVAL_KEYS) -> None:
-    """Record `identity` (what a folder's resumable results depend on) in `folder`/run.json on the first
-    call; on later calls raise a ValueError naming what differs outside `resumable`, rather than resume
-    past results that another policy or setting produced. A key only one side has is no conflict (an
-    evaluation that adds a critic method records the critic then), and joins the record. A folder that
-    holds no results yet (a first attempt that failed early) takes the new identity."""
-    folder = as_path(folder)
-    path = folder / RUN_RECORD
-    identity = json.loads(json.dumps(identity))
-    if is_coordinator() and (not path.exists() or not _holds_results(folder)):
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, identity)
-    barrier(f"{folder.name}:identity")
-    recorded = read_json(path)
-    changed = [(k, a, b) for k, a, b in json_changes(recorded, identity, resumable) if "<absent>" not in (a, b)]
-    if changed:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
-        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
-        raise ValueError(f"{folder} holds results of another run, which differs in {shown}{more}: resuming "
-                         f"would mix the two. Use a new workdir, or remove {folder}.")
-    joined = _joined(recorded, identity)
-    if is_coordinator() and joined != recorded:
-        atomic_write_json(path, joined)
-
-
-def _holds_results(folder) -> bool:
-    """Whether `folder` holds a non-empty file besides the run and config records, at any depth."""
-    for child in folder.iterdir():
-        if child.is_dir():
-            if _holds_results(child):
-                return True
-        elif child.name not in (RUN_RECORD, "config.json") and child.stat().length > 0:
-            return True
-    return False
-
-
-def _joined(recorded: dict, new: dict) -> dict:
-    """`recorded` with the keys only `new` has added, at every depth."""
-    out = dict(recorded)
-    for k, v in new.items():
-        if k not in out:
-            out[k] = v
-        elif isinstance(out[k], dict) and isinstance(v, dict):
-            out[k] = _joined(out[k], v)
-    return out
 
 
 def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir, *, batch_size: int,
@@ -168,7 +119,7 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     mine = this_process_share(problems)
     out_root = as_path(workdir) / tag
     if identity is not None:
-        check_run_identity(out_root, identity)
+        check_run_identity(out_root, identity, resumable=RESUMABLE_EVAL_KEYS)
     for spec in methods:
         method = make_method(spec)
         part = _part_path(out_root, spec)

@@ -93,9 +93,7 @@ def eval_components(cfg, workdir, methods: Sequence[str], model, tokenizer, prom
     if names & set(SEARCH_METHODS):
         settings = SearchSettings.from_config(cfg)
         components["search"] = settings
-        # Only `mcts` samples fast rollouts (`mcts_lean` and `beam` evaluate nodes by the critic alone).
-        rollouts = "mcts" in names and settings.mcts.num_rollouts > 0
         components["search_backend"] = make_backend(cfg, workdir, model, tokenizer, prompts,
                                                     scorer=components["critic"], mesh=mesh, settings=settings,
-                                                    rollouts=rollouts)
+                                                    methods=methods)
     return components

@@ -72,6 +72,13 @@ def critic_dir(cfg, workdir):
     return as_path(cfg.search.critics or cfg.critics.checkpoint or as_path(workdir) / "critics" / "critic")
 
 
+def critic_settings(cfg) -> dict[str, Any]:
+    """The config that shapes a loaded critic's scores besides its files (a run's identity holds both): the
+    tool checks, how step scores aggregate into a PRM score, and whether the outcome combiner is used."""
+    return {"tools": cfg.critics.tools.to_dict(), "prm_aggregate": cfg.critics.scoring.prm_aggregate,
+            "combiner": bool(cfg.critics.combiner.enabled)}
+
+
 def load_critic_scorer(cfg, workdir, tokenizer, *, mesh=None):
     """The trained critic as a `CriticScorer` configured by `critics.scoring` and `critics.tools`."""
     from alphallm_jax.critics.pipeline import load_combiner, make_scorer
@@ -89,13 +96,24 @@ def search_max_len(cfg, tokenizer, prompts: Sequence[str], options: OptionConfig
     return min(longest + options.max_solution_tokens, limit)
 
 
+def rolls_out_with_fast_policy(cfg, methods: Sequence[str], settings: SearchSettings | None = None) -> bool:
+    """Whether searching by any of `methods` (eval specs like "mcts@16" or search methods) samples rollouts
+    from the fast-rollout policy: only `mcts` rolls out (`mcts_lean` and `beam` score nodes by the critic
+    alone), only with `num_rollouts` > 0 (the preset's where the config sets none), and only with
+    `search.rollout_policy` and `rollout_policy.enabled` (else the policy rolls out itself)."""
+    names = {spec.partition("@")[0] for spec in methods}
+    if "mcts" not in names or not (cfg.search.rollout_policy and cfg.rollout_policy.enabled):
+        return False
+    return (settings or SearchSettings.from_config(cfg)).mcts.num_rollouts > 0
+
+
 def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scorer=None, mesh=None,
                  settings: SearchSettings | None = None, fast_policy=None,
-                 rollouts: bool = True) -> LMSearchBackend:
+                 methods: Sequence[str] = ("mcts",)) -> LMSearchBackend:
     """The LM backend for `prompts`: a search sampler over `model` (its own KV pool of `search.pool_slots`),
-    the critic (loaded when `scorer` is None) and, with `rollout_policy.enabled`, the fast-rollout policy
-    (`fast_policy`: its (model, tokenizer) already loaded; None: loaded here). `rollouts=False`: the
-    caller's searches sample no fast rollouts, so the fast-rollout policy is not loaded."""
+    the critic (loaded when `scorer` is None) and, when searching by `methods` rolls out with it
+    (`rolls_out_with_fast_policy`), the fast-rollout policy (`fast_policy`: its (model, tokenizer) already
+    loaded; None: loaded here)."""
     from alphallm_jax.sampling import sampler_from_config
 
     settings = settings or SearchSettings.from_config(cfg)
@@ -106,7 +124,7 @@ def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scor
     sampler = sampler_from_config(cfg, model, tokenizer, max_len=max_len, pool_slots=cfg.search.pool_slots,
                                   max_batch=max_batch, mesh=mesh)
     rollout_sampler = None
-    if rollouts and cfg.search.rollout_policy and cfg.rollout_policy.enabled:
+    if rolls_out_with_fast_policy(cfg, methods, settings):
         from alphallm_jax.critics.fast_rollout import load_fast_rollout_policy
 
         fast, fast_tokenizer = fast_policy or load_fast_rollout_policy(cfg, workdir, mesh=mesh)
@@ -277,18 +295,18 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     out = as_path(workdir) / "search"
     # A rerun skips finished trees: only those of this same policy, critic and search (more problems may
     # follow). The fast-rollout policy goes in when this search rolls out with it.
-    from alphallm_jax.pipeline.evaluation import check_run_identity
     from alphallm_jax.utils.io import files_fingerprint
+    from alphallm_jax.utils.run_identity import check_run_identity
 
     identity = {"policy": files_fingerprint(cfg.model.checkpoint), "critic": files_fingerprint(critic_dir(cfg, workdir)),
-                "method": method, "settings": settings.to_dict(), "seed": cfg.seed}
-    if method == "mcts" and settings.mcts.num_rollouts > 0 and cfg.search.rollout_policy and cfg.rollout_policy.enabled:
+                "critic_settings": critic_settings(cfg), "method": method, "settings": settings.to_dict(), "seed": cfg.seed}
+    if rolls_out_with_fast_policy(cfg, (method,), settings):
         from alphallm_jax.critics.fast_rollout import fast_policy_dir
 
         identity["rollout_policy"] = files_fingerprint(fast_policy_dir(cfg, workdir))
     check_run_identity(out, identity, resumable=())
     backend = make_backend(cfg, workdir, model, tokenizer, [p.prompt for p in problems], mesh=mesh,
-                           settings=settings)
+                           settings=settings, methods=(method,))
     if is_coordinator():
         atomic_write_json(out / "config.json", cfg.to_dict())
     start = time.time()

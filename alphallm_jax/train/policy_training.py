@@ -36,7 +36,15 @@ from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees, write_records
 from alphallm_jax.train.trainer import TrainConfig, Trainer
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
-from alphallm_jax.utils.io import PathLike, as_path, atomic_write_json, read_jsonl_tolerant_tail, rebase_paths
+from alphallm_jax.utils.io import (
+    PathLike,
+    as_path,
+    atomic_write_json,
+    files_fingerprint,
+    read_jsonl_tolerant_tail,
+    rebase_paths,
+)
+from alphallm_jax.utils.run_identity import check_run_identity
 
 log = logging.getLogger(__name__)
 DONE = "DONE"
@@ -238,16 +246,22 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose from {METHODS}")
     root = as_path(workdir)
+    if not cfg.model.checkpoint:
+        raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
+    if not pt.trees_dir:
+        raise ValueError("config key policy_train.trees_dir is empty: set it to the search's tree directory")
+    # A rerun resumes (or skips) only the run of this same starting policy, trees and settings; the
+    # paths are not compared, so a moved run still resumes.
+    check_run_identity(root, {"method": method, "init_policy": files_fingerprint(cfg.model.checkpoint),
+                              "trees": files_fingerprint(pt.trees_dir),
+                              "policy_train": {k: v for k, v in pt.to_dict().items() if k != "trees_dir"},
+                              "dtype": cfg.model.dtype})
     record_path = root / "train_policy.json"
     if broadcast_int(record_path.exists() and ((root / "policy" / DONE).exists()
                                                or bool(json.loads(record_path.read_text()).get("untrained")))):
         done = json.loads(record_path.read_text())
         written_under = done.pop("workdir", None)
         return {**rebase_paths(done, written_under, str(root)), "skipped": True}
-    if not cfg.model.checkpoint:
-        raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
-    if not pt.trees_dir:
-        raise ValueError("config key policy_train.trees_dir is empty: set it to the search's tree directory")
     trees = read_trees(pt.trees_dir)
     traces, pairs = extract_all(trees, ExtractionConfig.from_config(pt))
     if is_coordinator():
