@@ -247,6 +247,7 @@ def default_config() -> ml_collections.ConfigDict:
         instruction="",  # text before the exemplars; "{variation}" -> one of `variations` per prompt
         variations=("new numbers", "new names and objects", "a different asked quantity"),
         unconditional_prefix="Question:", prefix_sentences=1, renumber_prefix=True,
+        renumber_draw="d0",  # a prefix's new numbers: D0's own within [v/2, 2v] | uniform in that range
         temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=128, stop=("\n",),
         oversample=2.0, max_rounds=5, seed=0,
         seed_split="",  # D0; "" -> base.train_split (its first base.num_train problems)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
+import re
 
 import pytest
 
@@ -23,6 +25,7 @@ from alphallm_jax.synthesis.prompting import (
     question_text,
     renumber,
     split_counts,
+    stated_numbers,
 )
 from alphallm_jax.synthesis.question_lm import question_lm_examples
 from alphallm_jax.synthesis.synthesize import DROP_REASONS
@@ -160,6 +163,27 @@ def test_prefix_variation_keeps_the_opening_with_new_numbers():
     assert request.question_prefix.startswith("Tom has ") and request.question_prefix.endswith(" cupcakes for a party.")
     assert question_text(" He eats 2. How many are left?\n", "\n", request.question_prefix) == (
         request.question_prefix + " He eats 2. How many are left?")
+
+
+def test_renumber_draws_d0s_own_numbers_within_half_to_twice():
+    pool = stated_numbers([_problem("a", "Tom has 4 pens and 4 cups. The box holds 7 pens and 50 cups."),
+                           _problem("b", "Mia has 9 dogs. She walks 100 km.")])
+    assert pool == [4, 4, 7, 9, 50, 100]
+    rng = random.Random(0)
+    drawn = [int(renumber("Sam has 8 hats.", rng, pool).split()[2]) for _ in range(400)]
+    assert set(drawn) == {4, 7, 9}  # D0's numbers in [4, 16]; 50 and 100 are out of range
+    assert 0.3 < drawn.count(4) / len(drawn) < 0.7  # stated twice, drawn about half the time
+    # Nothing of the pool in range: uniform in [v/2, 2v], as with no pool.
+    wide = {int(renumber("Sam has 300 hats.", rng, pool).split()[2]) for _ in range(300)}
+    assert wide <= set(range(150, 601)) and len(wide) > 100
+    with pytest.raises(ValueError, match="renumber_draw"):
+        SynthesisSettings(renumber_draw="gaussian")
+    # plan_round hands the seeds' numbers to the prefix method.
+    seeds = [_problem(f"s{i}", "Tom has 6 apples. He buys 4 more apples. How many apples does Tom have now?")
+             for i in range(20)]
+    requests = plan_round(seeds, {"prefix": 20}, SynthesisSettings(method="prefix", prefix_sentences=2),
+                          round_index=0, seed_offset=0)
+    assert {int(n) for r in requests for n in re.findall(r"\d+", r.question_prefix)} <= {4, 6}
 
 
 def test_question_lm_examples_put_the_loss_on_the_question(tmp_path):

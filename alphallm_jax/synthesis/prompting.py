@@ -5,12 +5,16 @@
   then an open `Question:` for the policy to fill.
 * prefix: the seed's opening sentence(s), with new numbers, after `Question:`; the policy writes the rest
   (new events and a new asked quantity). The opening keeps a small model's question about one subject.
+  Each new number is drawn within half to twice the old one, among the numbers D0's questions state
+  (`renumber_draw="d0"`): uniform draws there put numbers the policy never learned to compute with into
+  half of the openings, and those prompts almost never yield a trace.
 * unconditional: only the question prefix, which a model trained on "Question: ...\\nAnswer:\\n..." text
   continues into a new question of its own.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import random
 import re
@@ -56,12 +60,22 @@ def fewshot_request(seed: Problem, exemplars: Sequence[Problem], settings: Synth
                             tuple(p.id for p in exemplars), variation if settings.instruction else "")
 
 
-def renumber(text: str, rng: random.Random) -> str:
-    """Every integer drawn anew between half and twice its value (at least 2), so the magnitudes stay
-    those of the task."""
+def stated_numbers(problems: Sequence[Problem]) -> list[int]:
+    """Every integer the questions state, with repeats, sorted: the pool `renumber` draws from."""
+    return sorted(int(m.group()) for p in problems for m in _INTEGER.finditer(p.question))
+
+
+def renumber(text: str, rng: random.Random, pool: Sequence[int] = ()) -> str:
+    """Every integer v drawn anew between half and twice its value (at least 2 and 3): from `pool`'s
+    numbers in that range, each as often as the pool holds it, so the magnitudes stay those of the task;
+    uniformly from the range when `pool` is empty or holds none of it."""
     def draw(match: re.Match) -> str:
         value = int(match.group())
-        return str(rng.randint(max(2, value // 2), max(3, 2 * value)))
+        low, high = max(2, value // 2), max(3, 2 * value)
+        start, stop = bisect.bisect_left(pool, low), bisect.bisect_right(pool, high)
+        if stop > start:
+            return str(pool[rng.randrange(start, stop)])
+        return str(rng.randint(low, high))
 
     return _INTEGER.sub(draw, text)
 
@@ -73,10 +87,12 @@ def opening(question: str, sentences: int) -> str:
     return " ".join(p.strip() for p in parts[:keep])
 
 
-def prefix_request(seed: Problem, settings: SynthesisSettings, rng: random.Random) -> CandidateRequest:
+def prefix_request(seed: Problem, settings: SynthesisSettings, rng: random.Random,
+                   d0_numbers: Sequence[int] = ()) -> CandidateRequest:
+    """`d0_numbers`: sorted, with repeats (`stated_numbers`), for `renumber_draw="d0"`."""
     start = opening(seed.question, settings.prefix_sentences)
     if settings.renumber_prefix:
-        start = renumber(start, rng)
+        start = renumber(start, rng, d0_numbers if settings.renumber_draw == "d0" else ())
     return CandidateRequest("prefix", QUESTION_PREFIX + start, (seed.id,), (),
                             "new numbers" if settings.renumber_prefix else "", start)
 
@@ -96,6 +112,7 @@ def plan_round(seeds: Sequence[Problem], counts: Mapping[str, int], settings: Sy
     order = list(range(len(seeds)))
     random.Random(f"alphallm-synthesis-seeds|{settings.seed}").shuffle(order)
     rng = random.Random(f"alphallm-synthesis-round|{settings.seed}|{round_index}")
+    d0_numbers = stated_numbers(seeds) if counts.get("prefix") else []
     requests: list[CandidateRequest] = []
     used = 0
     for _ in range(counts.get("fewshot", 0)):
@@ -115,7 +132,7 @@ def plan_round(seeds: Sequence[Problem], counts: Mapping[str, int], settings: Sy
     for _ in range(counts.get("prefix", 0)):
         seed_idx = order[(seed_offset + used) % len(order)]
         used += 1
-        requests.append(prefix_request(seeds[seed_idx], settings, rng))
+        requests.append(prefix_request(seeds[seed_idx], settings, rng, d0_numbers))
     requests += [CandidateRequest("unconditional", settings.unconditional_prefix)] * counts.get("unconditional", 0)
     return requests
 

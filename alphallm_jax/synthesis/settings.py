@@ -22,6 +22,9 @@ class DedupSettings:
     synthetic_threshold: float = 0.9  # against prompts kept earlier (this and previous iterations)
 
 
+RENUMBER_DRAWS = ("d0", "uniform")
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthesisSettings:
     # fewshot (variation of a D0 seed) | prefix (a seed's opening continued) | unconditional, or several
@@ -36,6 +39,9 @@ class SynthesisSettings:
     unconditional_prefix: str = "Question:"  # what a question-trained model continues into a new question
     prefix_sentences: int = 1  # prefix: the seed's opening sentences the policy continues
     renumber_prefix: bool = True  # prefix: the opening's numbers are drawn anew (the "new numbers" variation)
+    # How a number v is drawn anew, always within [v/2, 2v]: "d0", among the numbers D0's questions state,
+    # as often as they state them (the task's own magnitudes); "uniform", any integer in the range.
+    renumber_draw: str = "d0"
     temperature: float = 1.0
     top_p: float = 0.95
     top_k: int = 0
@@ -52,6 +58,8 @@ class SynthesisSettings:
             raise ValueError(f"synthesis.method={self.method!r}; choose from {METHODS} (or several, comma-joined)")
         if self.num_exemplars < 1:
             raise ValueError("synthesis.num_exemplars must be >= 1 (the seed question itself)")
+        if self.renumber_draw not in RENUMBER_DRAWS:
+            raise ValueError(f"synthesis.renumber_draw={self.renumber_draw!r}; choose from {RENUMBER_DRAWS}")
         if self.oversample < 1.0 or self.max_rounds < 1:
             raise ValueError("synthesis.oversample must be >= 1 and max_rounds >= 1")
 
