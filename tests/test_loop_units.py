@@ -183,7 +183,10 @@ def test_an_ordering_without_pairs_is_reported_untrained_not_a_failed_loop(tmp_p
     run = LoopRun(cfg=cfg, root=as_path(tmp_path), log=lambda s: None)
     (tmp_path / "iter_1" / "search" / "trees").mkdir(parents=True)
     write_tree(tmp_path / "iter_1" / "search" / "trees" / "p0.jsonl")
-    run.stage("iter_1/sft", lambda d: {"policy": str(tmp_path / "no_such_policy")})  # never loaded
+    never_loaded = tmp_path / "never_loaded"  # the run's identity reads its files; no pair loads it
+    never_loaded.mkdir()
+    (never_loaded / "model.safetensors").write_bytes(b"not a checkpoint")
+    run.stage("iter_1/sft", lambda d: {"policy": str(never_loaded)})
     table = _ablations(run)
     assert table["shuffle"]["epochs"] == [] and table["shuffle"]["train_pairs"] == 0
     assert table["shuffle"]["untrained"] == "no pairs for ordering 'shuffle' passed the thresholds"
