@@ -1,6 +1,7 @@
 """Which run a resumable folder's results belong to: `check_run_identity` records what they depend on
 (the models by content, the settings, the seed) in the folder's run.json and refuses to resume past
-results of another run. Used by evaluation workdirs, `alphallm search` and the SFT controls."""
+results of another run. Used by evaluation workdirs, `alphallm search`, `alphallm train-policy` and the SFT
+controls."""
 
 from __future__ import annotations
 
