@@ -221,6 +221,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.loop.sft_methods = ("greedy",)
     c.loop.cpl_methods = ("greedy", "mcts")
     c.loop.next_policy = "cpl"  # cpl | sft: the policy the next iteration starts from
+    # SFT's traces: "iteration" (the paper: this iteration's trees) | "accumulated" (every iteration's so
+    # far); its starting policy: "previous" (the paper: the policy this iteration searched with) | "base"
+    # (the base policy every iteration, as STaR and ReST-EM restart their fine-tuning).
+    c.loop.sft_traces = "iteration"
+    c.loop.sft_init = "previous"
     # Iteration 1's preference stage again with other orderings, from the same SFT policy and trees
     # (CPL vs PL-shuffle vs CO vs Q); empty: no ablations.
     c.loop.ablation_orderings = ()

@@ -11,9 +11,11 @@ from alphallm_jax.pipeline.loop import (
     _fast_rollout_policy,
     _iteration_cpl_run,
     _next_policy_stage,
+    _sft_plan,
     check_resumed_config,
     derived_config,
     same_weights,
+    sft_inputs,
 )
 from alphallm_jax.pipeline.loop_report import find_method, markdown, write_report
 from alphallm_jax.pipeline.sweep import loop_checkpoints
@@ -111,6 +113,24 @@ def test_next_policy_names_the_stage_the_next_iteration_starts_from():
     cfg.loop.next_policy = "dpo"
     with pytest.raises(ValueError, match="loop.next_policy.*'dpo'"):
         _next_policy_stage(cfg)
+
+
+def test_sft_plan_checks_the_traces_and_the_starting_policy(tmp_path):
+    cfg = default_config()
+    assert _sft_plan(cfg) == ("iteration", "previous")
+    cfg.loop.sft_traces, cfg.loop.sft_init = "accumulated", "base"
+    assert _sft_plan(cfg) == ("accumulated", "base")
+    run = LoopRun(cfg=cfg, root=as_path(tmp_path), log=lambda s: None)
+    assert sft_inputs(run, 3, "/pi_2", "/pi_0") == (
+        "/pi_0", ",".join(str(tmp_path / f"iter_{k}" / "search" / "trees") for k in (1, 2, 3)))
+    cfg.loop.sft_traces, cfg.loop.sft_init = "iteration", "previous"  # the paper's round
+    assert sft_inputs(run, 3, "/pi_2", "/pi_0") == ("/pi_2", str(tmp_path / "iter_3" / "search" / "trees"))
+    cfg.loop.sft_traces = "all"
+    with pytest.raises(ValueError, match="loop.sft_traces.*'all'"):
+        _sft_plan(cfg)
+    cfg.loop.sft_traces, cfg.loop.sft_init = "iteration", "pi_0"
+    with pytest.raises(ValueError, match="loop.sft_init.*'pi_0'"):
+        _sft_plan(cfg)
 
 
 def test_same_weights_compares_the_weight_files_bytes(tmp_path):

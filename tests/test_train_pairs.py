@@ -202,6 +202,18 @@ def test_directory_artifacts_and_selection(tmp_path):
     assert [t.problem.problem_id for t in trees] == ["a", "b"]
     traces, pairs = pairs_lib.extract_all(trees, ExtractionConfig())
     assert [t["problem_id"] for t in traces] == ["a", "b"]
+    # Several directories (the loop's accumulated SFT traces): every tree, in directory order.
+    (tmp_path / "more").mkdir()
+    write_tree(tmp_path / "more" / "c.jsonl", problem_id="c")
+    both_dirs = f"{tmp_path / 'more'}, {trees_dir}"
+    assert [t.problem.problem_id for t in pairs_lib.read_trees(both_dirs)] == ["c", "a", "b"]
+    write_tree(tmp_path / "more" / "a.jsonl", problem_id="a")
+    with pytest.raises(ValueError, match=r"tree a\.jsonl is in both .*more and .*trees"):
+        pairs_lib.read_trees(both_dirs)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        pairs_lib.read_trees(f"{trees_dir},{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="empty directory"):
+        pairs_lib.read_trees(f"{trees_dir},")
     assert pairs_lib.pair_counts(pairs) == {"stepwise": 6, "complete": 6, "q_pair": 4}
     pairs_lib.write_records(tmp_path / "pairs.jsonl", pairs)
     assert read_jsonl(tmp_path / "pairs.jsonl") == pairs

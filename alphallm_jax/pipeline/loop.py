@@ -32,7 +32,15 @@ from alphallm_jax.critics.calibration import auroc_text, metric_text
 from alphallm_jax.pipeline.loop_report import find_method, write_report
 from alphallm_jax.pipeline.paired import paired_comparison
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
-from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, json_changes, read_json, rebase_paths
+from alphallm_jax.utils.io import (
+    as_path,
+    atomic_write_json,
+    atomic_write_text,
+    json_changes,
+    key_in,
+    read_json,
+    rebase_paths,
+)
 
 DONE = "DONE"
 STAGE_RECORD = "stage.json"
@@ -138,8 +146,8 @@ def check_resumed_config(cfg, path) -> list[str]:
     path = as_path(path)
     if not path.exists():
         return []
-    old, new = read_json(path), cfg.to_dict()
-    fixed = json_changes(old, new, RESUMABLE_KEYS)
+    changes = json_changes(read_json(path), cfg.to_dict())
+    fixed = [c for c in changes if not key_in(c[0], RESUMABLE_KEYS)]
     if fixed:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in fixed[:12])
         more = f" (and {len(fixed) - 12} more)" if len(fixed) > 12 else ""
@@ -147,7 +155,7 @@ def check_resumed_config(cfg, path) -> list[str]:
                          f"differs in {listed}{more}. Finished stages are not recomputed, so resuming would mix "
                          f"two configs in one report: use a new --workdir, or set these keys back (a resumed run "
                          f"may change only {', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_KEYS)}).")
-    return [k for k, _, _ in json_changes(old, new)]
+    return [k for k, _, _ in changes]
 
 
 def run_loop(cfg, workdir) -> dict:
@@ -158,7 +166,8 @@ def run_loop(cfg, workdir) -> dict:
     run = LoopRun(cfg=cfg, root=as_path(workdir), mesh=mesh_from_config(cfg))
     run.root.mkdir(parents=True, exist_ok=True)
     check_resumed_config(cfg, run.root / "config.json")
-    _next_policy_stage(cfg)  # a bad value fails now, not after the first iteration's training
+    _next_policy_stage(cfg)  # bad values fail now, not after the first iteration's training
+    _sft_plan(cfg)
     if is_coordinator():
         atomic_write_json(run.root / "config.json", cfg.to_dict())
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}
@@ -173,8 +182,9 @@ def run_loop(cfg, workdir) -> dict:
         report["search_ablation"] = _search_ablation(run, policy_dir)
 
     report["iterations"] = []
+    base_policy = policy_dir
     for it in range(1, cfg.loop.iterations + 1):
-        record, policy_dir = _iteration(run, it, policy_dir)
+        record, policy_dir = _iteration(run, it, policy_dir, base_policy)
         report["iterations"].append(record)
 
     report["ablations"] = _ablations(run) if cfg.loop.ablation_orderings else {}
@@ -273,7 +283,25 @@ def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
     return {"problems": rows[0]["n"], "rungs": rows}
 
 
-def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
+def _sft_plan(cfg) -> tuple[str, str]:
+    """`loop.sft_traces` and `loop.sft_init`, checked."""
+    traces, init = cfg.loop.sft_traces, cfg.loop.sft_init
+    if traces not in ("iteration", "accumulated"):
+        raise ValueError(f"loop.sft_traces must be 'iteration' or 'accumulated', got {traces!r}")
+    if init not in ("previous", "base"):
+        raise ValueError(f"loop.sft_init must be 'previous' or 'base', got {init!r}")
+    return traces, init
+
+
+def sft_inputs(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tuple[str, str]:
+    """Iteration `it`'s SFT: its starting policy and its `policy_train.trees_dir` (`_sft_plan`)."""
+    traces, init = _sft_plan(run.cfg)
+    first = 1 if traces == "accumulated" else it
+    trees = ",".join(str(run.root / f"iter_{k}" / "search" / "trees") for k in range(first, it + 1))
+    return (base_policy if init == "base" else policy_dir), trees
+
+
+def _iteration(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tuple[dict, str]:
     cfg = run.cfg
     name = f"iter_{it}"
     it_root = run.root / name
@@ -315,12 +343,13 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
     srch = run.stage(f"{name}/search", search, lambda r: f"{r['num_problems']} trees, "
                                                           f"{r['mean_nodes']:.1f} nodes/question")
     trees_dir = str(it_root / "search" / "trees")
+    sft_start, sft_trees = sft_inputs(run, it, policy_dir, base_policy)
 
-    def train_policy(method: str, init_policy: str, **overrides):
+    def train_policy(method: str, init_policy: str, trees: str, **overrides):
         def fn(stage_dir):
             from alphallm_jax.train.policy_training import run_policy_training
 
-            c = derived_config(cfg, **{"model.checkpoint": init_policy, "policy_train.trees_dir": trees_dir,
+            c = derived_config(cfg, **{"model.checkpoint": init_policy, "policy_train.trees_dir": trees,
                                        **overrides})
             # Nothing may pass the critic's bar (a weak policy, a tiny budget): the policy then stays as it
             # was, and the record says why (`untrained`) rather than failing the loop.
@@ -330,9 +359,9 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
             return {k: rec[k] for k in keep if k in rec}
         return fn
 
-    sft = run.stage(f"{name}/sft", train_policy("sft", policy_dir),
+    sft = run.stage(f"{name}/sft", train_policy("sft", sft_start, sft_trees),
                     lambda r: f"{r['sft_traces']} traces of {r['num_trees']} trees, {r['steps']} steps")
-    cpl = run.stage(f"{name}/cpl", train_policy("dpo", sft["policy"], **{"policy_train.ordering": "cpl"}),
+    cpl = run.stage(f"{name}/cpl", train_policy("dpo", sft["policy"], trees_dir, **{"policy_train.ordering": "cpl"}),
                     lambda r: f"{r.get('train_pairs', 0)} pairs, {r['steps']} steps")
 
     def evaluate(stage_dir):
@@ -368,7 +397,7 @@ def _iteration(run: LoopRun, it: int, policy_dir: str) -> tuple[dict, str]:
     # Greedy, paired on the same problems: SFT against the policy it started from, CPL against SFT.
     from alphallm_jax.pipeline.evaluation import predictions_path
 
-    if it == 1:
+    if it == 1 or sft_start == base_policy:
         start = run.root / "base_eval"
     else:
         start = run.root / f"iter_{it - 1}" / "eval" / _next_policy_stage(cfg)

@@ -62,6 +62,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from etils import epath
+
 from alphallm_jax.search.answers import vote_share
 from alphallm_jax.search.tree import Node, Tree
 from alphallm_jax.utils.io import as_path, write_jsonl_atomic
@@ -110,13 +112,29 @@ class ExtractionConfig:
 
 
 # --------------------------------------------------------------------------------------- trees
+def tree_dirs(trees_dir: str | os.PathLike) -> list[epath.Path]:
+    """The tree directories a ``policy_train.trees_dir`` value names: one directory, or several joined
+    by commas (the loop's SFT on every iteration's trees so far, ``loop.sft_traces = "accumulated"``)."""
+    parts = [part.strip() for part in str(trees_dir).split(",")]
+    if not all(parts):
+        raise ValueError(f"policy_train.trees_dir={str(trees_dir)!r} names an empty directory")
+    return [as_path(part) for part in parts]
+
+
 def read_trees(trees_dir: str | os.PathLike) -> list[Tree]:
-    """Every ``*.jsonl`` tree under ``trees_dir`` (sorted by file name, so the order is fixed), read and
-    checked by the search's own reader (``Tree.load``)."""
-    root = as_path(trees_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"trees directory {root} does not exist")
-    return [Tree.load(p) for p in sorted(root.glob("*.jsonl"), key=lambda p: p.name)]
+    """Every ``*.jsonl`` tree under ``trees_dir`` (one directory or several, see ``tree_dirs``; sorted by
+    file name within each, so the order is fixed), read and checked by the search's own reader
+    (``Tree.load``). One problem's tree in two of the directories is an error: it would train twice."""
+    paths: dict[str, epath.Path] = {}
+    for root in tree_dirs(trees_dir):
+        if not root.is_dir():
+            raise FileNotFoundError(f"trees directory {root} does not exist")
+        for path in sorted(root.glob("*.jsonl"), key=lambda p: p.name):
+            if path.name in paths:
+                raise ValueError(f"tree {path.name} is in both {paths[path.name].parent} and {root}: "
+                                 f"policy_train.trees_dir must name directories of distinct problems")
+            paths[path.name] = path
+    return [Tree.load(p) for p in paths.values()]
 
 
 # ------------------------------------------------------------------------------------- scoring

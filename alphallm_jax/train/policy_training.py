@@ -33,7 +33,14 @@ from alphallm_jax.train.batching import SFTExample
 from alphallm_jax.train.cpl import ORDERINGS, EpochOrder, select_pairs
 from alphallm_jax.train.dpo import PreferenceExample, make_collate, make_dpo_loss, preference_length, with_reference
 from alphallm_jax.train.losses import make_sft_loss
-from alphallm_jax.train.pairs import ExtractionConfig, extract_all, pair_counts, read_trees, write_records
+from alphallm_jax.train.pairs import (
+    ExtractionConfig,
+    extract_all,
+    pair_counts,
+    read_trees,
+    tree_dirs,
+    write_records,
+)
 from alphallm_jax.train.trainer import TrainConfig, Trainer
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import (
@@ -252,8 +259,9 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         raise ValueError("config key policy_train.trees_dir is empty: set it to the search's tree directory")
     # A rerun resumes (or skips) only the run of this same starting policy, trees and settings; the
     # paths are not compared, so a moved run still resumes.
+    trees_fingerprint = [files_fingerprint(d) for d in tree_dirs(pt.trees_dir)]
     check_run_identity(root, {"method": method, "init_policy": files_fingerprint(cfg.model.checkpoint),
-                              "trees": files_fingerprint(pt.trees_dir),
+                              "trees": trees_fingerprint[0] if len(trees_fingerprint) == 1 else trees_fingerprint,
                               "policy_train": {k: v for k, v in pt.to_dict().items() if k != "trees_dir"},
                               "dtype": cfg.model.dtype})
     record_path = root / "train_policy.json"

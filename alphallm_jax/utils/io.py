@@ -361,7 +361,10 @@ def json_changes(old: Any, new: Any, resumable: Iterable[str] = ()) -> list[tupl
         return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
     a, b = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
-    free = tuple(resumable)
     return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(a.keys() | b.keys())
-            if a.get(k, "<absent>") != b.get(k, "<absent>")
-            and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in free)]
+            if a.get(k, "<absent>") != b.get(k, "<absent>") and not key_in(k, resumable)]
+
+
+def key_in(key: str, keys: Iterable[str]) -> bool:
+    """Whether dotted `key` is one of `keys`, or under one ending in "." (a subtree)."""
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in keys)
