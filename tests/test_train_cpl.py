@@ -210,6 +210,13 @@ def test_run_policy_training_command(tmp_path):
     # A moved run still skips; another starting policy or other trees are refused, not skipped.
     shutil.copytree(tmp_path / "run", tmp_path / "moved")
     assert policy_training.run_policy_training(cfg, tmp_path / "moved", "dpo")["skipped"]
+    # A key only SFT reads is no part of a DPO run's identity; one DPO reads is.
+    cfg.policy_train.sft.learning_rate, cfg.policy_train.orm_threshold = 0.5, 0.9
+    assert policy_training.run_policy_training(cfg, tmp_path / "moved", "dpo")["skipped"]
+    cfg.policy_train.beta = 0.3
+    with pytest.raises(ValueError, match="beta"):
+        policy_training.run_policy_training(cfg, tmp_path / "moved", "dpo")
+    cfg.policy_train.beta = 0.1
     save_hf_checkpoint(create_model(model_cfg, seed=1), model_cfg, tmp_path / "other", tokenizer=tok)
     cfg.model.checkpoint = str(tmp_path / "other")
     with pytest.raises(ValueError, match="init_policy"):

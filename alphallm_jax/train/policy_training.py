@@ -235,6 +235,17 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
             "epoch_policies": epoch_policies, "wall_seconds": time.time() - start}
 
 
+# The `policy_train` keys only the other method reads: a run's identity leaves them out, so changing
+# DPO's rate neither refuses nor retrains a finished SFT run (and the SFT keys likewise for DPO).
+OTHER_METHOD_KEYS = {
+    "sft": ("dpo", "tau", "complete_value_field", "completion", "step_reward_field", "min_visits",
+            "max_pairs_per_prompt", "q_pairs_min_gap", "dpo_dev_fraction", "ordering", "alpha", "beta",
+            "label_smoothing", "preference_loss", "dpo_nll_weight", "logp_batch_size", "save_epoch_policies"),
+    "dpo": ("sft", "orm_threshold", "sft_selection", "min_vote_share", "sft_traces_per_prompt",
+            "sft_dev_fraction"),
+}
+
+
 def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
                         mesh: jax.sharding.Mesh | None = None, allow_untrained: bool = False) -> dict[str, Any]:
     """``alphallm train-policy``: the policy from ``cfg.model.checkpoint``, the trees from
@@ -262,7 +273,8 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
     trees_fingerprint = [files_fingerprint(d) for d in tree_dirs(pt.trees_dir)]
     check_run_identity(root, {"method": method, "init_policy": files_fingerprint(cfg.model.checkpoint),
                               "trees": trees_fingerprint[0] if len(trees_fingerprint) == 1 else trees_fingerprint,
-                              "policy_train": {k: v for k, v in pt.to_dict().items() if k != "trees_dir"},
+                              "policy_train": {k: v for k, v in pt.to_dict().items()
+                                               if k != "trees_dir" and k not in OTHER_METHOD_KEYS[method]},
                               "dtype": cfg.model.dtype})
     record_path = root / "train_policy.json"
     if broadcast_int(record_path.exists() and ((root / "policy" / DONE).exists()
