@@ -261,7 +261,7 @@ def default_config() -> ml_collections.ConfigDict:
         form=ml_collections.ConfigDict(dict(  # alphallm_jax.synthesis.form.FormRules
             min_chars=20, max_chars=600, min_words=5, banned=("####", "<<", "Answer:", "Question:", "\\boxed"),
             require_question_mark=True, max_questions=1, require_number=True, max_repeats=2, require_grounded=True,
-            max_unknown_words=1.0)),
+            max_unknown_words=1.0, max_number_quantile=1.0)),
         dedup=ml_collections.ConfigDict(dict(  # character-shingle Jaccard at or above which a prompt is dropped
             shingle_size=5, num_perm=128, test_threshold=0.85, d0_threshold=0.9, synthetic_threshold=0.9)),
     ))

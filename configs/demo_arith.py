@@ -108,6 +108,10 @@ def get_config(variant: str | None = None):
     c.synthesis.update(dict(method="prefix,unconditional", num_prompts=64, prefix_sentences=2, temperature=0.7,
                             top_p=1.0, max_new_tokens=96, oversample=4.0, max_rounds=4))
     c.synthesis.form.update(dict(banned=("####", "<<", "=", "Answer:", "Question:"), max_unknown_words=0.0))
+    # No number above D0's 0.97-quantile (10): of 2,000 imagined prompts searched by the base, those whose
+    # numbers stay within 10 gave an SFT trace 45.4% of the time (743 of 1,637), those stating a larger
+    # one 4.7% (17 of 363) at the same search cost.
+    c.synthesis.form.max_number_quantile = 0.97
     # Self-improvement rounds on the tiny policy. Adam moves every parameter by about the learning rate per
     # step whatever the gradient's size, so on a handful of traces 1e-3 (a third of the base rate) wrecked
     # the policy (greedy 34.7% -> 26.0% after 3 SFT steps); the rates sit ~30x below the base's peak, as

@@ -78,6 +78,21 @@ def test_form_unknown_words_and_real_questions():
     assert sum(form_problem(q, FormRules()) is not None for q in questions) <= 3
 
 
+def test_form_large_numbers_against_d0s_quantile():
+    from alphallm_jax.synthesis.form import number_limit
+
+    d0_numbers = [2] * 50 + [5] * 30 + [10] * 17 + [40, 60, 75]  # 97% of D0's numbers are at most 10
+    rules = FormRules(max_number_quantile=0.97)
+    assert number_limit(d0_numbers, rules) == 40 and number_limit(d0_numbers, FormRules(max_number_quantile=0.9)) == 10
+    assert number_limit(d0_numbers, FormRules()) is None and number_limit([], rules) is None
+    limit = number_limit(d0_numbers, FormRules(max_number_quantile=0.9))
+    q = "Sam has {} cats. He gets 2 more cats. How many cats does Sam have now?"
+    assert form_problem(q.format(10), rules, max_number=limit) is None
+    assert form_problem(q.format(11), rules, max_number=limit) == "large_number"
+    assert form_problem(q.format("1.5"), rules, max_number=limit) is None  # a decimal's digits are no number
+    assert form_problem(q.format(11), rules) is None  # no limit given
+
+
 def test_form_truncated_and_math_rules():
     assert form_problem("Sam has 3 cats. How many cats does Sam have now?", FormRules(), truncated=True) == "truncated"
     math_rules = FormRules(require_question_mark=False, require_number=False)

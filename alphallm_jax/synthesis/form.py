@@ -13,7 +13,7 @@ from typing import Any
 
 # Rejection reasons, in the order they are checked (the counts record keeps this order).
 REASONS = ("truncated", "too_short", "too_long", "answer_leak", "degenerate", "no_question", "several_questions",
-           "no_number", "ungrounded", "unknown_words")
+           "no_number", "ungrounded", "unknown_words", "large_number")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[A-Za-z]+")
@@ -30,6 +30,7 @@ _INTERROGATIVE = re.compile(rf"\b(?:how|what|which|who|whom|whose|when|where|why
 _STARTS_WITH_AUXILIARY = re.compile(rf"^{_AUXILIARY}\b", re.IGNORECASE)
 _ASKED_QUANTITY = re.compile(r"\bhow many ([a-z]+)(?: ([a-z]+))?(?: ([a-z]+))?", re.IGNORECASE)
 _NAME = re.compile(r"(?<!^)(?<![.!?] )\b[A-Z][a-z]+\b")
+INTEGER = re.compile(r"(?<![\d.,])\d+(?![\d.,]\d)")  # a whole number, not part of a decimal or 1,000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,10 @@ class FormRules:
     # The largest fraction of words never seen in D0 (1.0: no check). A small model trained from scratch
     # misspells words; a pretrained LLM legitimately brings new names and objects.
     max_unknown_words: float = 1.0
+    # A question stating a number above this quantile of the numbers D0's questions state is outside the
+    # task's range (1.0: no check). The demo's policy answers 45% of its imagined questions whose numbers
+    # stay within 10 (D0's 0.97-quantile) and 5% of those with a larger one, which cost as much to search.
+    max_number_quantile: float = 1.0
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | Any) -> FormRules:
@@ -97,12 +102,22 @@ def vocabulary(texts) -> frozenset[str]:
     return frozenset(w.lower() for t in texts for w in _WORD.findall(t))
 
 
+def number_limit(numbers: Sequence[int], rules: FormRules) -> int | None:
+    """The largest number a question may state (`rules.max_number_quantile` of D0's stated `numbers`,
+    `prompting.stated_numbers`), or None: no limit."""
+    if rules.max_number_quantile >= 1.0 or not numbers:
+        return None
+    ordered = sorted(numbers)
+    return ordered[min(len(ordered) - 1, int(rules.max_number_quantile * len(ordered)))]
+
+
 def form_problem(text: str, rules: FormRules, *, truncated: bool = False,
-                 known_words: frozenset[str] = frozenset()) -> str | None:
+                 known_words: frozenset[str] = frozenset(), max_number: int | None = None) -> str | None:
     """The first rule `text` breaks (a name in REASONS), or None when it is a well-formed question.
 
     `truncated`: the sampler stopped at its token cap, so the question may be cut off mid-sentence.
     `known_words`: D0's vocabulary (`vocabulary`), for `rules.max_unknown_words`.
+    `max_number`: the largest number it may state (`number_limit`), or None.
     """
     if truncated:
         return "truncated"
@@ -133,4 +148,6 @@ def form_problem(text: str, rules: FormRules, *, truncated: bool = False,
         unknown = sum(w.lower() not in known_words for w in words)
         if unknown > rules.max_unknown_words * len(words):
             return "unknown_words"
+    if max_number is not None and any(int(m.group()) > max_number for m in INTEGER.finditer(text)):
+        return "large_number"
     return None

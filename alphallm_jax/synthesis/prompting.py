@@ -22,12 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import ANSWER_PREFIX, QUESTION_PREFIX, format_solution
+from alphallm_jax.synthesis.form import INTEGER
 from alphallm_jax.synthesis.settings import SynthesisSettings
 
 BLOCK_SEPARATOR = "\n\n"
 SEEDED_METHODS = ("fewshot", "prefix")  # the methods that vary a D0 seed question
 _SENTENCE = re.compile(r".+?[.!?](?=\s|$)", re.DOTALL)
-_INTEGER = re.compile(r"(?<![\d.,])\d+(?![\d.,]\d)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def fewshot_request(seed: Problem, exemplars: Sequence[Problem], settings: Synth
 
 def stated_numbers(problems: Sequence[Problem]) -> list[int]:
     """Every integer the questions state, with repeats, sorted: the pool `renumber` draws from."""
-    return sorted(int(m.group()) for p in problems for m in _INTEGER.finditer(p.question))
+    return sorted(int(m.group()) for p in problems for m in INTEGER.finditer(p.question))
 
 
 def renumber(text: str, rng: random.Random, pool: Sequence[int] = ()) -> str:
@@ -77,7 +77,7 @@ def renumber(text: str, rng: random.Random, pool: Sequence[int] = ()) -> str:
             return str(pool[rng.randrange(start, stop)])
         return str(rng.randint(low, high))
 
-    return _INTEGER.sub(draw, text)
+    return INTEGER.sub(draw, text)
 
 
 def opening(question: str, sentences: int) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from alphallm_jax.data.problems import Problem
-from alphallm_jax.synthesis.form import REASONS, form_problem, vocabulary
+from alphallm_jax.synthesis.form import REASONS, form_problem, number_limit, vocabulary
 from alphallm_jax.synthesis.near_duplicates import NearDuplicateIndex
 from alphallm_jax.synthesis.prompting import (
     SEEDED_METHODS,
@@ -40,6 +40,7 @@ from alphallm_jax.synthesis.prompting import (
     plan_round,
     question_text,
     split_counts,
+    stated_numbers,
 )
 from alphallm_jax.synthesis.settings import SynthesisSettings
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
@@ -79,6 +80,7 @@ class _Filters:
         kw = dict(shingle_size=d.shingle_size, num_perm=d.num_perm, seed=settings.seed)
         self.settings = settings
         self.known_words = vocabulary(p.question for p in seeds)
+        self.max_number = number_limit(stated_numbers(seeds), settings.form)
         self.test = NearDuplicateIndex(d.test_threshold, **kw)
         for split, problems in test_questions.items():
             self.test.add_many((f"{split}|{p.id}", p.question) for p in problems)
@@ -95,7 +97,7 @@ class _Filters:
     def _reason(self, cand: dict[str, Any]) -> tuple[str | None, str | None]:
         question = cand["question"]
         reason = form_problem(question, self.settings.form, truncated=cand["finish_reason"] == "length",
-                              known_words=self.known_words)
+                              known_words=self.known_words, max_number=self.max_number)
         if reason:
             return reason, None
         for name, index in (("test_overlap", self.test), ("near_duplicate_d0", self.d0),
