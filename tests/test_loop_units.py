@@ -97,8 +97,8 @@ def test_a_resumed_run_may_extend_the_loop_but_not_change_what_finished_stages_c
     assert check_resumed_config(cfg, path) == []  # a new workdir
     path.write_text(json.dumps(cfg.to_dict()))
     assert check_resumed_config(cfg, path) == []
-    longer = derived_config(cfg, **{"loop.iterations": 4, "mesh.data": 2})
-    assert check_resumed_config(longer, path) == ["loop.iterations", "mesh.data"]
+    longer = derived_config(cfg, **{"loop.iterations": 4, "mesh.data": 2, "loop.ablation_seeds": 1})
+    assert check_resumed_config(longer, path) == ["loop.ablation_seeds", "loop.iterations", "mesh.data"]
     changed = derived_config(cfg, **{"search.mcts.c_uct": 0.3, "eval.methods": ("greedy",), "loop.iterations": 3})
     with pytest.raises(ValueError, match=r"differs in eval\.methods: \['greedy', 'maj@16'\] -> \['greedy'\]; "
                                          r"search\.mcts\.c_uct: .* -> 0\.3\. .*use a new --workdir"):

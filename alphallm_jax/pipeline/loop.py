@@ -137,7 +137,9 @@ def _fmt(results: dict) -> str:
 
 # What a resumed run may change: how far the loop goes and where it runs, never what a finished stage
 # computed (finished stages are not recomputed, so any other change would mix two configs in one report).
-RESUMABLE_KEYS = ("loop.iterations", "mesh.")
+# The ordering ablations are the last stages, each run keyed by its ordering and seed from the same SFT
+# policy and trees: a rerun may add or leave out some without changing the others.
+RESUMABLE_KEYS = ("loop.iterations", "loop.ablation_orderings", "loop.ablation_seeds", "mesh.")
 
 
 def check_resumed_config(cfg, path) -> list[str]:
