@@ -105,6 +105,19 @@ def test_a_resumed_run_may_extend_the_loop_but_not_change_what_finished_stages_c
         check_resumed_config(changed, path)
 
 
+def test_a_resumed_run_accepts_keys_newer_than_it_only_at_their_defaults(tmp_path):
+    # A workdir started by older code lacks the keys added since; at their defaults they keep the old
+    # behaviour, so resuming is safe, while any other value would change what the remaining stages do.
+    path = tmp_path / "config.json"
+    cfg = default_config()
+    old = cfg.to_dict()
+    del old["synthesis"]["form"]["max_number_quantile"], old["loop"]["sft_init"]
+    path.write_text(json.dumps(old))
+    assert check_resumed_config(cfg, path) == ["loop.sft_init", "synthesis.form.max_number_quantile"]
+    with pytest.raises(ValueError, match=r"differs in synthesis\.form\.max_number_quantile: '<absent>' -> 0\.97\."):
+        check_resumed_config(derived_config(cfg, **{"synthesis.form.max_number_quantile": 0.97}), path)
+
+
 def test_next_policy_names_the_stage_the_next_iteration_starts_from():
     cfg = default_config()
     assert _next_policy_stage(cfg) == "cpl"

@@ -33,6 +33,7 @@ from alphallm_jax.pipeline.loop_report import find_method, write_report
 from alphallm_jax.pipeline.paired import paired_comparison
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import (
+    ABSENT,
     as_path,
     atomic_write_json,
     atomic_write_text,
@@ -144,12 +145,18 @@ RESUMABLE_KEYS = ("loop.iterations", "loop.ablation_orderings", "loop.ablation_s
 
 def check_resumed_config(cfg, path) -> list[str]:
     """The dotted keys where `cfg` differs from the config a run in this workdir started with (`path`,
-    its config.json); raises a ValueError naming them unless every one is in `RESUMABLE_KEYS`."""
+    its config.json); raises a ValueError naming them unless every one is in `RESUMABLE_KEYS` or is a
+    key newer than that run left at its default (a new key's default keeps the code's old behaviour, so
+    the finished stages computed what it says)."""
+    from alphallm_jax.config import default_config
+
     path = as_path(path)
     if not path.exists():
         return []
     changes = json_changes(read_json(path), cfg.to_dict())
-    fixed = [c for c in changes if not key_in(c[0], RESUMABLE_KEYS)]
+    off_default = {k for k, _, _ in json_changes(default_config().to_dict(), cfg.to_dict())}
+    fixed = [c for c in changes if not key_in(c[0], RESUMABLE_KEYS)
+             and not (c[1] == ABSENT and c[0] not in off_default)]
     if fixed:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in fixed[:12])
         more = f" (and {len(fixed) - 12} more)" if len(fixed) > 12 else ""

@@ -351,6 +351,9 @@ def files_fingerprint(directory: PathLike, *, block_bytes: int = 1 << 16, blocks
     return digest.hexdigest()
 
 
+ABSENT = "<absent>"  # json_changes' value for a leaf one record lacks
+
+
 def json_changes(old: Any, new: Any, resumable: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
     """(dotted key, old value, new value) for every leaf where two JSON records differ ("<absent>" for a
     missing leaf), sorted, leaving out the keys in `resumable` (a key ending in "." covers its subtree).
@@ -361,8 +364,8 @@ def json_changes(old: Any, new: Any, resumable: Iterable[str] = ()) -> list[tupl
         return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
     a, b = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
-    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(a.keys() | b.keys())
-            if a.get(k, "<absent>") != b.get(k, "<absent>") and not key_in(k, resumable)]
+    return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(a.keys() | b.keys())
+            if a.get(k, ABSENT) != b.get(k, ABSENT) and not key_in(k, resumable)]
 
 
 def key_in(key: str, keys: Iterable[str]) -> bool:

@@ -9,7 +9,7 @@ import json
 from collections.abc import Sequence
 
 from alphallm_jax.utils.distributed import barrier, is_coordinator
-from alphallm_jax.utils.io import as_path, atomic_write_json, json_changes, read_json
+from alphallm_jax.utils.io import ABSENT, as_path, atomic_write_json, json_changes, read_json
 
 RUN_RECORD = "run.json"
 
@@ -28,7 +28,7 @@ def check_run_identity(folder, identity: dict, resumable: Sequence[str] = ()) ->
         atomic_write_json(path, identity)
     barrier(f"{folder.name}:identity")
     recorded = read_json(path)
-    changed = [(k, a, b) for k, a, b in json_changes(recorded, identity, resumable) if "<absent>" not in (a, b)]
+    changed = [(k, a, b) for k, a, b in json_changes(recorded, identity, resumable) if ABSENT not in (a, b)]
     if changed:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
