@@ -49,6 +49,31 @@ def load_config(spec: str):
     return module.get_config(variant or None)
 
 
+def apply_overrides(cfg, overrides) -> None:
+    """``--set KEY=VALUE`` items onto ``cfg``: VALUE read as a Python literal (number, tuple, bool,
+    quoted string; ast.literal_eval, never eval) or else kept as a plain string; an unknown KEY fails
+    with the keys valid at its level."""
+    import ast
+
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set eval.temperature=1.0")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = cfg
+        for depth, name in enumerate(parents + [leaf]):
+            if name not in node:
+                level = ".".join(parents[:depth]) or "the config"
+                raise KeyError(f"--set {item!r}: no key {name!r} under {level}; valid keys: {sorted(node.keys())}")
+            if depth < len(parents):
+                node = node[name]
+        node[leaf] = value
+
+
 def parse_arm(text: str) -> tuple[str, int, float]:
     parts = text.split(":")
     if parts[0] == "none" and len(parts) == 1:
@@ -205,6 +230,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--temperature", type=float, default=None, help="self arms; default: eval.temperature")
     parser.add_argument("--fresh_eval", type=int, default=0,
                         help="also greedy on this many held-out fresh problems (OUT/fresh_eval.jsonl)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override (repeatable), e.g. --set eval.max_new_tokens=192")
     parser.add_argument("--optimizer_from", default=None,
                         help="a trainer workdir (e.g. RUN/base/train) whose last optimizer state starts every arm")
     args = parser.parse_args(argv)
@@ -213,6 +240,7 @@ def main(argv=None) -> list[dict]:
     arms = list(args.arm)
     parsed = [parse_arm(a) for a in arms]  # every arm's spelling checked before any training
     cfg = load_config(args.config)
+    apply_overrides(cfg, args.set)
     if cfg.task != "arith":
         raise ValueError(f"--config {args.config}: task {cfg.task!r}; these controls generate arith problems")
     if not Path(args.policy).is_dir():

@@ -55,6 +55,20 @@ def test_arms_are_spelled_and_fresh_problems_are_new_and_prefix_stable():
     assert [p.question for p in held] == [p.question for p in sft_controls.held_out_problems(cfg, 40, long)]
 
 
+def test_config_overrides_are_literals_on_known_keys():
+    cfg = load_config("demo_arith")
+    sft_controls.apply_overrides(cfg, ["eval.temperature=1.0", "eval.stop=('\\n',)", "policy_train.ordering=shuffle",
+                                       "policy_train.sft.epochs=5"])
+    assert (cfg.eval.temperature, tuple(cfg.eval.stop), cfg.policy_train.ordering) == (1.0, ("\n",), "shuffle")
+    assert cfg.policy_train.sft.epochs == 5
+    with pytest.raises(KeyError, match=r"no key 'temprature' under eval; valid keys: \[.*'temperature'"):
+        sft_controls.apply_overrides(cfg, ["eval.temprature=1.0"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        sft_controls.apply_overrides(cfg, ["eval.temperature"])
+    with pytest.raises(KeyError, match=r'no key "__import__\(.* under the config'):
+        sft_controls.apply_overrides(cfg, ["__import__('os').system('x')=1"])
+
+
 @pytest.mark.slow
 def test_controls_run_end_to_end_on_a_tiny_model_and_resume(tmp_path):
     require_shared_data()
