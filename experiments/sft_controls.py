@@ -66,6 +66,8 @@ def apply_overrides(cfg, overrides) -> None:
         *parents, leaf = key.split(".")
         node = cfg
         for depth, name in enumerate(parents + [leaf]):
+            if not hasattr(node, "keys"):
+                raise KeyError(f"--set {item!r}: {'.'.join(parents[:depth])} is a value, not a section")
             if name not in node:
                 level = ".".join(parents[:depth]) or "the config"
                 raise KeyError(f"--set {item!r}: no key {name!r} under {level}; valid keys: {sorted(node.keys())}")

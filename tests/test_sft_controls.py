@@ -63,6 +63,8 @@ def test_config_overrides_are_literals_on_known_keys():
     assert cfg.policy_train.sft.epochs == 5
     with pytest.raises(KeyError, match=r"no key 'temprature' under eval; valid keys: \[.*'temperature'"):
         sft_controls.apply_overrides(cfg, ["eval.temprature=1.0"])
+    with pytest.raises(KeyError, match="eval.temperature is a value, not a section"):
+        sft_controls.apply_overrides(cfg, ["eval.temperature.x=1"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         sft_controls.apply_overrides(cfg, ["eval.temperature"])
     with pytest.raises(KeyError, match=r'no key "__import__\(.* under the config'):
