@@ -49,31 +49,28 @@ def load_config(spec: str):
     return module.get_config(variant or None)
 
 
-def apply_overrides(cfg, overrides) -> None:
-    """``--set KEY=VALUE`` items onto ``cfg``: VALUE read as a Python literal (number, tuple, bool,
-    quoted string; ast.literal_eval, never eval) or else kept as a plain string; an unknown KEY fails
-    with the keys valid at its level."""
+def apply_overrides(cfg, overrides):
+    """A copy of ``cfg`` with the ``--set KEY=VALUE`` items: VALUE read as a Python literal (number, tuple,
+    bool, quoted string; ast.literal_eval, never eval) or else kept as a plain string; the keys go through
+    the loop's ``derived_config``, so an unknown one fails naming the valid keys where it was looked up."""
     import ast
 
+    from alphallm_jax.pipeline.loop import config_section, derived_config
+
+    values = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set eval.temperature=1.0")
         try:
-            value = ast.literal_eval(text)
+            config_section(cfg, key)
+        except KeyError as e:
+            raise KeyError(f"--set {item!r}: {e.args[0]}") from None
+        try:
+            values[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text
-        *parents, leaf = key.split(".")
-        node = cfg
-        for depth, name in enumerate(parents + [leaf]):
-            if not hasattr(node, "keys"):
-                raise KeyError(f"--set {item!r}: {'.'.join(parents[:depth])} is a value, not a section")
-            if name not in node:
-                level = ".".join(parents[:depth]) or "the config"
-                raise KeyError(f"--set {item!r}: no key {name!r} under {level}; valid keys: {sorted(node.keys())}")
-            if depth < len(parents):
-                node = node[name]
-        node[leaf] = value
+            values[key] = text
+    return derived_config(cfg, **values)
 
 
 def parse_arm(text: str) -> tuple[str, int, float]:
@@ -242,7 +239,7 @@ def main(argv=None) -> list[dict]:
     arms = list(args.arm)
     parsed = [parse_arm(a) for a in arms]  # every arm's spelling checked before any training
     cfg = load_config(args.config)
-    apply_overrides(cfg, args.set)
+    cfg = apply_overrides(cfg, args.set)
     if cfg.task != "arith":
         raise ValueError(f"--config {args.config}: task {cfg.task!r}; these controls generate arith problems")
     if not Path(args.policy).is_dir():

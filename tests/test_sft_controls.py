@@ -56,18 +56,17 @@ def test_arms_are_spelled_and_fresh_problems_are_new_and_prefix_stable():
 
 
 def test_config_overrides_are_literals_on_known_keys():
-    cfg = load_config("demo_arith")
-    sft_controls.apply_overrides(cfg, ["eval.temperature=1.0", "eval.stop=('\\n',)", "policy_train.ordering=shuffle",
-                                       "policy_train.sft.epochs=5"])
+    cfg = sft_controls.apply_overrides(load_config("demo_arith"), [
+        "eval.temperature=1.0", "eval.stop=('\\n',)", "policy_train.ordering=shuffle", "policy_train.sft.epochs=5"])
     assert (cfg.eval.temperature, tuple(cfg.eval.stop), cfg.policy_train.ordering) == (1.0, ("\n",), "shuffle")
     assert cfg.policy_train.sft.epochs == 5
-    with pytest.raises(KeyError, match=r"no key 'temprature' under eval; valid keys: \[.*'temperature'"):
+    with pytest.raises(KeyError, match=r"no key 'eval.temprature'; valid keys of config.eval: .*temperature"):
         sft_controls.apply_overrides(cfg, ["eval.temprature=1.0"])
-    with pytest.raises(KeyError, match="eval.temperature is a value, not a section"):
+    with pytest.raises(KeyError, match="no key 'eval.temperature.x'"):
         sft_controls.apply_overrides(cfg, ["eval.temperature.x=1"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         sft_controls.apply_overrides(cfg, ["eval.temperature"])
-    with pytest.raises(KeyError, match=r'no key "__import__\(.* under the config'):
+    with pytest.raises(KeyError, match=r"no key .__import__\(.*valid keys of config: "):
         sft_controls.apply_overrides(cfg, ["__import__('os').system('x')=1"])
 
 
