@@ -214,6 +214,16 @@ def test_directory_artifacts_and_selection(tmp_path):
         pairs_lib.read_trees(f"{trees_dir},{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="empty directory"):
         pairs_lib.read_trees(f"{trees_dir},")
+    # A comma in a directory's own name (a workdir called "run,2") is part of that name.
+    comma_dirs = [tmp_path / "run,2" / "trees", tmp_path / "run,2" / "more,trees"]
+    for i, d in enumerate(comma_dirs):
+        d.mkdir(parents=True)
+        write_tree(d / f"x{i}.jsonl", problem_id=f"x{i}")
+    assert pairs_lib.tree_dirs(comma_dirs[0]) == [comma_dirs[0]]
+    assert pairs_lib.tree_dirs(f"{comma_dirs[0]},{comma_dirs[1]}") == comma_dirs
+    assert [t.problem.problem_id for t in pairs_lib.read_trees(f"{comma_dirs[1]},{comma_dirs[0]}")] == ["x1", "x0"]
+    with pytest.raises(FileNotFoundError, match=r"directory \S*run,2/gone does not exist"):
+        pairs_lib.read_trees(f"{comma_dirs[0]},{tmp_path / 'run,2' / 'gone'}")
     assert pairs_lib.pair_counts(pairs) == {"stepwise": 6, "complete": 6, "q_pair": 4}
     pairs_lib.write_records(tmp_path / "pairs.jsonl", pairs)
     assert read_jsonl(tmp_path / "pairs.jsonl") == pairs

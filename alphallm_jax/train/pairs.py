@@ -114,11 +114,24 @@ class ExtractionConfig:
 # --------------------------------------------------------------------------------------- trees
 def tree_dirs(trees_dir: str | os.PathLike) -> list[epath.Path]:
     """The tree directories a ``policy_train.trees_dir`` value names: one directory, or several joined
-    by commas (the loop's SFT on every iteration's trees so far, ``loop.sft_traces = "accumulated"``)."""
-    parts = [part.strip() for part in str(trees_dir).split(",")]
-    if not all(parts):
-        raise ValueError(f"policy_train.trees_dir={str(trees_dir)!r} names an empty directory")
-    return [as_path(part) for part in parts]
+    by commas (the loop's SFT on every iteration's trees so far, ``loop.sft_traces = "accumulated"``).
+    A comma inside a directory's own name is read as part of it: the value is split into existing
+    directories, the longest names first; where no such split exists it fails, naming what is left after
+    the longest split that does."""
+    text = str(trees_dir)
+    parts = text.split(",")
+    splits: dict[int, list[str]] = {0: []}  # parts[:i] read as existing directories, for each reachable i
+    for i in (i for i in range(len(parts)) if i in splits):
+        for j in range(len(parts), i, -1):
+            name = ",".join(parts[i:j]).strip()
+            if j not in splits and name and as_path(name).is_dir():
+                splits[j] = [*splits[i], name]
+    if len(parts) in splits:
+        return [as_path(name) for name in splits[len(parts)]]
+    if not all(part.strip() for part in parts):
+        raise ValueError(f"policy_train.trees_dir={text!r} names an empty directory")
+    rest = ",".join(parts[max(splits):]).strip()
+    raise FileNotFoundError(f"trees directory {rest} does not exist (policy_train.trees_dir={text!r})")
 
 
 def read_trees(trees_dir: str | os.PathLike) -> list[Tree]:
