@@ -8,7 +8,6 @@ by absl, configs by ml-collections `config_flags` (`--config=configs/x.py[:varia
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -110,16 +109,13 @@ def _config_for_message(args: list[str]):
     """The config that `--config` (or the demo default) names, loaded again for an error message; None
     when it cannot be."""
     from alphallm_jax.commands import DEMO_CONFIG
+    from alphallm_jax.config import load_config_file
 
     spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
     if spec is None and "--config" in args[:-1]:
         spec = args[args.index("--config") + 1]
-    path, _, variant = (spec or DEMO_CONFIG).partition(":")
     try:
-        module_spec = importlib.util.spec_from_file_location("alphallm_config_for_message", path)
-        config_module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(config_module)
-        return config_module.get_config(variant) if variant else config_module.get_config()
+        return load_config_file(spec or DEMO_CONFIG, check_keys=False)
     except Exception:  # the message goes out without the key list
         return None
 

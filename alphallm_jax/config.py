@@ -307,6 +307,31 @@ def unknown_config_keys(cfg, schema=None, prefix: str = "config") -> list[str]:
     return problems
 
 
+def load_config_file(spec: str, *, check_keys: bool = True) -> ml_collections.ConfigDict:
+    """The config `--config=PATH[:VARIANT]` names, loaded as the CLI loads it: PATH's
+    `get_config(VARIANT)`, or `get_config()` without a variant. With `check_keys`, a key the schema
+    lacks raises a ValueError naming the file and the valid keys (`unknown_config_keys`)."""
+    import importlib.util
+    import os
+
+    path, _, variant = str(spec).partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"alphallm_config_{os.path.basename(path)[:-3]}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"config file {path} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} defines no get_config()")
+    cfg = module.get_config(variant) if variant else module.get_config()
+    if check_keys:
+        problems = unknown_config_keys(cfg)
+        if problems:
+            raise ValueError(f"{path}: " + "; ".join(problems))
+    return cfg
+
+
 def mesh_from_config(cfg: ml_collections.ConfigDict):
     """The configured mesh, or None for a single device."""
     from alphallm_jax.models.sharding import mesh_or_none

@@ -30,23 +30,12 @@ Results are appended to OUT/results.jsonl, one line per arm; a rerun skips the a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from collections import Counter
 from pathlib import Path
 
 KINDS = ("none", "ref", "d0", "self")
-
-
-def load_config(spec: str):
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("sft_controls_config", path)
-    if module_spec is None:
-        raise FileNotFoundError(f"--config {path}: not a Python config file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant or None)
 
 
 def apply_overrides(cfg, overrides):
@@ -238,7 +227,9 @@ def main(argv=None) -> list[dict]:
 
     arms = list(args.arm)
     parsed = [parse_arm(a) for a in arms]  # every arm's spelling checked before any training
-    cfg = load_config(args.config)
+    from alphallm_jax.config import load_config_file
+
+    cfg = load_config_file(args.config)
     cfg = apply_overrides(cfg, args.set)
     if cfg.task != "arith":
         raise ValueError(f"--config {args.config}: task {cfg.task!r}; these controls generate arith problems")

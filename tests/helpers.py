@@ -3,7 +3,6 @@ the loop tests compare between runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -22,11 +21,10 @@ def require_shared_data() -> Path:
 
 
 def load_config(name: str, variant: str | None = None):
-    """`configs/<name>.py`'s `get_config(variant)`, as `--config=configs/<name>.py:<variant>` loads it."""
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO_ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    """`configs/<name>.py`'s config, as `--config=configs/<name>.py:<variant>` loads it."""
+    from alphallm_jax.config import load_config_file
+
+    return load_config_file(str(REPO_ROOT / "configs" / f"{name}.py") + (f":{variant}" if variant else ""))
 
 
 def loop_artifact_hashes(root: Path, suffixes=(".safetensors",)) -> dict[str, str]:

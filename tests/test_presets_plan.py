@@ -186,3 +186,23 @@ def test_config_file_typo_is_named_with_the_valid_keys(tmp_path):
                  "config.base.train.lr is not a field", "adam_b1"):
         assert text in proc.stderr, proc.stderr
     assert "max_steps is not" not in proc.stderr
+
+
+def test_load_config_file_reads_variants_and_names_typos_and_missing_files(tmp_path):
+    from alphallm_jax.config import load_config_file
+
+    assert load_config_file(str(REPO / "configs" / "demo_arith.py:quick")).to_dict() == load_config(
+        "demo_arith", "quick").to_dict()
+    assert load_config_file(str(REPO / "configs" / "demo_arith.py")).eval.limit != load_config(
+        "demo_arith", "quick").eval.limit
+    path = tmp_path / "typo.py"
+    path.write_text("from alphallm_jax.config import default_config\n\n\ndef get_config():\n"
+                    "    c = default_config()\n    c.loop.iteratons = 3\n    return c\n")
+    with pytest.raises(ValueError, match=r"typo\.py: config\.loop\.iteratons is not a field \(valid keys"):
+        load_config_file(str(path))
+    assert load_config_file(str(path), check_keys=False).loop.iteratons == 3
+    with pytest.raises(FileNotFoundError, match="config file .*nothing.py does not exist"):
+        load_config_file(str(tmp_path / "nothing.py"))
+    (tmp_path / "plain.py").write_text("X = 1\n")
+    with pytest.raises(ValueError, match="plain.py defines no get_config"):
+        load_config_file(str(tmp_path / "plain.py"))
