@@ -116,6 +116,11 @@ def test_a_resumed_run_accepts_keys_newer_than_it_only_at_their_defaults(tmp_pat
     assert check_resumed_config(cfg, path) == ["loop.sft_init", "synthesis.form.max_number_quantile"]
     with pytest.raises(ValueError, match=r"differs in synthesis\.form\.max_number_quantile: '<absent>' -> 0\.97\."):
         check_resumed_config(derived_config(cfg, **{"synthesis.form.max_number_quantile": 0.97}), path)
+    # A key the code has since removed cannot be set back: the message says so instead.
+    path.write_text(json.dumps({**old, "loop": {**old["loop"], "retired_knob": 4}}))
+    with pytest.raises(ValueError, match=r"no longer has the keys loop\.retired_knob \(the run started with 4\).*"
+                                         r"the code the run started with"):
+        check_resumed_config(cfg, path)
 
 
 def test_next_policy_names_the_stage_the_next_iteration_starts_from():

@@ -147,7 +147,8 @@ def check_resumed_config(cfg, path) -> list[str]:
     """The dotted keys where `cfg` differs from the config a run in this workdir started with (`path`,
     its config.json); raises a ValueError naming them unless every one is in `RESUMABLE_KEYS` or is a
     key newer than that run left at its default (a new key's default keeps the code's old behaviour, so
-    the finished stages computed what it says)."""
+    the finished stages computed what it says). A key the run started with and this code no longer has
+    also stops it, with its own message: that key cannot be set back."""
     from alphallm_jax.config import default_config
 
     path = as_path(path)
@@ -155,6 +156,12 @@ def check_resumed_config(cfg, path) -> list[str]:
         return []
     changes = json_changes(read_json(path), cfg.to_dict())
     off_default = {k for k, _, _ in json_changes(default_config().to_dict(), cfg.to_dict())}
+    removed = [c for c in changes if c[2] == ABSENT]
+    if removed:  # the run started with keys this code no longer reads, so it cannot set them back
+        listed = "; ".join(f"{k} (the run started with {a!r})" for k, a, _ in removed)
+        raise ValueError(f"{path} holds the config this workdir's run started with, and this code no longer has "
+                         f"the keys {listed}: the finished stages may have computed what this code cannot. "
+                         f"Resume with the code the run started with, or use a new --workdir.")
     fixed = [c for c in changes if not key_in(c[0], RESUMABLE_KEYS)
              and not (c[1] == ABSENT and c[0] not in off_default)]
     if fixed:
