@@ -114,3 +114,17 @@ def test_scorer_checks_question_numbers_against_the_decoded_prompt(tmp_path):
     s = on.score_solutions(prompts, sols, texts)
     assert s.tool_ok.tolist() == [1.0, 0.0]
     assert s.tool_failures[1] == ["question numbers never used in a calculation: 4"]
+    # A prompt the question cannot be read from (a chat prompt, free text) fails the configured check
+    # out loud instead of skipping it; the config check stops a chat-format run before any stage.
+    free = [tokenizer.encode("3+4?\n", add_bos=True)] * 2
+    with pytest.raises(ValueError, match="question_numbers and critics.tools.operand_sources read the question"):
+        on.score_solutions(free, sols, texts)
+    assert off.score_solutions(free, sols, texts).tool_ok.tolist() == [1.0, 1.0]
+    from alphallm_jax.config import default_config
+    from alphallm_jax.critics.pipeline import tool_config
+    from alphallm_jax.pipeline.loop import derived_config
+
+    chat = derived_config(default_config(), **{"data.prompt_format": "chat", "critics.tools.operand_sources": True})
+    with pytest.raises(ValueError, match="data.prompt_format='chat'"):
+        tool_config(chat)
+    assert tool_config(derived_config(chat, **{"critics.tools.operand_sources": False})).operand_sources is False

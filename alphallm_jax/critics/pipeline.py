@@ -165,12 +165,22 @@ def _subsample_rollouts(rows: list[dict], fraction: float, seed: int) -> list[di
     return [r for r, k in zip(rows, keep) if k or r["kind"] == "trajectory"]
 
 
+def tool_config(cfg) -> ToolConfig:
+    """`critics.tools` as a ToolConfig, checked against the prompt format: the checks that read the
+    question find it in a plain or fewshot prompt only. The loop calls this before its first stage."""
+    tools = ToolConfig.from_config(cfg.critics.tools)
+    if tools.needs_question and cfg.data.prompt_format == "chat":
+        raise ValueError("critics.tools.question_numbers and critics.tools.operand_sources read the question "
+                         "from a plain or fewshot prompt; data.prompt_format='chat' renders it through the "
+                         "tokenizer's template. Turn those checks off, or use 'plain' or 'fewshot'")
+    return tools
+
+
 def make_scorer(cfg, critic, tokenizer, *, mesh=None, combiner: OutcomeCombiner | None = None) -> CriticScorer:
     s = cfg.critics.scoring
     return CriticScorer(critic, tokenizer, task=cfg.task, max_batch=s.max_batch, len_granule=s.len_granule,
                         min_rows=s.min_rows, fine_row_buckets=s.fine_row_buckets, mesh=mesh,
-                        tools=ToolConfig.from_config(cfg.critics.tools),
-                        prm_aggregate=s.prm_aggregate, combiner=combiner)
+                        tools=tool_config(cfg), prm_aggregate=s.prm_aggregate, combiner=combiner)
 
 
 def load_combiner(cfg, critic_path) -> OutcomeCombiner | None:

@@ -30,7 +30,7 @@ from flax import nnx
 from alphallm_jax.critics.combiner import OutcomeCombiner, solution_features
 from alphallm_jax.critics.positions import blank_token_ids, orm_index, step_end_indices, strip_trailing
 from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with_checks
-from alphallm_jax.data.prompts import question_of_prompt, step_separator
+from alphallm_jax.data.prompts import required_question, step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, row_bucket
@@ -233,13 +233,14 @@ class CriticScorer:
         encoded = [self.encode_solution(p, s) for p, s in zip(prompts, solutions)]
         return self.score_solutions([e[0] for e in encoded], [e[1] for e in encoded], list(solutions))
 
-    def questions(self, prompt_ids: Sequence[Sequence[int]]) -> list[str | None] | None:
+    def questions(self, prompt_ids: Sequence[Sequence[int]]) -> list[str] | None:
         """Each prompt's question, for the checks that read it (None when they are off); decoded once
-        per distinct prompt: a search scores many rollouts of one prompt in a call."""
+        per distinct prompt: a search scores many rollouts of one prompt in a call. A prompt without a
+        question raises (`required_question`): a configured check is never skipped in silence."""
         if not self.tools.needs_question or self.tokenizer is None:
             return None
         keys = [tuple(int(t) for t in p) for p in prompt_ids]
-        found = {key: question_of_prompt(self.tokenizer.decode(list(key))) for key in set(keys)}
+        found = {key: required_question(self.tokenizer.decode(list(key))) for key in set(keys)}
         return [found[key] for key in keys]
 
     # -------------------------------------------------------------------------------- internals

@@ -177,6 +177,7 @@ def check_resumed_config(cfg, path) -> list[str]:
 def run_loop(cfg, workdir) -> dict:
     """Every stage of the loop (module doc); returns the report (also written to DIR/report.json)."""
     from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.critics.pipeline import tool_config
 
     start = time.time()
     run = LoopRun(cfg=cfg, root=as_path(workdir), mesh=mesh_from_config(cfg))
@@ -184,6 +185,7 @@ def run_loop(cfg, workdir) -> dict:
     check_resumed_config(cfg, run.root / "config.json")
     _next_policy_stage(cfg)  # bad values fail now, not after the first iteration's training
     _sft_plan(cfg)
+    tool_config(cfg)
     if is_coordinator():
         atomic_write_json(run.root / "config.json", cfg.to_dict())
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}
