@@ -108,3 +108,15 @@ def test_search_bench_variants_are_typed_config_overrides_and_typos_name_the_val
         variant_config(cfg, "sampling.fine_row_buckets")
     with pytest.raises(ValueError, match="only boolean, number and string"):
         variant_config(cfg, "sampling=1")
+
+
+def test_a_pytorch_comparison_without_pytorch_stops_before_timing(monkeypatch):
+    import importlib.util
+
+    from alphallm_jax.benchmarks.common import require_torch
+
+    require_torch("compare_hf")  # installed with the test extras: passes
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"--compare_hf times PyTorch .*pip install -e .*or pass --nocompare_hf"):
+        require_torch("compare_hf")

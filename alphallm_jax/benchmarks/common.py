@@ -13,6 +13,16 @@ import jax
 import jax.numpy as jnp
 
 
+def require_torch(flag: str) -> None:
+    """Stop before any timing when `flag` asks for a PyTorch comparison and PyTorch is not installed
+    (the test extras install it; the loop never needs it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit(f"--{flag} times PyTorch on the same weights, and PyTorch is not installed: "
+                         f"`.venv/bin/pip install -e \".[test]\"`, or pass --no{flag}")
+
+
 def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     """Median wall time of `fn()` (which must block until its work is done) after warm-up calls."""
     for _ in range(warmup):

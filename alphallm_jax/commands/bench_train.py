@@ -237,6 +237,10 @@ def run(out: str | None = None, batch_size: int = 8, seq_len: int = 256, steps: 
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
+    if f.compare_torch:
+        from alphallm_jax.benchmarks.common import require_torch
+
+        require_torch("compare_torch")
     result = run(out=f.out, batch_size=f.batch_size, seq_len=f.seq_len, steps=f.steps,
                  warmup=f.warmup, preset=f.preset, compare_torch=f.compare_torch, threads=f.threads,
                  xla_cpu_flags=f.xla_cpu_flags)
