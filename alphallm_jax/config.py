@@ -325,6 +325,8 @@ def load_config_file(spec: str, *, check_keys: bool = True) -> ml_collections.Co
     if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"config file {path} defines no get_config()")
     cfg = module.get_config(variant) if variant else module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ValueError(f"{path}: get_config returned {type(cfg).__name__}, not a ConfigDict")
     if check_keys:
         problems = unknown_config_keys(cfg)
         if problems:

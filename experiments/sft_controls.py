@@ -30,6 +30,7 @@ Results are appended to OUT/results.jsonl, one line per arm; a rerun skips the a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -124,7 +125,10 @@ def self_traces(cfg, model, tokenizer, problems, *, temperature: float, num_samp
     from alphallm_jax.train.batching import SFTExample
 
     prompt_for = prompt_builder(cfg, tokenizer)
-    tools = ToolConfig.from_config(cfg.critics.tools)
+    # The calculator's checks only, as every recorded self-trace result used them: the checks that read
+    # the question (question_numbers, operand_sources) are off here on purpose, not skipped unseen.
+    tools = dataclasses.replace(ToolConfig.from_config(cfg.critics.tools), question_numbers=False,
+                                operand_sources=False)
     prompts = [prompt_for(p) for p in problems]
     longest = max(len(tokenizer.encode(p, add_bos=True)) for p in prompts)
     sampler = Sampler(model, tokenizer, max_len=longest + cfg.eval.max_new_tokens, pool_slots=cfg.sampling.pool_slots,

@@ -121,6 +121,9 @@ def test_a_resumed_run_accepts_keys_newer_than_it_only_at_their_defaults(tmp_pat
     with pytest.raises(ValueError, match=r"no longer has the keys loop\.retired_knob \(the run started with 4\).*"
                                          r"the code the run started with"):
         check_resumed_config(cfg, path)
+    # ... except under the keys a resumed run may change anyway (mesh.*, the ablation keys).
+    path.write_text(json.dumps({**old, "mesh": {**old["mesh"], "retired_axis": 2}}))
+    assert "mesh.retired_axis" in check_resumed_config(cfg, path)
 
 
 def test_next_policy_names_the_stage_the_next_iteration_starts_from():

@@ -189,12 +189,14 @@ def test_config_file_typo_is_named_with_the_valid_keys(tmp_path):
 
 
 def test_load_config_file_reads_variants_and_names_typos_and_missing_files(tmp_path):
+    import runpy
+
     from alphallm_jax.config import load_config_file
 
-    assert load_config_file(str(REPO / "configs" / "demo_arith.py:quick")).to_dict() == load_config(
-        "demo_arith", "quick").to_dict()
-    assert load_config_file(str(REPO / "configs" / "demo_arith.py")).eval.limit != load_config(
-        "demo_arith", "quick").eval.limit
+    get_config = runpy.run_path(str(REPO / "configs" / "demo_arith.py"))["get_config"]
+    assert load_config_file(str(REPO / "configs" / "demo_arith.py:quick")).to_dict() == get_config("quick").to_dict()
+    assert load_config_file(str(REPO / "configs" / "demo_arith.py")).to_dict() == get_config().to_dict()
+    assert get_config().eval.limit != get_config("quick").eval.limit
     path = tmp_path / "typo.py"
     path.write_text("from alphallm_jax.config import default_config\n\n\ndef get_config():\n"
                     "    c = default_config()\n    c.loop.iteratons = 3\n    return c\n")
@@ -206,3 +208,6 @@ def test_load_config_file_reads_variants_and_names_typos_and_missing_files(tmp_p
     (tmp_path / "plain.py").write_text("X = 1\n")
     with pytest.raises(ValueError, match="plain.py defines no get_config"):
         load_config_file(str(tmp_path / "plain.py"))
+    (tmp_path / "none.py").write_text("def get_config():\n    return None\n")
+    with pytest.raises(ValueError, match="none.py: get_config returned NoneType, not a ConfigDict"):
+        load_config_file(str(tmp_path / "none.py"))

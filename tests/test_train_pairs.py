@@ -193,7 +193,7 @@ def test_sft_trace_by_answer_vote(tmp_path):
         ExtractionConfig(min_vote_share=1.5)
 
 
-def test_directory_artifacts_and_selection(tmp_path):
+def test_directory_artifacts_and_selection(tmp_path, monkeypatch):
     trees_dir = tmp_path / "trees"
     trees_dir.mkdir()
     write_tree(trees_dir / "b.jsonl", problem_id="b")
@@ -224,6 +224,14 @@ def test_directory_artifacts_and_selection(tmp_path):
     assert [t.problem.problem_id for t in pairs_lib.read_trees(f"{comma_dirs[1]},{comma_dirs[0]}")] == ["x1", "x0"]
     with pytest.raises(FileNotFoundError, match=r"directory \S*run,2/gone does not exist"):
         pairs_lib.read_trees(f"{comma_dirs[0]},{tmp_path / 'run,2' / 'gone'}")
+    with pytest.raises(FileNotFoundError, match=r"directory \S*/nothing,\S*/trees does not exist"):
+        pairs_lib.read_trees(f"{tmp_path / 'nothing'},{trees_dir}")
+    # "a,b,c" where a, "a,b", "b,c" and c all exist: two readings, so it is refused, not guessed.
+    for name in ("a", "a,b", "b,c", "c"):
+        (tmp_path / "amb" / name).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "amb")  # relative directory names
+    with pytest.raises(ValueError, match="splits at its commas into existing directories in 2 ways"):
+        pairs_lib.tree_dirs("a,b,c")
     assert pairs_lib.pair_counts(pairs) == {"stepwise": 6, "complete": 6, "q_pair": 4}
     pairs_lib.write_records(tmp_path / "pairs.jsonl", pairs)
     assert read_jsonl(tmp_path / "pairs.jsonl") == pairs

@@ -26,6 +26,7 @@ from alphallm_jax.benchmarks.common import (
     matmul_peak_flops,
     measure_stream_bandwidth,
     median_seconds,
+    require_torch,
     usable_cores,
 )
 from alphallm_jax.models import create_model, presets
@@ -88,6 +89,8 @@ def run(*, batch_sizes=(1, 16, 64), prompt_len: int = 128, new_tokens: int = 64,
     the one every other command runs with. It is applied first, which only works before JAX starts its
     backend; the result records what was applied.
     """
+    if compare_hf:
+        require_torch("compare_hf")
     flags_added = apply_xla_flags(FLAG_SETS[xla_cpu_flags])
     cfg = presets.get(preset)
     model = create_model(cfg, seed=seed)

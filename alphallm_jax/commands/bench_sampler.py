@@ -20,13 +20,10 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
-    from alphallm_jax.benchmarks.common import require_torch
     from alphallm_jax.benchmarks.sampler_bench import run
     from alphallm_jax.utils.io import atomic_write_json
 
     f = flags.FLAGS
-    if f.compare_hf:
-        require_torch("compare_hf")
     result = run(batch_sizes=tuple(int(b) for b in f.batch_sizes), prompt_len=f.prompt_len,
                  new_tokens=f.new_tokens, repeats=f.repeats, compare_hf=f.compare_hf, preset=f.preset,
                  xla_cpu_flags=f.xla_cpu_flags)

@@ -158,8 +158,11 @@ def run(out: str | None = None, batch_size: int = 8, seq_len: int = 256, steps: 
     "recommended", "fast_math"), applied first; that is only possible before JAX starts its backend,
     and the JSON records what was applied.
     """
+    from alphallm_jax.benchmarks.common import require_torch
     from alphallm_jax.train.xla_flags import FLAG_SETS, apply_xla_flags
 
+    if compare_torch:
+        require_torch("compare_torch")
     flags_added = apply_xla_flags(FLAG_SETS[xla_cpu_flags])
     import jax
 
@@ -196,9 +199,15 @@ def run(out: str | None = None, batch_size: int = 8, seq_len: int = 256, steps: 
     result["mfu"] = fpt * result["ours_tokens_per_s"] / peak_flops
     if compare_torch:
         result["torch_mfu"] = fpt * result["torch_tokens_per_s"] / peak_flops
+    import importlib.metadata
+
     import numpy as np
-    import torch
-    import transformers
+
+    def version(package: str) -> str | None:  # PyTorch is optional here (--nocompare_torch)
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
     result.update({
         "matmul_peak_flops": peak_flops,
@@ -220,8 +229,8 @@ def run(out: str | None = None, batch_size: int = 8, seq_len: int = 256, steps: 
             "cpu_model": cpu_model(), "platform": platform.platform(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "jax_devices": len(jax.devices()), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__,
+            "jax_devices": len(jax.devices()), "torch": version("torch"),
+            "transformers": version("transformers"), "numpy": np.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_flags_added": flags_added,
         },
     })
@@ -237,10 +246,6 @@ def run(out: str | None = None, batch_size: int = 8, seq_len: int = 256, steps: 
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
-    if f.compare_torch:
-        from alphallm_jax.benchmarks.common import require_torch
-
-        require_torch("compare_torch")
     result = run(out=f.out, batch_size=f.batch_size, seq_len=f.seq_len, steps=f.steps,
                  warmup=f.warmup, preset=f.preset, compare_torch=f.compare_torch, threads=f.threads,
                  xla_cpu_flags=f.xla_cpu_flags)

@@ -237,8 +237,11 @@ class CriticScorer:
         """Each prompt's question, for the checks that read it (None when they are off); decoded once
         per distinct prompt: a search scores many rollouts of one prompt in a call. A prompt without a
         question raises (`required_question`): a configured check is never skipped in silence."""
-        if not self.tools.needs_question or self.tokenizer is None:
+        if not self.tools.needs_question:
             return None
+        if self.tokenizer is None:
+            raise ValueError("critics.tools.question_numbers and critics.tools.operand_sources read each prompt's "
+                             "question: build the CriticScorer with the policy's tokenizer")
         keys = [tuple(int(t) for t in p) for p in prompt_ids]
         found = {key: required_question(self.tokenizer.decode(list(key))) for key in set(keys)}
         return [found[key] for key in keys]

@@ -156,7 +156,7 @@ def check_resumed_config(cfg, path) -> list[str]:
         return []
     changes = json_changes(read_json(path), cfg.to_dict())
     off_default = {k for k, _, _ in json_changes(default_config().to_dict(), cfg.to_dict())}
-    removed = [c for c in changes if c[2] == ABSENT]
+    removed = [c for c in changes if c[2] == ABSENT and not key_in(c[0], RESUMABLE_KEYS)]
     if removed:  # the run started with keys this code no longer reads, so it cannot set them back
         listed = "; ".join(f"{k} (the run started with {a!r})" for k, a, _ in removed)
         raise ValueError(f"{path} holds the config this workdir's run started with, and this code no longer has "

@@ -115,33 +115,40 @@ class ExtractionConfig:
 def tree_dirs(trees_dir: str | os.PathLike) -> list[epath.Path]:
     """The tree directories a ``policy_train.trees_dir`` value names: one directory, or several joined
     by commas (the loop's SFT on every iteration's trees so far, ``loop.sft_traces = "accumulated"``).
-    A comma inside a directory's own name is read as part of it: the value is split into existing
-    directories, the longest names first; where no such split exists it fails, naming what is left after
-    the longest split that does."""
+    A comma may also sit inside a directory's own name (a workdir called ``run,2``): the value is read as
+    the one way it splits into existing directories, and fails where it splits into none or into several."""
     text = str(trees_dir)
     parts = text.split(",")
-    splits: dict[int, list[str]] = {0: []}  # parts[:i] read as existing directories, for each reachable i
-    for i in (i for i in range(len(parts)) if i in splits):
-        for j in range(len(parts), i, -1):
+    ways = [1] + [0] * len(parts)  # ways[i]: how many splits of parts[:i] into existing directories
+    split: dict[int, list[str]] = {0: []}  # one such split per reachable i
+    for i in range(len(parts)):
+        if not ways[i]:
+            continue
+        for j in range(i + 1, len(parts) + 1):
             name = ",".join(parts[i:j]).strip()
-            if j not in splits and name and as_path(name).is_dir():
-                splits[j] = [*splits[i], name]
-    if len(parts) in splits:
-        return [as_path(name) for name in splits[len(parts)]]
+            if name and as_path(name).is_dir():
+                ways[j] += ways[i]
+                split.setdefault(j, [*split[i], name])
+    if ways[-1] == 1:
+        return [as_path(name) for name in split[len(parts)]]
+    if ways[-1] > 1:
+        raise ValueError(f"policy_train.trees_dir={text!r} splits at its commas into existing directories in "
+                         f"{ways[-1]} ways, e.g. {split[len(parts)]}: rename a directory whose name holds a comma")
     if not all(part.strip() for part in parts):
         raise ValueError(f"policy_train.trees_dir={text!r} names an empty directory")
-    rest = ",".join(parts[max(splits):]).strip()
-    raise FileNotFoundError(f"trees directory {rest} does not exist (policy_train.trees_dir={text!r})")
+    rest = ",".join(parts[max(split):]).strip()
+    raise FileNotFoundError(f"trees directory {rest} does not exist, nor does any start of it before a comma "
+                            f"(policy_train.trees_dir={text!r})")
 
 
-def read_trees(trees_dir: str | os.PathLike) -> list[Tree]:
-    """Every ``*.jsonl`` tree under ``trees_dir`` (one directory or several, see ``tree_dirs``; sorted by
-    file name within each, so the order is fixed), read and checked by the search's own reader
-    (``Tree.load``). One problem's tree in two of the directories is an error: it would train twice."""
+def read_trees(trees_dir: str | os.PathLike | Sequence[epath.Path]) -> list[Tree]:
+    """Every ``*.jsonl`` tree under ``trees_dir`` (a ``policy_train.trees_dir`` value, see ``tree_dirs``, or
+    the directories it names; sorted by file name within each, so the order is fixed), read and checked
+    by the search's own reader (``Tree.load``). One problem's tree in two of the directories is an error:
+    it would train twice."""
+    roots = trees_dir if isinstance(trees_dir, (list, tuple)) else tree_dirs(trees_dir)
     paths: dict[str, epath.Path] = {}
-    for root in tree_dirs(trees_dir):
-        if not root.is_dir():
-            raise FileNotFoundError(f"trees directory {root} does not exist")
+    for root in roots:
         for path in sorted(root.glob("*.jsonl"), key=lambda p: p.name):
             if path.name in paths:
                 raise ValueError(f"tree {path.name} is in both {paths[path.name].parent} and {root}: "

@@ -270,7 +270,8 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         raise ValueError("config key policy_train.trees_dir is empty: set it to the search's tree directory")
     # A rerun resumes (or skips) only the run of this same starting policy, trees and settings; the
     # paths are not compared, so a moved run still resumes.
-    trees_fingerprint = [files_fingerprint(d) for d in tree_dirs(pt.trees_dir)]
+    roots = tree_dirs(pt.trees_dir)
+    trees_fingerprint = [files_fingerprint(d) for d in roots]
     check_run_identity(root, {"method": method, "init_policy": files_fingerprint(cfg.model.checkpoint),
                               "trees": trees_fingerprint[0] if len(trees_fingerprint) == 1 else trees_fingerprint,
                               "policy_train": {k: v for k, v in pt.to_dict().items()
@@ -282,7 +283,7 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         done = json.loads(record_path.read_text())
         written_under = done.pop("workdir", None)
         return {**rebase_paths(done, written_under, str(root)), "skipped": True}
-    trees = read_trees(pt.trees_dir)
+    trees = read_trees(roots)
     traces, pairs = extract_all(trees, ExtractionConfig.from_config(pt))
     if is_coordinator():
         write_records(root / ("sft_traces.jsonl" if method == "sft" else "pairs.jsonl"),
