@@ -281,13 +281,13 @@ def test_optimizer_from_continues_adam_where_the_earlier_run_stopped(tmp_path):
     assert max(gaps) > 1e-3
 
 
-@pytest.mark.parametrize("change, message", [("intermediate_size", r"shape.*\b256\b.*\b128\b"),
+@pytest.mark.parametrize("change, message", [("intermediate_size", r"is float32\[[\d, ]*256[\d, ]*\] here, float32\[[\d, ]*128[\d, ]*\] there"),
                                              ("num_layers", r"layers/\d+/.* here, nothing there")],
                          ids=["wider", "deeper"])
 def test_optimizer_from_another_models_checkpoint_fails_before_training(tmp_path, change, message):
     # The partial restore reads the optimizer state alone, and would hand back a leaf the checkpoint lacks
-    # unread: a wider model's checkpoint fails on the shape, a deeper model's on the first missing leaf,
-    # both before any step runs.
+    # unread: every leaf is checked against the checkpoint's metadata first, so a wider model's checkpoint
+    # fails on the shape, a deeper model's on the first missing leaf, both before any read or step.
     cfg = dataclasses.replace(CFG, epochs=1, max_steps=1, eval_every=0, checkpoint_every=1)
     Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, cfg, workdir=tmp_path / "source").fit(TRAIN)
     other = dataclasses.replace(MODEL_CFG, **{change: 2 * getattr(MODEL_CFG, change)})

@@ -432,13 +432,31 @@ class Trainer:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"optimizer_from={path!r}: no checkpoints folder at {folder}")
         target = {"opt_state": jax.tree.map(_abstract, tree_to_nested(self.opt_state))}
-        manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
+        manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True),
+                                        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                       "meta": ocp.JsonCheckpointHandler()})
         try:
             latest = manager.latest_step()
             if latest is None:
                 raise FileNotFoundError(f"optimizer_from={path!r}: {folder} holds no checkpoint")
             mismatch = f"optimizer_from={path!r}: the checkpoint at step {latest} of {folder} was not written " \
                        f"for this model and optimizer"
+            # Every leaf checked against the saved metadata before reading: a partial restore neither fails
+            # on a missing key (the target's leaf would come back unread) nor on another shape (the saved
+            # one would come back), and a restore that fails midway leaves orbax's reads dangling.
+            saved = getattr(manager.item_metadata(latest)["state"], "tree", None)
+            if not isinstance(saved, dict):
+                raise ValueError(f"optimizer_from={path!r}: the checkpoint at step {latest} of {folder} has no "
+                                 f"readable state metadata")
+            for key_path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+                got = saved
+                for k in key_path:
+                    got = got.get(k.key) if isinstance(got, dict) else None
+                shape, dtype = getattr(got, "shape", None), getattr(got, "dtype", None)
+                if shape is None or (tuple(shape), np.dtype(dtype)) != (want.shape, np.dtype(want.dtype)):
+                    found = "nothing" if shape is None else f"{np.dtype(dtype)}{list(shape)}"
+                    raise ValueError(f"{mismatch}: {'/'.join(_path_parts(key_path))} is "
+                                     f"{np.dtype(want.dtype)}{list(want.shape)} here, {found} there")
             try:
                 restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -447,16 +465,6 @@ class Trainer:
                 raise ValueError(f"{mismatch} ({e})") from e
         finally:
             manager.close()
-        # A partial restore neither fails on a missing key (the target's leaf comes back unread) nor on
-        # another shape (the saved one comes back): check every leaf against this trainer's.
-        for key_path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
-            got = restored
-            for k in key_path:
-                got = got.get(k.key) if isinstance(got, dict) else None
-            if not isinstance(got, jax.Array) or (got.shape, got.dtype) != (want.shape, want.dtype):
-                found = "nothing" if not isinstance(got, jax.Array) else f"{got.dtype}{list(got.shape)}"
-                raise ValueError(f"{mismatch}: {'/'.join(_path_parts(key_path))} is {want.dtype}{list(want.shape)} "
-                                 f"here, {found} there")
         log.info("optimizer state from %s (step %d)", folder, latest)
         return nested_to_tree(restored["opt_state"], self.opt_state)
 
@@ -581,36 +589,43 @@ class Trainer:
         weight_decay = np.float32(cfg.weight_decay)
 
         ckpt, best = self._managers(with_dev=bool(dev_examples))
-        early = _EarlyStop()
-        self.step = 0
-        self._saved_best_step = None
-        latest = ckpt.latest_step()
-        if latest is not None:
-            meta = self._restore(ckpt, latest)
-            self.step = int(meta["step"])
-            it.state = IteratorState.from_dict(meta["data"])
-            if epoch_order_fn is not None and meta.get("epoch_order") is not None:
-                it.set_epoch_order(it.state.epoch, meta["epoch_order"])
-            early = _EarlyStop(**meta["early_stopping"])
-            self._saved_best_step = early.best_step
-            if meta.get("data_fingerprint") != it.fingerprint():
-                log.warning("resuming on different data or batching: checkpoint %s, now %s",
-                            meta.get("data_fingerprint"), it.fingerprint())
-            self._truncate_metrics(self.step)
-            best.wait_until_finished()
-            self._prune_best(best, above=self.step)  # best parameters a killed run saved later
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt.directory, self.step,
-                     it.state.epoch, it.state.step)
-        else:
-            if cfg.optimizer_from:  # a first start only: a resumed run has its own optimizer state
-                self.opt_state = self._load_optimizer_state(cfg.optimizer_from)
+        try:
+            early = _EarlyStop()
+            self.step = 0
+            self._saved_best_step = None
+            latest = ckpt.latest_step()
+            if latest is not None:
+                meta = self._restore(ckpt, latest)
+                self.step = int(meta["step"])
+                it.state = IteratorState.from_dict(meta["data"])
+                if epoch_order_fn is not None and meta.get("epoch_order") is not None:
+                    it.set_epoch_order(it.state.epoch, meta["epoch_order"])
+                early = _EarlyStop(**meta["early_stopping"])
+                self._saved_best_step = early.best_step
+                if meta.get("data_fingerprint") != it.fingerprint():
+                    log.warning("resuming on different data or batching: checkpoint %s, now %s",
+                                meta.get("data_fingerprint"), it.fingerprint())
+                self._truncate_metrics(self.step)
+                best.wait_until_finished()
+                self._prune_best(best, above=self.step)  # best parameters a killed run saved later
+                log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt.directory, self.step,
+                         it.state.epoch, it.state.step)
+            else:
+                if cfg.optimizer_from:  # a first start only: a resumed run has its own optimizer state
+                    self.opt_state = self._load_optimizer_state(cfg.optimizer_from)
+                if self.is_main:
+                    atomic_write_json(os.path.join(self.workdir, "train_config.json"),
+                                      {**cfg.to_dict(), "total_steps": total, "warmup_steps": warm,
+                                       "steps_per_epoch": it.steps_per_epoch})
             if self.is_main:
-                atomic_write_json(os.path.join(self.workdir, "train_config.json"),
-                                  {**cfg.to_dict(), "total_steps": total, "warmup_steps": warm,
-                                   "steps_per_epoch": it.steps_per_epoch})
-        if self.is_main:
-            import tensorboardX
-            self._writer = tensorboardX.SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+                import tensorboardX
+                self._writer = tensorboardX.SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        except BaseException:
+            # A failed resume or start (a checkpoint of another model, an unreadable one) must not leave
+            # the managers' background threads running past the error.
+            ckpt.close()
+            best.close()
+            raise
 
         base_key = jax.random.wrap_key_data(self.rng)
         train_metrics: dict[str, float] = {}
