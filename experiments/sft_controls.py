@@ -40,27 +40,12 @@ KINDS = ("none", "ref", "d0", "self")
 
 
 def apply_overrides(cfg, overrides):
-    """A copy of ``cfg`` with the ``--set KEY=VALUE`` items: VALUE read as a Python literal (number, tuple,
-    bool, quoted string; ast.literal_eval, never eval) or else kept as a plain string; the keys go through
-    the loop's ``derived_config``, so an unknown one fails naming the valid keys where it was looked up."""
-    import ast
+    """A copy of ``cfg`` with the ``--set KEY=VALUE`` items, each VALUE read as its key's type (a tuple from
+    a Python literal, ast.literal_eval, never eval) through the loop's ``overridden_config``, so an unknown
+    key fails naming the valid keys where it was looked up."""
+    from alphallm_jax.pipeline.loop import overridden_config
 
-    from alphallm_jax.pipeline.loop import config_section, derived_config
-
-    values = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set eval.temperature=1.0")
-        try:
-            config_section(cfg, key)
-        except KeyError as e:
-            raise KeyError(f"--set {item!r}: {e.args[0]}") from None
-        try:
-            values[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            values[key] = text
-    return derived_config(cfg, **values)
+    return overridden_config(cfg, overrides, flag="--set")
 
 
 def parse_arm(text: str) -> tuple[str, int, float]:

@@ -60,14 +60,22 @@ def test_config_overrides_are_literals_on_known_keys():
         "eval.temperature=1.0", "eval.stop=('\\n',)", "policy_train.ordering=shuffle", "policy_train.sft.epochs=5"])
     assert (cfg.eval.temperature, tuple(cfg.eval.stop), cfg.policy_train.ordering) == (1.0, ("\n",), "shuffle")
     assert cfg.policy_train.sft.epochs == 5
-    with pytest.raises(KeyError, match=r"no key 'eval.temprature'; valid keys of config.eval: .*temperature"):
+    assert sft_controls.apply_overrides(cfg, []).to_dict() == cfg.to_dict()  # no --set: the config as it is
+    with pytest.raises(ValueError, match=r"no key 'eval.temprature'; valid keys of config.eval: .*temperature"):
         sft_controls.apply_overrides(cfg, ["eval.temprature=1.0"])
-    with pytest.raises(KeyError, match="no key 'eval.temperature.x'"):
+    with pytest.raises(ValueError, match="no key 'eval.temperature.x'"):
         sft_controls.apply_overrides(cfg, ["eval.temperature.x=1"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         sft_controls.apply_overrides(cfg, ["eval.temperature"])
-    with pytest.raises(KeyError, match=r"no key .__import__\(.*valid keys of config: "):
+    with pytest.raises(ValueError, match=r"no key .__import__\(.*valid keys of config: "):
         sft_controls.apply_overrides(cfg, ["__import__('os').system('x')=1"])
+    # Values are typed as their keys: a tuple key takes a literal tuple, never an expression.
+    with pytest.raises(ValueError, match="eval.stop=__import__.*not a Python literal of a tuple"):
+        sft_controls.apply_overrides(cfg, ["eval.stop=__import__('os')"])
+    with pytest.raises(ValueError, match="not a tuple"):
+        sft_controls.apply_overrides(cfg, ["eval.stop='x'"])
+    with pytest.raises(ValueError, match="'policy_train.sft.epochs=two'.*invalid literal for int"):
+        sft_controls.apply_overrides(cfg, ["policy_train.sft.epochs=two"])
 
 
 @pytest.mark.slow

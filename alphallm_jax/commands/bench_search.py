@@ -30,47 +30,15 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Write the JSON result here (also printed).")
 
 
-def parse_value(text: str, current):
-    """`text` as the type of the config value it replaces (bool: true/false, 1/0, yes/no; an unset value:
-    a number when `text` reads as one)."""
-    if isinstance(current, bool):
-        lowered = text.strip().lower()
-        if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{text!r} is not a boolean (true or false)")
-        return lowered in ("true", "1", "yes")
-    if isinstance(current, (int, float, str)):
-        return type(current)(text)
-    if current is None:  # an unset key: a number when it reads as one, else the text
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-    raise ValueError(f"only boolean, number and string keys can be overridden here, not {type(current).__name__}")
-
-
 def variant_config(cfg, spec: str):
-    """A copy of `cfg` with the overrides of one `--variant` (`KEY=VALUE,...`); a key the config does not
-    have fails naming it and the valid keys where it was looked up."""
-    from alphallm_jax.pipeline.loop import config_section, derived_config
+    """A copy of `cfg` with the overrides of one `--variant` (`KEY=VALUE,...`, typed as the keys they
+    set; `pipeline.loop.overridden_config`)."""
+    from alphallm_jax.pipeline.loop import overridden_config
 
-    overrides = {}
-    for item in (part.strip() for part in spec.split(",") if part.strip()):
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--variant={spec}: {item!r} is not KEY=VALUE")
-        key = key.strip().removeprefix("config.")
-        try:
-            section, leaf = config_section(cfg, key)
-            overrides[key] = parse_value(text, section[leaf])
-        except KeyError as e:
-            raise ValueError(f"--variant={spec}: {e.args[0]}") from None
-        except ValueError as e:
-            raise ValueError(f"--variant={spec}: {key}: {e}") from None
-    if not overrides:
+    items = [part for part in spec.split(",") if part.strip()]
+    if not items:
         raise ValueError(f"--variant={spec!r} sets nothing")
-    return derived_config(cfg, **overrides)
+    return overridden_config(cfg, items, flag="--variant")
 
 
 def main(argv) -> None:

@@ -114,6 +114,55 @@ def derived_config(cfg, **overrides) -> ml_collections.ConfigDict:
     return out
 
 
+def override_value(text: str, current):
+    """`text` as an override of the config value `current`, in its type: a boolean from true/false, 1/0 or
+    yes/no; a number or string converted; a tuple or list from a Python literal of one
+    (`ast.literal_eval`, never eval); an unset value from a literal, else the text itself."""
+    import ast
+
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError("a config section, not a value: override its keys")
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{text!r} is not a boolean (true or false)")
+        return lowered in ("true", "1", "yes")
+    if isinstance(current, (int, float, str)):
+        return type(current)(text.strip() if not isinstance(current, str) else text)
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ValueError(f"{text!r} is not a Python literal of a {type(current).__name__}") from None
+    if isinstance(current, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"{text!r} is not a tuple, e.g. ('a', 'b')")
+        return type(current)(value)
+    return value
+
+
+def overridden_config(cfg, items, *, flag: str) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with `KEY=VALUE` items (`override_value` reads each VALUE as its key's type), for
+    flags that set config keys (`flag` names it in errors); a key the config lacks fails naming the
+    valid keys where it was looked up."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("config.")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r} is not KEY=VALUE, e.g. eval.temperature=1.0")
+        try:
+            section, leaf = config_section(cfg, key)
+        except KeyError as e:
+            raise ValueError(f"{flag} {item!r}: {e.args[0]}") from None
+        try:
+            overrides[key] = override_value(text, section[leaf])
+        except ValueError as e:
+            raise ValueError(f"{flag} {item!r}: {e}") from None
+    return derived_config(cfg, **overrides)
+
+
 def _acc(summary: dict, spec: str) -> dict:
     s = summary[spec]
     out = {"accuracy": s["accuracy"], "n": s["n"], "ci95": s["ci95"],
