@@ -30,7 +30,7 @@ from flax import nnx
 from alphallm_jax.critics.combiner import OutcomeCombiner, solution_features
 from alphallm_jax.critics.positions import blank_token_ids, orm_index, step_end_indices, strip_trailing
 from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with_checks
-from alphallm_jax.data.prompts import required_question, step_separator
+from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, row_bucket
@@ -236,14 +236,14 @@ class CriticScorer:
     def questions(self, prompt_ids: Sequence[Sequence[int]]) -> list[str] | None:
         """Each prompt's question, for the checks that read it (None when they are off); decoded once
         per distinct prompt: a search scores many rollouts of one prompt in a call. A prompt without a
-        question raises (`required_question`): a configured check is never skipped in silence."""
+        question raises (`ToolConfig.question_of`): a configured check is never skipped in silence."""
         if not self.tools.needs_question:
             return None
         if self.tokenizer is None:
             raise ValueError("critics.tools.question_numbers and critics.tools.operand_sources read each prompt's "
                              "question: build the CriticScorer with the policy's tokenizer")
         keys = [tuple(int(t) for t in p) for p in prompt_ids]
-        found = {key: required_question(self.tokenizer.decode(list(key))) for key in set(keys)}
+        found = {key: self.tools.question_of(self.tokenizer.decode(list(key))) for key in set(keys)}
         return [found[key] for key in keys]
 
     # -------------------------------------------------------------------------------- internals

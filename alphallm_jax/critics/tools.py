@@ -548,6 +548,20 @@ class ToolConfig:
         """Whether a check reads the question (the scorer then decodes each prompt's)."""
         return self.enabled and (self.question_numbers or self.operand_sources)
 
+    def question_of(self, prompt: str) -> str:
+        """The question that `operand_sources` and `question_numbers` read, from a plain or fewshot prompt
+        (`data.prompts.question_of_prompt`); a prompt without one (a chat prompt, a prompts file's free
+        text) raises, naming its start, so a configured check is never skipped in silence."""
+        from alphallm_jax.data.prompts import QUESTION_PREFIX, question_of_prompt
+
+        question = question_of_prompt(prompt)
+        if question is None:
+            raise ValueError(f"critics.tools.question_numbers and critics.tools.operand_sources read the question "
+                             f"after {QUESTION_PREFIX!r} in a plain or fewshot prompt, and this prompt has none: "
+                             f"{prompt[:120]!r}. Turn those checks off, or use data.prompt_format 'plain' or "
+                             f"'fewshot'")
+        return question
+
     def __post_init__(self):
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"critics.tools.combine={self.combine!r}; choose from {COMBINE_MODES}")

@@ -195,17 +195,6 @@ def question_of_prompt(prompt: str) -> str | None:
     return prompt[start:end if end >= 0 else len(prompt)].strip()
 
 
-def required_question(prompt: str) -> str:
-    """`question_of_prompt` for a check that cannot run without the question: a prompt without one (a
-    chat prompt, a prompts file's free text) raises, naming its start, instead of skipping the check."""
-    question = question_of_prompt(prompt)
-    if question is None:
-        raise ValueError(f"critics.tools.question_numbers and critics.tools.operand_sources read the question "
-                         f"after {QUESTION_PREFIX!r} in a plain or fewshot prompt, and this prompt has none: "
-                         f"{prompt[:120]!r}. Turn those checks off, or use data.prompt_format 'plain' or 'fewshot'")
-    return question
-
-
 def _exemplar_block(ex: Problem) -> str:
     return plain_prompt(ex.question) + format_solution(ex.solution or "", ex.task, ex.answer)
 

@@ -27,7 +27,6 @@ import jax
 import numpy as np
 
 from alphallm_jax.critics.tools import check_solutions, combine_with_checks
-from alphallm_jax.data.prompts import required_question
 from alphallm_jax.sampling import Completion, Sampler, SampleRequest, SeqState
 from alphallm_jax.sampling.token_texts import token_texts
 from alphallm_jax.search.options import OptionConfig, has_equation, option_end, solution_answer
@@ -320,7 +319,7 @@ class LMSearchBackend:
         if not owners:
             return
         tools = self.scorer.tools
-        questions = ([required_question(requests[i].handle.prompt) for i in owners] if tools.needs_question
+        questions = ([tools.question_of(requests[i].handle.prompt) for i in owners] if tools.needs_question
                      else None)
         checks = check_solutions([requests[i].handle.text for i in owners], self.task, tools, questions,
                                  complete=False)
