@@ -178,3 +178,7 @@ def value_guided_search(c: ml_collections.ConfigDict) -> None:
     c.search.mcts.beta_orm = 0.0
     c.search.mcts.num_rollouts = 0
     c.rollout_policy.enabled = False
+    # Q is then the value head's probability, in [0, 1], where the paper's margin of 1 could never be
+    # exceeded (no pair at all; `train.pairs.check_pair_margin` refuses it). The paper does not state its
+    # value scale; half the range, as 1 is of a value in [-1, 1], keeps its meaning of a clear gap.
+    c.policy_train.tau = 0.5

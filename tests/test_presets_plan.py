@@ -44,6 +44,7 @@ def test_config_and_variant_load_into_their_consumers(name, variant):
     from alphallm_jax.config import unknown_config_keys
     from alphallm_jax.pipeline.search_run import SearchSettings
     from alphallm_jax.synthesis import SynthesisSettings
+    from alphallm_jax.train.pairs import check_pair_margin
     from alphallm_jax.train.trainer import TrainConfig
 
     c = load_config(name, variant)
@@ -51,7 +52,9 @@ def test_config_and_variant_load_into_their_consumers(name, variant):
     c.lock()
     with pytest.raises(AttributeError):
         c.model.chekpoint = "x"  # the schema is locked: a typo fails
-    SearchSettings.from_config(c)
+    search = SearchSettings.from_config(c)
+    # Every config's pair margin can be exceeded on its search's Q scale (else CPL gets no pair).
+    check_pair_margin(c.policy_train.tau, search.mcts.beta_v, search.mcts.beta_prm, search.mcts.beta_orm)
     SynthesisSettings.from_config(c.synthesis)
     for section in (c.policy_train.sft, c.policy_train.dpo, c.critics.train, c.base.train):
         tc = TrainConfig.from_config(section)
@@ -65,7 +68,11 @@ def test_paper_preset_hyperparameters(name):
     sft, dpo = c.policy_train.sft, c.policy_train.dpo
     assert (sft.learning_rate, sft.end_learning_rate, sft.warmup_ratio, sft.batch_size) == (5e-6, 1e-6, 0.1, 128)
     assert sft.epochs <= 3 and dpo.batch_size == 64
-    assert (c.policy_train.alpha, c.policy_train.tau, c.policy_train.ordering) == (0.5, 1.0, "cpl")
+    assert (c.policy_train.alpha, c.policy_train.ordering) == (0.5, "cpl")
+    # The paper's margin 1 where Q spans [0, 3] (AlphaLLM's three critics); half the [0, 1] range where
+    # CPL's value-only search makes Q the value head's probability.
+    value_only = c.search.mcts.beta_prm == c.search.mcts.beta_orm == 0.0
+    assert c.policy_train.tau == (0.5 if value_only else 1.0)
     assert c.search.mcts.preset in ("gsm8k_small", "gsm8k_large", "math")
     assert c.critics.dev_split.endswith("train_dev")  # calibration on a held-out tail, never a test split
     with pytest.raises(ValueError, match="unknown variant"):

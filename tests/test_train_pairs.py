@@ -254,3 +254,17 @@ def test_malformed_tree_is_named(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFormatError, match=r"t.jsonl:2: children \[1, 2, 3\] do not name node 0"):
         Tree.load(path)
+
+
+def test_a_margin_beyond_the_q_scale_is_refused_and_the_largest_sibling_gap_is_reported(tree):
+    # Value-only search (the CPL presets): Q is a probability, so a margin of 1 admits no pair at all.
+    with pytest.raises(ValueError, match=r"tau=1: .*Q lies in \[0, 1\] with search.mcts beta_v=1, beta_prm=0"):
+        pairs_lib.check_pair_margin(1.0, 1.0, 0.0, 0.0)
+    pairs_lib.check_pair_margin(0.5, 1.0, 0.0, 0.0)
+    pairs_lib.check_pair_margin(1.0, 1.0, 1.0, 1.0)  # AlphaLLM's three critics: Q in [0, 3]
+    with pytest.raises(ValueError, match=r"Q lies in \[0, 3\]"):
+        pairs_lib.check_pair_margin(3.0, 1.0, 1.0, 1.0)
+    # Siblings 6 (Q 1.5) and 7 (Q -1.0) under node 2; with two visits required, 1 and 2 under the root.
+    assert pairs_lib.largest_sibling_gap([tree]) == pytest.approx(2.5)
+    assert pairs_lib.largest_sibling_gap([tree], min_visits=2) == pytest.approx(1.5)
+    assert pairs_lib.largest_sibling_gap([]) == 0.0

@@ -227,6 +227,8 @@ def run_loop(cfg, workdir) -> dict:
     """Every stage of the loop (module doc); returns the report (also written to DIR/report.json)."""
     from alphallm_jax.config import mesh_from_config
     from alphallm_jax.critics.pipeline import tool_config
+    from alphallm_jax.pipeline.search_run import mcts_config_from
+    from alphallm_jax.train.pairs import check_pair_margin
 
     start = time.time()
     run = LoopRun(cfg=cfg, root=as_path(workdir), mesh=mesh_from_config(cfg))
@@ -235,6 +237,8 @@ def run_loop(cfg, workdir) -> dict:
     _next_policy_stage(cfg)  # bad values fail now, not after the first iteration's training
     _sft_plan(cfg)
     tool_config(cfg)
+    mcts = mcts_config_from(cfg.search.mcts)
+    check_pair_margin(cfg.policy_train.tau, mcts.beta_v, mcts.beta_prm, mcts.beta_orm)
     if is_coordinator():
         atomic_write_json(run.root / "config.json", cfg.to_dict())
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}

@@ -111,6 +111,36 @@ class ExtractionConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+def q_scale(beta_v: float, beta_prm: float, beta_orm: float) -> float:
+    """The width of the interval every node's Q lies in, [0, this]: an interior node's reward is
+    beta_v * v + beta_prm * PRM + beta_orm * ORM with each critic score in [0, 1], a terminal's its ORM
+    (at most 1) or, with `terminal_reward="orm_scaled"`, that ORM times the betas' sum."""
+    return max(beta_v + beta_prm + beta_orm, 1.0)
+
+
+def check_pair_margin(tau: float, beta_v: float, beta_prm: float, beta_orm: float) -> None:
+    """Refuses a pair margin `tau` that no two nodes' Q can exceed on this search's scale: CPL would get no
+    stepwise pair at all. (The paper's margin, 1, is on its own value scale, which it does not state.)"""
+    scale = q_scale(beta_v, beta_prm, beta_orm)
+    if tau >= scale:
+        raise ValueError(f"policy_train.tau={tau:g}: no two Q values can differ by more than that, since every "
+                         f"Q lies in [0, {scale:g}] with search.mcts beta_v={beta_v:g}, beta_prm={beta_prm:g}, "
+                         f"beta_orm={beta_orm:g}; no stepwise or complete pair could be extracted. Set tau "
+                         f"below {scale:g}")
+
+
+def largest_sibling_gap(trees: Iterable[Tree], min_visits: int = 1) -> float:
+    """The largest Q gap between two children of one parent, both visited at least `min_visits` times,
+    over `trees` (0 where no parent has two): what a stepwise pair's margin `tau` is compared with."""
+    largest = 0.0
+    for tree in trees:
+        for parent in tree.nodes:
+            qs = [float(tree.nodes[c].Q) for c in parent.children if tree.nodes[c].N >= min_visits]
+            if len(qs) >= 2:
+                largest = max(largest, max(qs) - min(qs))
+    return largest
+
+
 # --------------------------------------------------------------------------------------- trees
 def tree_dirs(trees_dir: str | os.PathLike) -> list[epath.Path]:
     """The tree directories a ``policy_train.trees_dir`` value names: one directory, or several joined

@@ -36,6 +36,7 @@ from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.pairs import (
     ExtractionConfig,
     extract_all,
+    largest_sibling_gap,
     pair_counts,
     read_trees,
     tree_dirs,
@@ -295,9 +296,11 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         why = ("no SFT traces passed the thresholds" if method == "sft" else
                f"no pairs for ordering {ordering!r} passed the thresholds")
         if not allow_untrained:
+            gap = ("" if method == "sft" else f"; the largest Q gap between visited siblings there is "
+                   f"{largest_sibling_gap(trees, int(_get(pt, 'min_visits', 1))):.3g}, tau {float(pt.tau):g}")
             raise ValueError(f"{why} (policy_train.orm_threshold, tau, sft_selection) in the "
                              f"{len(trees)} trees of {pt.trees_dir}: {len(traces)} SFT traces, pairs "
-                             f"{pair_counts(pairs)}")
+                             f"{pair_counts(pairs)}{gap}")
         record = {"policy": str(cfg.model.checkpoint), **counts, "method": method, "steps": 0,
                   "train_pairs": 0, "epoch_policies": [], "untrained": why}
         if method == "dpo":
