@@ -247,3 +247,14 @@ def test_nothing_to_train_on_raises_or_is_recorded_untrained(tmp_path):
     assert (tmp_path / "run" / "pairs.jsonl").exists() and not (tmp_path / "run" / "policy").exists()
     again = policy_training.run_policy_training(cfg, tmp_path / "run", "dpo", allow_untrained=True)
     assert again["skipped"] and again["untrained"] == record["untrained"]
+
+
+def test_saved_epoch_policies_come_in_epoch_order(tmp_path):
+    # epoch_10 after epoch_9 (a string sort puts it after epoch_1); unfinished or foreign folders left out.
+    for k in (1, 2, 9, 10, 11):
+        (tmp_path / f"epoch_{k}").mkdir()
+        (tmp_path / f"epoch_{k}" / policy_training.DONE).write_text("")
+    (tmp_path / "epoch_3").mkdir()  # no DONE: unfinished
+    (tmp_path / "epoch_x").mkdir()
+    (tmp_path / "epoch_x" / policy_training.DONE).write_text("")
+    assert policy_training.saved_epoch_policies(tmp_path) == [str(tmp_path / f"epoch_{k}") for k in (1, 2, 9, 10, 11)]

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -143,6 +144,14 @@ def _epoch_snapshots(model_cfg, tokenizer: Tokenizer, run_dir, steps_per_epoch: 
     return callback
 
 
+def saved_epoch_policies(run_dir) -> list[str]:
+    """The finished `run_dir/epoch_K` policies in epoch order (epoch_10 after epoch_9): the loop labels
+    each policy by its place in this list."""
+    found = [(int(m.group(1)), str(p.parent)) for p in as_path(run_dir).glob(f"epoch_*/{DONE}")
+             if (m := re.fullmatch(r"epoch_(\d+)", p.parent.name))]
+    return [path for _, path in sorted(found)]
+
+
 def _epoch_means(metrics_path, steps_per_epoch: int) -> list[dict[str, float]]:
     """Per epoch, the mean of the logged train metrics (``metrics.jsonl``: every step with
     ``log_every = 1``)."""
@@ -227,7 +236,7 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
     if bool(_get(cfg, "save_epoch_policies", False)):
         callbacks.append(_epoch_snapshots(model.cfg, tokenizer, run_dir, steps_per_epoch))
     fit = trainer.fit(train_ex, dev_ex or None, callbacks=callbacks, epoch_order_fn=orderer)
-    epoch_policies = sorted(str(p.parent) for p in run_dir.glob(f"epoch_*/{DONE}"))
+    epoch_policies = saved_epoch_policies(run_dir)
     return {"method": "dpo", "ordering": ordering, "train_pairs": len(train_ex), "dev_pairs": len(dev_ex),
             "pair_kinds": pair_counts(pairs), "steps": fit.step, "epochs": fit.epoch,
             "steps_per_epoch": steps_per_epoch, "stopped_early": fit.stopped_early,
