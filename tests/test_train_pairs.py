@@ -268,3 +268,18 @@ def test_a_margin_beyond_the_q_scale_is_refused_and_the_largest_sibling_gap_is_r
     assert pairs_lib.largest_sibling_gap([tree]) == pytest.approx(2.5)
     assert pairs_lib.largest_sibling_gap([tree], min_visits=2) == pytest.approx(1.5)
     assert pairs_lib.largest_sibling_gap([]) == 0.0
+
+
+def test_pairs_of_twin_texts_are_left_out(tmp_path):
+    # Node 8 re-samples node 5's text (no state merging): 4 is preferred to either, but 5 and 8 differ by
+    # their Q alone, so their stepwise pair states no preference and is left out; so is the Q pair at
+    # depth 2 that would pit 9 (a twin of 6's text) against 6.
+    spec = dict(SPEC)
+    spec[8] = (1, 1.2, 2, 0.4, True, "eos", [51, EOS])  # the same tokens as node 5, a leaf now
+    spec[9] = (2, 0.1, 1, 0.6, True, "stop", [61, 62])  # the same tokens as node 6
+    twins = Tree.load(write_tree(tmp_path / "twins.jsonl", spec=spec))
+    pairs = pairs_lib.extract_pairs(twins, ExtractionConfig(tau=0.5, min_visits=1))
+    assert pairs and all(p["chosen"]["token_ids"] != p["rejected"]["token_ids"] for p in pairs)
+    kept = {(p["kind"], p["chosen"]["node"], p["rejected"]["node"]) for p in pairs}
+    assert ("stepwise", 8, 5) not in kept and ("stepwise", 4, 5) in kept and ("stepwise", 4, 8) in kept
+    assert ("stepwise", 6, 9) not in kept

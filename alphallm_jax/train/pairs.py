@@ -46,7 +46,9 @@ root -> a, with a = the lowest common ancestor of u and v (the shared parent for
 chosen = options a -> u', rejected = options a -> v'. For complete and Q pairs, whose trajectories
 need not share a prefix, moving a shared prefix into the prompt changes nothing: its tokens add the
 same log-probability to both sides, which cancels in the DPO margin, in CPL's policy gap p_g and
-(its step rewards) in the reward gap r_g; it only saves compute.
+(its step rewards) in the reward gap r_g; it only saves compute. A pair whose chosen and rejected
+responses are the same tokens (twin nodes of one text, which a search without state merging samples)
+is left out: it states no preference.
 
 Each side carries its per-step critic rewards (``step_reward_field`` per node on a -> leaf, falling
 back to ``reward`` then 0): CPL's r_g is ``sum(chosen.step_rewards) - sum(rejected.step_rewards)``,
@@ -308,6 +310,17 @@ def _cap(candidates: list[tuple[int, int, float, float]], limit: int) -> list[tu
     return [candidates[i] for i in sorted(ranked[:limit])]
 
 
+def _records(tree: Tree, kind: str, candidates: list[tuple[int, int, float, float]],
+             best: Sequence[int | None], cfg: ExtractionConfig) -> list[dict[str, Any]]:
+    """The pair records of ``candidates`` (largest gaps first up to the cap), leaving out pairs whose two
+    responses are the same tokens: twin nodes of one text (a search without state merging samples
+    repeats) whose Q differ by their rollouts alone state no preference, and give DPO no gradient."""
+    records = [_pair(tree, kind, *c, best, cfg) for c in candidates]
+    distinct = {c: r for c, r in zip(candidates, records)
+                if r["chosen"]["token_ids"] != r["rejected"]["token_ids"]}
+    return [distinct[c] for c in _cap(list(distinct), cfg.max_pairs_per_prompt)]
+
+
 def _ordered(a: int, b: int, va: float, vb: float) -> tuple[int, int, float, float]:
     """(better, worse, its value, the other's value); ties never reach here (gap > tau >= 0)."""
     return (a, b, va, vb) if va > vb else (b, a, vb, va)
@@ -334,7 +347,7 @@ def extract_pairs(tree: Tree, cfg: ExtractionConfig,
                 qa, qb = float(nodes[a].Q), float(nodes[b].Q)
                 if abs(qa - qb) > cfg.tau:
                     cands.append(_ordered(a, b, qa, qb))
-        out += [_pair(tree, "stepwise", *c, best, cfg) for c in _cap(cands, cfg.max_pairs_per_prompt)]
+        out += _records(tree, "stepwise", cands, best, cfg)
     if "complete" in kinds:
         leaves = [n.id for n in nodes if is_complete(n) and n.N >= cfg.min_visits]
         cands = []
@@ -343,7 +356,7 @@ def extract_pairs(tree: Tree, cfg: ExtractionConfig,
             vb = _field(nodes[b], cfg.complete_value_field, -math.inf)
             if abs(va - vb) > cfg.tau and tree.lca(a, b) not in (a, b):
                 cands.append(_ordered(a, b, va, vb))
-        out += [_pair(tree, "complete", *c, best, cfg) for c in _cap(cands, cfg.max_pairs_per_prompt)]
+        out += _records(tree, "complete", cands, best, cfg)
     if "q_pair" in kinds:
         cands = []
         depths = sorted({int(n.depth) for n in nodes if n.depth >= 1})
@@ -356,7 +369,7 @@ def extract_pairs(tree: Tree, cfg: ExtractionConfig,
             q_hi, q_lo = float(nodes[hi].Q), float(nodes[lo].Q)
             if q_hi - q_lo > cfg.q_pairs_min_gap:
                 cands.append((hi, lo, q_hi, q_lo))
-        out += [_pair(tree, "q_pair", *c, best, cfg) for c in _cap(cands, cfg.max_pairs_per_prompt)]
+        out += _records(tree, "q_pair", cands, best, cfg)
     return out
 
 
