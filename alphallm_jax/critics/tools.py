@@ -55,6 +55,14 @@ _SKIPPED = frozenset(" \t$")  # spaces and currency signs carry no arithmetic
 _RUN_CHARS = _DIGITS | frozenset(".,()%$ \t") | frozenset(_OPERATORS)
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 _WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+# `x` (or `X`) between two operands on one line is a multiplication sign: `60 x 60/100 = 36` reads as
+# `60*60/100`. (Nothing here looks across a newline, so checking line chunks equals checking the text.)
+_TIMES_X_RE = re.compile(r"(?<=[\d)])[ \t]*[xX][ \t]*(?=\$?[ \t]*[\d(])")
+# Text that continues an expression leftwards past what the written-equation scan can read: an operator
+# word (`half of 10 + 2 = 7`, `3 times 4 + 1 = 13`, `60 students x 2/3 = 40`); and, before a
+# parenthesis, a number or a closing parenthesis (an implicit product, `2(3+4)=14`).
+_CONTINUED_LEFT_RE = re.compile(r"\b(?:of|times|by|plus|minus|over|x)[ \t]*\$?[ \t]*\Z", re.IGNORECASE)
+_ENDS_AT_OPERAND_RE = re.compile(r"[\d)][ \t]*\Z")
 # A chunk must not end where an annotation's number may follow on the next line (`<<2*2=4>>\n4`).
 _ENDS_AT_ANNOTATION_RE = re.compile(r">>\s*\$?\s*$")
 
@@ -68,6 +76,7 @@ class Token:
     kind: str  # "num" | "op" | "(" | ")" | "%" | "junk"
     text: str
     value: Fraction | None = None
+    start: int = -1  # its offset in the scanned text
 
 
 def _number(text: str) -> Fraction:
@@ -90,16 +99,16 @@ def scan(text: str, *, lenient: bool = False) -> list[Token]:
             continue
         m = _NUMBER_RE.match(text, i) if (ch in _DIGITS or ch == ".") else None
         if m:
-            tokens.append(Token("num", m.group(), _number(m.group())))
+            tokens.append(Token("num", m.group(), _number(m.group()), i))
             i = m.end()
         elif ch in _OPERATORS:
-            tokens.append(Token("op", _OPERATORS[ch]))
+            tokens.append(Token("op", _OPERATORS[ch], start=i))
             i += 1
         elif ch in "()%":
-            tokens.append(Token(ch, ch))
+            tokens.append(Token(ch, ch, start=i))
             i += 1
         elif lenient:
-            tokens.append(Token("junk", ch))
+            tokens.append(Token("junk", ch, start=i))
             i += 1
         else:
             raise CalcError(f"unexpected character {ch!r} at {i}")
@@ -300,7 +309,7 @@ def _written_equations(text: str):
     The left side is the longest arithmetic suffix before '=' with at least two numbers (so `x = 5`
     or `half of 20 = 10` are not equations); the right side is the longest arithmetic prefix after it.
     """
-    plain = _ANNOTATION_RE.sub("", text)
+    plain = _TIMES_X_RE.sub("*", _ANNOTATION_RE.sub("", text))
     for eq in (i for i, ch in enumerate(plain) if ch == "="):
         start, end = _run_bounds(plain, eq)
         try:
@@ -318,6 +327,21 @@ def _written_equations(text: str):
                 break
         if lhs is None:
             continue
+        before = plain[:start + lhs_tokens[0].start]
+        if (k > 0 and left[k - 1].kind == "op") or _CONTINUED_LEFT_RE.search(before) \
+                or (lhs_tokens[0].kind == "(" and _ENDS_AT_OPERAND_RE.search(before)):
+            # The left side is the tail of a longer expression: an operator whose other operand is not
+            # arithmetic (`72 cubic ft * 3/4 = 54`), an operator word (`60 students x 2/3 = 40`, `half
+            # of 10 + 2 = 7`) or an implicit product (`2(3+4)=14`).
+            continue
+        bullet_at = start + lhs_tokens[0].start
+        if lhs_tokens[0].text == "-" and not before.rpartition("\n")[2].strip() \
+                and plain[bullet_at + 1:bullet_at + 2].isspace():
+            # A list bullet (`- 3 * 4 = 12` at a line's start), not a minus sign.
+            lhs_tokens = lhs_tokens[1:]
+            lhs = _parse_tokens(lhs_tokens) if sum(t.kind == "num" for t in lhs_tokens) >= 2 else None
+            if lhs is None:
+                continue
         rhs = rhs_tokens = None
         for k in range(len(right), 0, -1):
             rhs = _parse_tokens(right[:k])
@@ -335,7 +359,8 @@ def check_written_equations(text: str, rel_tol: float = 0.0) -> CheckResult:
     for lhs_tokens, lhs, rhs_tokens, rhs in _written_equations(text):
         result.checked += 1
         rhs_text = _tokens_text(rhs_tokens)
-        if not values_match(lhs, rhs, rhs_text, rel_tol):
+        percent = rhs_tokens[-1].kind == "%" and values_match(lhs, rhs * 100, rhs_text.rstrip("%"), rel_tol)
+        if not (values_match(lhs, rhs, rhs_text, rel_tol) or percent):
             result.failures.append(f"wrong equation {_tokens_text(lhs_tokens)}={rhs_text}: "
                                    f"left side is {_fmt(lhs)}")
     return result
