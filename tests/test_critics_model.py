@@ -149,7 +149,7 @@ def test_prm_aggregates():
     assert aggregate_prm(steps, "prod") == pytest.approx(0.36)
     assert aggregate_prm(steps, "mean") == pytest.approx(2.2 / 3)
     assert aggregate_prm(steps, "last") == pytest.approx(0.8)
-    assert aggregate_prm(np.zeros(0), "min") == 1.0
+    assert aggregate_prm(np.zeros(0), "min") == 0.0  # no step, no answer: ranked below any solution
 
 
 def test_critic_from_policy_copies_the_backbone_without_aliasing():

@@ -77,11 +77,12 @@ def _score_batch(graphdef, params, ids_bs: jax.Array, pos_bs: jax.Array, read_bk
 
 
 def aggregate_prm(steps: np.ndarray, how: str) -> float:
-    """One score from a solution's per-step PRM probabilities (1.0 for a solution with no step)."""
+    """One score from a solution's per-step PRM probabilities; 0.0 for a solution with no step (an empty
+    or blank sample holds no answer, and `prm@k` must never prefer it to a real solution)."""
     if how not in PRM_AGGREGATES:
         raise ValueError(f"prm aggregate {how!r}; choose from {PRM_AGGREGATES}")
     if steps.size == 0:
-        return 1.0
+        return 0.0
     if how == "min":
         return float(np.min(steps))
     if how == "prod":
