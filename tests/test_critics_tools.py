@@ -93,6 +93,7 @@ def test_rounded_results_and_non_equations():
     "Costs:\n- 5 * 2 = 10\n- 10 + 3 = 13",  # list bullets, not minus signs
     "-2+5=3",  # a minus sign, not a bullet
     "100 - 50 = 50% of them",  # a result written as a percentage
+    "1. He pays 2*3=<<2*3=6>>\n2. Then he buys more",  # the next line's list numeral, not the result
 ])
 def test_right_equations_written_in_common_ways_pass(text):
     # A left side cut out of a longer expression used to be checked alone (`3+1=7`, `-5*2=10`): 349 of
@@ -108,6 +109,11 @@ def test_right_equations_written_in_common_ways_pass(text):
 def test_wrong_equations_written_in_those_ways_still_fail(text, shown):
     r = check_solution(text, "gsm8k")
     assert r.failures and r.failures[0].startswith(f"wrong equation {shown}:"), r.failures
+
+
+def test_an_annotations_result_on_the_next_line_is_still_read():
+    assert not check_solution("He pays 2*3=<<2*3=6>>\n7 dollars.", "gsm8k").ok
+    assert check_solution("He pays 2*3=<<2*3=6>>\n6 dollars.", "gsm8k").ok
 
 
 def test_model_text_is_never_executed(monkeypatch):

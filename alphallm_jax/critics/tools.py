@@ -55,6 +55,7 @@ _SKIPPED = frozenset(" \t$")  # spaces and currency signs carry no arithmetic
 _RUN_CHARS = _DIGITS | frozenset(".,()%$ \t") | frozenset(_OPERATORS)
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 _WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+_LIST_MARK_RE = re.compile(r"[.)][ \t]")
 # `x` (or `X`) between two operands on one line is a multiplication sign: `60 x 60/100 = 36` reads as
 # `60*60/100`. (Nothing here looks across a newline, so checking line chunks equals checking the text.)
 _TIMES_X_RE = re.compile(r"(?<=[\d)])[ \t]*[xX][ \t]*(?=\$?[ \t]*[\d(])")
@@ -267,6 +268,8 @@ def check_annotations(text: str, rel_tol: float = 0.0) -> CheckResult:
             result.failures.append(f"wrong annotation <<{body}>>: {parts[0].strip()} = {_fmt(values[0])}")
             continue
         after = _WRITTEN_AFTER_RE.match(text, m.end())
+        if after is not None and "\n" in text[m.end():after.start(1)] and _LIST_MARK_RE.match(text, after.end(1)):
+            after = None  # the next line's list numeral (`<<2*3=6>>\n2. Then ...`), not the result
         if after is not None:
             try:
                 written = _number(after.group(1))
