@@ -223,6 +223,23 @@ def test_evicted_state_is_rebuilt_from_its_nearest_cached_ancestor(llama, tokeni
     assert d.token_ids == b.token_ids  # rebuilt state continues exactly like the original
 
 
+def test_a_batch_keeping_more_states_than_the_pool_holds_caches_what_fits(llama, tokenizer):
+    # 4 requests into 2 usable slots: the first two are cached, the other two count as evicted at once
+    # (before, the pool raised and lost the slots it had taken, failing every later call too).
+    model, _ = llama
+    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=3)
+    roots = [sampler.new_state(p) for p in _prompts(4, seed=6)]
+    outs = sampler.sample([SampleRequest(state=r, max_new_tokens=4, temperature=0.0) for r in roots])
+    assert [o.state.slot is not None for o in outs] == [True, True, False, False]
+    assert sampler.stats.evictions == 2 and sampler._pool.num_cached == 2
+    # Continuing a dropped state rebuilds it from scratch, exactly as an uninterrupted generation runs.
+    (more,) = sampler.sample([SampleRequest(state=outs[3].state, max_new_tokens=4, temperature=0.0)])
+    assert sampler.stats.rebuilds == 1
+    (whole,) = Sampler(model, tokenizer, max_len=96, pool_slots=3).sample(
+        [SampleRequest(state=roots[3], max_new_tokens=8, temperature=0.0)])
+    assert outs[3].token_ids + more.token_ids == whole.token_ids
+
+
 def test_stop_table_matches_across_token_boundaries():
     texts = ("a", "#", "##", " #", "x\n", "\n", "b#")
     table = build_stop_table("####", texts)
@@ -235,6 +252,10 @@ def test_stop_table_matches_across_token_boundaries():
     assert state == 4
     nl = StopTables(("\n", "\n\n"), texts)
     assert nl.table_kqv[0, 0, 4] == 1 and nl.table_kqv[1, 0, 4] == 1 and nl.table_kqv[1, 1, 5] == 2
+    # A token without text (a special token decoding to nothing) leaves every state where it was: the
+    # decoded "\n" + "" + "\n" holds the stop string, so the automaton must still see it.
+    table = build_stop_table("\n\n", ("\n", "", "a"))
+    assert table[1, 1] == 1 and table[0, 1] == 0 and table[1, 2] == 0 and table[table[1, 1], 0] == 2
 
 
 def test_different_stop_sets_and_lengths_share_one_decode_compile(llama, tokenizer):

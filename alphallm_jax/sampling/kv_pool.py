@@ -80,11 +80,22 @@ class KVPool:
         return _gather_rows(self.cache, jnp.asarray(slots, jnp.int32))
 
     def store(self, batch: KVCache, rows: list[int], states: list[SeqState], pinned: set[int] = frozenset()) -> None:
-        """Cache `states[i]` from row `rows[i]` of `batch`, evicting least-recently-used states."""
-        slots = [self._allocate(pinned) for _ in states]
+        """Cache `states[i]` from row `rows[i]` of `batch`, evicting least-recently-used states. A batch of
+        more states than the pool can give slots (its free ones and every unpinned cached one) caches the
+        first that many; the rest count as evicted at once, so continuing one rebuilds it from its nearest
+        cached ancestor, as for any evicted state. Nothing is allocated that is not then recorded."""
+        room = len(self._free) + sum(1 for s in self._lru.values() if s.id not in pinned)
+        keep = min(len(states), room)
+        slots = [self._allocate(pinned) for _ in range(keep)]
         for slot, state in zip(slots, states):
             state.slot, state.was_cached = slot, True
             self._lru[slot] = state
+        for state in states[keep:]:
+            state.was_cached = True
+        self.evictions += len(states) - keep
+        if not slots:
+            return
+        rows = list(rows)[:keep]
         # Index lists padded to a row bucket (padding writes to slot num_slots: dropped), so storing
         # batches of different sizes reuses the few compiles the device calls' row buckets already need.
         padded = row_bucket(len(slots), 1)
@@ -98,8 +109,8 @@ class KVPool:
         for slot, victim in self._lru.items():  # noqa: B007 (slot is used after the loop)
             if victim.id not in pinned:
                 break
-        else:
-            raise RuntimeError("KV pool is full of pinned states; raise sampling.pool_slots")
+        else:  # `store` asks for no more slots than it counted free or evictable
+            raise AssertionError("KV pool: no free or unpinned slot")
         del self._lru[slot]
         victim.slot = None
         self.evictions += 1

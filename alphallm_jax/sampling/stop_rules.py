@@ -50,6 +50,9 @@ def build_stop_table(stop: str, token_texts: tuple[str, ...]) -> np.ndarray:
     table[m, :] = m
     stop_chars = set(stop)
     for token, text in enumerate(token_texts):
+        if not text:  # no text (a special token decoding to nothing): every state stays where it was
+            table[:m, token] = np.arange(m)
+            continue
         if not stop_chars.intersection(text):
             continue  # a token without any character of s resets every state to 0
         for q in range(m):
