@@ -215,6 +215,11 @@ MATH_CASES = [
     ("\\frac{1}{2}", "\\frac{1}{3}", False),
     ("1/3", "0.333", False),
     ("4", "x=5", False),
+    # Letters after a number are mathematics, not a unit word: 3i is not 3, nor 2 the answer 2k.
+    ("3i", "3", False),
+    ("5x", "5", False),
+    ("2", "2k", False),
+    ("-2", "y = -2x", False),
 ]
 
 

@@ -214,14 +214,16 @@ def _strip_number_decorations(s: str) -> str:
     return s.strip()
 
 
-def parse_number(s: str | None) -> float | None:
+def parse_number(s: str | None, *, units: bool = True) -> float | None:
     """Parse an answer-like string as one number, or return ``None``.
 
     Accepts a sign, ``$``/``\\$``, thousands commas, decimals (``18.00``), a fraction
     ``a/b`` or ``\\frac{a}{b}``/``\\dfrac``, a trailing ``%`` (the value is kept: ``"25%"``
-    -> 25.0), trailing unit words (``"18 dollars"``, ``"5 apples"``), ``^\\circ`` and a
-    trailing period. Anything with a second number or other symbols is ``None``: this
-    parses answers, it does not evaluate expressions.
+    -> 25.0), trailing unit words (``"18 dollars"``, ``"5 apples"``; with ``units=False``
+    none: a normalised MATH answer has dropped its ``\\text{ units}``, and letters left
+    after a number are mathematics, ``3i`` or ``5x``), ``^\\circ`` and a trailing period.
+    Anything with a second number or other symbols is ``None``: this parses answers, it
+    does not evaluate expressions.
     """
     if s is None:
         return None
@@ -236,7 +238,7 @@ def parse_number(s: str | None) -> float | None:
         value = a / b
         return float(-value if m.group("sign") else value)
     m = _NUMBER_RE.match(t)
-    if not m:
+    if not m or (m.group("unit") and not units):
         return None
     if m.group("sign") and m.group("sign2"):
         return None
@@ -582,7 +584,7 @@ def canonical_answer(answer: str | None, task: str) -> str | None:
         v = parse_number(answer)
         return format_number(v) if v is not None else answer.strip()
     norm = normalize_math_answer(answer)
-    v = parse_number(norm)
+    v = parse_number(norm, units=False)
     return format_number(v) if v is not None else norm
 
 
@@ -594,7 +596,7 @@ def _math_answers_equal(pred: str, ref: str, use_math_verify: bool = True) -> bo
         return True
     if re.fullmatch(r"[A-Za-z]{2,}", np_) and re.fullmatch(r"[A-Za-z]{2,}", nr):
         return np_.lower() == nr.lower()
-    vp, vr = parse_number(np_), parse_number(nr)
+    vp, vr = parse_number(np_, units=False), parse_number(nr, units=False)
     if vp is not None and vr is not None:
         return numbers_equal(vp, vr)
     if not use_math_verify:
