@@ -128,6 +128,18 @@ def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
         evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity={**more, "critic": "ddd"})
 
 
+def test_results_of_other_problems_under_the_same_ids_are_refused(tmp_path):
+    # Ids name problems by split and index: after a change of generator (data.arith) or dataset, the
+    # rows of `t-0` graded another question, and resuming would keep them.
+    import dataclasses
+
+    sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"], "q9": ["#### 3"]})
+    evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)
+    changed = [dataclasses.replace(PROBLEMS[0], question="q9", answer="3")] + PROBLEMS[1:]
+    with pytest.raises(ValueError, match=r"problem 't-0' was evaluated on another question or reference"):
+        evaluate_methods(changed, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)
+
+
 def test_eval_identity_holds_the_models_a_method_uses(tmp_path):
     from alphallm_jax.pipeline.evaluation import eval_identity
     from alphallm_jax.utils.io import files_fingerprint
@@ -145,6 +157,11 @@ def test_eval_identity_holds_the_models_a_method_uses(tmp_path):
     assert searched["rollout_policy"] == files_fingerprint(tmp_path / "fast_rollout/policy")
     assert len({plain["policy"], reranked["critic"], searched["rollout_policy"]}) == 3
     assert "rollout_policy" not in eval_identity(cfg, tmp_path / "policy", ["mcts_lean@4", "beam"], tmp_path)
+    # Rollouts by the policy itself are recorded too, so switching the fast policy off never resumes
+    # past results it rolled out.
+    cfg.rollout_policy.enabled = False
+    assert eval_identity(cfg, tmp_path / "policy", ["mcts"], tmp_path)["rollout_policy"] == "the policy itself"
+    cfg.rollout_policy.enabled = True
     assert "critic_settings" not in plain
     cfg.critics.tools.enabled = False  # the same critic files, other scores
     assert eval_identity(cfg, tmp_path / "policy", ["orm@4"], tmp_path)["critic_settings"] != reranked["critic_settings"]

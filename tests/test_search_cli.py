@@ -80,6 +80,16 @@ def test_a_resumed_search_redoes_started_chunks_whole_and_rewrites_nothing(tmp_p
     assert all(trees_dir.joinpath(n).stat().st_mtime_ns == t for n, t in mtimes.items())
 
 
+def test_a_finished_tree_of_another_problem_under_the_same_id_is_refused(tmp_path):
+    # A prompts file's ids are its line numbers: another file reuses them for other prompts.
+    settings = SearchSettings(mcts=MCTSConfig(c_min0=2, c_max0=2, num_simulations=4, min_terminals=1, max_depth=2))
+    search_to_dir([SearchProblem("prompt-00001", "Q1\n", reference="5")], SyntheticBackend(), settings,
+                  tmp_path / "trees")
+    with pytest.raises(ValueError, match="holds the tree of another problem under the id 'prompt-00001'"):
+        search_to_dir([SearchProblem("prompt-00001", "Q2\n", reference="7")], SyntheticBackend(), settings,
+                      tmp_path / "trees")
+
+
 def test_the_fast_rollout_policy_is_loaded_only_for_searches_that_roll_out(tmp_path):
     """`mcts_lean` and `beam` sample no fast rollouts: their backend neither needs nor loads the
     fast-rollout policy (here absent from the workdir), while `mcts`'s looks for it."""

@@ -87,10 +87,11 @@ RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit")
 def eval_identity(cfg, checkpoint, methods=(), workdir=None) -> dict:
     """What an evaluation's per-problem results depend on besides the method's spec: the policy's files by
     content (a moved or copied workdir still resumes; a retrained policy at the same path does not), the
-    critic's (with the settings that shape its scores) and the fast-rollout policy's where `methods` use
-    them (`workdir` locates them), and the settings that shape prompts, sampling and search."""
+    critic's (with the settings that shape its scores) and what rollouts come from where `methods` roll
+    out (`workdir` locates them), and the settings that shape prompts, sampling and search. (The problems
+    themselves are checked row by row on resumption, `_check_same_problems`.)"""
     from alphallm_jax.pipeline.search_methods import CRITIC_METHODS
-    from alphallm_jax.pipeline.search_run import critic_dir, critic_settings, rolls_out_with_fast_policy
+    from alphallm_jax.pipeline.search_run import critic_dir, critic_settings, rollout_identity
 
     def plain(section):
         return section.to_dict() if hasattr(section, "to_dict") else section
@@ -102,11 +103,7 @@ def eval_identity(cfg, checkpoint, methods=(), workdir=None) -> dict:
     if names & set(CRITIC_METHODS):
         identity["critic"] = files_fingerprint(critic_dir(cfg, workdir))
         identity["critic_settings"] = critic_settings(cfg)
-    if rolls_out_with_fast_policy(cfg, methods):
-        from alphallm_jax.critics.fast_rollout import fast_policy_dir
-
-        identity["rollout_policy"] = files_fingerprint(fast_policy_dir(cfg, workdir))
-    return identity
+    return {**identity, **rollout_identity(cfg, workdir, methods)}
 
 
 def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir, *, batch_size: int,
@@ -125,6 +122,7 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
         part = _part_path(out_root, spec)
         done_rows, _ = read_jsonl_tolerant_tail(part, repair=True)
         done = {r["id"] for r in done_rows}
+        _check_same_problems(part, done_rows, mine)
         todo = [p for p in mine if p.id not in done]
         with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{tag} {spec}", unit="problem") as bar:
             for start in range(0, len(todo), batch_size):
@@ -138,6 +136,19 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     if not is_coordinator():  # the workdir is shared (a local disk or a bucket): every process reads the merge
         summary = read_json(out_root / "summary.json")["methods"]
     return summary
+
+
+def _check_same_problems(part, rows, problems: list[Problem]) -> None:
+    """Finished rows resume only for the problems they graded: ids name problems by split and index, so a
+    changed generator (`data.arith`) or dataset reuses them for other questions."""
+    by_id = {p.id: p for p in problems}
+    for r in rows:
+        p = by_id.get(r["id"])
+        if p is not None and (r.get("question"), r.get("reference")) != (p.question, p.answer):
+            raise ValueError(f"{part}: problem {p.id!r} was evaluated on another question or reference "
+                             f"({r.get('question')!r}, {r.get('reference')!r} there; {p.question!r}, "
+                             f"{p.answer!r} now: another dataset or generator); use a new workdir, or remove "
+                             f"{part.parent}")
 
 
 def seed_results(problems: list[Problem], spec: str, rows, workdir, *, tag: str = "eval") -> int:

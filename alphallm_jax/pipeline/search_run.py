@@ -107,6 +107,21 @@ def rolls_out_with_fast_policy(cfg, methods: Sequence[str], settings: SearchSett
     return (settings or SearchSettings.from_config(cfg)).mcts.num_rollouts > 0
 
 
+def rollout_identity(cfg, workdir, methods: Sequence[str], settings: SearchSettings | None = None) -> dict:
+    """What a search's rollouts come from, for a run's identity: the fast-rollout policy's files, or the
+    policy itself (`rolls_out_with_fast_policy` off) where `methods` roll out at all; {} where none does.
+    Recording the second case too keeps a switch between them from resuming past results."""
+    names = {spec.partition("@")[0] for spec in methods}
+    if "mcts" not in names or (settings or SearchSettings.from_config(cfg)).mcts.num_rollouts <= 0:
+        return {}
+    if not rolls_out_with_fast_policy(cfg, methods, settings):
+        return {"rollout_policy": "the policy itself"}
+    from alphallm_jax.critics.fast_rollout import fast_policy_dir
+    from alphallm_jax.utils.io import files_fingerprint
+
+    return {"rollout_policy": files_fingerprint(fast_policy_dir(cfg, workdir))}
+
+
 def make_backend(cfg, workdir, model, tokenizer, prompts: Sequence[str], *, scorer=None, mesh=None,
                  settings: SearchSettings | None = None, fast_policy=None,
                  methods: Sequence[str] = ("mcts",)) -> LMSearchBackend:
@@ -189,6 +204,15 @@ def _load_finished(path) -> Tree | None:
         return None
 
 
+def _check_same_problem(tree: Tree, problem: SearchProblem, path) -> None:
+    """A finished tree resumes only for the problem it searched: ids name problems by split and index (or
+    a prompts file's line), so another generator, dataset or prompts file reuses them."""
+    if (tree.problem.prompt, tree.problem.reference) != (problem.prompt, problem.reference):
+        raise ValueError(f"{path} holds the tree of another problem under the id {problem.problem_id!r} (its "
+                         f"prompt or reference differs: another dataset, generator or prompts file); use a "
+                         f"new workdir, or remove {path.parent}")
+
+
 def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSettings, trees_dir, *,
                   method: str = "mcts", problems_per_call: int = 256,
                   desc: str = "search") -> tuple[list[Tree], int]:
@@ -212,6 +236,7 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
     for p in mine:
         tree = _load_finished(paths[p.problem_id])
         if tree is not None:
+            _check_same_problem(tree, p, paths[p.problem_id])
             trees[p.problem_id] = tree
     todo = [p for p in mine if p.problem_id not in trees]
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="problem") as bar:
@@ -299,11 +324,8 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     from alphallm_jax.utils.run_identity import check_run_identity
 
     identity = {"policy": files_fingerprint(cfg.model.checkpoint), "critic": files_fingerprint(critic_dir(cfg, workdir)),
-                "critic_settings": critic_settings(cfg), "method": method, "settings": settings.to_dict(), "seed": cfg.seed}
-    if rolls_out_with_fast_policy(cfg, (method,), settings):
-        from alphallm_jax.critics.fast_rollout import fast_policy_dir
-
-        identity["rollout_policy"] = files_fingerprint(fast_policy_dir(cfg, workdir))
+                "critic_settings": critic_settings(cfg), "method": method, "settings": settings.to_dict(), "seed": cfg.seed,
+                **rollout_identity(cfg, workdir, (method,), settings)}
     check_run_identity(out, identity, resumable=())
     backend = make_backend(cfg, workdir, model, tokenizer, [p.prompt for p in problems], mesh=mesh,
                            settings=settings, methods=(method,))
