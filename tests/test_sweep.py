@@ -52,6 +52,14 @@ def test_loop_checkpoints_follow_the_stage_records(tmp_path):
         sweep_checkpoints(cfg)
     with pytest.raises(FileNotFoundError, match="no finished loop stage"):
         loop_checkpoints(tmp_path / "empty")
+    # A loop started from a checkpoint (a real model) has no base stage: its base is the run config's.
+    import json
+
+    real = tmp_path / "real"
+    (real / "iter_1" / "sft" / "policy").mkdir(parents=True)
+    _stage(real / "iter_1" / "sft", real / "iter_1" / "sft" / "policy")
+    (real / "config.json").write_text(json.dumps({"model": {"checkpoint": "/ckpt/llama2_7b"}}))
+    assert [(c.name, c.path) for c in loop_checkpoints(real)][0] == ("base", "/ckpt/llama2_7b")
 
 
 @pytest.mark.slow

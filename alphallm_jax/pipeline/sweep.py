@@ -22,7 +22,7 @@ import jax
 
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.loop import STAGE_RECORD, read_stage_record
-from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text
+from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
 
 # Methods whose spec takes a budget `@k` (samples, simulations or beam width); the rest run once.
 BUDGETED_METHODS = ("maj", "orm", "prm", "pass", "mcts", "mcts_lean", "beam")
@@ -69,12 +69,18 @@ def _named(entry: str) -> SweepCheckpoint:
 
 def loop_checkpoints(loop_workdir) -> list[SweepCheckpoint]:
     """The base policy and every finished iteration's SFT and CPL policies of a loop run, from the stage
-    records the loop wrote (a stage that kept its input policy names the same directory: listed once)."""
+    records the loop wrote (a stage that kept its input policy names the same directory: listed once).
+    The base is the policy the loop trained (base/stage.json) or, for a loop started from a checkpoint,
+    the run config's `model.checkpoint` (config.json)."""
     root = as_path(loop_workdir)
     base = root / "base"
     found: list[SweepCheckpoint] = []
     if (base / STAGE_RECORD).exists():
         found.append(SweepCheckpoint("base", read_stage_record(base, root)["record"]["policy"]))
+    elif (root / "config.json").exists():
+        start = (read_json(root / "config.json").get("model") or {}).get("checkpoint")
+        if start:
+            found.append(SweepCheckpoint("base", str(start)))
     it = 1
     while (root / f"iter_{it}").exists():
         for stage in ("sft", "cpl"):
