@@ -96,3 +96,16 @@ def test_rope_frequencies_match_transformers(scaling):
   np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
   plain = inv_frequencies(ModelConfig.from_hf_config(hf_cfg.to_dict()).replace(rope_scaling=None))
   assert not np.allclose(ours, plain)
+
+
+def test_an_exported_config_spells_rope_scaling_both_ways():
+  # transformers 5 reads `rope_parameters`, 4.x only `rope_scaling`: a scaled export carries both.
+  cfg = ModelConfig.from_hf_config({**transformers.LlamaConfig(**SMALL).to_dict(), "rope_parameters": {
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64, "rope_theta": 5e5}})
+  out = cfg.to_hf_config()
+  assert out["rope_scaling"] == cfg.rope_scaling_dict and out["rope_scaling"]["rope_type"] == "llama3"
+  assert {k: v for k, v in out["rope_parameters"].items() if k != "rope_theta"} == out["rope_scaling"]
+  assert ModelConfig.from_hf_config(out) == cfg
+  assert transformers.LlamaConfig.from_dict(out).to_dict()["rope_parameters"]["factor"] == 8.0
+  assert "rope_scaling" not in PRESETS["llama2_7b"].to_hf_config()  # nothing to scale, nothing written

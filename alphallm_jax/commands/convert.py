@@ -17,7 +17,7 @@ def main(argv) -> None:
     from etils import epath
 
     from alphallm_jax.models import Tokenizer, check_tokenizer_matches
-    from alphallm_jax.models.hf_io import CONFIG_FILE, load_hf_checkpoint, save_hf_checkpoint
+    from alphallm_jax.models.hf_io import CONFIG_FILE, hf_param_dtype, load_hf_checkpoint, save_hf_checkpoint
     from alphallm_jax.utils.checkpoint import MODEL_CONFIG_FILE, restore_model, save_model
 
     f = flags.FLAGS
@@ -27,7 +27,7 @@ def main(argv) -> None:
     if (src / MODEL_CONFIG_FILE).exists():
         model, cfg = restore_model(src, param_dtype=f.param_dtype)
     elif (src / CONFIG_FILE).exists():
-        model, cfg = load_hf_checkpoint(src, param_dtype=f.param_dtype)
+        model, cfg = load_hf_checkpoint(src, param_dtype=f.param_dtype or hf_param_dtype(src))
     else:
         raise FileNotFoundError(f"{src} has neither {CONFIG_FILE} (HF) nor {MODEL_CONFIG_FILE} (orbax)")
     tokenizer = Tokenizer.from_dir(src)

@@ -193,6 +193,10 @@ class ModelConfig:
         "dtype": self.param_dtype,
         "torch_dtype": self.param_dtype,
     }
+    if self.rope_scaling_dict:
+      # transformers 4.x reads scaling from `rope_scaling` only (5.x from `rope_parameters`): without it a
+      # 4.x load of a Llama-3.1-style export would run plain RoPE.
+      out["rope_scaling"] = dict(self.rope_scaling_dict)
     if self.architecture == "mistral":
       out["sliding_window"] = self.sliding_window
     return out

@@ -145,6 +145,14 @@ def _place(value: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
+def hf_param_dtype(path: str | os.PathLike) -> str:
+  """The weights' dtype an HF checkpoint's config.json states (`dtype`, or the older `torch_dtype`), as
+  this project stores parameters: bfloat16 stays bfloat16, anything else (float16 included) float32."""
+  cfg = read_hf_config(Path(path))
+  stated = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+  return "bfloat16" if stated == "bfloat16" else "float32"
+
+
 def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
                        param_dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
                        rules: ShardingRules = ShardingRules()) -> tuple[Decoder, ModelConfig]:
