@@ -145,3 +145,6 @@ def test_truncate_rewinds_rows(plain):
   np.testing.assert_array_equal(cache.lengths(), [8, 8])
   logits, cache = plain.step(cache, IDS[:, 8:12])
   np.testing.assert_allclose(logits, plain.full[:, 8:12], atol=TOL)
+  ring = cache.replace(ring=True)  # a sliding-window ring: overwritten slots cannot come back
+  with pytest.raises(ValueError, match="ring .* cannot be rewound"):
+    ring.truncate(jnp.array([8, 8]))

@@ -148,6 +148,11 @@ class KVCache:
     return jax.tree.map(lambda x, o: x.at[idx_b].set(o, mode="drop"), self, other)
 
   def truncate(self, lengths_b: jax.Array) -> KVCache:
-    """Forgets positions >= lengths_b[row] (rewinds rows; the keys become unreachable)."""
+    """Forgets positions >= lengths_b[row] (rewinds rows; the keys become unreachable). Not for a ring
+    (sliding-window) cache: the later positions may have overwritten slots of earlier ones still inside
+    the window, which a rewind cannot bring back."""
+    if self.ring:
+      raise ValueError("a ring (sliding-window) KV cache cannot be rewound: later positions may have "
+                       "overwritten earlier ones; rebuild the rows from their tokens instead")
     keep = self.slot_pos_bt < jnp.asarray(lengths_b, jnp.int32)[:, None]
     return self.replace(slot_pos_bt=jnp.where(keep, self.slot_pos_bt, -1))
