@@ -121,6 +121,12 @@ NUMERIC_CASES = [
     ("no number here", "3", False),
     ("", "3", False),
     ("#### 12\n\nQuestion: Tom has 5 ...\nAnswer:\n#### 5", "12", True),
+    # A #### line's one number under markup (instruct models' markdown); two numbers stay unread.
+    ("#### **8**", "8", True),
+    ("#### (8)", "8", True),
+    ("#### The answer is 8", "8", True),
+    ("#### **9**", "8", False),
+    ("#### 18 (9*2)", "18", False),
 ]
 
 

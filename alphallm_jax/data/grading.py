@@ -135,6 +135,18 @@ def _clean_answer_span(span: str) -> str:
     return s.strip().strip("$").strip()
 
 
+def _numeric_hash_answer(span: str | None) -> str | None:
+    """A GSM8K/arith ``#### ...`` line's answer: the line itself when it reads as a number, else its one
+    number after markup (``**8**``, ``(8)``, ``The answer is 8``) is removed; else the line as written."""
+    if span is None or parse_number(span) is not None:
+        return span
+    cleaned = _clean_answer_span(span).strip("*_() \t")
+    if parse_number(cleaned) is not None:
+        return cleaned
+    nums = _NUMBER_TOKEN_RE.findall(cleaned)
+    return nums[0] if len(nums) == 1 else span
+
+
 def _extract_raw(text: str, task: str) -> str | None:
     hash_answer = None
     for m in _HASH_RE.finditer(text):  # the FIRST "#### N": text after it is run-on
@@ -150,7 +162,7 @@ def _extract_raw(text: str, task: str) -> str | None:
     if task in MATH_TASKS:
         order = (boxed, answer_is, hash_answer)
     else:
-        order = (hash_answer, boxed, answer_is)
+        order = (_numeric_hash_answer(hash_answer), boxed, answer_is)
     for cand in order:
         if cand:
             return cand
