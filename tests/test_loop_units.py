@@ -237,6 +237,20 @@ def test_an_ordering_without_pairs_is_reported_untrained_not_a_failed_loop(tmp_p
     assert "| shuffle | 0 | - | untrained: no pairs for ordering 'shuffle' passed the thresholds | - |" in md
 
 
+def test_a_seed_with_nothing_to_train_on_leaves_the_other_seeds_means(tmp_path):
+    cfg = default_config()
+    cfg.loop.ablation_orderings, cfg.loop.ablation_seeds = ("shuffle",), 2
+    run = LoopRun(cfg=cfg, root=as_path(tmp_path), log=lambda s: None)
+    run.stage("iter_1/sft", lambda d: {"policy": "p"})
+    run.stage("ablations/shuffle_seed0", lambda d: {"ordering": "shuffle", "seed": 0, "epoch_accuracy": [0.3, 0.4],
+                                                    "train_pairs": 5})
+    run.stage("ablations/shuffle_seed1", lambda d: {"ordering": "shuffle", "seed": 1, "epoch_accuracy": [],
+                                                    "train_pairs": 0, "untrained": "no pairs"})
+    row = _ablations(run)["shuffle"]
+    assert [(e["epoch"], e["mean"], e["spread"]) for e in row["epochs"]] == [(1, 0.3, 0.0), (2, 0.4, 0.0)]
+    assert row["trained_seeds"] == [0] and row["untrained"] == "no pairs"
+
+
 def _acc(a, tokens=100.0):
     return {"accuracy": a, "n": 50, "ci95": [max(0.0, a - 0.1), min(1.0, a + 0.1)], "mean_generated_tokens": tokens}
 

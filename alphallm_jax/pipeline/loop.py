@@ -258,7 +258,7 @@ def run_loop(cfg, workdir) -> dict:
         record, policy_dir = _iteration(run, it, policy_dir, base_policy)
         report["iterations"].append(record)
 
-    report["ablations"] = _ablations(run) if cfg.loop.ablation_orderings else {}
+    report["ablations"] = _ablations(run) if cfg.loop.ablation_orderings and cfg.loop.ablation_seeds > 0 else {}
     report["stage_seconds"] = dict(run.stage_seconds)
     report["wall_seconds"] = round(sum(run.stage_seconds.values()), 1)
     report["this_invocation_seconds"] = round(time.time() - start, 1)
@@ -546,15 +546,20 @@ def _ablations(run: LoopRun) -> dict:
                                       lambda r: f"{r['ordering']}: " + (f"untrained, {r['untrained']}"
                                                 if r.get("untrained") else "greedy per epoch " + ", ".join(
                                                     f"{100 * a:.1f}%" for a in r["epoch_accuracy"]))))
-        num_epochs = min(len(r["epoch_accuracy"]) for r in per_seed)
+        # Means over the seeds that trained: one seed with nothing to train on (its "untrained" reason is
+        # kept) must not hide the others' accuracies.
+        trained = [r for r in per_seed if not r.get("untrained")]
+        num_epochs = min((len(r["epoch_accuracy"]) for r in trained), default=0)
         table[ordering] = {
             "seeds": [r["seed"] for r in per_seed],
             "train_pairs": per_seed[0]["train_pairs"],
             "untrained": next((r["untrained"] for r in per_seed if r.get("untrained")), None),
             "epochs": [{"epoch": e + 1,
-                        "mean": statistics.fmean(r["epoch_accuracy"][e] for r in per_seed),
-                        "spread": (max(r["epoch_accuracy"][e] for r in per_seed)
-                                   - min(r["epoch_accuracy"][e] for r in per_seed))}
+                        "mean": statistics.fmean(r["epoch_accuracy"][e] for r in trained),
+                        "spread": (max(r["epoch_accuracy"][e] for r in trained)
+                                   - min(r["epoch_accuracy"][e] for r in trained))}
                        for e in range(num_epochs)],
         }
+        if trained and len(trained) < len(per_seed):
+            table[ordering]["trained_seeds"] = [r["seed"] for r in trained]
     return table
