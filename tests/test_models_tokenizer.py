@@ -62,3 +62,12 @@ def test_hf_json_tokenizer(tokenizer, tmp_path):
 def test_missing_tokenizer_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer.model"):
     Tokenizer.from_dir(tmp_path)
+
+
+def test_pad_id_of_an_hf_tokenizer_without_pad_or_eos_is_zero():
+  # Padding is masked everywhere, so any id serves; an HF tokenizer naming neither a pad nor an eos
+  # token used to fail with an IndexError here.
+  class Bare:
+    pad_token_id = eos_token_id = bos_token_id = None
+
+  assert Tokenizer(hf=Bare()).pad_id == 0

@@ -93,7 +93,10 @@ class Tokenizer:
           return candidate
     elif self._hf.pad_token_id is not None:
       return self._hf.pad_token_id
-    return self.eos_ids[0]
+    if self.eos_ids:
+      return self.eos_ids[0]
+    # Padding is masked everywhere (positions -1, no loss), so any id serves; 0 when none is named.
+    return 0
 
   # ---- text <-> ids --------------------------------------------------------------------------
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
