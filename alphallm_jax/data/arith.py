@@ -834,7 +834,7 @@ def generate_problems(
         tries += 1
         if tries > max_tries_factor * max(n, 10):
             raise RuntimeError(
-                f"only {len(out)} distinct problems after {tries} tries; the config {cfg} is too narrow for n={{n}}"
+                f"only {len(out)} distinct problems after {tries} tries; the config {cfg} is too narrow for n={n}"
             )
         row = _one_problem(cfg, rng)
         q = row["question"]

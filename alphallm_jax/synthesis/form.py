@@ -30,7 +30,9 @@ _INTERROGATIVE = re.compile(rf"\b(?:how|what|which|who|whom|whose|when|where|why
 _STARTS_WITH_AUXILIARY = re.compile(rf"^{_AUXILIARY}\b", re.IGNORECASE)
 _ASKED_QUANTITY = re.compile(r"\bhow many ([a-z]+)(?: ([a-z]+))?(?: ([a-z]+))?", re.IGNORECASE)
 _NAME = re.compile(r"(?<!^)(?<![.!?] )\b[A-Z][a-z]+\b")
-INTEGER = re.compile(r"(?<![\d.,])\d+(?![\d.,]\d)")  # a whole number, not part of a decimal or 1,000
+INTEGER = re.compile(r"(?<![\d.,])\d+(?!\d|[.,]\d)")  # a whole number, not part of a decimal or 1,000
+# Any written quantity, thousands separators and decimals included (`90,000`, `12.5`), for the size limit.
+QUANTITY = re.compile(r"(?<![\d.,])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,7 @@ def form_problem(text: str, rules: FormRules, *, truncated: bool = False,
         unknown = sum(w.lower() not in known_words for w in words)
         if unknown > rules.max_unknown_words * len(words):
             return "unknown_words"
-    if max_number is not None and any(int(m.group()) > max_number for m in INTEGER.finditer(text)):
+    if max_number is not None and any(float(m.group().replace(",", "")) > max_number
+                                      for m in QUANTITY.finditer(text)):
         return "large_number"
     return None
