@@ -227,6 +227,26 @@ def test_resume_with_best_checkpoints_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in dev_rows] == list(range(5, STEPS + 1, 5))
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over_cleanly(tmp_path):
+    # Killed at step 7: its dev evaluation at step 5 saved best parameters and metric rows, but no
+    # checkpoint (every 8 steps) exists. The rerun starts fresh and writes those steps again: it used to
+    # fail on orbax's "step 5 already exists"; now it ends as an uninterrupted run does, rows written once.
+    cfg = dataclasses.replace(CFG, checkpoint_every=8)
+    dev = TRAIN[:4]
+    full_model = create_model(MODEL_CFG, seed=0)
+    full = Trainer(full_model, poisonable_sft_loss, cfg, workdir=tmp_path / "full").fit(TRAIN, dev)
+    with pytest.raises(Killed):
+        Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, cfg,
+                workdir=tmp_path / "run").fit(TRAIN, dev, callbacks=[kill_at(7)])
+    assert ocp.CheckpointManager(tmp_path / "run" / "best").all_steps() == [5]
+    assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+    model = create_model(MODEL_CFG, seed=0)
+    again = Trainer(model, poisonable_sft_loss, cfg, workdir=tmp_path / "run").fit(TRAIN, dev)
+    assert (again.step, again.best_step) == (full.step, full.best_step)
+    assert_trees_close(host_params(model), host_params(full_model))
+    assert [r["step"] for r in read_rows(tmp_path / "run", "dev")] == list(range(5, STEPS + 1, 5))
+
+
 def test_weight_decay_is_a_step_input_and_the_model_comes_back_placed_as_it_was(tmp_path):
     # Runs with different weight decays share one compiled step (the decay is an argument, as the
     # learning rate is); one step from the same start differs by exactly lr * wd * w on the decayed

@@ -611,6 +611,12 @@ class Trainer:
                 log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt.directory, self.step,
                          it.state.epoch, it.state.step)
             else:
+                # A fresh start over a run killed before its first checkpoint (or one that keeps none):
+                # forget that run's best parameters and metric rows, which this run writes again at the
+                # same steps (orbax refuses a step that exists).
+                best.wait_until_finished()
+                self._prune_best(best, above=-1)
+                self._truncate_metrics(0)
                 if cfg.optimizer_from:  # a first start only: a resumed run has its own optimizer state
                     self.opt_state = self._load_optimizer_state(cfg.optimizer_from)
                 if self.is_main:
