@@ -69,6 +69,13 @@ def test_decay_mask_skips_norms():
     mask = nnx.to_pure_dict(decay_mask(abstract))
     assert mask["embed_vd"] and mask["lm_head_dv"] and mask["layers"][0]["q_dnh"]
     assert not mask["final_norm_d"] and not mask["layers"][1]["attn_norm_d"]
+    # The critic head's biases, the rank-2 per-critic one included, are not decayed; its weights are.
+    from alphallm_jax.models.critic import CriticHeadConfig, create_critic
+
+    critic = nnx.to_pure_dict(decay_mask(nnx.state(create_critic(presets.get("tiny"), CriticHeadConfig(hidden=8)),
+                                                   nnx.Param)))
+    heads = critic["heads"]
+    assert heads["w_in_cdm"] and heads["w_out_cm"] and not heads["b_in_cm"] and not heads["b_out_c"]
 
 
 def test_adamw_clipping_and_decay_match_a_manual_update():

@@ -89,7 +89,8 @@ def _path_names(path) -> list[str]:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for parameters that get weight decay: rank >= 2 and not a norm scale or bias.
+    """True for parameters that get weight decay: rank >= 2 and not a norm scale or bias (a name holding
+    "norm", "scale" or "bias", or starting with "b_": the critic head's per-critic `b_in_cm` is rank 2).
 
     Works on any pytree (an ``nnx.State`` of Params included); returns a tree of bools of the same
     structure, as ``optax.adamw(mask=...)`` expects.
@@ -98,6 +99,8 @@ def decay_mask(params: Any) -> Any:
     def is_decayed(path, leaf) -> bool:
         names = [n.lower() for n in _path_names(path)]
         if any(part in n for n in names for part in NO_DECAY_NAME_PARTS):
+            return False
+        if any(n.startswith("b_") for n in names):  # a bias named with its shape suffix (`b_in_cm`)
             return False
         return getattr(leaf, "ndim", 0) >= 2
 
