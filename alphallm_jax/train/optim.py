@@ -6,7 +6,8 @@ The learning rate at optimizer step ``s`` (0-based: ``s`` updates applied before
   moves the parameters (``peak / warmup_steps``) and the last warm-up update uses ``peak``;
 * then, with ``p = (s - warmup_steps) / max(1, total_steps - warmup_steps - 1)`` clipped to [0, 1]:
   ``cosine``: ``end + (peak - end) * (1 + cos(pi * p)) / 2``; ``linear``: ``peak + (end - peak) * p``;
-  ``constant``: ``peak``. The last of ``total_steps`` updates uses ``end`` exactly.
+  ``constant``: ``peak``. The last of ``total_steps`` updates uses ``end`` exactly when at least two
+  updates follow the warm-up (a single one runs at ``peak``, as the first decay step always does).
 
 The paper's SFT preset is 5e-6 decaying to 1e-6 with 10% warm-up.
 
