@@ -321,3 +321,11 @@ def test_optimizer_from_without_checkpoints_names_the_folder(tmp_path):
     cfg = dataclasses.replace(CFG, epochs=1, optimizer_from=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, cfg, workdir=tmp_path / "run").fit(TRAIN)
+
+
+def test_no_examples_is_a_clear_error(tmp_path):
+    trainer = Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, CFG, workdir=tmp_path / "run")
+    with pytest.raises(ValueError, match="no examples to batch"):
+        trainer.fit([])
+    with pytest.raises(ValueError, match="no examples to batch"):
+        trainer.evaluate([])

@@ -338,6 +338,9 @@ class Trainer:
 
     def _make_iterator(self, examples: Sequence[Any], *, batch_size: int, shuffle: bool) -> BatchIterator:
         cfg = self.cfg
+        if not examples:
+            raise ValueError("no examples to batch: the trainer needs at least one train example (and an "
+                             "evaluation at least one dev example)")
         collate, length = self.collate_fn, self.length_fn
         if collate is None:
             collate, default_length = default_collate(
