@@ -204,20 +204,30 @@ def test_early_stopping_keeps_best_params(tmp_path):
     assert trainer.evaluate(DEV)["loss"] == pytest.approx(result.best_dev_loss, abs=1e-5)
 
 
-def test_resume_with_best_checkpoints_equals_uninterrupted(tmp_path):
-    # Dev = part of the train set, so the dev loss improves at every evaluation (steps 5, 10, ...).
-    # Checkpoints every 4 steps: killed at 11, the run has a best checkpoint (step 10) newer than
-    # its last checkpoint (step 8), which the resumed run must drop and redo.
-    cfg = dataclasses.replace(CFG, checkpoint_every=4)
-    dev = TRAIN[:4]
+def _uninterrupted_and_killed(tmp_path, *, checkpoint_every: int, kill_step: int):
+    """An uninterrupted run in tmp_path/full and one killed at `kill_step` in tmp_path/run, dev = part of
+    the train set (the dev loss improves at every evaluation: steps 5, 10, ...)."""
+    cfg = dataclasses.replace(CFG, checkpoint_every=checkpoint_every)
     full_model = create_model(MODEL_CFG, seed=0)
-    full = Trainer(full_model, poisonable_sft_loss, cfg, workdir=tmp_path / "full").fit(TRAIN, dev)
+    full = Trainer(full_model, poisonable_sft_loss, cfg, workdir=tmp_path / "full").fit(TRAIN, TRAIN[:4])
     with pytest.raises(Killed):
         Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, cfg,
-                workdir=tmp_path / "run").fit(TRAIN, dev, callbacks=[kill_at(11)])
-    assert ocp.CheckpointManager(tmp_path / "run" / "best").all_steps() == [5, 10]
+                workdir=tmp_path / "run").fit(TRAIN, TRAIN[:4], callbacks=[kill_at(kill_step)])
+    return full_model, full
+
+
+def _rerun(tmp_path, *, checkpoint_every: int):
     model = create_model(MODEL_CFG, seed=0)
-    resumed = Trainer(model, poisonable_sft_loss, cfg, workdir=tmp_path / "run").fit(TRAIN, dev)
+    cfg = dataclasses.replace(CFG, checkpoint_every=checkpoint_every)
+    return model, Trainer(model, poisonable_sft_loss, cfg, workdir=tmp_path / "run").fit(TRAIN, TRAIN[:4])
+
+
+def test_resume_with_best_checkpoints_equals_uninterrupted(tmp_path):
+    # Checkpoints every 4 steps: killed at 11, the run has a best checkpoint (step 10) newer than
+    # its last checkpoint (step 8), which the resumed run must drop and redo.
+    full_model, full = _uninterrupted_and_killed(tmp_path, checkpoint_every=4, kill_step=11)
+    assert ocp.CheckpointManager(tmp_path / "run" / "best").all_steps() == [5, 10]
+    model, resumed = _rerun(tmp_path, checkpoint_every=4)
     assert (resumed.step, resumed.best_step, resumed.best_dev_loss) == \
         (full.step, full.best_step, full.best_dev_loss) == (STEPS, STEPS, full.best_dev_loss)
     assert_trees_close(host_params(model), host_params(full_model))
@@ -231,17 +241,10 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_cleanly(tmp_path):
     # Killed at step 7: its dev evaluation at step 5 saved best parameters and metric rows, but no
     # checkpoint (every 8 steps) exists. The rerun starts fresh and writes those steps again: it used to
     # fail on orbax's "step 5 already exists"; now it ends as an uninterrupted run does, rows written once.
-    cfg = dataclasses.replace(CFG, checkpoint_every=8)
-    dev = TRAIN[:4]
-    full_model = create_model(MODEL_CFG, seed=0)
-    full = Trainer(full_model, poisonable_sft_loss, cfg, workdir=tmp_path / "full").fit(TRAIN, dev)
-    with pytest.raises(Killed):
-        Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, cfg,
-                workdir=tmp_path / "run").fit(TRAIN, dev, callbacks=[kill_at(7)])
+    full_model, full = _uninterrupted_and_killed(tmp_path, checkpoint_every=8, kill_step=7)
     assert ocp.CheckpointManager(tmp_path / "run" / "best").all_steps() == [5]
     assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
-    model = create_model(MODEL_CFG, seed=0)
-    again = Trainer(model, poisonable_sft_loss, cfg, workdir=tmp_path / "run").fit(TRAIN, dev)
+    model, again = _rerun(tmp_path, checkpoint_every=8)
     assert (again.step, again.best_step) == (full.step, full.best_step)
     assert_trees_close(host_params(model), host_params(full_model))
     assert [r["step"] for r in read_rows(tmp_path / "run", "dev")] == list(range(5, STEPS + 1, 5))

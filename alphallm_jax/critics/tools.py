@@ -330,16 +330,16 @@ def _written_equations(text: str):
                 break
         if lhs is None:
             continue
-        before = plain[:start + lhs_tokens[0].start]
+        lhs_at = start + lhs_tokens[0].start
+        before = plain[:lhs_at]
         if (k > 0 and left[k - 1].kind == "op") or _CONTINUED_LEFT_RE.search(before) \
                 or (lhs_tokens[0].kind == "(" and _ENDS_AT_OPERAND_RE.search(before)):
             # The left side is the tail of a longer expression: an operator whose other operand is not
             # arithmetic (`72 cubic ft * 3/4 = 54`), an operator word (`60 students x 2/3 = 40`, `half
             # of 10 + 2 = 7`) or an implicit product (`2(3+4)=14`).
             continue
-        bullet_at = start + lhs_tokens[0].start
         if lhs_tokens[0].text == "-" and not before.rpartition("\n")[2].strip() \
-                and plain[bullet_at + 1:bullet_at + 2].isspace():
+                and plain[lhs_at + 1:lhs_at + 2].isspace():
             # A list bullet (`- 3 * 4 = 12` at a line's start), not a minus sign.
             lhs_tokens = lhs_tokens[1:]
             lhs = _parse_tokens(lhs_tokens) if sum(t.kind == "num" for t in lhs_tokens) >= 2 else None

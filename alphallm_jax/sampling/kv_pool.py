@@ -84,7 +84,8 @@ class KVPool:
         more states than the pool can give slots (its free ones and every unpinned cached one) caches the
         first that many; the rest count as evicted at once, so continuing one rebuilds it from its nearest
         cached ancestor, as for any evicted state. Nothing is allocated that is not then recorded."""
-        room = len(self._free) + sum(1 for s in self._lru.values() if s.id not in pinned)
+        evictable = len(self._lru) if not pinned else sum(1 for s in self._lru.values() if s.id not in pinned)
+        room = len(self._free) + evictable
         keep = min(len(states), room)
         slots = [self._allocate(pinned) for _ in range(keep)]
         for slot, state in zip(slots, states):
