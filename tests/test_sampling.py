@@ -15,7 +15,7 @@ from alphallm_jax.models.hf_io import load_hf_checkpoint
 from alphallm_jax.models.sharding import make_mesh
 from alphallm_jax.models.tokenizer import Tokenizer
 from alphallm_jax.sampling import Sampler, SampleRequest, engine
-from alphallm_jax.sampling.stop_rules import StopTables, build_stop_table
+from alphallm_jax.sampling.stop_rules import StopTables, build_stop_table, ending_stop
 from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
 
 VOCAB = 32000  # the Mistral sentencepiece vocabulary, so decoded text is real text
@@ -238,6 +238,106 @@ def test_a_batch_keeping_more_states_than_the_pool_holds_caches_what_fits(llama,
     (whole,) = Sampler(model, tokenizer, max_len=96, pool_slots=3).sample(
         [SampleRequest(state=roots[3], max_new_tokens=8, temperature=0.0)])
     assert outs[3].token_ids + more.token_ids == whole.token_ids
+
+
+def _evicted_state(sampler):
+    """A state kept and then evicted (the pool's 2 usable slots taken by its child and grandchild)."""
+    root = sampler.new_state(_prompts(1, seed=5)[0])
+    (a,) = sampler.sample([SampleRequest(state=root, max_new_tokens=6, temperature=0.0)])
+    (b,) = sampler.sample([SampleRequest(state=a.state, max_new_tokens=6, temperature=0.0)])
+    sampler.sample([SampleRequest(state=b.state, max_new_tokens=6, temperature=0.0)])
+    assert a.state.slot is None and a.state.was_cached
+    return a.state
+
+
+def _from_scratch(model, tokenizer, req):
+    scratch = Sampler(model, tokenizer, max_len=96)
+    (out,) = scratch.sample([dataclasses.replace(req, state=scratch.new_state(list(req.state.tokens)))],
+                            keep_states=False)
+    return out
+
+
+# mistral: a ring of 15 slots, outgrown by the state; chunk_slots -1: a whole-read cache, which a call
+# keeping no state otherwise sizes to its own needs, not to the pool's slots.
+@pytest.mark.parametrize("which,chunk_slots", [("llama", 0), ("llama", -1), ("mistral", 0)])
+def test_a_rebuilt_state_is_cached_again(which, chunk_slots, request, tokenizer):
+    """An evicted state continued twice is rebuilt once: the rebuild goes back into the pool, holding
+    every token but the pending one, so the second continuation prefills that token alone. Both sample
+    what decoding the state from scratch samples."""
+    model, _ = request.getfixturevalue(which)
+    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=3, kv_chunk_slots=chunk_slots)  # 2 usable slots
+    state = _evicted_state(sampler)
+    hits = sampler.stats.cache_hits
+    again = SampleRequest(state=state, max_new_tokens=8, temperature=1.0, seed=3)
+    outs, prefilled = [], []
+    for _ in range(2):
+        before = sampler.stats.prefilled_tokens
+        outs.append(sampler.sample([again], keep_states=False)[0])
+        prefilled.append(sampler.stats.prefilled_tokens - before)
+        slot = state.slot
+        assert slot is not None
+        last_cached = int(np.max(np.asarray(sampler._pool.cache.slot_pos_bt[slot])))
+        assert last_cached == len(state) - 2  # every token but the pending one
+    assert sampler.stats.rebuilds == 1 and sampler.stats.cache_hits == hits + 1
+    assert prefilled == [len(state), 1]  # from scratch (no cached ancestor), then the pending token
+    want = _from_scratch(model, tokenizer, again)
+    for out in outs:
+        assert out.token_ids == want.token_ids
+        np.testing.assert_allclose(out.logprobs, want.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("which,num_extra,cached", [("llama", 9, True), ("mistral", 7, True), ("mistral", 8, False)])
+def test_a_state_rebuilt_with_extra_tokens_is_cached_without_them(which, num_extra, cached, request, tokenizer):
+    """A rebuild's prefilled row also holds the pending token and the request's extra tokens: the cached
+    copy forgets them. In a ring (Mistral, window 8: 15 slots, chunks of 8 tokens) the pending token and 7
+    extra tokens fit one chunk; with 8, their writes overwrote a key the state's window still needs, so
+    the state is not cached (cached, it continued with other log-probabilities). Either way continuing
+    it later samples what decoding it from scratch samples."""
+    model, _ = request.getfixturevalue(which)
+    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=3)
+    state = _evicted_state(sampler)
+    extra = tuple(_prompts(1, seed=8, lo=num_extra, hi=num_extra + 1)[0][1:])
+    sampler.sample([SampleRequest(state=state, extra_tokens=extra, max_new_tokens=6, temperature=0.0)],
+                   keep_states=False)
+    is_cached = state.slot is not None
+    later = SampleRequest(state=state, max_new_tokens=12, temperature=0.0)
+    (out,) = sampler.sample([later], keep_states=False)
+    want = _from_scratch(model, tokenizer, later)
+    assert out.token_ids == want.token_ids
+    np.testing.assert_allclose(out.logprobs, want.logprobs, atol=1e-4)
+    assert is_cached == cached and sampler.stats.rebuilds == (1 if cached else 2)
+
+
+def test_ending_stop_is_the_first_to_end_and_on_a_tie_the_longer():
+    assert ending_stop("12\nAnswer:\n", ("\n", "Answer:")) == "\n"
+    assert ending_stop("Answer:\n", ("\n", "Answer:")) == "Answer:"  # sorted first: "\n"
+    assert ending_stop("x\n\n", ("\n\n", "x\n")) == "x\n"
+    assert ending_stop("ab", ("b", "ab")) == "ab" and ending_stop("ab", ("ab", "b")) == "ab"
+    assert ending_stop("abc", ("x", "y")) is None
+
+
+@pytest.mark.parametrize("stops,ended_by", [
+    (("ns", " Answer"), "ns"),  # both complete in the first token; sorted first: " Answer"
+    (("er", "wer"), "wer"),  # both end with the first token; sorted first: "er"
+    (("r A", " Answer Answer"), "r A"),  # both complete in the second token, across the token boundary
+])
+def test_the_stop_string_is_the_one_that_ended_the_text(llama, tokenizer, stops, ended_by):
+    """A policy that only writes the piece "\u2581Answer": when several stop strings complete in its last token,
+    `stop_string` names the one that ended the text, not the first in sorted order."""
+    from flax import nnx
+
+    from tests.tiny_lm import BiasedDecoder
+
+    model, _ = llama
+    (answer,) = tokenizer.encode("Answer")
+    bias_v = np.zeros(model.cfg.vocab_size, np.float32)
+    bias_v[answer] = 100.0
+    policy = BiasedDecoder(model.cfg, bias_v, rngs=nnx.Rngs(0))
+    sampler = Sampler(policy, tokenizer, max_len=32)
+    (out,) = sampler.sample([SampleRequest(state=sampler.new_state("Question:"), max_new_tokens=8, temperature=0.0,
+                                           stop=stops)], keep_states=False)
+    assert out.finish_reason == "stop" and set(out.token_ids) == {answer}
+    assert out.stop_string == ended_by
 
 
 def test_stop_table_matches_across_token_boundaries():

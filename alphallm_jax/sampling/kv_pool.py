@@ -4,7 +4,7 @@ A `SeqState` is a host-side handle for a token sequence: its tokens, its parent,
 the pool slot that holds its keys and values. The invariant: a cached state's slot holds every token
 but the last; the last token is pending (it is fed when the state is continued, which yields the
 logits for the next token). Continuing a state prefills only what its slot lacks; an evicted state is
-rebuilt from its nearest cached ancestor by prefilling the difference.
+rebuilt from its nearest cached ancestor by prefilling the difference, and cached again.
 """
 
 from __future__ import annotations
@@ -40,6 +40,16 @@ class SeqState:
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _store_rows(pool: KVCache, slots_b: jax.Array, batch: KVCache, rows_b: jax.Array) -> KVCache:
     return pool.scatter_rows(slots_b, batch.gather_rows(rows_b))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _store_rewound_rows(pool: KVCache, slots_b: jax.Array, batch: KVCache, rows_b: jax.Array,
+                        lengths_b: jax.Array) -> KVCache:
+    rows = batch.gather_rows(rows_b)
+    # `truncate` refuses ring caches, whose later writes may have overwritten keys still inside the
+    # window; the caller rewinds a ring row only past writes that fit one chunk, which overwrote none.
+    rewound = rows.replace(ring=False).truncate(lengths_b).replace(ring=rows.ring)
+    return pool.scatter_rows(slots_b, rewound)
 
 
 @jax.jit
@@ -79,11 +89,14 @@ class KVPool:
                 self.touch(b)
         return _gather_rows(self.cache, jnp.asarray(slots, jnp.int32))
 
-    def store(self, batch: KVCache, rows: list[int], states: list[SeqState], pinned: set[int] = frozenset()) -> None:
+    def store(self, batch: KVCache, rows: list[int], states: list[SeqState], pinned: set[int] = frozenset(),
+              *, lengths: list[int] | None = None) -> None:
         """Cache `states[i]` from row `rows[i]` of `batch`, evicting least-recently-used states. A batch of
         more states than the pool can give slots (its free ones and every unpinned cached one) caches the
         first that many; the rest count as evicted at once, so continuing one rebuilds it from its nearest
-        cached ancestor, as for any evicted state. Nothing is allocated that is not then recorded."""
+        cached ancestor, as for any evicted state. Nothing is allocated that is not then recorded.
+        `lengths`: row i holds positions from lengths[i] on that are not states[i]'s (a rebuilt state's
+        row, prefilled past it); the cached copy forgets them."""
         evictable = len(self._lru) if not pinned else sum(1 for s in self._lru.values() if s.id not in pinned)
         room = len(self._free) + evictable
         keep = min(len(states), room)
@@ -101,8 +114,13 @@ class KVPool:
         # batches of different sizes reuses the few compiles the device calls' row buckets already need.
         padded = row_bucket(len(slots), 1)
         pad = padded - len(slots)
-        self.cache = _store_rows(self.cache, jnp.asarray(slots + [self.num_slots] * pad, jnp.int32), batch,
-                                 jnp.asarray(list(rows) + [0] * pad, jnp.int32))
+        slots_b = jnp.asarray(slots + [self.num_slots] * pad, jnp.int32)
+        rows_b = jnp.asarray(rows + [0] * pad, jnp.int32)
+        if lengths is None:
+            self.cache = _store_rows(self.cache, slots_b, batch, rows_b)
+        else:
+            lengths_b = jnp.asarray(list(lengths)[:keep] + [0] * pad, jnp.int32)
+            self.cache = _store_rewound_rows(self.cache, slots_b, batch, rows_b, lengths_b)
 
     def _allocate(self, pinned) -> int:
         if self._free:

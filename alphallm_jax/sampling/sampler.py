@@ -21,7 +21,7 @@ from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.kv_cache import KVCache
 from alphallm_jax.sampling import engine
 from alphallm_jax.sampling.kv_pool import KVPool, SeqState
-from alphallm_jax.sampling.stop_rules import StopTables
+from alphallm_jax.sampling.stop_rules import StopTables, ending_stop
 from alphallm_jax.sampling.token_sampling import sampling_mode
 from alphallm_jax.sampling.token_texts import token_texts
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, round_up, row_bucket
@@ -38,7 +38,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" | "eos" | "length"
-    stop_string: str | None = None
+    stop_string: str | None = None  # the stop string that ended it: the first to end (the longer on a tie)
     state: SeqState | None = None  # continue sampling from here (None unless kept)
 
     @property
@@ -243,7 +243,8 @@ class Sampler:
         self.stats.batch_rows += len(reqs)
         # 1. What each request must prefill: the tokens its nearest cached ancestor lacks.
         plans = []
-        for r in reqs:
+        rebuilt: dict[int, int] = {}  # evicted state id -> its first request here (it is cached again)
+        for b, r in enumerate(reqs):
             if r.max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
             base = self._pool.nearest_cached(r.state) if self._pool is not None else None
@@ -251,6 +252,7 @@ class Sampler:
                 self.stats.cache_hits += 1
             elif r.state.was_cached:
                 self.stats.rebuilds += 1
+                rebuilt.setdefault(r.state.id, b)
             skip = len(base.tokens) - 1 if base is not None else 0
             chunk = r.state.tokens[skip:] + tuple(r.extra_tokens)
             total = skip + len(chunk) + r.max_new_tokens
@@ -275,7 +277,9 @@ class Sampler:
             cache = self.pool.gather([b for b, _, _ in firsts] + [None] * (n_unique - len(firsts)))
         else:
             full = cache_len_for(self.max_len, self.kv_chunk_slots)
-            if not keep_states and not self.kv_chunk_slots:  # a whole-read cache: only what this call needs
+            # A whole-read cache whose rows go into no pool slot (no kept state, no rebuilt one) needs only
+            # what this call needs.
+            if not keep_states and not rebuilt and not self.kv_chunk_slots:
                 need = max(s + len(c) for _, s, c in firsts) + max(r.max_new_tokens for r in reqs)
                 full = min(full, bucket_length(need, 64))
             cache = self._new_cache(n_unique, full)
@@ -284,6 +288,8 @@ class Sampler:
             logits_uv, cache = engine.prefill(self.graphdef, self.params, cache, self._put(chunk_us), self._put(pos_us),
                                               blocks)
             self.stats.prefilled_tokens += sum(len(c) for _, _, c in firsts)
+            if rebuilt:
+                self._recache_rebuilt(reqs, plans, source, list(rebuilt.values()), cache)
 
             # 3. Fork shared prefixes into their samples (a device-side row copy).
             n_rows = self._rows(len(reqs))
@@ -313,20 +319,46 @@ class Sampler:
             context = r.state.tokens + tuple(r.extra_tokens)
             reason = engine.FINISH_REASONS[int(reason_b[b])]
             matched = [s for k, s in enumerate(stops) if stop_state_bk[b, k] == tables.match_state_k[k] and s in r.stop]
+            # Several stop strings can complete in the last token: the one that ended the text is the
+            # first to end in the text the automata read (the tokens' texts).
+            ended_by = ending_stop("".join(self._token_texts[t] for t in gen), matched) if reason == "stop" else None
             completions.append(Completion(
                 text=self._decode_continuation(context, gen),
                 token_ids=gen,
                 logprobs=[float(x) for x in logprobs_bt[b, :num_gen_b[b]]],
                 finish_reason=reason,
-                stop_string=matched[0] if reason == "stop" and matched else None,
+                stop_string=ended_by,
                 state=SeqState(tokens=context + tuple(gen), parent=r.state) if keep_states else None,
             ))
         if keep_states:
-            pool = self.pool
-            evicted_before = pool.evictions
-            pool.store(state.cache, list(range(len(reqs))), [c.state for c in completions])
-            self.stats.evictions += pool.evictions - evicted_before
+            self._store(state.cache, list(range(len(reqs))), [c.state for c in completions])
         return completions
+
+    def _store(self, cache: KVCache, rows: list[int], states: list[SeqState], lengths: list[int] | None = None):
+        pool = self.pool
+        evicted_before = pool.evictions
+        pool.store(cache, rows, states, lengths=lengths)
+        self.stats.evictions += pool.evictions - evicted_before
+
+    def _recache_rebuilt(self, reqs, plans, source: list[int], firsts: list[int], cache: KVCache) -> None:
+        """Put the evicted states this batch rebuilt back into the pool (request `firsts[i]` continues
+        one), so that continuing one again prefills only its pending token, as for any cached state.
+
+        A rebuilt state's prefilled row also holds its pending token and the request's extra tokens; the
+        stored copy forgets them (a cached slot holds every token but the last). In a ring (sliding-window)
+        cache those writes overwrote older slots: the state is cached only when they fit in one chunk
+        (`KVCache.max_chunk`), the writes that overwrite no key inside the window of their first query.
+        """
+        max_tail = cache.max_chunk(self.cfg.sliding_window)
+        keep = []
+        for b in firsts:
+            state, (_, skip, chunk) = reqs[b].state, plans[b]
+            tail = skip + len(chunk) - (len(state) - 1)  # positions written after the state's cached part
+            if max_tail is None or tail <= max_tail:
+                keep.append(b)
+        if keep:
+            self._store(cache, [source[b] for b in keep], [reqs[b].state for b in keep],
+                        lengths=[len(reqs[b].state) - 1 for b in keep])
 
     def _finish_stragglers(self, state: engine.DecodeState, n_real: int, decode_args) -> engine.DecodeState:
         """A large batch's decode loop returns once few rows still run (rows finish at very different

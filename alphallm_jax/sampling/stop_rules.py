@@ -10,6 +10,7 @@ check one gather per step, so the decode loop can stop rows without returning to
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -58,6 +59,13 @@ def build_stop_table(stop: str, token_texts: tuple[str, ...]) -> np.ndarray:
         for q in range(m):
             table[q, token] = _advance(stop, fail, q, text)
     return table
+
+
+def ending_stop(text: str, stops: Iterable[str]) -> str | None:
+    """The stop string that ended `text`: the one whose first occurrence ends earliest (on a tie, the
+    longer, which holds the shorter as its end); None when none occurs."""
+    found = [(text.find(s) + len(s), -len(s), s) for s in stops if s in text]
+    return min(found)[2] if found else None
 
 
 class StopTables:
