@@ -298,3 +298,29 @@ def test_intermediate_answer_slip_answers_the_line_before_the_last(splits):
         assert q.answer == p.answer and q.meta["slip"] == "intermediate_answer"
         assert q.solution.split("\n")[:-1] == p.solution.split("\n")[:-1]
         assert not q.solution.endswith(f"#### {p.answer}")
+
+
+def test_a_fewshot_base_policy_trains_on_fewshot_prompts_without_its_own_exemplars():
+    from alphallm_jax.config import default_config
+    from alphallm_jax.data.prompts import plain_prompt
+    from alphallm_jax.pipeline.base_policy import _without_exemplars, sft_examples
+    from alphallm_jax.pipeline.evaluation import config_exemplars, load_split, prompt_builder
+
+    class _CharTokenizer:
+        eos_ids = (2,)
+
+        def encode(self, text, add_bos=False):
+            return [1] * add_bos + [ord(c) for c in text]
+
+    cfg = default_config()
+    cfg.task, cfg.data.prompt_format, cfg.data.num_exemplars, cfg.seed = "arith", "fewshot", 3, 5
+    exemplars = config_exemplars(cfg, "arith")
+    d0 = load_split(cfg, "arith:train")
+    kept = _without_exemplars(cfg, d0)
+    # D0 is the exemplars' own pool: exactly they leave it (a prompt may not hold its own problem).
+    assert len(kept) == len(d0) - 3
+    assert not {p.question for p in exemplars} & {p.question for p in kept}
+    example = sft_examples(kept[:1], _CharTokenizer(), prompt_builder(cfg, tokenizer=None))[0]
+    prompt = "".join(map(chr, example.prompt_ids[1:]))
+    assert prompt.count("Question: ") == 4 and all(ex.question in prompt for ex in exemplars)
+    assert prompt.endswith(plain_prompt(kept[0].question))

@@ -61,6 +61,32 @@ def test_fewshot_refuses_eval_exemplars():
         format_prompt(p, "fewshot", exemplars=[itself])
 
 
+def test_fewshot_arith_exemplars_follow_the_generator_config_and_seed():
+    from alphallm_jax.data.arith import ArithConfig
+
+    config = ArithConfig(min_steps=3, max_steps=5, operand_max=15)
+    exemplars = fewshot_exemplars("arith", arith_seed=2, arith_config=config)
+    train = {p.question for p in load_dataset("arith:train", arith_seed=2, arith_config=config)}
+    assert all(e.question in train and e.meta["split"] == "train" for e in exemplars)
+    assert fewshot_exemplars("arith", arith_seed=2, arith_config=config) == exemplars  # fixed seed
+    assert not {e.question for e in exemplars} & {e.question for e in fewshot_exemplars("arith")}
+
+
+def test_exemplars_are_vetted_by_their_id_and_a_reflowed_question_too():
+    p = _p(split="test")
+    # Rebuilt without its meta, a test problem still names its split in its loader id.
+    leaked = Problem("gsm8k-test-00003", "Another question?", "5", "#### 5", "gsm8k", {})
+    with pytest.raises(ValueError, match="evaluation split 'test'"):
+        format_prompt(p, "fewshot", exemplars=[leaked])
+    with pytest.raises(ValueError, match="evaluation split 'test'"):
+        format_prompt(p, "chat", exemplars=[leaked], tokenizer=_DuckTokenizer())
+    reflowed = _p(q="Tom has 3 pens.\n  He buys 2 more.   How many pens? ", split="train")
+    with pytest.raises(ValueError, match="itself"):
+        format_prompt(p, "fewshot", exemplars=[reflowed])
+    fine = Problem("gsm8k-train-00003", "Another question?", "5", "#### 5", "gsm8k", {})
+    assert format_prompt(p, "fewshot", exemplars=[fine]).count("Question: ") == 2
+
+
 @needs_data
 def test_fewshot_gsm8k_and_math_formats():
     g = load_dataset("gsm8k:test", data_dir=DATA_DIR, limit=1)[0]

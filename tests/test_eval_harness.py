@@ -228,3 +228,76 @@ def test_eval_cli_on_arith_and_gsm8k_with_a_tiny_model(tmp_path):
         for s in summary["methods"].values():
             assert s["n"] == n and 0.0 <= s["accuracy"] <= 1.0 and s["mean_generated_tokens"] > 0
         assert "accuracy" in done.stdout
+
+
+def _fewshot_arith_config(**arith):
+    cfg = default_config()
+    cfg.data.prompt_format = "fewshot"
+    cfg.data.arith.update(arith)
+    return cfg
+
+
+def test_fewshot_arith_exemplars_come_from_the_runs_own_train_split():
+    # The run's seed and generator config make its splits; its exemplars are drawn from that train split,
+    # not from the default one (seed 0, default difficulty).
+    from alphallm_jax.data.loaders import load_dataset
+    from alphallm_jax.data.prompts import question_of_prompt
+    from alphallm_jax.pipeline.evaluation import load_eval_problems, load_split, prompt_builder
+
+    cfg = _fewshot_arith_config(min_steps=4, max_steps=5, operand_max=12)
+    cfg.seed, cfg.eval.limit = 3, 2
+    problem = load_eval_problems(cfg)[0]
+    blocks = prompt_builder(cfg, None)(problem).split("\n\n")
+    assert len(blocks) == cfg.data.num_exemplars + 1 and question_of_prompt(blocks[-1]) == problem.question
+    run_train = {p.question for p in load_split(cfg, "arith:train")}
+    default_train = {p.question for p in load_dataset("arith:train")}
+    exemplar_questions = [question_of_prompt(b) for b in blocks[:-1]]
+    assert all(q in run_train and q not in default_train for q in exemplar_questions)
+
+
+def test_an_evaluation_with_other_prompts_or_problems_is_refused_and_the_same_config_resumes(tmp_path):
+    from alphallm_jax.pipeline.evaluation import eval_identity
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "model.safetensors").write_text("p")
+    sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"]})
+
+    def evaluate(cfg, problems):
+        evaluate_methods(problems, _ctx(sampler), ["greedy"], tmp_path, batch_size=3,
+                         identity=eval_identity(cfg, tmp_path / "policy", ["greedy"], tmp_path))
+
+    # Problems read from a file: the arith generator shapes only the exemplars, whose questions and
+    # references the per-problem check never sees.
+    cfg = _fewshot_arith_config()
+    cfg.eval.split = "questions.jsonl"
+    evaluate(cfg, PROBLEMS[:2])
+    cfg.data.data_dir = str(tmp_path / "elsewhere")  # the same files found elsewhere: still this evaluation
+    evaluate(cfg, PROBLEMS)
+    assert sampler.calls[-1][0] == ["q2"]
+    calls = len(sampler.calls)
+    for key, value in (("arith.max_steps", 3), ("num_exemplars", 2), ("exemplar_seed", 1)):
+        changed = _fewshot_arith_config()
+        changed.eval.split = cfg.eval.split
+        changed.update_from_flattened_dict({f"data.{key}": value})
+        with pytest.raises(ValueError, match=r"holds results of another run, which differs in .*prompt\.exemplars"):
+            evaluate(changed, PROBLEMS)
+    assert len(sampler.calls) == calls
+
+
+def test_a_generated_eval_split_records_its_generator_settings(tmp_path):
+    from alphallm_jax.pipeline.evaluation import eval_identity
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "model.safetensors").write_text("p")
+    cfg = default_config()  # plain prompts on arith:test
+    identity = eval_identity(cfg, tmp_path / "policy")
+    assert identity["data"]["arith"] == cfg.data.arith.to_dict() and "exemplars" not in identity["prompt"]
+    assert identity["data"]["arith_hard"] == cfg.data.arith_hard.to_dict()
+    evaluate_methods(PROBLEMS, _ctx(ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"]})),
+                     ["greedy"], tmp_path, batch_size=3, identity=identity)
+    cfg.data.arith_hard.value_max = 400
+    with pytest.raises(ValueError, match=r"differs in data\.arith_hard\.value_max: 500 -> 400"):
+        evaluate_methods(PROBLEMS, _ctx(ScriptedSampler({})), ["greedy"], tmp_path, batch_size=3,
+                         identity=eval_identity(cfg, tmp_path / "policy"))
+    cfg.eval.split = "gsm8k:test"  # not generated: the rows' questions and references are checked instead
+    assert "data" not in eval_identity(cfg, tmp_path / "policy")

@@ -72,3 +72,18 @@ def test_load_pretrained_both_formats(tmp_path):
     np.testing.assert_allclose(logits_of(loaded), ref, atol=1e-6)
   with pytest.raises(FileNotFoundError, match="neither"):
     load_pretrained(tmp_path)
+
+
+def test_an_hf_export_keeps_null_special_ids_through_write_read_write(tmp_path):
+  import json
+
+  from alphallm_jax.models import load_hf_checkpoint
+
+  cfg = get_preset("tiny", vocab_size=64).replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)
+  save_hf_checkpoint(create_model(cfg, seed=7), cfg, tmp_path / "first")
+  loaded, loaded_cfg = load_hf_checkpoint(tmp_path / "first")
+  assert loaded_cfg == cfg
+  save_hf_checkpoint(loaded, loaded_cfg, tmp_path / "second")
+  first, second = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("first", "second"))
+  assert second == first
+  assert (first["bos_token_id"], first["eos_token_id"], first["pad_token_id"]) == (None, None, None)

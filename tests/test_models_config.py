@@ -56,6 +56,29 @@ def test_unknown_architecture_is_named():
                                 "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
 
 
+def test_null_special_ids_stay_null_through_read_and_export():
+  d = transformers.LlamaConfig(**SMALL, bos_token_id=None, eos_token_id=None, pad_token_id=None).to_dict()
+  assert (d["bos_token_id"], d["eos_token_id"], d["pad_token_id"]) == (None, None, None)
+  cfg = ModelConfig.from_hf_config(d)
+  assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id) == (None, (), None)  # none invented
+  out = cfg.to_hf_config()
+  assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (None, None, None)
+  assert ModelConfig.from_hf_config(out) == cfg
+  assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # the orbax record too
+  hf_cfg = transformers.LlamaConfig.from_dict(out)
+  assert (hf_cfg.bos_token_id, hf_cfg.eos_token_id, hf_cfg.pad_token_id) == (None, None, None)
+
+
+def test_absent_special_ids_take_transformers_defaults():
+  d = {k: v for k, v in transformers.LlamaConfig(**SMALL).to_dict().items()
+       if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+  cfg = ModelConfig.from_hf_config(d)
+  hf_default = transformers.LlamaConfig(**SMALL)
+  assert cfg.bos_token_id == hf_default.bos_token_id == 1
+  assert cfg.eos_token_ids == (hf_default.eos_token_id,) == (2,)
+  assert cfg.pad_token_id is hf_default.pad_token_id is None
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_roundtrip_through_transformers(name):
   cfg = PRESETS[name]

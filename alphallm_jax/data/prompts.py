@@ -8,8 +8,9 @@ Formats (a config string):
   for the arith task and tiny models.
 * ``"fewshot"`` -- ``k`` worked exemplars in the same plain format, separated by blank
   lines, then the plain prompt. Exemplars come from a TRAIN split chosen by a fixed seed
-  (:func:`fewshot_exemplars`); exemplars from an evaluation split, or equal to the
-  problem itself, are refused.
+  (:func:`fewshot_exemplars`; for arith, the train split of the run's generator config and
+  seed); exemplars from an evaluation split (by ``meta["split"]`` or by their id), or whose
+  question is the problem's own, are refused.
 * ``"chat"`` -- the problem (and exemplars as earlier turns) as chat messages rendered
   by ``tokenizer.apply_chat_template`` (any object with that method returning a str;
   HF tokenizers get ``tokenize=False, add_generation_prompt=True``).
@@ -149,28 +150,64 @@ def select_exemplars(
 
 
 @functools.lru_cache(maxsize=16)
-def _fewshot_cached(task: str, k: int, seed: int, data_dir: str | None) -> tuple[Problem, ...]:
+def _fewshot_cached(task: str, k: int, seed: int, data_dir: str | None, arith_seed: int, arith_config: Any,
+                    arith_hard_config: Any) -> tuple[Problem, ...]:
     from alphallm_jax.data.loaders import DEFAULT_TRAIN_SPLIT, load_dataset
 
-    pool = load_dataset(f"{task}:{DEFAULT_TRAIN_SPLIT[task]}", data_dir=data_dir)
+    pool = load_dataset(f"{task}:{DEFAULT_TRAIN_SPLIT[task]}", data_dir=data_dir, arith_seed=arith_seed,
+                        arith_config=arith_config, arith_hard_config=arith_hard_config)
     max_chars = 700 if task == "math" else None
     return tuple(select_exemplars(pool, k, seed, max_solution_chars=max_chars))
 
 
-def fewshot_exemplars(task: str, k: int | None = None, seed: int = 0, data_dir: str | None = None) -> list[Problem]:
+def fewshot_exemplars(
+    task: str,
+    k: int | None = None,
+    seed: int = 0,
+    data_dir: str | None = None,
+    *,
+    arith_seed: int = 0,
+    arith_config: Any = None,
+    arith_hard_config: Any = None,
+) -> list[Problem]:
     """``k`` exemplars from the task's TRAIN split (gsm8k:train, math:train4500,
-    arith:train), chosen by ``seed``; cached."""
+    arith:train), chosen by ``seed``; cached.
+
+    The arith train split is the one generated with ``arith_seed``, ``arith_config`` and
+    ``arith_hard_config`` (as :func:`~alphallm_jax.data.loaders.load_dataset` takes them;
+    the hard config matters too: train excludes the test_hard questions). A run passes its
+    own (``pipeline.evaluation.prompt_builder``), so its exemplars come from the train split
+    of the task it is evaluated on.
+    """
     k = DEFAULT_NUM_EXEMPLARS[task] if k is None else k
-    return list(_fewshot_cached(task, k, seed, None if data_dir is None else str(data_dir)))
+    return list(_fewshot_cached(task, k, seed, None if data_dir is None else str(data_dir), arith_seed,
+                                arith_config, arith_hard_config))
+
+
+_ID_SPLIT_RE = re.compile(r"^(?:gsm8k|math|arith)-(?P<split>.+)-\d+$")  # the loaders' `{task}-{split}-{index}`
+
+
+def _exemplar_splits(ex: Problem) -> set[str]:
+    """The split an exemplar says it comes from: its ``meta["split"]`` and the split its loader id names (a
+    problem rebuilt without its meta still carries the id)."""
+    splits = {str(ex.meta.get("split", "")) if ex.meta else ""}
+    match = _ID_SPLIT_RE.match(ex.id)
+    if match:
+        splits.add(match["split"])
+    return splits
+
+
+def _same_question(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())  # a reflowed or re-indented copy is the same question
 
 
 def _check_exemplars(problem: Problem, exemplars: Sequence[Problem]) -> None:
     for ex in exemplars:
-        if ex.question.strip() == problem.question.strip():
+        if _same_question(ex.question, problem.question):
             raise ValueError(f"exemplar {ex.id} is the problem {problem.id} itself")
-        split = str(ex.meta.get("split", "")) if ex.meta else ""
-        if split in EVAL_SPLIT_NAMES:
-            raise ValueError(f"exemplar {ex.id} comes from evaluation split {split!r}; use a train split")
+        leaked = sorted(_exemplar_splits(ex) & set(EVAL_SPLIT_NAMES))
+        if leaked:
+            raise ValueError(f"exemplar {ex.id} comes from evaluation split {leaked[0]!r}; use a train split")
         if not ex.solution:
             raise ValueError(f"exemplar {ex.id} has no solution")
 

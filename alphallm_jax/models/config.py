@@ -33,6 +33,13 @@ def _freeze_rope_scaling(scaling: dict | None) -> tuple[tuple[str, Any], ...] | 
   return tuple(sorted(items.items()))
 
 
+def _hf_eos_token_id(eos_token_ids: tuple[int, ...]) -> int | list[int] | None:
+  """HF's `eos_token_id`: one id, a list of several, or `null` for none (an empty list is no HF form)."""
+  if not eos_token_ids:
+    return None
+  return eos_token_ids[0] if len(eos_token_ids) == 1 else list(eos_token_ids)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shapes and numerics of a Llama/Mistral decoder."""
@@ -50,9 +57,10 @@ class ModelConfig:
   sliding_window: int | None = None
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 4096
-  bos_token_id: int = 1
+  # None where the checkpoint names none (HF `null`): kept as such, so an export writes `null` back.
+  bos_token_id: int | None = 1
   eos_token_ids: tuple[int, ...] = (2,)
-  pad_token_id: int = 0
+  pad_token_id: int | None = 0
   param_dtype: str = "float32"
   dtype: str = "float32"
   architecture: str = "llama"
@@ -135,13 +143,13 @@ class ModelConfig:
       rope_scaling.setdefault("original_max_position_embeddings",
                               d.get("max_position_embeddings", 4096))
     heads = d["num_attention_heads"]
+    # A missing special id takes transformers' LlamaConfig default (bos 1, eos 2, pad none); a `null`
+    # one stays none: inventing an id would write it into the next export.
     eos = d.get("eos_token_id", 2)
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     # Mistral's window is a sliding window only when shorter than the context: HF configs of
     # later Mistral versions carry `sliding_window: null`.
     window = d.get("sliding_window") if arch == "mistral" else None
-    bos = d.get("bos_token_id")
-    pad = d.get("pad_token_id")
     return cls(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
@@ -156,9 +164,9 @@ class ModelConfig:
         sliding_window=window,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         max_position_embeddings=d.get("max_position_embeddings", 4096),
-        bos_token_id=1 if bos is None else bos,
+        bos_token_id=d.get("bos_token_id", 1),
         eos_token_ids=eos_ids,
-        pad_token_id=0 if pad is None else pad,
+        pad_token_id=d.get("pad_token_id"),
         param_dtype=param_dtype,
         dtype=dtype,
         architecture=arch,
@@ -185,8 +193,7 @@ class ModelConfig:
         "rope_parameters": rope_parameters,
         "tie_word_embeddings": self.tie_word_embeddings,
         "bos_token_id": self.bos_token_id,
-        "eos_token_id": (self.eos_token_ids[0] if len(self.eos_token_ids) == 1
-                         else list(self.eos_token_ids)),
+        "eos_token_id": _hf_eos_token_id(self.eos_token_ids),
         "pad_token_id": self.pad_token_id,
         "attention_bias": False,
         "mlp_bias": False,

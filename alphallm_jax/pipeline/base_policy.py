@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from alphallm_jax.data.arith import with_slips
-from alphallm_jax.data.prompts import QUESTION_PREFIX, format_prompt, format_solution
+from alphallm_jax.data.problems import Problem
+from alphallm_jax.data.prompts import QUESTION_PREFIX, format_solution
 from alphallm_jax.data.spm_training import SPECIAL_IDS, train_sentencepiece
 from alphallm_jax.models import ModelConfig, Tokenizer, create_model
 from alphallm_jax.models.hf_io import save_hf_checkpoint
-from alphallm_jax.pipeline.evaluation import load_split
+from alphallm_jax.pipeline.evaluation import config_exemplars, load_split, prompt_builder
 from alphallm_jax.train.batching import SFTExample
 from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.trainer import TrainConfig, Trainer
@@ -29,9 +31,11 @@ log = logging.getLogger(__name__)
 DONE = "DONE"
 
 
-def sft_examples(problems, tokenizer: Tokenizer, prompt_format: str, *, question_loss: bool = False
-                 ) -> list[SFTExample]:
-    """(prompt, reference solution + EOS) token pairs; the loss covers the solution only.
+def sft_examples(problems, tokenizer: Tokenizer, prompt_for: Callable[[Problem], str], *,
+                 question_loss: bool = False) -> list[SFTExample]:
+    """(prompt, reference solution + EOS) token pairs, the prompt written by `prompt_for` (the config's
+    `prompt_builder`, so the policy learns the format it is evaluated with); the loss covers the solution
+    only.
 
     With `question_loss` (plain format) the loss also covers the question: the prompt shrinks to
     `BOS Question:` and the rest of the same token sequence becomes response. The tokens are unchanged,
@@ -41,13 +45,24 @@ def sft_examples(problems, tokenizer: Tokenizer, prompt_format: str, *, question
     prefix_ids = tokenizer.encode(QUESTION_PREFIX.rstrip(), add_bos=True)
     examples = []
     for p in problems:
-        prompt_ids = tokenizer.encode(format_prompt(p, prompt_format), add_bos=True)
+        prompt_ids = tokenizer.encode(prompt_for(p), add_bos=True)
         response = tokenizer.encode(format_solution(p.solution, p.task, p.answer)) + [tokenizer.eos_ids[0]]
         split = len(prompt_ids)
         if question_loss:
             split = len(prefix_ids) if prompt_ids[:len(prefix_ids)] == prefix_ids else 1
         examples.append(SFTExample(prompt_ids[:split], prompt_ids[split:] + response))
     return examples
+
+
+def _without_exemplars(cfg, problems: list[Problem]) -> list[Problem]:
+    """`problems` less the few-shot exemplars' own questions: D0 is the train split the exemplars are drawn
+    from, and a prompt may not hold its own problem as an exemplar."""
+    exemplar_questions = {" ".join(ex.question.split()) for ex in config_exemplars(cfg, cfg.task)}
+    kept = [p for p in problems if " ".join(p.question.split()) not in exemplar_questions]
+    if len(kept) < len(problems):
+        log.info("left %d few-shot exemplar(s) out of %d training problems", len(problems) - len(kept),
+                 len(problems))
+    return kept
 
 
 def model_config_from(cfg, tokenizer: Tokenizer, model_section=None) -> ModelConfig:
@@ -80,14 +95,16 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
                              f"(set base.slip to 'none')")
         d0 = with_slips(d0, cfg.base.slip, cfg.base.slip_fraction, cfg.seed)
     dev = load_split(cfg, cfg.base.dev_split, cfg.base.num_dev)
+    prompt_for = prompt_builder(cfg, tokenizer=None)
+    if cfg.data.prompt_format == "fewshot":
+        d0, dev = _without_exemplars(cfg, d0), _without_exemplars(cfg, dev)
 
     spm_path = as_path(tokenizer_path) if tokenizer_path else base_dir / "tokenizer.model"
     if tokenizer_path and not spm_path.exists():
         raise FileNotFoundError(f"tokenizer {spm_path} not found (train the base policy first)")
     if broadcast_int(not spm_path.exists()):
         if is_coordinator():
-            texts = [format_prompt(p, cfg.data.prompt_format) + format_solution(p.solution, p.task, p.answer)
-                     for p in d0]
+            texts = [prompt_for(p) + format_solution(p.solution, p.task, p.answer) for p in d0]
             train_sentencepiece(texts, spm_path, vocab_size=cfg.base.tokenizer_vocab_size)
         barrier(f"{subdir}-tokenizer")
     tokenizer = Tokenizer.from_sentencepiece(spm_path)
@@ -97,8 +114,8 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
     train_cfg = TrainConfig.from_config(cfg.base.train if train_section is None else train_section)
     trainer = Trainer(model, make_sft_loss(), train_cfg, mesh=mesh, workdir=str(base_dir / "train"))
     question_loss = bool(cfg.base.question_loss) and cfg.data.prompt_format == "plain"
-    fit = trainer.fit(sft_examples(d0, tokenizer, cfg.data.prompt_format, question_loss=question_loss),
-                      sft_examples(dev, tokenizer, cfg.data.prompt_format, question_loss=question_loss))
+    fit = trainer.fit(sft_examples(d0, tokenizer, prompt_for, question_loss=question_loss),
+                      sft_examples(dev, tokenizer, prompt_for, question_loss=question_loss))
 
     save_hf_checkpoint(model, model_cfg, policy_dir, tokenizer=tokenizer)
     record = {

@@ -9,6 +9,8 @@ is dropped), then process 0 merges the parts into `predictions.jsonl` per method
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 
@@ -18,7 +20,7 @@ from tqdm import tqdm
 from alphallm_jax.data.grading import extract_answer, is_correct
 from alphallm_jax.data.loaders import load_dataset
 from alphallm_jax.data.problems import Problem
-from alphallm_jax.data.prompts import format_prompt
+from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
 from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
@@ -41,24 +43,41 @@ def method_dirname(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", spec)
 
 
-def load_split(cfg, split: str, limit: int = 0) -> list[Problem]:
-    """A named split or JSONL file as the config describes it (data root, task, arith knobs and seed)."""
+def dataset_options(cfg) -> dict:
+    """The loader settings a config gives every split and exemplar pool: the data root and the arith
+    generator's seed and configs (`load_dataset`'s keywords)."""
     from alphallm_jax.data.arith import ArithConfig
 
-    return load_dataset(split, data_dir=cfg.data.data_dir or None, limit=limit or None, task=cfg.task,
-                        arith_seed=cfg.seed, arith_config=ArithConfig(**cfg.data.arith),
-                        arith_hard_config=ArithConfig(**cfg.data.arith_hard))
+    return dict(data_dir=cfg.data.data_dir or None, arith_seed=cfg.seed, arith_config=ArithConfig(**cfg.data.arith),
+                arith_hard_config=ArithConfig(**cfg.data.arith_hard))
+
+
+def load_split(cfg, split: str, limit: int = 0) -> list[Problem]:
+    """A named split or JSONL file as the config describes it (data root, task, arith knobs and seed)."""
+    return load_dataset(split, limit=limit or None, task=cfg.task, **dataset_options(cfg))
 
 
 def load_eval_problems(cfg) -> list[Problem]:
     return load_split(cfg, cfg.eval.split, cfg.eval.limit)
 
 
+def config_exemplars(cfg, task: str) -> list[Problem]:
+    """The `fewshot` exemplars of `task` under `cfg`: `data.num_exemplars` drawn with `data.exemplar_seed`
+    from the task's train split as the config generates or locates it (for arith: `seed`, `data.arith`)."""
+    return fewshot_exemplars(task, cfg.data.num_exemplars, cfg.data.exemplar_seed, **dataset_options(cfg))
+
+
 def prompt_builder(cfg, tokenizer):
+    fmt = cfg.data.prompt_format
+    exemplars_of: dict[str, list[Problem]] = {}  # by task: a config's exemplars are the same for every problem
+
     def prompt_for(problem: Problem) -> str:
-        return format_prompt(problem, cfg.data.prompt_format, tokenizer=tokenizer,
-                             num_exemplars=cfg.data.num_exemplars, exemplar_seed=cfg.data.exemplar_seed,
-                             data_dir=cfg.data.data_dir or None)
+        exemplars = None
+        if fmt == "fewshot":
+            if problem.task not in exemplars_of:
+                exemplars_of[problem.task] = config_exemplars(cfg, problem.task)
+            exemplars = exemplars_of[problem.task]
+        return format_prompt(problem, fmt, exemplars, tokenizer=tokenizer)
 
     return prompt_for
 
@@ -84,12 +103,32 @@ def _part_path(out_root, spec: str):
 RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit")
 
 
+def prompt_identity(cfg) -> dict:
+    """The settings that shape every prompt, and for `fewshot` the exemplars themselves by content: they
+    follow `seed` and `data.arith` (arith) or the train file under `data.data_dir`, a path that is left out
+    so that a workdir moved with its data to another machine still resumes."""
+    identity = {k: cfg.data[k] for k in ("prompt_format", "num_exemplars", "exemplar_seed")}
+    if cfg.data.prompt_format == "fewshot":
+        exemplars = [[p.id, p.question, p.solution, p.answer] for p in config_exemplars(cfg, cfg.task)]
+        identity["exemplars"] = hashlib.sha256(json.dumps(exemplars).encode()).hexdigest()
+    return identity
+
+
+def problem_set_identity(cfg) -> dict:
+    """The arith generator's settings where the eval split is generated from them (`seed` is recorded on its
+    own). A split read from files is checked by its rows' questions and references (`_check_same_problems`)."""
+    if cfg.eval.split.strip().partition(":")[0] != "arith":
+        return {}
+    return {"data": {k: cfg.data[k].to_dict() for k in ("arith", "arith_hard")}}
+
+
 def eval_identity(cfg, checkpoint, methods=(), workdir=None) -> dict:
     """What an evaluation's per-problem results depend on besides the method's spec: the policy's files by
     content (a moved or copied workdir still resumes; a retrained policy at the same path does not), the
     critic's (with the settings that shape its scores) and what rollouts come from where `methods` roll
-    out (`workdir` locates them), and the settings that shape prompts, sampling and search. (The problems
-    themselves are checked row by row on resumption, `_check_same_problems`.)"""
+    out (`workdir` locates them), and the settings that shape prompts (`prompt_identity`), the problem set
+    (`problem_set_identity`), sampling and search. (The problems themselves are checked row by row on
+    resumption, `_check_same_problems`.)"""
     from alphallm_jax.pipeline.search_methods import CRITIC_METHODS
     from alphallm_jax.pipeline.search_run import critic_dir, critic_settings, rollout_identity
 
@@ -97,8 +136,8 @@ def eval_identity(cfg, checkpoint, methods=(), workdir=None) -> dict:
         return section.to_dict() if hasattr(section, "to_dict") else section
 
     identity = {"policy": files_fingerprint(checkpoint), "task": cfg.task, "seed": cfg.seed,
-                "eval": plain(cfg.eval), "search": plain(cfg.search),
-                "prompt": {k: cfg.data[k] for k in ("prompt_format", "num_exemplars", "exemplar_seed")}}
+                "eval": plain(cfg.eval), "search": plain(cfg.search), "prompt": prompt_identity(cfg),
+                **problem_set_identity(cfg)}
     names = {spec.partition("@")[0] for spec in methods}
     if names & set(CRITIC_METHODS):
         identity["critic"] = files_fingerprint(critic_dir(cfg, workdir))
