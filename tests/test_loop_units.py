@@ -297,3 +297,14 @@ def test_search_ablation_rungs_add_one_component_at_a_time():
     no_merge = rung_overrides(full.replace(merge_distance="none", merge_threshold=10.0))
     assert no_merge[3][1] == {} and no_merge[4][1] == {"merge_distance": "edit"}
     assert full.replace(merge_distance="none").replace(**no_merge[4][1]).merging
+
+
+def test_the_loop_refuses_a_pair_margin_beyond_its_searchs_q_scale_before_any_stage(tmp_path):
+    from alphallm_jax.pipeline.loop import run_loop
+
+    cfg = default_config()  # the gsm8k_small preset's three critics: Q in [0, 3]
+    cfg.search.mcts.beta_prm = 0.0  # a preset field overridden in the config: Q in [0, 2]
+    cfg.policy_train.tau = 2.0
+    with pytest.raises(ValueError, match=r"tau=2: .*Q lies in \[0, 2\] with search.mcts beta_v=1, beta_prm=0"):
+        run_loop(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before the run records its config

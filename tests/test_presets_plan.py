@@ -54,7 +54,7 @@ def test_config_and_variant_load_into_their_consumers(name, variant):
         c.model.chekpoint = "x"  # the schema is locked: a typo fails
     search = SearchSettings.from_config(c)
     # Every config's pair margin can be exceeded on its search's Q scale (else CPL gets no pair).
-    check_pair_margin(c.policy_train.tau, search.mcts.beta_v, search.mcts.beta_prm, search.mcts.beta_orm)
+    check_pair_margin(c.policy_train.tau, search.mcts)
     SynthesisSettings.from_config(c.synthesis)
     for section in (c.policy_train.sft, c.policy_train.dpo, c.critics.train, c.base.train):
         tc = TrainConfig.from_config(section)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from alphallm_jax.search.mcts_config import MCTSConfig
 from alphallm_jax.search.tree import Node, Tree
 from alphallm_jax.train import pairs as pairs_lib
 from alphallm_jax.train.cpl import select_pairs
@@ -258,12 +259,15 @@ def test_malformed_tree_is_named(tmp_path):
 
 def test_a_margin_beyond_the_q_scale_is_refused_and_the_largest_sibling_gap_is_reported(tree):
     # Value-only search (the CPL presets): Q is a probability, so a margin of 1 admits no pair at all.
+    value_only = MCTSConfig(beta_v=1.0, beta_prm=0.0, beta_orm=0.0, num_rollouts=0)
     with pytest.raises(ValueError, match=r"tau=1: .*Q lies in \[0, 1\] with search.mcts beta_v=1, beta_prm=0"):
-        pairs_lib.check_pair_margin(1.0, 1.0, 0.0, 0.0)
-    pairs_lib.check_pair_margin(0.5, 1.0, 0.0, 0.0)
-    pairs_lib.check_pair_margin(1.0, 1.0, 1.0, 1.0)  # AlphaLLM's three critics: Q in [0, 3]
+        pairs_lib.check_pair_margin(1.0, value_only)
+    pairs_lib.check_pair_margin(0.5, value_only)
+    three_critics = MCTSConfig(beta_v=1.0, beta_prm=1.0, beta_orm=1.0)  # AlphaLLM's: Q in [0, 3]
+    pairs_lib.check_pair_margin(1.0, three_critics)
     with pytest.raises(ValueError, match=r"Q lies in \[0, 3\]"):
-        pairs_lib.check_pair_margin(3.0, 1.0, 1.0, 1.0)
+        pairs_lib.check_pair_margin(3.0, three_critics)
+    assert pairs_lib.q_scale(0.5, 0.25, 0.0) == 1.0  # a terminal's ORM reaches 1 whatever the betas
     # Siblings 6 (Q 1.5) and 7 (Q -1.0) under node 2; with two visits required, 1 and 2 under the root.
     assert pairs_lib.largest_sibling_gap([tree]) == pytest.approx(2.5)
     assert pairs_lib.largest_sibling_gap([tree], min_visits=2) == pytest.approx(1.5)

@@ -237,8 +237,7 @@ def run_loop(cfg, workdir) -> dict:
     _next_policy_stage(cfg)  # bad values fail now, not after the first iteration's training
     _sft_plan(cfg)
     tool_config(cfg)
-    mcts = mcts_config_from(cfg.search.mcts)
-    check_pair_margin(cfg.policy_train.tau, mcts.beta_v, mcts.beta_prm, mcts.beta_orm)
+    check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts))
     if is_coordinator():
         atomic_write_json(run.root / "config.json", cfg.to_dict())
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}

@@ -67,6 +67,7 @@ from typing import Any
 from etils import epath
 
 from alphallm_jax.search.answers import vote_share
+from alphallm_jax.search.mcts_config import MCTSConfig
 from alphallm_jax.search.tree import Node, Tree
 from alphallm_jax.utils.io import as_path, write_jsonl_atomic
 
@@ -120,15 +121,16 @@ def q_scale(beta_v: float, beta_prm: float, beta_orm: float) -> float:
     return max(beta_v + beta_prm + beta_orm, 1.0)
 
 
-def check_pair_margin(tau: float, beta_v: float, beta_prm: float, beta_orm: float) -> None:
-    """Refuses a pair margin `tau` that no two nodes' Q can exceed on this search's scale: CPL would get no
-    stepwise pair at all. (The paper's margin, 1, is on its own value scale, which it does not state.)"""
-    scale = q_scale(beta_v, beta_prm, beta_orm)
+def check_pair_margin(tau: float, mcts: MCTSConfig) -> None:
+    """Refuses a pair margin `tau` that no two nodes' Q can exceed on the scale of the search `mcts`
+    configures: CPL would get no stepwise pair at all. (The paper's margin, 1, is on its own value scale,
+    which it does not state.)"""
+    scale = q_scale(mcts.beta_v, mcts.beta_prm, mcts.beta_orm)
     if tau >= scale:
         raise ValueError(f"policy_train.tau={tau:g}: no two Q values can differ by more than that, since every "
-                         f"Q lies in [0, {scale:g}] with search.mcts beta_v={beta_v:g}, beta_prm={beta_prm:g}, "
-                         f"beta_orm={beta_orm:g}; no stepwise or complete pair could be extracted. Set tau "
-                         f"below {scale:g}")
+                         f"Q lies in [0, {scale:g}] with search.mcts beta_v={mcts.beta_v:g}, "
+                         f"beta_prm={mcts.beta_prm:g}, beta_orm={mcts.beta_orm:g}; no stepwise or complete pair "
+                         f"could be extracted. Set tau below {scale:g}")
 
 
 def largest_sibling_gap(trees: Iterable[Tree], min_visits: int = 1) -> float:
