@@ -22,6 +22,7 @@ from alphallm_jax.critics.losses import (
 )
 from alphallm_jax.models import presets
 from alphallm_jax.models.critic import HEADS, CriticHeadConfig, create_critic
+from alphallm_jax.train import step as step_lib
 from alphallm_jax.train.trainer import TrainConfig, Trainer
 
 
@@ -168,3 +169,67 @@ def test_a_label_free_stand_in_does_not_count_as_a_solution():
     pair = {**a, **{f"b_{k}": v for k, v in b.items() if k != "row_mask"}}
     _, metrics = nnx.jit(critic_loss)(critic, {k: jnp.asarray(v) for k, v in pair.items()})
     assert float(metrics["weight"]) == 3.0
+
+
+def _uneven_examples(value_counts, seed):
+    """16-token rows holding the given numbers of value labels, 0-3 PRM labels and (two rows in three)
+    an ORM label."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, k in enumerate(value_counts):
+        ex = {"input_ids": rng.integers(3, 250, 16).astype(np.int32), "positions": np.arange(16, dtype=np.int32)}
+        for h in HEADS:
+            ex[f"{h}_target"] = rng.random(16).astype(np.float32)
+            ex[f"{h}_mask"] = np.zeros(16, np.float32)
+        ex["value_mask"][:k] = 1.0
+        ex["prm_mask"][[3, 7, 11][:i % 4]] = 1.0
+        if i % 3 != 2:
+            ex["orm_mask"][15], ex["orm_target"][15] = 1.0, float(rng.random() < 0.5)
+        out.append(ex)
+    return out
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_gradient_accumulation_gives_the_whole_batchs_loss_gradient_and_metrics(paired):
+    critic = create_critic(presets.get("tiny"), CriticHeadConfig(hidden=16), seed=0)
+    graphdef, params, rest = nnx.split(critic, nnx.Param, ...)
+    # Away from the initial near-zero logits, where every label costs about log 2 and any weighting fits.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+                                          for x, k in zip(leaves, keys, strict=True)])
+    # Strided microbatches (rows 0, 2, ... and 1, 3, ...) with very different label counts.
+    examples = _uneven_examples([10, 1, 10, 1, 7, 0, 12, 2], seed=0)
+    if paired:  # pairs are rows, so they stay whole; row 5's partner is a label-free stand-in
+        second = _uneven_examples([1, 9, 0, 11, 3, 8, 2, 5], seed=1)
+        second[5] = {k: np.zeros_like(v) if k.endswith("_mask") else v for k, v in second[5].items()}
+        examples = [{**a, **{f"b_{k}": v for k, v in b.items()}} for a, b in zip(examples, second, strict=True)]
+    batch = {k: jnp.asarray(v) for k, v in collate_critic(examples, 8, pad_to_multiple=16).items()}
+    loss_fn = make_critic_loss((1.0, 0.5, 2.0), rank_weight=0.7)
+    loss_and_grad = step_lib.make_loss_and_grad(graphdef, rest, loss_fn)
+    totals_fn = step_lib.batch_totals_fn(loss_fn)
+
+    def run(num_micro, batch_totals=totals_fn):
+        return jax.device_get(jax.jit(lambda p, b: step_lib.accumulated_loss_and_grads(
+            loss_and_grad, p, b, num_micro, batch_totals=batch_totals))(params, batch))
+
+    (loss1, metrics1), grads1 = run(1)
+    if paired:
+        assert 0 < metrics1["ranked_pairs"] < 8
+    # One microbatch: the loss sees the batch as it is, no totals (bit for bit the loss alone).
+    ((alone, alone_metrics), alone_grads) = run(1, None)
+    assert loss1 == alone and metrics1 == alone_metrics
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(alone_grads),
+                                                    strict=True))
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads1))
+    for n in (2, 4):
+        (loss, metrics), grads = run(n)
+        np.testing.assert_allclose(loss, loss1, rtol=1e-6)
+        assert metrics.keys() == metrics1.keys()
+        for k in metrics1:
+            np.testing.assert_allclose(metrics[k], metrics1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)  # by rows: ~5e-2 * scale
+    # Combined by labelled rows instead, as without the totals, the microbatches miss the whole batch.
+    (by_rows, _), _ = run(2, None)
+    assert abs(float(by_rows) - float(loss1)) > 1e-4

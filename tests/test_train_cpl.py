@@ -116,6 +116,29 @@ def test_cpl_reorders_every_epoch_and_resumes_exactly(cpl_examples, tmp_path):
     assert [r["order"] for r in resumed_rows] == [r["order"] for r in rows]
 
 
+@pytest.mark.parametrize("end, trained_epochs", [
+    # The first evaluation (end of epoch 0) is the best; the second (end of epoch 1) cannot improve
+    # by the min delta: early stopping at an epoch's end, with the next epoch not started.
+    (dict(eval_every=0, early_stopping_patience=1, early_stopping_min_delta=1e9), 2),
+    (dict(eval_every=2, early_stopping_patience=1, early_stopping_min_delta=1e9), 2),  # stops mid-epoch 1
+    (dict(max_steps=6), 2),  # ends at an epoch boundary
+    (dict(max_steps=4), 2),
+    ({}, 3),  # the last epoch ends at a batch boundary
+])
+def test_only_epochs_that_train_are_ordered_and_logged(cpl_examples, tmp_path, end, trained_epochs):
+    cfg = dataclasses.replace(RESUME_CFG, **end)
+    orderer = cpl.EpochOrder(cpl_examples, "cpl", alpha=0.5, log_path=tmp_path / "order.jsonl",
+                             batch_size=4, collate_fn=collate())
+    trainer = Trainer(create_model(MODEL_CFG, seed=0), dpo.make_dpo_loss(0.5), cfg, workdir=tmp_path / "train",
+                      collate_fn=collate(), length_fn=dpo.preference_length)
+    result = trainer.fit(cpl_examples, cpl_examples[:4] if "early_stopping_min_delta" in end else None,
+                         epoch_order_fn=orderer)
+    assert result.stopped_early == ("early_stopping_min_delta" in end)
+    assert -(-result.step // 3) == trained_epochs  # 3 steps per epoch
+    assert orderer.calls == list(range(trained_epochs))
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "order.jsonl")] == list(range(trained_epochs))
+
+
 # ---------------------------------------------------------------------------- training functions
 class ByteTokenizer:
     """Enough of the project's Tokenizer for training on trees: BOS 1, EOS 2, bytes above."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -187,6 +188,55 @@ def test_train_step_with_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+class _Linear(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jnp.asarray([0.5, -1.0, 2.0], jnp.float32))
+
+    def __call__(self, x_bs3):
+        return x_bs3 @ self.w.value
+
+
+def _two_means_loss(model, batch):
+    """Two means over differently masked positions: no one weight per microbatch combines them."""
+    pred_bs = model(batch["x"])
+    totals = batch.get(step_lib.TOTALS_KEY)
+    a_count = jnp.sum(batch["a_mask"]) if totals is None else totals["a"]
+    b_count = jnp.sum(batch["b_mask"]) if totals is None else totals["b"]
+    a_loss = jnp.sum(jnp.square(pred_bs - batch["y"]) * batch["a_mask"]) / jnp.maximum(a_count, 1.0)
+    b_loss = jnp.sum(jnp.abs(pred_bs) * batch["b_mask"]) / jnp.maximum(b_count, 1.0)
+    return a_loss + b_loss, {"a_loss": a_loss, "b_loss": b_loss, "weight": jnp.sum(batch["row_mask"])}
+
+
+def test_a_loss_with_batch_totals_accumulates_to_the_whole_batch():
+    rng = np.random.default_rng(0)
+    lengths = np.array([[5, 0], [1, 4], [0, 2], [3, 5], [5, 1], [2, 0], [4, 3], [1, 1]])  # (a, b) per row
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 5, 3)), jnp.float32),
+             "y": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
+             "a_mask": jnp.asarray(np.arange(5)[None, :] < lengths[:, :1], jnp.float32),
+             "b_mask": jnp.asarray(np.arange(5)[None, :] < lengths[:, 1:], jnp.float32),
+             "row_mask": jnp.ones((8,), jnp.float32)}
+    model = _Linear()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(1.0)  # the parameter change is the gradient itself
+
+    def step(loss_fn, accum):
+        fn = jax.jit(step_lib.make_train_step(graphdef, loss_fn, tx, accum))
+        return fn(params, tx.init(params), rest, batch, np.float32(1.0), np.float32(0.0),
+                  jax.random.key_data(jax.random.PRNGKey(0)))
+
+    with_totals = functools.partial(_two_means_loss)
+    with_totals.batch_totals = lambda b: {"a": jnp.sum(b["a_mask"]), "b": jnp.sum(b["b_mask"])}
+    p1, _, m1 = step(with_totals, 1)
+    for accum in (2, 4):
+        p, _, m = step(with_totals, accum)
+        for k in ("loss", "a_loss", "b_loss", "grad_norm", "weight"):
+            np.testing.assert_allclose(m[k], m1[k], rtol=1e-6, err_msg=k)
+        np.testing.assert_allclose(p["w"].value, p1["w"].value, rtol=1e-6)
+    # The same loss combined by its weight (rows) is off.
+    _, _, by_rows = step(_two_means_loss, 2)
+    assert abs(float(by_rows["loss"]) - float(m1["loss"])) > 1e-3
 
 
 def test_combine_metrics_weights():

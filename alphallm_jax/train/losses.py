@@ -9,8 +9,12 @@ Contract (SFT now; DPO and critic losses plug in the same way):
   (optional) is the number of those units in the batch. The trainer uses it to combine
   microbatches (gradient accumulation) and evaluation batches exactly: the accumulated loss is
   ``sum_i w_i * loss_i / sum_i w_i``, which equals the loss of the whole batch at once. Without a
-  weight every microbatch counts the same. (The critic loss averages three heads over differently
-  many positions and weighs by rows, so there the combination is close, not exact: `critics.losses`.)
+  weight every microbatch counts the same. A loss whose mean has several denominators (the critic's
+  three heads over differently many positions, its ranked pairs) instead declares
+  ``loss_fn.batch_totals(batch) -> {name: count}``: the step computes those counts over the whole
+  batch, gives them to every microbatch (``batch["batch_totals"]``) and adds the shares up, so
+  gradient accumulation is exact there too (`train.step`); evaluation batches still combine by
+  weight, approximately for such a loss.
 * every metric is a scalar; the trainer averages them with the same weights.
 
 Everything that can overflow (logits, log-softmax, sums) runs in float32.

@@ -19,6 +19,7 @@ from alphallm_jax.train.losses import WEIGHT_KEY, LossFn
 from alphallm_jax.train.optim import decay_mask
 
 RNG_KEY = "rng"
+TOTALS_KEY = "batch_totals"  # where a microbatch receives the whole batch's totals (see below)
 
 
 def split_microbatches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
@@ -41,48 +42,66 @@ def _loss_weight(metrics: dict[str, jax.Array]) -> jax.Array:
     return jnp.asarray(1.0 if w is None else w, jnp.float32)
 
 
-def accumulated_loss_and_grads(loss_and_grad: Callable, params: Any, batch: dict[str, jax.Array],
-                               num_micro: int, rng: jax.Array | None = None):
-    """((loss, metrics), grads) over ``num_micro`` microbatches, combined by the losses' weights.
+def batch_totals_fn(loss_fn: LossFn) -> Callable | None:
+    """``loss_fn.batch_totals`` when the loss has one: ``batch_totals(batch) -> {name: scalar}``, the
+    counts a loss normalises by when one weight cannot stand for them all (the critic's heads average
+    over differently many positions). A loss that has it reads the totals under ``batch[TOTALS_KEY]``
+    when they are there and divides by them instead of by its own batch's counts."""
+    return getattr(loss_fn, "batch_totals", None)
 
-    ``loss_and_grad(params, batch) -> ((loss, metrics), grads)``. With weights w_i (``metrics
-    ["weight"]``, default 1): loss = sum w_i loss_i / W, grads = sum w_i g_i / W and each metric is
-    the same weighted mean, with ``metrics["weight"] = W``; for a token-mean loss this equals the loss
-    and gradient of the whole batch at once. Runs as a ``lax.scan``: one microbatch of activations
-    lives at a time.
+
+def accumulated_loss_and_grads(loss_and_grad: Callable, params: Any, batch: dict[str, jax.Array],
+                               num_micro: int, rng: jax.Array | None = None,
+                               batch_totals: Callable | None = None):
+    """((loss, metrics), grads) over ``num_micro`` microbatches, equal to the whole batch's.
+
+    ``loss_and_grad(params, batch) -> ((loss, metrics), grads)``. By default the microbatches combine
+    by the losses' weights w_i (``metrics["weight"]``, default 1): loss = sum w_i loss_i / W, grads =
+    sum w_i g_i / W and each metric is the same weighted mean, with ``metrics["weight"] = W``; for a
+    loss that is a mean over w_i units (a token mean, DPO's pair mean) this is the whole batch's loss.
+    With ``batch_totals`` (``batch_totals_fn``) the totals are computed over the whole batch and given
+    to every microbatch, whose loss, gradient and metrics are then its share of the whole batch's:
+    they are summed (``metrics["weight"]`` too). Runs as a ``lax.scan``: one microbatch of
+    activations lives at a time. With one microbatch the loss sees the batch as it is.
     """
-    def with_rng(mb, i):
-        return mb if rng is None else {**mb, RNG_KEY: jax.random.fold_in(rng, i)}
+    totals = batch_totals(batch) if batch_totals is not None and num_micro > 1 else None
+
+    def prepared(mb, i):
+        mb = mb if rng is None else {**mb, RNG_KEY: jax.random.fold_in(rng, i)}
+        return mb if totals is None else {**mb, TOTALS_KEY: totals}
 
     if num_micro == 1:
-        return loss_and_grad(params, with_rng(batch, 0))
+        return loss_and_grad(params, prepared(batch, 0))
 
     micro = split_microbatches(batch, num_micro)
     first = jax.tree.map(lambda x: x[0], micro)
-    (_, metrics_shape), _ = jax.eval_shape(loss_and_grad, params, with_rng(first, 0))
+    (_, metrics_shape), _ = jax.eval_shape(loss_and_grad, params, prepared(first, 0))
 
     def body(carry, xs):
         grads_acc, loss_acc, metrics_acc, weight_acc = carry
         i, mb = xs
-        (loss, metrics), grads = loss_and_grad(params, with_rng(mb, i))
+        (loss, metrics), grads = loss_and_grad(params, prepared(mb, i))
         w = _loss_weight(metrics)
-        grads_acc = jax.tree.map(lambda a, g: a + w * g.astype(a.dtype), grads_acc, grads)
-        metrics_acc = {k: metrics_acc[k] + w * jnp.asarray(v, jnp.float32)
+        a = w if totals is None else jnp.ones_like(w)  # shares of one whole-batch loss just add up
+        grads_acc = jax.tree.map(lambda acc, g: acc + a * g.astype(acc.dtype), grads_acc, grads)
+        metrics_acc = {k: metrics_acc[k] + a * jnp.asarray(v, jnp.float32)
                        for k, v in metrics.items() if k != WEIGHT_KEY}
-        return (grads_acc, loss_acc + w * loss.astype(jnp.float32), metrics_acc, weight_acc + w), None
+        return (grads_acc, loss_acc + a * loss.astype(jnp.float32), metrics_acc, weight_acc + w), None
 
     zero = jnp.zeros((), jnp.float32)
     init = (jax.tree.map(jnp.zeros_like, params), zero,
             {k: zero for k in metrics_shape if k != WEIGHT_KEY}, zero)
     (grads, loss, metrics, weight), _ = jax.lax.scan(
         body, init, (jnp.arange(num_micro), micro))
-    has_weight = weight > 0
-    inv = jnp.where(has_weight, 1.0 / jnp.where(has_weight, weight, 1.0), 0.0)
-    grads = jax.tree.map(lambda g: (g * inv).astype(g.dtype), grads)
-    metrics = {k: v * inv for k, v in metrics.items()}
+    if totals is None:
+        has_weight = weight > 0
+        inv = jnp.where(has_weight, 1.0 / jnp.where(has_weight, weight, 1.0), 0.0)
+        grads = jax.tree.map(lambda g: (g * inv).astype(g.dtype), grads)
+        metrics = {k: v * inv for k, v in metrics.items()}
+        loss = loss * inv
     if WEIGHT_KEY in metrics_shape:
         metrics[WEIGHT_KEY] = weight
-    return (loss * inv, metrics), grads
+    return (loss, metrics), grads
 
 
 def make_loss_and_grad(graphdef: nnx.GraphDef, rest: Any, loss_fn: LossFn) -> Callable:
@@ -113,7 +132,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     def train_step(params, opt_state, rest, batch, learning_rate, weight_decay, rng):
         loss_and_grad = make_loss_and_grad(graphdef, rest, loss_fn)
         (loss, metrics), grads = accumulated_loss_and_grads(
-            loss_and_grad, params, batch, grad_accum_steps, rng)
+            loss_and_grad, params, batch, grad_accum_steps, rng, batch_totals_fn(loss_fn))
         grad_norm = optax.tree.norm(grads)
         unit_updates, new_opt_state = tx.update(grads, opt_state, params)
 

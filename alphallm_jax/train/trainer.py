@@ -17,10 +17,10 @@
 * metrics go to the console (tqdm), TensorBoard event files (``workdir/tensorboard``) and
   ``workdir/metrics.jsonl``;
 * ``fit(..., epoch_order_fn=f)`` lets the caller order every epoch (curriculum learning, CPL):
-  ``f(trainer, epoch)`` runs at the start of each epoch with the current parameters
-  (``trainer.current_model()``) and returns the epoch's example order, which replaces the shuffle;
-  the order of the epoch in progress is saved in each checkpoint, so a resumed run continues it
-  without calling ``f`` again.
+  ``f(trainer, epoch)`` runs at the start of each epoch that will train (not after an early stop
+  or the last step) with the current parameters (``trainer.current_model()``) and returns the
+  epoch's example order, which replaces the shuffle; the order of the epoch in progress is saved in
+  each checkpoint, so a resumed run continues it without calling ``f`` again.
 
 After ``fit`` (normal end, early stop, error) the model passed in holds the trainer's parameters
 (the best ones when a dev set was given and ``restore_best``). While ``fit`` runs the trainer owns
@@ -574,11 +574,14 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
         it = self._make_iterator(train_examples, batch_size=cfg.batch_size, shuffle=True)
 
+        def needs_order():
+            """Whether the batch at the iterator's state starts an epoch still to be ordered."""
+            return epoch_order_fn is not None and it.epoch_order(it.state.epoch) is None
+
         def next_batch():
             """The batch at the iterator's state; an ordered epoch gets its order on first use."""
-            epoch = it.state.epoch
-            if epoch_order_fn is not None and it.epoch_order(epoch) is None:
-                it.set_epoch_order(epoch, epoch_order_fn(self, epoch))
+            if needs_order():
+                it.set_epoch_order(it.state.epoch, epoch_order_fn(self, it.state.epoch))
             return it.peek()
 
         total = it.steps_per_epoch * cfg.epochs if cfg.epochs >= 1 else cfg.max_steps
@@ -592,54 +595,12 @@ class Trainer:
         weight_decay = np.float32(cfg.weight_decay)
 
         ckpt, best = self._managers(with_dev=bool(dev_examples))
-        try:
-            early = _EarlyStop()
-            self.step = 0
-            self._saved_best_step = None
-            latest = ckpt.latest_step()
-            if latest is not None:
-                meta = self._restore(ckpt, latest)
-                self.step = int(meta["step"])
-                it.state = IteratorState.from_dict(meta["data"])
-                if epoch_order_fn is not None and meta.get("epoch_order") is not None:
-                    it.set_epoch_order(it.state.epoch, meta["epoch_order"])
-                early = _EarlyStop(**meta["early_stopping"])
-                self._saved_best_step = early.best_step
-                if meta.get("data_fingerprint") != it.fingerprint():
-                    log.warning("resuming on different data or batching: checkpoint %s, now %s",
-                                meta.get("data_fingerprint"), it.fingerprint())
-                self._truncate_metrics(self.step)
-                best.wait_until_finished()
-                self._prune_best(best, above=self.step)  # best parameters a killed run saved later
-                log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt.directory, self.step,
-                         it.state.epoch, it.state.step)
-            else:
-                # A fresh start over a run killed before its first checkpoint (or one that keeps none):
-                # forget that run's best parameters and metric rows, which this run writes again at the
-                # same steps (orbax refuses a step that exists).
-                best.wait_until_finished()
-                self._prune_best(best, above=-1)
-                self._truncate_metrics(0)
-                if cfg.optimizer_from:  # a first start only: a resumed run has its own optimizer state
-                    self.opt_state = self._load_optimizer_state(cfg.optimizer_from)
-                if self.is_main:
-                    atomic_write_json(os.path.join(self.workdir, "train_config.json"),
-                                      {**cfg.to_dict(), "total_steps": total, "warmup_steps": warm,
-                                       "steps_per_epoch": it.steps_per_epoch})
-            if self.is_main:
-                import tensorboardX
-                self._writer = tensorboardX.SummaryWriter(os.path.join(self.workdir, "tensorboard"))
-        except BaseException:
-            # A failed resume or start (a checkpoint of another model, an unreadable one) must not leave
-            # the managers' background threads running past the error.
-            ckpt.close()
-            best.close()
-            raise
+        early, resumed = self._start_or_resume(ckpt, best, it, epoch_order_fn, total=total, warm=warm)
 
         base_key = jax.random.wrap_key_data(self.rng)
         train_metrics: dict[str, float] = {}
         dev_metrics: dict[str, float] | None = None
-        last_eval_step = self.step if latest is not None else -1
+        last_eval_step = self.step if resumed else -1
         bar = None
         if cfg.progress_bar and self.is_main:
             from tqdm.auto import tqdm
@@ -654,8 +615,11 @@ class Trainer:
                 self.params, self.opt_state, metrics = train_step(
                     self.params, self.opt_state, self.rest, batch, schedule(self.step), weight_decay, step_key)
                 it.advance()  # it.state: the next batch to train on (what checkpoints record)
-                # Prepare the next batch on the host while the device computes this step.
-                pending = next_batch() if self.step + 1 < total else None
+                more = self.step + 1 < total
+                # Prepare the next batch on the host while the device computes this step; but a new
+                # epoch's order (epoch_order_fn, logged) waits until the run is known to train on it
+                # (no early stop below), computed from the same parameters.
+                pending = next_batch() if more and not needs_order() else None
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not metrics.pop("finite"):
                     ckpt.wait_until_finished()
@@ -691,9 +655,11 @@ class Trainer:
                     if early.stopped:
                         self._console(f"early stopping at step {self.step}: no dev improvement in "
                                       f"{early.bad_evals} evaluations")
-                        pending = None
+                        more, pending = False, None
+                if more and pending is None:
+                    pending = next_batch()  # orders the new epoch before a checkpoint records it
                 save_due = cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0
-                if cfg.checkpoint_every >= 0 and (save_due or pending is None):
+                if cfg.checkpoint_every >= 0 and (save_due or not more):
                     self._save(ckpt, best, it, early)
             ckpt.wait_until_finished()
             best.wait_until_finished()
@@ -718,6 +684,55 @@ class Trainer:
                          stopped_early=early.stopped, best_step=early.best_step,
                          best_dev_loss=early.best_loss, train_metrics=train_metrics,
                          dev_metrics=dev_metrics)
+
+    def _start_or_resume(self, ckpt, best, it: BatchIterator, epoch_order_fn, *, total: int,
+                         warm: int) -> tuple[_EarlyStop, bool]:
+        """Restores the newest checkpoint (parameters, optimizer state, data position, epoch order,
+        early stopping) or prepares a fresh start, and opens the TensorBoard writer: (early-stopping
+        state, whether the run resumed)."""
+        cfg = self.cfg
+        try:
+            early = _EarlyStop()
+            self.step = 0
+            self._saved_best_step = None
+            latest = ckpt.latest_step()
+            if latest is not None:
+                meta = self._restore(ckpt, latest)
+                self.step = int(meta["step"])
+                it.state = IteratorState.from_dict(meta["data"])
+                if epoch_order_fn is not None and meta.get("epoch_order") is not None:
+                    it.set_epoch_order(it.state.epoch, meta["epoch_order"])
+                early = _EarlyStop(**meta["early_stopping"])
+                self._saved_best_step = early.best_step
+                if meta.get("data_fingerprint") != it.fingerprint():
+                    log.warning("resuming on different data or batching: checkpoint %s, now %s",
+                                meta.get("data_fingerprint"), it.fingerprint())
+                self._truncate_metrics(self.step)
+                log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt.directory, self.step,
+                         it.state.epoch, it.state.step)
+            else:
+                self._truncate_metrics(0)  # a run killed before its first checkpoint: written again
+                if cfg.optimizer_from:  # a first start only: a resumed run has its own optimizer state
+                    self.opt_state = self._load_optimizer_state(cfg.optimizer_from)
+                if self.is_main:
+                    atomic_write_json(os.path.join(self.workdir, "train_config.json"),
+                                      {**cfg.to_dict(), "total_steps": total, "warmup_steps": warm,
+                                       "steps_per_epoch": it.steps_per_epoch})
+            # Forget the best parameters a killed run saved after the step this run starts from (all of
+            # them on a fresh start, over a run killed before its first checkpoint or one that keeps
+            # none): this run writes them again at the same steps, and orbax refuses a step that exists.
+            best.wait_until_finished()
+            self._prune_best(best, above=self.step if latest is not None else -1)
+            if self.is_main:
+                import tensorboardX
+                self._writer = tensorboardX.SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        except BaseException:
+            # A failed resume or start (a checkpoint of another model, an unreadable one) must not leave
+            # the managers' background threads running past the error.
+            ckpt.close()
+            best.close()
+            raise
+        return early, latest is not None
 
     def _update_early_stop(self, early: _EarlyStop, loss: float, best_manager) -> None:
         cfg = self.cfg
