@@ -15,7 +15,7 @@ from alphallm_jax.models.hf_io import load_hf_checkpoint
 from alphallm_jax.models.sharding import make_mesh
 from alphallm_jax.models.tokenizer import Tokenizer
 from alphallm_jax.sampling import Sampler, SampleRequest, engine
-from alphallm_jax.sampling.stop_rules import StopTables, build_stop_table, ending_stop
+from alphallm_jax.sampling.stop_rules import StopTables, build_stop_table, ending_stop, strip_stop
 from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
 
 VOCAB = 32000  # the Mistral sentencepiece vocabulary, so decoded text is real text
@@ -314,6 +314,14 @@ def test_ending_stop_is_the_first_to_end_and_on_a_tie_the_longer():
     assert ending_stop("x\n\n", ("\n\n", "x\n")) == "x\n"
     assert ending_stop("ab", ("b", "ab")) == "ab" and ending_stop("ab", ("ab", "b")) == "ab"
     assert ending_stop("abc", ("x", "y")) is None
+
+
+def test_strip_stop_drops_the_longest_stop_the_text_ends_with():
+    # A "\n\n" sampled as one token ends the text with "\n" too: both go, whatever the config's order.
+    assert strip_stop("#### 5\n\n", ("\n", "\n\n")) == "#### 5"
+    assert strip_stop("#### 5\n\n", ("\n\n", "\n")) == "#### 5"
+    assert strip_stop("#### 5\nQuestion:", ("\n\n", "\nQuestion:")) == "#### 5"
+    assert strip_stop("#### 5", ("\n\n", "")) == "#### 5"
 
 
 @pytest.mark.parametrize("stops,ended_by", [

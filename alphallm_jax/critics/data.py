@@ -40,6 +40,7 @@ from alphallm_jax.data.grading import is_correct
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import final_answer_marker, step_separator
 from alphallm_jax.sampling import Sampler, SampleRequest, SeqState
+from alphallm_jax.sampling.stop_rules import strip_stop
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator, this_process_share
 from alphallm_jax.utils.io import (
     PathLike,
@@ -122,13 +123,6 @@ class _Stats:
         self.counts[key] = self.counts.get(key, 0) + 1
 
 
-def _strip_stop(text: str, stops: Sequence[str]) -> str:
-    for stop in stops:
-        if stop and text.endswith(stop):
-            return text[: -len(stop)]
-    return text
-
-
 def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequence[str], cfg: RolloutConfig, *,
                   task: str, eos_ids: Collection[int], seed: int, chunk_index: int = 0) -> tuple[list[dict], dict]:
     """Trajectories and MC rollouts for a few prompts; returns (rows, counters)."""
@@ -143,7 +137,7 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
     counters = {"trajectories": len(trajs), "rollouts": 0, "rollout_tokens": 0, "step_tokens": 0}
 
     def grade(i: int, text: str) -> bool:
-        return is_correct(_strip_stop(text, cfg.solution_stop), problems[i].answer, task)
+        return is_correct(strip_stop(text, cfg.solution_stop), problems[i].answer, task)
 
     for level in range(cfg.max_steps):
         active = [t for t in trajs if not t.done]
@@ -198,7 +192,7 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
                     "prompt_ids": list(roots[t.problem_index].tokens),
                     "step_ids": [list(s) for s in t.step_ids] + [last],
                     "step_logprobs": t.step_logprobs + [float(np.sum(c.logprobs[:len(last)]))],
-                    "text": _strip_stop(text, cfg.solution_stop), "from_step": len(t.step_ids),
+                    "text": strip_stop(text, cfg.solution_stop), "from_step": len(t.step_ids),
                     "complete": marker in c.text or c.finish_reason == "eos", "correct": bool(correct)})
         for key in fresh:
             stats.counts.setdefault(key, 0)
@@ -211,7 +205,7 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
         rows.append({
             "problem_id": problems[t.problem_index].id, "kind": "trajectory",
             "prompt_ids": list(roots[t.problem_index].tokens), "step_ids": [list(s) for s in t.step_ids],
-            "step_logprobs": t.step_logprobs, "text": _strip_stop(t.text, cfg.solution_stop), "complete": t.complete,
+            "step_logprobs": t.step_logprobs, "text": strip_stop(t.text, cfg.solution_stop), "complete": t.complete,
             "correct": bool(t.correct),
             "state_hits": [stats.hits[k] for k in t.keys], "state_counts": [stats.counts[k] for k in t.keys]})
     return rows, counters

@@ -28,7 +28,8 @@ class CriticRerank:
     spec: str = ""
 
     def run(self, problems, ctx):
-        from alphallm_jax.pipeline.eval_methods import MethodOutput, _sample, count_steps, strip_stop
+        from alphallm_jax.pipeline.eval_methods import MethodOutput, _sample, count_steps
+        from alphallm_jax.sampling.stop_rules import strip_stop
 
         scorer = ctx.components.get("critic")
         if scorer is None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from alphallm_jax.data.grading import canonical_answer, extract_answer
 from alphallm_jax.data.problems import Problem
+from alphallm_jax.sampling.stop_rules import strip_stop
 from alphallm_jax.search.tree import problem_seed
 
 
@@ -71,14 +72,6 @@ def make_method(spec: str) -> EvalMethod:
 def count_steps(text: str) -> int:
     """Reasoning steps in a solution: its non-empty lines."""
     return sum(1 for line in text.split("\n") if line.strip())
-
-
-def strip_stop(text: str, stops: Sequence[str]) -> str:
-    """Drop the stop string that ended a completion (it belongs to what comes next, not the answer)."""
-    for stop in stops:
-        if stop and text.endswith(stop):
-            return text[: -len(stop)]
-    return text
 
 
 def _sample(problems, ctx: EvalContext, *, num_samples: int, temperature: float):

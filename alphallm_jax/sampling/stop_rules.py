@@ -68,6 +68,13 @@ def ending_stop(text: str, stops: Iterable[str]) -> str | None:
     return min(found)[2] if found else None
 
 
+def strip_stop(text: str, stops: Iterable[str]) -> str:
+    """`text` without the stop string that ended it (it belongs to what comes next, not the answer): the
+    longest stop `text` ends with (`"\n\n"` sampled as one token ends the text with `"\n"` as well)."""
+    ending = [s for s in stops if s and text.endswith(s)]
+    return text[: -max(map(len, ending))] if ending else text
+
+
 class StopTables:
     """The stacked tables of several stop strings: `int32[K, Q, V]`.
 
