@@ -391,3 +391,64 @@ def test_a_window_of_active_trees_bounds_every_batch():
     assert sum(len(reqs) for reqs in backend.calls_of("start")) == 5
     for reqs in backend.calls_of("expand"):
         assert len({r.problem_id for r in reqs}) <= 2
+
+
+def test_a_round_revisits_a_terminal_at_most_k_times_while_slots_are_in_flight():
+    from alphallm_jax.search.mcts import _TreeSearch
+
+    # The root's children: X (better, takes one child) and a terminal T. The first selection sends X's
+    # child out; every later way down is then blocked, and only T is left to select.
+    cfg = MCTSConfig(c_min0=2, c_max0=2, c_min=1, c_max=1, alpha=0.0, merge_distance="none", num_simulations=4,
+                     min_terminals=5, hard_cap_factor=10, leaves_per_tree_per_round=2)
+    search_state = _TreeSearch(0, problems(1)[0], cfg)
+    tree = search_state.tree
+    x = tree.add_child(0, option="x\n", N=1, W=0.9, reward=0.9)
+    t = tree.add_child(0, option="t\n", N=1, W=0.5, reward=0.5, terminal=True, answer="t")
+    tree.root.N, tree.root.W, tree.simulations = 2, 1.4, 2
+    requests = search_state.expansion_requests()
+    assert [req.parent_id for _, req in requests] == [x.id]
+    # Without the bound the round revisits T until the hard cap (40) before X's child has arrived.
+    assert tree.simulations == 2 + cfg.leaves_per_tree_per_round and t.N == 1 + cfg.leaves_per_tree_per_round
+
+
+def _revisits_in_flight_per_round(monkeypatch) -> list[int]:
+    """Records, for every tree and round, the terminal revisits made while the tree had slots in flight."""
+    from alphallm_jax.search.mcts import _TreeSearch
+
+    counts, selecting = [], []
+    select_leaves, backpropagate = _TreeSearch._select_leaves, Tree.backpropagate
+
+    def recording_select_leaves(self):
+        selecting.append(self)
+        counts.append(0)
+        try:
+            return select_leaves(self)
+        finally:
+            selecting.pop()
+
+    def recording_backpropagate(tree, node_id, reward):
+        if selecting and selecting[-1].tree is tree and selecting[-1].slots:  # selection backs up revisits only
+            counts[-1] += 1
+        backpropagate(tree, node_id, reward)
+
+    monkeypatch.setattr(_TreeSearch, "_select_leaves", recording_select_leaves)
+    monkeypatch.setattr(Tree, "backpropagate", recording_backpropagate)
+    return counts
+
+
+def test_unreachable_min_terminals_spread_revisits_over_rounds_and_still_finish(monkeypatch):
+    # Nine-node trees (three options, two one-step solutions each): min_terminals can never be met, so
+    # each tree runs to the hard cap, revisiting its terminals.
+    counts = _revisits_in_flight_per_round(monkeypatch)
+    cfg = MCTSConfig(c_min0=3, c_max0=3, c_min=2, c_max=2, merge_distance="none", num_simulations=8,
+                     min_terminals=100, hard_cap_factor=10, max_depth=6, leaves_per_tree_per_round=2)
+    trees, _, _ = search(cfg, n=4, backend=SyntheticBackend(solution_steps=2))
+    assert max(counts) == cfg.leaves_per_tree_per_round  # the bound binds, and holds in every round
+    for tree in trees:
+        assert len(tree) == 10 and len(tree.terminals()) == 6
+        # Only terminals left and nothing in flight: the last rounds revisit up to the hard cap and stop.
+        assert tree.simulations == tree.root.N == cfg.max_simulations and tree.answer is not None
+        assert tree.extra["rounds"] <= 10
+    # The bound depends on each tree's own state only: the same trees with one tree per batch.
+    alone, _, _ = search(dataclasses.replace(cfg, max_active_trees=1), n=4, backend=SyntheticBackend(solution_steps=2))
+    assert [t.to_records()[1:] for t in alone] == [t.to_records()[1:] for t in trees]

@@ -12,11 +12,15 @@ Every round:
      backpropagated (N += 1, W += r on the node and every ancestor);
   5. states no longer needed go back in one `release` call.
 A selection that reaches a terminal node backpropagates its reward again at once, with no device work.
+While the tree has expansions in flight, a round makes at most `leaves_per_tree_per_round` such revisits
+(then it stops selecting): sequential MCTS would have had those expansions' results before selecting
+again, so a round must not spend the budget on revisits steered by their virtual loss.
 
 A tree stops selecting once it has `num_simulations` iterations and `min_terminals` terminal nodes
 (or `hard_cap_factor * num_simulations` iterations, or nothing left to expand) and then picks its
-answer. Each tree depends only on its own seed, never on which trees share its batches: searching
-problems together or one at a time gives the same trees.
+answer. Each tree's draws depend only on its own seed, never on which trees share its batches: searching
+problems together or one at a time gives the same trees (with a language model, up to the last bits of
+its floats, which depend on the batch's shapes and can move a draw that falls near a boundary).
 """
 
 from __future__ import annotations
@@ -116,14 +120,21 @@ class _TreeSearch:
 
     def _select_leaves(self) -> bool:
         """Fill the round's k slots (resamples carried over count); a terminal reached is revisited at
-        once and takes no slot. True when nothing is left to select."""
+        once and takes no slot, but at most k times per round while slots are in flight (a later one
+        waits for their results). True when nothing is left to select."""
+        k = self.config.leaves_per_tree_per_round
         blocked: set[int] = set()
-        while len(self.slots) < self.config.leaves_per_tree_per_round and self._may_select():
+        revisits_in_flight = 0  # revisits steered by in-flight slots' virtual loss (and blocked paths)
+        while len(self.slots) < k and self._may_select():
             path = self._select_leaf(blocked)
             if path is None:
                 return True
             leaf = self.tree.nodes[path[-1]]
             if leaf.terminal:
+                if self.slots:
+                    if revisits_in_flight == k:
+                        return False  # not exhausted: the next round selects after their results
+                    revisits_in_flight += 1
                 self.tree.backpropagate(leaf.id, self._reward_of(leaf))
                 self.tree.simulations += 1
                 continue
