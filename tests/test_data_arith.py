@@ -303,8 +303,8 @@ def test_intermediate_answer_slip_answers_the_line_before_the_last(splits):
 def test_a_fewshot_base_policy_trains_on_fewshot_prompts_without_its_own_exemplars():
     from alphallm_jax.config import default_config
     from alphallm_jax.data.prompts import plain_prompt
-    from alphallm_jax.pipeline.base_policy import _without_exemplars, sft_examples
-    from alphallm_jax.pipeline.evaluation import config_exemplars, load_split, prompt_builder
+    from alphallm_jax.pipeline.base_policy import sft_examples
+    from alphallm_jax.pipeline.evaluation import config_exemplars, load_split, prompt_builder, without_exemplars
 
     class _CharTokenizer:
         eos_ids = (2,)
@@ -316,9 +316,13 @@ def test_a_fewshot_base_policy_trains_on_fewshot_prompts_without_its_own_exempla
     cfg.task, cfg.data.prompt_format, cfg.data.num_exemplars, cfg.seed = "arith", "fewshot", 3, 5
     exemplars = config_exemplars(cfg, "arith")
     d0 = load_split(cfg, "arith:train")
-    kept = _without_exemplars(cfg, d0)
-    # D0 is the exemplars' own pool: exactly they leave it (a prompt may not hold its own problem).
+    kept = without_exemplars(cfg, d0)
+    # D0 (and the critics' train prompts) is the exemplars' own pool: exactly they leave it (a prompt may
+    # not hold its own problem), whatever the seed: they are drawn by index.
     assert len(kept) == len(d0) - 3
+    cfg.data.prompt_format = "plain"
+    assert without_exemplars(cfg, d0) is d0
+    cfg.data.prompt_format = "fewshot"
     assert not {p.question for p in exemplars} & {p.question for p in kept}
     example = sft_examples(kept[:1], _CharTokenizer(), prompt_builder(cfg, tokenizer=None))[0]
     prompt = "".join(map(chr, example.prompt_ids[1:]))

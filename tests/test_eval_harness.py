@@ -292,6 +292,10 @@ def test_a_generated_eval_split_records_its_generator_settings(tmp_path):
     cfg = default_config()  # plain prompts on arith:test
     identity = eval_identity(cfg, tmp_path / "policy")
     assert identity["data"]["arith"] == cfg.data.arith.to_dict() and "exemplars" not in identity["prompt"]
+    # arith:test is generated first, from data.arith alone: the hard split's settings do not shape it.
+    assert "arith_hard" not in identity["data"]
+    cfg.eval.split = "arith:test_hard"  # generated after test, excluding its questions: both shape it
+    identity = eval_identity(cfg, tmp_path / "policy")
     assert identity["data"]["arith_hard"] == cfg.data.arith_hard.to_dict()
     evaluate_methods(PROBLEMS, _ctx(ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"]})),
                      ["greedy"], tmp_path, batch_size=3, identity=identity)

@@ -66,13 +66,13 @@ def resolve_policy(cfg, workdir, *, mesh=None):
 
 def build_data(cfg, workdir, policy, tokenizer, *, mesh=None) -> tuple[list[dict], list[dict]]:
     """(train rows, dev rows) from the policy's rollouts on the critics' train and dev prompts."""
-    from alphallm_jax.pipeline.evaluation import load_split, prompt_builder
+    from alphallm_jax.pipeline.evaluation import load_split, prompt_builder, without_exemplars
     from alphallm_jax.sampling import sampler_from_config
 
     data_cfg = RolloutConfig.from_config(cfg.critics.data)
     prompt_for = prompt_builder(cfg, tokenizer)
-    train = load_split(cfg, cfg.critics.train_split, cfg.critics.num_train_prompts)
-    dev = load_split(cfg, cfg.critics.dev_split, cfg.critics.num_dev_prompts)
+    train = without_exemplars(cfg, load_split(cfg, cfg.critics.train_split, cfg.critics.num_train_prompts))
+    dev = without_exemplars(cfg, load_split(cfg, cfg.critics.dev_split, cfg.critics.num_dev_prompts))
     longest = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in train + dev)
     sampler = sampler_from_config(cfg, policy, tokenizer, max_len=longest + data_cfg.max_new_tokens,
                                   pool_slots=data_cfg.pool_slots, mesh=mesh)

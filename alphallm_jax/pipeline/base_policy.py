@@ -20,7 +20,7 @@ from alphallm_jax.data.prompts import QUESTION_PREFIX, format_solution
 from alphallm_jax.data.spm_training import SPECIAL_IDS, train_sentencepiece
 from alphallm_jax.models import ModelConfig, Tokenizer, create_model
 from alphallm_jax.models.hf_io import save_hf_checkpoint
-from alphallm_jax.pipeline.evaluation import config_exemplars, load_split, prompt_builder
+from alphallm_jax.pipeline.evaluation import load_split, prompt_builder, without_exemplars
 from alphallm_jax.train.batching import SFTExample
 from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.trainer import TrainConfig, Trainer
@@ -54,17 +54,6 @@ def sft_examples(problems, tokenizer: Tokenizer, prompt_for: Callable[[Problem],
     return examples
 
 
-def _without_exemplars(cfg, problems: list[Problem]) -> list[Problem]:
-    """`problems` less the few-shot exemplars' own questions: D0 is the train split the exemplars are drawn
-    from, and a prompt may not hold its own problem as an exemplar."""
-    exemplar_questions = {" ".join(ex.question.split()) for ex in config_exemplars(cfg, cfg.task)}
-    kept = [p for p in problems if " ".join(p.question.split()) not in exemplar_questions]
-    if len(kept) < len(problems):
-        log.info("left %d few-shot exemplar(s) out of %d training problems", len(problems) - len(kept),
-                 len(problems))
-    return kept
-
-
 def model_config_from(cfg, tokenizer: Tokenizer, model_section=None) -> ModelConfig:
     m = cfg.base.model if model_section is None else model_section
     return ModelConfig(
@@ -96,8 +85,7 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
         d0 = with_slips(d0, cfg.base.slip, cfg.base.slip_fraction, cfg.seed)
     dev = load_split(cfg, cfg.base.dev_split, cfg.base.num_dev)
     prompt_for = prompt_builder(cfg, tokenizer=None)
-    if cfg.data.prompt_format == "fewshot":
-        d0, dev = _without_exemplars(cfg, d0), _without_exemplars(cfg, dev)
+    d0, dev = without_exemplars(cfg, d0), without_exemplars(cfg, dev)
 
     spm_path = as_path(tokenizer_path) if tokenizer_path else base_dir / "tokenizer.model"
     if tokenizer_path and not spm_path.exists():

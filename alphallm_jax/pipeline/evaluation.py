@@ -67,6 +67,19 @@ def config_exemplars(cfg, task: str) -> list[Problem]:
     return fewshot_exemplars(task, cfg.data.num_exemplars, cfg.data.exemplar_seed, **dataset_options(cfg))
 
 
+def without_exemplars(cfg, problems: list[Problem]) -> list[Problem]:
+    """`problems` less the `fewshot` exemplars' own questions (all of them under another format): a split
+    the exemplars are drawn from (D0, the critics' train prompts) would otherwise ask a prompt to hold its
+    own problem as an exemplar, which `format_prompt` refuses."""
+    if cfg.data.prompt_format != "fewshot" or not problems:
+        return problems
+    exemplar_questions = {" ".join(ex.question.split()) for ex in config_exemplars(cfg, problems[0].task)}
+    kept = [p for p in problems if " ".join(p.question.split()) not in exemplar_questions]
+    if len(kept) < len(problems):
+        log.info("left %d few-shot exemplar(s) out of %d problems", len(problems) - len(kept), len(problems))
+    return kept
+
+
 def prompt_builder(cfg, tokenizer):
     fmt = cfg.data.prompt_format
     exemplars_of: dict[str, list[Problem]] = {}  # by task: a config's exemplars are the same for every problem
@@ -117,9 +130,12 @@ def prompt_identity(cfg) -> dict:
 def problem_set_identity(cfg) -> dict:
     """The arith generator's settings where the eval split is generated from them (`seed` is recorded on its
     own). A split read from files is checked by its rows' questions and references (`_check_same_problems`)."""
-    if cfg.eval.split.strip().partition(":")[0] != "arith":
+    task, _, split = cfg.eval.split.strip().partition(":")
+    if task != "arith":
         return {}
-    return {"data": {k: cfg.data[k].to_dict() for k in ("arith", "arith_hard")}}
+    # test is generated first, from data.arith alone; every later split excludes the questions before it.
+    keys = ("arith",) if split == "test" else ("arith", "arith_hard")
+    return {"data": {k: cfg.data[k].to_dict() for k in keys}}
 
 
 def eval_identity(cfg, checkpoint, methods=(), workdir=None) -> dict:
