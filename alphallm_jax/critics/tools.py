@@ -48,7 +48,8 @@ MAX_BITS = 2048  # numerator/denominator size of any intermediate value
 COMBINE_MODES = ("none", "product", "mix", "min")
 
 _NUMBER_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+")
-_OPERATORS = {"+": "+", "-": "-", "*": "*", "/": "/", "×": "*", "÷": "/", "−": "-", "·": "*"}
+# The en dash is a minus sign in many hand-written solutions (`5/5 – 1/5 = 4/5`).
+_OPERATORS = {"+": "+", "-": "-", "*": "*", "/": "/", "×": "*", "÷": "/", "−": "-", "–": "-", "·": "*"}
 _DIGITS = frozenset("0123456789")
 _SKIPPED = frozenset(" \t$")  # spaces and currency signs carry no arithmetic
 # Characters an arithmetic run in running text may contain (used to find written equations).
@@ -66,6 +67,14 @@ _CONTINUED_LEFT_RE = re.compile(r"\b(?:of|times|by|plus|minus|over|x)[ \t]*\$?[ 
 _ENDS_AT_OPERAND_RE = re.compile(r"[\d)][ \t]*\Z")
 # A chunk must not end where an annotation's number may follow on the next line (`<<2*2=4>>\n4`).
 _ENDS_AT_ANNOTATION_RE = re.compile(r">>\s*\$?\s*$")
+# Text that ends in a word: an operator right after it continues a quantity written with its unit
+# (`10 points + 14 + 6 = 30`, `40 marbles - 3 - 5 = 32`, `M + 4 + 2 = 8`).
+_ENDS_AT_WORD_RE = re.compile(r"[A-Za-z][ \t]*\$?[ \t]*\Z")
+# One letter glued to the right side's number, then no letter: an algebraic term (`100/5 = 5A/5`).
+_VARIABLE_AFTER_RE = re.compile(r"[A-Za-z](?![A-Za-z])")
+# A mixed number written with a word: `4 / 3 = 1 and 1/3`.
+_AND_FRACTION_AFTER_RE = re.compile(r"[ \t]+and[ \t]+\(?\d+[ \t]*/[ \t]*\d+")
+_CLOCK_BEFORE_RE = re.compile(r"\d:\Z")  # `6:00+48=6:48`: a time of day, not a sum
 
 
 class CalcError(ValueError):
@@ -305,12 +314,27 @@ def _tokens_text(tokens: Sequence[Token]) -> str:
     return "".join(t.text for t in tokens)
 
 
+def _divided_by_fraction(tokens: Sequence[Token]) -> Fraction | None:
+    """`a / b/c` with a space after the first slash and none around the second: divided by the fraction
+    b/c (`25 / 1/3 = 75`, `2/ 1/5 = 10`), as the spacing groups it; None for any other form."""
+    if [t.kind for t in tokens] != ["num", "op", "num", "op", "num"] or tokens[1].text != "/" \
+            or tokens[3].text != "/" or tokens[2].start == tokens[1].start + 1:
+        return None
+    if tokens[3].start != tokens[2].start + len(tokens[2].text) or tokens[4].start != tokens[3].start + 1:
+        return None
+    if tokens[2].value == 0 or tokens[4].value == 0:
+        return None
+    return tokens[0].value / (tokens[2].value / tokens[4].value)
+
+
 def _written_equations(text: str):
-    """(lhs tokens, lhs value, rhs tokens, rhs value) of every `a op b = c` written in running text
-    (annotations removed first).
+    """(lhs tokens, lhs value, rhs tokens, rhs value, other readings) of every `a op b = c` written in
+    running text (annotations removed first); other readings: (lhs, rhs) pairs that also count as right.
 
     The left side is the longest arithmetic suffix before '=' with at least two numbers (so `x = 5`
     or `half of 20 = 10` are not equations); the right side is the longest arithmetic prefix after it.
+    Other readings: a left side grouped by its spacing (`_divided_by_fraction`), and in a chain
+    (`2*3 = 6 - 1 = 5`, a running calculation) the right side's first number.
     """
     plain = _TIMES_X_RE.sub("*", _ANNOTATION_RE.sub("", text))
     for eq in (i for i, ch in enumerate(plain) if ch == "="):
@@ -332,11 +356,15 @@ def _written_equations(text: str):
             continue
         lhs_at = start + lhs_tokens[0].start
         before = plain[:lhs_at]
-        if (k > 0 and left[k - 1].kind == "op") or _CONTINUED_LEFT_RE.search(before) \
-                or (lhs_tokens[0].kind == "(" and _ENDS_AT_OPERAND_RE.search(before)):
+        if (k > 0 and left[k - 1].kind in ("op", "num")) or _CONTINUED_LEFT_RE.search(before) \
+                or (lhs_tokens[0].kind == "(" and _ENDS_AT_OPERAND_RE.search(before)) \
+                or (lhs_tokens[0].kind == "op" and _ENDS_AT_WORD_RE.search(before)) \
+                or _CLOCK_BEFORE_RE.search(before):
             # The left side is the tail of a longer expression: an operator whose other operand is not
             # arithmetic (`72 cubic ft * 3/4 = 54`), an operator word (`60 students x 2/3 = 40`, `half
-            # of 10 + 2 = 7`) or an implicit product (`2(3+4)=14`).
+            # of 10 + 2 = 7`), an implicit product (`2(3+4)=14`), a number just before it (the rest of
+            # a mixed number, `8 x 1 1/2 = 12`, or of one grouped by spaces, `17 000/5 = 3 400`) or a
+            # quantity written with its unit (`10 points + 14 + 6 = 30`).
             continue
         if lhs_tokens[0].text == "-" and not before.rpartition("\n")[2].strip() \
                 and plain[lhs_at + 1:lhs_at + 2].isspace():
@@ -353,17 +381,34 @@ def _written_equations(text: str):
                 break
         if rhs is None:
             continue
-        yield lhs_tokens, lhs, rhs_tokens, rhs
+        if k < len(right) and right[k].kind in ("num", "op"):
+            # A mixed number (`= 1 1/2`), one grouped by spaces (`= 3 400`), or an expression that goes
+            # on into words (`= 30 + M trees`): the right side is not read whole.
+            continue
+        rhs_end = eq + 1 + rhs_tokens[-1].start + len(rhs_tokens[-1].text)
+        if rhs_tokens[-1].kind == "num" and _VARIABLE_AFTER_RE.match(plain, rhs_end):
+            continue  # the right side is an algebraic term (`100/5 = 5A/5`), not a number
+        if _AND_FRACTION_AFTER_RE.match(plain, rhs_end):
+            continue  # `= 1 and 1/3`
+        readings = []
+        grouped = _divided_by_fraction(lhs_tokens)
+        if grouped is not None:
+            readings.append((grouped, rhs))
+        if plain.startswith("=", end) and len(rhs_tokens) > 1 and rhs_tokens[0].kind == "num":
+            readings.append((lhs, rhs_tokens[0].value))  # a chain: `a op b = c op d = e`
+        yield lhs_tokens, lhs, rhs_tokens, rhs, tuple(readings)
 
 
 def check_written_equations(text: str, rel_tol: float = 0.0) -> CheckResult:
     """Checks every `a op b = c` equation written in running text (see `_written_equations`)."""
     result = CheckResult()
-    for lhs_tokens, lhs, rhs_tokens, rhs in _written_equations(text):
+    for lhs_tokens, lhs, rhs_tokens, rhs, readings in _written_equations(text):
         result.checked += 1
         rhs_text = _tokens_text(rhs_tokens)
         percent = rhs_tokens[-1].kind == "%" and values_match(lhs, rhs * 100, rhs_text.rstrip("%"), rel_tol)
-        if not (values_match(lhs, rhs, rhs_text, rel_tol) or percent):
+        # Another reading's right side is a bare number: no decimals of the written side apply.
+        if not (values_match(lhs, rhs, rhs_text, rel_tol) or percent
+                or any(values_match(a, b, "", rel_tol) for a, b in readings)):
             result.failures.append(f"wrong equation {_tokens_text(lhs_tokens)}={rhs_text}: "
                                    f"left side is {_fmt(lhs)}")
     return result
@@ -417,7 +462,7 @@ def _chunk_calculations(chunk: str) -> tuple[tuple[tuple[str, str, tuple[Fractio
                 results.update(t.value for t in scan(part, lenient=True) if t.kind == "num")
             except CalcError:
                 continue
-    for lhs_tokens, _, rhs_tokens, rhs in _written_equations(chunk):
+    for lhs_tokens, _, rhs_tokens, rhs, _ in _written_equations(chunk):
         calculations.append(("equation", f"{_tokens_text(lhs_tokens)}={_tokens_text(rhs_tokens)}",
                              tuple(t.value for t in lhs_tokens if t.kind == "num")))
         results.add(rhs)
