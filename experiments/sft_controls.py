@@ -152,7 +152,7 @@ def run_arm(cfg, arm: str, policy: str, out: Path, *, epochs: int, test_limit: i
     every `ref` arm's, so that their questions are new to the policy too."""
     from alphallm_jax import load_pretrained
     from alphallm_jax.pipeline.base_policy import sft_examples
-    from alphallm_jax.pipeline.evaluation import load_split
+    from alphallm_jax.pipeline.evaluation import load_split, prompt_builder
 
     kind, n, rate = parse_arm(arm)
     model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype)
@@ -166,7 +166,7 @@ def run_arm(cfg, arm: str, policy: str, out: Path, *, epochs: int, test_limit: i
             record.update(traces=len(examples), traces_right=right)
         else:
             problems = fresh(n) if kind == "ref" else load_split(cfg, cfg.base.train_split, n)
-            examples = sft_examples(problems, tokenizer, cfg.data.prompt_format)
+            examples = sft_examples(problems, tokenizer, prompt_builder(cfg, tokenizer))
         if not examples:  # a self arm whose samples never agreed: the policy is evaluated untrained
             record.update(steps=0, final_train_loss=None)
         else:

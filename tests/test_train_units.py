@@ -195,7 +195,7 @@ class _Linear(nnx.Module):
         self.w = nnx.Param(jnp.asarray([0.5, -1.0, 2.0], jnp.float32))
 
     def __call__(self, x_bs3):
-        return x_bs3 @ self.w.value
+        return x_bs3 @ self.w[...]
 
 
 def _two_means_loss(model, batch):
@@ -233,7 +233,7 @@ def test_a_loss_with_batch_totals_accumulates_to_the_whole_batch():
         p, _, m = step(with_totals, accum)
         for k in ("loss", "a_loss", "b_loss", "grad_norm", "weight"):
             np.testing.assert_allclose(m[k], m1[k], rtol=1e-6, err_msg=k)
-        np.testing.assert_allclose(p["w"].value, p1["w"].value, rtol=1e-6)
+        np.testing.assert_allclose(p["w"][...], p1["w"][...], rtol=1e-6)
     # The same loss combined by its weight (rows) is off.
     _, _, by_rows = step(_two_means_loss, 2)
     assert abs(float(by_rows["loss"]) - float(m1["loss"])) > 1e-3
