@@ -197,13 +197,14 @@ def _exemplar_splits(ex: Problem) -> set[str]:
     return splits
 
 
-def _same_question(a: str, b: str) -> bool:
-    return " ".join(a.split()) == " ".join(b.split())  # a reflowed or re-indented copy is the same question
+def question_key(question: str) -> str:
+    """A question with its spacing normalised: a reflowed or re-indented copy is the same question."""
+    return " ".join(question.split())
 
 
 def _check_exemplars(problem: Problem, exemplars: Sequence[Problem]) -> None:
     for ex in exemplars:
-        if _same_question(ex.question, problem.question):
+        if question_key(ex.question) == question_key(problem.question):
             raise ValueError(f"exemplar {ex.id} is the problem {problem.id} itself")
         leaked = sorted(_exemplar_splits(ex) & set(EVAL_SPLIT_NAMES))
         if leaked:

@@ -147,11 +147,12 @@ class KVCache:
       raise ValueError(f"cache chunks {other.chunk_lengths} != {self.chunk_lengths}")
     return jax.tree.map(lambda x, o: x.at[idx_b].set(o, mode="drop"), self, other)
 
-  def truncate(self, lengths_b: jax.Array) -> KVCache:
+  def truncate(self, lengths_b: jax.Array, *, tail_in_one_chunk: bool = False) -> KVCache:
     """Forgets positions >= lengths_b[row] (rewinds rows; the keys become unreachable). Not for a ring
     (sliding-window) cache: the later positions may have overwritten slots of earlier ones still inside
-    the window, which a rewind cannot bring back."""
-    if self.ring:
+    the window, which a rewind cannot bring back; unless the caller vouches (`tail_in_one_chunk`) that
+    they were written within one chunk (`max_chunk`), whose writes overwrite no key still in the window."""
+    if self.ring and not tail_in_one_chunk:
       raise ValueError("a ring (sliding-window) KV cache cannot be rewound: later positions may have "
                        "overwritten earlier ones; rebuild the rows from their tokens instead")
     keep = self.slot_pos_bt < jnp.asarray(lengths_b, jnp.int32)[:, None]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from alphallm_jax.data.grading import extract_answer, is_correct
 from alphallm_jax.data.loaders import load_dataset
 from alphallm_jax.data.problems import Problem
-from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt
+from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt, question_key
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
 from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
@@ -73,8 +73,8 @@ def without_exemplars(cfg, problems: list[Problem]) -> list[Problem]:
     own problem as an exemplar, which `format_prompt` refuses."""
     if cfg.data.prompt_format != "fewshot" or not problems:
         return problems
-    exemplar_questions = {" ".join(ex.question.split()) for ex in config_exemplars(cfg, problems[0].task)}
-    kept = [p for p in problems if " ".join(p.question.split()) not in exemplar_questions]
+    exemplar_questions = {question_key(ex.question) for ex in config_exemplars(cfg, problems[0].task)}
+    kept = [p for p in problems if question_key(p.question) not in exemplar_questions]
     if len(kept) < len(problems):
         log.info("left %d few-shot exemplar(s) out of %d problems", len(problems) - len(kept), len(problems))
     return kept

@@ -111,8 +111,9 @@ def rollout_identity(cfg, workdir, methods: Sequence[str], settings: SearchSetti
     """What a search's rollouts come from, for a run's identity: the fast-rollout policy's files, or the
     policy itself (`rolls_out_with_fast_policy` off) where `methods` roll out at all; {} where none does.
     Recording the second case too keeps a switch between them from resuming past results."""
+    settings = settings or SearchSettings.from_config(cfg)
     names = {spec.partition("@")[0] for spec in methods}
-    if "mcts" not in names or (settings or SearchSettings.from_config(cfg)).mcts.num_rollouts <= 0:
+    if "mcts" not in names or settings.mcts.num_rollouts <= 0:
         return {}
     if not rolls_out_with_fast_policy(cfg, methods, settings):
         return {"rollout_policy": "the policy itself"}

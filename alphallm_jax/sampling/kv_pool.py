@@ -46,9 +46,9 @@ def _store_rows(pool: KVCache, slots_b: jax.Array, batch: KVCache, rows_b: jax.A
 def _store_rewound_rows(pool: KVCache, slots_b: jax.Array, batch: KVCache, rows_b: jax.Array,
                         lengths_b: jax.Array) -> KVCache:
     rows = batch.gather_rows(rows_b)
-    # `truncate` refuses ring caches, whose later writes may have overwritten keys still inside the
-    # window; the caller rewinds a ring row only past writes that fit one chunk, which overwrote none.
-    rewound = rows.replace(ring=False).truncate(lengths_b).replace(ring=rows.ring)
+    # The caller rewinds a ring row only past writes that fit one chunk, which overwrote no key still
+    # inside the window.
+    rewound = rows.truncate(lengths_b, tail_in_one_chunk=True)
     return pool.scatter_rows(slots_b, rewound)
 
 

@@ -321,7 +321,10 @@ class Sampler:
             matched = [s for k, s in enumerate(stops) if stop_state_bk[b, k] == tables.match_state_k[k] and s in r.stop]
             # Several stop strings can complete in the last token: the one that ended the text is the
             # first to end in the text the automata read (the tokens' texts).
-            ended_by = ending_stop("".join(self._token_texts[t] for t in gen), matched) if reason == "stop" else None
+            ended_by = None
+            if reason == "stop" and matched:
+                ended_by = matched[0] if len(matched) == 1 else ending_stop(
+                    "".join(self._token_texts[t] for t in gen), matched)
             completions.append(Completion(
                 text=self._decode_continuation(context, gen),
                 token_ids=gen,
