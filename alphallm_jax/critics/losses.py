@@ -73,16 +73,23 @@ def _unpair(batch: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], int]:
     return flat, batch["input_ids"].shape[0]
 
 
+def _ranked_pairs(target_bs: jax.Array, mask_bs: jax.Array, pairs: int) -> jax.Array:
+    """bool[pairs]: the pairs (rows i and pairs + i) whose solutions both carry an ORM label and differ in
+    outcome; the labels alone set them."""
+    target_b = jnp.sum(target_bs * mask_bs, axis=1)
+    has_b = jnp.sum(mask_bs, axis=1) > 0
+    return has_b[:pairs] & has_b[pairs:] & (jnp.abs(target_b[:pairs] - target_b[pairs:]) > 0.5)
+
+
 def rank_loss(orm_logits_bs: jax.Array, target_bs: jax.Array, mask_bs: jax.Array, pairs: int,
               total: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Bradley-Terry loss -log sigmoid(l_right - l_wrong) on the ORM logits of each pair (rows i and
-    pairs + i) whose outcomes differ: (mean loss, number of such pairs, which the labels alone set);
-    the mean over `total` pairs when given (the whole batch's, `label_totals`)."""
+    pairs + i) whose outcomes differ: (mean loss, number of such pairs); the mean over `total` pairs
+    when given (the whole batch's, `label_totals`)."""
     logit_b = jnp.sum(orm_logits_bs * mask_bs, axis=1)
     target_b = jnp.sum(target_bs * mask_bs, axis=1)
-    has_b = jnp.sum(mask_bs, axis=1) > 0
     la, lb, ta, tb = logit_b[:pairs], logit_b[pairs:], target_b[:pairs], target_b[pairs:]
-    valid = has_b[:pairs] & has_b[pairs:] & (jnp.abs(ta - tb) > 0.5)
+    valid = _ranked_pairs(target_bs, mask_bs, pairs)
     margin = jnp.where(ta > tb, la - lb, lb - la)
     count = jnp.sum(valid.astype(jnp.float32))
     return (jnp.sum(jnp.where(valid, jax.nn.softplus(-margin), 0.0))
@@ -97,9 +104,9 @@ def label_totals(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     solutions of a pair sit in one row of the batch, and microbatches are sets of rows."""
     flat, pairs = _unpair(batch)
     totals = {h: jnp.sum(flat[f"{h}_mask"].astype(jnp.float32)) for h in HEADS}
-    if pairs:  # the count needs no logits
-        orm_target, orm_mask = flat["orm_target"], flat["orm_mask"]
-        totals["ranked_pairs"] = rank_loss(jnp.zeros_like(orm_target), orm_target, orm_mask, pairs)[1]
+    if pairs:
+        ranked = _ranked_pairs(flat["orm_target"], flat["orm_mask"], pairs)
+        totals["ranked_pairs"] = jnp.sum(ranked.astype(jnp.float32))
     return totals
 
 
