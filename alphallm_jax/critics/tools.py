@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import time
 from collections import Counter
@@ -55,7 +56,8 @@ _SKIPPED = frozenset(" \t$")  # spaces and currency signs carry no arithmetic
 # Characters an arithmetic run in running text may contain (used to find written equations).
 _RUN_CHARS = _DIGITS | frozenset(".,()%$ \t") | frozenset(_OPERATORS)
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
-_WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+# The result written after an annotation: a number, or a fraction (`<<3/4=3/4>>3/4`).
+_WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:/(\d+)(?![\d.]))?")
 _LIST_MARK_RE = re.compile(r"[.)][ \t]")
 # `x` (or `X`) between two operands on one line is a multiplication sign: `60 x 60/100 = 36` reads as
 # `60*60/100`. (Nothing here looks across a newline, so checking line chunks equals checking the text.)
@@ -111,6 +113,9 @@ def scan(text: str, *, lenient: bool = False) -> list[Token]:
         if m:
             tokens.append(Token("num", m.group(), _number(m.group()), i))
             i = m.end()
+        elif text.startswith("//", i):  # floor division, as some generated annotations write it
+            tokens.append(Token("op", "//", start=i))
+            i += 2
         elif ch in _OPERATORS:
             tokens.append(Token("op", _OPERATORS[ch], start=i))
             i += 1
@@ -135,7 +140,7 @@ def _checked(x: Fraction) -> Fraction:
 
 class _Parser:
     """expr := term (('+'|'-') term)*; term := unary (('*'|'/') unary)*;
-    unary := ('+'|'-') unary | primary '%'*; primary := NUMBER | '(' expr ')'."""
+    unary := ('+'|'-') unary | primary '%'*; primary := NUMBER | '(' expr ')'. '//' is floor division."""
 
     def __init__(self, tokens: Sequence[Token]):
         self.tokens = tokens
@@ -170,7 +175,7 @@ class _Parser:
 
     def term(self) -> Fraction:
         value = self.unary()
-        while (tok := self.peek()) is not None and tok.kind == "op" and tok.text in "*/":
+        while (tok := self.peek()) is not None and tok.kind == "op" and tok.text in ("*", "/", "//"):
             self.take()
             rhs = self.unary()
             if tok.text == "*":
@@ -178,7 +183,7 @@ class _Parser:
             else:
                 if rhs == 0:
                     raise CalcError("division by zero")
-                value = _checked(value / rhs)
+                value = _checked(value / rhs if tok.text == "/" else Fraction(math.floor(value / rhs)))
         return value
 
     def unary(self) -> Fraction:
@@ -281,11 +286,13 @@ def check_annotations(text: str, rel_tol: float = 0.0) -> CheckResult:
             after = None  # the next line's list numeral (`<<2*3=6>>\n2. Then ...`), not the result
         if after is not None:
             try:
-                written = _number(after.group(1))
+                written = [_number(after.group(1))]
+                if after.group(2) is not None and int(after.group(2)) != 0:  # or the fraction it begins
+                    written.append(written[0] / _number(after.group(2)))
             except CalcError as e:  # model text: a number too long to read fails the check, never the caller
                 result.failures.append(f"<<{body}>> followed by an unreadable number: {e}")
                 continue
-            if not values_match(values[-1], written, after.group(1), rel_tol):
+            if not any(values_match(values[-1], w, after.group(1), rel_tol) for w in written):
                 result.failures.append(f"<<{body}>> followed by {after.group(1)}")
     return result
 
@@ -315,16 +322,32 @@ def _tokens_text(tokens: Sequence[Token]) -> str:
 
 
 def _divided_by_fraction(tokens: Sequence[Token]) -> Fraction | None:
-    """`a / b/c` with a space after the first slash and none around the second: divided by the fraction
-    b/c (`25 / 1/3 = 75`, `2/ 1/5 = 10`), as the spacing groups it; None for any other form."""
+    """`a / b/c` divided by the fraction b/c: where the spacing groups it so (wider around the first
+    slash than around the second: `25 / 1/3 = 75`, `2/ 1/5 = 10`), or spaced evenly where b/c is a
+    proper fraction of whole numbers (`14 / 1 / 4 = 56`, `14/1/4 = 56`); None for any other form."""
     if [t.kind for t in tokens] != ["num", "op", "num", "op", "num"] or tokens[1].text != "/" \
-            or tokens[3].text != "/" or tokens[2].start == tokens[1].start + 1:
+            or tokens[3].text != "/":
         return None
-    if tokens[3].start != tokens[2].start + len(tokens[2].text) or tokens[4].start != tokens[3].start + 1:
+    b, c = tokens[2].value, tokens[4].value
+    if b == 0 or c == 0:
         return None
-    if tokens[2].value == 0 or tokens[4].value == 0:
+
+    def gap(i):  # the spaces around the slash tokens[i]
+        return tokens[i + 1].start - (tokens[i - 1].start + len(tokens[i - 1].text)) - 1
+
+    proper = b.denominator == c.denominator == 1 and b < c
+    if gap(1) < gap(3) or (gap(1) == gap(3) and not proper):
         return None
-    return tokens[0].value / (tokens[2].value / tokens[4].value)
+    return tokens[0].value / (b / c)
+
+
+def _percent_as_unit(tokens: Sequence[Token]) -> Fraction | None:
+    """The value of a left side whose `%` is a unit, read without it: `100%` (a ratio written as a
+    percentage, `1.2 x 100% = 120`) and a divisor in percent (an amount per percentage point,
+    `$7500/75% = $100`); None when it has neither."""
+    at = [i for i in range(1, len(tokens)) if tokens[i].kind == "%" and tokens[i - 1].kind == "num"
+          and (tokens[i - 1].value == 100 or (i >= 2 and tokens[i - 2].text == "/"))]
+    return _parse_tokens([t for i, t in enumerate(tokens) if i not in at]) if at else None
 
 
 def _written_equations(text: str):
@@ -333,7 +356,8 @@ def _written_equations(text: str):
 
     The left side is the longest arithmetic suffix before '=' with at least two numbers (so `x = 5`
     or `half of 20 = 10` are not equations); the right side is the longest arithmetic prefix after it.
-    Other readings: a left side grouped by its spacing (`_divided_by_fraction`), and in a chain
+    Other readings: a left side grouped by its spacing (`_divided_by_fraction`), one that writes a ratio
+    as a percentage (`_percent_as_unit`), and in a chain
     (`2*3 = 6 - 1 = 5`, a running calculation) the right side's first number.
     """
     plain = _TIMES_X_RE.sub("*", _ANNOTATION_RE.sub("", text))
@@ -394,6 +418,9 @@ def _written_equations(text: str):
         grouped = _divided_by_fraction(lhs_tokens)
         if grouped is not None:
             readings.append((grouped, rhs))
+        as_percent = _percent_as_unit(lhs_tokens) if rhs_tokens[-1].kind != "%" else None
+        if as_percent is not None:
+            readings.append((as_percent, rhs))
         if plain.startswith("=", end) and len(rhs_tokens) > 1 and rhs_tokens[0].kind == "num":
             readings.append((lhs, rhs_tokens[0].value))  # a chain: `a op b = c op d = e`
         yield lhs_tokens, lhs, rhs_tokens, rhs, tuple(readings)
@@ -405,7 +432,10 @@ def check_written_equations(text: str, rel_tol: float = 0.0) -> CheckResult:
     for lhs_tokens, lhs, rhs_tokens, rhs, readings in _written_equations(text):
         result.checked += 1
         rhs_text = _tokens_text(rhs_tokens)
-        percent = rhs_tokens[-1].kind == "%" and values_match(lhs, rhs * 100, rhs_text.rstrip("%"), rel_tol)
+        # A right side in percent: the left side's value in percent (`100 - 50 = 50%`), or its ratio
+        # as a rounded percentage (`9/27*100% = 33.333%`).
+        percent = rhs_tokens[-1].kind == "%" and any(
+            values_match(a, rhs * 100, rhs_text.rstrip("%"), rel_tol) for a in (lhs, lhs * 100))
         # Another reading's right side is a bare number: no decimals of the written side apply.
         if not (values_match(lhs, rhs, rhs_text, rel_tol) or percent
                 or any(values_match(a, b, "", rel_tol) for a, b in readings)):
