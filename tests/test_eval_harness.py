@@ -126,6 +126,13 @@ def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
     assert json.loads((tmp_path / "eval" / "run.json").read_text())["critic"] == "ccc"
     with pytest.raises(ValueError, match="differs in critic: 'ccc' -> 'ddd'"):
         evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity={**more, "critic": "ddd"})
+    # Except a required one: few-shot exemplars, recorded since they follow the run's seed, shaped the
+    # prompts of a folder written before; its results cannot be vouched for.
+    few = {**more, "prompt": {"prompt_format": "fewshot"}}
+    evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path / "old", batch_size=3, identity=few)
+    with pytest.raises(ValueError, match=r"predates a setting .* differs in prompt.exemplars: '<absent>' -> 'e1'"):
+        evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path / "old", batch_size=3,
+                         identity={**few, "prompt": {**few["prompt"], "exemplars": "e1"}})
 
 
 def test_results_of_other_problems_under_the_same_ids_are_refused(tmp_path):

@@ -114,6 +114,9 @@ def _part_path(out_root, spec: str):
 # Settings a resumed evaluation may change: which methods run and how many problems (a problem's result
 # depends on its own seed only).
 RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit")
+# Recorded since few-shot exemplars follow the run's seed and arith generator: a few-shot folder written
+# before has no record of the exemplars its prompts held, so it is refused, not resumed.
+REQUIRED_EVAL_KEYS = ("prompt.exemplars",)
 
 
 def prompt_identity(cfg) -> dict:
@@ -171,7 +174,7 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     mine = this_process_share(problems)
     out_root = as_path(workdir) / tag
     if identity is not None:
-        check_run_identity(out_root, identity, resumable=RESUMABLE_EVAL_KEYS)
+        check_run_identity(out_root, identity, resumable=RESUMABLE_EVAL_KEYS, required=REQUIRED_EVAL_KEYS)
     for spec in methods:
         method = make_method(spec)
         part = _part_path(out_root, spec)

@@ -9,16 +9,19 @@ import json
 from collections.abc import Sequence
 
 from alphallm_jax.utils.distributed import barrier, is_coordinator
-from alphallm_jax.utils.io import ABSENT, as_path, atomic_write_json, json_changes, read_json
+from alphallm_jax.utils.io import ABSENT, as_path, atomic_write_json, json_changes, key_in, read_json
 
 RUN_RECORD = "run.json"
 
 
-def check_run_identity(folder, identity: dict, resumable: Sequence[str] = ()) -> None:
+def check_run_identity(folder, identity: dict, resumable: Sequence[str] = (),
+                       required: Sequence[str] = ()) -> None:
     """Record `identity` (what a folder's resumable results depend on) in `folder`/run.json on the first
     call; on later calls raise a ValueError naming what differs outside `resumable`, rather than resume
     past results that another policy or setting produced. A key only one side has is no conflict (an
-    evaluation that adds a critic method records the critic then), and joins the record. A folder that
+    evaluation that adds a critic method records the critic then), and joins the record, except the
+    keys in `required` (dotted; "a." covers a subtree): their results depend on them from the start, so
+    a record without one was written before it was recorded and cannot vouch for it. A folder that
     holds no results yet (a first attempt that failed early) takes the new identity."""
     folder = as_path(folder)
     path = folder / RUN_RECORD
@@ -28,12 +31,15 @@ def check_run_identity(folder, identity: dict, resumable: Sequence[str] = ()) ->
         atomic_write_json(path, identity)
     barrier(f"{folder.name}:identity")
     recorded = read_json(path)
-    changed = [(k, a, b) for k, a, b in json_changes(recorded, identity, resumable) if ABSENT not in (a, b)]
+    changed = [(k, a, b) for k, a, b in json_changes(recorded, identity, resumable)
+               if ABSENT not in (a, b) or key_in(k, required)]
     if changed:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
-        raise ValueError(f"{folder} holds results of another run, which differs in {shown}{more}: resuming "
-                         f"would mix the two. Use a new workdir, or remove {folder}.")
+        older = (" (its record predates a setting this run records, so it may hold results of other "
+                 "settings)" if any(a == ABSENT for _, a, _ in changed) else "")
+        raise ValueError(f"{folder} holds results of another run{older}, which differs in {shown}{more}: "
+                         f"resuming would mix the two. Use a new workdir, or remove {folder}.")
     joined = _joined(recorded, identity)
     if is_coordinator() and joined != recorded:
         atomic_write_json(path, joined)
