@@ -308,6 +308,26 @@ def test_a_state_rebuilt_with_extra_tokens_is_cached_without_them(which, num_ext
     assert is_cached == cached and sampler.stats.rebuilds == (1 if cached else 2)
 
 
+def test_a_rebuilt_state_is_cached_from_a_row_whose_tail_fits_the_ring(mistral, tokenizer):
+    """Two requests rebuild one evicted state in a ring cache (Mistral, window 8): the first carries 8
+    extra tokens, whose writes overwrote keys the state's window needs, the second none. The state is
+    cached from the second's row, so continuing it later prefills its pending token alone."""
+    model, _ = mistral
+    sampler = Sampler(model, tokenizer, max_len=96, pool_slots=3)
+    state = _evicted_state(sampler)
+    extra = tuple(_prompts(1, seed=8, lo=8, hi=9)[0][1:])
+    sampler.sample([SampleRequest(state=state, extra_tokens=extra, max_new_tokens=6, temperature=0.0),
+                    SampleRequest(state=state, max_new_tokens=6, temperature=0.0)], keep_states=False)
+    assert state.slot is not None and sampler.stats.rebuilds == 2  # one state, two requests
+    later = SampleRequest(state=state, max_new_tokens=12, temperature=0.0)
+    before = sampler.stats.prefilled_tokens
+    (out,) = sampler.sample([later], keep_states=False)
+    assert sampler.stats.prefilled_tokens - before == 1
+    want = _from_scratch(model, tokenizer, later)
+    assert out.token_ids == want.token_ids
+    np.testing.assert_allclose(out.logprobs, want.logprobs, atol=1e-4)
+
+
 def test_ending_stop_is_the_first_to_end_and_on_a_tie_the_longer():
     assert ending_stop("12\nAnswer:\n", ("\n", "Answer:")) == "\n"
     assert ending_stop("Answer:\n", ("\n", "Answer:")) == "Answer:"  # sorted first: "\n"

@@ -243,7 +243,7 @@ class Sampler:
         self.stats.batch_rows += len(reqs)
         # 1. What each request must prefill: the tokens its nearest cached ancestor lacks.
         plans = []
-        rebuilt: dict[int, int] = {}  # evicted state id -> its first request here (it is cached again)
+        rebuilt: dict[int, list[int]] = {}  # evicted state id -> its requests here (it is cached again)
         for b, r in enumerate(reqs):
             if r.max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
@@ -252,7 +252,7 @@ class Sampler:
                 self.stats.cache_hits += 1
             elif r.state.was_cached:
                 self.stats.rebuilds += 1
-                rebuilt.setdefault(r.state.id, b)
+                rebuilt.setdefault(r.state.id, []).append(b)
             skip = len(base.tokens) - 1 if base is not None else 0
             chunk = r.state.tokens[skip:] + tuple(r.extra_tokens)
             total = skip + len(chunk) + r.max_new_tokens
@@ -343,22 +343,25 @@ class Sampler:
         pool.store(cache, rows, states, lengths=lengths)
         self.stats.evictions += pool.evictions - evicted_before
 
-    def _recache_rebuilt(self, reqs, plans, source: list[int], firsts: list[int], cache: KVCache) -> None:
-        """Put the evicted states this batch rebuilt back into the pool (request `firsts[i]` continues
-        one), so that continuing one again prefills only its pending token, as for any cached state.
+    def _recache_rebuilt(self, reqs, plans, source: list[int], requests: list[list[int]], cache: KVCache) -> None:
+        """Put the evicted states this batch rebuilt back into the pool (`requests[i]`: the requests that
+        continue one), so that continuing one again prefills only its pending token, as for any cached state.
 
         A rebuilt state's prefilled row also holds its pending token and the request's extra tokens; the
         stored copy forgets them (a cached slot holds every token but the last). In a ring (sliding-window)
-        cache those writes overwrote older slots: the state is cached only when they fit in one chunk
-        (`KVCache.max_chunk`), the writes that overwrite no key inside the window of their first query.
+        cache those writes overwrote older slots: the state is cached only from a row where they fit in one
+        chunk (`KVCache.max_chunk`), the writes that overwrite no key inside the window of their first
+        query: the first of the state's requests whose row does.
         """
         max_tail = cache.max_chunk(self.cfg.sliding_window)
         keep = []
-        for b in firsts:
-            state, (_, skip, chunk) = reqs[b].state, plans[b]
-            tail = skip + len(chunk) - (len(state) - 1)  # positions written after the state's cached part
-            if max_tail is None or tail <= max_tail:
-                keep.append(b)
+        for bs in requests:
+            for b in bs:
+                state, (_, skip, chunk) = reqs[b].state, plans[b]
+                tail = skip + len(chunk) - (len(state) - 1)  # positions written after the state's cached part
+                if max_tail is None or tail <= max_tail:
+                    keep.append(b)
+                    break
         if keep:
             self._store(cache, [source[b] for b in keep], [reqs[b].state for b in keep],
                         lengths=[len(reqs[b].state) - 1 for b in keep])
