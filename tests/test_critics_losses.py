@@ -233,3 +233,35 @@ def test_gradient_accumulation_gives_the_whole_batchs_loss_gradient_and_metrics(
     # Combined by labelled rows instead, as without the totals, the microbatches miss the whole batch.
     (by_rows, _), _ = run(2, None)
     assert abs(float(by_rows) - float(loss1)) > 1e-4
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_dev_evaluation_in_batches_gives_the_whole_sets_loss_and_metrics(tmp_path, paired):
+    """`Trainer.evaluate` counts a dev set's labels over all of its batches first (the loss's
+    `batch_totals`), so batches of 2 rows give the loss of the whole set in one batch; on a 2-device
+    data mesh, where every batch is split between the devices."""
+    from alphallm_jax.models.sharding import make_mesh
+
+    critic = create_critic(presets.get("tiny"), CriticHeadConfig(hidden=16), seed=3)
+    examples = _uneven_examples([10, 1, 10, 1, 7, 0, 12, 2], seed=0)
+    if paired:
+        second = _uneven_examples([1, 9, 0, 11, 3, 8, 2, 5], seed=1)
+        examples = [{**a, **{f"b_{k}": v for k, v in b.items()}} for a, b in zip(examples, second, strict=True)]
+    mesh = make_mesh(2, 1, 1, devices=jax.devices()[:2])
+
+    def evaluate(batch_size, loss_fn):
+        cfg = TrainConfig(batch_size=8, eval_batch_size=batch_size, max_seq_len=16, pad_to_multiple=16,
+                          checkpoint_every=-1, progress_bar=False)
+        trainer = Trainer(critic, loss_fn, cfg, mesh=mesh, workdir=tmp_path / f"{batch_size}-{id(loss_fn)}",
+                          collate_fn=functools.partial(collate_critic, max_seq_len=16, pad_to_multiple=16),
+                          length_fn=critic_example_length)
+        return trainer.evaluate(examples)
+
+    loss_fn = make_critic_loss((1.0, 0.5, 2.0), rank_weight=0.7)
+    whole, batched = evaluate(8, loss_fn), evaluate(2, loss_fn)
+    assert batched.keys() == whole.keys() and whole["weight"] == (16.0 if paired else 8.0)  # solutions
+    for k in whole:
+        np.testing.assert_allclose(batched[k], whole[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    # The same loss without its totals, its batches combined by rows, misses the whole set's.
+    by_rows = evaluate(2, functools.partial(critic_loss, head_weights=(1.0, 0.5, 2.0), rank_weight=0.7))
+    assert abs(by_rows["loss"] - whole["loss"]) > 1e-4

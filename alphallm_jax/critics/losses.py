@@ -120,7 +120,7 @@ def critic_loss(model, batch: dict[str, jax.Array], *, head_weights: Sequence[fl
     two and combined by rows: loss 1.38732 against 1.38702). Under gradient accumulation the step
     therefore passes the whole batch's counts (`label_totals`, under `batch[TOTALS_KEY]`): every mean
     here divides by those instead, and the microbatches' losses, gradients and metrics add up to the
-    whole batch's exactly. Dev batches (`Trainer.evaluate`) are still combined by rows, approximately.
+    whole batch's exactly; `Trainer.evaluate` passes a dev set's totals to each of its batches the same way.
     """
     batch = dict(batch)
     totals = batch.pop(TOTALS_KEY, None)

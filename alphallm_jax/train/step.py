@@ -165,6 +165,11 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn):
     return eval_step
 
 
+def sum_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Host-side sum of per-batch metrics that are shares of one whole (a loss given ``TOTALS_KEY``)."""
+    return {k: sum(float(r[k]) for r in rows) for k in rows[0]} if rows else {}
+
+
 def combine_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     """Host-side weighted mean of per-batch metrics (by ``weight``, default 1); ``weight`` summed."""
     if not rows:

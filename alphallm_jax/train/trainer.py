@@ -532,10 +532,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
-        """Weighted mean of ``eval_loss_fn``'s metrics over ``examples`` (current parameters)."""
+        """``eval_loss_fn``'s metrics over ``examples`` (current parameters): the weighted mean of the
+        batches' metrics, or, for a loss with ``batch_totals`` (one weight per batch cannot stand for
+        its means over differently many positions), the whole set's exactly: the totals are counted
+        over every batch first and each batch's loss is its share of the set's."""
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
         bs = -(-bs // self.dp_size) * self.dp_size
         it = self._make_iterator(examples, batch_size=bs, shuffle=False)
+        totals = self._set_totals(it)
         if self._eval_fn is None:
             key = ("eval", self.graphdef, self.eval_loss_fn, self.mesh, self.rules,
                    tuple(sorted((self.cfg.compiler_options or {}).items())))
@@ -547,9 +551,26 @@ class Trainer:
         rows = []
         with jax.set_mesh(self.mesh):
             for batch in it.iterate_epoch(0):
-                rows.append(self._eval_fn(self.params, self.rest, self._device_batch(batch)))
+                batch = self._device_batch(batch)
+                if totals is not None:
+                    batch[step_lib.TOTALS_KEY] = totals
+                rows.append(self._eval_fn(self.params, self.rest, batch))
             rows = jax.device_get(rows)
-        return step_lib.combine_metrics([{k: float(v) for k, v in r.items()} for r in rows])
+        rows = [{k: float(v) for k, v in r.items()} for r in rows]
+        return step_lib.combine_metrics(rows) if totals is None else step_lib.sum_metrics(rows)
+
+    def _set_totals(self, it: BatchIterator) -> dict[str, jax.Array] | None:
+        """``eval_loss_fn.batch_totals`` summed over one pass of `it` (host batches: every process
+        holds the same ones, so every process counts the same), replicated; None for a loss without."""
+        totals_fn = step_lib.batch_totals_fn(self.eval_loss_fn)
+        if totals_fn is None:
+            return None
+        sums: dict[str, float] = {}
+        for batch in it.iterate_epoch(0):
+            for k, v in jax.device_get(totals_fn(batch)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: jax.make_array_from_callback((), self.replicated, lambda _, v=v: np.float32(v))
+                for k, v in sums.items()}
 
     # ---------------------------------------------------------------- training
     def fit(self, train_examples: Sequence[Any], dev_examples: Sequence[Any] | None = None, *,
