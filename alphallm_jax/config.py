@@ -68,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.base.slip = "none"
     c.base.slip_fraction = 0.0
     c.base.tokenizer_vocab_size = 768
-    c.base.question_loss = True  # plain format: the loss covers the question too (imagination samples questions)
+    # plain and fewshot formats: the loss covers the (last) question too, so imagination can sample questions
+    c.base.question_loss = True
     c.base.model = ml_collections.ConfigDict(dict(
         hidden_size=192, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=48,
         rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True))

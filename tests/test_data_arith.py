@@ -328,3 +328,10 @@ def test_a_fewshot_base_policy_trains_on_fewshot_prompts_without_its_own_exempla
     prompt = "".join(map(chr, example.prompt_ids[1:]))
     assert prompt.count("Question: ") == 4 and all(ex.question in prompt for ex in exemplars)
     assert prompt.endswith(plain_prompt(kept[0].question))
+    # With the question loss (the default config's), the loss also covers the problem's own question:
+    # the prompt ends at its `Question:`, after the exemplars, and the tokens are the same.
+    with_q = sft_examples(kept[:1], _CharTokenizer(), prompt_builder(cfg, tokenizer=None), question_loss=True)[0]
+    assert with_q.prompt_ids + with_q.response_ids == example.prompt_ids + example.response_ids
+    head, response = ("".join(map(chr, ids)) for ids in (with_q.prompt_ids[1:], with_q.response_ids[:-1]))
+    assert head.endswith("Question:") and head.count("Question:") == 4
+    assert response.startswith(" " + kept[0].question.strip() + "\nAnswer:")

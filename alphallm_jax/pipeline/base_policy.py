@@ -37,19 +37,28 @@ def sft_examples(problems, tokenizer: Tokenizer, prompt_for: Callable[[Problem],
     `prompt_builder`, so the policy learns the format it is evaluated with); the loss covers the solution
     only.
 
-    With `question_loss` (plain format) the loss also covers the question: the prompt shrinks to
-    `BOS Question:` and the rest of the same token sequence becomes response. The tokens are unchanged,
-    so this costs nothing, and the policy learns to write questions too, which imagination's
-    unconditional and prefix methods need.
+    With `question_loss` (plain and fewshot formats) the loss also covers the problem's own question:
+    the prompt shrinks to what precedes it (`BOS Question:`, after the exemplars for fewshot) and the
+    rest of the same token sequence becomes response. The tokens are unchanged, so this costs nothing,
+    and the policy learns to write questions too, which imagination needs (fewshot: a question after
+    D0 questions, as its fewshot method asks). Where the text before the question does not tokenize as
+    a prefix of the prompt's tokens, the plain format keeps its loss on everything after BOS and the
+    fewshot one on the solution only.
     """
-    prefix_ids = tokenizer.encode(QUESTION_PREFIX.rstrip(), add_bos=True)
+    prefix = QUESTION_PREFIX.rstrip()
     examples = []
     for p in problems:
-        prompt_ids = tokenizer.encode(prompt_for(p), add_bos=True)
+        prompt = prompt_for(p)
+        prompt_ids = tokenizer.encode(prompt, add_bos=True)
         response = tokenizer.encode(format_solution(p.solution, p.task, p.answer)) + [tokenizer.eos_ids[0]]
         split = len(prompt_ids)
-        if question_loss:
-            split = len(prefix_ids) if prompt_ids[:len(prefix_ids)] == prefix_ids else 1
+        at = prompt.rfind(prefix)
+        if question_loss and at >= 0:
+            head_ids = tokenizer.encode(prompt[:at + len(prefix)], add_bos=True)
+            if prompt_ids[:len(head_ids)] == head_ids:
+                split = len(head_ids)
+            elif at == 0:
+                split = 1
         examples.append(SFTExample(prompt_ids[:split], prompt_ids[split:] + response))
     return examples
 
@@ -101,7 +110,7 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
     model = create_model(model_cfg, mesh=mesh, seed=cfg.seed)
     train_cfg = TrainConfig.from_config(cfg.base.train if train_section is None else train_section)
     trainer = Trainer(model, make_sft_loss(), train_cfg, mesh=mesh, workdir=str(base_dir / "train"))
-    question_loss = bool(cfg.base.question_loss) and cfg.data.prompt_format == "plain"
+    question_loss = bool(cfg.base.question_loss) and cfg.data.prompt_format in ("plain", "fewshot")
     fit = trainer.fit(sft_examples(d0, tokenizer, prompt_for, question_loss=question_loss),
                       sft_examples(dev, tokenizer, prompt_for, question_loss=question_loss))
 
