@@ -27,7 +27,6 @@ from alphallm_jax.synthesis.prompting import (
     split_counts,
     stated_numbers,
 )
-from alphallm_jax.synthesis.question_lm import question_lm_examples
 from alphallm_jax.synthesis.synthesize import DROP_REASONS
 
 SEED_Q = "Tom has 6 apples. He buys 4 more apples. How many apples does Tom have now?"
@@ -239,14 +238,20 @@ def test_renumber_draws_d0s_own_numbers_within_half_to_twice():
     assert {int(n) for r in requests for n in re.findall(r"\d+", r.question_prefix)} <= {4, 6}
 
 
-def test_question_lm_examples_put_the_loss_on_the_question(tmp_path):
+def test_base_training_with_the_question_loss_puts_it_on_the_question(tmp_path):
+    # What imagination needs of a base trained from scratch: `Question: -> a question -> Answer: ...`.
+    from alphallm_jax.data.prompts import plain_prompt
+    from alphallm_jax.pipeline.base_policy import sft_examples
     from tests.tiny_lm import arith_tokenizer
 
     tok = arith_tokenizer(tmp_path)
     problems = generate_problems(n=3, seed=1, split="x")
-    for ex, p in zip(question_lm_examples(problems, tok), problems):
+    plain = sft_examples(problems, tok, lambda p: plain_prompt(p.question))
+    for ex, without, p in zip(sft_examples(problems, tok, lambda p: plain_prompt(p.question), question_loss=True),
+                              plain, problems, strict=True):
         assert tok.decode(list(ex.prompt_ids)).strip() == "Question:"
-        assert tok.decode(list(ex.response_ids)).strip() == f"{p.question}\nAnswer:"
+        assert tok.decode(list(ex.response_ids)).strip().startswith(f"{p.question}\nAnswer:")
+        assert ex.prompt_ids + ex.response_ids == without.prompt_ids + without.response_ids
 
 
 # --------------------------------------------------------------------------- whole synthesis
