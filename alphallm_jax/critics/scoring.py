@@ -3,7 +3,6 @@
     scorer = CriticScorer(critic, tokenizer, task="arith")
     s = scorer.score(token_id_sequences)                 # CriticScores: value, prm, orm per sequence
     s = scorer.score(seqs, step_ends=[[...], ...])       # + value_steps / prm_steps at given indices
-    s = scorer.score_states(seq_states)                  # sampler SeqStates (search nodes)
     r = scorer.score_solutions(prompt_ids, solution_ids, texts)  # SolutionScores: + tools, PRM aggregate
     r = scorer.score_solutions(..., mean_logprobs=m)     # + orm_combined, with an `OutcomeCombiner`
 
@@ -174,21 +173,11 @@ class CriticScorer:
             value_steps=[np.asarray(x[2:, v], np.float32) for x in probs],
             prm_steps=[np.asarray(x[2:, p], np.float32) for x in probs])
 
-    def score_states(self, states: Sequence) -> CriticScores:
-        """Scores sampler `SeqState`s (their `.tokens`): v(s), the PRM of s's newest step, ORM(s)."""
-        return self.score([s.tokens for s in states])
-
     def step_ends(self, ids: Sequence[int], start: int) -> list[int]:
         """The step-end indices of `ids[start:]` (the solution part), EOS stripped."""
         if self.token_texts is None:
             raise ValueError("step ends from tokens need a tokenizer; build the scorer with one")
         return step_end_indices(strip_trailing(ids, self.eos_ids), self.token_texts, self.separator, start=start)
-
-    def encode_solution(self, prompt: str, solution: str) -> tuple[list[int], list[int]]:
-        """(prompt ids with BOS, solution ids) encoded as the policy was trained (separately)."""
-        if self.tokenizer is None:
-            raise ValueError("text scoring needs a tokenizer; build the scorer with one")
-        return self.tokenizer.encode(prompt, add_bos=True), self.tokenizer.encode(solution)
 
     def score_solutions(self, prompt_ids: Sequence[Sequence[int]], solution_ids: Sequence[Sequence[int]],
                         texts: Sequence[str], *, prefix_ends: Sequence[int | None] | None = None,
@@ -228,11 +217,6 @@ class CriticScorer:
             prm=np.asarray([aggregate_prm(s, self.prm_aggregate) for s in prm_steps], np.float32),
             value=scores.value, prm_steps=prm_steps, tool_failures=[c.failures for c in checks],
             prefix_value=prefix_value, prefix_prm=prefix_prm, orm_combined=combined)
-
-    def score_texts(self, prompts: Sequence[str], solutions: Sequence[str]) -> SolutionScores:
-        """`score_solutions` from text (tokenised as the policy was trained)."""
-        encoded = [self.encode_solution(p, s) for p, s in zip(prompts, solutions)]
-        return self.score_solutions([e[0] for e in encoded], [e[1] for e in encoded], list(solutions))
 
     def questions(self, prompt_ids: Sequence[Sequence[int]]) -> list[str] | None:
         """Each prompt's question, for the checks that read it (None when they are off); decoded once
