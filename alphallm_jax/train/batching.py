@@ -62,14 +62,6 @@ def as_sft_example(x: Any) -> SFTExample:
                     "want SFTExample, (prompt_ids, response_ids) or a dict with those keys")
 
 
-def is_sft_example(x: Any) -> bool:
-    try:
-        as_sft_example(x)
-        return True
-    except (TypeError, KeyError):
-        return False
-
-
 def padded_length(n: int, *, max_seq_len: int | None, pad_to_multiple: int = 1,
                   fixed: bool = False) -> int:
     """The batch length for a longest row of ``n`` tokens: a multiple of ``pad_to_multiple``, at most
