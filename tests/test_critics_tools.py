@@ -107,7 +107,7 @@ def test_rounded_results_and_non_equations():
     "9/27*100% = 33.333% of them", "1.2 x 100% = 120 percent",  # ratios as (rounded) percentages
     "every 1% is $7500/75% = $100",  # an amount per percentage point
     "He keeps 560//10=<<560//10=56>>56 boxes.",  # floor division in an annotation
-    "She eats <<3/4=3/4>>3/4 of the pie.",  # a fraction written after its annotation
+    "She eats <<3/4=3/4>>3/4 of the pie.", "She ate <<3/4=3/4>>3/4.",  # a fraction after its annotation
 ])
 def test_right_equations_written_in_common_ways_pass(text):
     # A left side cut out of a longer expression used to be checked alone (`3+1=7`, `-5*2=10`), and a

@@ -57,7 +57,7 @@ _SKIPPED = frozenset(" \t$")  # spaces and currency signs carry no arithmetic
 _RUN_CHARS = _DIGITS | frozenset(".,()%$ \t") | frozenset(_OPERATORS)
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 # The result written after an annotation: a number, or a fraction (`<<3/4=3/4>>3/4`).
-_WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:/(\d+)(?![\d.]))?")
+_WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:/(\d+)(?!\d|\.\d))?")
 _LIST_MARK_RE = re.compile(r"[.)][ \t]")
 # `x` (or `X`) between two operands on one line is a multiplication sign: `60 x 60/100 = 36` reads as
 # `60*60/100`. (Nothing here looks across a newline, so checking line chunks equals checking the text.)
