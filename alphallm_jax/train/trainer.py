@@ -539,7 +539,10 @@ class Trainer:
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
         bs = -(-bs // self.dp_size) * self.dp_size
         it = self._make_iterator(examples, batch_size=bs, shuffle=False)
-        totals = self._set_totals(it)
+        totals_fn = step_lib.batch_totals_fn(self.eval_loss_fn)
+        # Collated once: a loss with totals reads every batch before the first is evaluated.
+        batches = it.iterate_epoch(0) if totals_fn is None else list(it.iterate_epoch(0))
+        totals = None if totals_fn is None else self._set_totals(batches, totals_fn)
         if self._eval_fn is None:
             key = ("eval", self.graphdef, self.eval_loss_fn, self.mesh, self.rules,
                    tuple(sorted((self.cfg.compiler_options or {}).items())))
@@ -550,7 +553,7 @@ class Trainer:
             self._eval_fn = _STEP_CACHE[key]
         rows = []
         with jax.set_mesh(self.mesh):
-            for batch in it.iterate_epoch(0):
+            for batch in batches:
                 batch = self._device_batch(batch)
                 if totals is not None:
                     batch[step_lib.TOTALS_KEY] = totals
@@ -559,14 +562,11 @@ class Trainer:
         rows = [{k: float(v) for k, v in r.items()} for r in rows]
         return step_lib.combine_metrics(rows) if totals is None else step_lib.sum_metrics(rows)
 
-    def _set_totals(self, it: BatchIterator) -> dict[str, jax.Array] | None:
-        """``eval_loss_fn.batch_totals`` summed over one pass of `it` (host batches: every process
-        holds the same ones, so every process counts the same), replicated; None for a loss without."""
-        totals_fn = step_lib.batch_totals_fn(self.eval_loss_fn)
-        if totals_fn is None:
-            return None
+    def _set_totals(self, batches: Sequence[dict[str, np.ndarray]], totals_fn: Callable) -> dict[str, jax.Array]:
+        """`totals_fn` (the loss's ``batch_totals``) summed over host `batches` (every process holds
+        the same ones, so every process counts the same), replicated."""
         sums: dict[str, float] = {}
-        for batch in it.iterate_epoch(0):
+        for batch in batches:
             for k, v in jax.device_get(totals_fn(batch)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {k: jax.make_array_from_callback((), self.replicated, lambda _, v=v: np.float32(v))
