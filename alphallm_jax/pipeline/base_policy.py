@@ -46,6 +46,7 @@ def sft_examples(problems, tokenizer: Tokenizer, prompt_for: Callable[[Problem],
     fewshot one on the solution only.
     """
     prefix = QUESTION_PREFIX.rstrip()
+    heads: dict[str, list[int]] = {}  # the text before a question, encoded once (plain: always `Question:`)
     examples = []
     for p in problems:
         prompt = prompt_for(p)
@@ -54,7 +55,8 @@ def sft_examples(problems, tokenizer: Tokenizer, prompt_for: Callable[[Problem],
         split = len(prompt_ids)
         at = prompt.rfind(prefix)
         if question_loss and at >= 0:
-            head_ids = tokenizer.encode(prompt[:at + len(prefix)], add_bos=True)
+            head = prompt[:at + len(prefix)]
+            head_ids = heads.get(head) or heads.setdefault(head, tokenizer.encode(head, add_bos=True))
             if prompt_ids[:len(head_ids)] == head_ids:
                 split = len(head_ids)
             elif at == 0:
