@@ -429,7 +429,7 @@ def test_stop_strings_and_eos_end_rows_on_device(llama, tokenizer):
                                                stop=(stop,))], keep_states=False)
     assert stopped.finish_reason == "stop" and stopped.stop_string == stop
     assert stop in stopped.text and stopped.text.find(stop) + len(stop) > len(stopped.text) - 20
-    assert stop not in sampler._decode_continuation(tuple(prompt), stopped.token_ids[:-1])
+    assert stop not in sampler.decode_after(tuple(prompt), stopped.token_ids[:-1])
     assert stopped.token_ids == free.token_ids[:len(stopped.token_ids)]
     # EOS: make the 5th greedy token the end-of-sequence token.
     eos_sampler = Sampler(model, tokenizer, max_len=64, eos_ids=(free.token_ids[4],))

@@ -204,6 +204,34 @@ class Sampler:
         if self._pool is not None:
             self._pool.release(state)
 
+    def cut(self, context: Sequence[int], token_ids: Sequence[int], chars: int) -> tuple[list[int], str]:
+        """The fewest leading tokens of a completion `token_ids` (sampled after `context`) whose text holds
+        at least `chars` characters, and that text: where an option or a solution ends inside a sample
+        (a final answer's line, an end stop). Estimated from the tokens' texts, then checked by decoding
+        (a multi-byte character spans tokens)."""
+        texts = self._texts()
+        k, total = 0, 0
+        while k < len(token_ids) and total < chars:
+            total += len(texts[token_ids[k]]) if token_ids[k] < len(texts) else 0
+            k += 1
+        while k < len(token_ids) and len(self.decode_after(context, token_ids[:k])) < chars:
+            k += 1
+        ids = [int(t) for t in token_ids[:k]]
+        return ids, self.decode_after(context, ids)
+
+    def decode_after(self, context: Sequence[int], token_ids: Sequence[int]) -> str:
+        """The text the tokens add after `context` (EOS excluded), decoded after the context's last few
+        tokens so that word-boundary spaces come out as in the whole sequence."""
+        if self.tokenizer is None:
+            return ""
+        eos = set(int(e) for e in np.asarray(self.eos_ids))
+        body = [t for t in token_ids if t not in eos]
+        bos = self.tokenizer.bos_id
+        tail = [t for t in context[-_TEXT_CONTEXT_TOKENS:] if t != bos]
+        prefix = self.tokenizer.decode(tail)
+        full = self.tokenizer.decode(tail + body)
+        return full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(body)
+
     # ------------------------------------------------------------------------------------ internals
 
     @property
@@ -232,11 +260,15 @@ class Sampler:
         if stops not in self._stop_tables:
             if stops and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer; this Sampler was built without one")
-            if self._token_texts is None:
-                self._token_texts = (token_texts(self.tokenizer, self.cfg.vocab_size) if self.tokenizer
-                                     else ("",) * self.cfg.vocab_size)
-            self._stop_tables[stops] = StopTables(stops, self._token_texts)
+            self._stop_tables[stops] = StopTables(stops, self._texts())
         return self._stop_tables[stops]
+
+    def _texts(self) -> tuple[str, ...]:
+        """Each token id's surface text (`token_texts`), built on first use."""
+        if self._token_texts is None:
+            self._token_texts = (token_texts(self.tokenizer, self.cfg.vocab_size) if self.tokenizer
+                                 else ("",) * self.cfg.vocab_size)
+        return self._token_texts
 
     def _sample_batch(self, reqs: list[SampleRequest], keep_states: bool) -> list[Completion]:
         self.stats.batches += 1
@@ -326,7 +358,7 @@ class Sampler:
                 ended_by = matched[0] if len(matched) == 1 else ending_stop(
                     "".join(self._token_texts[t] for t in gen), matched)
             completions.append(Completion(
-                text=self._decode_continuation(context, gen),
+                text=self.decode_after(context, gen),
                 token_ids=gen,
                 logprobs=[float(x) for x in logprobs_bt[b, :num_gen_b[b]]],
                 finish_reason=reason,
@@ -413,21 +445,6 @@ class Sampler:
             max_new_b=col([r.max_new_tokens for r in reqs], np.int32, 1),
             stop_mask_bk=self._put(stop_mask_bk),
         )
-
-    def _decode_continuation(self, context: tuple[int, ...], gen: list[int]) -> str:
-        """The text the generated tokens add after the context (EOS excluded), decoded in context so
-        that word-boundary spaces come out right."""
-        if self.tokenizer is None:
-            return ""
-        eos = set(int(e) for e in np.asarray(self.eos_ids))
-        body = [t for t in gen if t not in eos]
-        tail = list(context[-_TEXT_CONTEXT_TOKENS:])
-        bos = self.tokenizer.bos_id
-        tail = [t for t in tail if t != bos]
-        prefix = self.tokenizer.decode(tail)
-        full = self.tokenizer.decode(tail + body)
-        return full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(body)
-
 
 def sampler_from_config(cfg, model, tokenizer, *, max_len: int, pool_slots: int | None = None,
                         max_batch: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Sampler:

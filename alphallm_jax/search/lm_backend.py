@@ -28,12 +28,10 @@ import numpy as np
 
 from alphallm_jax.critics.tools import check_solutions, combine_with_checks
 from alphallm_jax.sampling import Completion, Sampler, SampleRequest, SeqState
-from alphallm_jax.sampling.token_texts import token_texts
 from alphallm_jax.search.options import OptionConfig, has_equation, option_end, solution_answer
 from alphallm_jax.search.protocol import EvaluateRequest, ExpandRequest, ExpandResult, NodeScores, RootRequest
 from alphallm_jax.search.tree import derive_seed
 
-_DECODE_CONTEXT_TOKENS = 8  # left context used to decode a cut option's text with the right spacing
 _EXTENSION_STREAM, _ROLLOUT_STREAM = 1, 2
 
 
@@ -126,7 +124,6 @@ class LMSearchBackend:
             sampler.tokenizer, self.rollout_sampler.tokenizer)
         self.eos_ids = frozenset(int(e) for e in np.asarray(sampler.eos_ids))
         self.stats = BackendStats()
-        self._token_texts: tuple[str, ...] | None = None
         self._embedding_table: np.ndarray | None = None
 
     # ------------------------------------------------------------------------------ the protocol
@@ -255,34 +252,11 @@ class LMSearchBackend:
         if keep_chars >= len(s.text):
             return s, s.state
         self.stats.cut_options += 1
-        keep = self._tokens_covering(parent.tokens, s.token_ids, keep_chars)
-        ids = s.token_ids[:keep]
-        text = self._decode_after(parent.tokens, ids)
+        ids, text = self.sampler.cut(parent.tokens, s.token_ids, keep_chars)
         if s.state is not None:
             self.sampler.release(s.state)  # the cut state is a fresh child of the parent (never continued)
-        cut = _Sample(text, ids, s.logprobs[:keep], "stop", s.stop_string, None)
+        cut = _Sample(text, ids, s.logprobs[:len(ids)], "stop", s.stop_string, None)
         return cut, self.sampler.extend(parent, ids)
-
-    def _tokens_covering(self, context: Sequence[int], ids: list[int], chars: int) -> int:
-        """The fewest leading tokens of `ids` whose text (after `context`) holds at least `chars` characters:
-        estimated from the pieces' texts, then checked by decoding (multi-byte characters span tokens)."""
-        if self._token_texts is None:
-            self._token_texts = token_texts(self.sampler.tokenizer, self.sampler.cfg.vocab_size)
-        k, total = 0, 0
-        while k < len(ids) and total < chars:
-            total += len(self._token_texts[ids[k]]) if ids[k] < len(self._token_texts) else 0
-            k += 1
-        while k < len(ids) and len(self._decode_after(context, ids[:k])) < chars:
-            k += 1
-        return k
-
-    def _decode_after(self, context: Sequence[int], ids: Sequence[int]) -> str:
-        """The text `ids` add after `context` (decoded in context so word-boundary spaces come out right)."""
-        tok = self.sampler.tokenizer
-        tail = [t for t in context[-_DECODE_CONTEXT_TOKENS:] if t != tok.bos_id]
-        body = [t for t in ids if t not in self.eos_ids]
-        prefix, full = tok.decode(tail), tok.decode(tail + body)
-        return full[len(prefix):] if full.startswith(prefix) else tok.decode(body)
 
     def _embedding(self, ids: Sequence[int]) -> np.ndarray:
         """Cosine state merging: the unit-norm mean of the policy's input embeddings of the option's tokens."""
@@ -369,8 +343,7 @@ class LMSearchBackend:
                 text = text[:end.keep_chars]
                 ids = self.sampler.tokenizer.encode(text)  # the policy's (and the critic's) vocabulary
             elif end.keep_chars < len(text):
-                ids = ids[:self._tokens_covering(h.seq.tokens, ids, end.keep_chars)]
-                text = self._decode_after(h.seq.tokens, ids)
+                ids, text = self.sampler.cut(h.seq.tokens, ids, end.keep_chars)
             out[i].append((text, ids, len(c.token_ids)))
         return out
 

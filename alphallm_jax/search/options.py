@@ -70,11 +70,17 @@ class OptionConfig:
 
     def end_stops(self, task: str) -> tuple[str, ...]:
         """Stop strings that end the whole solution (never the step separator itself)."""
-        separator = self.separator_for(task)
-        stops = [s for s in self.solution_stops if s != separator]
-        if separator == "\n" and "\n\n" not in stops:
-            stops.append("\n\n")  # one step per line: a blank line closes the solution
-        return tuple(stops)
+        return solution_end_stops(self.solution_stops, self.separator_for(task))
+
+
+def solution_end_stops(solution_stops: Sequence[str], separator: str) -> tuple[str, ...]:
+    """The stop strings that end a whole solution whose steps end at `separator`: `solution_stops`
+    without the separator itself (MATH's paragraphs end at the blank line that would otherwise end
+    a solution), plus the blank line when steps are lines."""
+    stops = [s for s in solution_stops if s != separator]
+    if separator == "\n" and "\n\n" not in stops:
+        stops.append("\n\n")  # one step per line: a blank line closes the solution
+    return tuple(stops)
 
 
 def final_answer_end(text: str, task: str, *, complete: bool) -> int | None:
