@@ -24,8 +24,10 @@ from alphallm_jax.data.problems import Problem
 from alphallm_jax.sampling import Completion, SeqState
 
 EOS = 2
-# Token -> text of the scripted "policy": a, b are steps; 20 and 21 write a right and a wrong answer.
-TEXT = {10: "a\n", 11: "b\n", 20: "#### 1", 21: "#### 2", EOS: ""}
+# Token -> text of the scripted "policy": a, b are steps; 20 and 21 write a right and a wrong answer; 12 and
+# 13 half a step each; 30 a blank line, 31 an invented next question, 32 text after an answer's line.
+TEXT = {10: "a\n", 11: "b\n", 12: "c ", 13: "d\n", 20: "#### 1", 21: "#### 2", 22: "#### 1\n", 30: "\n",
+        31: "Question: q2\n", 32: "more\n", EOS: ""}
 
 
 class ScriptedTreeSampler:
@@ -41,14 +43,25 @@ class ScriptedTreeSampler:
     def sample(self, requests, *, keep_states=True):
         out = []
         for r in requests:
-            kind = "step" if r.stop == ("\n",) else "rollout"
-            self.requests.append((r.state.tokens, kind))
+            kind = "step" if "\n" in r.stop else "rollout"  # steps end at their line, rollouts at the end
+            self.requests.append((r.state.tokens, kind, r.stop))
             ids = self.script[(r.state.tokens, kind)].pop(0)
             text = "".join(TEXT[t] for t in ids)
-            reason = "eos" if ids[-1] == EOS else "stop"
-            out.append(Completion(text=text, token_ids=list(ids), logprobs=[0.0] * len(ids), finish_reason=reason,
+            stop = next((s for s in r.stop if text.endswith(s)), None)
+            reason = "eos" if ids[-1] == EOS else "stop" if stop else "length"
+            out.append(Completion(text=text, token_ids=list(ids), logprobs=[-0.5] * len(ids), finish_reason=reason,
+                                  stop_string=stop,
                                   state=SeqState(tokens=r.state.tokens + tuple(ids), parent=r.state) if keep_states else None))
         return out
+
+    def cut(self, context, token_ids, chars):
+        ids, text = [], ""
+        for t in token_ids:
+            if len(text) >= chars:
+                break
+            ids.append(t)
+            text += TEXT[t]
+        return ids, text
 
 
 def test_mc_labels_on_a_hand_built_tree():
@@ -96,6 +109,47 @@ def test_mc_labels_on_a_hand_built_tree():
     assert roll["value_mask"].sum() == roll["prm_mask"].sum() == 0 and roll["orm_mask"].sum() == 1
     assert len(critic_examples(rows, blank_ids=blank, kinds=("trajectory",))) == 2
     assert len(critic_examples(rows, blank_ids=blank, max_seq_len=4)) == 1  # 5-token rows are dropped
+
+
+def test_samples_end_where_the_search_would_end_them():
+    """As the search's options do (`search.options.option_end`): a step cut by the token cap is an
+    ordinary step; a blank step, an invented next question or the final answer's line end the
+    solution, and what follows is cut off with its tokens."""
+    script = {
+        ((1, 5), "step"): [[12], [10], [10]],  # "c " hits the step cap: the trajectory goes on
+        ((1, 5, 12), "rollout"): [[20, 30, 31], [30, 31]],  # an answer, then a question; a question alone
+        ((1, 5, 10), "rollout"): [[11, 22, 32]],  # text after the answer's line
+        ((1, 5, 12), "step"): [[13]],
+        ((1, 5, 10), "step"): [[30], [21, EOS]],  # a blank line ends the solution
+        ((1, 5, 12, 13), "rollout"): [[22, EOS], [21, EOS]],
+        ((1, 5, 12, 13), "step"): [[22, 32]],
+    }
+    sampler = ScriptedTreeSampler(script)
+    problem = Problem(id="p0", question="q", answer="1", solution=None, task="arith")
+    cfg = RolloutConfig(num_solutions=3, num_rollouts=3, max_new_tokens=32, max_step_tokens=8, max_steps=6)
+    rows, _ = rollout_chunk(sampler, [problem], ["q"], cfg, task="arith", eos_ids={EOS}, seed=0)
+    assert all(not v for v in sampler.script.values())
+    trajs = [r for r in rows if r["kind"] == "trajectory"]
+    rolls = [r for r in rows if r["kind"] == "rollout"]
+    assert [r["step_ids"] for r in trajs] == [[[12], [13], [22]], [[10], [30]], [[10], [21]]]
+    assert [r["text"] for r in trajs] == ["c d\n#### 1\n", "a\n\n", "a\n#### 2"]
+    assert [r["correct"] for r in trajs] == [True, False, False] and all(r["complete"] for r in trajs)
+    assert [r["step_logprobs"] for r in trajs] == [[-0.5] * 3, [-0.5] * 2, [-0.5] * 2]  # kept tokens only
+    assert [r["step_ids"][-1] for r in rolls] == [[20, 30], [30], [11, 22], [22], [21]]
+    assert [r["text"] for r in rolls] == ["c #### 1\n", "c \n", "a\nb\n#### 1\n", "c d\n#### 1\n", "c d\n#### 2"]
+    assert [r["correct"] for r in rolls] == [True, False, True, True, False]
+    assert [r["step_logprobs"][-1] for r in rolls] == [-1.0, -0.5, -1.0, -0.5, -0.5]
+    assert {stop for _, kind, stop in sampler.requests if kind == "step"} == {("\n", "\n\n", "\nQuestion:")}
+    assert {stop for _, kind, stop in sampler.requests if kind == "rollout"} == {("\n\n", "\nQuestion:")}
+
+
+def test_math_rollouts_run_past_paragraphs():
+    """MATH's steps are paragraphs: a rollout to the end must not stop at the first blank line."""
+    from alphallm_jax.critics.data import trajectory_stops
+
+    cfg = RolloutConfig(solution_stop=("\n\n", "\nQuestion:"))
+    assert trajectory_stops(cfg, "math") == (("\n\n", "\nQuestion:"), ("\nQuestion:",))
+    assert trajectory_stops(cfg, "gsm8k") == (("\n", "\n\n", "\nQuestion:"), ("\n\n", "\nQuestion:"))
 
 
 def test_positions_helpers():

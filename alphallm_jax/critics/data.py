@@ -38,9 +38,9 @@ from alphallm_jax.critics.losses import PAIR_PREFIX
 from alphallm_jax.critics.positions import orm_index, strip_trailing
 from alphallm_jax.data.grading import is_correct
 from alphallm_jax.data.problems import Problem
-from alphallm_jax.data.prompts import final_answer_marker, step_separator
+from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.sampling import Sampler, SampleRequest, SeqState
-from alphallm_jax.sampling.stop_rules import strip_stop
+from alphallm_jax.search.options import option_end, solution_end_stops
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator, this_process_share
 from alphallm_jax.utils.io import (
     PathLike,
@@ -123,11 +123,22 @@ class _Stats:
         self.counts[key] = self.counts.get(key, 0) + 1
 
 
+def trajectory_stops(cfg: RolloutConfig, task: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(stops of a step, stops of a rollout to the end): the search's (`search.options`), so that a
+    trajectory's steps and ends are the options and solutions its search would make."""
+    separator = step_separator(task)
+    end_stops = solution_end_stops(cfg.solution_stop, separator)
+    return (separator, *end_stops), end_stops
+
+
 def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequence[str], cfg: RolloutConfig, *,
                   task: str, eos_ids: Collection[int], seed: int, chunk_index: int = 0) -> tuple[list[dict], dict]:
-    """Trajectories and MC rollouts for a few prompts; returns (rows, counters)."""
-    step_stop = (step_separator(task),)
-    marker = final_answer_marker(task)
+    """Trajectories and MC rollouts for a few prompts; returns (rows, counters).
+
+    Every sample ends where the search's would (`search.options.option_end`): after the final answer's
+    line, at an end stop, at a blank step or EOS; a step cut by `max_step_tokens` is an ordinary step.
+    Text past the end is cut off with its tokens."""
+    step_stops, end_stops = trajectory_stops(cfg, task)
     eos = frozenset(int(e) for e in eos_ids)
     roots = [sampler.new_state(p) for p in prompts]
     trajs = [_Trajectory(i, roots[i], keys=[tuple(roots[i].tokens)])
@@ -137,30 +148,39 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
     counters = {"trajectories": len(trajs), "rollouts": 0, "rollout_tokens": 0, "step_tokens": 0}
 
     def grade(i: int, text: str) -> bool:
-        return is_correct(strip_stop(text, cfg.solution_stop), problems[i].answer, task)
+        return is_correct(text, problems[i].answer, task)
+
+    def ending(prefix: str, context: Sequence[int], c) -> tuple[list[int], str, list[float], bool]:
+        """The sample `c` (after `prefix`, whose tokens end with `context`) cut where it ends: its tokens
+        (no EOS), text, their log-probabilities, and whether it ends the solution."""
+        end = option_end(prefix, c.text, task=task, finish_reason=c.finish_reason, stop_string=c.stop_string,
+                         end_stops=end_stops)
+        ids, text = list(c.token_ids), c.text
+        if end.keep_chars < len(text):
+            ids, text = sampler.cut(context, ids, end.keep_chars)
+        ids = strip_trailing(ids, eos)
+        return ids, text, list(c.logprobs[:len(ids)]), end.ends_solution
 
     for level in range(cfg.max_steps):
         active = [t for t in trajs if not t.done]
         if not active:
             break
         requests = [SampleRequest(state=t.state, max_new_tokens=min(cfg.max_step_tokens, cfg.max_new_tokens - t.generated),
-                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=step_stop,
+                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=step_stops,
                                   seed=_seed(seed, chunk_index, n, level, 0))
                     for n, t in enumerate(active)]
         for t, c in zip(active, sampler.sample(requests, keep_states=True)):
-            ids = strip_trailing(c.token_ids, eos)
+            ids, text, logprobs, ends = ending(t.text, t.state.tokens, c)
             t.step_ids.append(ids)
-            t.step_texts.append(c.text)
-            t.step_logprobs.append(float(np.sum(c.logprobs[:len(ids)])))
-            t.state = c.state
+            t.step_texts.append(text)
+            t.step_logprobs.append(float(np.sum(logprobs)))
+            t.state = c.state  # a cut sample ends the trajectory: its state is never continued
             t.generated += len(c.token_ids)
             t.keys.append(t.keys[-1] + tuple(ids))
             counters["step_tokens"] += len(c.token_ids)
-            answered = marker in c.text
-            if (c.finish_reason != "stop" or answered or len(t.step_ids) >= cfg.max_steps
-                    or t.generated >= cfg.max_new_tokens):
+            if ends or len(t.step_ids) >= cfg.max_steps or t.generated >= cfg.max_new_tokens:
                 t.done = True
-                t.complete = answered or c.finish_reason == "eos"
+                t.complete = ends
                 t.correct = grade(t.problem_index, t.text)
 
         # MC rollouts from every distinct new intermediate state (one prefill each, forked): M outcomes
@@ -177,12 +197,11 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
             for m in range(max(0, cfg.num_rollouts - through[key]) if budget > 0 else 0):
                 requests.append(SampleRequest(
                     state=t.state, max_new_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k=cfg.top_k, stop=cfg.solution_stop, seed=_seed(seed, chunk_index, len(sources), level, 1)))
+                    top_k=cfg.top_k, stop=end_stops, seed=_seed(seed, chunk_index, len(sources), level, 1)))
                 sources.append((key, t, m))
         for (key, t, _), c in zip(sources, sampler.sample(requests, keep_states=False)):
-            text = t.text + c.text
-            last = strip_trailing(c.token_ids, eos)
-            correct = grade(t.problem_index, text)
+            last, text, logprobs, ends = ending(t.text, t.state.tokens, c)
+            correct = grade(t.problem_index, t.text + text)
             stats.add(key, correct)
             counters["rollouts"] += 1
             counters["rollout_tokens"] += len(c.token_ids)
@@ -191,9 +210,8 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
                     "problem_id": problems[t.problem_index].id, "kind": "rollout",
                     "prompt_ids": list(roots[t.problem_index].tokens),
                     "step_ids": [list(s) for s in t.step_ids] + [last],
-                    "step_logprobs": t.step_logprobs + [float(np.sum(c.logprobs[:len(last)]))],
-                    "text": strip_stop(text, cfg.solution_stop), "from_step": len(t.step_ids),
-                    "complete": marker in c.text or c.finish_reason == "eos", "correct": bool(correct)})
+                    "step_logprobs": t.step_logprobs + [float(np.sum(logprobs))],
+                    "text": t.text + text, "from_step": len(t.step_ids), "complete": ends, "correct": bool(correct)})
         for key in fresh:
             stats.counts.setdefault(key, 0)
             stats.hits.setdefault(key, 0)
@@ -205,7 +223,7 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
         rows.append({
             "problem_id": problems[t.problem_index].id, "kind": "trajectory",
             "prompt_ids": list(roots[t.problem_index].tokens), "step_ids": [list(s) for s in t.step_ids],
-            "step_logprobs": t.step_logprobs, "text": strip_stop(t.text, cfg.solution_stop), "complete": t.complete,
+            "step_logprobs": t.step_logprobs, "text": t.text, "complete": t.complete,
             "correct": bool(t.correct),
             "state_hits": [stats.hits[k] for k in t.keys], "state_counts": [stats.counts[k] for k in t.keys]})
     return rows, counters
@@ -231,6 +249,7 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
     record = {"rollout": dataclasses.asdict(cfg), "task": task, "seed": seed, "num_problems": len(problems),
               "problems": _fingerprint(problems, prompts)}
     record["rollout"]["solution_stop"] = list(cfg.solution_stop)
+    record["stops"] = [list(stops) for stops in trajectory_stops(cfg, task)]  # as the rows were cut
     del record["rollout"]["pool_slots"]  # a cache size: it does not change the rows
     config_path = out / "config.json"
     if config_path.exists():
