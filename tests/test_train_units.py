@@ -18,6 +18,7 @@ from alphallm_jax.models import abstract_model, create_model, presets
 from alphallm_jax.train import losses
 from alphallm_jax.train import step as step_lib
 from alphallm_jax.train.batching import (
+    drop_overlong,
     BatchIterator,
     IteratorState,
     SFTExample,
@@ -459,3 +460,21 @@ def test_master_weights_fp32_with_bf16_compute(tmp_path):
     trainer._write_back()
     assert model.embed_vd[...].dtype == jnp.bfloat16  # written back in the model's dtype
     assert not os.path.exists(tmp_path / "checkpoints")  # evaluate alone writes nothing
+
+
+def test_examples_longer_than_the_batch_are_dropped_with_a_warning_not_cut(caplog):
+    """A batch keeps a sequence's first tokens: a longer trace would lose its answer and EOS, and a longer
+    pair could score two equal cut-offs, so the training stages drop them and say how many."""
+    from alphallm_jax.train.dpo import PreferenceExample, collate_preference
+
+    traces = [SFTExample([1, 2], [3, 4]), SFTExample([1, 2, 3], [4, 5, 6]), SFTExample([1], [2, 3, 4])]
+    with caplog.at_level("WARNING"):
+        kept = drop_overlong(traces, 4, "train SFT traces")
+    assert kept == [traces[0], traces[2]]
+    assert "dropped 1 of 3 train SFT traces longer than max_seq_len=4 tokens (the longest 6)" in caplog.text
+    assert collate_sft(traces, 3, max_seq_len=4, pad_to_multiple=1)["loss_mask"][1].tolist() == [0, 0, 0, 1]
+    assert drop_overlong(traces, None, "traces") == traces
+    pairs = [PreferenceExample(pair_id=str(i), group="p", kind="stepwise", prompt_ids=(1, 2), chosen_ids=c,
+                               rejected_ids=(7,), reward_gap=1.0) for i, c in enumerate([(3,), (3, 4, 5)])]
+    assert drop_overlong(pairs, 4, "pairs") == pairs[:1]
+    assert collate_preference(pairs, 2, max_seq_len=4, pad_to_multiple=1)["chosen_loss_mask"][1].tolist() == [0, 0, 1, 1]

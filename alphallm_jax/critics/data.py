@@ -41,6 +41,7 @@ from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.sampling import Sampler, SampleRequest, SeqState
 from alphallm_jax.search.options import option_end, solution_end_stops
+from alphallm_jax.train.batching import drop_overlong
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator, this_process_share
 from alphallm_jax.utils.io import (
     PathLike,
@@ -346,18 +347,10 @@ def critic_examples(rows: Sequence[Mapping[str, Any]], *, blank_ids: Collection[
                     seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Training examples from data rows (rows longer than `max_seq_len` are dropped, with a warning);
     with `pairs`, two solutions of one prompt per example (`pair_within_prompts`)."""
-    out, problem_ids, dropped = [], [], 0
-    for row in rows:
-        if row["kind"] not in kinds:
-            continue
-        if max_seq_len and len(row["prompt_ids"]) + sum(len(s) for s in row["step_ids"]) > max_seq_len:
-            dropped += 1
-            continue
-        out.append(critic_example(row, blank_ids=blank_ids, prm_label=prm_label, value_at_root=value_at_root))
-        problem_ids.append(row["problem_id"])
-    if dropped:
-        log.warning("dropped %d critic rows longer than max_seq_len=%s", dropped, max_seq_len)
-    return pair_within_prompts(out, problem_ids, seed=seed) if pairs else out
+    rows = drop_overlong([r for r in rows if r["kind"] in kinds], max_seq_len, "critic rows",
+                         lambda r: len(r["prompt_ids"]) + sum(len(s) for s in r["step_ids"]))
+    out = [critic_example(r, blank_ids=blank_ids, prm_label=prm_label, value_at_root=value_at_root) for r in rows]
+    return pair_within_prompts(out, [r["problem_id"] for r in rows], seed=seed) if pairs else out
 
 
 def pair_within_prompts(examples: Sequence[dict[str, np.ndarray]], problem_ids: Sequence[str], *,

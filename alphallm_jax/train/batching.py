@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 CollateFn = Callable[[Sequence[Any], int], Batch]
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,21 @@ def as_sft_example(x: Any) -> SFTExample:
         return SFTExample(x[0], x[1])
     raise TypeError(f"cannot read an SFT example from {type(x).__name__}: "
                     "want SFTExample, (prompt_ids, response_ids) or a dict with those keys")
+
+
+def drop_overlong(examples: Sequence[T], max_seq_len: int | None, what: str,
+                  length_fn: Callable[[T], int] = len) -> list[T]:
+    """`examples` without those longer than `max_seq_len` tokens, with a warning that counts them. A
+    batch keeps a sequence's first tokens only (`collate_sft`, `dpo.collate_preference`), so a longer
+    trace would train without its answer and EOS, and a longer pair could score two equal cut-offs."""
+    if not max_seq_len:
+        return list(examples)
+    kept = [e for e in examples if length_fn(e) <= max_seq_len]
+    if len(kept) < len(examples):
+        longest = max(length_fn(e) for e in examples)
+        log.warning("dropped %d of %d %s longer than max_seq_len=%d tokens (the longest %d)",
+                    len(examples) - len(kept), len(examples), what, max_seq_len, longest)
+    return kept
 
 
 def padded_length(n: int, *, max_seq_len: int | None, pad_to_multiple: int = 1,

@@ -30,7 +30,7 @@ import jax
 
 from alphallm_jax.models.hf_io import save_hf_checkpoint
 from alphallm_jax.models.tokenizer import Tokenizer
-from alphallm_jax.train.batching import SFTExample
+from alphallm_jax.train.batching import SFTExample, drop_overlong
 from alphallm_jax.train.cpl import ORDERINGS, EpochOrder, select_pairs
 from alphallm_jax.train.dpo import PreferenceExample, make_collate, make_dpo_loss, preference_length, with_reference
 from alphallm_jax.train.losses import make_sft_loss
@@ -182,9 +182,12 @@ def train_sft_on_traces(model, tokenizer: Tokenizer, records: Sequence[Mapping[s
     chunk = int(_get(cfg, "logits_chunk_size", 0)) or None
     trainer = Trainer(model, make_sft_loss(chunk), train_cfg, mesh=mesh, workdir=str(run_dir / "train"))
     start = time.time()
-    fit = trainer.fit(trace_examples(train, tokenizer, append_eos=append_eos),
-                      trace_examples(dev, tokenizer, append_eos=append_eos) if dev else None)
-    return {"method": "sft", "train_traces": len(train), "dev_traces": len(dev), "steps": fit.step,
+    train_ex, dev_ex = (drop_overlong(trace_examples(part, tokenizer, append_eos=append_eos), train_cfg.max_seq_len,
+                                      f"{name} SFT traces") for part, name in ((train, "train"), (dev, "dev")))
+    if not train_ex:
+        raise ValueError(f"every SFT trace is longer than sft.max_seq_len={train_cfg.max_seq_len}")
+    fit = trainer.fit(train_ex, dev_ex or None)
+    return {"method": "sft", "train_traces": len(train_ex), "dev_traces": len(dev_ex), "steps": fit.step,
             "epochs": fit.epoch, "stopped_early": fit.stopped_early, "best_step": fit.best_step,
             "best_dev_loss": fit.best_dev_loss, "train_metrics": fit.train_metrics,
             "dev_metrics": fit.dev_metrics, "wall_seconds": time.time() - start}
@@ -221,13 +224,17 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
     # compute dtype), so the policy equals it exactly at step 0. A new Trainer holds the initial
     # parameters until `fit` restores a checkpoint, so a resumed run gets the same reference (and
     # reads it from the cache beside the pairs anyway).
+    train_raw, dev_raw = (drop_overlong(preference_examples(part, tokenizer, append_eos=append_eos),
+                                        train_cfg.max_seq_len, f"{name} pairs") for part, name in ((train, "train"), (dev, "dev")))
+    if not train_raw:
+        raise ValueError(f"every pair is longer than dpo.max_seq_len={train_cfg.max_seq_len}")
     examples = with_reference(
-        trainer.current_model(), preference_examples(train + dev, tokenizer, append_eos=append_eos),
+        trainer.current_model(), train_raw + dev_raw,
         batch_size=logp_batch, max_seq_len=train_cfg.max_seq_len,
         pad_to_multiple=train_cfg.pad_to_multiple, mesh=trainer.mesh, rules=trainer.rules,
         cache_path=run_dir / "reference_logps.jsonl", bucket_window=train_cfg.bucket_window,
         logits_chunk_size=chunk)
-    train_ex, dev_ex = examples[:len(train)], examples[len(train):]
+    train_ex, dev_ex = examples[:len(train_raw)], examples[len(train_raw):]
     orderer = EpochOrder(train_ex, ordering, alpha=float(_get(cfg, "alpha", 0.5)), seed=train_cfg.seed,
                          log_path=run_dir / "order.jsonl", batch_size=logp_batch, collate_fn=collate,
                          logits_chunk_size=chunk)
