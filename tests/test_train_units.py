@@ -18,13 +18,13 @@ from alphallm_jax.models import abstract_model, create_model, presets
 from alphallm_jax.train import losses
 from alphallm_jax.train import step as step_lib
 from alphallm_jax.train.batching import (
-    drop_overlong,
     BatchIterator,
     IteratorState,
     SFTExample,
     collate_dicts,
     collate_sft,
     default_collate,
+    drop_overlong,
     sft_length,
 )
 from alphallm_jax.train.optim import decay_mask, make_optimizer, make_schedule, warmup_steps_for
