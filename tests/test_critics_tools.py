@@ -326,3 +326,98 @@ def test_arith_reference_solutions_pass_both_question_checks():
         for p in generate_problems(cfg, 300, 0, split="check"):
             assert check_question_numbers(p.question, p.solution).ok, (p.question, p.solution)
             assert tools.check_operand_sources(p.question, p.solution).ok, (p.question, p.solution)
+
+
+@pytest.mark.parametrize("text", [
+    "$2^3 - 1 = 7$", "$x^2-25=0$", "$a_2+3=7$", "$x^{2} + 3 + 4 = 9$",  # a power or subscript before the left side
+    "so $f(5)-5=2$", "$3 \\cdot 4 + 1 = 13$", "$\\sqrt2+1=2.41$",  # a function, a LaTeX product or command
+    "$2+6=2^3$", "$2*5=5(2)$", "$200=196+4=28\\cdot7+4$", "$22/7=3.\\overline{142857}$",  # the right side goes on
+    "\\[(x - 90) + (2x - 135) + 90 + 60 + 15 + 60 + 15 + 15 = 360.\\]",  # an operator after a closing bracket
+    "(7 * V) + (4 * 5) = $69.",
+])
+def test_equations_inside_larger_expressions_are_not_checked(text):
+    # The scan used to stop at `^`, `_` or a letter and check only what followed it (`3-1=7` of `2^3 - 1 = 7`).
+    for task in ("gsm8k", "math"):
+        r = check_solution(text, task, ToolConfig(latex=False))
+        assert r.ok and r.checked == 0, r.failures
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("$2+3=7$ and $x^2$", "2+3=7"), ("$2 \\cdot 3 = 6$ and $2+5 = 8$", "2+5=8"),
+    ("He had 10 so because20-3 = 18 left", "20-3=18"),  # a word glued to it is a missing space
+    ("(2 + 3) + 4 = 10", "(2+3)+4=10"), ("$2 + 3 = 6$, so $x^2 = 6$", "2+3=6"),
+])
+def test_wrong_equations_next_to_powers_and_words_still_fail(text, shown):
+    r = check_solution(text, "gsm8k")
+    assert r.failures and r.failures[0].startswith(f"wrong equation {shown}:"), r.failures
+
+
+def test_percentage_written_after_an_annotation_is_read_with_its_percent_sign():
+    # `20%` after `<<10/50=20%>>` was read as 20 against the annotation's 0.2.
+    assert check_solution("So she sold <<10/50=20%>>20% of them.", "gsm8k").ok
+    assert check_solution("So she sold <<10/50*100=20>>20% of them.", "gsm8k").ok
+    r = check_solution("So she sold <<10/50=20%>>30% of them.", "gsm8k")
+    assert r.failures == ["<<10/50=20%>> followed by 30"]
+    assert not check_solution("So she sold <<10/50*100=20>>30% of them.", "gsm8k").ok
+
+
+LATEX_ONLY = ToolConfig(annotations=False, written_equations=False)
+
+
+@pytest.mark.parametrize("text", [
+    "So $4+5=9.$", "We have $r = \\sqrt{0^2 + 3^2} = 3.$ Also", "$4+5=9,$ so",  # sentence punctuation
+    "$2(5)-3=7$", "$12(20)=240$", "$(2)(5)=10$", "$2\\left(5\\right)=10$",  # implicit products
+    "$010_2=2_8$", "$1000_{14} = 1 \\cdot 14^3$",  # number bases
+    "$10000 \\cdot 0.07=700$", "$\\frac{5.7}{99} = \\frac{57}{990}$",  # decimals math-verify's floats miss
+    "$\\sqrt{2} = 1.414214$",  # its float reading still takes a rounded result
+    "$2 * 6 = 2^6 + 6^2$",  # an operation the problem defines
+    "$6^4 = 2^43^4$", "$64^\\frac{1}{3} = 4$", "$\\sqrt[3]{-8}=-2$",  # LaTeX math-verify misreads
+    "$$1^2 + 2^2 +\n3^2 = 14$$", "$3\\times\n6=18$",  # a newline inside an expression
+    "$6.9999852\\cdot5.9999985401=41.99...$",  # a truncated decimal
+])
+def test_right_latex_equations_pass(text):
+    pytest.importorskip("math_verify")
+    r = check_solution(text, "math", LATEX_ONLY)
+    assert r.ok, r.failures
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("So $4+5=10.$", "4+5 != 10"), ("$2(5)-3=8$", "2(5)-3 != 8"), ("$12(20)=32$", "12(20) != 32"),
+    ("$10000 \\cdot 0.07=70$", "10000 \\cdot 0.07 != 70"), ("$3\\times\n6=17$", "3\\times 6 != 17"),
+    ("$1029+51\\frac{9}{10}=1080\\frac{9}{20}$", "1029+51\\frac{9}{10} != 1080\\frac{9}{20}"),
+])
+def test_wrong_latex_equations_still_fail(text, shown):
+    pytest.importorskip("math_verify")
+    r = check_solution(text, "math", LATEX_ONLY)
+    assert r.failures == [f"sympy: {shown}"], r.failures
+
+
+def test_latex_equations_math_verify_cannot_tell_are_unchecked(monkeypatch):
+    """A timeout or a side math-verify cannot parse is no verdict: the equation passes, uncounted."""
+    pytest.importorskip("math_verify")
+    from alphallm_jax.data import grading
+
+    assert grading.math_verify_verdict("4+5", "9") is True
+    assert grading.math_verify_verdict("4+5", "10") is False
+    assert grading.math_verify_verdict("4+5", "9.") is None  # `9.` is no number to math-verify
+    assert grading.math_verify_verdict("1" * 500, "1") is None  # too long to try
+    assert grading.math_verify_equal("4+5", "9.") is False  # answer grading is unchanged
+    monkeypatch.setattr(grading, "math_verify_verdict", lambda pred, gold: None)
+    r = check_solution("So $\\frac{1}{2} + \\frac{1}{3} = \\frac{2}{5}$.", "math")
+    assert r.ok and r.checked == 0
+
+
+@pytest.mark.parametrize("inner_timeout_s", [1, 60])  # math-verify's own timeout; the caller's wall clock
+def test_latex_equation_that_times_out_is_unchecked(inner_timeout_s):
+    pytest.importorskip("math_verify")
+    from alphallm_jax.data import grading
+
+    old = grading.math_verify_config()
+    grading.configure_math_verify(timeout_s=2.0, inner_timeout_s=inner_timeout_s)
+    try:
+        assert grading.math_verify_verdict("9^{9^{9^{9}}}", "\\sqrt{2}+1") is None
+        r = check_solution("So $9^{9^{9^{9}}} = \\sqrt{2}+1$.", "math")
+        assert r.ok and r.checked == 0
+        assert not check_solution("So $4+5=10$.", "math").ok  # the pool recovers
+    finally:
+        grading.configure_math_verify(timeout_s=old.timeout_s, inner_timeout_s=old.inner_timeout_s)

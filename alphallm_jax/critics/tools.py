@@ -14,8 +14,8 @@ What a solution is checked for:
     equal. A side that is not arithmetic (`x = 5`, `50% of 20 = 10`) is not an equation and is skipped;
   * MATH (`task="math"`): equations inside `$...$`, `\\[...\\]`, `\\(...\\)` whose sides are purely
     numeric LaTeX are compared with math-verify's sympy-based equivalence, which runs in the grading
-    module's worker processes under a wall-clock budget (`data.grading.math_verify_equal`), never on
-    this thread.
+    module's worker processes under a wall-clock budget (`data.grading.math_verify_verdict`), never on
+    this thread; only a definite difference fails (a timeout or a side it cannot parse is unchecked).
   * with `question_numbers`, a complete solution whose question is known: every number the question
     states is an operand of some calculation (annotation or written equation), as often as stated;
   * with `operand_sources`, a complete or partial solution whose question is known: every operand of
@@ -56,8 +56,10 @@ _SKIPPED = frozenset(" \t$")  # spaces and currency signs carry no arithmetic
 # Characters an arithmetic run in running text may contain (used to find written equations).
 _RUN_CHARS = _DIGITS | frozenset(".,()%$ \t") | frozenset(_OPERATORS)
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
-# The result written after an annotation: a number, or a fraction (`<<3/4=3/4>>3/4`).
-_WRITTEN_AFTER_RE = re.compile(r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:/(\d+)(?!\d|\.\d))?")
+# The result written after an annotation: a number, a fraction (`<<3/4=3/4>>3/4`) or a percentage
+# (`<<10/50=20%>>20%`, whose annotation reads 20% as 0.2).
+_WRITTEN_AFTER_RE = re.compile(
+    r"\s*\$?\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:/(\d+)(?!\d|\.\d)|[ \t]*(%))?")
 _LIST_MARK_RE = re.compile(r"[.)][ \t]")
 # `x` (or `X`) between two operands on one line is a multiplication sign: `60 x 60/100 = 36` reads as
 # `60*60/100`. (Nothing here looks across a newline, so checking line chunks equals checking the text.)
@@ -69,11 +71,20 @@ _CONTINUED_LEFT_RE = re.compile(r"\b(?:of|times|by|plus|minus|over|x)[ \t]*\$?[ 
 _ENDS_AT_OPERAND_RE = re.compile(r"[\d)][ \t]*\Z")
 # A chunk must not end where an annotation's number may follow on the next line (`<<2*2=4>>\n4`).
 _ENDS_AT_ANNOTATION_RE = re.compile(r">>\s*\$?\s*$")
-# Text that ends in a word: an operator right after it continues a quantity written with its unit
-# (`10 points + 14 + 6 = 30`, `40 marbles - 3 - 5 = 32`, `M + 4 + 2 = 8`).
-_ENDS_AT_WORD_RE = re.compile(r"[A-Za-z][ \t]*\$?[ \t]*\Z")
+# Text that ends in a word or a closing bracket: an operator right after it continues a quantity written with
+# its unit (`10 points + 14 + 6 = 30`, `40 marbles - 3 - 5 = 32`, `M + 4 + 2 = 8`) or an expression
+# (`(2x - 135) + 90 + 60 = 360`).
+_ENDS_AT_WORD_RE = re.compile(r"[A-Za-z)\]}!][ \t]*\$?[ \t]*\Z")
 # One letter glued to the right side's number, then no letter: an algebraic term (`100/5 = 5A/5`).
 _VARIABLE_AFTER_RE = re.compile(r"[A-Za-z](?![A-Za-z])")
+# A left side glued to what precedes it (a power `x^2-25=0`, a subscript `a_2+3=7`, a variable or function
+# `f(5)-5=2`, a closing bracket, `!`), or just after a LaTeX command (`3 \cdot 4 + 1 = 13`), is the tail of a
+# larger expression the scan cannot read. A longer word glued to it is a missing space (`because20-3 = 17`).
+_GLUED_BEFORE_RE = re.compile(r"(?:(?<![A-Za-z\\])[A-Za-z]|[\^_}\])!|]|\\[A-Za-z]+[ \t]*)\Z")
+# Likewise a right side whose number goes on as a power, subscript, factorial, implicit product or LaTeX
+# product, or a repeating decimal (`= 2^3`, `= 5(2)`, `= 4 \cdot 3`, `= 1,\!000`, `= 0.\overline{3}`).
+_GLUED_AFTER_RE = re.compile(
+    r"[\^_{(!]|[ \t]*\\(?:cdot|times|div|[dt]?frac|sqrt|pi|binom)(?![A-Za-z])|\.?\\[,!;:]|\.\\")
 # A mixed number written with a word: `4 / 3 = 1 and 1/3`.
 _AND_FRACTION_AFTER_RE = re.compile(r"[ \t]+and[ \t]+\(?\d+[ \t]*/[ \t]*\d+")
 _CLOCK_BEFORE_RE = re.compile(r"\d:\Z")  # `6:00+48=6:48`: a time of day, not a sum
@@ -289,6 +300,8 @@ def check_annotations(text: str, rel_tol: float = 0.0) -> CheckResult:
                 written = [_number(after.group(1))]
                 if after.group(2) is not None and int(after.group(2)) != 0:  # or the fraction it begins
                     written.append(written[0] / _number(after.group(2)))
+                if after.group(3) is not None:  # or the percentage it writes (`<<10/50=20%>>20%`)
+                    written.append(written[0] / 100)
             except CalcError as e:  # model text: a number too long to read fails the check, never the caller
                 result.failures.append(f"<<{body}>> followed by an unreadable number: {e}")
                 continue
@@ -383,12 +396,13 @@ def _written_equations(text: str):
         if (k > 0 and left[k - 1].kind in ("op", "num")) or _CONTINUED_LEFT_RE.search(before) \
                 or (lhs_tokens[0].kind == "(" and _ENDS_AT_OPERAND_RE.search(before)) \
                 or (lhs_tokens[0].kind == "op" and _ENDS_AT_WORD_RE.search(before)) \
-                or _CLOCK_BEFORE_RE.search(before):
+                or _CLOCK_BEFORE_RE.search(before) or _GLUED_BEFORE_RE.search(before):
             # The left side is the tail of a longer expression: an operator whose other operand is not
             # arithmetic (`72 cubic ft * 3/4 = 54`), an operator word (`60 students x 2/3 = 40`, `half
             # of 10 + 2 = 7`), an implicit product (`2(3+4)=14`), a number just before it (the rest of
             # a mixed number, `8 x 1 1/2 = 12`, or of one grouped by spaces, `17 000/5 = 3 400`) or a
-            # quantity written with its unit (`10 points + 14 + 6 = 30`).
+            # quantity written with its unit (`10 points + 14 + 6 = 30`), or a power, subscript or LaTeX
+            # term (`x^2-25=0`, `a_2+3=7`).
             continue
         if lhs_tokens[0].text == "-" and not before.rpartition("\n")[2].strip() \
                 and plain[lhs_at + 1:lhs_at + 2].isspace():
@@ -414,6 +428,8 @@ def _written_equations(text: str):
             continue  # the right side is an algebraic term (`100/5 = 5A/5`), not a number
         if _AND_FRACTION_AFTER_RE.match(plain, rhs_end):
             continue  # `= 1 and 1/3`
+        if rhs_tokens[-1].kind in ("num", ")") and _GLUED_AFTER_RE.match(plain, rhs_end):
+            continue  # `= 2^3`, `= 5(2)`: the right side goes on past what the scan reads
         readings = []
         grouped = _divided_by_fraction(lhs_tokens)
         if grouped is not None:
@@ -560,7 +576,21 @@ _MATH_SEGMENT_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\[(.+?)\\\]|\\\((.+?)\
 # LaTeX that keeps a side purely numeric; any other command or letter makes it symbolic (skipped).
 _NUMERIC_LATEX_COMMANDS = ("\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\cdot", "\\times", "\\div", "\\left",
                            "\\right", "\\!", "\\,", "\\;", "\\pi")
-_NUMERIC_LATEX_CHARS = frozenset("0123456789.+-*/^_{}()[] ")
+# No `_`: a subscript on a number is its base (`010_2=2_8`), which math-verify does not read. No `*`: in MATH
+# it is an operation the problem defines (`2 * 6 = 2^6 + 6^2`).
+_NUMERIC_LATEX_CHARS = frozenset("0123456789.+-/^{}()[] ")
+# Numeric LaTeX that math-verify misreads: a power written without braces over two digits or a command
+# (`2^43^4` is 2^4 3^4 in LaTeX, `2^10` a slip for 2^{10}; `64^\frac{1}{3}` reads as 1/3), an odd root of a
+# negative number (sympy's principal root is complex: `\sqrt[3]{-8}`).
+_MISREAD_LATEX_RE = re.compile(r"\^\s*(?:\d[\d.]|\\)|\\sqrt\s*\[[^\]]*\]\s*\{\s*-")
+# Sentence punctuation (and spacing) after a side: `$4+5=9.$` ends a sentence, it is no decimal point; `..`
+# is an ellipsis, a truncated decimal (`419.999844...`).
+_TRAILING_PUNCTUATION_RE = re.compile(r"(?:[\s.,;:]|\\[,;!])+\Z")
+# A decimal, which a second reading writes as an exact fraction (see `check_latex_equations`).
+_DECIMAL_RE = re.compile(rf"(?<![\d.])(\d{{0,{MAX_NUMBER_DIGITS}}})\.(\d{{1,{MAX_NUMBER_DIGITS}}})(?![\d.])")
+# An operand followed by a bracket is a product (`2(5)-3`, `12(20)`, `(2)(5)`), which math-verify reads as a
+# mixed number's sum (`2(5)` is 7) unless the product is written out.
+_IMPLICIT_PRODUCT_RE = re.compile(r"(\d|[)\]}]|\\pi(?![A-Za-z]))\s*(?=\\left\s*[(\[]|[(\[])")
 
 
 def _split_top_level_equals(expr: str) -> list[str]:
@@ -587,15 +617,26 @@ def is_numeric_latex(side: str) -> bool:
     return bool(s) and any(ch in _DIGITS for ch in s) and all(ch in _NUMERIC_LATEX_CHARS for ch in s)
 
 
+def _latex_side(text: str) -> str | None:
+    """One side of an `=` in a math segment, without its sentence punctuation; None where it is not numeric
+    or math-verify would misread it."""
+    side = text.replace("&", "").strip()
+    if ".." in side:
+        return None
+    side = _TRAILING_PUNCTUATION_RE.sub("", side)
+    return side if is_numeric_latex(side) and not _MISREAD_LATEX_RE.search(side) else None
+
+
 def numeric_latex_equations(text: str) -> list[tuple[str, str]]:
     """(lhs, rhs) pairs of consecutive numeric sides of `=` chains inside LaTeX math segments."""
     pairs = []
     for m in _MATH_SEGMENT_RE.finditer(text):
         segment = next(g for g in m.groups() if g is not None)
-        for line in re.split(r"\\\\|\n", segment):
-            sides = [s.replace("&", "").strip() for s in _split_top_level_equals(line)]
+        # Lines end at `\\`; a newline is a space in LaTeX, inside an expression too (`3\times\n6=18`).
+        for line in re.split(r"\\\\", segment.replace("\n", " ")):
+            sides = [_latex_side(s) for s in _split_top_level_equals(line)]
             for a, b in zip(sides, sides[1:]):
-                if is_numeric_latex(a) and is_numeric_latex(b) and (a != b):
+                if a is not None and b is not None and a != b:
                     pairs.append((a, b))
     return pairs
 
@@ -604,19 +645,38 @@ def check_latex_equations(text: str, *, max_checks: int = 8, budget_s: float = 2
     """Numeric LaTeX equations compared by math-verify (sympy) in the grading worker processes.
 
     Each comparison has the grading module's wall-clock budget; at most `max_checks` equations and
-    `budget_s` seconds per text (equations left unchecked count as passing).
+    `budget_s` seconds per text. Only a definite "the sides differ" fails: equations left unchecked, and
+    those math-verify cannot tell (a timeout, a side it cannot parse), count as passing, not as checked.
     """
-    from alphallm_jax.data.grading import math_verify_equal
+    from alphallm_jax.data.grading import math_verify_verdict
 
     result = CheckResult()
     deadline = time.monotonic() + budget_s
     for lhs, rhs in numeric_latex_equations(text)[:max_checks]:
         if time.monotonic() > deadline:
             break
+        verdict = math_verify_verdict(_explicit_products(rhs), _explicit_products(lhs))
+        if verdict is False and any(_DECIMAL_RE.search(side) for side in (lhs, rhs)):
+            # math-verify's floats can miss an exact equality (`10000 \cdot 0.07 = 700`); its float reading
+            # still accepts a rounded result (`\sqrt{2} = 1.414214`), so either reading may pass.
+            verdict = math_verify_verdict(_exact_decimals(_explicit_products(rhs)),
+                                          _exact_decimals(_explicit_products(lhs)))
+        if verdict is None:
+            continue
         result.checked += 1
-        if not math_verify_equal(rhs, lhs):
+        if not verdict:
             result.failures.append(f"sympy: {lhs} != {rhs}")
     return result
+
+
+def _explicit_products(side: str) -> str:
+    """`side` with its implicit products written with `\\cdot` (`2(5)-3` -> `2\\cdot (5)-3`)."""
+    return _IMPLICIT_PRODUCT_RE.sub(lambda m: m.group(1) + "\\cdot ", side)
+
+
+def _exact_decimals(side: str) -> str:
+    """`side` with its decimals written as fractions (`0.07` -> `(\\frac{7}{100})`)."""
+    return _DECIMAL_RE.sub(lambda m: f"(\\frac{{{int(m.group(1) + m.group(2))}}}{{{10 ** len(m.group(2))}}})", side)
 
 
 # ------------------------------------------------------------------------------------- combined

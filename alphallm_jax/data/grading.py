@@ -409,6 +409,7 @@ class _Worker:
         self._buf = b""
         self._ready = False
         self._next_id = 0
+        self.last_error: str | None = None  # the error the last comparison reported, if any
 
     def _readline(self, deadline: float) -> bytes | None:
         assert self.proc.stdout is not None
@@ -451,6 +452,7 @@ class _Worker:
                 return None
             resp = json.loads(line)
             if resp.get("id") == self._next_id:
+                self.last_error = resp.get("error")
                 if resp.get("error"):
                     log.debug("math-verify error: %s", resp["error"])
                 return bool(resp.get("ok"))
@@ -501,6 +503,12 @@ class _WorkerPool:
         self.closed = False
 
     def compare(self, gold: str, pred: str, cfg: MathVerifyConfig) -> bool:
+        return self.verdict(gold, pred, cfg) is True
+
+    def verdict(self, gold: str, pred: str, cfg: MathVerifyConfig) -> bool | None:
+        """math-verify's answer, or None where a False may only mean it could not tell: the worker failed
+        twice, overran the wall-clock budget, reported an error, or took math-verify's own timeout (which
+        answers False)."""
         slot = self._slots.get()
         try:
             for attempt in range(2):
@@ -516,6 +524,7 @@ class _WorkerPool:
                         f"the math-verify worker could not start ({e}); is math-verify installed for {sys.executable}?"
                     ) from e
                 try:
+                    started = time.monotonic()
                     result = w.compare(gold, pred, cfg.inner_timeout_s, cfg.timeout_s)
                 except (EOFError, BrokenPipeError, OSError, ValueError) as e:
                     log.warning("math-verify worker failed (%s); restarting it", e)
@@ -523,7 +532,7 @@ class _WorkerPool:
                     slot.worker = None
                     if attempt == 0:
                         continue
-                    return False
+                    return None
                 if result is None:
                     log.warning(
                         "math-verify exceeded %.1f s on an answer of %d chars; killing the worker and grading it False",
@@ -532,9 +541,11 @@ class _WorkerPool:
                     )
                     w.kill()
                     slot.worker = None
-                    return False
+                    return None
+                if not result and (w.last_error or time.monotonic() - started >= cfg.inner_timeout_s):
+                    return None
                 return result
-            return False
+            return None
         finally:
             self._slots.put(slot)
 
@@ -575,6 +586,26 @@ def math_verify_equal(pred: str, gold: str) -> bool:
     if len(pred) > cfg.max_answer_chars or len(gold) > cfg.max_answer_chars:
         return False
     return _pool().compare(gold, pred, cfg)
+
+
+def math_verify_verdict(pred: str, gold: str) -> bool | None:
+    """:func:`math_verify_equal` that tells "not equal" from "could not tell": True or False where
+    math-verify decided, None where it could not (an answer too long, out of time, a worker failure or
+    error, or a side it cannot read as a value). For checks where only a definite False may count.
+    """
+    cfg = _CONFIG
+    if len(pred) > cfg.max_answer_chars or len(gold) > cfg.max_answer_chars:
+        return None
+    pool = _pool()
+    verdict = pool.verdict(gold, pred, cfg)
+    if verdict is not False:
+        return verdict
+    # math-verify compares what it cannot parse as strings (`9.` against `9`: False): a side it reads as a
+    # value equals itself in parentheses.
+    for side in (gold, pred):
+        if pool.verdict(f"({side})", side, cfg) is not True:
+            return None
+    return False
 
 
 # --------------------------------------------------------------------------------------
