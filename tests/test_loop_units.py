@@ -59,6 +59,18 @@ def test_stage_runs_once_and_a_failed_stage_runs_again(tmp_path):
     resumed.stage("a/b", boom)
     assert resumed.stage_seconds == {"a/b": run.stage_seconds["a/b"]}
 
+    # A stage whose own work marks its folder DONE (synthesis does) and that is killed before its record
+    # is written has not finished: the rerun runs it again.
+    def marks_done(stage_dir):
+        calls.append("marks_done")
+        (stage_dir / "DONE").write_text("")
+        raise RuntimeError("killed after the work's own marker")
+
+    with pytest.raises(RuntimeError):
+        run.stage("d", marks_done)
+    assert (tmp_path / "d/DONE").exists() and not (tmp_path / "d/stage.json").exists()
+    assert run.stage("d", ok)["value"] == 3 and calls.count("ok") == 3
+
 
 def test_rebase_paths_moves_the_old_root_and_what_lies_under_it_only():
     record = {"policy": "/old/run/iter_1/sft/policy", "root": "/old/run", "sibling": "/old/run2/policy",

@@ -68,7 +68,9 @@ class LoopRun:
         stage_dir = self.root / name
         # Multi-host: every process takes process 0's branch, runs the stage (its collectives and its
         # share of the work), and continues with the record process 0 wrote, read back after a barrier.
-        if broadcast_int((stage_dir / DONE).exists()):
+        # Both files: a stage's own work may mark its folder DONE too (synthesis does, for the standalone
+        # command), and a run killed after that but before the record is written has not finished.
+        if broadcast_int((stage_dir / DONE).exists() and (stage_dir / STAGE_RECORD).exists()):
             self.log(f"[{name}] done before; skipped")
             finished = read_stage_record(stage_dir, self.root)
             self.stage_seconds[name] = float(finished.get("wall_seconds", 0.0))
