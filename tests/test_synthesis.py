@@ -58,6 +58,11 @@ def _problem(pid: str, question: str, split: str = "train") -> Problem:
     ("Sam has three cats and twice as many dogs. How many dogs does Sam have?", None),  # numbers in words
     ("Sam has 3 cats. He gets 2 more cats. How many apples does Sam have now?", "ungrounded"),
     ("Sam has 3 cats. He gets 2 more cats. How many cats does Lily have now?", "ungrounded"),
+    # A title does not end a sentence; an instruction may follow a clause.
+    ("A ticket costs $40. Mr. Benson buys 12 tickets. How much did Mr. Benson pay in all?", None),
+    ("Sam works 50 hours and earns $20 an hour. If he gets $5 more, calculate his total income.", None),
+    ("Sam has 3 cats and 2 dogs. If he gets 2 more cats, then calculate the number of pets?", None),
+    ("Sam has 3 cats and 2 dogs. If he gets 2 more cats, the pets are many.", "no_question"),
 ])
 def test_form_rules(text, reason):
     assert form_problem(text, FormRules(max_repeats=2)) == reason
@@ -106,6 +111,24 @@ def test_form_truncated_and_math_rules():
     assert form_problem("Sam has 3 cats. How many cats does Sam have now?", FormRules(), truncated=True) == "truncated"
     math_rules = FormRules(require_question_mark=False, require_number=False)
     assert form_problem("Find the value of $x$ such that $x^2 = y$ for every real $y$.", math_rules) is None
+    # A period inside math ends no sentence: the question is the whole last sentence.
+    assert form_problem("Let $p(x) = x^2 + 3$ for all real $x$. Find the value of $p(8).$", FormRules()) is None
+
+
+def test_paper_preset_form_rules_keep_the_real_questions():
+    """The GSM8K and MATH presets' form rules accept nearly every real question of their task (a filter
+    that drops real questions drops good imagined ones too)."""
+    import json
+
+    from tests.helpers import SHARED_DATA, load_config
+
+    def kept(config, path, key, limit):
+        rules = FormRules.from_config(load_config(config).synthesis.form)
+        lines = (SHARED_DATA / path).read_text().splitlines()[:limit]
+        return sum(form_problem(json.loads(x)[key], rules) is None for x in lines) / len(lines)
+
+    assert kept("llama2_7b_gsm8k", "gsm8k/train.jsonl", "question", 2000) >= 0.99
+    assert kept("llama3_8b_instruct_math", "math/math500_test.jsonl", "problem", 500) >= 0.99
 
 
 # --------------------------------------------------------------------------------- near-duplicates

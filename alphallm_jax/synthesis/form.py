@@ -15,14 +15,18 @@ from typing import Any
 REASONS = ("truncated", "too_short", "too_long", "answer_leak", "degenerate", "no_question", "several_questions",
            "no_number", "ungrounded", "unknown_words", "large_number")
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A sentence ends at `.`, `!` or `?` and a space, but not after a title or a Latin abbreviation
+# ("How much did Mr. Benson pay?" is one sentence). Math (`$...$`) is masked first (`_sentences`).
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs)\.)(?<!\bMrs\.)(?<!\b(?:e\.g|i\.e)\.)\s+")
+_MATH_SPAN = re.compile(r"\$[^$]*\$")
 _WORD = re.compile(r"[A-Za-z]+")
 _TOKEN = re.compile(r"\w+")
 _NUMBER = re.compile(r"\d|\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|hundred|"
                      r"thousand|million|half|twice|thrice|double|triple|dozens?|quarter|third)\b", re.IGNORECASE)
-# A question may also end with an instruction sentence ("Calculate the total.", "Find x.").
-_INSTRUCTION = re.compile(r"^(?:calculate|compute|find|determine|what|how|express|evaluate|give|write)\b",
-                          re.IGNORECASE)
+# A question may also end with an instruction sentence ("Calculate the total.", "Find x."), or a clause
+# ("If she worked 50 hours, calculate her income.").
+_INSTRUCTION = re.compile(r"(?:^|,\s+)(?:then\s+)?(?:calculate|compute|find|determine|what|how|express|evaluate|give|"
+                          r"write)\b", re.IGNORECASE)
 _HOW = re.compile(r"\bhow (?:many|much)", re.IGNORECASE)
 _WH_WORD = re.compile(r"\b(?:how|what|which|who|whom|whose|when|where|why)\b", re.IGNORECASE)
 _AUXILIARY = r"(?:is|are|was|were|does|do|did|can|could|will|would|should|has|have|had)"
@@ -82,10 +86,20 @@ def _singular(word: str) -> str:
     return word[:-1] if word.endswith("s") and len(word) > 3 else word
 
 
+def _sentences(text: str) -> list[str]:
+    """`text`'s sentences; a `.` inside math (`Find $p(8).$`) ends none."""
+    masked = _MATH_SPAN.sub(lambda m: "$" + "x" * (len(m.group()) - 2) + "$", text.strip())
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(masked):
+        out.append(text.strip()[start:m.start()])
+        start = m.end()
+    return out + [text.strip()[start:]]
+
+
 def _ungrounded(text: str) -> bool:
     """The asking sentence asks "how many X" with none of the next three words mentioned before, or names
     someone never mentioned before."""
-    sentences = _SENTENCE_END.split(text.strip())
+    sentences = _sentences(text)
     body, ask = " ".join(sentences[:-1]), sentences[-1]
     body_words = {_singular(w.lower()) for w in _WORD.findall(body)}
     for words in _ASKED_QUANTITY.findall(ask):
@@ -133,13 +147,15 @@ def form_problem(text: str, rules: FormRules, *, truncated: bool = False,
     if _has_loop([w.lower() for w in _TOKEN.findall(text)], rules.max_repeats):
         return "degenerate"
     if rules.require_question_mark:
-        last = _SENTENCE_END.split(text.strip())[-1]
+        sentences = _sentences(text)
+        last = sentences[-1]
         interrogative = _WH_WORD.search(last) is not None or _STARTS_WITH_AUXILIARY.match(last) is not None
-        asks = (last.endswith("?") and interrogative) or (
-            last.endswith(".") and _INSTRUCTION.match(last) is not None)
+        ending = last.rstrip("$")  # a sentence may end inside math (`Find $p(8).$`)
+        asks = (ending.endswith("?") and interrogative) or (
+            ending.endswith((".", "?")) and _INSTRUCTION.search(last) is not None)
         if not asks or len(_WORD.findall(last)) < 3:
             return "no_question"
-        asking = [x for x in _SENTENCE_END.split(text.strip()) if x.endswith("?") or _HOW.search(x)]
+        asking = [x for x in sentences if x.endswith("?") or _HOW.search(x)]
         if len(asking) > rules.max_questions:
             return "several_questions"
     if rules.require_number and not _NUMBER.search(text):
