@@ -5,6 +5,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from alphallm_jax.data.grading import (
     is_correct,
     last_boxed,
     math_verify_equal,
+    parse_exact,
     parse_number,
 )
 
@@ -94,6 +96,96 @@ def test_gsm8k_wrong_answers_rejected():
         other = _gsm8k_final(rows[(i + 1) % len(rows)]["answer"])
         if int(other) != gold:
             assert not is_correct(r["answer"], other, "gsm8k"), (i, other)
+
+
+def test_gsm8k_train_and_math_test5000_references_grade_correct():
+    rows = _rows("gsm8k/train.jsonl")
+    assert len(rows) == 7473
+    assert [i for i, r in enumerate(rows) if not is_correct(r["answer"], _gsm8k_final(r["answer"]), "gsm8k")] == []
+    from alphallm_jax.data.loaders import load_dataset
+
+    _rows("math/math_test_full5000.jsonl")  # skips without the data
+    problems = load_dataset("math:test5000", data_dir=DATA_DIR)
+    assert len(problems) == 5000
+    assert [p.id for p in problems if not is_correct(p.solution, p.answer, "math")] == []
+    assert [p.id for p in problems if not answers_equal(p.answer, p.answer, "math")] == []
+
+
+# ---------------------------------------------------------------------------- markdown headings
+
+
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        # A "####" markdown heading is not the GSM8K marker: the first "####" line holding an answer wins.
+        ("#### Step 1: Eggs left\n16 - 3 - 4 = 9\n#### Step 2: Money\n9 * 2 = 18\n#### 18", "18"),
+        ("#### Step 1: Eggs left\n16 - 3 - 4 = 9\n9 * 2 = 18\n#### 18", "18"),
+        ("9 * 2 = 18\n#### Final Answer\nThe final answer is $\\boxed{18}$", "18"),
+        ("9 * 2 = 18\n#### Final Answer: 18", "18"),
+        ("#### **Answer:** 18", "18"),
+        ("#### Solution\n9 * 2 = 18", "18"),  # no answer line at all: the last number
+        # ... and the first answer still beats a run-on invented follow-up question.
+        ("#### 3\n\nQuestion: Ann has 5 hens.\nAnswer:\n#### 5", "3"),
+        ("#### Step 1\n#### 3\n\nQuestion: Ann has 5 hens.\nAnswer:\n#### 5", "3"),
+    ],
+)
+def test_a_markdown_heading_does_not_take_the_hash_answer(text, answer):
+    assert extract_answer(text, "gsm8k") == answer
+    assert is_correct(text, answer, "gsm8k") and is_correct(text, answer, "arith")
+
+
+def test_a_markdown_heading_in_a_math_solution_is_not_its_answer():
+    assert extract_answer("#### Step 1: Set up\nSo $x = 4$.\n#### 4", "math") == "4"
+    assert extract_answer("#### Final Answer\nso it is 12", "math") == "12"
+    assert extract_answer("#### Saturday", "math") == "Saturday"  # one word can be a MATH answer
+
+
+# ---------------------------------------------------------------------------- exact numbers
+
+
+@pytest.mark.parametrize(
+    "pred,ref",
+    [
+        # math-test5000-02964 and -04953: within 1e-6 of an integer, but not equal to it.
+        ("-1", "-\\frac{2010012}{2010013}"),
+        ("1", "\\frac{4036082}{4036081}"),
+        ("0.333333", "\\frac{1}{3}"),
+        ("1", "0.9999999"),
+    ],
+)
+def test_near_miss_rationals_are_wrong_and_keep_their_own_vote_key(pred, ref):
+    assert not answers_equal(pred, ref, "math")
+    assert not is_correct(f"So $\\boxed{{{pred}}}$.", ref, "math")
+    assert canonical_answer(pred, "math") != canonical_answer(ref, "math")
+    assert answers_equal(ref, ref, "math")
+
+
+def test_numbers_compare_exactly():
+    assert parse_exact("-\\frac{2010012}{2010013}") == Fraction(-2010012, 2010013)
+    assert parse_exact("$1,200.50") == Fraction(2401, 2) and parse_exact("3/4") == Fraction(3, 4)
+    assert parse_exact("1" * 2000) is None and parse_number("1" * 2000) is None  # no answer; no huge conversion
+    assert canonical_answer("\\frac13", "math") == canonical_answer("\\dfrac{1}{3}", "math") == "1/3"
+    assert canonical_answer("\\frac{1}{2}", "math") == canonical_answer("0.50", "math") == "0.5"
+    assert canonical_answer("\\frac{3}{2}", "math") == canonical_answer("x = 1.5", "math")
+    assert canonical_answer("-\\frac{1}{1024}", "math") == "-0.0009765625"
+    assert canonical_answer("$18.00", "gsm8k") == "18" and canonical_answer("1/3", "gsm8k") == "1/3"
+    assert not is_correct("#### 18.0000001", "18", "gsm8k")
+    assert is_correct("#### 0.750", "3/4", "gsm8k") and is_correct("\\boxed{0.5}", "\\frac12", "math")
+
+
+# ---------------------------------------------------------------------------- unclosed markup
+
+
+def test_an_unclosed_box_or_annotation_gives_no_number_from_inside_it():
+    # A truncated generation: the fallback (the last number) reads only the text before the open group.
+    assert extract_answer("Half of it: \\boxed{\\frac{1}{2}", "math") is None
+    assert extract_answer("So x = 3, giving \\boxed{\\frac{1}{", "math") == "3"
+    assert extract_answer("So x = 3, giving \\boxed{\\frac{1}{2}", "gsm8k") == "3"
+    assert extract_answer("He sells 12 boxes.\nSo he earns <<12*40", "gsm8k") == "12"
+    assert not is_correct("He sells 12 boxes.\nSo he earns <<12*40", "40", "gsm8k")
+    # An annotation left open ends at its line; closed ones are removed as before.
+    assert extract_answer("So 3*6=<<3*6\nwhich is 18 eggs", "gsm8k") == "18"
+    assert extract_answer("So 3*6=<<3*6=18>>18", "gsm8k") == "18"
 
 
 # ---------------------------------------------------------------------------- tricky numeric

@@ -8,7 +8,8 @@ Public API:
 * :func:`answers_equal` -- are two *extracted* answers equivalent (majority voting)?
 * :func:`canonical_answer` -- a normalised string key for an extracted answer.
 * :func:`parse_number` -- a float from an answer-like string (``"$1,200"``,
-  ``"18 dollars"``, ``"3/4"``, ``"-5"``, ``"25%"``, ``"\\frac{3}{4}"``), else ``None``.
+  ``"18 dollars"``, ``"3/4"``, ``"-5"``, ``"25%"``, ``"\\frac{3}{4}"``), else ``None``;
+  :func:`parse_exact` the same value as an exact ``Fraction`` (what grading compares).
 
 GSM8K and arith are graded numerically, in-process, with no third-party code. MATH is
 graded by a cheap normalised string comparison first and then by math-verify
@@ -110,6 +111,7 @@ _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is|:|=)[ \t]*:?[ \t]*([^\n]+)", re.IGNORECASE)
 _NUMBER_TOKEN_RE = re.compile(r"(?<![\w.])(-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+(?:\.\d+)?)?)")
 _CALC_RE = re.compile(r"<<[^<>\n]*>>")
+_UNCLOSED_CALC_RE = re.compile(r"<<[^<>\n]*(?=\n|$)")
 
 
 def _clean_answer_span(span: str) -> str:
@@ -147,11 +149,48 @@ def _numeric_hash_answer(span: str | None) -> str | None:
     return nums[0] if len(nums) == 1 else span
 
 
+_ANSWER_LEAD_RE = re.compile(r"(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:|=)?[ \t:]*", re.IGNORECASE)
+_HEADING_RE = re.compile(r"[A-Za-z]{2,}")
+
+
+def _hash_line_answer(content: str, task: str) -> str | None:
+    """The answer a ``#### ...`` line holds, or None where the line is a markdown heading a model wrote
+    (``#### Step 1: Eggs left``, ``#### Final Answer``) rather than the GSM8K answer marker."""
+    s = content.strip()
+    if not s or (task in NUMERIC_TASKS and parse_number(s) is not None):
+        return s or None
+    bare = s.strip("*_ \t")
+    lead = _ANSWER_LEAD_RE.match(bare)
+    if lead:  # "Answer: 8", "The answer is 8"; a bare "Final Answer" introduces the answer below it
+        rest = bare[lead.end():].strip("*_ \t")
+        return s if rest and (task not in NUMERIC_TASKS or re.search(r"\d", rest)) else None
+    if _HEADING_RE.match(bare) and (task in NUMERIC_TASKS or re.search(r"[\s:]", bare)):
+        return None  # starts with words: a heading ("Saturday" alone can be a MATH answer)
+    if task in NUMERIC_TASKS and not re.search(r"\d", s):
+        return None
+    return s
+
+
+def _cut_unclosed(text: str) -> str:
+    """``text`` less a ``\\boxed{`` left unclosed (with everything after it, which is inside it) and any
+    ``<<...`` calculator annotation left unclosed on its line: a truncated generation's numbers there are
+    not its answer."""
+    for m in _BOX_RE.finditer(text):
+        j = m.end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{" and _balanced_group(text, j) is None:
+            text = text[: m.start()]
+            break
+    return _UNCLOSED_CALC_RE.sub(" ", _CALC_RE.sub(" ", text))
+
+
 def _extract_raw(text: str, task: str) -> str | None:
     hash_answer = None
-    for m in _HASH_RE.finditer(text):  # the FIRST "#### N": text after it is run-on
-        if m.group(1).strip():
-            hash_answer = m.group(1).strip()
+    # The first "####" line that holds an answer (text after it is run-on); heading lines are skipped.
+    for m in _HASH_RE.finditer(text):
+        hash_answer = _hash_line_answer(m.group(1), task)
+        if hash_answer:
             break
     boxed = last_boxed(text)
     answer_is = None
@@ -166,8 +205,8 @@ def _extract_raw(text: str, task: str) -> str | None:
     for cand in order:
         if cand:
             return cand
-    # Fallback: the last number in the text, calculator annotations removed.
-    nums = _NUMBER_TOKEN_RE.findall(_CALC_RE.sub(" ", text))
+    # Fallback: the last number in the text, outside calculator annotations and unclosed boxes.
+    nums = _NUMBER_TOKEN_RE.findall(_cut_unclosed(text))
     return nums[-1] if nums else None
 
 
@@ -188,8 +227,8 @@ def extract_answer(text: str, task: str) -> str | None:
     if raw is None:
         return None
     if task in NUMERIC_TASKS:
-        value = parse_number(raw)
-        return format_number(value) if value is not None else raw.strip()
+        value = parse_exact(raw)
+        return format_exact(value) if value is not None else raw.strip()
     return raw.strip()
 
 
@@ -226,21 +265,17 @@ def _strip_number_decorations(s: str) -> str:
     return s.strip()
 
 
-def parse_number(s: str | None, *, units: bool = True) -> float | None:
-    """Parse an answer-like string as one number, or return ``None``.
+# No answer has more digits; and Python refuses int <-> str conversions past 4300 digits.
+_MAX_DIGITS = 1000
 
-    Accepts a sign, ``$``/``\\$``, thousands commas, decimals (``18.00``), a fraction
-    ``a/b`` or ``\\frac{a}{b}``/``\\dfrac``, a trailing ``%`` (the value is kept: ``"25%"``
-    -> 25.0), trailing unit words (``"18 dollars"``, ``"5 apples"``; with ``units=False``
-    none: a normalised MATH answer has dropped its ``\\text{ units}``, and letters left
-    after a number are mathematics, ``3i`` or ``5x``), ``^\\circ`` and a trailing period.
-    Anything with a second number or other symbols is ``None``: this parses answers, it
-    does not evaluate expressions.
-    """
+
+def parse_exact(s: str | None, *, units: bool = True) -> Fraction | None:
+    """:func:`parse_number`'s value as an exact ``Fraction`` (every answer it reads is a rational), or
+    ``None``: answers compare exactly, so that ``-\\frac{2010012}{2010013}`` is not ``-1``."""
     if s is None:
         return None
     t = _strip_number_decorations(str(s))
-    if not t:
+    if not t or sum(c.isdigit() for c in t) > _MAX_DIGITS:
         return None
     m = _FRAC_RE.match(t) or _FRAC_SHORT_RE.match(t)
     if m:
@@ -248,7 +283,7 @@ def parse_number(s: str | None, *, units: bool = True) -> float | None:
         if b == 0:
             return None
         value = a / b
-        return float(-value if m.group("sign") else value)
+        return -value if m.group("sign") else value
     m = _NUMBER_RE.match(t)
     if not m or (m.group("unit") and not units):
         return None
@@ -263,9 +298,27 @@ def parse_number(s: str | None, *, units: bool = True) -> float | None:
             value = value / den
     except (ValueError, ZeroDivisionError):
         return None
-    if (m.group("sign") or m.group("sign2")) == "-":
-        value = -value
-    out = float(value)
+    return -value if (m.group("sign") or m.group("sign2")) == "-" else value
+
+
+def parse_number(s: str | None, *, units: bool = True) -> float | None:
+    """Parse an answer-like string as one number, or return ``None``.
+
+    Accepts a sign, ``$``/``\\$``, thousands commas, decimals (``18.00``), a fraction
+    ``a/b`` or ``\\frac{a}{b}``/``\\dfrac``, a trailing ``%`` (the value is kept: ``"25%"``
+    -> 25.0), trailing unit words (``"18 dollars"``, ``"5 apples"``; with ``units=False``
+    none: a normalised MATH answer has dropped its ``\\text{ units}``, and letters left
+    after a number are mathematics, ``3i`` or ``5x``), ``^\\circ`` and a trailing period.
+    Anything with a second number or other symbols is ``None``: this parses answers, it
+    does not evaluate expressions. :func:`parse_exact` gives the exact value.
+    """
+    value = parse_exact(s, units=units)
+    if value is None:
+        return None
+    try:
+        out = float(value)
+    except OverflowError:
+        return None
     return out if math.isfinite(out) else None
 
 
@@ -276,8 +329,27 @@ def format_number(x: float) -> str:
     return f"{x:.6f}".rstrip("0").rstrip(".")
 
 
-def numbers_equal(a: float, b: float, rel_tol: float = 1e-9, abs_tol: float = 1e-6) -> bool:
-    """Equality up to float noise (|a-b| <= 1e-6, or relative 1e-9 for huge values)."""
+def format_exact(q: Fraction) -> str:
+    """Exact canonical text for a rational: ``"18"``, ``"-0.75"``, or ``"1/3"`` where the decimal does not end
+    (a key that keeps apart values :func:`format_number`'s six places would merge)."""
+    if q.denominator == 1:
+        return str(q.numerator)
+    rest, places = q.denominator, 0
+    for p in (2, 5):
+        n = 0
+        while rest % p == 0:
+            rest //= p
+            n += 1
+        places = max(places, n)
+    if rest != 1:
+        return f"{q.numerator}/{q.denominator}"
+    whole, frac = divmod(abs(q.numerator) * 10**places // q.denominator, 10**places)
+    return f"{'-' if q < 0 else ''}{whole}.{frac:0{places}d}".rstrip("0")
+
+
+def numbers_equal(a: float, b: float, rel_tol: float = 1e-9, abs_tol: float = 0.0) -> bool:
+    """Equality of two floats up to float noise (relative 1e-9). Answers read from text compare exactly
+    (:func:`parse_exact`); an absolute tolerance would merge MATH near-misses such as 4036082/4036081 and 1."""
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
@@ -624,11 +696,11 @@ def canonical_answer(answer: str | None, task: str) -> str | None:
     if answer is None:
         return None
     if task in NUMERIC_TASKS:
-        v = parse_number(answer)
-        return format_number(v) if v is not None else answer.strip()
+        v = parse_exact(answer)
+        return format_exact(v) if v is not None else answer.strip()
     norm = normalize_math_answer(answer)
-    v = parse_number(norm, units=False)
-    return format_number(v) if v is not None else norm
+    v = parse_exact(norm, units=False)
+    return format_exact(v) if v is not None else norm
 
 
 def _math_answers_equal(pred: str, ref: str, use_math_verify: bool = True) -> bool:
@@ -639,9 +711,9 @@ def _math_answers_equal(pred: str, ref: str, use_math_verify: bool = True) -> bo
         return True
     if re.fullmatch(r"[A-Za-z]{2,}", np_) and re.fullmatch(r"[A-Za-z]{2,}", nr):
         return np_.lower() == nr.lower()
-    vp, vr = parse_number(np_, units=False), parse_number(nr, units=False)
+    vp, vr = parse_exact(np_, units=False), parse_exact(nr, units=False)
     if vp is not None and vr is not None:
-        return numbers_equal(vp, vr)
+        return vp == vr  # exact: a near-miss is wrong (math-verify agrees: -1 is not -2010012/2010013)
     if not use_math_verify:
         return False
     return math_verify_equal(pred, ref)
@@ -653,9 +725,9 @@ def answers_equal(pred_answer: str | None, ref_answer: str | None, task: str) ->
     if pred_answer is None or ref_answer is None:
         return False
     if task in NUMERIC_TASKS:
-        vp, vr = parse_number(pred_answer), parse_number(ref_answer)
+        vp, vr = parse_exact(pred_answer), parse_exact(ref_answer)
         if vp is not None and vr is not None:
-            return numbers_equal(vp, vr)
+            return vp == vr
         return bool(pred_answer.strip()) and pred_answer.strip() == ref_answer.strip()
     return _math_answers_equal(pred_answer, ref_answer)
 
