@@ -9,6 +9,7 @@ import pytest
 from alphallm_jax.data.loaders import (
     DATA_DIR_ENV,
     available_splits,
+    is_named_split,
     load_dataset,
     load_gsm8k,
     load_math,
@@ -160,3 +161,10 @@ def test_problem_round_trip_and_hash():
     assert len({p, Problem("x-1", "q", "1", None, "gsm8k")}) == 1
     with pytest.raises(ValueError):
         Problem("x", "q", "1", None, "chess")
+
+
+def test_is_named_split_tells_names_from_paths():
+    assert is_named_split("math:test5000") and is_named_split("gsm8k") and is_named_split("math:test")
+    assert is_named_split("arith:test_hard")
+    assert not is_named_split("questions.jsonl") and not is_named_split("data/gsm8k:test")
+    assert not is_named_split("math:nope")

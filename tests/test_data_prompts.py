@@ -100,6 +100,54 @@ def test_fewshot_gsm8k_and_math_formats():
     assert mp.count("\\boxed") >= 4 and mp.endswith(f"Question: {m.question}\nAnswer:\n")
 
 
+@needs_data
+def test_fewshot_exemplars_leave_out_the_evaluated_split():
+    from alphallm_jax.data.prompts import question_key
+
+    test5000 = load_dataset("math:test5000", data_dir=DATA_DIR)
+    drawn = fewshot_exemplars("math", data_dir=str(DATA_DIR))
+    # math:train4500 lies inside math:test5000: the usual draw holds test5000 problems, format_prompt refuses
+    # to show a problem its own copy, and a whole few-shot run on test5000 used to die on the first of them.
+    keys = {question_key(p.question): p for p in test5000}
+    assert all(question_key(e.question) in keys for e in drawn)
+    exs = fewshot_exemplars("math", data_dir=str(DATA_DIR), exclude=test5000)
+    assert len(exs) == 4 and not {question_key(e.question) for e in exs} & set(keys)
+    for e in drawn:
+        assert format_prompt(keys[question_key(e.question)], "fewshot", exemplars=exs).count("Question: ") == 5
+    # A split that does not meet the pool leaves the draw as it was; one inside it only loses its own problems.
+    assert fewshot_exemplars("math", data_dir=str(DATA_DIR),
+                             exclude=load_dataset("math:math500", data_dir=DATA_DIR)) == drawn
+    dev = load_dataset("math:train_dev", data_dir=DATA_DIR)
+    dev_exs = fewshot_exemplars("math", seed=3, data_dir=str(DATA_DIR), exclude=dev)
+    assert all(e.meta["split"] == "train4500" for e in dev_exs) and not {e.id for e in dev_exs} & {p.id for p in dev}
+    gsm = fewshot_exemplars("gsm8k", data_dir=str(DATA_DIR), exclude=load_dataset("gsm8k:test", data_dir=DATA_DIR))
+    assert gsm == fewshot_exemplars("gsm8k", data_dir=str(DATA_DIR))
+
+
+@needs_data
+def test_builtin_math_exemplars_are_math_train_problems_outside_the_test_set():
+    from alphallm_jax.data.grading import answers_equal, is_correct
+    from alphallm_jax.data.prompts import builtin_exemplars, question_key
+
+    train = {question_key(p.question): p for p in load_dataset("math:train_answers", data_dir=DATA_DIR)}
+    test = {question_key(p.question) for p in load_dataset("math:test5000", data_dir=DATA_DIR)}
+    exs = builtin_exemplars("math")
+    assert len(exs) == 4 and builtin_exemplars("gsm8k") == ()
+    for e in exs:
+        assert question_key(e.question) in train and question_key(e.question) not in test
+        assert answers_equal(e.answer, train[question_key(e.question)].answer, "math")
+        assert is_correct(format_solution(e.solution, "math", e.answer), e.answer, "math")
+
+
+def test_select_exemplars_excludes_by_id_and_by_reflowed_question():
+    pool = [Problem(f"g-train-{i}", f"Question {i} here?", "1", "#### 1", "gsm8k", {"split": "train"})
+            for i in range(4)]
+    ex = select_exemplars(pool, 2, exclude_questions={"  Question 0\n here? "}, exclude_ids={"g-train-1"})
+    assert {e.id for e in ex} == {"g-train-2", "g-train-3"}
+    with pytest.raises(ValueError):
+        select_exemplars(pool, 3, exclude_ids={"g-train-1", "g-train-2"})
+
+
 class _DuckTokenizer:
     """Only the documented minimum: apply_chat_template(messages) -> str."""
 

@@ -262,6 +262,61 @@ def test_fewshot_arith_exemplars_come_from_the_runs_own_train_split():
     assert all(q in run_train and q not in default_train for q in exemplar_questions)
 
 
+def test_a_fewshot_evaluation_on_math_test5000_builds_every_prompt_without_a_test_problem(tmp_path):
+    # math:train4500 (the MATH exemplar pool) lies inside math:test5000: its exemplars were test problems, and
+    # the run died at the first problem that was one of them (format_prompt refuses a problem's own copy).
+    from alphallm_jax.data.prompts import question_key
+    from alphallm_jax.pipeline.evaluation import config_exemplars, eval_identity, load_eval_problems, prompt_builder
+
+    cfg = default_config()
+    cfg.task, cfg.data.prompt_format, cfg.data.data_dir = "math", "fewshot", str(require_shared_data())
+    cfg.eval.split = "math:test5000"
+    problems = load_eval_problems(cfg)
+    exemplars = config_exemplars(cfg, "math")
+    assert len(problems) == 5000 and len(exemplars) == cfg.data.num_exemplars
+    assert not {question_key(e.question) for e in exemplars} & {question_key(p.question) for p in problems}
+    prompt_for = prompt_builder(cfg, None)
+    prompts = [prompt_for(p) for p in problems]
+    assert all(p.count("Question: ") == cfg.data.num_exemplars + 1 for p in prompts)
+    assert all(e.question.strip() in prompts[0] for e in exemplars)
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "model.safetensors").write_text("p")
+    assert eval_identity(cfg, tmp_path / "policy")["prompt"]["exemplars"]
+
+
+def test_the_eval_stops_leave_out_the_tasks_step_separator(tmp_path, monkeypatch, caplog):
+    # The default eval.stop holds "\n\n", MATH's step separator: a MATH solution stopped after its first
+    # paragraph. The evaluation drops it (and says so); it adds no stop.
+    import logging
+
+    from alphallm_jax import sampling
+    from alphallm_jax.pipeline.evaluation import eval_context, eval_stops
+
+    default = default_config().eval.stop
+    assert "\n\n" in default
+    with caplog.at_level(logging.INFO, logger="alphallm_jax.pipeline.evaluation"):
+        assert eval_stops("math", default) == tuple(s for s in default if s != "\n\n")
+        assert len(caplog.records) == 1 and "step separator" in caplog.records[0].getMessage()
+        assert eval_stops("gsm8k", default) == tuple(default) and eval_stops("arith", ("\nQuestion:",)) == ("\nQuestion:",)
+        assert len(caplog.records) == 1
+    assert eval_stops("gsm8k", ("\n", "\n\n")) == ("\n\n",)
+
+    class _Tok:
+        def encode(self, text, add_bos=False):
+            return [0] * (len(text) + add_bos)
+
+    (tmp_path / "q.jsonl").write_text(json.dumps({"problem": "What is $1+1$?", "solution": "So $\\boxed{2}$."}) + "\n")
+    monkeypatch.setattr(sampling, "sampler_from_config", lambda *a, **kw: "sampler")
+    cfg = default_config()
+    cfg.task, cfg.eval.split = "math", str(tmp_path / "q.jsonl")
+    problems, ctx = eval_context(cfg, None, _Tok())
+    assert len(problems) == 1 and ctx.sampler == "sampler"
+    assert tuple(ctx.eval_cfg.stop) == ("\nQuestion:",) and tuple(cfg.eval.stop) == tuple(default)
+    assert ctx.eval_cfg.max_new_tokens == cfg.eval.max_new_tokens
+    cfg.task, cfg.eval.split = "arith", "arith:test"
+    assert tuple(eval_context(cfg, None, _Tok())[1].eval_cfg.stop) == tuple(default)
+
+
 def test_an_evaluation_with_other_prompts_or_problems_is_refused_and_the_same_config_resumes(tmp_path):
     from alphallm_jax.pipeline.evaluation import eval_identity
 

@@ -29,7 +29,8 @@ Named splits (:func:`load_dataset`), relative to the data root::
     math:test5000        math/math_test_full5000.jsonl
     math:train_answers   math/math_train7500_answers_only.jsonl (answers, no solutions)
     math:train4500       math:test5000 minus the MATH500 problems (Lightman et al.'s
-                         train problems that have solutions; few-shot exemplars)
+                         train problems that have solutions; few-shot exemplars, except
+                         when evaluating on math:test5000, which holds them all)
     gsm8k:train_dev      the last 500 problems of gsm8k:train (ids unchanged): a held-out dev
     math:train_dev       the last 500 problems of math:train4500 (likewise)
     arith:train|dev|test|test_hard   generated in memory by alphallm_jax.data.arith
@@ -347,6 +348,12 @@ def _normalize_name(name_or_path: str, split: str | None) -> str:
     elif split and ":" in name:
         raise ValueError(f"give the split once: {name_or_path!r} already names one, split={split!r}")
     return ALIASES.get(name, name)
+
+
+def is_named_split(name: str) -> bool:
+    """Whether ``name`` is a split :func:`load_dataset` knows by name (``"math:test5000"``, ``"gsm8k"``),
+    not a file path."""
+    return not _looks_like_path(name) and _normalize_name(name, None) in available_splits()
 
 
 def _looks_like_path(s: str) -> bool:

@@ -9,8 +9,9 @@ Formats (a config string):
 * ``"fewshot"`` -- ``k`` worked exemplars in the same plain format, separated by blank
   lines, then the plain prompt. Exemplars come from a TRAIN split chosen by a fixed seed
   (:func:`fewshot_exemplars`; for arith, the train split of the run's generator config and
-  seed); exemplars from an evaluation split (by ``meta["split"]`` or by their id), or whose
-  question is the problem's own, are refused.
+  seed), never a problem of the evaluated split (math:test5000 holds all of math:train4500: there
+  Minerva's four MATH train exemplars are used); exemplars from an evaluation split (by
+  ``meta["split"]`` or by their id), or whose question is the problem's own, are refused.
 * ``"chat"`` -- the problem (and exemplars as earlier turns) as chat messages rendered
   by ``tokenizer.apply_chat_template`` (any object with that method returning a str;
   HF tokenizers get ``tokenize=False, add_generation_prompt=True``).
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import random
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from alphallm_jax.data.problems import Problem
+
+log = logging.getLogger(__name__)
 
 PROMPT_FORMATS = ("plain", "fewshot", "chat")
 QUESTION_PREFIX = "Question: "
@@ -127,37 +131,100 @@ def select_exemplars(
     seed: int = 0,
     *,
     exclude_questions: Iterable[str] = (),
+    exclude_ids: Iterable[str] = (),
     max_solution_chars: int | None = None,
 ) -> list[Problem]:
     """``k`` exemplars with solutions drawn from ``pool`` by a fixed seed.
 
-    Problems without a solution, whose question is excluded, whose solution contains an
-    ``[asy]`` figure, or (``max_solution_chars``) longer solutions are not eligible.
+    Problems without a solution, whose question (spacing normalised, :func:`question_key`) or id is
+    excluded, whose solution contains an ``[asy]`` figure, or (``max_solution_chars``) longer solutions are
+    not eligible.
     """
-    excluded = set(exclude_questions)
-    eligible = [
-        p
-        for p in pool
-        if p.solution
-        and p.question not in excluded
-        and "[asy]" not in p.solution
-        and (max_solution_chars is None or len(p.solution) <= max_solution_chars)
-    ]
+    eligible = _eligible_exemplars(pool, exclude_questions, exclude_ids, max_solution_chars)
     if len(eligible) < k:
         raise ValueError(f"only {len(eligible)} eligible exemplars in a pool of {len(pool)}, need {k}")
     rng = random.Random(f"alphallm-exemplars|{seed}")
     return rng.sample(eligible, k)
 
 
+def _eligible_exemplars(pool: Sequence[Problem], exclude_questions: Iterable[str] = (),
+                        exclude_ids: Iterable[str] = (), max_solution_chars: int | None = None) -> list[Problem]:
+    excluded_keys = {question_key(q) for q in exclude_questions}
+    excluded_ids = set(exclude_ids)
+    return [
+        p
+        for p in pool
+        if p.solution
+        and p.id not in excluded_ids
+        and question_key(p.question) not in excluded_keys
+        and "[asy]" not in p.solution
+        and (max_solution_chars is None or len(p.solution) <= max_solution_chars)
+    ]
+
+
+# Minerva's four MATH exemplars (Lewkowycz et al. 2022, app. D): MATH *train* problems with worked solutions.
+# The only other MATH solutions at hand, math:train4500, all lie in math:test5000, so few-shot evaluation on
+# test5000 draws from these instead (tests check that they are train problems and none is in test5000).
+_MATH_BUILTIN_EXEMPLARS = (
+    (
+        "Find the domain of the expression $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",
+        "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, "
+        "and $5 - x \\ge 0$, so $x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which "
+        "gives $x<5$. Therefore, the domain of the expression is $\\boxed{[2,5)}$.",
+        "[2,5)",
+    ),
+    (
+        "If $\\det \\mathbf{A} = 2$ and $\\det \\mathbf{B} = 12,$ then find $\\det (\\mathbf{A} \\mathbf{B}).$",
+        "We have that $\\det (\\mathbf{A} \\mathbf{B}) = (\\det \\mathbf{A})(\\det \\mathbf{B}) = (2)(12) "
+        "= \\boxed{24}.$",
+        "24",
+    ),
+    (
+        "Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many "
+        "times must Terrell lift them in order to lift the same total weight?",
+        "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of "
+        "weight.  If he lifts two 15-pound weights instead for $n$ times, he will lift a total of "
+        "$2\\cdot15\\cdot n=30n$ pounds of weight.  Equating this to 480 pounds, we can solve for $n$:\n"
+        "\\begin{align*}\n30n&=480\\\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}",
+        "16",
+    ),
+    (
+        "If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\\\n6y-9x &=b.\n\\end{align*}has a "
+        "solution $(x, y)$ where $x$ and $y$ are both nonzero, find $\\frac{a}{b},$ assuming $b$ is nonzero.",
+        "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we "
+        "also know that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$",
+        "-\\frac{2}{3}",
+    ),
+)
+BUILTIN_EXEMPLAR_SPLIT = "minerva"
+
+
+def builtin_exemplars(task: str) -> tuple[Problem, ...]:
+    """The built-in exemplars of ``task`` (MATH: Minerva's four; none for the others)."""
+    if task != "math":
+        return ()
+    return tuple(Problem(f"math-{BUILTIN_EXEMPLAR_SPLIT}-{i:05d}", q, a, sol, "math", {"split": BUILTIN_EXEMPLAR_SPLIT})
+                 for i, (q, sol, a) in enumerate(_MATH_BUILTIN_EXEMPLARS))
+
+
 @functools.lru_cache(maxsize=16)
 def _fewshot_cached(task: str, k: int, seed: int, data_dir: str | None, arith_seed: int, arith_config: Any,
-                    arith_hard_config: Any) -> tuple[Problem, ...]:
+                    arith_hard_config: Any, exclude_ids: frozenset[str] = frozenset(),
+                    exclude_keys: frozenset[str] = frozenset()) -> tuple[Problem, ...]:
     from alphallm_jax.data.loaders import DEFAULT_TRAIN_SPLIT, load_dataset
 
     pool = load_dataset(f"{task}:{DEFAULT_TRAIN_SPLIT[task]}", data_dir=data_dir, arith_seed=arith_seed,
                         arith_config=arith_config, arith_hard_config=arith_hard_config)
     max_chars = 700 if task == "math" else None
-    return tuple(select_exemplars(pool, k, seed, max_solution_chars=max_chars))
+    eligible = _eligible_exemplars(pool, exclude_keys, exclude_ids, max_chars)
+    builtin = _eligible_exemplars(builtin_exemplars(task), exclude_keys, exclude_ids)
+    if len(eligible) < k and (exclude_ids or exclude_keys) and len(builtin) >= k:
+        # The evaluated split covers the train pool (math:test5000 holds all of math:train4500).
+        log.info("%s few-shot: %d of the %d train problems lie outside the evaluated split, %d needed; using "
+                 "the built-in exemplars", task, len(eligible), len(pool), k)
+        return tuple(select_exemplars(builtin, k, seed))
+    return tuple(select_exemplars(pool, k, seed, exclude_questions=exclude_keys, exclude_ids=exclude_ids,
+                                  max_solution_chars=max_chars))
 
 
 def fewshot_exemplars(
@@ -169,6 +236,7 @@ def fewshot_exemplars(
     arith_seed: int = 0,
     arith_config: Any = None,
     arith_hard_config: Any = None,
+    exclude: Iterable[Problem] = (),
 ) -> list[Problem]:
     """``k`` exemplars from the task's TRAIN split (gsm8k:train, math:train4500,
     arith:train), chosen by ``seed``; cached.
@@ -178,10 +246,17 @@ def fewshot_exemplars(
     the hard config matters too: train excludes the test_hard questions). A run passes its
     own (``pipeline.evaluation.prompt_builder``), so its exemplars come from the train split
     of the task it is evaluated on.
+
+    No problem of ``exclude`` (the evaluated split: matched by id and by question) is drawn. Where that
+    leaves fewer than ``k`` (MATH evaluated on math:test5000, which holds all of math:train4500), the
+    exemplars come from :func:`builtin_exemplars`; else the draw is the same as without ``exclude`` when
+    nothing in the pool is excluded.
     """
     k = DEFAULT_NUM_EXEMPLARS[task] if k is None else k
+    exclude = list(exclude)
     return list(_fewshot_cached(task, k, seed, None if data_dir is None else str(data_dir), arith_seed,
-                                arith_config, arith_hard_config))
+                                arith_config, arith_hard_config, frozenset(p.id for p in exclude),
+                                frozenset(question_key(p.question) for p in exclude)))
 
 
 _ID_SPLIT_RE = re.compile(r"^(?:gsm8k|math|arith)-(?P<split>.+)-\d+$")  # the loaders' `{task}-{split}-{index}`

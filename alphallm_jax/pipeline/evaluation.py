@@ -18,9 +18,9 @@ import jax
 from tqdm import tqdm
 
 from alphallm_jax.data.grading import extract_answer, is_correct
-from alphallm_jax.data.loaders import load_dataset
+from alphallm_jax.data.loaders import is_named_split, load_dataset
 from alphallm_jax.data.problems import Problem
-from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt, question_key
+from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt, question_key, step_separator
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
 from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
@@ -61,10 +61,21 @@ def load_eval_problems(cfg) -> list[Problem]:
     return load_split(cfg, cfg.eval.split, cfg.eval.limit)
 
 
+def eval_split_problems(cfg) -> list[Problem]:
+    """Every problem of `eval.split` (`eval.limit` aside), which no few-shot exemplar may be; a JSONL path not
+    written yet holds none."""
+    split = cfg.eval.split.strip()
+    if not split or not (is_named_split(split) or as_path(split).exists()):
+        return []
+    return load_split(cfg, split)
+
+
 def config_exemplars(cfg, task: str) -> list[Problem]:
     """The `fewshot` exemplars of `task` under `cfg`: `data.num_exemplars` drawn with `data.exemplar_seed`
-    from the task's train split as the config generates or locates it (for arith: `seed`, `data.arith`)."""
-    return fewshot_exemplars(task, cfg.data.num_exemplars, cfg.data.exemplar_seed, **dataset_options(cfg))
+    from the task's train split as the config generates or locates it (for arith: `seed`, `data.arith`),
+    leaving out the problems of `eval.split` (math:train4500 lies inside math:test5000)."""
+    return fewshot_exemplars(task, cfg.data.num_exemplars, cfg.data.exemplar_seed, exclude=eval_split_problems(cfg),
+                             **dataset_options(cfg))
 
 
 def without_exemplars(cfg, problems: list[Problem]) -> list[Problem]:
@@ -266,15 +277,31 @@ def merge_results(problems: list[Problem], methods, out_root) -> dict:
     return summary
 
 
+def eval_stops(task: str, stops) -> tuple[str, ...]:
+    """`eval.stop` for `task` less the task's step separator (`step_separator`): MATH writes one step per
+    paragraph, so the default stop "\\n\\n" would end every MATH solution after its first step."""
+    stops = tuple(stops)
+    sep = step_separator(task)
+    if sep not in stops:
+        return stops
+    kept = tuple(s for s in stops if s != sep)
+    log.info("eval.stop: dropped %r, the %s step separator (it would end a solution after one step); stops %r",
+             sep, task, kept)
+    return kept
+
+
 def eval_context(cfg, model, tokenizer, *, mesh=None) -> tuple[list[Problem], EvalContext]:
-    """The config's eval problems and a context whose sampler fits their longest prompt."""
+    """The config's eval problems and a context whose sampler fits their longest prompt; its `eval_cfg` is
+    `cfg.eval` with the stops `eval_stops` keeps."""
     from alphallm_jax.sampling import sampler_from_config
 
     problems = load_eval_problems(cfg)
     prompt_for = prompt_builder(cfg, tokenizer)
     longest_prompt = max(len(tokenizer.encode(prompt_for(p), add_bos=True)) for p in problems)
     sampler = sampler_from_config(cfg, model, tokenizer, max_len=longest_prompt + cfg.eval.max_new_tokens, mesh=mesh)
-    return problems, EvalContext(sampler=sampler, task=cfg.task, prompt_for=prompt_for, eval_cfg=cfg.eval,
+    eval_cfg = cfg.eval.copy_and_resolve_references()
+    eval_cfg.stop = eval_stops(cfg.task, cfg.eval.stop)
+    return problems, EvalContext(sampler=sampler, task=cfg.task, prompt_for=prompt_for, eval_cfg=eval_cfg,
                                  seed=cfg.seed)
 
 
