@@ -99,6 +99,13 @@ def test_harness_writes_resumable_graded_artifacts(tmp_path):
     part.write_text("\n".join(text[:2]) + "\n" + text[2][:15])
     evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=2)
     assert sampler.calls[-1][0] == ["q2"]
+    # Resumed with another process count (here: the part files of a two-process run): the finished
+    # problems are read from them, not evaluated again.
+    for f in (tmp_path / "eval/greedy").glob("predictions.part*.jsonl"):
+        f.rename(f.with_name("predictions.part001-of-002.jsonl"))
+    calls = len(sampler.calls)
+    again = evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=2)
+    assert len(sampler.calls) == calls and again["greedy"]["correct"] == 2 and again["greedy"]["n"] == 3
 
 
 def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):

@@ -190,6 +190,12 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
         method = make_method(spec)
         part = _part_path(out_root, spec)
         done_rows, _ = read_jsonl_tolerant_tail(part, repair=True)
+        # A run resumed with another process count finds its finished problems in the old count's part
+        # files, which the merge reads too.
+        mine_ids = {p.id for p in mine}
+        for other in sorted(part.parent.glob("predictions.part*.jsonl")):
+            if other != part:
+                done_rows += [r for r in read_jsonl_tolerant_tail(other)[0] if r["id"] in mine_ids]
         done = {r["id"] for r in done_rows}
         _check_same_problems(part, done_rows, mine)
         todo = [p for p in mine if p.id not in done]
@@ -259,7 +265,7 @@ def merge_results(problems: list[Problem], methods, out_root) -> dict:
         rows = {}
         for part in sorted(method_dir.glob("predictions.part*.jsonl")):
             for row in read_jsonl_tolerant_tail(part)[0]:
-                rows[row["id"]] = row
+                rows.setdefault(row["id"], row)  # one result per problem (`evaluate_methods` skips finished ones)
         missing = [p.id for p in problems if p.id not in rows]
         if missing:
             raise RuntimeError(f"{spec}: {len(missing)} problems have no result (first: {missing[:3]}); "
