@@ -51,7 +51,7 @@ responses are the same tokens (twin nodes of one text, which a search without st
 is left out: it states no preference.
 
 Each side carries its per-step critic rewards (``step_reward_field`` per node on a -> leaf, falling
-back to ``reward`` then 0): CPL's r_g is ``sum(chosen.step_rewards) - sum(rejected.step_rewards)``,
+back to ``reward``, then ``orm``, then 0): CPL's r_g is ``sum(chosen.step_rewards) - sum(rejected.step_rewards)``,
 stored as ``reward_gap``.
 """
 
