@@ -44,8 +44,8 @@ ORDERING_KINDS: dict[str, tuple[str, ...]] = {
 def select_pairs(records: Sequence[Mapping[str, Any]], ordering: str) -> list[Mapping[str, Any]]:
     """The pair records ``ordering`` trains on, in buffer order.
 
-    A stepwise pair under the root can be token for token a complete pair (same prefix node, same
-    two leaves): such duplicates are kept once (the first).
+    A stepwise pair can be token for token a complete pair (the same prefix node, the two leaves' lowest
+    common ancestor, and the same two leaves): such duplicates are kept once (the first).
     """
     if ordering not in ORDERINGS:
         raise ValueError(f"ordering={ordering!r}; choose from {ORDERINGS}")
