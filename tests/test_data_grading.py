@@ -168,6 +168,12 @@ def test_numbers_compare_exactly():
     assert canonical_answer("\\frac{1}{2}", "math") == canonical_answer("0.50", "math") == "0.5"
     assert canonical_answer("\\frac{3}{2}", "math") == canonical_answer("x = 1.5", "math")
     assert canonical_answer("-\\frac{1}{1024}", "math") == "-0.0009765625"
+
+
+def test_a_fraction_written_without_its_braces_votes_with_the_braced_one():
+    key = canonical_answer("\\frac{\\sqrt{2}}{2}", "math")
+    assert canonical_answer("\\frac{\\sqrt2}2", "math") == canonical_answer("\\dfrac{\\sqrt 2}2", "math") == key
+    assert canonical_answer("\\frac{x+1}{y}", "math") == "\\frac{x+1}{y}"
     assert canonical_answer("$18.00", "gsm8k") == "18" and canonical_answer("1/3", "gsm8k") == "1/3"
     assert not is_correct("#### 18.0000001", "18", "gsm8k")
     assert is_correct("#### 0.750", "3/4", "gsm8k") and is_correct("\\boxed{0.5}", "\\frac12", "math")

@@ -393,7 +393,7 @@ def normalize_math_answer(s: str) -> str:
     t = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", t)
     t = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", t)
     t = re.sub(r"\\frac(\w)\{", r"\\frac{\1}{", t)
-    t = re.sub(r"\\frac\{([^{}]*)\}(\w)", r"\\frac{\1}{\2}", t)
+    t = re.sub(r"\\frac\{((?:[^{}]|\{[^{}]*\})*)\}(\w)", r"\\frac{\1}{\2}", t)  # `\frac{\sqrt{2}}2` too
     m = re.fullmatch(r"(-?\d+)/(\d+)", t)
     if m:
         t = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
