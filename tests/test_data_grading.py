@@ -383,3 +383,12 @@ def test_no_eval_or_exec_in_data_layer():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id not in ("eval", "exec", "compile"), f"{path.name}:{node.lineno}"
+
+
+def test_math_votes_count_equivalent_answers_as_one():
+    from alphallm_jax.data.grading import vote_keys
+
+    keys = vote_keys(["\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", None, "3", "\\frac{6}{2}", "x^2", "\\frac{\\sqrt2}2"], "math")
+    assert keys == ["\\sqrt{2}/2", "\\sqrt{2}/2", None, "3", "3", "x^2", "\\sqrt{2}/2"]
+    assert vote_keys(["18", "18.0", None, "$18", "-1"], "gsm8k") == ["18", "18", None, "18", "-1"]
+    assert vote_keys(["-1", "-\\frac{2010012}{2010013}"], "math") == ["-1", "-2010012/2010013"]

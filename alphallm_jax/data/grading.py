@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -730,6 +731,23 @@ def answers_equal(pred_answer: str | None, ref_answer: str | None, task: str) ->
             return vp == vr
         return bool(pred_answer.strip()) and pred_answer.strip() == ref_answer.strip()
     return _math_answers_equal(pred_answer, ref_answer)
+
+
+def vote_keys(answers: Sequence[str | None], task: str) -> list[str | None]:
+    """Majority-vote keys of extracted answers: :func:`canonical_answer`, and for MATH equivalent answers
+    written differently (`\\sqrt{2}/2`, `\\frac{\\sqrt{2}}{2}`) share the key of the first of them, as
+    :func:`answers_equal` (math-verify) judges; numbers already compare exactly through their keys. Each
+    distinct key is compared with the distinct keys before it (math-verify only where neither the
+    normalised strings nor exact numbers decide)."""
+    keys = [canonical_answer(a, task) for a in answers]
+    if task in NUMERIC_TASKS:
+        return keys
+    merged: dict[str, str] = {}
+    for key in keys:
+        if key is None or key in merged:
+            continue
+        merged[key] = next((rep for rep in dict.fromkeys(merged.values()) if answers_equal(key, rep, task)), key)
+    return [None if k is None else merged[k] for k in keys]
 
 
 def is_correct(prediction: str, reference: str, task: str) -> bool:

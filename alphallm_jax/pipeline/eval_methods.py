@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from alphallm_jax.data.grading import canonical_answer, extract_answer
+from alphallm_jax.data.grading import extract_answer, vote_keys
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.sampling.stop_rules import strip_stop
 from alphallm_jax.search.tree import problem_seed
@@ -117,7 +117,7 @@ class MajorityVote:
         outs = []
         for samples in _sample(problems, ctx, num_samples=self.k, temperature=ctx.eval_cfg.temperature):
             texts = [strip_stop(c.text, ctx.eval_cfg.stop) for c in samples]
-            keys = [canonical_answer(extract_answer(t, ctx.task), ctx.task) for t in texts]
+            keys = vote_keys([extract_answer(t, ctx.task) for t in texts], ctx.task)
             votes = collections.Counter(k for k in keys if k is not None)
             best = 0
             if votes:
