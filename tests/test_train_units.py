@@ -474,6 +474,11 @@ def test_examples_longer_than_the_batch_are_dropped_with_a_warning_not_cut(caplo
     assert "dropped 1 of 3 train SFT traces longer than max_seq_len=4 tokens (the longest 6)" in caplog.text
     assert collate_sft(traces, 3, max_seq_len=4, pad_to_multiple=1)["loss_mask"][1].tolist() == [0, 0, 0, 1]
     assert drop_overlong(traces, None, "traces") == traces
+    from alphallm_jax.train.batching import drop_overlong_splits
+
+    assert drop_overlong_splits(traces[:2], traces[2:], 4, "traces", "sft.max_seq_len") == ([traces[0]], [traces[2]])
+    with pytest.raises(ValueError, match="all 3 train traces are longer than sft.max_seq_len=3"):
+        drop_overlong_splits(traces, [], 3, "traces", "sft.max_seq_len")
     pairs = [PreferenceExample(pair_id=str(i), group="p", kind="stepwise", prompt_ids=(1, 2), chosen_ids=c,
                                rejected_ids=(7,), reward_gap=1.0) for i, c in enumerate([(3,), (3, 4, 5)])]
     assert drop_overlong(pairs, 4, "pairs") == pairs[:1]

@@ -348,12 +348,6 @@ def format_exact(q: Fraction) -> str:
     return f"{'-' if q < 0 else ''}{whole}.{frac:0{places}d}".rstrip("0")
 
 
-def numbers_equal(a: float, b: float, rel_tol: float = 1e-9, abs_tol: float = 0.0) -> bool:
-    """Equality of two floats up to float noise (relative 1e-9). Answers read from text compare exactly
-    (:func:`parse_exact`); an absolute tolerance would merge MATH near-misses such as 4036082/4036081 and 1."""
-    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
-
-
 # --------------------------------------------------------------------------------------
 # MATH normalisation
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from alphallm_jax.data.spm_training import SPECIAL_IDS, train_sentencepiece
 from alphallm_jax.models import ModelConfig, Tokenizer, create_model
 from alphallm_jax.models.hf_io import save_hf_checkpoint
 from alphallm_jax.pipeline.evaluation import load_split, prompt_builder, without_exemplars
-from alphallm_jax.train.batching import SFTExample, drop_overlong
+from alphallm_jax.train.batching import SFTExample, drop_overlong_splits
 from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.trainer import TrainConfig, Trainer
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
@@ -113,10 +113,9 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
     train_cfg = TrainConfig.from_config(cfg.base.train if train_section is None else train_section)
     trainer = Trainer(model, make_sft_loss(), train_cfg, mesh=mesh, workdir=str(base_dir / "train"))
     question_loss = bool(cfg.base.question_loss) and cfg.data.prompt_format in ("plain", "fewshot")
-    train_ex, dev_ex = (drop_overlong(sft_examples(part, tokenizer, prompt_for, question_loss=question_loss),
-                                      train_cfg.max_seq_len, f"{name} examples") for part, name in ((d0, "D0"), (dev, "dev")))
-    if not train_ex:
-        raise ValueError(f"{subdir}: every D0 example is longer than its max_seq_len={train_cfg.max_seq_len}")
+    train_ex, dev_ex = drop_overlong_splits(sft_examples(d0, tokenizer, prompt_for, question_loss=question_loss),
+                                            sft_examples(dev, tokenizer, prompt_for, question_loss=question_loss),
+                                            train_cfg.max_seq_len, f"{subdir} examples", f"{subdir}: max_seq_len")
     fit = trainer.fit(train_ex, dev_ex)
 
     save_hf_checkpoint(model, model_cfg, policy_dir, tokenizer=tokenizer)

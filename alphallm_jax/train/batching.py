@@ -80,6 +80,16 @@ def drop_overlong(examples: Sequence[T], max_seq_len: int | None, what: str,
     return kept
 
 
+def drop_overlong_splits(train: Sequence[T], dev: Sequence[T], max_seq_len: int | None, what: str, key: str,
+                         length_fn: Callable[[T], int] = len) -> tuple[list[T], list[T]]:
+    """`drop_overlong` on a train and a dev split; an error naming the config `key` when it empties a
+    non-empty train split."""
+    kept = drop_overlong(train, max_seq_len, f"train {what}", length_fn)
+    if train and not kept:
+        raise ValueError(f"all {len(train)} train {what} are longer than {key}={max_seq_len}")
+    return kept, drop_overlong(dev, max_seq_len, f"dev {what}", length_fn)
+
+
 def padded_length(n: int, *, max_seq_len: int | None, pad_to_multiple: int = 1,
                   fixed: bool = False) -> int:
     """The batch length for a longest row of ``n`` tokens: a multiple of ``pad_to_multiple``, at most

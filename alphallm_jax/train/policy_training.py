@@ -30,7 +30,7 @@ import jax
 
 from alphallm_jax.models.hf_io import save_hf_checkpoint
 from alphallm_jax.models.tokenizer import Tokenizer
-from alphallm_jax.train.batching import SFTExample, drop_overlong
+from alphallm_jax.train.batching import SFTExample, drop_overlong_splits
 from alphallm_jax.train.cpl import ORDERINGS, EpochOrder, select_pairs
 from alphallm_jax.train.dpo import PreferenceExample, make_collate, make_dpo_loss, preference_length, with_reference
 from alphallm_jax.train.losses import make_sft_loss
@@ -182,10 +182,9 @@ def train_sft_on_traces(model, tokenizer: Tokenizer, records: Sequence[Mapping[s
     chunk = int(_get(cfg, "logits_chunk_size", 0)) or None
     trainer = Trainer(model, make_sft_loss(chunk), train_cfg, mesh=mesh, workdir=str(run_dir / "train"))
     start = time.time()
-    train_ex, dev_ex = (drop_overlong(trace_examples(part, tokenizer, append_eos=append_eos), train_cfg.max_seq_len,
-                                      f"{name} SFT traces") for part, name in ((train, "train"), (dev, "dev")))
-    if not train_ex:
-        raise ValueError(f"every SFT trace is longer than sft.max_seq_len={train_cfg.max_seq_len}")
+    train_ex, dev_ex = drop_overlong_splits(trace_examples(train, tokenizer, append_eos=append_eos),
+                                            trace_examples(dev, tokenizer, append_eos=append_eos),
+                                            train_cfg.max_seq_len, "SFT traces", "sft.max_seq_len")
     fit = trainer.fit(train_ex, dev_ex or None)
     return {"method": "sft", "train_traces": len(train_ex), "dev_traces": len(dev_ex), "steps": fit.step,
             "epochs": fit.epoch, "stopped_early": fit.stopped_early, "best_step": fit.best_step,
@@ -224,10 +223,9 @@ def train_preference(model, tokenizer: Tokenizer, records: Sequence[Mapping[str,
     # compute dtype), so the policy equals it exactly at step 0. A new Trainer holds the initial
     # parameters until `fit` restores a checkpoint, so a resumed run gets the same reference (and
     # reads it from the cache beside the pairs anyway).
-    train_raw, dev_raw = (drop_overlong(preference_examples(part, tokenizer, append_eos=append_eos),
-                                        train_cfg.max_seq_len, f"{name} pairs") for part, name in ((train, "train"), (dev, "dev")))
-    if not train_raw:
-        raise ValueError(f"every pair is longer than dpo.max_seq_len={train_cfg.max_seq_len}")
+    train_raw, dev_raw = drop_overlong_splits(preference_examples(train, tokenizer, append_eos=append_eos),
+                                              preference_examples(dev, tokenizer, append_eos=append_eos),
+                                              train_cfg.max_seq_len, "pairs", "dpo.max_seq_len")
     examples = with_reference(
         trainer.current_model(), train_raw + dev_raw,
         batch_size=logp_batch, max_seq_len=train_cfg.max_seq_len,
