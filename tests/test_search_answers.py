@@ -77,3 +77,29 @@ def test_orm_vote_over_rollouts_counts_every_scored_rollout():
     choice = choose_answer(tree, "orm_vote_rollouts")
     assert (choice.answer, choice.node_id, choice.rollout) == ("7", 4, None)
     assert orm_vote(tree) == ("5", 3)  # terminals alone: unchanged
+
+
+def test_math_votes_merge_equivalent_answers_written_differently():
+    """On MATH the ORM vote counts `\\sqrt{2}/2` and `\\frac{\\sqrt{2}}{2}` as one answer (as maj@k does):
+    split by spelling, 0.6 + 0.5 lose to the single 0.95; merged they win, and the SFT trace selection
+    keeps the trajectories of both spellings."""
+    from alphallm_jax.search.answers import vote_share
+    from alphallm_jax.train.pairs import ExtractionConfig, extract_sft_traces
+
+    def math_tree(task: str) -> Tree:
+        tree = build()
+        tree.problem = SearchProblem("p", "prompt", task=task)
+        tree.nodes[3].answer, tree.nodes[5].answer = "\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"
+        for i in (3, 4, 5):
+            tree.nodes[i].finish_reason = "eos"
+        return tree
+
+    assert orm_vote(math_tree("gsm8k")) == ("7", 4)  # keys that are not numbers: no merging off MATH
+    tree = math_tree("math")
+    assert orm_vote(tree) == ("\\sqrt{2}/2", 3)
+    answer, share, members = vote_share(tree)
+    assert answer == "\\sqrt{2}/2" and abs(share - 1.1 / 2.05) < 1e-9
+    assert members == {"\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"}
+    traces = extract_sft_traces(tree, ExtractionConfig(orm_threshold=0.0, sft_selection="answer_vote",
+                                                       sft_traces_per_prompt=3))
+    assert [t["leaf"] for t in traces] == [3, 5]

@@ -728,14 +728,18 @@ def answers_equal(pred_answer: str | None, ref_answer: str | None, task: str) ->
 
 
 def vote_keys(answers: Sequence[str | None], task: str) -> list[str | None]:
-    """Majority-vote keys of extracted answers: :func:`canonical_answer`, and for MATH equivalent answers
-    written differently (`\\sqrt{2}/2`, `\\frac{\\sqrt{2}}{2}`) share the key of the first of them, as
-    :func:`answers_equal` (math-verify) judges; numbers already compare exactly through their keys. Each
-    distinct key is compared with the distinct keys before it (math-verify only where neither the
-    normalised strings nor exact numbers decide)."""
-    keys = [canonical_answer(a, task) for a in answers]
-    if task in NUMERIC_TASKS:
-        return keys
+    """Majority-vote keys of extracted answers: :func:`canonical_answer`, merged by
+    :func:`merge_equivalent_keys` (for MATH, `\\sqrt{2}/2` and `\\frac{\\sqrt{2}}{2}` share one key)."""
+    return merge_equivalent_keys([canonical_answer(a, task) for a in answers], task)
+
+
+def merge_equivalent_keys(keys: Sequence[str | None], task: str) -> list[str | None]:
+    """Canonical answer keys with equivalent MATH answers written differently mapped to the key of the
+    first of them, as :func:`answers_equal` (math-verify) judges; numbers already compare exactly through
+    their keys, so other tasks' keys come back unchanged. Each distinct key is compared with the distinct
+    keys before it (math-verify only where neither the normalised strings nor exact numbers decide)."""
+    if task not in MATH_TASKS:
+        return list(keys)
     merged: dict[str, str] = {}
     for key in keys:
         if key is None or key in merged:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections import defaultdict
 
+from alphallm_jax.data.grading import merge_equivalent_keys
 from alphallm_jax.search.tree import Node, Tree
 
 
@@ -60,27 +61,32 @@ def orm_vote_rollouts(tree: Tree) -> tuple[str, int, int | None] | None:
     return _vote(tree, with_rollouts=True)
 
 
-def _ballot(tree: Tree, *, with_rollouts: bool) -> tuple[dict[str, float], dict[str, tuple[tuple, int, int | None]]]:
-    """ORM mass per answer and each answer's best voter (terminals before rollouts, then higher ORM, more
-    visits, lower node id) as (key, node id, rollout)."""
-    mass: dict[str, float] = defaultdict(float)
-    best: dict[str, tuple[tuple, int, int | None]] = {}
-
-    def vote(answer: str, weight: float, key: tuple, node_id: int, rollout: int | None) -> None:
-        mass[answer] += weight
-        if answer not in best or key > best[answer][0]:
-            best[answer] = (key, node_id, rollout)
-
+def _ballot(tree: Tree, *, with_rollouts: bool) -> tuple[dict[str, float], dict[str, tuple[tuple, int, int | None]],
+                                                      dict[str, str]]:
+    """ORM mass per answer, each answer's best voter (terminals before rollouts, then higher ORM, more
+    visits, lower node id) as (key, node id, rollout), and the answer each voter's answer counts for: on
+    MATH, equivalent answers written differently (`\\sqrt{2}/2`, `\\frac{\\sqrt{2}}{2}`) count for the
+    first voter's, as the evaluation's maj@k merges them (`grading.merge_equivalent_keys`)."""
+    voters: list[tuple[str, float, tuple, int, int | None]] = []
     for node in tree.terminals():
         if node.answer is not None:
             weight = _orm_weight(node)
-            vote(node.answer, weight, (1, weight, node.N, -node.id, 0), node.id, None)
+            voters.append((node.answer, weight, (1, weight, node.N, -node.id, 0), node.id, None))
     if with_rollouts:
         for node in tree.nodes:
             for k, r in enumerate(node.rollouts):
                 if r.get("answer") is not None and r.get("orm") is not None:
-                    vote(r["answer"], float(r["orm"]), (0, float(r["orm"]), node.N, -node.id, -k), node.id, k)
-    return mass, best
+                    voters.append((r["answer"], float(r["orm"]), (0, float(r["orm"]), node.N, -node.id, -k), node.id, k))
+    distinct = list(dict.fromkeys(v[0] for v in voters))
+    group = dict(zip(distinct, merge_equivalent_keys(distinct, tree.problem.task), strict=True))
+    mass: dict[str, float] = defaultdict(float)
+    best: dict[str, tuple[tuple, int, int | None]] = {}
+    for answer, weight, key, node_id, rollout in voters:
+        answer = group[answer]
+        mass[answer] += weight
+        if answer not in best or key > best[answer][0]:
+            best[answer] = (key, node_id, rollout)
+    return mass, best, group
 
 
 def _winner(mass: dict[str, float], best: dict[str, tuple[tuple, int, int | None]]) -> str:
@@ -90,22 +96,24 @@ def _winner(mass: dict[str, float], best: dict[str, tuple[tuple, int, int | None
 
 def _vote(tree: Tree, *, with_rollouts: bool) -> tuple[str, int, int | None] | None:
     """The winning answer of the ORM-weighted vote, with its representative (node id, rollout)."""
-    mass, best = _ballot(tree, with_rollouts=with_rollouts)
+    mass, best, _ = _ballot(tree, with_rollouts=with_rollouts)
     if not mass:
         return None
     answer = _winner(mass, best)
     return answer, best[answer][1], best[answer][2]
 
 
-def vote_share(tree: Tree, *, with_rollouts: bool = True) -> tuple[str, float] | None:
-    """The ORM-vote winner and its share of the total ORM mass, in [0, 1]: how far the search's scored
-    ends agree on it (0.0 when every vote weighs nothing). None when no end has an answer."""
-    mass, best = _ballot(tree, with_rollouts=with_rollouts)
+def vote_share(tree: Tree, *, with_rollouts: bool = True) -> tuple[str, float, frozenset[str]] | None:
+    """The ORM-vote winner, its share of the total ORM mass, in [0, 1] (how far the search's scored ends
+    agree on it; 0.0 when every vote weighs nothing), and the answers that counted for it (itself and, on
+    MATH, its equivalents written differently). None when no end has an answer."""
+    mass, best, group = _ballot(tree, with_rollouts=with_rollouts)
     if not mass:
         return None
     answer = _winner(mass, best)
     total = sum(mass.values())
-    return answer, (mass[answer] / total if total > 0 else 0.0)
+    members = frozenset(a for a, g in group.items() if g == answer)
+    return answer, (mass[answer] / total if total > 0 else 0.0), members
 
 
 def _orm_weight(node: Node) -> float:

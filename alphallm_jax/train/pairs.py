@@ -28,7 +28,7 @@ Records (JSONL artifacts, written with ``write_records``):
   score, kept when its ORM (``orm``, else ``reward``) >= ``orm_threshold``. With
   ``sft_selection = "answer_vote"`` the candidates are only the complete trajectories that reach the
   winner of the search's ORM-weighted vote over its terminals and fast rollouts
-  (``search.answers.vote_share``), and the problem is skipped when the winner holds less than
+  (``search.answers.vote_share``; on MATH, or an answer math-verify finds equal to it), and the problem is skipped when the winner holds less than
   ``min_vote_share`` of the ORM mass: the trace then agrees with the answer the search reports, and
   problems the search is unsure about train nothing. ``sft_traces_per_prompt = k`` keeps up to the k
   best such trajectories of distinct text (each with ORM >= ``orm_threshold``), the trace ``rank``
@@ -250,7 +250,7 @@ def extract_sft_traces(tree: Tree, cfg: ExtractionConfig) -> list[dict[str, Any]
         if vote is None or vote[1] < cfg.min_vote_share:
             return []
         share = vote[1]
-        leaves = [n for n in leaves if n.answer == vote[0]]
+        leaves = [n for n in leaves if n.answer in vote[2]]
     traces: list[dict[str, Any]] = []
     seen: set[str] = set()
     for leaf in sorted(leaves, key=lambda n: _best_key(n, cfg.score_field), reverse=True):
