@@ -92,22 +92,20 @@ def test_rerank_needs_a_critic_and_a_budget():
 
 def test_rerank_scores_solutions_without_the_stop_strings_tokens():
     # A sample that ended at the stop string "\n\n" (two newline tokens) is scored as the critic's
-    # training rows end, without them; a token the stop string only ends in stays. Token i spells TEXTS[i].
-    from alphallm_jax.critics.rerank import without_stop_tokens
-
-    token_texts = ["orm5 prm5", "\n", "#### 5", "5\n", "\nQ", "uestion:"]
-    assert without_stop_tokens([0, 1, 2, 1, 1], 2, token_texts) == [0, 1, 2]  # "\n\n" as two tokens
-    assert without_stop_tokens([0, 1, 2, 3, 1], 2, token_texts) == [0, 1, 2, 3]  # "5\n" holds the answer
-    assert without_stop_tokens([0, 1, 2, 4, 5], len("\nQuestion:"), token_texts) == [0, 1, 2]
-
+    # training rows end, without them: the sampler cuts the tokens to the stripped text's length.
     class StopSampler(ScriptedSampler):
+        cuts = []
+
         def generate(self, prompts, *, num_samples, **kw):
             ends = {"eos": ([0, 1, 2], "orm5 prm5\n#### 5"), "stop": ([0, 1, 2, 1, 1], "orm6 prm6\n#### 5\n\n")}
             return [[Completion(text=ends[r][1], token_ids=ends[r][0], logprobs=[-1.0] * len(ends[r][0]),
                                 finish_reason=r) for r in ("eos", "stop")[:num_samples]] for _ in prompts]
 
+        def cut(self, context, token_ids, chars):
+            self.cuts.append((list(context), list(token_ids), chars))
+            return list(token_ids[:3]), "unused"
+
     scorer = StubScorer()
-    scorer.token_texts = token_texts
     seen = []
     score = scorer.score_solutions
     scorer.score_solutions = lambda p, ids, t, mean_logprobs=None: (seen.append(ids), score(p, ids, t, mean_logprobs))[1]
@@ -117,4 +115,5 @@ def test_rerank_scores_solutions_without_the_stop_strings_tokens():
                       components={"critic": scorer, "sample_cache": {}})
     out = make_method("orm@2").run(PROBLEMS, ctx)[0]
     assert seen == [[[0, 1, 2], [0, 1, 2]]] and out.prediction == "orm6 prm6\n#### 5"
+    assert StopSampler.cuts == [([1, 4], [0, 1, 2, 1, 1], len("orm6 prm6\n#### 5"))]  # the eos sample is whole
     assert scorer.mean_logprobs == pytest.approx([-1.0, -1.0])  # the stop tokens' log-probabilities left out

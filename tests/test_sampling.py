@@ -328,6 +328,21 @@ def test_a_rebuilt_state_is_cached_from_a_row_whose_tail_fits_the_ring(mistral, 
     np.testing.assert_allclose(out.logprobs, want.logprobs, atol=1e-4)
 
 
+def test_cut_keeps_the_fewest_tokens_that_spell_the_text(llama, tokenizer):
+    """`Sampler.cut`, where options, solutions and reranked samples end: tokens wholly past `chars`
+    characters go, a token the cut falls inside stays, and the text is decoded as in the whole sequence."""
+    sampler = Sampler(llama[0], tokenizer, max_len=64)
+    context = tokenizer.encode("Question: 2+3?\nAnswer:\n", add_bos=True)
+    ids = tokenizer.encode("Question: 2+3?\nAnswer:\n2+3=5\n#### 5\n\nQuestion: next", add_bos=True)[len(context):]
+    full = sampler.decode_after(context, ids)
+    assert full == "2+3=5\n#### 5\n\nQuestion: next"
+    for text in ("2+3=5\n#### 5", "2+3=5\n", "2", ""):
+        kept, kept_text = sampler.cut(context, ids, len(text))
+        assert kept_text.startswith(text) and kept == ids[:len(kept)]
+        assert len(sampler.decode_after(context, kept[:-1])) < len(text) if kept else text == ""
+    assert sampler.cut(context, ids, len(full)) == (ids, full)
+
+
 def test_ending_stop_is_the_first_to_end_and_on_a_tie_the_longer():
     assert ending_stop("12\nAnswer:\n", ("\n", "Answer:")) == "\n"
     assert ending_stop("Answer:\n", ("\n", "Answer:")) == "Answer:"  # sorted first: "\n"

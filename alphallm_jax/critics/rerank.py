@@ -42,9 +42,9 @@ class CriticRerank:
             for c in group:
                 text = strip_stop(c.text, ctx.eval_cfg.stop)
                 # Scored without the stop string's tokens, as the critic's training rows end: they would
-                # add a step (`\n\n` as two newlines) and move the ORM's read to `Question:`'s end.
-                stop_chars = len(c.text) - len(text)
-                solution = without_stop_tokens(c.token_ids, stop_chars, scorer.token_texts) if stop_chars \
+                # add a step (`\n\n` as two newlines) and move the ORM's read to `Question:`'s end. The
+                # sampler's own cut keeps the fewest tokens that still spell the text.
+                solution = ctx.sampler.cut(ids, c.token_ids, len(text))[0] if len(text) < len(c.text) \
                     else list(c.token_ids)
                 prompt_ids.append(ids)
                 solution_ids.append(solution)
@@ -67,15 +67,6 @@ class CriticRerank:
                 {"score": float(chosen[lo + best]), "orm": float(scores.orm[lo + best]),
                  "tool_ok": int(np.sum(scores.tool_ok[lo:lo + self.k]))}))
         return outs
-
-
-def without_stop_tokens(token_ids, stop_chars: int, token_texts) -> list[int]:
-    """`token_ids` less its trailing tokens that lie wholly inside the last `stop_chars` characters of
-    its text (the stop string `strip_stop` removed); a token the stop string only ends in is kept."""
-    ids = list(token_ids)
-    while ids and stop_chars > 0 and len(token_texts[ids[-1]]) <= stop_chars:
-        stop_chars -= len(token_texts[ids.pop()])
-    return ids
 
 
 def make_rerank(head: str, k: int | None) -> CriticRerank:
