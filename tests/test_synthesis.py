@@ -404,6 +404,14 @@ def test_synthesis_with_a_tiny_model_adds_up_and_resumes(tmp_path):
     assert run(killed) == record
     for name in ("prompts.jsonl", "rejected.jsonl", "counts.json"):
         assert (killed / name).read_text() == (full / name).read_text()
+    # Killed again, then resumed with another policy: refused, not mixed with the first policy's samples.
+    other = tmp_path / "other_policy"
+    save_hf_checkpoint(Decoder(model_config(tok), rngs=nnx.Rngs(1)), model_config(tok), other, tokenizer=tok)
+    for name in ("DONE", "prompts.jsonl", "rejected.jsonl", "counts.json"):
+        (killed / name).unlink()
+    with pytest.raises(ValueError, match="policy"):
+        synthesize_from_config(cfg, other, seeds, killed, seed=1000, id_prefix="syn1", progress=False)
+    assert run(killed) == record
 
 
 def test_config_section_round_trips():

@@ -22,13 +22,16 @@ def main(argv) -> None:
     from alphallm_jax import load_pretrained
     from alphallm_jax.config import mesh_from_config
     from alphallm_jax.synthesis import run_synthesis, summary_line
+    from alphallm_jax.synthesis.run import check_policy
     from alphallm_jax.utils.io import as_path
 
     f = flags.FLAGS
     cfg = f.config
     policy = f.policy or cfg.model.checkpoint or str(as_path(f.workdir) / "base" / "policy")
+    out = as_path(f.workdir) / "synthesis"
+    check_policy(out, policy)  # before loading it: a folder of another policy's samples is refused
     mesh = mesh_from_config(cfg)
     model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype, mesh=mesh)
-    result = run_synthesis(cfg, as_path(f.workdir) / "synthesis", model, tokenizer, iteration=f.iteration, mesh=mesh)
+    result = run_synthesis(cfg, out, model, tokenizer, iteration=f.iteration, mesh=mesh)
     print(summary_line(result.counts))
     print(f"prompts: {result.out_dir}/prompts.jsonl")

@@ -89,12 +89,22 @@ def synthesize_from_config(cfg, policy_dir, seeds: Sequence[Problem], out_dir, *
     tests = {s: _load(cfg, s) for s in test_splits(cfg)}
     result = load_synthesis(out_dir)
     if result is None:
+        check_policy(out_dir, policy_dir)
         model, tokenizer = load_pretrained(str(policy_dir), dtype=cfg.model.dtype, mesh=mesh)
         result = synthesize(_sampler(cfg, model, tokenizer, mesh), seeds, settings, out_dir, test_questions=tests,
                             previous=previous, id_prefix=id_prefix, progress=progress)
     c = result.counts
     return {"kept": c["kept"], "sampled": c["generated"], "prompts_file": "prompts.jsonl", "counts": c,
             "summary": summary_line(c)}
+
+
+def check_policy(out_dir, policy_dir) -> None:
+    """Refuse to resume samples of another policy: `out_dir` records the content of the checkpoint at
+    `policy_dir` on first use (`utils.run_identity`)."""
+    from alphallm_jax.utils.io import files_fingerprint
+    from alphallm_jax.utils.run_identity import check_run_identity
+
+    check_run_identity(out_dir, {"policy": files_fingerprint(policy_dir)})
 
 
 def _load(cfg, split: str) -> list[Problem]:
@@ -108,6 +118,7 @@ def run_synthesis(cfg, out_dir, model, tokenizer, *, iteration: int = 1,
     """New prompts for `iteration` from the policy `model`; resumes or loads a finished `out_dir`.
 
     previous: (id, question) of the prompts of earlier iterations, so no iteration repeats another.
+    Call `check_policy(out_dir, policy_dir)` first (before loading the model).
     """
     settings = settings_for_iteration(cfg, iteration)
     tests = {s: _load(cfg, s) for s in test_splits(cfg)}
