@@ -392,3 +392,13 @@ def test_math_votes_count_equivalent_answers_as_one():
     assert keys == ["\\sqrt{2}/2", "\\sqrt{2}/2", None, "3", "3", "x^2", "\\sqrt{2}/2"]
     assert vote_keys(["18", "18.0", None, "$18", "-1"], "gsm8k") == ["18", "18", None, "18", "-1"]
     assert vote_keys(["-1", "-\\frac{2010012}{2010013}"], "math") == ["-1", "-2010012/2010013"]
+
+
+def test_strict_extraction_reads_only_answers_marked_as_final():
+    assert extract_answer("She has 3 + 4 = 7 apples.", "gsm8k") == "7"
+    assert extract_answer("She has 3 + 4 = 7 apples.", "gsm8k", strict=True) is None
+    for text in ("3 + 4 = 7\n#### 7", "The answer is 7.", "so \\boxed{7}"):
+        assert extract_answer(text, "gsm8k", strict=True) == "7"
+    assert extract_answer("x = 2, so the area is 4", "math", strict=True) is None
+    assert extract_answer("the area is $\\boxed{\\frac{1}{2}}$", "math", strict=True) == "\\frac{1}{2}"
+    assert is_correct("7 apples", "7", "gsm8k") and not is_correct("7 apples", "7", "gsm8k", strict=True)

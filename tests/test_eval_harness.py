@@ -108,6 +108,23 @@ def test_harness_writes_resumable_graded_artifacts(tmp_path):
     assert len(sampler.calls) == calls and again["greedy"]["correct"] == 2 and again["greedy"]["n"] == 3
 
 
+def test_strict_match_counts_only_answers_marked_as_final(tmp_path):
+    """A right last number without `####` is right under the flexible reading and wrong under strict-match
+    (both in the summary); a row written before strict-match was recorded gets it when results merge."""
+    sampler = ScriptedSampler({"q0": ["3*4=<<3*4=12>>12 pens in all."], "q1": ["#### 7"], "q2": ["So 30.\n#### 31"]})
+    summary = evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)["greedy"]
+    assert summary["accuracy"] == pytest.approx(2 / 3) and summary["strict_accuracy"] == pytest.approx(1 / 3)
+    rows = [json.loads(line) for line in (tmp_path / "eval/greedy/predictions.jsonl").read_text().splitlines()]
+    assert [(r["correct"], r["correct_strict"]) for r in rows] == [(True, False), (True, True), (False, False)]
+    assert "| greedy | 66.7% | " in (tmp_path / "eval/summary.md").read_text()
+    assert "| 33.3% | 3 |" in (tmp_path / "eval/summary.md").read_text()
+    part = next((tmp_path / "eval/greedy").glob("predictions.part*.jsonl"))
+    old = [json.loads(line) for line in part.read_text().splitlines()]
+    part.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "correct_strict"}) + "\n" for r in old))
+    again = evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)["greedy"]
+    assert again["strict_accuracy"] == pytest.approx(1 / 3) and len(sampler.calls) == 1
+
+
 def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
     # The identity (run.json) holds what results depend on: the same one resumes, more methods or problems
     # too (eval.methods and eval.limit may change); another policy is refused before anything runs.

@@ -186,7 +186,7 @@ def _cut_unclosed(text: str) -> str:
     return _UNCLOSED_CALC_RE.sub(" ", _CALC_RE.sub(" ", text))
 
 
-def _extract_raw(text: str, task: str) -> str | None:
+def _extract_raw(text: str, task: str, strict: bool = False) -> str | None:
     hash_answer = None
     # The first "####" line that holds an answer (text after it is run-on); heading lines are skipped.
     for m in _HASH_RE.finditer(text):
@@ -206,25 +206,29 @@ def _extract_raw(text: str, task: str) -> str | None:
     for cand in order:
         if cand:
             return cand
+    if strict:
+        return None
     # Fallback: the last number in the text, outside calculator annotations and unclosed boxes.
     nums = _NUMBER_TOKEN_RE.findall(_cut_unclosed(text))
     return nums[-1] if nums else None
 
 
-def extract_answer(text: str, task: str) -> str | None:
+def extract_answer(text: str, task: str, *, strict: bool = False) -> str | None:
     """The final answer written in ``text`` (a model solution), or ``None``.
 
     Order of preference: GSM8K/arith: ``#### N`` (the first one: a model that runs on
     past its answer often starts another problem), the last ``\\boxed{}``,
     "The (final) answer is X", the last number. MATH: the last ``\\boxed{}``/``\\fbox{}``,
-    "The (final) answer is X", ``#### X``, the last number.
+    "The (final) answer is X", ``#### X``, the last number. ``strict``: only an answer the solution
+    marks as final (``####``, a box, "the answer is") counts, never the last number (the strict-match
+    reading of GSM8K evaluations; the default is their flexible one).
 
     GSM8K/arith answers come back canonical (``"$1,200.00"`` -> ``"1200"``,
     ``"0.750"`` -> ``"0.75"``) when they parse as a number, raw otherwise. MATH answers
     come back as the raw LaTeX found (stripped).
     """
     _check_task(task)
-    raw = _extract_raw(text, task)
+    raw = _extract_raw(text, task, strict)
     if raw is None:
         return None
     if task in NUMERIC_TASKS:
@@ -748,17 +752,18 @@ def merge_equivalent_keys(keys: Sequence[str | None], task: str) -> list[str | N
     return [None if k is None else merged[k] for k in keys]
 
 
-def is_correct(prediction: str, reference: str, task: str) -> bool:
+def is_correct(prediction: str, reference: str, task: str, *, strict: bool = False) -> bool:
     """Whether the model solution ``prediction`` reaches the final answer ``reference``.
 
     ``reference`` is a final answer (``Problem.answer``), not a solution. GSM8K/arith:
     numeric comparison after :func:`parse_number` (commas, ``$``, units, ``18.00``,
     fractions, negatives, percentages). MATH: normalised string match, then
     math-verify (fractions vs decimals, tuples, intervals, reordered terms,
-    ``\\dfrac``/``\\frac``, ``\\text{}`` units, degrees) under a timeout.
+    ``\\dfrac``/``\\frac``, ``\\text{}`` units, degrees) under a timeout. ``strict``: the answer must be
+    marked as final (see :func:`extract_answer`).
     """
     _check_task(task)
-    pred = extract_answer(prediction, task)
+    pred = extract_answer(prediction, task, strict=strict)
     return answers_equal(pred, reference, task)
 
 

@@ -242,6 +242,7 @@ def seed_results(problems: list[Problem], spec: str, rows, workdir, *, tag: str 
 
 
 def _grade(problem: Problem, out, spec: str, task: str) -> dict:
+    correct = is_correct(out.prediction, problem.answer, task)
     return {
         "id": problem.id,
         "method": spec,
@@ -249,11 +250,18 @@ def _grade(problem: Problem, out, spec: str, task: str) -> dict:
         "reference": problem.answer,
         "prediction": out.prediction,
         "extracted": extract_answer(out.prediction, task),
-        "correct": is_correct(out.prediction, problem.answer, task),
+        "correct": correct,
+        "correct_strict": _strict(out.prediction, correct, task),
         "generated_tokens": out.generated_tokens,
         "nodes": out.nodes,
         **({"extra": out.extra} if out.extra else {}),
     }
+
+
+def _strict(prediction: str, correct: bool, task: str) -> bool:
+    """Right under strict-match: right, and the answer is marked as final (`####`, a box, "the answer
+    is"), not read off the last number (the marked answer is the one the flexible grading read)."""
+    return bool(correct) and extract_answer(prediction, task, strict=True) is not None
 
 
 def merge_results(problems: list[Problem], methods, out_root) -> dict:
@@ -271,6 +279,9 @@ def merge_results(problems: list[Problem], methods, out_root) -> dict:
             raise RuntimeError(f"{spec}: {len(missing)} problems have no result (first: {missing[:3]}); "
                                "a process did not finish: rerun to resume")
         merged = sorted((rows[p.id] for p in problems), key=lambda r: order[r["id"]])
+        for p, row in zip(problems, merged, strict=True):  # rows written before strict-match was recorded
+            if "correct_strict" not in row:
+                row["correct_strict"] = _strict(row["prediction"], row["correct"], p.task)
         write_jsonl_atomic(_merged_path(out_root, spec), merged)
         summary[spec] = reporting.summarize(merged)
     atomic_write_json(out_root / "summary.json", {"methods": summary, "num_problems": len(problems)})

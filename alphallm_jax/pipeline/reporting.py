@@ -18,12 +18,16 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
 
 
 def summarize(rows: Sequence[Mapping]) -> dict:
-    """Accuracy, its interval and mean compute of per-problem result rows."""
+    """Accuracy, its interval and mean compute of per-problem result rows; `strict_accuracy` counts only
+    answers marked as final (rows' `correct_strict`; absent when a row lacks it)."""
     n = len(rows)
     correct = sum(bool(r["correct"]) for r in rows)
     lo, hi = wilson_interval(correct, n)
+    strict = ({"strict_accuracy": sum(bool(r["correct_strict"]) for r in rows) / n if n else 0.0}
+              if all("correct_strict" in r for r in rows) else {})
     return {
         "accuracy": correct / n if n else 0.0,
+        **strict,
         "n": n,
         "correct": correct,
         "ci95": [lo, hi],
@@ -34,11 +38,12 @@ def summarize(rows: Sequence[Mapping]) -> dict:
 
 def markdown_table(methods: Mapping[str, Mapping], title: str | None = None) -> str:
     lines = [f"### {title}", ""] if title else []
-    lines += ["| method | accuracy | 95% CI | n | tokens / question | nodes / question |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["| method | accuracy | 95% CI | strict | n | tokens / question | nodes / question |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in methods.items():
         lo, hi = s["ci95"]
-        lines.append(f"| {name} | {100 * s['accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f} | {s['n']} "
+        strict = f"{100 * s['strict_accuracy']:.1f}%" if "strict_accuracy" in s else "-"
+        lines.append(f"| {name} | {100 * s['accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f} | {strict} | {s['n']} "
                      f"| {s['mean_generated_tokens']:.1f} | {s['mean_nodes']:.1f} |")
     return "\n".join(lines) + "\n"
 
