@@ -70,6 +70,9 @@ def test_load_pretrained_both_formats(tmp_path):
     assert tok.vocab_size == 32000 and tok.eos_ids == (2,)
     assert loaded.cfg.vocab_size == 32000
     np.testing.assert_allclose(logits_of(loaded), ref, atol=1e-6)
+    # The configs' model.param_dtype (what `alphallm plan` sizes) is what the loaders store.
+    half, _ = load_pretrained(tmp_path / name, dtype="float32", param_dtype="bfloat16")
+    assert half.cfg.param_dtype == "bfloat16" and half.embed_vd[...].dtype == jnp.bfloat16
   with pytest.raises(FileNotFoundError, match="neither"):
     load_pretrained(tmp_path)
 

@@ -87,3 +87,17 @@ def test_tokenizer_larger_than_vocabulary(hf_dir, tmp_path):
   tokenizer.save(path)
   with pytest.raises(ValueError, match=r"Tokenizer vocabulary \(32000\).*\(256\)"):
     load_pretrained(path)
+
+
+def test_tokenizer_with_another_bos_is_refused(tmp_path):
+  """A Llama-2/Mistral tokenizer (BOS 1) fits a Llama-3-sized embedding but names another BOS."""
+  require_shared_data()
+  tokenizer = Tokenizer.from_sentencepiece(MISTRAL_TOKENIZER)
+  cfg = CFG.replace(vocab_size=32064, bos_token_id=7)
+  save_hf_checkpoint(create_model(cfg), cfg, tmp_path / "m")
+  tokenizer.save(tmp_path / "m")
+  with pytest.raises(ValueError, match=r"BOS id 1 differs from the model's bos_token_id 7 in .*/m"):
+    load_pretrained(tmp_path / "m")
+  cfg = cfg.replace(bos_token_id=1)
+  save_hf_checkpoint(create_model(cfg), cfg, tmp_path / "ok", tokenizer=tokenizer)
+  assert load_pretrained(tmp_path / "ok")[1].bos_id == 1

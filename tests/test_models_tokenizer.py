@@ -71,3 +71,35 @@ def test_pad_id_of_an_hf_tokenizer_without_pad_or_eos_is_zero():
     pad_token_id = eos_token_id = bos_token_id = None
 
   assert Tokenizer(hf=Bare()).pad_id == 0
+
+
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+                "{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("where", ["config", "jinja", "json"])
+def test_a_chat_template_that_writes_bos_gives_one_bos_token(tokenizer, tmp_path, where):
+  """Chat prompts are encoded with add_bos=True; the template's own `{{ bos_token }}` text is left out
+  of the prompt, or the prompt would start with two BOS (HF) or with `<s>` spelled as three pieces
+  (sentencepiece). The template is found in tokenizer_config.json or in chat_template.jinja."""
+  tokenizer.save(tmp_path)
+  if where == "json":
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    hf.chat_template = BOS_TEMPLATE
+    hf.save_pretrained(tmp_path / "json")
+    (tmp_path / "json" / "tokenizer.model").unlink(missing_ok=True)
+    directory = tmp_path / "json"
+  else:
+    directory = tmp_path
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    if where == "config":
+      config["chat_template"] = BOS_TEMPLATE
+    else:
+      (tmp_path / "chat_template.jinja").write_text(BOS_TEMPLATE)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  tok = Tokenizer.from_dir(directory)
+  assert tok.is_sentencepiece == (where != "json")
+  prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}])
+  assert prompt == "[INST] 2+2? [/INST]"
+  ids = tok.encode(prompt, add_bos=True)
+  assert ids[0] == 1 and ids.count(1) == 1 and ids[1:] == tokenizer.encode("[INST] 2+2? [/INST]")

@@ -61,7 +61,7 @@ def main(argv) -> None:
     policy = f.policy or str(as_path(f.workdir) / "base" / "policy")
     if not as_path(policy).exists():
         raise FileNotFoundError(f"no policy at {policy} (run `alphallm loop` into --workdir, or pass --policy)")
-    model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype)
+    model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
     prompt_for = prompt_builder(cfg, tokenizer)
     split = cfg.search.split or cfg.eval.split
     pool = [search_problem(p, prompt_for(p), cfg.seed) for p in load_split(cfg, split, f.num_problems)]

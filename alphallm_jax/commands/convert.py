@@ -31,7 +31,7 @@ def main(argv) -> None:
     else:
         raise FileNotFoundError(f"{src} has neither {CONFIG_FILE} (HF) nor {MODEL_CONFIG_FILE} (orbax)")
     tokenizer = Tokenizer.from_dir(src)
-    check_tokenizer_matches(tokenizer, cfg)
+    check_tokenizer_matches(tokenizer, cfg, src)
     if f.to == "hf":
         save_hf_checkpoint(model, cfg, f.dst, tokenizer=tokenizer)
     else:

@@ -31,7 +31,7 @@ def main(argv) -> None:
     out = as_path(f.workdir) / "synthesis"
     check_policy(out, policy)  # before loading it: a folder of another policy's samples is refused
     mesh = mesh_from_config(cfg)
-    model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype, mesh=mesh)
+    model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
     result = run_synthesis(cfg, out, model, tokenizer, iteration=f.iteration, mesh=mesh)
     print(summary_line(result.counts))
     print(f"prompts: {result.out_dir}/prompts.jsonl")

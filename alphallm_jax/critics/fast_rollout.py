@@ -38,4 +38,4 @@ def load_fast_rollout_policy(cfg, workdir, *, mesh=None):
     """(model, tokenizer) of the fast policy, for the search's rollout sampler."""
     from alphallm_jax import load_pretrained
 
-    return load_pretrained(fast_policy_dir(cfg, workdir), dtype=cfg.model.dtype, mesh=mesh)
+    return load_pretrained(fast_policy_dir(cfg, workdir), dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)

@@ -238,7 +238,7 @@ def run_train_critics(cfg, workdir) -> dict:
         return out
 
     policy_dir = timed("policy", resolve_policy, cfg, workdir, mesh=mesh)
-    policy, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=mesh)
+    policy, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
     train_rows, dev_rows = timed("data", build_data, cfg, workdir, policy, tokenizer, mesh=mesh)
     fast = None
     if cfg.rollout_policy.enabled:  # first: the critic's backbone may be the fast-rollout policy

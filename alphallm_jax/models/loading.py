@@ -17,28 +17,38 @@ from alphallm_jax.models.tokenizer import Tokenizer
 from alphallm_jax.utils import checkpoint as orbax_checkpoint
 
 
-def check_tokenizer_matches(tokenizer: Tokenizer, cfg: ModelConfig) -> None:
-  """The tokenizer's ids must all index the model's embedding (a larger embedding is fine)."""
+def check_tokenizer_matches(tokenizer: Tokenizer, cfg: ModelConfig, where: str | os.PathLike = "") -> None:
+  """The tokenizer's ids must all index the model's embedding (a larger embedding is fine), and both
+  must name the same BOS token: a Llama-2 tokenizer (BOS 1) beside a Llama-3 model (BOS 128000) fits
+  the embedding, yet starts every prompt with a token the model never saw there."""
+  at = f" in {where}" if where else ""
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"Tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
-                     f"embedding ({cfg.vocab_size}): wrong tokenizer for this checkpoint")
+                     f"embedding ({cfg.vocab_size}){at}: wrong tokenizer for this checkpoint")
+  if cfg.bos_token_id is not None and tokenizer.bos_id is not None and tokenizer.bos_id != cfg.bos_token_id:
+    raise ValueError(f"Tokenizer BOS id {tokenizer.bos_id} differs from the model's bos_token_id "
+                     f"{cfg.bos_token_id}{at}: wrong tokenizer for this checkpoint")
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32",
                     mesh: jax.sharding.Mesh | None = None,
-                    rules: ShardingRules = ShardingRules()) -> tuple[Decoder, Tokenizer]:
+                    rules: ShardingRules = ShardingRules(),
+                    param_dtype: str | None = None) -> tuple[Decoder, Tokenizer]:
   """(model, tokenizer) from an HF dir (config.json) or an orbax dir (model_config.json).
 
-  The tokenizer files are read from the same directory; `model.cfg` is the ModelConfig.
+  `dtype` is the compute dtype, `param_dtype` the stored parameters' (default: `dtype`; the configs'
+  `model.dtype` and `model.param_dtype`). The tokenizer files are read from the same directory;
+  `model.cfg` is the ModelConfig.
   """
+  param_dtype = param_dtype or dtype
   path = Path(path)
   if (path / orbax_checkpoint.MODEL_CONFIG_FILE).is_file():
-    model, cfg = orbax_checkpoint.restore_model(path, mesh=mesh, rules=rules, dtype=dtype, param_dtype=dtype)
+    model, cfg = orbax_checkpoint.restore_model(path, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype)
   elif (path / CONFIG_FILE).is_file():
-    model, cfg = load_hf_checkpoint(path, dtype=dtype, mesh=mesh, rules=rules)
+    model, cfg = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
   else:
     raise FileNotFoundError(f"{path} has neither {CONFIG_FILE} (HF checkpoint) nor "
                             f"{orbax_checkpoint.MODEL_CONFIG_FILE} (orbax checkpoint)")
   tokenizer = Tokenizer.from_dir(path)
-  check_tokenizer_matches(tokenizer, cfg)
+  check_tokenizer_matches(tokenizer, cfg, path)
   return model, tokenizer

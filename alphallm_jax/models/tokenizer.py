@@ -17,6 +17,7 @@ SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def _load_hf(directory: Path):
@@ -64,7 +65,9 @@ class Tokenizer:
       sp = spm.SentencePieceProcessor(model_file=str(directory / SP_FILE))
       chat_source = None
       config = directory / TOKENIZER_CONFIG_FILE
-      if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+      # Recent transformers saves the template beside the config (chat_template.jinja), older ones in it.
+      if (directory / CHAT_TEMPLATE_FILE).is_file() or (
+          config.is_file() and json.loads(config.read_text()).get("chat_template")):
         chat_source = _load_hf(directory)
       return cls(sp=sp, extra_eos_ids=extra_eos, chat_source=chat_source)
     if (directory / HF_FILE).is_file():
@@ -124,12 +127,16 @@ class Tokenizer:
 
   def apply_chat_template(self, messages: list[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:
-    """The prompt text for `messages` ({"role", "content"} dicts) using the HF chat template."""
+    """The prompt text for `messages` ({"role", "content"} dicts) using the HF chat template, without
+    the BOS text a template starts with (`{{ bos_token }}`): prompts are encoded with `add_bos=True`,
+    which would add a second BOS, or (sentencepiece, which reads no special tokens in text) spell
+    `<s>` as three ordinary pieces."""
     source = self._chat_source
     if source is None or not getattr(source, "chat_template", None):
       raise ValueError("This tokenizer has no chat template")
-    return source.apply_chat_template(messages, tokenize=False,
-                                      add_generation_prompt=add_generation_prompt)
+    text = source.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    bos = getattr(source, "bos_token", None)
+    return text[len(bos):] if bos and text.startswith(bos) else text
 
   # ---- persistence ---------------------------------------------------------------------------
   def save(self, directory: str | os.PathLike) -> None:

@@ -330,7 +330,7 @@ def evaluate_checkpoint(cfg, workdir, checkpoint, methods, out_dir, *, mesh=None
     from alphallm_jax import load_pretrained
     from alphallm_jax.pipeline.search_methods import eval_components
 
-    model, tokenizer = load_pretrained(checkpoint, dtype=cfg.model.dtype, mesh=mesh)
+    model, tokenizer = load_pretrained(checkpoint, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
     problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
     ctx.components.update(eval_components(cfg, workdir, list(methods), model, tokenizer,
                                           [ctx.prompt_for(p) for p in problems], mesh=mesh))

@@ -401,7 +401,7 @@ def _iteration(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tupl
             summarize_trees,
         )
 
-        model, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=run.mesh)
+        model, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=run.mesh, param_dtype=cfg.model.param_dtype)
         problems = read_prompts_file(prompts_file, cfg.task, prompt_builder(cfg, tokenizer), seed)
         settings = SearchSettings.from_config(cfg)
         backend = make_backend(cfg, run.root, model, tokenizer, [p.prompt for p in problems], mesh=run.mesh,

@@ -313,7 +313,7 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     if method not in METHODS:
         raise ValueError(f"search.method={method!r}; choose from {METHODS}")
     mesh = mesh_from_config(cfg)
-    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
+    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
     problems = load_search_problems(cfg, prompt_builder(cfg, tokenizer))
     if not problems:
         raise ValueError("no problems to search (an empty split or prompts file)")

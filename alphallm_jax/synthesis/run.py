@@ -90,7 +90,7 @@ def synthesize_from_config(cfg, policy_dir, seeds: Sequence[Problem], out_dir, *
     result = load_synthesis(out_dir)
     if result is None:
         check_policy(out_dir, policy_dir)
-        model, tokenizer = load_pretrained(str(policy_dir), dtype=cfg.model.dtype, mesh=mesh)
+        model, tokenizer = load_pretrained(str(policy_dir), dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
         result = synthesize(_sampler(cfg, model, tokenizer, mesh), seeds, settings, out_dir, test_questions=tests,
                             previous=previous, id_prefix=id_prefix, progress=progress)
     c = result.counts

@@ -320,7 +320,7 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         if method == "dpo":
             record["ordering"] = ordering
     else:
-        model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh)
+        model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
         if method == "sft":
             summary = train_sft_on_traces(model, tokenizer, traces, pt, root, mesh=mesh)
         else:
