@@ -20,6 +20,7 @@ import ml_collections
 
 from alphallm_jax.config import default_config
 from alphallm_jax.models import presets
+from alphallm_jax.train.batching import valid_accum_steps
 
 V5P_HBM_GIB = 95.0  # per TPU v5p chip (one JAX device: the chip's two TensorCores act as one)
 V5E_HBM_GIB = 16.0  # per TPU v5e chip
@@ -83,15 +84,24 @@ def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], v
     c.mesh.device, c.mesh.hbm_gib = m.device, m.hbm_gib
     dp = m.data * m.fsdp
     for section, rows_per_example in ((c.policy_train.sft, 1), (c.policy_train.dpo, 2), (c.critics.train, 1)):
-        per_step = max(1, dp * m.micro_batch // rows_per_example)
-        accum = max(1, section.batch_size // per_step)
-        while section.batch_size % accum:  # the trainer needs a divisor of the batch
-            accum -= 1
-        section.grad_accum_steps = accum
+        section.grad_accum_steps = accum_steps_for(section.batch_size, dp, m.micro_batch, rows_per_example,
+                                                   f"{file_name}:{name}")
     policy = presets.get(c.model.preset)
     slot_bytes = c.search.max_len * policy.num_layers * policy.num_kv_heads * policy.head_dim * 2 * 2  # bf16 K, V
     slots = int(kv_fraction * m.hbm_gib * 1024 ** 3 * m.devices // slot_bytes) - c.search.max_batch
     c.search.pool_slots = max(64, slots // dp * dp)
+
+
+def accum_steps_for(batch_size: int, dp: int, micro_batch: int, rows_per_example: int, where: str) -> int:
+    """The most gradient-accumulation steps whose microbatch still divides over the `dp` devices (the
+    trainer's rule, counted in examples: DPO's are pairs of two rows) and gives each device about
+    `micro_batch` rows; at least one example per device."""
+    valid = valid_accum_steps(batch_size, dp)
+    if not valid:
+        raise ValueError(f"{where}: batch_size {batch_size} does not divide over data*fsdp = {dp} devices")
+    rows_per_device = {a: batch_size // a // dp * rows_per_example for a in valid}
+    enough = [a for a in valid if rows_per_device[a] >= micro_batch]
+    return max(enough) if enough else min(valid)
 
 
 def paper_config(*, task: str, policy_preset: str, prompt_format: str, mcts_preset: str,

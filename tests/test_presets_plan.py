@@ -56,9 +56,13 @@ def test_config_and_variant_load_into_their_consumers(name, variant):
     # Every config's pair margin can be exceeded on its search's Q scale (else CPL gets no pair).
     check_pair_margin(c.policy_train.tau, search.mcts)
     SynthesisSettings.from_config(c.synthesis)
+    from alphallm_jax.train.batching import microbatch_problem
+
+    dp = c.mesh.data * c.mesh.fsdp
     for section in (c.policy_train.sft, c.policy_train.dpo, c.critics.train, c.base.train):
         tc = TrainConfig.from_config(section)
-        assert tc.batch_size % tc.grad_accum_steps == 0
+        # The trainer's own check on the config's mesh (DPO's microbatch counts pairs): every stage starts.
+        assert microbatch_problem(tc.batch_size, tc.grad_accum_steps, dp) is None
 
 
 @pytest.mark.parametrize("name", list(PAPER_PRESETS))
@@ -218,3 +222,20 @@ def test_load_config_file_reads_variants_and_names_typos_and_missing_files(tmp_p
     (tmp_path / "none.py").write_text("def get_config():\n    return None\n")
     with pytest.raises(ValueError, match="none.py: get_config returned NoneType, not a ConfigDict"):
         load_config_file(str(tmp_path / "none.py"))
+
+
+def test_plan_reports_a_batch_that_cannot_split_over_an_overridden_mesh():
+    """A mesh override leaves the variant's accumulation in place: plan says which stages the trainer
+    would refuse and which grad_accum_steps would do, and the model does not fit whatever its bytes."""
+    from alphallm_jax.pipeline.plan import format_plan, make_plan
+
+    c = load_config("mistral_7b_gsm8k", "gpu-8")
+    assert make_plan(c)["problems"] == []
+    c.mesh.fsdp = 64
+    plan = make_plan(c)
+    assert plan["models"]["policy"]["fits"] is False and plan["stages"]["policy_training"]["fits"] is False
+    assert any("dpo training" in p and "use grad_accum_steps one of [1]" in p for p in plan["problems"])
+    assert "PROBLEM policy: sft training" in format_plan(plan)
+    c.policy_train.sft.grad_accum_steps = c.critics.train.grad_accum_steps = 2
+    c.policy_train.dpo.grad_accum_steps = 1
+    assert make_plan(c)["problems"] == []

@@ -22,6 +22,9 @@ device memory): XLA's scratch space, fragmentation and the runtime take the rest
 of its two resident sets, which never overlap: serving the search (params, KV pool, one prefill layer)
 and training (params, optimizer, gradients, activations). The `stages` section adds up what is resident
 at once in each stage of the loop (the search holds every model's parameters and caches together).
+A model whose training batch cannot split over the mesh (`train.batching.microbatch_problem`, the
+trainer's own check: a microbatch of batch_size / grad_accum_steps examples must divide over
+data x fsdp) does not fit whatever its bytes, and `problems` says why and which grad_accum_steps would.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from alphallm_jax.models.sharding import (
     logical_to_spec,
     resolve_mesh_shape,
 )
+from alphallm_jax.train.batching import microbatch_problem
 
 GIB = 1024 ** 3
 FIT_FRACTION = 0.9
@@ -59,6 +63,7 @@ class TrainShape:
     master_dtype: str | None
     compute_dtype: str
     logits_chunk: int = 0  # >0: the vocabulary projection runs in chunks of this many positions
+    problem: str | None = None  # why the trainer would refuse this stage's batch on the mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +159,8 @@ def _train_shape(stage: str, section, dp: int, model_dtype: str, *, pairs: bool 
     tc = TrainConfig.from_config(section)
     micro = tc.batch_size // tc.grad_accum_steps * (2 if pairs else 1)  # DPO: chosen and rejected rows
     return TrainShape(stage, max(1, math.ceil(micro / dp)), int(tc.max_seq_len or 1024), tc.master_dtype,
-                      tc.compute_dtype or model_dtype, logits_chunk)
+                      tc.compute_dtype or model_dtype, logits_chunk,
+                      microbatch_problem(tc.batch_size, tc.grad_accum_steps, dp))
 
 
 def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
@@ -331,10 +337,12 @@ def plan_model(spec: ModelSpec, mesh, hbm: int | None, rules: ShardingRules = Sh
     serving = param_bytes + per_device["kv_pool"] + inference
     training = param_bytes + optimizer + gradients + activations if spec.train else 0
     peak = max(serving, training)
+    problems = [f"{t.stage} training: {t.problem}" for t in spec.train if t.problem]
     return {"param_count": count, "devices": int(mesh.size), "source": spec.source, "dtype": c.dtype,
             "param_dtype": c.param_dtype, "trained": bool(spec.train), "per_device_bytes": per_device,
-            "peak_per_device_bytes": peak, "fits": None if hbm is None else peak <= FIT_FRACTION * hbm,
-            "activations_detail": {**detail, "inference_bytes": inference}}
+            "peak_per_device_bytes": peak,
+            "fits": False if problems else (None if hbm is None else peak <= FIT_FRACTION * hbm),
+            "problems": problems, "activations_detail": {**detail, "inference_bytes": inference}}
 
 
 def _stages(models: dict[str, dict[str, Any]], hbm: int | None) -> dict:
@@ -344,13 +352,14 @@ def _stages(models: dict[str, dict[str, Any]], hbm: int | None) -> dict:
     for m in models.values():
         b = m["per_device_bytes"]
         search += b["params"] + b["kv_pool"] + m["activations_detail"]["inference_bytes"]
-    stages = {"search": search}
+    stages = {"search": (search, False)}
     for name, m in models.items():
         if m["trained"]:
             b = m["per_device_bytes"]
-            stages[f"{name}_training"] = b["params"] + b["optimizer"] + b["gradients"] + b["activations"]
-    return {k: {"per_device_bytes": v, "fits": None if hbm is None else v <= FIT_FRACTION * hbm}
-            for k, v in stages.items()}
+            stages[f"{name}_training"] = (b["params"] + b["optimizer"] + b["gradients"] + b["activations"],
+                                          bool(m["problems"]))
+    return {k: {"per_device_bytes": v, "fits": False if refused else (None if hbm is None else v <= FIT_FRACTION * hbm)}
+            for k, (v, refused) in stages.items()}
 
 
 def make_plan(cfg) -> dict[str, Any]:
@@ -362,7 +371,8 @@ def make_plan(cfg) -> dict[str, Any]:
     return {"mesh": {**{a: int(mesh.shape[a]) for a in MESH_AXES}, "devices": int(mesh.size),
                      "device": cfg.mesh.device or None, "device_memory_bytes": hbm,
                      "device_memory_source": hbm_source, "fit_fraction": FIT_FRACTION},
-            "models": models, "stages": _stages(models, hbm)}
+            "models": models, "stages": _stages(models, hbm),
+            "problems": [f"{name}: {p}" for name, m in models.items() for p in m["problems"]]}
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -380,6 +390,7 @@ def format_plan(plan: dict[str, Any]) -> str:
                      + f" {m['peak_per_device_bytes'] / GIB:>9.2f}  {_yes_no(m['fits'])}")
     lines.append("stages: " + ", ".join(f"{k} {v['per_device_bytes'] / GIB:.2f} GiB ({_yes_no(v['fits'])})"
                                         for k, v in plan["stages"].items()))
+    lines += [f"PROBLEM {p}" for p in plan["problems"]]
     return "\n".join(lines)
 
 

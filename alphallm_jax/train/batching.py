@@ -346,3 +346,23 @@ class BatchIterator:
         """All batches of one epoch, in order (evaluation)."""
         for step in range(len(self.epoch_plan(epoch))):
             yield self.get_batch(epoch, step)
+
+
+def valid_accum_steps(batch_size: int, dp: int) -> list[int]:
+    """The grad_accum_steps that split `batch_size` examples into equal microbatches that divide over
+    `dp` (data x fsdp) devices."""
+    return [a for a in range(1, batch_size + 1) if batch_size % a == 0 and (batch_size // a) % dp == 0]
+
+
+def microbatch_problem(batch_size: int, grad_accum_steps: int, dp: int) -> str | None:
+    """Why a train step cannot split its batch over the mesh, or None: the trainer refuses such a config
+    and `alphallm plan` reports it before a run gets that far."""
+    if grad_accum_steps < 1 or batch_size % grad_accum_steps:
+        return f"grad_accum_steps {grad_accum_steps} does not divide batch_size {batch_size}"
+    micro = batch_size // grad_accum_steps
+    if micro % dp == 0:
+        return None
+    valid = valid_accum_steps(batch_size, dp)
+    fix = (f"grad_accum_steps one of {valid}" if valid else f"a batch_size that is a multiple of {dp}")
+    return (f"microbatch of {micro} examples (batch_size {batch_size} / grad_accum_steps {grad_accum_steps}) "
+            f"does not divide over data*fsdp = {dp} devices: use {fix}")

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from alphallm_jax.models.sharding import ShardingRules, logical_to_spec, make_mesh, state_shardings
 from alphallm_jax.train import step as step_lib
-from alphallm_jax.train.batching import BatchIterator, IteratorState, default_collate
+from alphallm_jax.train.batching import BatchIterator, IteratorState, default_collate, microbatch_problem
 from alphallm_jax.train.losses import LossFn
 from alphallm_jax.train.optim import make_optimizer, make_schedule, warmup_steps_for
 from alphallm_jax.utils.io import append_jsonl, atomic_write_json, read_jsonl_tolerant_tail, write_jsonl_atomic
@@ -254,11 +254,9 @@ class Trainer:
         self.mesh = mesh
         self.is_main = jax.process_index() == 0
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        micro = train_cfg.batch_size // train_cfg.grad_accum_steps
-        if micro % dp:
-            raise ValueError(f"microbatch of {micro} rows (batch_size {train_cfg.batch_size} / "
-                             f"grad_accum_steps {train_cfg.grad_accum_steps}) does not divide over "
-                             f"data*fsdp = {dp} devices")
+        problem = microbatch_problem(train_cfg.batch_size, train_cfg.grad_accum_steps, dp)
+        if problem:
+            raise ValueError(problem)
         self.dp_size = dp
 
         # The graph the step runs: with compute_dtype, a copy of the model's graph computing in it.
