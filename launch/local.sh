@@ -6,8 +6,8 @@
 # Process i gets ALPHALLM_COORDINATOR=localhost:PORT, ALPHALLM_NUM_PROCESSES=N, ALPHALLM_PROCESS_ID=i,
 # JAX_PLATFORMS=cpu and JAX_NUM_CPU_DEVICES; `alphallm` joins the runtime at start-up
 # (alphallm_jax/utils/distributed.py). Process 0 prints to this terminal, the others to
-# LOG_DIR/process_<i>.log (default: a new temporary directory, printed). The exit status is the first
-# non-zero status of any process; Ctrl-C or a failure stops them all.
+# LOG_DIR/process_<i>.log (default: a new temporary directory, printed). The exit status is that of the
+# first process to fail (the one named), which stops the others at once; Ctrl-C stops them all.
 # The command run is $ALPHALLM_CMD if set, else `alphallm` on PATH, else `python -m alphallm_jax.cli`
 # ($PYTHON, default python3).
 set -euo pipefail
@@ -65,14 +65,27 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=($!)
 done
 
+# Wait for the first process to end (polled: `wait -n -p` needs bash 5.1, macOS ships 3.2): a process that
+# fails is the one reported, and the others are stopped at once rather than left waiting on it.
 status=0
-for i in "${!pids[@]}"; do
-  code=0
-  wait "${pids[$i]}" || code=$?
-  if [[ $code -ne 0 && $status -eq 0 ]]; then
-    status=$code
-    echo "launch/local.sh: process $i exited with status $code (log: $log_dir/process_$i.log); stopping the others" >&2
-    stop_all
-  fi
+finished=()
+remaining=${#pids[@]}
+while [[ $remaining -gt 0 ]]; do
+  for i in "${!pids[@]}"; do
+    [[ -n "${finished[$i]:-}" ]] && continue
+    kill -0 "${pids[$i]}" 2> /dev/null && continue
+    code=0
+    wait "${pids[$i]}" || code=$?
+    finished[$i]=1
+    remaining=$((remaining - 1))
+    if [[ $code -ne 0 && $status -eq 0 ]]; then
+      status=$code
+      where="log: $log_dir/process_$i.log"
+      [[ $i -eq 0 ]] && where="its output is above"
+      echo "launch/local.sh: process $i exited with status $code ($where); stopping the others" >&2
+      stop_all
+    fi
+  done
+  [[ $remaining -gt 0 ]] && sleep 0.2
 done
 exit "$status"

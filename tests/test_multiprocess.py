@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,15 @@ def test_local_launcher_sets_the_distributed_environment(tmp_path):
                               "import os, sys; sys.exit(int(os.environ['ALPHALLM_PROCESS_ID']) * 3)"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert failing.returncode == 3 and "process 1 exited with status 3" in failing.stderr
+    # The process that fails first is the one reported, and the others are stopped then, not awaited:
+    # process 0 would run for 60 s.
+    start = time.monotonic()
+    first = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path}", "--",
+                            "import os, sys, time; p = int(os.environ['ALPHALLM_PROCESS_ID']); "
+                            "time.sleep(60 if p == 0 else 0.5); sys.exit(5)"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 5 and "process 1 exited with status 5" in first.stderr
+    assert time.monotonic() - start < 30
     usage = subprocess.run(["bash", str(LOCAL), "--", "eval"], cwd=REPO, env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
 
