@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module under alphallm_jax.commands, one-line help). Later stages register theirs here.
@@ -34,7 +35,7 @@ BENCHMARKS = ("sampler", "train", "search", "decode")
 
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = ["usage: alphallm SUBCOMMAND [--flags]   (alphallm SUBCOMMAND --helpfull for its flags)", ""]
+    lines = ["usage: alphallm SUBCOMMAND [--flags]   (alphallm SUBCOMMAND --help for its flags)", ""]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -93,6 +94,15 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(2)
         return module.main(argv)
 
+    spec = _config_spec(rest)
+    if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+        print(f"alphallm {name}: --config: no config file at {spec.partition(':')[0]} "
+              f"(from {os.getcwd()})", file=sys.stderr)
+        sys.exit(2)
+    if any(a in ("-h", "--help", "-help") for a in rest):
+        module.define_flags()
+        print(_command_help(name, module))
+        sys.exit(0)
     try:
         module.define_flags()  # a default --config is loaded here, with the command line's overrides
         app.run(run_quietly, argv=[f"alphallm {name}", *rest])
@@ -105,15 +115,35 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+def _command_help(name: str, module) -> str:
+    """`alphallm NAME --help`: the command's docstring and the flags this project defines for it (absl's
+    own --help lists only the flags of the main module, which are none here)."""
+    from absl import flags
+
+    doc = (module.__doc__ or "").strip()
+    lines = [doc or f"alphallm {name}", ""]
+    for owner in sorted(flags.FLAGS.flags_by_module_dict()):
+        if owner.startswith("alphallm_jax"):
+            lines.append(flags.FLAGS.module_help(owner).strip())
+    lines += ["", "Config fields are set with --config.SECTION.KEY=VALUE; --helpfull lists absl's and JAX's flags too."]
+    return "\n".join(lines)
+
+
+def _config_spec(args: list[str]) -> str | None:
+    """The `--config` value on the command line (PATH[:VARIANT]), or None."""
+    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if spec is None and "--config" in args[:-1]:
+        spec = args[args.index("--config") + 1]
+    return spec
+
+
 def _config_for_message(args: list[str]):
     """The config that `--config` (or the demo default) names, loaded again for an error message; None
     when it cannot be."""
     from alphallm_jax.commands import DEMO_CONFIG
     from alphallm_jax.config import load_config_file
 
-    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    if spec is None and "--config" in args[:-1]:
-        spec = args[args.index("--config") + 1]
+    spec = _config_spec(args)
     try:
         return load_config_file(spec or DEMO_CONFIG, check_keys=False)
     except Exception:  # the message goes out without the key list

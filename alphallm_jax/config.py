@@ -10,6 +10,27 @@ from __future__ import annotations
 import ml_collections
 
 
+
+def train_section(values: dict) -> ml_collections.ConfigDict:
+    """A training section: every `TrainConfig` field, `values` over the dataclass defaults, so that any
+    of them can be set from the command line (`--config.base.train.grad_accum_steps=2`) as well as in a
+    config file; a field whose default is None is a typed placeholder (`max_steps`, `compute_dtype`)."""
+    import dataclasses
+
+    from ml_collections import config_dict
+
+    from alphallm_jax.train.trainer import TrainConfig
+
+    scalar = {"int": int, "float": float, "str": str, "bool": bool}
+    fields = {}
+    for f in dataclasses.fields(TrainConfig):
+        kind = scalar.get(str(f.type).split("|")[0].strip())
+        if f.name in values:
+            fields[f.name] = values[f.name]
+        elif kind is not None:  # a dict-valued field (compiler_options) stays settable in config files only
+            fields[f.name] = f.default if f.default is not None else config_dict.placeholder(kind)
+    return ml_collections.ConfigDict(fields)
+
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -73,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.base.model = ml_collections.ConfigDict(dict(
         hidden_size=192, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=48,
         rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True))
-    c.base.train = ml_collections.ConfigDict(dict(
+    c.base.train = train_section(dict(
         learning_rate=3e-3, end_learning_rate=1e-4, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01,
         max_grad_norm=1.0, batch_size=32, epochs=2, max_seq_len=384, pad_to_multiple=32, eval_every=0,
         early_stopping_patience=3, checkpoint_every=100, keep_checkpoints=2, seed=0))
@@ -106,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     # pairs) and a Bradley-Terry term ranks the right one's ORM above the wrong one's.
     c.critics.loss = ml_collections.ConfigDict(dict(value="bce", value_weight=1.0, prm_weight=1.0, orm_weight=1.0,
                                                     orm_rank_weight=0.0))
-    c.critics.train = ml_collections.ConfigDict(dict(  # alphallm_jax.train.trainer.TrainConfig
+    c.critics.train = train_section(dict(  # alphallm_jax.train.trainer.TrainConfig
         learning_rate=1e-4, end_learning_rate=1e-5, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01,
         max_grad_norm=1.0, batch_size=32, epochs=2, max_seq_len=1024, pad_to_multiple=64, eval_every=0,
         early_stopping_patience=3, checkpoint_every=200, keep_checkpoints=2, seed=0))
@@ -134,7 +155,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout_policy.model = ml_collections.ConfigDict(dict(
         hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=24,
         rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True))
-    c.rollout_policy.train = ml_collections.ConfigDict(dict(
+    c.rollout_policy.train = train_section(dict(
         learning_rate=3e-3, end_learning_rate=1e-4, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01,
         max_grad_norm=1.0, batch_size=32, epochs=2, max_seq_len=384, pad_to_multiple=32, eval_every=0,
         early_stopping_patience=3, checkpoint_every=100, keep_checkpoints=2, seed=0))
@@ -184,11 +205,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.policy_train.logp_batch_size = 64  # pairs per batch of the reference and p_g passes
     c.policy_train.logits_chunk_size = 0  # >0: vocabulary projection in sequence chunks (large vocabs)
     c.policy_train.save_epoch_policies = True  # DPO: a policy checkpoint after every epoch
-    c.policy_train.sft = ml_collections.ConfigDict(dict(
+    c.policy_train.sft = train_section(dict(
         learning_rate=3e-4, end_learning_rate=3e-5, warmup_ratio=0.1, schedule="cosine", weight_decay=0.0,
         max_grad_norm=1.0, batch_size=32, epochs=3, max_seq_len=384, pad_to_multiple=32, eval_every=0,
         early_stopping_patience=2, checkpoint_every=100, keep_checkpoints=2, seed=0))
-    c.policy_train.dpo = ml_collections.ConfigDict(dict(
+    c.policy_train.dpo = train_section(dict(
         learning_rate=5e-5, end_learning_rate=5e-6, warmup_ratio=0.1, schedule="cosine", weight_decay=0.0,
         max_grad_norm=1.0, batch_size=32, epochs=2, max_seq_len=384, pad_to_multiple=32, eval_every=0,
         early_stopping_patience=0, restore_best=False, checkpoint_every=100, keep_checkpoints=2, log_every=1,

@@ -168,7 +168,7 @@ def test_held_out_dev_tails_are_disjoint_from_the_critics_training_prompts():
 
 @pytest.mark.parametrize("command, args, named", [
     ("plan", ["--config", "configs/demo_arith.py", "--config.base.train.max_stps=3"],
-     ["--config.base.train.max_stps", "'max_stps'", "valid keys of config.base.train: batch_size,"]),
+     ["--config.base.train.max_stps", "'max_stps'", "valid keys of config.base.train: adam_b1,"]),
     ("plan", ["--config=configs/demo_arith.py:quick", "--config.base.trian.epochs=1"],
      ["--config.base.trian.epochs", "'trian'", 'Did you mean "train"', "valid keys of config.base: dev_split,"]),
     # train-base has a default config, whose overrides absl parses while the flags are defined.
@@ -239,3 +239,21 @@ def test_plan_reports_a_batch_that_cannot_split_over_an_overridden_mesh():
     c.policy_train.sft.grad_accum_steps = c.critics.train.grad_accum_steps = 2
     c.policy_train.dpo.grad_accum_steps = 1
     assert make_plan(c)["problems"] == []
+
+
+def test_command_help_lists_the_commands_flags_and_training_fields_are_settable():
+    """`alphallm CMD --help` exits 0 listing the command's own flags; every TrainConfig field of a
+    training section can be set on the command line, not only in a config file; a missing config file
+    is one line and exit code 2, from any directory."""
+    run = lambda *args, cwd=REPO: subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args],  # noqa: E731
+                                                 capture_output=True, text=True, cwd=cwd, timeout=300)
+    help_ = run("bench", "sampler", "--help")
+    assert help_.returncode == 0 and "--batch_sizes" in help_.stdout and "--xla_cpu_flags" in help_.stdout
+    policy = run("train-policy", "--help")
+    assert policy.returncode == 0 and "--train.method" in policy.stdout and "--workdir" in policy.stdout
+    plan = run("plan", "--config=configs/demo_arith.py:quick", "--config.base.train.grad_accum_steps=2",
+               "--config.base.train.max_steps=3", "--config.policy_train.dpo.compute_dtype=bfloat16")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    missing = run("plan", "--config=configs/nope.py")
+    assert missing.returncode == 2 and "no config file at configs/nope.py" in missing.stderr
+    assert "Traceback" not in missing.stderr

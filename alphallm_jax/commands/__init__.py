@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-DEMO_CONFIG = "configs/demo_arith.py"
+import os
+
+
+def _demo_config() -> str:
+    """The built-in demo's config: from the working directory (the repository root, as the README runs
+    it), else beside the installed package's sources (a run from another directory)."""
+    local = os.path.join("configs", "demo_arith.py")
+    packaged = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), local)
+    return local if os.path.isfile(local) or not os.path.isfile(packaged) else packaged
+
+
+DEMO_CONFIG = _demo_config()
 
 
 def define_config_flag(default: str | None = None) -> None:
