@@ -10,7 +10,6 @@ from __future__ import annotations
 import ml_collections
 
 
-
 def train_section(values: dict) -> ml_collections.ConfigDict:
     """A training section: every `TrainConfig` field, `values` over the dataclass defaults, so that any
     of them can be set from the command line (`--config.base.train.grad_accum_steps=2`) as well as in a

@@ -111,8 +111,24 @@ def test_load_dataset_from_path_detects_format(tmp_path):
     assert load_dataset(str(g))[0].task == "gsm8k"
     assert load_dataset(str(g), task="arith")[0].task == "arith"
     assert load_dataset(str(m))[0].task == "math"
+    assert load_dataset(str(m), task="math")[0].task == "math"
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("gsm8k:nope", data_dir=tmp_path)
+    # A file whose rows another task's grader reads is named, with what to do.
+    with pytest.raises(DataFormatError, match=r"g\.jsonl:1: task math reads MATH-format rows"):
+        load_dataset(str(g), task="math")
+    with pytest.raises(DataFormatError, match=r"m\.jsonl:1: task gsm8k reads GSM8K-format rows"):
+        load_dataset(str(m), task="gsm8k")
+
+
+def test_a_line_that_is_not_utf8_is_named_and_a_bom_is_read(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps(GSM_ROW).encode() + b"\n" + b'{"question": "Caf\xe9 sells 3 cakes?", "answer": "#### 3"}\n')
+    with pytest.raises(DataFormatError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
+        load_gsm8k(bad)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GSM_ROW).encode() + b"\n")
+    assert load_gsm8k(bom)[0].answer == "1200"
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):

@@ -125,6 +125,13 @@ def test_strict_match_counts_only_answers_marked_as_final(tmp_path):
     assert again["strict_accuracy"] == pytest.approx(1 / 3) and len(sampler.calls) == 1
 
 
+def test_comma_separated_methods_are_separate_methods(tmp_path):
+    """`--config.eval.methods=greedy,maj@2` arrives as one string: two methods, as in a sweep."""
+    sampler = ScriptedSampler({q: ["#### 12", "#### 12"] for q in ("q0", "q1", "q2")})
+    summary = evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy, maj@2"], tmp_path, batch_size=3)
+    assert list(summary) == ["greedy", "maj@2"]
+
+
 def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
     # The identity (run.json) holds what results depend on: the same one resumes, more methods or problems
     # too (eval.methods and eval.limit may change); another policy is refused before anything runs.

@@ -375,6 +375,21 @@ def detect_format(path: PathLike) -> str:
     raise DataFormatError(path, None, "empty file")
 
 
+def _check_file_task(path: str, fmt: str, task: str | None) -> None:
+    """A file's row format must suit the task that grades it: GSM8K-format rows hold a `####` solution,
+    MATH-format rows LaTeX answers, and each task's grader and prompts read only its own."""
+    if task is None:
+        return
+    if fmt == "gsm8k" and task == "math":
+        raise DataFormatError(path, 1, "task math reads MATH-format rows ('problem' with 'solution' or 'answer'), "
+                                       "this file has GSM8K-format rows ('question'/'answer'): set task=gsm8k, "
+                                       "or write the rows as 'problem'/'answer'")
+    if fmt == "math" and task != "math":
+        raise DataFormatError(path, 1, f"task {task} reads GSM8K-format rows ('question'/'answer'), this file "
+                                       "has MATH-format rows ('problem'): set task=math, or write the rows as "
+                                       "'question'/'answer'")
+
+
 def load_dataset(
     name_or_path: str,
     split: str | None = None,
@@ -399,16 +414,12 @@ def load_dataset(
       arith_seed, arith_config, arith_hard_config: the arith generator's seed and
         configs (defaults: seed 0, ``arith.DEFAULT_CONFIG``, ``arith.HARD_CONFIG``).
     """
-    if _looks_like_path(name_or_path) and ":" not in name_or_path.split("/")[0]:
+    if (_looks_like_path(name_or_path) and ":" not in name_or_path.split("/")[0]) or name_or_path.startswith("gs://"):
         fmt = detect_format(name_or_path)
+        _check_file_task(name_or_path, fmt, task)
         if fmt == "gsm8k":
             return load_gsm8k(name_or_path, limit, split=split, task=task or "gsm8k")
         return load_math(name_or_path, limit, split=split)
-    if name_or_path.startswith("gs://"):
-        fmt = detect_format(name_or_path)
-        loader = load_gsm8k if fmt == "gsm8k" else load_math
-        kw = {"task": task or "gsm8k"} if fmt == "gsm8k" else {}
-        return loader(name_or_path, limit, split=split, **kw)
 
     name = _normalize_name(name_or_path, split)
     if name in ARITH_SPLITS:

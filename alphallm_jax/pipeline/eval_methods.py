@@ -60,6 +60,12 @@ def register_method(name: str):
     return wrap
 
 
+def method_specs(entries) -> list[str]:
+    """Method specs from a config's list: `--config.eval.methods=greedy,maj@16` arrives as one string,
+    so commas separate methods too."""
+    return [m.strip() for entry in entries for m in str(entry).split(",") if m.strip()]
+
+
 def make_method(spec: str) -> EvalMethod:
     name, _, budget = spec.partition("@")
     if name not in METHODS:

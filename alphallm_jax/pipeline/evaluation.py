@@ -22,7 +22,7 @@ from alphallm_jax.data.loaders import is_named_split, load_dataset
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt, question_key, step_separator
 from alphallm_jax.pipeline import reporting
-from alphallm_jax.pipeline.eval_methods import EvalContext, make_method
+from alphallm_jax.pipeline.eval_methods import EvalContext, make_method, method_specs
 from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
 from alphallm_jax.utils.io import (
     append_jsonl,
@@ -182,6 +182,7 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
 
     Returns the merged summary on every process (the others read what process 0 wrote).
     """
+    methods = method_specs(methods)
     mine = this_process_share(problems)
     out_root = as_path(workdir) / tag
     if identity is not None:
@@ -330,6 +331,7 @@ def evaluate_checkpoint(cfg, workdir, checkpoint, methods, out_dir, *, mesh=None
     from alphallm_jax import load_pretrained
     from alphallm_jax.pipeline.search_methods import eval_components
 
+    methods = method_specs(methods)
     model, tokenizer = load_pretrained(checkpoint, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
     problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
     ctx.components.update(eval_components(cfg, workdir, list(methods), model, tokenizer,

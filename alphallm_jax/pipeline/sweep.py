@@ -36,13 +36,12 @@ class SweepCheckpoint:
 
 def method_specs(methods: Sequence[str], budgets: Sequence[int]) -> list[str]:
     """The evaluation specs of the grid, in the config's order (a spec given as `name@k` is kept)."""
-    from alphallm_jax.pipeline.eval_methods import make_method
+    from alphallm_jax.pipeline.eval_methods import make_method, method_specs
 
     if not methods:
         raise ValueError("config key sweep.methods is empty: name at least one evaluation method")
     specs: list[str] = []
-    # `--config.sweep.methods=greedy,maj` arrives as one string: commas separate methods too.
-    for method in (m.strip() for entry in methods for m in entry.split(",") if m.strip()):
+    for method in method_specs(methods):
         name = method.partition("@")[0]
         if "@" in method or name not in BUDGETED_METHODS:
             cell = [method]

@@ -140,11 +140,22 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
     :class:`DataFormatError` naming the file and line.
     """
     p = as_path(path)
-    with p.open("r", encoding="utf-8") if is_local(str(p)) else p.open("r") as f:
-        for line_no, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(p, line_no, raw)
             if not line.strip():
                 continue
             yield line_no, _parse_line(p, line_no, line)
+
+
+def _decode_line(path: PathLike, line_no: int, raw: bytes) -> str:
+    """A line as UTF-8 text (a byte-order mark on the first line is dropped); a byte that is not UTF-8
+    (a Latin-1 file) names the file, line and column rather than failing deep in a read."""
+    try:
+        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, line_no, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                             "re-save the file as UTF-8") from None
 
 
 def read_jsonl(path: PathLike) -> list[Any]:
