@@ -44,6 +44,19 @@ def test_reads_mistral_config_with_window():
   assert cfg.architecture == "mistral" and cfg.sliding_window == 32
 
 
+@pytest.mark.parametrize("arch,hf_config", [("MistralForCausalLM", transformers.MistralConfig),
+                                            ("LlamaForCausalLM", transformers.LlamaConfig)])
+def test_keys_a_config_leaves_out_take_the_architectures_transformers_defaults(arch, hf_config):
+  """A trimmed config.json (no window, KV heads or context length) reads as transformers reads it: a
+  Mistral-7B-v0.1 file without `sliding_window` still slides a 4096-token window."""
+  d = {"architectures": [arch], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 64,
+       "num_hidden_layers": 1, "num_attention_heads": 16}
+  ours, theirs = ModelConfig.from_hf_config(d), hf_config(**{k: v for k, v in d.items() if k != "architectures"})
+  assert ours.num_kv_heads == theirs.num_key_value_heads
+  assert ours.max_position_embeddings == theirs.max_position_embeddings
+  assert ours.sliding_window == getattr(theirs, "sliding_window", None)
+
+
 def test_unknown_architecture_is_named():
   d = transformers.GPT2Config().to_dict()
   with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):

@@ -15,6 +15,11 @@ SUPPORTED_ARCHITECTURES = tuple(HF_ARCHITECTURES)
 _HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 # RoPE variants the decoder implements ("default" means no scaling).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' LlamaConfig / MistralConfig defaults for keys a config.json may leave out.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096, "num_key_value_heads": 8},
+}
 
 
 def _freeze_rope_scaling(scaling: dict | None) -> tuple[tuple[str, Any], ...] | None:
@@ -149,21 +154,23 @@ class ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     # Mistral's window is a sliding window only when shorter than the context: HF configs of
     # later Mistral versions carry `sliding_window: null`.
-    window = d.get("sliding_window") if arch == "mistral" else None
+    # A key the file leaves out takes the architecture's transformers default, as transformers reads it.
+    defaults = _HF_DEFAULTS[arch]
+    window = d.get("sliding_window", defaults.get("sliding_window")) if arch == "mistral" else None
     return cls(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
         intermediate_size=d["intermediate_size"],
         num_layers=d["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=d.get("num_key_value_heads") or heads,
+        num_kv_heads=d.get("num_key_value_heads", defaults.get("num_key_value_heads")) or heads,
         head_dim=d.get("head_dim") or d["hidden_size"] // heads,
         rope_theta=float(rope_theta),
         rope_scaling=_freeze_rope_scaling(rope_scaling),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         sliding_window=window,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        max_position_embeddings=d.get("max_position_embeddings", defaults["max_position_embeddings"]),
         bos_token_id=d.get("bos_token_id", 1),
         eos_token_ids=eos_ids,
         pad_token_id=d.get("pad_token_id"),
