@@ -40,7 +40,12 @@ fi
 
 args=""
 for a in "$@"; do args+=" $(printf '%q' "$a")"; done
-remote="cd $repo"
+# The checkout's path is quoted for the remote shell, except a leading ~/ (the remote home).
+if [[ "$repo" == "~/"* ]]; then
+  remote="cd ~/$(printf '%q' "${repo#\~/}")"
+else
+  remote="cd $(printf '%q' "$repo")"
+fi
 if [[ $setup -eq 1 ]]; then
   remote+=" && python3 -m venv .venv && .venv/bin/pip install --quiet --upgrade pip && .venv/bin/pip install --quiet -e . 'jax[tpu]'"
 fi

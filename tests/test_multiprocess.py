@@ -179,6 +179,13 @@ def test_tpu_pod_launcher_runs_one_command_on_every_worker(tmp_path):
     remote = next(a for a in json.loads(record.read_text()) if a.startswith("--command="))
     assert remote.startswith("--command=cd /opt/a && python3 -m venv .venv && ") and "pip install" in remote
     assert remote.endswith("&& ALPHALLM_DISTRIBUTED=auto .venv/bin/alphallm eval")
+    # A checkout path with a space is quoted for the remote shell; a leading ~/ stays the remote home.
+    for repo, cd in (("/opt/my runs/a", "cd /opt/my\\ runs/a && "), ("~/my repo", "cd ~/my\\ repo && ")):
+        spaced = subprocess.run([bash, str(tpu_pod), "--tpu=pod-a", "--zone=z", f"--repo={repo}", "--", "eval"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert spaced.returncode == 0, spaced.stderr
+        remote = next(a for a in json.loads(record.read_text()) if a.startswith("--command="))
+        assert remote.removeprefix("--command=").startswith(cd), remote
 
     usage = subprocess.run([bash, str(tpu_pod), "--zone=z", "--", "eval"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=60)
