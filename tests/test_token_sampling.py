@@ -162,3 +162,29 @@ def test_sampling_modes_compile_only_what_a_batch_needs():
     assert _bisection_carry(args, "top_p") == _bisection_carry(args, "top_k") == 2
     assert _bisection_carry(args, "truncate") == 4
     assert not any("sort" in found for found in programs.values())  # no vocabulary sort in any mode
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "truncate"])
+def test_ids_past_the_vocabulary_limit_are_never_drawn(mode):
+    """A model whose embedding is padded past its tokenizer's vocabulary: ids from `vocab_limit` on are
+    never drawn, however likely, and the log-probability is over the ids below it."""
+    n, vocab, limit = 256, 12, 9
+    logits = jax.random.normal(jax.random.PRNGKey(5), (n, vocab)).at[:, limit:].add(8.0)  # padded ids favoured
+    args = (logits, _keys(n, seed=2), jnp.full(n, 1.0), jnp.full(n, 0.95), jnp.full(n, 5, jnp.int32))
+    tokens, logprobs = sample_next_token(*args, mode=mode, vocab_limit=limit)
+    assert int(jnp.max(tokens)) < limit
+    expected = jax.nn.log_softmax(logits[:, :limit], axis=-1)[jnp.arange(n), tokens]
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(expected), atol=1e-5)
+
+
+def test_a_vocabulary_limit_at_the_logits_width_traces_the_same_program():
+    """No limit, or one at the logits' width (tokenizer and model agree), adds nothing to the program: the
+    decode programs of an unpadded model stay as they were."""
+    args = (jnp.zeros((2, 8)), row_keys(jnp.arange(2), jnp.zeros(2, jnp.int32)), jnp.ones(2), jnp.ones(2),
+            jnp.zeros(2, jnp.int32))
+
+    def program(**kw) -> str:
+        return str(jax.make_jaxpr(functools.partial(sample_next_token, mode="truncate", **kw))(*args))
+
+    assert program() == program(vocab_limit=None) == program(vocab_limit=8) == program(vocab_limit=100)
+    assert program(vocab_limit=7) != program()

@@ -99,13 +99,15 @@ def prefill(graphdef, params, cache: KVCache, chunk_bs: jax.Array, positions_bs:
     return from_blocks(logits_nrv), jax.tree.map(from_blocks, cache_blocks)
 
 
-def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, mode) -> DecodeState:
-    """Sample the next token of every running row and apply EOS, stop-string and length rules."""
+def _sample_step(st: DecodeState, logits_bv, table_kqv, match_state_k, eos_ids, mode,
+                 vocab_limit) -> DecodeState:
+    """Sample the next token of every running row and apply EOS, stop-string and length rules.
+    `vocab_limit` (static): ids from it on are never sampled (`sample_next_token`)."""
     active_b = ~st.done_b
     batch, max_new = st.tokens_bt.shape
     token_b, logprob_b = sample_next_token(
         logits_bv, row_keys(st.seed_b, st.num_gen_b), st.temperature_b, st.top_p_b, st.top_k_b,
-        mode=mode,
+        mode=mode, vocab_limit=vocab_limit,
     )
     rows_b = jnp.arange(batch)
     write_at_b = jnp.where(active_b, st.num_gen_b, max_new)  # out of range: dropped
@@ -145,7 +147,7 @@ def shrink_below(batch: int, min_rows: int = 1) -> int:
 
 
 def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, mode,
-                 min_rows) -> DecodeState:
+                 min_rows, vocab_limit) -> DecodeState:
     model = nnx.merge(graphdef, params)
     limit = shrink_below(st.tokens_bt.shape[0], min_rows)
 
@@ -159,26 +161,27 @@ def _decode_loop(graphdef, params, st: DecodeState, table_kqv, match_state_k, eo
         hidden_b1d, cache = model.hidden_states(st.last_token_b[:, None], positions_bs=positions_b1, cache=st.cache)
         logits_bv = model.logits_from_hidden(hidden_b1d)[:, 0]
         st = st.replace(cache=cache, pos_b=st.pos_b + active_b.astype(jnp.int32))
-        return _sample_step(st, logits_bv, table_kqv, match_state_k, eos_ids, mode)
+        return _sample_step(st, logits_bv, table_kqv, match_state_k, eos_ids, mode, vocab_limit)
 
     return jax.lax.while_loop(cond, body, st)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9), donate_argnums=(2,))
 def decode(graphdef, params, st: DecodeState, first_logits_bv, table_kqv, match_state_k, eos_ids, mode,
-           min_rows: int = 1):
+           min_rows: int = 1, vocab_limit: int | None = None):
     """Sample the first token from the prefill logits, then decode until every row has stopped, or
     until only a few rows still run in a large batch (see `shrink_below`; continue with
-    `compact_rows`, `resume_decode` and `merge_rows`)."""
-    st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, mode)
-    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode, min_rows)
+    `compact_rows`, `resume_decode` and `merge_rows`). `vocab_limit` (static; None: every id): ids from
+    it on are never sampled (a model's embedding padded past its tokenizer's vocabulary)."""
+    st = _sample_step(st, first_logits_bv, table_kqv, match_state_k, eos_ids, mode, vocab_limit)
+    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode, min_rows, vocab_limit)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(2,))
 def resume_decode(graphdef, params, st: DecodeState, table_kqv, match_state_k, eos_ids, mode,
-                  min_rows: int = 1):
+                  min_rows: int = 1, vocab_limit: int | None = None):
     """Continue a decode state whose rows have their next token sampled but not yet cached."""
-    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode, min_rows)
+    return _decode_loop(graphdef, params, st, table_kqv, match_state_k, eos_ids, mode, min_rows, vocab_limit)
 
 
 @jax.jit

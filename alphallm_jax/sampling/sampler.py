@@ -23,7 +23,7 @@ from alphallm_jax.sampling import engine
 from alphallm_jax.sampling.kv_pool import KVPool, SeqState
 from alphallm_jax.sampling.stop_rules import StopTables, ending_stop
 from alphallm_jax.sampling.token_sampling import sampling_mode
-from alphallm_jax.sampling.token_texts import token_texts
+from alphallm_jax.sampling.token_texts import plain_anchor, token_texts
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, round_up, row_bucket
 
 _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
@@ -32,7 +32,14 @@ _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's
 @dataclasses.dataclass
 class Completion:
     """One sampled continuation. `text` includes the stop string that ended it (options end with their
-    newline); `token_ids`/`logprobs` include a final EOS token when one was sampled."""
+    newline); `token_ids`/`logprobs` include a final EOS token when one was sampled.
+
+    Stops are checked token by token, so `text` and `token_ids` run to the end of the token that
+    completed the stop string: the text may continue a little past it (stop "an" sampled as the token
+    " and" ends the text with " and"). `stop_rules.ending_stop` / `str.index` find where the stop ends.
+    `logprobs` are untempered and untruncated; for a model whose embedding is padded past the
+    tokenizer's vocabulary, over the ids the tokenizer has (the others are never sampled).
+    """
 
     text: str
     token_ids: list[int]
@@ -48,7 +55,12 @@ class Completion:
 
 @dataclasses.dataclass
 class SampleRequest:
-    """Continue `state` (after appending `extra_tokens`) by at most `max_new_tokens`."""
+    """Continue `state` (after appending `extra_tokens`) by at most `max_new_tokens`.
+
+    `stop`: stop strings; a single str is one stop string, not one per character. `top_k`: 0 (or
+    negative) for none; a k past the vocabulary keeps it all. `seed`: the row's 32-bit PRNG seed, any
+    int taken modulo 2**32.
+    """
 
     state: SeqState
     max_new_tokens: int
@@ -58,6 +70,9 @@ class SampleRequest:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int = 0
+
+    def __post_init__(self):
+        self.stop = stop_strings(self.stop)
 
 
 @dataclasses.dataclass
@@ -153,6 +168,11 @@ class Sampler:
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}
         self._token_texts: tuple[str, ...] | None = None
+        self._anchor: int | None = None
+        # Embedding rows past the tokenizer's vocabulary (a padded vocabulary) are never sampled; None
+        # when there are none, so the decode programs are those of an unpadded model.
+        known = tokenizer.vocab_size if tokenizer is not None else self.cfg.vocab_size
+        self._vocab_limit = known if known < self.cfg.vocab_size else None
         self.stats = SamplerStats()
 
     # ----------------------------------------------------------------------------------- public API
@@ -172,21 +192,28 @@ class Sampler:
         return SeqState(tokens=state.tokens + tuple(int(t) for t in extra), parent=state)
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] | None = None,
+                 top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] | None = None,
                  num_samples: int = 1, seed: int = 0, prompt_seeds: Sequence[int] | None = None,
                  keep_states: bool = False) -> list[list[Completion]]:
         """For each prompt, `num_samples` completions. Same seed, same output.
 
-        The prompt is prefilled once and forked on device into its samples. `prompt_seeds` (one per
-        prompt) replaces the prompt's position in the call, so a prompt's samples do not depend on which
-        batch or process it was sampled in.
+        `prompts` is a list of strings: a single str raises a TypeError (pass `[prompt]`), rather than
+        being read as one prompt per character. `stop`: stop strings; a single str is one stop string.
+        The prompt is prefilled once and forked on device into its samples. `seed` and `prompt_seeds`
+        (one per prompt) are non-negative ints (ValueError otherwise); `prompt_seeds` replaces the
+        prompt's position in the call, so a prompt's samples do not depend on which batch or process
+        it was sampled in.
         """
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts; got a str: pass [prompt]")
         if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
             raise ValueError(f"{len(prompt_seeds)} prompt_seeds for {len(prompts)} prompts")
+        _check_seeds("seed", [seed])
+        _check_seeds("prompt_seeds", prompt_seeds or [])
         roots = [self.new_state(p) for p in prompts]
         requests = [
             SampleRequest(state=root, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, stop=tuple(stop or ()),
+                          top_k=top_k, stop=stop_strings(stop),
                           seed=_row_seed(seed, i if prompt_seeds is None else int(prompt_seeds[i]), j))
             for i, root in enumerate(roots) for j in range(num_samples)
         ]
@@ -221,18 +248,33 @@ class Sampler:
 
     def decode_after(self, context: Sequence[int], token_ids: Sequence[int]) -> str:
         """The text the tokens add after `context` (EOS excluded), decoded after the context's last few
-        tokens so that word-boundary spaces come out as in the whole sequence."""
+        tokens so that word-boundary spaces come out as in the whole sequence. After a context with no
+        text (an empty prompt: BOS alone) the tokens are decoded after a plain anchor token, so the first
+        keeps its word-boundary space, as in the token texts the stop strings were matched against
+        (decoding the whole sequence would drop it). Ids the tokenizer does not have are skipped."""
         if self.tokenizer is None:
             return ""
         eos = set(int(e) for e in np.asarray(self.eos_ids))
-        body = [t for t in token_ids if t not in eos]
+        body = [t for t in self._known_ids(token_ids) if t not in eos]
         bos = self.tokenizer.bos_id
-        tail = [t for t in context[-_TEXT_CONTEXT_TOKENS:] if t != bos]
+        tail = [t for t in self._known_ids(context[-_TEXT_CONTEXT_TOKENS:]) if t != bos]
         prefix = self.tokenizer.decode(tail)
+        if not prefix:
+            tail = [self._anchor_id()] + tail
+            prefix = self.tokenizer.decode(tail)
         full = self.tokenizer.decode(tail + body)
         return full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(body)
 
     # ------------------------------------------------------------------------------------ internals
+
+    def _known_ids(self, ids: Sequence[int]) -> list[int]:
+        """`ids` without those the tokenizer cannot decode (a safety net: they are never sampled)."""
+        return [int(t) for t in ids if 0 <= int(t) < self.tokenizer.vocab_size]
+
+    def _anchor_id(self) -> int:
+        if self._anchor is None:
+            self._anchor = plain_anchor(self.tokenizer)
+        return self._anchor
 
     @property
     def pool(self) -> KVPool:
@@ -336,7 +378,7 @@ class Sampler:
             state = self._initial_state(reqs, plans, cache, n_rows, max_new, tables)
             table_kqv, match_state_k = tables.on_device()
             mode = sampling_mode([r.temperature for r in reqs], [r.top_p for r in reqs], [r.top_k for r in reqs])
-            decode_args = (table_kqv, match_state_k, self.eos_ids, mode, self._rows(1))
+            decode_args = (table_kqv, match_state_k, self.eos_ids, mode, self._rows(1), self._vocab_limit)
             state = engine.decode(self.graphdef, self.params, state, logits_uv, *decode_args)
             self.stats.device_calls += 2
             state = self._finish_stragglers(state, len(reqs), decode_args)
@@ -438,10 +480,11 @@ class Sampler:
             num_gen_b=col([0] * len(reqs), np.int32, 0),
             reason_b=col([engine.RUNNING] * len(reqs), np.int32, engine.LENGTH),  # padding rows start done
             stop_state_bk=self._put(np.zeros((n_rows, tables.table_kqv.shape[0]), np.int32)),
-            seed_b=col([r.seed for r in reqs], np.uint32, 0),
+            seed_b=col([int(r.seed) % 2**32 for r in reqs], np.uint32, 0),
             temperature_b=col([r.temperature for r in reqs], np.float32, 0.0),
             top_p_b=col([r.top_p for r in reqs], np.float32, 1.0),
-            top_k_b=col([r.top_k for r in reqs], np.int32, 0),
+            # Top-k past the vocabulary keeps it all, as k = vocabulary does; int32 on device.
+            top_k_b=col([min(max(int(r.top_k), 0), self.cfg.vocab_size) for r in reqs], np.int32, 0),
             max_new_b=col([r.max_new_tokens for r in reqs], np.int32, 1),
             stop_mask_bk=self._put(stop_mask_bk),
         )
@@ -454,6 +497,20 @@ def sampler_from_config(cfg, model, tokenizer, *, max_len: int, pool_slots: int 
     return Sampler(model, tokenizer, max_len=max_len, pool_slots=s.pool_slots if pool_slots is None else pool_slots,
                    max_batch=max_batch or s.max_batch, mesh=mesh, min_rows=s.min_rows,
                    kv_chunk_slots=s.kv_chunk_slots, fine_row_buckets=s.fine_row_buckets)
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Stop strings as a tuple: a single str is one stop string (iterating it would stop at any of its
+    characters)."""
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _check_seeds(name: str, seeds: Sequence[int]) -> None:
+    for s in seeds:
+        if int(s) < 0:
+            raise ValueError(f"{name}: seeds must be non-negative integers, got {int(s)}")
 
 
 def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:

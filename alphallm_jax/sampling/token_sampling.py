@@ -88,6 +88,15 @@ def nucleus_mask(weights_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array, 
     return bits_bv >= threshold_b[:, None]
 
 
+def mask_past_vocab(logits_bv: jax.Array, vocab_limit: int | None) -> jax.Array:
+    """Logits of ids >= `vocab_limit` set to -inf (None, or a limit past the logits: unchanged, and no op
+    is traced, so a model whose vocabulary equals the tokenizer's keeps its compiled programs)."""
+    if vocab_limit is None or vocab_limit >= logits_bv.shape[-1]:
+        return logits_bv
+    ids_v = jnp.arange(logits_bv.shape[-1])
+    return jnp.where(ids_v[None, :] < vocab_limit, logits_bv, -jnp.inf)
+
+
 def sample_next_token(
     logits_bv: jax.Array,
     key_b2: jax.Array,
@@ -96,16 +105,20 @@ def sample_next_token(
     top_k_b: jax.Array,
     *,
     mode: str,
+    vocab_limit: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row. Returns (token_b int32, logprob_b float32).
 
     The log-probability is under the model's untempered, untruncated distribution (what DPO, CPL and
     PUCT need). `temperature_b == 0` means greedy. `mode` (static, see `sampling_mode`) compiles only
     what the batch needs: top-p and top-k each cost a bisection over the vocabulary per row (`nucleus_mask`).
+    `vocab_limit` (static; None: every id) drops the ids from it on (a model's padded embedding rows past
+    the tokenizer's vocabulary) before anything else, so they are never drawn and the log-probability is
+    under the model's distribution renormalised over the ids below it.
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"sampling mode {mode!r} is not one of {SAMPLING_MODES}")
-    logits_bv = logits_bv.astype(jnp.float32)
+    logits_bv = mask_past_vocab(logits_bv.astype(jnp.float32), vocab_limit)
     token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     if mode != "greedy":
         # Weights relative to the row's best token, so the largest is exp(0) = 1 at any temperature.

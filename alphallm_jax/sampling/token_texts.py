@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
-import re
-
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
 
 def token_texts(tokenizer, vocab_size: int) -> tuple[str, ...]:
-    """`texts[i]` is the surface text of token i (empty for ids past the tokenizer's vocabulary).
+    """`texts[i]` is the text token i adds when decoded after other text (empty for ids past the
+    tokenizer's vocabulary).
 
-    SentencePiece pieces map `\u2581` to a space and byte-fallback pieces `<0xNN>` to their byte (a
-    non-ASCII byte becomes U+FFFD, which no ASCII stop string matches). Other tokenizers decode each
-    id on its own, which is exact for the byte-level BPE vocabularies of Llama 3.
+    Each id is decoded after a plain anchor token (`plain_anchor`) and the anchor's own text is cut off:
+    `decode([a, i])[len(decode([a])):]`. Decoding an id alone is wrong for sentencepiece-style decoders
+    (`tokenizer.model`, or a `tokenizer.json` whose decoder strips the first space): they drop the
+    word-boundary space of the first piece, which every token after the first keeps. This also gives
+    control tokens (`<s>`, `</s>`) the empty text they decode to, `<unk>` the text it decodes to, and a
+    byte-fallback piece its byte (a lone non-ASCII byte decodes to U+FFFD, which no ASCII stop string
+    matches). One decode call per id: under 0.1 s for a 32k vocabulary, about 0.3 s for 128k (CPU).
     """
-    texts = []
     n = min(vocab_size, tokenizer.vocab_size)
-    for i in range(n):
-        piece = tokenizer.id_to_piece(i) if tokenizer.is_sentencepiece else None
-        if piece is None:
-            texts.append(tokenizer.decode([i]))
-            continue
-        byte = _BYTE_PIECE.match(piece)
-        if byte:
-            value = int(byte.group(1), 16)
-            texts.append(chr(value) if value < 128 else "\ufffd")
-        else:
-            texts.append(piece.replace("\u2581", " "))
+    anchor = plain_anchor(tokenizer)
+    prefix = tokenizer.decode([anchor])
+    texts = [_text_after(tokenizer, anchor, prefix, i) for i in range(n)]
     texts += [""] * (vocab_size - n)
     return tuple(texts)
+
+
+def _text_after(tokenizer, anchor: int, prefix: str, token: int) -> str:
+    full = tokenizer.decode([anchor, token])
+    # A decoder that rewrites across the boundary (none seen so far) falls back to the id alone.
+    return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode([token])
+
+
+def plain_anchor(tokenizer) -> int:
+    """A token to decode other tokens after: one whose text is a single ASCII letter or digit that
+    decodes alone as it does in context (no word-boundary space to drop) and repeats without merging
+    (`decode([a, a]) == 2 * decode([a])`). Found within the first few dozen ids of common vocabularies
+    (sentencepiece byte pieces, byte-level BPE single characters)."""
+    for token in range(tokenizer.vocab_size):
+        text = tokenizer.decode([token])
+        if len(text) == 1 and text.isascii() and text.isalnum() and tokenizer.decode([token, token]) == 2 * text:
+            return token
+    raise ValueError("the tokenizer has no token that decodes to a single ASCII letter or digit")

@@ -1,0 +1,199 @@
+"""Edge cases of the sampler's inputs and texts: a str as `stop` or `prompts`, the token texts the stop
+automaton reads (sentencepiece vocabularies as tokenizer.model and as tokenizer.json, control tokens),
+an empty prompt's first space, a model vocabulary padded past the tokenizer's, out-of-range seeds and
+top-k. The policies are random decoders whose logits a fixed per-id bias dominates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from alphallm_jax.models import ModelConfig
+from alphallm_jax.models.tokenizer import Tokenizer
+from alphallm_jax.sampling import Sampler, SampleRequest
+from alphallm_jax.sampling.token_texts import plain_anchor, token_texts
+from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
+from tests.tiny_lm import BiasedDecoder
+
+VOCAB = 32000  # the Mistral sentencepiece vocabulary
+BOS, EOS = 1, 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    require_shared_data()
+    return Tokenizer.from_sentencepiece(MISTRAL_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """The Mistral vocabulary as a tokenizer.json (no tokenizer.model) with the Llama/Mistral fast
+    decoder, whose `Strip` drops the first space of what it decodes."""
+    require_shared_data()
+    import sentencepiece as spm
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    sp = spm.SentencePieceProcessor(model_file=str(MISTRAL_TOKENIZER))
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    hf = HFTokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    path = tmp_path_factory.mktemp("hf_tok")
+    fast.save_pretrained(str(path))
+    return Tokenizer.from_dir(path)
+
+
+def _policy(bias_by_id: dict[int, float], *, vocab: int = VOCAB, base: float = -30.0) -> BiasedDecoder:
+    """A random decoder whose logits are `bias_by_id` (every other id: `base`) plus a small random part."""
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    bias_v = np.full(vocab, base, np.float32)
+    for i, b in bias_by_id.items():
+        bias_v[i] = b
+    return BiasedDecoder(cfg, bias_v, rngs=nnx.Rngs(0))
+
+
+def _the(tokenizer) -> int:
+    (the,) = tokenizer.encode("the")  # the piece "\u2581the"
+    return the
+
+
+# ------------------------------------------------------------------------------------ str arguments
+
+
+def test_a_str_stop_is_one_stop_string_not_its_characters(tokenizer):
+    the = _the(tokenizer)
+    sampler = Sampler(_policy({the: 30.0}), tokenizer, max_len=64)  # writes " the the the ..."
+    stop = "\n\nQuestion:"  # holds "t", "e" and " ", which " the" does too
+    (c,) = sampler.generate(["Say"], max_new_tokens=6, temperature=0.0, stop=stop)[0]
+    assert (c.finish_reason, c.token_ids) == ("length", [the] * 6)
+    req = SampleRequest(state=sampler.new_state("Say"), max_new_tokens=6, temperature=0.0, stop=stop)
+    assert req.stop == (stop,)
+    (c,) = sampler.sample([req], keep_states=False)
+    assert (c.finish_reason, c.token_ids) == ("length", [the] * 6)
+    (c,) = sampler.generate(["Say"], max_new_tokens=6, temperature=0.0, stop="the the")[0]
+    assert (c.finish_reason, c.stop_string, c.text) == ("stop", "the the", " the the")
+
+
+def test_generate_refuses_a_str_of_prompts(tokenizer):
+    sampler = Sampler(_policy({}), tokenizer, max_len=64)
+    with pytest.raises(TypeError, match=r"\[prompt\]"):
+        sampler.generate("Hi!", max_new_tokens=3)
+
+
+# ------------------------------------------------------------------------------------ token texts
+
+
+def test_token_texts_of_a_tokenizer_json_keep_word_boundary_spaces(tokenizer, hf_tokenizer):
+    the = _the(tokenizer)
+    from_json, from_model = token_texts(hf_tokenizer, VOCAB), token_texts(tokenizer, VOCAB)
+    assert from_json[the] == from_model[the] == " the"
+    # The same vocabulary gives the same texts either way; only <unk> differs: the HF tokenizer skips
+    # it as a special token, sentencepiece decodes it to " \u2047 ".
+    assert [i for i in range(VOCAB) if from_json[i] != from_model[i]] == [0]
+    assert (from_json[0], from_model[0]) == ("", tokenizer.decode([0]))
+
+
+def test_a_stop_with_a_space_stops_a_tokenizer_json_sampler(tokenizer, hf_tokenizer):
+    sampler = Sampler(_policy({_the(tokenizer): 30.0}), hf_tokenizer, max_len=64)
+    (c,) = sampler.generate(["Say"], max_new_tokens=6, temperature=0.0, stop=[" the"])[0]
+    assert (c.finish_reason, c.stop_string, c.text) == ("stop", " the", " the")
+    (c,) = sampler.generate(["Say"], max_new_tokens=6, temperature=0.0, stop=["thethe"])[0]
+    assert c.finish_reason == "length"  # " the the ..." never holds "thethe"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_texts_concatenate_to_the_decoded_text(tokenizer, seed):
+    """Every token's text, control tokens and <unk> included, is what it adds to the decoded text (byte
+    pieces of non-ASCII characters left out: they decode together, not one by one)."""
+    texts = token_texts(tokenizer, VOCAB)
+    rng = np.random.default_rng(seed)
+    ascii_bytes = [tokenizer.encode("a\nb")[1], tokenizer.encode("a\tb")[1]]  # <0x0A>, <0x09>
+    ids = rng.permutation([0, BOS, EOS, *ascii_bytes, *rng.integers(259, VOCAB, size=35)]).tolist()
+    anchor = plain_anchor(tokenizer)
+    assert tokenizer.decode([anchor] + ids) == tokenizer.decode([anchor]) + "".join(texts[i] for i in ids)
+
+
+def test_control_tokens_never_complete_a_stop(tokenizer):
+    sampler = Sampler(_policy({BOS: 30.0}), tokenizer, max_len=64)  # writes only <s>, which decodes to ""
+    (c,) = sampler.generate(["Hi"], max_new_tokens=8, temperature=0.0, stop=[">", "s"])[0]
+    assert (c.finish_reason, c.text, c.token_ids) == ("length", "", [BOS] * 8)
+
+
+def test_an_empty_prompts_text_keeps_the_first_tokens_space(tokenizer):
+    """The stop automaton sees the first token's word-boundary space after an empty prompt; the text
+    keeps it too, so the stop string is in the text."""
+    sampler = Sampler(_policy({_the(tokenizer): 30.0}), tokenizer, max_len=64)
+    (c,) = sampler.generate([""], max_new_tokens=4, temperature=0.0, stop=[" the"])[0]
+    assert (c.finish_reason, c.stop_string, c.text) == ("stop", " the", " the")
+    (c,) = sampler.generate([""], max_new_tokens=2, temperature=0.0)[0]
+    assert c.text == " the the"
+
+
+def test_the_text_runs_to_the_end_of_the_token_that_completed_the_stop(tokenizer):
+    (and_,) = tokenizer.encode("and")
+    sampler = Sampler(_policy({and_: 30.0}), tokenizer, max_len=64)
+    (c,) = sampler.generate(["Question"], max_new_tokens=4, temperature=0.0, stop=["an"])[0]
+    assert (c.finish_reason, c.stop_string, c.token_ids, c.text) == ("stop", "an", [and_], " and")
+
+
+# ------------------------------------------------------------------------------------ padded vocabulary
+
+
+def test_a_padded_vocabulary_never_samples_past_the_tokenizer(tokenizer):
+    the, padded = _the(tokenizer), VOCAB + 10
+    model = _policy({padded: 30.0, the: 25.0}, vocab=VOCAB + 64, base=0.0)
+    sampler = Sampler(model, tokenizer, max_len=64)
+    (c,) = sampler.generate(["Say"], max_new_tokens=3, temperature=0.0)[0]
+    assert (c.token_ids, c.text) == ([the] * 3, " the the the")
+    samples = sampler.generate(["Say"], max_new_tokens=8, temperature=3.0, num_samples=16, seed=1)[0]
+    assert max(t for s in samples for t in s.token_ids) < VOCAB
+    # Log-probabilities are over the ids the tokenizer has.
+    prompt = list(sampler.new_state("Say").tokens)
+    logits_v = np.asarray(model(np.array([prompt], np.int32))[0, -1], np.float64)[:VOCAB]
+    logp_v = logits_v - logits_v.max() - np.log(np.exp(logits_v - logits_v.max()).sum())
+    assert c.logprobs[0] == pytest.approx(logp_v[the], abs=2e-4)
+
+
+def test_decode_after_skips_ids_the_tokenizer_lacks(tokenizer):
+    the = _the(tokenizer)
+    sampler = Sampler(_policy({}, vocab=VOCAB + 64), tokenizer, max_len=64)
+    assert sampler.decode_after([BOS, the], [VOCAB + 10, the, VOCAB + 63]) == " the"
+    assert sampler.decode_after([BOS, VOCAB + 5], [the]) == " the"
+
+
+# ------------------------------------------------------------------------------------ seeds and top-k
+
+
+def test_generate_refuses_negative_seeds_naming_the_argument(tokenizer):
+    sampler = Sampler(_policy({}), tokenizer, max_len=64)
+    with pytest.raises(ValueError, match="^seed"):
+        sampler.generate(["a"], max_new_tokens=2, seed=-1)
+    with pytest.raises(ValueError, match="^prompt_seeds"):
+        sampler.generate(["a"], max_new_tokens=2, prompt_seeds=[-3])
+
+
+def test_request_seeds_are_taken_modulo_2_to_the_32(tokenizer):
+    sampler = Sampler(_policy({}, base=0.0), tokenizer, max_len=64)  # near-uniform: seeds differ
+    root = sampler.new_state("a")
+
+    def tokens(seeds):
+        reqs = [SampleRequest(state=root, max_new_tokens=4, temperature=1.0, seed=s) for s in seeds]
+        return [c.token_ids for c in sampler.sample(reqs, keep_states=False)]
+
+    assert tokens([-1, 2**32 + 5, 2**40]) == tokens([2**32 - 1, 5, 0])
+    assert tokens([5]) != tokens([6])
+
+
+def test_a_top_k_past_the_vocabulary_keeps_it_all(tokenizer):
+    sampler = Sampler(_policy({}, base=0.0), tokenizer, max_len=64)
+    kw = dict(max_new_tokens=4, temperature=1.0, num_samples=4, seed=3)
+    whole = sampler.generate(["a"], **kw)[0]
+    for top_k in (2**31, 2**40):
+        assert [c.token_ids for c in sampler.generate(["a"], top_k=top_k, **kw)[0]] == [c.token_ids for c in whole]
