@@ -137,6 +137,13 @@ def test_plan_of_the_demo_matches_its_models():
     assert plan["models"]["policy"]["source"] == "config sizes"
     assert set(plan["models"]) == {"policy", "critic", "rollout_policy"}
     assert plan["models"]["rollout_policy"]["trained"]
+    # The demo's critic starts from the fast-rollout policy: its backbone, plus the heads.
+    assert cfg.critics.model.init == "rollout_policy"
+    critic = plan["models"]["critic"]
+    h, d = cfg.critics.model.head_hidden, cfg.rollout_policy.model.hidden_size
+    heads = 3 * (d * h + h + h + 1)  # value, PRM and ORM heads: d -> hidden -> 1, with biases
+    assert critic["source"].startswith("rollout policy")
+    assert critic["param_count"] == plan["models"]["rollout_policy"]["param_count"] + heads
 
 
 def test_plan_command_writes_json(tmp_path):

@@ -182,10 +182,14 @@ def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
                                   infer_rows=rows, infer_len=search_len)}
 
     m = cfg.critics.model
+    r = cfg.rollout_policy
     if m.init == "policy":
         critic_cfg, critic_src = policy_cfg, f"policy ({policy_src})"
     elif m.init == "checkpoint":
         critic_cfg, critic_src = _shape(m.preset, m.checkpoint, None, policy_cfg.vocab_size)
+    elif m.init == "rollout_policy":  # the fast-rollout policy's backbone (the demo's critic)
+        critic_cfg, src = _shape(r.model.preset, r.checkpoint, r.model, policy_cfg.vocab_size)
+        critic_src = f"rollout policy ({src})"
     else:
         critic_cfg, critic_src = _from_sizes(m, policy_cfg.vocab_size), "config sizes (scratch)"
     critic_cfg = critic_cfg.replace(dtype=m.dtype, param_dtype=m.dtype if m.init != "policy" else policy_cfg.param_dtype)
@@ -195,7 +199,6 @@ def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
                                  infer_rows=score_rows, infer_len=min(search_len, critic_cfg.max_position_embeddings))
 
     if cfg.rollout_policy.enabled:
-        r = cfg.rollout_policy
         fast_cfg, fast_src = _shape(r.model.preset, r.checkpoint, r.model, policy_cfg.vocab_size)
         fast_cfg = fast_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
         trained = not r.model.preset and not r.checkpoint  # the demo trains it; presets load one
