@@ -8,8 +8,8 @@
 # (alphallm_jax/utils/distributed.py). Process 0 prints to this terminal, the others to
 # LOG_DIR/process_<i>.log (default: a new temporary directory, printed). The exit status is that of the
 # first process to fail (the one named), which stops the others at once; Ctrl-C stops them all.
-# The command run is $ALPHALLM_CMD if set, else `alphallm` on PATH, else `python -m alphallm_jax.cli`
-# ($PYTHON, default python3).
+# The command run is $ALPHALLM_CMD if set, else the checkout's .venv/bin/alphallm, else `alphallm` on
+# PATH, else `python -m alphallm_jax.cli` ($PYTHON, default python3).
 set -euo pipefail
 
 num_processes=""
@@ -33,14 +33,20 @@ if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ ]] || [[ $# -eq 0 ]]; then
   exit 2
 fi
 
+# The checkout's own virtual environment (the quickstart's .venv) comes before PATH: it is what a
+# fresh clone has installed, while `alphallm` is on PATH only in an activated environment.
+venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin"
 if [[ -n "${ALPHALLM_CMD:-}" ]]; then
   read -r -a cmd <<< "$ALPHALLM_CMD"
+elif [[ -x "$venv/alphallm" ]]; then
+  cmd=("$venv/alphallm")
 elif command -v alphallm > /dev/null 2>&1; then
   cmd=(alphallm)
 else
   cmd=("${PYTHON:-python3}" -m alphallm_jax.cli)
 fi
 py="${PYTHON:-python3}"
+[[ -z "${PYTHON:-}" && -x "$venv/python" ]] && py="$venv/python"
 if [[ -z "$port" ]]; then  # a free port, chosen by the OS
   port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')"
 fi

@@ -101,6 +101,18 @@ def test_local_launcher_sets_the_distributed_environment(tmp_path):
     assert usage.returncode == 2 and "usage" in usage.stderr
 
 
+@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "alphallm").exists(), reason="no .venv in the checkout")
+def test_local_launcher_runs_the_checkouts_venv_without_an_activated_environment(tmp_path):
+    """After the quickstart (.venv installed, not activated) `launch/local.sh -- CMD` works as the README
+    writes it: the launcher finds the checkout's .venv/bin/alphallm, not a system python without JAX."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", str(LOCAL), "--num_processes=2", f"--log_dir={tmp_path}", "--", "--help"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: alphallm SUBCOMMAND" in out.stdout and "usage: alphallm SUBCOMMAND" in (
+        tmp_path / "process_1.log").read_text()
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
 def test_counters_are_summed_over_processes(tmp_path):
     """`sum_over_processes` (the search summary's sampler and backend counters): every host's own counts
