@@ -74,7 +74,7 @@ def test_a_resumed_search_redoes_started_chunks_whole_and_rewrites_nothing(tmp_p
     mtimes = {p.name: p.stat().st_mtime_ns for p in trees_dir.iterdir()}
     backend = SyntheticBackend()
     _, searched = search_to_dir(problems, backend, settings, trees_dir, problems_per_call=2)
-    assert searched == 1
+    assert searched == 2  # the whole started chunk is searched again (its count says so), one tree written
     assert {r.problem_id for call in backend.calls_of("start") for r in call} == {"p0", "p1"}
     assert {p.name: p.read_bytes() for p in trees_dir.iterdir()} == before
     assert all(trees_dir.joinpath(n).stat().st_mtime_ns == t for n, t in mtimes.items())
@@ -146,7 +146,9 @@ def test_search_cli_writes_trees_resumes_and_summarises(tmp_path):
     (trees_dir / "b.jsonl").unlink()
     resumed = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((workdir / "search" / "summary.json").read_text())["searched_now"] == 1
+    resumed_summary = json.loads((workdir / "search" / "summary.json").read_text())
+    assert resumed_summary["searched_now"] == 2  # its chunk, both problems, searched again
+    assert resumed_summary["this_run"]["backend_stats"] and resumed_summary["num_problems"] == 2
     assert {name: (trees_dir / name).read_bytes() for name in files} == before
     # Another critic (or policy, or search setting) would skip the trees searched without it: refused.
     save_critic(random_critic(tokenizer, seed=1), tmp_path / "critic", tokenizer=tokenizer)

@@ -26,4 +26,4 @@ def main(argv) -> None:
     accuracy = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}% ({s['correct']}/{s['graded']})"
     print(f"search {s['method']}: {s['num_problems']} problems ({s['searched_now']} searched now), "
           f"accuracy {accuracy}, nodes/q {s['mean_nodes']:.1f}, tokens/q {s['mean_generated_tokens']:.1f}, "
-          f"{s['wall_seconds']:.0f} s")
+          f"{s['this_run']['wall_seconds']:.0f} s")

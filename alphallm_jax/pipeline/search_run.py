@@ -218,7 +218,9 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
                   method: str = "mcts", problems_per_call: int = 256,
                   desc: str = "search") -> tuple[list[Tree], int]:
     """Search every problem whose tree is not yet under `trees_dir`, writing each tree as it finishes.
-    Returns every problem's tree (loaded or searched) in problem order, and how many were searched now.
+    Returns every problem's tree (loaded or searched) in problem order, and how many this call searched
+    (a chunk holding an unfinished tree is searched whole, its finished trees again, so a resumed run
+    may search more than it writes).
 
     Multi-host: each process searches its fixed share of the problems (`this_process_share`) on its own
     devices and writes those trees; after a barrier every process reads all of them. A tree's random
@@ -252,10 +254,12 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
         # run searches the same fixed chunks of `mine` as an uninterrupted one (a chunk with any unfinished
         # tree is searched whole), so every tree comes out bit-identical.
         size = max(1, problems_per_call)
+        searched = 0
         for start in range(0, len(mine), size):
             chunk = mine[start:start + size]
             if all(p.problem_id in trees for p in chunk):
                 continue
+            searched += len(chunk)
             if method == "mcts":
                 run_mcts(chunk, backend, settings.mcts, on_tree_done=done)
             else:
@@ -270,7 +274,7 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
                     raise RuntimeError(f"{paths[p.problem_id]}: no finished tree after every process searched "
                                        "its share; rerun to resume")
                 trees[p.problem_id] = tree
-    return [trees[p.problem_id] for p in problems], len(todo)
+    return [trees[p.problem_id] for p in problems], searched
 
 
 def chosen_solution(tree: Tree) -> str:
@@ -336,10 +340,12 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     trees, searched = search_to_dir(problems, backend, settings, out / "trees", method=method,
                           problems_per_call=cfg.search.problems_per_call, desc=f"search {method}")
     wall = time.time() - start
+    # The trees' figures cover every problem; the counters only this run's work (a resumed run's are its own).
     summary = {
-        "method": method, **summarize_trees(trees), "searched_now": searched,
-        "wall_seconds": round(wall, 2), "backend_stats": sum_over_processes(backend.stats.as_dict()),
-        "sampler_stats": sum_over_processes(backend.sampler.stats.as_dict()), "settings": settings.to_dict(),
+        "method": method, **summarize_trees(trees), "searched_now": sum_over_processes({"n": searched})["n"],
+        "this_run": {"wall_seconds": round(wall, 2), "backend_stats": sum_over_processes(backend.stats.as_dict()),
+                     "sampler_stats": sum_over_processes(backend.sampler.stats.as_dict())},
+        "settings": settings.to_dict(),
     }
     if is_coordinator():  # every process's counters, summed; the trees are every process's
         atomic_write_json(out / "summary.json", summary)
