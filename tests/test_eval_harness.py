@@ -72,6 +72,21 @@ def test_a_smaller_budget_reads_the_first_samples_of_a_larger_one():
     assert sampler.calls[-1][1] == 4
 
 
+def test_an_evaluation_draws_its_largest_sample_budget_once_whatever_the_order(tmp_path):
+    """maj@2 before maj@3: one draw of 3 serves both, so a resumed run that has only maj@3 left (or
+    another method order) reads the same samples and floats; greedy and tree searches draw nothing."""
+    from alphallm_jax.pipeline.eval_methods import sample_budget
+
+    assert sample_budget(["greedy", "maj@2", "orm@8,prm@4", "mcts@64", "pass@16"]) == 16
+    assert sample_budget(["greedy", "mcts@64", "beam@8"]) == 0
+    sampler = ScriptedSampler({q: ["#### 12", "#### 7", "#### 12"] for q in ("q0", "q1", "q2")})
+    ctx = _ctx(sampler)
+    ctx.components["sample_cache"] = {}
+    summary = evaluate_methods(PROBLEMS, ctx, ["greedy", "maj@2", "maj@3"], tmp_path, batch_size=3)
+    assert [c[1] for c in sampler.calls] == [1, 3]
+    assert summary["maj@3"]["correct"] == 1 and summary["maj@2"]["n"] == 3
+
+
 def test_method_specs_are_validated():
     with pytest.raises(ValueError, match="unknown evaluation method 'sample@4'"):
         make_method("sample@4")

@@ -66,6 +66,17 @@ def method_specs(entries) -> list[str]:
     return [m.strip() for entry in entries for m in str(entry).split(",") if m.strip()]
 
 
+# Methods that read k samples of each problem through `_sample` (at the evaluation's temperature).
+SAMPLED_METHODS = ("maj", "pass", "orm", "prm")
+
+
+def sample_budget(specs) -> int:
+    """The largest k of the sampled methods among `specs` (0: none): what `_sample` draws at once."""
+    budgets = [int(k) for name, _, k in (s.partition("@") for s in method_specs(specs))
+               if name in SAMPLED_METHODS and k.isdigit()]
+    return max(budgets, default=0)
+
+
 def make_method(spec: str) -> EvalMethod:
     name, _, budget = spec.partition("@")
     if name not in METHODS:
@@ -84,8 +95,13 @@ def _sample(problems, ctx: EvalContext, *, num_samples: int, temperature: float)
     # Sample j of a problem has its own seed whatever the budget, so a budget of k sees the first k samples
     # of any larger one (nested budgets, as the papers' accuracy-against-budget curves assume). With a dict
     # under components["sample_cache"], methods at the same temperature sample each problem only once.
+    # The evaluation's largest budget (components["sample_budget"]) is drawn at once: whichever method comes
+    # first, or which of them a resumed run still has to do, every method reads the same draw, so their
+    # floats (log-probabilities, critic scores) never depend on the order or on a resume.
     cache = ctx.components.get("sample_cache")
-    key = (tuple(p.id for p in problems), num_samples, temperature, ctx.seed)
+    budget = ctx.components.get("sample_budget", 0) if cache is not None and temperature > 0 else 0
+    draw = max(num_samples, budget)  # greedy (temperature 0) draws its one sample alone
+    key = (tuple(p.id for p in problems), draw, temperature, ctx.seed)
     if cache is not None:
         larger = [k for k in cache if k[0] == key[0] and k[2:] == key[2:] and k[1] >= num_samples]
         if larger:
@@ -93,11 +109,11 @@ def _sample(problems, ctx: EvalContext, *, num_samples: int, temperature: float)
     cfg = ctx.eval_cfg
     out = ctx.sampler.generate(
         [ctx.prompt_for(p) for p in problems], max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop), num_samples=num_samples, seed=ctx.seed,
+        top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop), num_samples=draw, seed=ctx.seed,
         prompt_seeds=[problem_seed(ctx.seed, p.id) for p in problems])  # independent of batch and process
     if cache is not None:
         cache[key] = out
-    return out
+    return [samples[:num_samples] for samples in out]
 
 
 @dataclasses.dataclass

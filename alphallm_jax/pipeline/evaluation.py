@@ -22,7 +22,7 @@ from alphallm_jax.data.loaders import is_named_split, load_dataset
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt, question_key, step_separator
 from alphallm_jax.pipeline import reporting
-from alphallm_jax.pipeline.eval_methods import EvalContext, make_method, method_specs
+from alphallm_jax.pipeline.eval_methods import EvalContext, make_method, method_specs, sample_budget
 from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
 from alphallm_jax.utils.io import (
     append_jsonl,
@@ -187,6 +187,8 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     out_root = as_path(workdir) / tag
     if identity is not None:
         check_run_identity(out_root, identity, resumable=RESUMABLE_EVAL_KEYS, required=REQUIRED_EVAL_KEYS)
+    # Sampled methods share one draw of the largest budget (`eval_methods._sample`).
+    ctx.components["sample_budget"] = sample_budget(methods)
     for spec in methods:
         method = make_method(spec)
         part = _part_path(out_root, spec)
