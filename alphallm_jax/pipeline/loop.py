@@ -177,10 +177,11 @@ def _acc(summary: dict, spec: str) -> dict:
 def evaluate_policy(cfg, workdir, policy_dir, methods, out_dir, *, mesh=None) -> dict:
     """`methods` on the config's eval split with the policy at `policy_dir`; the critics and the search
     backend are loaded when a method needs them. Returns {spec: {"accuracy", "n", ...}}."""
+    from alphallm_jax.pipeline.eval_methods import method_specs
     from alphallm_jax.pipeline.evaluation import evaluate_checkpoint
 
     summary, _ = evaluate_checkpoint(cfg, workdir, policy_dir, methods, out_dir, mesh=mesh)
-    return {spec: _acc(summary, spec) for spec in methods}
+    return {spec: _acc(summary, spec) for spec in method_specs(methods)}
 
 
 def _fmt(results: dict) -> str:
@@ -391,7 +392,7 @@ def _iteration(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tupl
     prompts_file = str(it_root / "synthesis" / syn["prompts_file"])
 
     def search(stage_dir):
-        from alphallm_jax import load_pretrained
+        from alphallm_jax.models.loading import load_policy
         from alphallm_jax.pipeline.evaluation import prompt_builder
         from alphallm_jax.pipeline.search_run import (
             SearchSettings,
@@ -401,7 +402,7 @@ def _iteration(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tupl
             summarize_trees,
         )
 
-        model, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=run.mesh, param_dtype=cfg.model.param_dtype)
+        model, tokenizer = load_policy(cfg, policy_dir, mesh=run.mesh)
         problems = read_prompts_file(prompts_file, cfg.task, prompt_builder(cfg, tokenizer), seed)
         settings = SearchSettings.from_config(cfg)
         backend = make_backend(cfg, run.root, model, tokenizer, [p.prompt for p in problems], mesh=run.mesh,

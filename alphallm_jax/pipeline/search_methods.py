@@ -83,8 +83,10 @@ def eval_components(cfg, workdir, methods: Sequence[str], model, tokenizer, prom
     """What `methods` need beyond the sampler: a shared sample cache, the critic for orm@k/prm@k/mcts/beam
     (`scorer`, else loaded from `workdir`), and for the search methods the config's settings and a search
     backend with its own sampler (`search.pool_slots`) and the fast-rollout policy."""
+    from alphallm_jax.pipeline.eval_methods import method_specs
     from alphallm_jax.pipeline.search_run import SearchSettings, load_critic_scorer, make_backend
 
+    methods = method_specs(methods)
     names = {spec.partition("@")[0] for spec in methods}
     components: dict[str, Any] = {"sample_cache": {}}  # maj@k, orm@k, prm@k, pass@k share their samples
     if names & set(CRITIC_METHODS):
