@@ -43,9 +43,9 @@ def variant_config(cfg, spec: str):
 
 def main(argv) -> None:
     del argv
-    from alphallm_jax import load_pretrained
     from alphallm_jax.benchmarks.common import machine_info
     from alphallm_jax.benchmarks.search_bench import run_search_bench
+    from alphallm_jax.models.loading import load_policy
     from alphallm_jax.pipeline.evaluation import load_split, prompt_builder
     from alphallm_jax.pipeline.search_run import (
         SearchSettings,
@@ -61,7 +61,7 @@ def main(argv) -> None:
     policy = f.policy or str(as_path(f.workdir) / "base" / "policy")
     if not as_path(policy).exists():
         raise FileNotFoundError(f"no policy at {policy} (run `alphallm loop` into --workdir, or pass --policy)")
-    model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    model, tokenizer = load_policy(cfg, policy)
     prompt_for = prompt_builder(cfg, tokenizer)
     split = cfg.search.split or cfg.eval.split
     pool = [search_problem(p, prompt_for(p), cfg.seed) for p in load_split(cfg, split, f.num_problems)]

@@ -19,8 +19,8 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
-    from alphallm_jax import load_pretrained
     from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.models.loading import load_policy
     from alphallm_jax.synthesis import run_synthesis, summary_line
     from alphallm_jax.synthesis.run import check_policy
     from alphallm_jax.utils.io import as_path
@@ -31,7 +31,7 @@ def main(argv) -> None:
     out = as_path(f.workdir) / "synthesis"
     check_policy(out, policy)  # before loading it: a folder of another policy's samples is refused
     mesh = mesh_from_config(cfg)
-    model, tokenizer = load_pretrained(policy, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
+    model, tokenizer = load_policy(cfg, policy, mesh=mesh)
     result = run_synthesis(cfg, out, model, tokenizer, iteration=f.iteration, mesh=mesh)
     print(summary_line(result.counts))
     print(f"prompts: {result.out_dir}/prompts.jsonl")

@@ -36,6 +36,6 @@ def train_fast_rollout_policy(cfg, workdir, policy_dir, *, mesh=None) -> dict:
 
 def load_fast_rollout_policy(cfg, workdir, *, mesh=None):
     """(model, tokenizer) of the fast policy, for the search's rollout sampler."""
-    from alphallm_jax import load_pretrained
+    from alphallm_jax.models.loading import load_policy
 
-    return load_pretrained(fast_policy_dir(cfg, workdir), dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
+    return load_policy(cfg, fast_policy_dir(cfg, workdir), mesh=mesh)

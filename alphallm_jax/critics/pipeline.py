@@ -220,8 +220,8 @@ def fit_combiner(cfg, workdir, scorer: CriticScorer, train_rows) -> OutcomeCombi
 
 def run_train_critics(cfg, workdir) -> dict:
     """Every stage (see the module doc); returns a summary of what was measured."""
-    from alphallm_jax import load_pretrained
     from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.models.loading import load_policy
 
     mesh = mesh_from_config(cfg)
     root = critics_dir(workdir)
@@ -238,7 +238,7 @@ def run_train_critics(cfg, workdir) -> dict:
         return out
 
     policy_dir = timed("policy", resolve_policy, cfg, workdir, mesh=mesh)
-    policy, tokenizer = load_pretrained(policy_dir, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
+    policy, tokenizer = load_policy(cfg, policy_dir, mesh=mesh)
     train_rows, dev_rows = timed("data", build_data, cfg, workdir, policy, tokenizer, mesh=mesh)
     fast = None
     if cfg.rollout_policy.enabled:  # first: the critic's backbone may be the fast-rollout policy

@@ -30,6 +30,12 @@ def check_tokenizer_matches(tokenizer: Tokenizer, cfg: ModelConfig, where: str |
                      f"{cfg.bos_token_id}{at}: wrong tokenizer for this checkpoint")
 
 
+def load_policy(cfg, path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> tuple[Decoder, Tokenizer]:
+  """The configured policy (or fast-rollout policy) at `path`: `model.dtype` compute, `model.param_dtype`
+  parameters, as `alphallm plan` sizes it."""
+  return load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32",
                     mesh: jax.sharding.Mesh | None = None,
                     rules: ShardingRules = ShardingRules(),

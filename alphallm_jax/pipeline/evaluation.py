@@ -330,11 +330,11 @@ def evaluate_checkpoint(cfg, workdir, checkpoint, methods, out_dir, *, mesh=None
     """`methods` on the config's eval split with the policy at `checkpoint`, results under `out_dir`; the
     critics (orm@k, prm@k, mcts, beam) and the search backend come from `workdir`, loaded only when a
     method needs them. Returns (the merged summary, the context)."""
-    from alphallm_jax import load_pretrained
+    from alphallm_jax.models.loading import load_policy
     from alphallm_jax.pipeline.search_methods import eval_components
 
     methods = method_specs(methods)
-    model, tokenizer = load_pretrained(checkpoint, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
+    model, tokenizer = load_policy(cfg, checkpoint, mesh=mesh)
     problems, ctx = eval_context(cfg, model, tokenizer, mesh=mesh)
     ctx.components.update(eval_components(cfg, workdir, list(methods), model, tokenizer,
                                           [ctx.prompt_for(p) for p in problems], mesh=mesh))

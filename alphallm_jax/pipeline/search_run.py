@@ -307,8 +307,8 @@ def summarize_trees(trees: Sequence[Tree]) -> dict[str, Any]:
 
 def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     """`alphallm search`: load the policy, critics (and fast-rollout policy), search, write trees and a summary."""
-    from alphallm_jax import load_pretrained
     from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.models.loading import load_policy
     from alphallm_jax.pipeline.evaluation import prompt_builder
 
     if not cfg.model.checkpoint:
@@ -317,7 +317,7 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     if method not in METHODS:
         raise ValueError(f"search.method={method!r}; choose from {METHODS}")
     mesh = mesh_from_config(cfg)
-    model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
+    model, tokenizer = load_policy(cfg, cfg.model.checkpoint, mesh=mesh)
     problems = load_search_problems(cfg, prompt_builder(cfg, tokenizer))
     if not problems:
         raise ValueError("no problems to search (an empty split or prompts file)")

@@ -82,7 +82,7 @@ def synthesize_from_config(cfg, policy_dir, seeds: Sequence[Problem], out_dir, *
     `prompts_file` ("prompts.jsonl", relative to `out_dir`), whose rows the search reads as prompts
     ({"id", "question", ...}).
     """
-    from alphallm_jax import load_pretrained
+    from alphallm_jax.models.loading import load_policy
 
     settings = SynthesisSettings.from_config(cfg.synthesis)
     settings = dataclasses.replace(settings, seed=settings.seed + seed)
@@ -90,7 +90,7 @@ def synthesize_from_config(cfg, policy_dir, seeds: Sequence[Problem], out_dir, *
     result = load_synthesis(out_dir)
     if result is None:
         check_policy(out_dir, policy_dir)
-        model, tokenizer = load_pretrained(str(policy_dir), dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
+        model, tokenizer = load_policy(cfg, str(policy_dir), mesh=mesh)
         result = synthesize(_sampler(cfg, model, tokenizer, mesh), seeds, settings, out_dir, test_questions=tests,
                             previous=previous, id_prefix=id_prefix, progress=progress)
     c = result.counts

@@ -272,7 +272,7 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
     training raises, unless ``allow_untrained`` (the loop, whose weak policies and small budgets may
     leave nothing): then the policy is not loaded, the record keeps ``cfg.model.checkpoint`` as its
     policy and says why in ``untrained``, and a rerun skips it too."""
-    from alphallm_jax import load_pretrained
+    from alphallm_jax.models.loading import load_policy
 
     pt = cfg.policy_train
     method = method or pt.method
@@ -320,7 +320,7 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
         if method == "dpo":
             record["ordering"] = ordering
     else:
-        model, tokenizer = load_pretrained(cfg.model.checkpoint, dtype=cfg.model.dtype, mesh=mesh, param_dtype=cfg.model.param_dtype)
+        model, tokenizer = load_policy(cfg, cfg.model.checkpoint, mesh=mesh)
         if method == "sft":
             summary = train_sft_on_traces(model, tokenizer, traces, pt, root, mesh=mesh)
         else:
