@@ -94,10 +94,9 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(2)
         return module.main(argv)
 
-    spec = _config_spec(rest)
-    if spec is not None and not os.path.isfile(spec.partition(":")[0]):
-        print(f"alphallm {name}: --config: no config file at {spec.partition(':')[0]} "
-              f"(from {os.getcwd()})", file=sys.stderr)
+    config_path = (_config_spec(rest) or "").partition(":")[0]
+    if config_path and not os.path.isfile(config_path):
+        print(f"alphallm {name}: --config: no config file at {config_path} (from {os.getcwd()})", file=sys.stderr)
         sys.exit(2)
     if any(a in ("-h", "--help", "-help") for a in rest):
         module.define_flags()

@@ -139,6 +139,8 @@ class ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
       if d.get(flag):
         raise ValueError(f"Unsupported {flag}=True: the decoder has no projection biases")
+    # A key the file leaves out takes the architecture's transformers default, as transformers reads it.
+    defaults = _HF_DEFAULTS[arch]
     # transformers 5 keeps rope_theta inside `rope_parameters`; older configs use
     # top-level `rope_theta` and `rope_scaling`.
     rope_params = dict(d.get("rope_parameters") or {})
@@ -146,7 +148,7 @@ class ModelConfig:
     rope_theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
     if rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
       rope_scaling.setdefault("original_max_position_embeddings",
-                              d.get("max_position_embeddings", 4096))
+                              d.get("max_position_embeddings", defaults["max_position_embeddings"]))
     heads = d["num_attention_heads"]
     # A missing special id takes transformers' LlamaConfig default (bos 1, eos 2, pad none); a `null`
     # one stays none: inventing an id would write it into the next export.
@@ -154,9 +156,7 @@ class ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     # Mistral's window is a sliding window only when shorter than the context: HF configs of
     # later Mistral versions carry `sliding_window: null`.
-    # A key the file leaves out takes the architecture's transformers default, as transformers reads it.
-    defaults = _HF_DEFAULTS[arch]
-    window = d.get("sliding_window", defaults.get("sliding_window")) if arch == "mistral" else None
+    window = d.get("sliding_window", defaults["sliding_window"]) if arch == "mistral" else None
     return cls(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],

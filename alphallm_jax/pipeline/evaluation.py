@@ -17,7 +17,7 @@ import re
 import jax
 from tqdm import tqdm
 
-from alphallm_jax.data.grading import extract_answer, is_correct
+from alphallm_jax.data.grading import answers_equal, extract_answer
 from alphallm_jax.data.loaders import is_named_split, load_dataset
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt, question_key, step_separator
@@ -245,14 +245,15 @@ def seed_results(problems: list[Problem], spec: str, rows, workdir, *, tag: str 
 
 
 def _grade(problem: Problem, out, spec: str, task: str) -> dict:
-    correct = is_correct(out.prediction, problem.answer, task)
+    extracted = extract_answer(out.prediction, task)
+    correct = answers_equal(extracted, problem.answer, task)
     return {
         "id": problem.id,
         "method": spec,
         "question": problem.question,
         "reference": problem.answer,
         "prediction": out.prediction,
-        "extracted": extract_answer(out.prediction, task),
+        "extracted": extracted,
         "correct": correct,
         "correct_strict": _strict(out.prediction, correct, task),
         "generated_tokens": out.generated_tokens,

@@ -343,8 +343,7 @@ def plan_model(spec: ModelSpec, mesh, hbm: int | None, rules: ShardingRules = Sh
     problems = [f"{t.stage} training: {t.problem}" for t in spec.train if t.problem]
     return {"param_count": count, "devices": int(mesh.size), "source": spec.source, "dtype": c.dtype,
             "param_dtype": c.param_dtype, "trained": bool(spec.train), "per_device_bytes": per_device,
-            "peak_per_device_bytes": peak,
-            "fits": False if problems else (None if hbm is None else peak <= FIT_FRACTION * hbm),
+            "peak_per_device_bytes": peak, "fits": _fits(peak, hbm, refused=bool(problems)),
             "problems": problems, "activations_detail": {**detail, "inference_bytes": inference}}
 
 
@@ -355,14 +354,19 @@ def _stages(models: dict[str, dict[str, Any]], hbm: int | None) -> dict:
     for m in models.values():
         b = m["per_device_bytes"]
         search += b["params"] + b["kv_pool"] + m["activations_detail"]["inference_bytes"]
-    stages = {"search": (search, False)}
+    stages = {"search": {"per_device_bytes": search, "fits": _fits(search, hbm)}}
     for name, m in models.items():
         if m["trained"]:
             b = m["per_device_bytes"]
-            stages[f"{name}_training"] = (b["params"] + b["optimizer"] + b["gradients"] + b["activations"],
-                                          bool(m["problems"]))
-    return {k: {"per_device_bytes": v, "fits": False if refused else (None if hbm is None else v <= FIT_FRACTION * hbm)}
-            for k, (v, refused) in stages.items()}
+            v = b["params"] + b["optimizer"] + b["gradients"] + b["activations"]
+            stages[f"{name}_training"] = {"per_device_bytes": v, "fits": _fits(v, hbm, refused=bool(m["problems"]))}
+    return stages
+
+
+def _fits(per_device: int, hbm: int | None, *, refused: bool = False) -> bool | None:
+    """Whether `per_device` bytes fit the device (None: its memory is unknown); never for a stage the
+    trainer would refuse."""
+    return False if refused else (None if hbm is None else per_device <= FIT_FRACTION * hbm)
 
 
 def make_plan(cfg) -> dict[str, Any]:

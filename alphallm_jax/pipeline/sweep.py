@@ -36,12 +36,13 @@ class SweepCheckpoint:
 
 def method_specs(methods: Sequence[str], budgets: Sequence[int]) -> list[str]:
     """The evaluation specs of the grid, in the config's order (a spec given as `name@k` is kept)."""
-    from alphallm_jax.pipeline.eval_methods import make_method, method_specs
+    from alphallm_jax.pipeline.eval_methods import make_method
+    from alphallm_jax.pipeline.eval_methods import method_specs as split_methods
 
     if not methods:
         raise ValueError("config key sweep.methods is empty: name at least one evaluation method")
     specs: list[str] = []
-    for method in method_specs(methods):
+    for method in split_methods(methods):
         name = method.partition("@")[0]
         if "@" in method or name not in BUDGETED_METHODS:
             cell = [method]

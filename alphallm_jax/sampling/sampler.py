@@ -168,7 +168,6 @@ class Sampler:
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}
         self._token_texts: tuple[str, ...] | None = None
-        self._anchor: int | None = None
         # Embedding rows past the tokenizer's vocabulary (a padded vocabulary) are never sampled; None
         # when there are none, so the decode programs are those of an unpadded model.
         known = tokenizer.vocab_size if tokenizer is not None else self.cfg.vocab_size
@@ -260,7 +259,7 @@ class Sampler:
         tail = [t for t in self._known_ids(context[-_TEXT_CONTEXT_TOKENS:]) if t != bos]
         prefix = self.tokenizer.decode(tail)
         if not prefix:
-            tail = [self._anchor_id()] + tail
+            tail = [plain_anchor(self.tokenizer)] + tail
             prefix = self.tokenizer.decode(tail)
         full = self.tokenizer.decode(tail + body)
         return full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(body)
@@ -269,12 +268,8 @@ class Sampler:
 
     def _known_ids(self, ids: Sequence[int]) -> list[int]:
         """`ids` without those the tokenizer cannot decode (a safety net: they are never sampled)."""
-        return [int(t) for t in ids if 0 <= int(t) < self.tokenizer.vocab_size]
-
-    def _anchor_id(self) -> int:
-        if self._anchor is None:
-            self._anchor = plain_anchor(self.tokenizer)
-        return self._anchor
+        n = self.tokenizer.vocab_size
+        return [t for t in map(int, ids) if 0 <= t < n]
 
     @property
     def pool(self) -> KVPool:

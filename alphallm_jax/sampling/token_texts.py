@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 
+
+@functools.lru_cache(maxsize=8)  # per tokenizer object: every sampler and critic scorer of a run shares it
 def token_texts(tokenizer, vocab_size: int) -> tuple[str, ...]:
     """`texts[i]` is the text token i adds when decoded after other text (empty for ids past the
     tokenizer's vocabulary).
@@ -29,6 +32,7 @@ def _text_after(tokenizer, anchor: int, prefix: str, token: int) -> str:
     return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode([token])
 
 
+@functools.lru_cache(maxsize=8)
 def plain_anchor(tokenizer) -> int:
     """A token to decode other tokens after: one whose text is a single ASCII letter or digit that
     decodes alone as it does in context (no word-boundary space to drop) and repeats without merging

@@ -357,8 +357,6 @@ def valid_accum_steps(batch_size: int, dp: int) -> list[int]:
 def microbatch_problem(batch_size: int, grad_accum_steps: int, dp: int) -> str | None:
     """Why a train step cannot split its batch over the mesh, or None: the trainer refuses such a config
     and `alphallm plan` reports it before a run gets that far."""
-    if grad_accum_steps < 1 or batch_size % grad_accum_steps:
-        return f"grad_accum_steps {grad_accum_steps} does not divide batch_size {batch_size}"
     micro = batch_size // grad_accum_steps
     if micro % dp == 0:
         return None
