@@ -13,10 +13,8 @@ import ml_collections
 def train_section(values: dict) -> ml_collections.ConfigDict:
     """A training section: every `TrainConfig` field, `values` over the dataclass defaults, so that any
     of them can be set from the command line (`--config.base.train.grad_accum_steps=2`) as well as in a
-    config file; a field whose default is None is a typed placeholder (`max_steps`, `compute_dtype`)."""
+    config file; a field whose default is None is an empty typed field (`max_steps`, `compute_dtype`)."""
     import dataclasses
-
-    from ml_collections import config_dict
 
     from alphallm_jax.train.trainer import TrainConfig
 
@@ -27,7 +25,7 @@ def train_section(values: dict) -> ml_collections.ConfigDict:
         if f.name in values:
             fields[f.name] = values[f.name]
         elif kind is not None:  # a dict-valued field (compiler_options) stays settable in config files only
-            fields[f.name] = f.default if f.default is not None else config_dict.placeholder(kind)
+            fields[f.name] = f.default if f.default is not None else _empty_field(kind)
     return ml_collections.ConfigDict(fields)
 
 def default_config() -> ml_collections.ConfigDict:
@@ -294,14 +292,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _mcts_section() -> dict:
-    """`preset` plus one None placeholder (typed like the field) per MCTSConfig field."""
+    """`preset` plus one empty field (None, typed like the field) per MCTSConfig field."""
     import dataclasses
-
-    from ml_collections import config_dict
 
     from alphallm_jax.search.mcts_config import MCTSConfig
 
-    fields = {f.name: config_dict.placeholder(type(f.default)) for f in dataclasses.fields(MCTSConfig)}
+    fields = {f.name: _empty_field(type(f.default)) for f in dataclasses.fields(MCTSConfig)}
     return {"preset": "gsm8k_small", **fields}
 
 
@@ -360,3 +356,11 @@ def mesh_from_config(cfg: ml_collections.ConfigDict):
     from alphallm_jax.models.sharding import mesh_or_none
 
     return mesh_or_none((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+
+
+def _empty_field(kind: type):
+    """A config field holding None that a command-line override fills with a value of `kind` (what
+    ml-collections' own typed-None helper builds)."""
+    from ml_collections import FieldReference
+
+    return FieldReference(None, field_type=kind)
