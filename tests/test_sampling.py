@@ -384,7 +384,7 @@ def test_the_stop_string_is_the_one_that_ended_the_text(llama, tokenizer, stops,
 
 
 def test_stop_table_matches_across_token_boundaries():
-    texts = ("a", "#", "##", " #", "x\n", "\n", "b#")
+    texts = (b"a", b"#", b"##", b" #", b"x\n", b"\n", b"b#")
     table = build_stop_table("####", texts)
     state = 0
     for token in (2, 6):  # "##" then "b#": no match, the b breaks the run
@@ -397,7 +397,7 @@ def test_stop_table_matches_across_token_boundaries():
     assert nl.table_kqv[0, 0, 4] == 1 and nl.table_kqv[1, 0, 4] == 1 and nl.table_kqv[1, 1, 5] == 2
     # A token without text (a special token decoding to nothing) leaves every state where it was: the
     # decoded "\n" + "" + "\n" holds the stop string, so the automaton must still see it.
-    table = build_stop_table("\n\n", ("\n", "", "a"))
+    table = build_stop_table("\n\n", (b"\n", b"", b"a"))
     assert table[1, 1] == 1 and table[0, 1] == 0 and table[1, 2] == 0 and table[table[1, 1], 0] == 2
 
 

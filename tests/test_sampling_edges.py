@@ -12,7 +12,7 @@ from flax import nnx
 from alphallm_jax.models import ModelConfig
 from alphallm_jax.models.tokenizer import Tokenizer
 from alphallm_jax.sampling import Sampler, SampleRequest
-from alphallm_jax.sampling.token_texts import plain_anchor, token_texts
+from alphallm_jax.sampling.token_texts import plain_anchor, token_bytes, token_texts
 from tests.helpers import MISTRAL_TOKENIZER, require_shared_data
 from tests.tiny_lm import BiasedDecoder
 
@@ -141,6 +141,61 @@ def test_the_text_runs_to_the_end_of_the_token_that_completed_the_stop(tokenizer
     sampler = Sampler(_policy({and_: 30.0}), tokenizer, max_len=64)
     (c,) = sampler.generate(["Question"], max_new_tokens=4, temperature=0.0, stop=["an"])[0]
     assert (c.finish_reason, c.stop_string, c.token_ids, c.text) == ("stop", "an", [and_], " and")
+
+
+# ------------------------------------------------------------------------------------ byte tokens
+
+QED = "\u220e"  # "∎": three byte pieces in the Mistral vocabulary, no piece of its own
+
+
+def _qed_bytes(tokenizer) -> list[int]:
+    ids = tokenizer.encode("x" + QED)[1:]
+    assert [tokenizer.id_to_piece(i) for i in ids] == ["<0xE2>", "<0x88>", "<0x8E>"]
+    return ids
+
+
+@pytest.mark.parametrize("which", ["model", "json"])
+def test_token_bytes_concatenate_to_the_utf8_of_the_decoded_text(tokenizer, hf_tokenizer, which):
+    tok = tokenizer if which == "model" else hf_tokenizer
+    data = token_bytes(tok, VOCAB)
+    ids = tok.encode("x \u220e = 3\u00b7y\n\u220e\u220e \u7b54 \U0001f600 end")
+    anchor = plain_anchor(tok)
+    assert tok.decode([anchor] + ids).encode() == tok.decode([anchor]).encode() + b"".join(data[i] for i in ids)
+    assert [data[i] for i in _qed_bytes(tokenizer)] == [b"\xe2", b"\x88", b"\x8e"]
+
+
+def test_a_stop_spelled_in_byte_pieces_ends_the_row_where_it_completes(tokenizer):
+    """A policy writing the three byte pieces of "∎" in random order stops after the first run of all
+    three in order, not at the length cap (matched on characters, a byte piece's text is U+FFFD)."""
+    qed = _qed_bytes(tokenizer)
+    sampler = Sampler(_policy({i: 30.0 for i in qed}), tokenizer, max_len=128)
+    (c,) = sampler.generate(["Proof"], max_new_tokens=96, temperature=1.0, stop=[QED, "\n"], seed=3)[0]
+    first = next(k for k in range(len(c.token_ids)) if c.token_ids[k - 2:k + 1] == qed)
+    assert first > 2  # the seed writes other byte runs first
+    assert (c.finish_reason, c.stop_string, len(c.token_ids)) == ("stop", QED, first + 1)
+    assert c.text.endswith(QED)
+
+
+def test_token_bytes_of_a_byte_level_bpe_vocabulary(tmp_path):
+    """A byte-level BPE tokenizer.json (GPT-2's byte alphabet, as Llama-3's): a token holding part of a
+    character stands for its bytes."""
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>", "</s>"])
+    hf.train_from_iterator([f"so x = {n} \u220e done" for n in range(40)], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(tmp_path))
+    tok = Tokenizer.from_dir(tmp_path)
+    data = token_bytes(tok, tok.vocab_size)
+    ids = tok.encode("x \u220e\u00e9 y")
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token holds part of a character
+    assert b"".join(data[i] for i in ids) == "x \u220e\u00e9 y".encode()
 
 
 # ------------------------------------------------------------------------------------ padded vocabulary

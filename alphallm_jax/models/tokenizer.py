@@ -5,8 +5,10 @@ Local files only. Padding is masked by position -1 in the decoder, so `pad_id` i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,26 @@ def _generation_eos(directory: Path) -> tuple[int, ...]:
   if eos is None:
     return ()
   return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+  """Byte-level BPE's printable stand-in for each byte (GPT-2's table, which Llama-3's and most
+  `tokenizer.json` byte-level vocabularies use): printable Latin-1 bytes stand for themselves, the
+  others for U+0100 onwards in byte order."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+               *range(ord("\u00ae"), ord("\u00ff") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _has_byte_level_decoder(spec: dict | None) -> bool:
+  if not spec:
+    return False
+  return spec.get("type") == "ByteLevel" or any(_has_byte_level_decoder(d) for d in spec.get("decoders") or ())
 
 
 class Tokenizer:
@@ -124,6 +146,25 @@ class Tokenizer:
     if self._sp is not None:
       return self._sp.id_to_piece(int(token_id))
     return self._hf.convert_ids_to_tokens(int(token_id))
+
+  def token_bytes(self, token_id: int) -> bytes | None:
+    """The bytes a byte token stands for, None for other tokens: a byte-fallback piece (`<0xE2>`,
+    sentencepiece or `tokenizer.json`) or a byte-level BPE token. Such tokens can hold part of a
+    character, which `decode` of the token alone turns into U+FFFD."""
+    piece = self.id_to_piece(token_id)
+    match = _BYTE_PIECE.fullmatch(piece or "")
+    if match:
+      return bytes([int(match.group(1), 16)])
+    if self._hf is not None and self._byte_level:
+      alphabet = _byte_level_alphabet()
+      if piece and all(ch in alphabet for ch in piece):
+        return bytes(alphabet[ch] for ch in piece)
+    return None
+
+  @functools.cached_property
+  def _byte_level(self) -> bool:
+    backend = getattr(self._hf, "backend_tokenizer", None)
+    return backend is not None and _has_byte_level_decoder(json.loads(backend.to_str()).get("decoder"))
 
   def apply_chat_template(self, messages: list[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:

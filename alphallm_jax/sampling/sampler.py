@@ -23,7 +23,7 @@ from alphallm_jax.sampling import engine
 from alphallm_jax.sampling.kv_pool import KVPool, SeqState
 from alphallm_jax.sampling.stop_rules import StopTables, ending_stop
 from alphallm_jax.sampling.token_sampling import sampling_mode
-from alphallm_jax.sampling.token_texts import plain_anchor, token_texts
+from alphallm_jax.sampling.token_texts import plain_anchor, token_bytes, token_texts
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, round_up, row_bucket
 
 _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
@@ -168,6 +168,7 @@ class Sampler:
         self._pool: KVPool | None = None
         self._stop_tables: dict[tuple[str, ...], StopTables] = {}
         self._token_texts: tuple[str, ...] | None = None
+        self._token_bytes: tuple[bytes, ...] | None = None
         # Embedding rows past the tokenizer's vocabulary (a padded vocabulary) are never sampled; None
         # when there are none, so the decode programs are those of an unpadded model.
         known = tokenizer.vocab_size if tokenizer is not None else self.cfg.vocab_size
@@ -297,7 +298,7 @@ class Sampler:
         if stops not in self._stop_tables:
             if stops and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer; this Sampler was built without one")
-            self._stop_tables[stops] = StopTables(stops, self._texts())
+            self._stop_tables[stops] = StopTables(stops, self._bytes())
         return self._stop_tables[stops]
 
     def _texts(self) -> tuple[str, ...]:
@@ -306,6 +307,13 @@ class Sampler:
             self._token_texts = (token_texts(self.tokenizer, self.cfg.vocab_size) if self.tokenizer
                                  else ("",) * self.cfg.vocab_size)
         return self._token_texts
+
+    def _bytes(self) -> tuple[bytes, ...]:
+        """Each token id's UTF-8 bytes (`token_bytes`), which the stop automata read."""
+        if self._token_bytes is None:
+            self._token_bytes = (token_bytes(self.tokenizer, self.cfg.vocab_size) if self.tokenizer
+                                 else (b"",) * self.cfg.vocab_size)
+        return self._token_bytes
 
     def _sample_batch(self, reqs: list[SampleRequest], keep_states: bool) -> list[Completion]:
         self.stats.batches += 1
@@ -389,11 +397,11 @@ class Sampler:
             reason = engine.FINISH_REASONS[int(reason_b[b])]
             matched = [s for k, s in enumerate(stops) if stop_state_bk[b, k] == tables.match_state_k[k] and s in r.stop]
             # Several stop strings can complete in the last token: the one that ended the text is the
-            # first to end in the text the automata read (the tokens' texts).
+            # first to end in the bytes the automata read (the tokens' bytes).
             ended_by = None
             if reason == "stop" and matched:
                 ended_by = matched[0] if len(matched) == 1 else ending_stop(
-                    "".join(self._token_texts[t] for t in gen), matched)
+                    b"".join(self._token_bytes[t] for t in gen), [s.encode("utf-8") for s in matched]).decode("utf-8")
             completions.append(Completion(
                 text=self.decode_after(context, gen),
                 token_ids=gen,

@@ -1,10 +1,12 @@
 """Stop strings matched on device, token by token, with a KMP automaton lifted to tokens.
 
-For a stop string s, the automaton state q is the length of the longest suffix of the text generated
-so far that is a prefix of s. Feeding a token means feeding its characters; `table[q, token]` is the
-state after the token, or `len(s)` once s has appeared anywhere inside the token or across the token
-boundary. The tables are built once per (tokenizer, stop strings) on the host and make the device-side
-check one gather per step, so the decode loop can stop rows without returning to the host.
+For a stop string s, the automaton state q is the length of the longest suffix of the bytes generated
+so far that is a prefix of s's UTF-8. Feeding a token means feeding its bytes (`token_texts.token_bytes`:
+bytes, not characters, so a character the vocabulary spells in byte tokens is matched too);
+`table[q, token]` is the state after the token, or the stop's length once s has appeared anywhere
+inside the token or across the token boundary. The tables are built once per (tokenizer, stop strings)
+on the host and make the device-side check one gather per step, so the decode loop can stop rows
+without returning to the host.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from alphallm_jax.utils.shapes import pow2_at_least
 
 
-def _failure_function(s: str) -> list[int]:
+def _failure_function(s: bytes) -> list[int]:
     fail = [0] * len(s)
     k = 0
     for i in range(1, len(s)):
@@ -29,9 +31,9 @@ def _failure_function(s: str) -> list[int]:
     return fail
 
 
-def _advance(s: str, fail: list[int], q: int, text: str) -> int:
-    """Feed `text` to the automaton of `s` from state q; returns len(s) on a match."""
-    for ch in text:
+def _advance(s: bytes, fail: list[int], q: int, data: bytes) -> int:
+    """Feed `data` to the automaton of `s` from state q; returns len(s) on a match."""
+    for ch in data:
         while q and ch != s[q]:
             q = fail[q - 1]
         if ch == s[q]:
@@ -41,29 +43,37 @@ def _advance(s: str, fail: list[int], q: int, text: str) -> int:
     return q
 
 
-def build_stop_table(stop: str, token_texts: tuple[str, ...]) -> np.ndarray:
-    """`int32[len(stop) + 1, vocab]` transition table; row len(stop) (matched) is absorbing."""
+def build_stop_table(stop: str, token_bytes: tuple[bytes, ...]) -> np.ndarray:
+    """`int32[m + 1, vocab]` transition table, m the length of `stop` in UTF-8 bytes; row m (matched)
+    is absorbing."""
     if not stop:
         raise ValueError("empty stop string")
-    fail = _failure_function(stop)
-    m, vocab = len(stop), len(token_texts)
+    target = stop.encode("utf-8")
+    fail = _failure_function(target)
+    m, vocab = len(target), len(token_bytes)
     table = np.zeros((m + 1, vocab), dtype=np.int32)
     table[m, :] = m
-    stop_chars = set(stop)
-    for token, text in enumerate(token_texts):
-        if not text:  # no text (a special token decoding to nothing): every state stays where it was
+    stop_bytes = set(target)
+    for token, data in enumerate(token_bytes):
+        if not data:  # no text (a special token decoding to nothing): every state stays where it was
             table[:m, token] = np.arange(m)
             continue
-        if not stop_chars.intersection(text):
-            continue  # a token without any character of s resets every state to 0
+        if not stop_bytes.intersection(data):
+            continue  # a token without any byte of s resets every state to 0
         for q in range(m):
-            table[q, token] = _advance(stop, fail, q, text)
+            table[q, token] = _advance(target, fail, q, data)
     return table
 
 
-def ending_stop(text: str, stops: Iterable[str]) -> str | None:
+def stop_length(stop: str) -> int:
+    """The automaton's match state for `stop`: its length in UTF-8 bytes."""
+    return len(stop.encode("utf-8"))
+
+
+def ending_stop(text, stops: Iterable):
     """The stop string that ended `text`: the one whose first occurrence ends earliest (on a tie, the
-    longer, which holds the shorter as its end); None when none occurs."""
+    longer, which holds the shorter as its end); None when none occurs. Text and stops are both `str`
+    or both `bytes`."""
     found = [(text.find(s) + len(s), -len(s), s) for s in stops if s in text]
     return min(found)[2] if found else None
 
@@ -84,15 +94,15 @@ class StopTables:
 
     MIN_STRINGS, MIN_STATES = 4, 16
 
-    def __init__(self, stops: tuple[str, ...], token_texts: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], token_bytes: tuple[bytes, ...]):
         self.stops = stops
         num_strings = pow2_at_least(len(stops), self.MIN_STRINGS)
-        num_states = pow2_at_least(max((len(s) for s in stops), default=0) + 1, self.MIN_STATES)
-        table_kqv = np.zeros((num_strings, num_states, len(token_texts)), dtype=np.int32)
+        num_states = pow2_at_least(max(map(stop_length, stops), default=0) + 1, self.MIN_STATES)
+        table_kqv = np.zeros((num_strings, num_states, len(token_bytes)), dtype=np.int32)
         for k, s in enumerate(stops):
-            table_kqv[k, : len(s) + 1] = _cached_table(s, token_texts)
+            table_kqv[k, : stop_length(s) + 1] = _cached_table(s, token_bytes)
         never = num_states  # no table entry holds it
-        self.match_state_k = np.array([len(s) for s in stops] + [never] * (num_strings - len(stops)),
+        self.match_state_k = np.array([stop_length(s) for s in stops] + [never] * (num_strings - len(stops)),
                                       dtype=np.int32)
         self.table_kqv = table_kqv
         self._device = None
@@ -110,5 +120,5 @@ class StopTables:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_table(stop: str, token_texts: tuple[str, ...]) -> np.ndarray:
-    return build_stop_table(stop, token_texts)
+def _cached_table(stop: str, token_bytes: tuple[bytes, ...]) -> np.ndarray:
+    return build_stop_table(stop, token_bytes)

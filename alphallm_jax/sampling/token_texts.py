@@ -43,3 +43,19 @@ def plain_anchor(tokenizer) -> int:
         if len(text) == 1 and text.isascii() and text.isalnum() and tokenizer.decode([token, token]) == 2 * text:
             return token
     raise ValueError("the tokenizer has no token that decodes to a single ASCII letter or digit")
+
+
+@functools.lru_cache(maxsize=8)
+def token_bytes(tokenizer, vocab_size: int) -> tuple[bytes, ...]:
+    """`token_bytes[i]` is the UTF-8 the token adds when decoded after other text: its text
+    (`token_texts`) encoded, except for a token that holds part of a character (a byte-fallback piece
+    such as `<0xE2>`, or a byte-level BPE token), whose text is U+FFFD: its own bytes
+    (`Tokenizer.token_bytes`). Stop strings are matched over these, so a character the vocabulary spells
+    in byte tokens (U+220E "∎" in Mistral's, as three byte pieces) still ends a row."""
+    texts = token_texts(tokenizer, vocab_size)
+    raw = getattr(tokenizer, "token_bytes", lambda _: None)
+    out = []
+    for i, text in enumerate(texts):
+        own = raw(i) if "\ufffd" in text else None
+        out.append(own if own is not None else text.encode("utf-8"))
+    return tuple(out)
