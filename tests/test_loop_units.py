@@ -320,3 +320,27 @@ def test_the_loop_refuses_a_pair_margin_beyond_its_searchs_q_scale_before_any_st
     with pytest.raises(ValueError, match=r"tau=2: .*Q lies in \[0, 2\] with search.mcts beta_v=1, beta_prm=0"):
         run_loop(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "config.json").exists()  # refused before the run records its config
+
+
+def test_the_loop_refuses_training_batches_that_do_not_split_over_its_mesh_before_any_stage(tmp_path):
+    """A mesh of 8 (data x fsdp) devices: a DPO batch of 12 pairs in one microbatch would be refused by
+    the trainer only when the first DPO stage starts, after the base, critics and search."""
+    from alphallm_jax.config import mesh_from_config
+    from alphallm_jax.pipeline.loop import check_train_batches, run_loop, trained_sections
+
+    cfg = default_config()
+    cfg.mesh.data, cfg.mesh.fsdp = 4, 2
+    cfg.policy_train.dpo.batch_size = 12
+    cfg.critics.train.update(batch_size=16, grad_accum_steps=4)  # microbatches of 4
+    assert trained_sections(cfg)[0] == "base.train" and "policy_train.dpo" in trained_sections(cfg)
+    with pytest.raises(ValueError) as refused:
+        run_loop(cfg, tmp_path / "run")
+    lines = str(refused.value).splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in lines] == ["critics.train", "policy_train.dpo"]
+    assert "grad_accum_steps one of [1, 2]" in lines[0] and "multiple of 8" in lines[1]
+    assert not (tmp_path / "run" / "config.json").exists()
+    cfg.policy_train.dpo.batch_size = 16
+    cfg.critics.train.grad_accum_steps = 2
+    cfg.model.checkpoint = str(tmp_path / "policy")  # a loaded policy: base.train is not trained
+    assert "base.train" not in trained_sections(cfg)
+    check_train_batches(cfg, mesh_from_config(cfg))  # every section splits now

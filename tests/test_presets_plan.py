@@ -56,13 +56,15 @@ def test_config_and_variant_load_into_their_consumers(name, variant):
     # Every config's pair margin can be exceeded on its search's Q scale (else CPL gets no pair).
     check_pair_margin(c.policy_train.tau, search.mcts)
     SynthesisSettings.from_config(c.synthesis)
-    from alphallm_jax.train.batching import microbatch_problem
+    from types import SimpleNamespace
 
-    dp = c.mesh.data * c.mesh.fsdp
-    for section in (c.policy_train.sft, c.policy_train.dpo, c.critics.train, c.base.train):
-        tc = TrainConfig.from_config(section)
-        # The trainer's own check on the config's mesh (DPO's microbatch counts pairs): every stage starts.
-        assert microbatch_problem(tc.batch_size, tc.grad_accum_steps, dp) is None
+    from alphallm_jax.pipeline.loop import check_train_batches, trained_sections
+
+    for key in trained_sections(c):
+        TrainConfig.from_config(c[key.split(".")[0]][key.split(".")[1]])
+    # The loop's check before its first stage, the trainer's on the config's mesh (DPO's microbatch
+    # counts pairs): every training stage starts.
+    check_train_batches(c, SimpleNamespace(shape={"data": c.mesh.data, "fsdp": c.mesh.fsdp}))
 
 
 @pytest.mark.parametrize("name", list(PAPER_PRESETS))

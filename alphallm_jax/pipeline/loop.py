@@ -239,6 +239,7 @@ def run_loop(cfg, workdir) -> dict:
     check_resumed_config(cfg, run.root / "config.json")
     _next_policy_stage(cfg)  # bad values fail now, not after the first iteration's training
     _sft_plan(cfg)
+    check_train_batches(cfg, run.mesh)
     tool_config(cfg)
     check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts))
     if is_coordinator():
@@ -268,6 +269,31 @@ def run_loop(cfg, workdir) -> dict:
         write_report(report, run.root)
     barrier("loop:report")
     return report
+
+
+def trained_sections(cfg) -> list[str]:
+    """The training sections (dotted config keys) the loop's stages train with."""
+    sections = [] if cfg.model.checkpoint else ["base.train"]
+    if cfg.rollout_policy.enabled and not cfg.rollout_policy.checkpoint:
+        sections.append("rollout_policy.train")
+    return sections + ["critics.train", "policy_train.sft", "policy_train.dpo"]
+
+
+def check_train_batches(cfg, mesh) -> None:
+    """Every training section's batch must split over the mesh the loop trains on, checked before the
+    first stage: the trainer refuses one that does not, which for DPO would come after hours of search."""
+    from alphallm_jax.train.batching import microbatch_problem
+    from alphallm_jax.train.trainer import train_batch_shards
+
+    dp = train_batch_shards(mesh)
+    problems = []
+    for key in trained_sections(cfg):
+        parent, name = config_section(cfg, key)
+        problem = microbatch_problem(parent[name].batch_size, parent[name].grad_accum_steps, dp)
+        if problem:
+            problems.append(f"{key}: {problem} (--config.{key}.grad_accum_steps)")
+    if problems:
+        raise ValueError("training batches do not split over the mesh:\n  " + "\n  ".join(problems))
 
 
 def _base_policy(run: LoopRun) -> str:

@@ -229,6 +229,14 @@ def _set_compute_dtype(model: nnx.Module, dtype: str) -> list[tuple[nnx.Module, 
     return changed
 
 
+def train_batch_shards(mesh: jax.sharding.Mesh | None) -> int:
+    """How many ways a train step splits its batch: the (data, fsdp) devices of `mesh`; without one, the
+    Trainer's own mesh (one device in one process, every device data parallel in several)."""
+    if mesh is None:
+        return jax.device_count() if jax.process_count() > 1 else 1
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 class Trainer:
     """See the module doc. ``loss_fn(model, batch) -> (loss, metrics)`` (``train.losses``)."""
 
@@ -253,7 +261,7 @@ class Trainer:
                     else make_mesh(jax.device_count(), 1, 1))
         self.mesh = mesh
         self.is_main = jax.process_index() == 0
-        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        dp = train_batch_shards(self.mesh)
         problem = microbatch_problem(train_cfg.batch_size, train_cfg.grad_accum_steps, dp)
         if problem:
             raise ValueError(problem)
