@@ -101,3 +101,15 @@ def test_tokenizer_with_another_bos_is_refused(tmp_path):
   cfg = cfg.replace(bos_token_id=1)
   save_hf_checkpoint(create_model(cfg), cfg, tmp_path / "ok", tokenizer=tokenizer)
   assert load_pretrained(tmp_path / "ok")[1].bos_id == 1
+
+
+def test_tokenizer_covering_little_of_the_embedding_is_refused(tmp_path):
+  """A 32k sentencepiece tokenizer beside a 40k embedding, BOS ids alike: every id means other text."""
+  require_shared_data()
+  tokenizer = Tokenizer.from_sentencepiece(MISTRAL_TOKENIZER)
+  cfg = CFG.replace(vocab_size=40000, bos_token_id=1)
+  save_hf_checkpoint(create_model(cfg), cfg, tmp_path / "m")
+  tokenizer.save(tmp_path / "m")
+  with pytest.raises(ValueError, match=r"Tokenizer vocabulary \(32000\) covers under 90% of the model's "
+                                       r"embedding \(40000\) in .*/m"):
+    load_pretrained(tmp_path / "m")

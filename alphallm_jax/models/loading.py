@@ -17,14 +17,24 @@ from alphallm_jax.models.tokenizer import Tokenizer
 from alphallm_jax.utils import checkpoint as orbax_checkpoint
 
 
+MAX_EMBEDDING_PADDING = 0.1  # the share of a model's embedding rows its tokenizer may leave unused
+
+
 def check_tokenizer_matches(tokenizer: Tokenizer, cfg: ModelConfig, where: str | os.PathLike = "") -> None:
-  """The tokenizer's ids must all index the model's embedding (a larger embedding is fine), and both
-  must name the same BOS token: a Llama-2 tokenizer (BOS 1) beside a Llama-3 model (BOS 128000) fits
-  the embedding, yet starts every prompt with a token the model never saw there."""
+  """The tokenizer's ids must all index the model's embedding, which may be padded past them by a little
+  (checkpoints round it up: Qwen2 by 0.2-0.6%, Phi-2 by 1.8%), not by more than a tenth: a 32k
+  sentencepiece tokenizer beside a 128k model shares its BOS id 1 and fits the embedding, yet means
+  other text by every id. Both must name the same BOS token: a Llama-2 tokenizer (BOS 1) beside a
+  Llama-3 model (BOS 128000) fits the embedding, yet starts every prompt with a token the model never
+  saw there."""
   at = f" in {where}" if where else ""
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"Tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                      f"embedding ({cfg.vocab_size}){at}: wrong tokenizer for this checkpoint")
+  if tokenizer.vocab_size < cfg.vocab_size * (1 - MAX_EMBEDDING_PADDING):
+    raise ValueError(f"Tokenizer vocabulary ({tokenizer.vocab_size}) covers under "
+                     f"{1 - MAX_EMBEDDING_PADDING:.0%} of the model's embedding ({cfg.vocab_size}){at}: "
+                     f"wrong tokenizer for this checkpoint")
   if cfg.bos_token_id is not None and tokenizer.bos_id is not None and tokenizer.bos_id != cfg.bos_token_id:
     raise ValueError(f"Tokenizer BOS id {tokenizer.bos_id} differs from the model's bos_token_id "
                      f"{cfg.bos_token_id}{at}: wrong tokenizer for this checkpoint")
