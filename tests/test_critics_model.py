@@ -184,3 +184,19 @@ def test_sharded_scoring_matches_single_device(critic):
     got = CriticScorer(sharded, task="arith", mesh=mesh).score(seqs)
     for name in ("value", "prm", "orm"):
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=2e-5)
+
+
+def test_a_critic_from_a_sharded_policy_lives_on_its_mesh(critic):
+    """Heads born on the default device beside a backbone on a mesh: the trainer gives the critic back
+    where its arrays were, and scoring refused the mix of device sets."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    policy = create_model(CFG, mesh=mesh, seed=4)
+    sharded = critic_from_policy(policy, HEAD_CFG, mesh=mesh)
+    devices = {frozenset(x.sharding.device_set) for x in jax.tree.leaves(nnx.state(sharded))}
+    assert devices == {frozenset(mesh.devices.flat)}
+    seqs = _seqs(seed=9, n=6)
+    got = CriticScorer(sharded, task="arith", mesh=mesh).score(seqs)
+    single = critic_from_policy(create_model(CFG, seed=4), HEAD_CFG)
+    want = CriticScorer(single, task="arith").score(seqs)
+    for name in ("value", "prm", "orm"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=2e-5)

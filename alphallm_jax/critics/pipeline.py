@@ -89,7 +89,7 @@ def make_critic(cfg, policy, tokenizer, *, mesh=None, workdir=None) -> CriticMod
     m = cfg.critics.model
     heads = CriticHeadConfig(hidden=m.head_hidden, activation=m.head_activation)
     if m.init == "policy":
-        return critic_from_policy(policy, heads, seed=cfg.seed)
+        return critic_from_policy(policy, heads, seed=cfg.seed, mesh=mesh)
     if m.init in ("checkpoint", "rollout_policy"):
         from alphallm_jax import load_pretrained
         from alphallm_jax.critics.fast_rollout import fast_policy_dir
@@ -104,7 +104,7 @@ def make_critic(cfg, policy, tokenizer, *, mesh=None, workdir=None) -> CriticMod
         if backbone_tokenizer.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"critic backbone {path} has another tokenizer "
                              f"({backbone_tokenizer.vocab_size} vs the policy's {tokenizer.vocab_size} tokens)")
-        return critic_from_policy(backbone, heads, seed=cfg.seed)
+        return critic_from_policy(backbone, heads, seed=cfg.seed, mesh=mesh)
     if m.init == "scratch":
         p = policy.cfg
         model_cfg = ModelConfig(

@@ -139,15 +139,22 @@ def create_critic(model_cfg: ModelConfig, head_cfg: CriticHeadConfig, *, mesh: j
   return nnx.merge(graphdef, state)
 
 
-def critic_from_policy(policy: Decoder, head_cfg: CriticHeadConfig, *, seed: int = 0) -> CriticModel:
+def critic_from_policy(policy: Decoder, head_cfg: CriticHeadConfig, *, seed: int = 0,
+                       mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = ShardingRules()) -> CriticModel:
   """A critic whose backbone starts as a copy of the policy's parameters (heads fresh).
 
   The copy keeps each parameter's sharding; the policy is left untouched (the trainer donates the
-  critic's buffers, so they must not alias the policy's).
+  critic's buffers, so they must not alias the policy's). With the `mesh` the policy lives on, the fresh
+  heads are placed on it too (born on the default device, they would leave a critic whose arrays sit on
+  two device sets, which no jitted scoring accepts).
   """
   graphdef, state = nnx.split(policy)
   backbone = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-  return CriticModel(backbone, head_cfg, rngs=nnx.Rngs(seed))
+  critic = CriticModel(backbone, head_cfg, rngs=nnx.Rngs(seed))
+  if mesh is not None:
+    heads = nnx.state(critic.heads)
+    nnx.update(critic.heads, jax.device_put(heads, state_shardings(heads, mesh, rules)))
+  return critic
 
 
 # ---------------------------------------------------------------------------------- checkpoints
