@@ -16,7 +16,6 @@ from alphallm_jax.models.tokenizer import Tokenizer
 # Module import (not names): utils.checkpoint imports this package, so names resolve at call time.
 from alphallm_jax.utils import checkpoint as orbax_checkpoint
 
-
 MAX_EMBEDDING_PADDING = 0.1  # the share of a model's embedding rows its tokenizer may leave unused
 
 
