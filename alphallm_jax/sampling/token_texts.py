@@ -1,4 +1,4 @@
-"""The text each token id contributes when decoded, for matching stop strings on device."""
+"""The text and the bytes each token id contributes when decoded, for matching stop strings on device."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ def token_texts(tokenizer, vocab_size: int) -> tuple[str, ...]:
     (`tokenizer.model`, or a `tokenizer.json` whose decoder strips the first space): they drop the
     word-boundary space of the first piece, which every token after the first keeps. This also gives
     control tokens (`<s>`, `</s>`) the empty text they decode to, `<unk>` the text it decodes to, and a
-    byte-fallback piece its byte (a lone non-ASCII byte decodes to U+FFFD, which no ASCII stop string
-    matches). One decode call per id: under 0.1 s for a 32k vocabulary, about 0.3 s for 128k (CPU).
-    """
+    byte-fallback piece of an ASCII byte its character; a token holding part of a multi-byte character
+    decodes to U+FFFD (`token_bytes` gives its bytes). One decode call per id: under 0.1 s for a 32k
+    vocabulary, about 0.3 s for 128k (CPU)."""
     n = min(vocab_size, tokenizer.vocab_size)
     anchor = plain_anchor(tokenizer)
     prefix = tokenizer.decode([anchor])
