@@ -57,11 +57,14 @@ def token_nll_and_correct(logits_bsv: jax.Array, targets_bs: jax.Array) -> tuple
 
 
 def _chunked_nll(model, hidden_bsd: jax.Array, targets_bs: jax.Array, chunk: int):
-    """Sums over sequence chunks without materialising [b, s, vocab] logits (rematerialised)."""
+    """Sums over sequence chunks without materialising [b, s, vocab] logits (rematerialised). A length
+    that is not a multiple of `chunk` (batches are padded to `pad_to_multiple`, not to the chunk) is
+    padded up to one; the padded positions' values are dropped."""
     b, s, d = hidden_bsd.shape
-    if s % chunk:
-        raise ValueError(f"sequence length {s} is not a multiple of logits_chunk_size {chunk}")
-    n = s // chunk
+    n = -(-s // chunk)
+    if n * chunk != s:
+        hidden_bsd = jnp.pad(hidden_bsd, ((0, 0), (0, n * chunk - s), (0, 0)))
+        targets_bs = jnp.pad(targets_bs, ((0, 0), (0, n * chunk - s)))
     h_cbkd = hidden_bsd.reshape(b, n, chunk, d).swapaxes(0, 1)
     t_cbk = targets_bs.reshape(b, n, chunk).swapaxes(0, 1)
 
@@ -73,7 +76,7 @@ def _chunked_nll(model, hidden_bsd: jax.Array, targets_bs: jax.Array, chunk: int
         return carry, one(*xs)
 
     _, (nll, correct) = jax.lax.scan(body, None, (h_cbkd, t_cbk))
-    return nll.swapaxes(0, 1).reshape(b, s), correct.swapaxes(0, 1).reshape(b, s)
+    return nll.swapaxes(0, 1).reshape(b, n * chunk)[:, :s], correct.swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
 
 
 def token_nll(model, batch: dict[str, jax.Array], *,
