@@ -251,6 +251,25 @@ def test_beam_search_over_the_lm_backend(stack):
     assert backend.sampler.stats.rebuilds == 0
 
 
+def test_a_prm_guided_beam_scores_an_empty_solution_zero(stack):
+    """A policy that writes EOS at once: every child is a terminal empty solution, without a step for the
+    PRM to read; it scores 0 (as `aggregate_prm` does), where it stopped the beam, and the evaluation."""
+    import numpy as np
+    from flax import nnx
+
+    from tests.tiny_lm import SPECIAL_IDS, BiasedDecoder, model_config
+
+    tokenizer = stack[0]
+    bias_v = np.full(tokenizer.vocab_size, -30.0, np.float32)
+    bias_v[SPECIAL_IDS["eos_id"]] = 30.0
+    mute = BiasedDecoder(model_config(tokenizer), bias_v, rngs=nnx.Rngs(0))
+    backend = LMSearchBackend(_sampler(stack, mute), stack[2], task="arith", options=OPTIONS)
+    (tree,) = beam_search(_problems(stack)[:1], backend, BeamSearchConfig(beam_width=2, expansions_per_beam=2,
+                                                                          max_depth=3, guide="prm"))
+    children = tree.nodes[1:]
+    assert children and all(n.terminal and n.option == "" and n.prm == 0.0 for n in children)
+
+
 def test_mcts_and_beam_evaluation_methods_run_end_to_end(stack, tmp_path):
     tokenizer, policy, scorer, problems = stack
     sampler = _sampler(stack)

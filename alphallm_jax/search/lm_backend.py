@@ -394,8 +394,8 @@ class LMSearchBackend:
             scores[i].orm = float(out.orm_tool[j])
             if r.want_value:
                 scores[i].value = float(out.value[j])
-            if r.want_prm and out.prm_steps[j].size:
-                scores[i].prm = float(out.prm_steps[j][-1])
+            if r.want_prm:  # the last step's; a solution without a step (EOS at once) holds no answer: 0
+                scores[i].prm = float(out.prm_steps[j][-1]) if out.prm_steps[j].size else 0.0
         for i, s in enumerate(scores):
             if s.rollouts:
                 s.rollout_orm = float(np.mean([r["orm"] for r in s.rollouts]))
