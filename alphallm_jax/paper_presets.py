@@ -74,8 +74,9 @@ MATH_INSTRUCTION = ("Below are competition mathematics problems. Write one new p
 def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], variant: str | None,
                file_name: str, *, kv_fraction: float = 0.25) -> None:
     """The variant's mesh and memory; gradient accumulation so that each device holds `micro_batch`
-    sequences (SFT, DPO's pairs and the critic alike); and the search's KV pool sized to `kv_fraction` of
-    all the devices' memory (the pool is sharded over every device)."""
+    sequences (SFT, DPO's pairs and the critic alike); and the KV pools of the two samplers that keep
+    states, the search's and the critic data's (each in a stage of its own), sized to `kv_fraction` of
+    all the devices' memory (a pool is sharded over every device)."""
     name = variant or next(iter(variants))
     if name not in variants:
         raise ValueError(f"unknown variant {name!r} of {file_name}; known: {', '.join(variants)}")
@@ -88,8 +89,13 @@ def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], v
                                                    f"{file_name}:{name}")
     policy = presets.get(c.model.preset)
     slot_bytes = c.search.max_len * policy.num_layers * policy.num_kv_heads * policy.head_dim * 2 * 2  # bf16 K, V
-    slots = int(kv_fraction * m.hbm_gib * 1024 ** 3 * m.devices // slot_bytes) - c.search.max_batch
-    c.search.pool_slots = max(64, slots // dp * dp)
+
+    def pool_slots(batch_rows: int) -> int:  # the pool beside one batch's working cache of `batch_rows`
+        slots = int(kv_fraction * m.hbm_gib * 1024 ** 3 * m.devices // slot_bytes) - batch_rows
+        return max(64, slots // dp * dp)
+
+    c.search.pool_slots = pool_slots(c.search.max_batch)
+    c.critics.data.pool_slots = pool_slots(c.sampling.max_batch)
 
 
 def accum_steps_for(batch_size: int, dp: int, micro_batch: int, rows_per_example: int, where: str) -> int:

@@ -121,6 +121,9 @@ def test_plan_70b_preset_every_variant():
     assert not models["rollout_policy"]["trained"] and models["rollout_policy"]["per_device_bytes"]["optimizer"] == 0
     assert all(m["fits"] for m in models.values())
     assert plans["gpu-64"]["mesh"]["devices"] == 64 and all(m["fits"] for m in plans["gpu-64"]["models"].values())
+    # The critic data's sampler keeps states: its pool is sized for the mesh like the search's (4,096
+    # slots of a 7B policy's states were 1.3 TB).
+    assert all(p["stages"]["critic_data"]["fits"] and p["stages"]["search"]["fits"] for p in plans.values())
     # v5e: 16 GiB chips hold the search, not the policy's train step without rematerialisation.
     v5e = plans["v5e-256"]
     assert v5e["stages"]["search"]["fits"] and not v5e["models"]["policy"]["fits"]

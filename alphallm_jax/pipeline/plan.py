@@ -10,7 +10,8 @@ Per model (policy, critic, fast-rollout policy) the parameter count and per-devi
 * gradients: one gradient tree in the master dtype during a train step;
 * kv_pool: the search sampler's cached states plus one batch's working cache, `rows x max_len x layers x
   kv_heads x head_dim x 2 (K and V)` in the compute dtype, rows split over (data, fsdp) and kv heads over
-  tensor like the real cache;
+  tensor like the real cache (the critic data's sampler, which keeps states too, has a stage of its own:
+  `critics.data.pool_slots` slots plus a `sampling.max_batch` batch, at the search's length);
 * activations: an estimate of what a train step keeps for the backward pass (the decoder has no
   rematerialisation, so every layer keeps its intermediates), per device; see `train_activation_bytes`.
   The estimate for full per-layer rematerialisation is reported next to it. Models that are not trained
@@ -363,6 +364,18 @@ def _stages(models: dict[str, dict[str, Any]], hbm: int | None) -> dict:
     return stages
 
 
+def _critic_data_stage(cfg, specs: dict[str, ModelSpec], models: dict[str, dict[str, Any]], mesh,
+                       hbm: int | None) -> dict:
+    """The critics' data stage: the policy rolls out on D0 with a sampler that keeps states, so its whole
+    pool (`critics.data.pool_slots`) is resident beside the policy's parameters and one prefill."""
+    policy = specs["policy"]
+    caches = dataclasses.replace(policy, kv_rows=(cfg.critics.data.pool_slots, cfg.sampling.max_batch))
+    m = models["policy"]
+    v = (m["per_device_bytes"]["params"] + kv_pool_bytes(caches, mesh)
+         + m["activations_detail"]["inference_bytes"])
+    return {"critic_data": {"per_device_bytes": v, "fits": _fits(v, hbm)}}
+
+
 def _fits(per_device: int, hbm: int | None, *, refused: bool = False) -> bool | None:
     """Whether `per_device` bytes fit the device (None: its memory is unknown); never for a stage the
     trainer would refuse."""
@@ -378,7 +391,7 @@ def make_plan(cfg) -> dict[str, Any]:
     return {"mesh": {**{a: int(mesh.shape[a]) for a in MESH_AXES}, "devices": int(mesh.size),
                      "device": cfg.mesh.device or None, "device_memory_bytes": hbm,
                      "device_memory_source": hbm_source, "fit_fraction": FIT_FRACTION},
-            "models": models, "stages": _stages(models, hbm),
+            "models": models, "stages": {**_stages(models, hbm), **_critic_data_stage(cfg, specs, models, mesh, hbm)},
             "problems": [f"{name}: {p}" for name, m in models.items() for p in m["problems"]]}
 
 
