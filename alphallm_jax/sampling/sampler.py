@@ -336,7 +336,9 @@ class Sampler:
             if total > self.max_len:
                 raise ValueError(
                     f"request needs {total} tokens ({skip + len(chunk)} context + {r.max_new_tokens} new) "
-                    f"but the sampler's max_len is {self.max_len}; raise sampling.max_len")
+                    f"but the sampler holds at most {self.max_len} (its max_len: a stage sets it from "
+                    f"sampling.max_len or search.max_len, or the longest prompt plus the stage's new tokens, "
+                    f"capped by the policy's and the critic's max_position_embeddings)")
             plans.append((base, skip, chunk))
 
         # 2. One prefill per distinct (base, chunk): samples of one prompt share it.
