@@ -287,6 +287,10 @@ def test_report_files_and_tables(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     md = markdown(report)
     assert "| 2 | 100 | 90 | 50.0% [40.0, 60.0] | 52.0% [42.0, 62.0] | 60.0% [50.0, 70.0] |" in md
+    # A round that kept the policy it started from says so where its scores stand.
+    report["iterations"][1]["untrained"] = {"sft": None, "cpl": "no pairs passed the thresholds"}
+    assert ("| 2 | 100 | 90 | 50.0% [40.0, 60.0] | 52.0% [42.0, 62.0] (untrained: no pairs passed the thresholds) | "
+            "60.0% [50.0, 70.0] (untrained: no pairs passed the thresholds) |") in markdown(report)
     assert "| value | 0.850 | 0.040 |" in md and "| cpl | 40 | 1 | 50.0% | 2.0 |" in md
     assert "| + PRM (the configured search) | 42.0% [32.0, 52.0] | 300 | 12.5 | 85.9% |" in md
     assert find_method(report["iterations"][0]["cpl"], "mcts")["accuracy"] == 0.6

@@ -489,6 +489,9 @@ def _iteration(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tupl
         "sft_traces": sft["sft_traces"],
         "pairs": cpl.get("pairs"),
         "policy": {"sft": sft, "cpl": cpl}[_next_policy_stage(cfg)]["policy"],
+        # Why a round kept the policy it started from (nothing passed the critic's bar, no pair), or None:
+        # its rows in the report then score that policy again.
+        "untrained": {"sft": sft.get("untrained"), "cpl": cpl.get("untrained")},
     }
     mcts = find_method(ev["cpl"], "mcts")
     if mcts is not None:

@@ -55,8 +55,15 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Iterations", "",
               "| iteration | synthesized prompts | SFT traces | SFT greedy | CPL greedy | CPL mcts |", "|---|---|---|---|---|---|"]
     for it in report.get("iterations", []):
+        untrained = it.get("untrained") or {}
+
+        def cell(stage: str, result, untrained=untrained) -> str:  # a round that kept its policy says why
+            why = untrained.get(stage)
+            return _pct(result) + (f" (untrained: {why})" if why else "")
+
         lines.append(f"| {it['iteration']} | {it['synthesized_prompts']} | {it.get('sft_traces', '-')} | "
-                     f"{_pct(it['sft'].get('greedy'))} | {_pct(it['cpl'].get('greedy'))} | {_pct(find_method(it['cpl'], 'mcts'))} |")
+                     f"{cell('sft', it['sft'].get('greedy'))} | {cell('cpl', it['cpl'].get('greedy'))} | "
+                     f"{cell('cpl', find_method(it['cpl'], 'mcts'))} |")
     paired = [it for it in report.get("iterations", []) if any((it.get("paired_greedy") or {}).values())]
     if paired:
         lines += ["", "Greedy, paired on the same problems (gained: wrong before, right after; lost: the reverse; "
