@@ -143,3 +143,27 @@ def test_mesh_shapes_resolve_one_free_axis_and_reject_bad_sizes():
   for text in ("8", "1,1,x", "1,,1"):
     with pytest.raises(ValueError, match="expected three comma-separated integers"):
       parse_mesh_shape(text, 8)
+
+
+def test_the_embedding_lookup_never_gathers_the_batchs_ids():
+  """The table's hidden dim and the batch both split over fsdp: a plain lookup made XLA's partitioner
+  gather every id and every row on every device ("involuntary full rematerialization"), at every
+  decode step. The table is gathered over fsdp first (as FSDP gathers its weights), and the lookup is
+  vocab-parallel over tensor: no int32 all-gather is left, and the hidden states match one device's."""
+  import re
+
+  mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+  model = create_model(CFG, mesh=mesh, seed=7)
+  graphdef, state = nnx.split(model)
+  ids = jax.device_put(jnp.asarray(np.tile(IDS, (4, 1))), jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None)))
+
+  @jax.jit
+  def hidden(state, ids):
+    return nnx.merge(graphdef, state).hidden_states(ids)[0]
+
+  with jax.set_mesh(mesh):
+    compiled = hidden.lower(state, ids).compile()
+    got = np.asarray(compiled(state, ids))
+  assert not re.findall(r"s32\[[\d,]*\][^ ]* all-gather\(", compiled.as_text())
+  want, _ = create_model(CFG, seed=7).hidden_states(jnp.asarray(np.tile(IDS, (4, 1))))
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)

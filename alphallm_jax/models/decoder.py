@@ -378,7 +378,11 @@ class Decoder(nnx.Module):
 
   def _forward(self, ids_bs: jax.Array, pos_bs: jax.Array, cache: KVCache | None):
     cfg = self.cfg
-    x_bsd = jnp.take(self.embed_vd[...], ids_bs, axis=0).astype(cfg.dtype)
+    # The table's hidden dim is split over fsdp, which the batch of ids is split over too: gathered as
+    # is, XLA cannot reshard the rows to the batch's devices and gathers everything everywhere. Gathered
+    # over fsdp first (as FSDP gathers every weight it uses), the lookup is vocab-parallel over tensor.
+    table_vd = shard_activation(self.embed_vd[...], ("vocab", None))
+    x_bsd = jnp.take(table_vd, ids_bs, axis=0).astype(cfg.dtype)
     x_bsd = shard_activation(x_bsd, ACT_BSD)
     cos_bsh, sin_bsh = rope_angles(pos_bs, inv_frequencies(cfg))
 
