@@ -348,3 +348,24 @@ def test_the_loop_refuses_training_batches_that_do_not_split_over_its_mesh_befor
     cfg.model.checkpoint = str(tmp_path / "policy")  # a loaded policy: base.train is not trained
     assert "base.train" not in trained_sections(cfg)
     check_train_batches(cfg, mesh_from_config(cfg))  # every section splits now
+
+
+def test_sampling_refuses_a_mesh_that_spans_processes(monkeypatch):
+    """Processes split their problems and feed their own devices: a mesh over other processes' devices
+    would take a different batch from each (jax refuses at the first call, after the base policy's
+    training). Simulated: 8 devices, 2 processes of 4."""
+    import jax
+
+    from alphallm_jax.models import make_mesh
+    from alphallm_jax.sampling import sampler_from_config
+    from alphallm_jax.utils.distributed import check_sampling_mesh
+
+    devices = jax.devices()[:8]
+    spanning, local = make_mesh(data=2, fsdp=2, tensor=2, devices=devices), make_mesh(tensor=4, devices=devices[:4])
+    check_sampling_mesh(spanning)  # one process: every device is its own
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: devices[:4])
+    check_sampling_mesh(local)
+    check_sampling_mesh(None)
+    with pytest.raises(ValueError, match=r"mesh data=2 fsdp=2 tensor=2 spans the devices of several processes"):
+        sampler_from_config(default_config(), None, None, max_len=16, mesh=spanning)

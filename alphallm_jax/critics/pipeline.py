@@ -37,7 +37,7 @@ from alphallm_jax.models.critic import (
     load_critic,
     save_critic,
 )
-from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
+from alphallm_jax.utils.distributed import barrier, broadcast_int, check_sampling_mesh, is_coordinator
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def tool_config(cfg) -> ToolConfig:
 
 
 def make_scorer(cfg, critic, tokenizer, *, mesh=None, combiner: OutcomeCombiner | None = None) -> CriticScorer:
+    check_sampling_mesh(mesh)
     s = cfg.critics.scoring
     return CriticScorer(critic, tokenizer, task=cfg.task, max_batch=s.max_batch, len_granule=s.len_granule,
                         min_rows=s.min_rows, fine_row_buckets=s.fine_row_buckets, mesh=mesh,

@@ -31,7 +31,7 @@ import ml_collections
 from alphallm_jax.critics.calibration import auroc_text, metric_text
 from alphallm_jax.pipeline.loop_report import find_method, write_report
 from alphallm_jax.pipeline.paired import paired_comparison
-from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
+from alphallm_jax.utils.distributed import barrier, broadcast_int, check_sampling_mesh, is_coordinator
 from alphallm_jax.utils.io import (
     ABSENT,
     as_path,
@@ -240,6 +240,7 @@ def run_loop(cfg, workdir) -> dict:
     _next_policy_stage(cfg)  # bad values fail now, not after the first iteration's training
     _sft_plan(cfg)
     check_train_batches(cfg, run.mesh)
+    check_sampling_mesh(run.mesh)  # the loop samples in nearly every stage
     tool_config(cfg)
     check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts))
     if is_coordinator():

@@ -498,6 +498,9 @@ def sampler_from_config(cfg, model, tokenizer, *, max_len: int, pool_slots: int 
                         max_batch: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Sampler:
     """A `Sampler` with the run config's `sampling` section (row buckets, KV chunks; pool and batch
     unless a stage passes its own): every stage of a run builds its samplers here."""
+    from alphallm_jax.utils.distributed import check_sampling_mesh
+
+    check_sampling_mesh(mesh)
     s = cfg.sampling
     return Sampler(model, tokenizer, max_len=max_len, pool_slots=s.pool_slots if pool_slots is None else pool_slots,
                    max_batch=max_batch or s.max_batch, mesh=mesh, min_rows=s.min_rows,

@@ -72,6 +72,27 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def check_sampling_mesh(mesh) -> None:
+    """Sampling and critic scoring split their problems between processes, each feeding its own devices,
+    so in a multi-process run their mesh must lie within this process's devices; a mesh spanning
+    processes (a pod's `--config.mesh.*`) would take a different batch from every process and fails at
+    the first call. Refused here, before any work, until sampling runs as one program across hosts."""
+    import jax
+
+    if mesh is None or jax.process_count() == 1:
+        return
+    local = set(jax.local_devices())
+    if not set(mesh.devices.flat) <= local:
+        shape = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        raise ValueError(
+            f"mesh {shape} spans the devices of several processes; sampling and critic scoring split their "
+            f"problems between the {jax.process_count()} processes, each on its own devices, so a multi-process "
+            "run that samples takes no mesh (--config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.tensor=1: "
+            "training is then data parallel over every process's devices, sampling on each process's first "
+            "device). `alphallm train-policy` alone may span processes; sampling over a mesh across hosts is "
+            "not supported yet")
+
+
 def this_process_share(items):
     """Items i with i % process_count == process_index: a fixed split of a list of work, the same
     whatever has already been done (so every item belongs to exactly one process, resumed or not)."""
