@@ -4,9 +4,15 @@
 #
 #   launch/tpu_pod.sh --tpu=NAME --zone=ZONE [--project=P] [--repo=DIR] [--setup] -- ALPHALLM_ARGS...
 #
-# e.g. launch/tpu_pod.sh --tpu=alphallm-v5p-128 --zone=us-east5-a -- \
-#        loop --config=configs/llama2_70b_gsm8k.py:v5p-128 --config.model.checkpoint=gs://B/llama2-70b \
-#        --workdir=gs://B/runs/70b
+# e.g. launch/tpu_pod.sh --tpu=alphallm-v5p-64 --zone=us-east5-a -- \
+#        train-policy --config=configs/llama2_70b_gsm8k.py:v5p-64 --config.model.checkpoint=gs://B/llama2-70b \
+#        --config.policy_train.trees_dir=gs://B/runs/70b/iter_1/search/trees --workdir=gs://B/runs/70b_sft \
+#        --train.method=sft
+#
+# Training spans the pod's hosts. Commands that sample (loop, eval, search, sweep, train-critics,
+# synthesize, train-base) split their problems between the hosts, each on its own chips, and refuse a
+# mesh spanning hosts before any work (README, "Multi-host"); a one-host slice (`:v5p-8`) runs the
+# whole loop.
 #
 # --repo: the checkout on every worker (default ~/alphallm_jax); --setup first creates its virtual
 # environment and installs the project there (`pip install -e .`); the checkout itself must already be
