@@ -137,7 +137,6 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
     if not train_examples:
         raise ValueError("no critic training examples (every row was longer than critics.train.max_seq_len?)")
     critic = make_critic(cfg, policy, tokenizer, mesh=mesh, workdir=workdir)
-    check_train_length(cfg, critic)
     trainer = Trainer(critic, make_critic_loss((loss.value_weight, loss.prm_weight, loss.orm_weight), loss.value,
                                                loss.orm_rank_weight),
                       train_cfg, mesh=mesh, workdir=str(critics_dir(workdir) / "train"),
@@ -156,16 +155,6 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
         atomic_write_text(out / DONE, "ok\n")
     barrier(f"critic:{out}")
     return critic, record
-
-
-def check_train_length(cfg, critic: CriticModel) -> None:
-    """The critic would train on rows up to `critics.train.max_seq_len` tokens, then refuse to score rows
-    longer than its positions (calibration, the search): refused before training."""
-    limit, positions = cfg.critics.train.max_seq_len, critic.model_cfg.max_position_embeddings
-    if limit and limit > positions:
-        raise ValueError(f"critics.train.max_seq_len ({limit}) exceeds the critic's max_position_embeddings "
-                         f"({positions}, critics.model.init={cfg.critics.model.init!r}): lower it to {positions} "
-                         "or less")
 
 
 def _subsample_rollouts(rows: list[dict], fraction: float, seed: int) -> list[dict]:
