@@ -117,7 +117,8 @@ def paper_config(*, task: str, policy_preset: str, prompt_format: str, mcts_pres
 
     max_len: the longest prompt plus solution the samplers hold; train_seq_len: the longest training
     sequence (prompt plus one trajectory), which sets the train step's activations; search_batch: rows
-    per sampler and critic call (one full-length prefill of them must fit next to the caches).
+    per sampler and critic call, in the search and every other stage (one full-length prefill of them
+    must fit next to the caches).
     """
     c = default_config()
     c.task = task
@@ -127,7 +128,7 @@ def paper_config(*, task: str, policy_preset: str, prompt_format: str, mcts_pres
     c.data.prompt_format = prompt_format
     c.sampling.max_len = max_len
     c.sampling.pool_slots = 512
-    c.sampling.max_batch = 256
+    c.sampling.max_batch = search_batch  # the critic data's and evaluation's rows per call: the search's
 
     train, eval_split = ("gsm8k:train", "gsm8k:test") if task == "gsm8k" else ("math:train4500", "math:math500")
     held_out = f"{task}:train_dev"

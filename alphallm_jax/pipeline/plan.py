@@ -367,12 +367,13 @@ def _stages(models: dict[str, dict[str, Any]], hbm: int | None) -> dict:
 def _critic_data_stage(cfg, specs: dict[str, ModelSpec], models: dict[str, dict[str, Any]], mesh,
                        hbm: int | None) -> dict:
     """The critics' data stage: the policy rolls out on D0 with a sampler that keeps states, so its whole
-    pool (`critics.data.pool_slots`) is resident beside the policy's parameters and one prefill."""
+    pool (`critics.data.pool_slots`) is resident beside the policy's parameters and one prefill of its
+    `sampling.max_batch` rows."""
     policy = specs["policy"]
     caches = dataclasses.replace(policy, kv_rows=(cfg.critics.data.pool_slots, cfg.sampling.max_batch))
-    m = models["policy"]
-    v = (m["per_device_bytes"]["params"] + kv_pool_bytes(caches, mesh)
-         + m["activations_detail"]["inference_bytes"])
+    rows = max(1, math.ceil(cfg.sampling.max_batch / batch_shards(mesh)))
+    prefill = inference_activation_bytes(policy.model_cfg, rows, policy.kv_len, mesh.shape["tensor"])
+    v = models["policy"]["per_device_bytes"]["params"] + kv_pool_bytes(caches, mesh) + prefill
     return {"critic_data": {"per_device_bytes": v, "fits": _fits(v, hbm)}}
 
 
