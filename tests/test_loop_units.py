@@ -348,6 +348,11 @@ def test_the_loop_refuses_training_batches_that_do_not_split_over_its_mesh_befor
     cfg.model.checkpoint = str(tmp_path / "policy")  # a loaded policy: base.train is not trained
     assert "base.train" not in trained_sections(cfg)
     check_train_batches(cfg, mesh_from_config(cfg))  # every section splits now
+    # A resumed run may change its mesh: the stages that finished train nothing more.
+    cfg.critics.train.grad_accum_steps = 4
+    check_train_batches(cfg, mesh_from_config(cfg), finished=lambda stage: stage == "critics_stage")
+    cfg.loop.iterations = 0
+    assert trained_sections(cfg, lambda stage: stage == "critics_stage") == []
 
 
 def test_sampling_refuses_a_mesh_that_spans_processes(monkeypatch):

@@ -19,9 +19,11 @@ def main(argv) -> None:
     del argv
     from alphallm_jax.config import mesh_from_config
     from alphallm_jax.pipeline.base_policy import evaluate_base_policy, train_base_policy
+    from alphallm_jax.utils.distributed import check_sampling_mesh
 
     f = flags.FLAGS
     mesh = mesh_from_config(f.config)
+    check_sampling_mesh(mesh)  # the evaluation after training samples: refused before the training
     record = train_base_policy(f.config, f.workdir, mesh=mesh)
     print(f"base policy: {record['policy']}" + (" (already trained)" if record.get("skipped") else
           f" ({record['param_count']:,} parameters, {record['steps']} steps, {record['wall_seconds']:.0f} s)"))

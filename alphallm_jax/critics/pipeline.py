@@ -225,6 +225,7 @@ def run_train_critics(cfg, workdir) -> dict:
     from alphallm_jax.models.loading import load_policy
 
     mesh = mesh_from_config(cfg)
+    check_sampling_mesh(mesh)  # rollouts and scoring follow: refused before the base policy may train
     root = critics_dir(workdir)
     timings: dict[str, float] = {}
 

@@ -381,8 +381,8 @@ class Decoder(nnx.Module):
     # The table's hidden dim is split over fsdp, which the batch of ids is split over too: gathered as
     # is, XLA cannot reshard the rows to the batch's devices and gathers everything everywhere. Gathered
     # over fsdp first (as FSDP gathers every weight it uses), the lookup is vocab-parallel over tensor.
-    table_vd = shard_activation(self.embed_vd[...], ("vocab", None))
-    x_bsd = jnp.take(table_vd, ids_bs, axis=0).astype(cfg.dtype)
+    table_vd = shard_activation(self.embed_vd[...].astype(cfg.dtype), ("vocab", None))  # cast, then gather
+    x_bsd = jnp.take(table_vd, ids_bs, axis=0)
     x_bsd = shard_activation(x_bsd, ACT_BSD)
     cos_bsh, sin_bsh = rope_angles(pos_bs, inv_frequencies(cfg))
 

@@ -63,14 +63,19 @@ class LoopRun:
     # Wall seconds of every stage this run went through (of the attempt that finished it), in order.
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def finished(self, name: str) -> bool:
+        """Whether stage `name` finished before. Both files: a stage's own work may mark its folder DONE
+        too (synthesis does, for the standalone command), and a run killed after that but before the
+        record is written has not finished. Process 0's answer on every process."""
+        stage_dir = self.root / name
+        return bool(broadcast_int((stage_dir / DONE).exists() and (stage_dir / STAGE_RECORD).exists()))
+
     def stage(self, name: str, fn: Callable[[Any], dict], summary: Callable[[dict], str] | None = None) -> dict:
         """Run `fn(stage_dir)` unless the stage finished before; returns its record."""
         stage_dir = self.root / name
         # Multi-host: every process takes process 0's branch, runs the stage (its collectives and its
         # share of the work), and continues with the record process 0 wrote, read back after a barrier.
-        # Both files: a stage's own work may mark its folder DONE too (synthesis does, for the standalone
-        # command), and a run killed after that but before the record is written has not finished.
-        if broadcast_int((stage_dir / DONE).exists() and (stage_dir / STAGE_RECORD).exists()):
+        if self.finished(name):
             self.log(f"[{name}] done before; skipped")
             finished = read_stage_record(stage_dir, self.root)
             self.stage_seconds[name] = float(finished.get("wall_seconds", 0.0))
@@ -239,7 +244,7 @@ def run_loop(cfg, workdir) -> dict:
     check_resumed_config(cfg, run.root / "config.json")
     _next_policy_stage(cfg)  # bad values fail now, not after the first iteration's training
     _sft_plan(cfg)
-    check_train_batches(cfg, run.mesh)
+    check_train_batches(cfg, run.mesh, finished=run.finished)
     check_sampling_mesh(run.mesh)  # the loop samples in nearly every stage
     tool_config(cfg)
     check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts))
@@ -272,15 +277,19 @@ def run_loop(cfg, workdir) -> dict:
     return report
 
 
-def trained_sections(cfg) -> list[str]:
-    """The training sections (dotted config keys) the loop's stages train with."""
+def trained_sections(cfg, finished: Callable[[str], bool] = lambda stage: False) -> list[str]:
+    """The training sections (dotted config keys) the loop's stages will still train with: none of a stage
+    that `finished` before (a resumed run may change its mesh), no policy round without iterations."""
+    stages = {"base.train": "base", "rollout_policy.train": "fast_rollout", "critics.train": "critics_stage"}
     sections = [] if cfg.model.checkpoint else ["base.train"]
     if cfg.rollout_policy.enabled and not cfg.rollout_policy.checkpoint:
         sections.append("rollout_policy.train")
-    return sections + ["critics.train", "policy_train.sft", "policy_train.dpo"]
+    sections.append("critics.train")
+    sections = [key for key in sections if not finished(stages[key])]
+    return sections + (["policy_train.sft", "policy_train.dpo"] if cfg.loop.iterations > 0 else [])
 
 
-def check_train_batches(cfg, mesh) -> None:
+def check_train_batches(cfg, mesh, *, finished: Callable[[str], bool] = lambda stage: False) -> None:
     """Every training section's batch must split over the mesh the loop trains on, checked before the
     first stage: the trainer refuses one that does not, which for DPO would come after hours of search."""
     from alphallm_jax.train.batching import microbatch_problem
@@ -288,7 +297,7 @@ def check_train_batches(cfg, mesh) -> None:
 
     dp = train_batch_shards(mesh)
     problems = []
-    for key in trained_sections(cfg):
+    for key in trained_sections(cfg, finished):
         parent, name = config_section(cfg, key)
         problem = microbatch_problem(parent[name].batch_size, parent[name].grad_accum_steps, dp)
         if problem:

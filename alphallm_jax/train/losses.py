@@ -61,6 +61,7 @@ def _chunked_nll(model, hidden_bsd: jax.Array, targets_bs: jax.Array, chunk: int
     that is not a multiple of `chunk` (batches are padded to `pad_to_multiple`, not to the chunk) is
     padded up to one; the padded positions' values are dropped."""
     b, s, d = hidden_bsd.shape
+    chunk = min(chunk, s)  # a short batch is one chunk, not one padded up to the configured size
     n = -(-s // chunk)
     if n * chunk != s:
         hidden_bsd = jnp.pad(hidden_bsd, ((0, 0), (0, n * chunk - s), (0, 0)))

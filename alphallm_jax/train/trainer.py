@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alphallm_jax.models.sharding import ShardingRules, logical_to_spec, make_mesh, state_shardings
+from alphallm_jax.models.sharding import ShardingRules, batch_shards, logical_to_spec, make_mesh, state_shardings
 from alphallm_jax.train import step as step_lib
 from alphallm_jax.train.batching import BatchIterator, IteratorState, default_collate, microbatch_problem
 from alphallm_jax.train.losses import LossFn
@@ -229,12 +229,18 @@ def _set_compute_dtype(model: nnx.Module, dtype: str) -> list[tuple[nnx.Module, 
     return changed
 
 
+def default_train_mesh() -> jax.sharding.Mesh:
+    """The Trainer's mesh when given none. One process: its first device. Several processes (a multi-host
+    run): every device of every process, data parallel, so parameters and optimizer state are global
+    arrays that all processes step and checkpoint together (orbax cannot save host-local arrays there)."""
+    if jax.process_count() == 1:
+        return make_mesh(1, 1, 1, devices=[jax.local_devices()[0]])
+    return make_mesh(jax.device_count(), 1, 1)
+
+
 def train_batch_shards(mesh: jax.sharding.Mesh | None) -> int:
-    """How many ways a train step splits its batch: the (data, fsdp) devices of `mesh`; without one, the
-    Trainer's own mesh (one device in one process, every device data parallel in several)."""
-    if mesh is None:
-        return jax.device_count() if jax.process_count() > 1 else 1
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways a train step on `mesh` (None: `default_train_mesh`) splits its batch."""
+    return batch_shards(mesh if mesh is not None else default_train_mesh())
 
 
 class Trainer:
@@ -253,13 +259,7 @@ class Trainer:
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.collate_fn = collate_fn
         self.length_fn = length_fn
-        if mesh is None:
-            # One process: its first device. Several processes (a multi-host run): every device of every
-            # process, data parallel, so parameters and optimizer state are global arrays that all
-            # processes step and checkpoint together (orbax cannot save host-local arrays there).
-            mesh = (make_mesh(1, 1, 1, devices=[jax.local_devices()[0]]) if jax.process_count() == 1
-                    else make_mesh(jax.device_count(), 1, 1))
-        self.mesh = mesh
+        self.mesh = mesh if mesh is not None else default_train_mesh()
         self.is_main = jax.process_index() == 0
         dp = train_batch_shards(self.mesh)
         problem = microbatch_problem(train_cfg.batch_size, train_cfg.grad_accum_steps, dp)
