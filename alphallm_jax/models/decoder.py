@@ -23,7 +23,7 @@ from alphallm_jax.models import kv_cache as kv_cache_lib
 from alphallm_jax.models.config import ModelConfig
 from alphallm_jax.models.kv_cache import KVCache
 from alphallm_jax.models.rope import apply_rope, inv_frequencies, rope_angles
-from alphallm_jax.models.sharding import param, shard_activation
+from alphallm_jax.models.sharding import current_mesh, param, shard_activation
 
 # Finite on purpose: a fully masked query (padding) gets uniform garbage instead of NaN, and a NaN
 # could leak into valid rows through 0 * NaN in the probability-value product.
@@ -378,11 +378,14 @@ class Decoder(nnx.Module):
 
   def _forward(self, ids_bs: jax.Array, pos_bs: jax.Array, cache: KVCache | None):
     cfg = self.cfg
-    # The table's hidden dim is split over fsdp, which the batch of ids is split over too: gathered as
-    # is, XLA cannot reshard the rows to the batch's devices and gathers everything everywhere. Gathered
-    # over fsdp first (as FSDP gathers every weight it uses), the lookup is vocab-parallel over tensor.
-    table_vd = shard_activation(self.embed_vd[...].astype(cfg.dtype), ("vocab", None))  # cast, then gather
-    x_bsd = jnp.take(table_vd, ids_bs, axis=0)
+    table_vd = self.embed_vd[...]
+    if current_mesh() is not None:
+      # The table's hidden dim is split over fsdp, which the batch of ids is split over too: gathered as
+      # is, XLA cannot reshard the rows to the batch's devices and gathers everything everywhere. Gathered
+      # over fsdp first (as FSDP gathers every weight it uses, in the compute dtype), the lookup is
+      # vocab-parallel over tensor. Without a mesh only the looked-up rows are cast, not the whole table.
+      table_vd = shard_activation(table_vd.astype(cfg.dtype), ("vocab", None))
+    x_bsd = jnp.take(table_vd, ids_bs, axis=0).astype(cfg.dtype)
     x_bsd = shard_activation(x_bsd, ACT_BSD)
     cos_bsh, sin_bsh = rope_angles(pos_bs, inv_frequencies(cfg))
 
