@@ -137,3 +137,23 @@ def test_rollout_policy_backbone_needs_the_fast_policy(tmp_path):
     cfg.critics.model.init = "rollout_policy"
     with pytest.raises(FileNotFoundError, match="rollout_policy.enabled"):
         make_critic(cfg, None, None, workdir=tmp_path)
+
+
+def test_a_critic_with_fewer_positions_than_its_data_is_refused_before_training(tmp_path):
+    """Calibration scores the dev rows whole: a scratch critic of 32 positions for 40-token rows would fail
+    there, after its training; it is refused first, naming the keys."""
+    from alphallm_jax.config import default_config
+    from alphallm_jax.critics.pipeline import train_critic
+    from alphallm_jax.models import create_model
+    from tests.tiny_lm import arith_tokenizer, model_config
+
+    tokenizer = arith_tokenizer(tmp_path)
+    policy = create_model(model_config(tokenizer), seed=0)
+    cfg = default_config()
+    cfg.critics.model.update(dict(init="scratch", hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                  num_kv_heads=1, head_dim=8, max_position_embeddings=32))
+    rows = [{"kind": "trajectory", "prompt_ids": [1] * 10, "step_ids": [[5] * 12, [6] * 18]}]
+    with pytest.raises(ValueError, match=r"longest row holds 40 tokens .* more than the 32 positions .*"
+                                         r"raise critics.model.max_position_embeddings"):
+        train_critic(cfg, tmp_path / "run", rows, rows, policy, tokenizer)
+    assert not (tmp_path / "run" / "critics" / "train").exists()  # nothing trained

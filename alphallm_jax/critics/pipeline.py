@@ -22,7 +22,14 @@ import jax
 import numpy as np
 
 from alphallm_jax.critics.combiner import COMBINER_FILE, OutcomeCombiner, rows_mean_logprobs, solution_features
-from alphallm_jax.critics.data import DONE, RolloutConfig, build_rollout_data, critic_examples, row_solution_ids
+from alphallm_jax.critics.data import (
+    DONE,
+    RolloutConfig,
+    build_rollout_data,
+    critic_examples,
+    row_solution_ids,
+    row_tokens,
+)
 from alphallm_jax.critics.losses import collate_critic, critic_example_length, make_critic_loss
 from alphallm_jax.critics.positions import blank_token_ids
 from alphallm_jax.critics.report import calibration_report, report_markdown
@@ -128,6 +135,8 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
     train_cfg = TrainConfig.from_config(cfg.critics.train)
     blank = blank_token_ids(token_texts(tokenizer, policy.cfg.vocab_size),
                             set(policy.cfg.eos_token_ids) | set(tokenizer.eos_ids) | {tokenizer.pad_id})
+    critic = make_critic(cfg, policy, tokenizer, mesh=mesh, workdir=workdir)
+    _check_critic_positions(cfg, critic, train_rows + dev_rows)
     loss = cfg.critics.loss
     make = functools.partial(critic_examples, blank_ids=blank, prm_label=cfg.critics.prm_label,
                              value_at_root=cfg.critics.value_at_root, max_seq_len=train_cfg.max_seq_len,
@@ -136,7 +145,6 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
     dev_examples = make(_subsample_rollouts(dev_rows, cfg.critics.rollout_row_fraction, cfg.seed + 1))
     if not train_examples:
         raise ValueError("no critic training examples (every row was longer than critics.train.max_seq_len?)")
-    critic = make_critic(cfg, policy, tokenizer, mesh=mesh, workdir=workdir)
     trainer = Trainer(critic, make_critic_loss((loss.value_weight, loss.prm_weight, loss.orm_weight), loss.value,
                                                loss.orm_rank_weight),
                       train_cfg, mesh=mesh, workdir=str(critics_dir(workdir) / "train"),
@@ -155,6 +163,21 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
         atomic_write_text(out / DONE, "ok\n")
     barrier(f"critic:{out}")
     return critic, record
+
+
+def _check_critic_positions(cfg, critic: CriticModel, rows: list[dict]) -> None:
+    """Calibration scores every dev row whole and the search scores whole solutions: a critic with fewer
+    positions than the critic data's longest row would fail there, after its training. Refused before."""
+    longest = max((len(row_tokens(r)) for r in rows), default=0)
+    positions = critic.model_cfg.max_position_embeddings
+    if longest > positions:
+        fix = ("raise critics.model.max_position_embeddings" if cfg.critics.model.init == "scratch"
+               else "use a backbone with more positions")
+        raise ValueError(
+            f"the critic data's longest row holds {longest} tokens (its prompt and up to critics.data.max_new_tokens="
+            f"{cfg.critics.data.max_new_tokens} generated), more than the {positions} positions of the critic "
+            f"(critics.model.init={cfg.critics.model.init!r}), which scores whole rows: lower "
+            f"critics.data.max_new_tokens (and rebuild the critic data) or {fix}")
 
 
 def _subsample_rollouts(rows: list[dict], fraction: float, seed: int) -> list[dict]:
