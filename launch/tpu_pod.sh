@@ -9,10 +9,10 @@
 #        --config.policy_train.trees_dir=gs://B/runs/70b/iter_1/search/trees --workdir=gs://B/runs/70b_sft \
 #        --train.method=sft
 #
-# Training spans the pod's hosts. Commands that sample (loop, eval, search, sweep, train-critics,
-# synthesize, train-base) split their problems between the hosts, each on its own chips, and refuse a
-# mesh spanning hosts before any work (README, "Multi-host"); a one-host slice (`:v5p-8`) runs the
-# whole loop.
+# Every stage spans the pod's hosts on the config's mesh (a multi-host preset's, e.g. `:v5p-64`): training
+# is one SPMD program, and sampling runs on every host together, each making the same calls, process 0
+# writing the results (README, "Multi-host"). Without a mesh, sampling splits the problems between the
+# hosts, each on its first chip.
 #
 # --repo: the checkout on every worker (default ~/alphallm_jax); --setup first creates its virtual
 # environment and installs the project there (`pip install -e .`); the checkout itself must already be

@@ -1,6 +1,7 @@
 """The loop's bookkeeping: stage skipping and resumption, config derivation, the report writer."""
 
 import json
+import types
 
 import pytest
 
@@ -355,22 +356,46 @@ def test_the_loop_refuses_training_batches_that_do_not_split_over_its_mesh_befor
     assert trained_sections(cfg, lambda stage: stage == "critics_stage") == []
 
 
-def test_sampling_refuses_a_mesh_that_spans_processes(monkeypatch):
-    """Processes split their problems and feed their own devices: a mesh over other processes' devices
-    would take a different batch from each (jax refuses at the first call, after the base policy's
-    training). Simulated: 8 devices, 2 processes of 4."""
+def test_work_is_split_by_process_or_shared_on_a_mesh_spanning_processes(monkeypatch):
+    """Simulated: 8 devices, 2 processes of 4. Each process on its own devices takes a fixed share of the
+    problems and writes it; on a mesh over every process's devices all take every problem (each device
+    call together), only process 0 writes, and counters of that shared work are not summed; a mesh over
+    some processes only is refused before any work."""
+    import dataclasses
+
     import jax
+    import numpy as np
 
-    from alphallm_jax.models import make_mesh
     from alphallm_jax.sampling import sampler_from_config
-    from alphallm_jax.utils.distributed import check_sampling_mesh
+    from alphallm_jax.utils import distributed as dist
 
-    devices = jax.devices()[:8]
-    spanning, local = make_mesh(data=2, fsdp=2, tensor=2, devices=devices), make_mesh(tensor=4, devices=devices[:4])
-    check_sampling_mesh(spanning)  # one process: every device is its own
+    @dataclasses.dataclass(frozen=True)
+    class FakeDevice:
+        id: int
+        process_index: int
+
+    devices = [FakeDevice(i, i // 4) for i in range(8)]
+
+    def fake_mesh(devs):
+        return types.SimpleNamespace(devices=np.asarray(devs, object).reshape(2, -1, 2),
+                                     shape={"data": 2, "fsdp": len(devs) // 4, "tensor": 2})
+
+    spanning, local = fake_mesh(devices), fake_mesh(devices[:4])
+    assert not dist.spans_processes(spanning)  # one process: every device is its own
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "local_devices", lambda *a, **k: devices[:4])
-    check_sampling_mesh(local)
-    check_sampling_mesh(None)
-    with pytest.raises(ValueError, match=r"mesh data=2 fsdp=2 tensor=2 spans the devices of several processes"):
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        for mesh in (None, local):
+            assert not dist.spans_processes(mesh)
+            dist.check_sampling_mesh(mesh)
+            assert dist.this_process_share(list(range(5)), mesh) == ([0, 2, 4], [1, 3])[index]
+            assert dist.writes_results(mesh)
+        assert dist.spans_processes(spanning)
+        dist.check_sampling_mesh(spanning)
+        assert dist.this_process_share(list(range(5)), spanning) == [0, 1, 2, 3, 4]
+        assert dist.writes_results(spanning) == (index == 0)
+        assert dist.sum_over_processes({"n": 3}, spanning) == {"n": 3}  # no collective: the same work
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError, match=r"mesh data=2 fsdp=2 tensor=2 spans the devices of processes \[0, 1\] of 3"):
         sampler_from_config(default_config(), None, None, max_len=16, mesh=spanning)

@@ -72,6 +72,70 @@ def test_two_processes_give_the_one_process_sweep(tmp_path):
     assert "maj@4" in two.stdout  # process 0 prints the merged table
 
 
+# Run by every process of a two-process runtime and by one process of eight devices: samples on a mesh
+# over every device (data x tensor = 2 x 4), keeps the states and continues them (the pool's gather),
+# writes the completions; then process 1 alone asks for another prompt.
+LOCKSTEP_PROBE = """
+import json, os, sys
+from alphallm_jax.utils.distributed import maybe_initialize_distributed
+maybe_initialize_distributed()
+import jax
+from alphallm_jax.models import make_mesh
+from alphallm_jax.models.loading import load_pretrained
+from alphallm_jax.sampling import SampleRequest, Sampler
+checkpoint, out, chunk_slots = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mesh = make_mesh(data=2, tensor=4)
+model, tok = load_pretrained(checkpoint, mesh=mesh)
+sampler = Sampler(model, tok, max_len=64, mesh=mesh, kv_chunk_slots=chunk_slots)
+prompts = ["1 + 2 =", "3 * 4 + 5 =", "7 7 7 +", "9", "12 + 13 ="]
+first = sampler.sample([SampleRequest(state=sampler.new_state(p), max_new_tokens=10, temperature=t, seed=i)
+                        for i, p in enumerate(prompts) for t in (0.0, 1.0)])
+then = sampler.sample([SampleRequest(state=c.state, max_new_tokens=6, temperature=1.0, seed=7 + i)
+                       for i, c in enumerate(first)])
+result = {"tokens": [[c.token_ids for c in first], [c.token_ids for c in then]],
+          "logprobs": [c.logprobs for c in first]}
+if jax.process_count() > 1:
+    try:
+        sampler.sample([SampleRequest(state=sampler.new_state(prompts[jax.process_index()]), max_new_tokens=4)])
+    except RuntimeError as e:
+        result["diverged"] = str(e)
+with open(os.path.join(out, f"{jax.process_index()}-of-{jax.process_count()}.json"), "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+@pytest.mark.parametrize("chunk_slots", [-1, 16])
+def test_two_processes_sample_in_lockstep_on_a_mesh_spanning_both(tmp_path, chunk_slots):
+    """On a mesh over both processes' devices every process makes each device call with the same requests
+    and reads back the whole batch: both get one process's tokens on the same mesh (new and continued
+    states). A process asking for something else is stopped with an error on both, not left to deadlock
+    or to mix its rows into the other's batch."""
+    import numpy as np
+
+    (checkpoint, _) = _tiny_checkpoints(tmp_path)
+    probe = tmp_path / "probe.py"
+    probe.write_text(LOCKSTEP_PROBE)
+    args = [str(probe), str(checkpoint), str(tmp_path), str(chunk_slots)]
+    one = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=subprocess_env() | {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["bash", str(LOCAL), "--num_processes=2", "--devices_per_process=4",
+                          f"--log_dir={tmp_path / 'logs'}", "--", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=subprocess_env() | {"ALPHALLM_CMD": sys.executable})
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert two.returncode == 0, two.stderr[-3000:] + logs[-3000:]
+    single, *pair = (json.loads((tmp_path / name).read_text()) for name in ("0-of-1.json", "0-of-2.json", "1-of-2.json"))
+    assert pair[0]["logprobs"] == pair[1]["logprobs"]  # the same gathered arrays on both
+    for res in pair:
+        assert res["tokens"] == single["tokens"]
+        for a, b in zip(res["logprobs"], single["logprobs"]):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        assert "processes sampling on one mesh diverged" in res["diverged"]
+    assert all(len(t) > 0 for t in single["tokens"][0])
+
+
 def test_local_launcher_sets_the_distributed_environment(tmp_path):
     probe = ("import os, json; print(json.dumps({k: os.environ.get(k) for k in ('ALPHALLM_COORDINATOR', "
              "'ALPHALLM_NUM_PROCESSES', 'ALPHALLM_PROCESS_ID', 'JAX_PLATFORMS', 'JAX_NUM_CPU_DEVICES')}))")

@@ -120,24 +120,30 @@ def test_two_processes_run_the_one_process_quick_loop(quick_loop_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_quick_loop_runs_on_a_configured_mesh(quick_loop_run, tmp_path):
-    """The loop as a pod runs it, on a `--config.mesh.*` of data x fsdp x tensor = 2 x 2 x 2 simulated
-    devices: the critic (its backbone sharded, its heads too), the sharded critic data, searches, SFT,
-    DPO and evaluations. From the one-process run's base policy (its stage copied), one iteration.
+@pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+def test_the_quick_loop_runs_on_a_mesh_spanning_two_processes(quick_loop_run, tmp_path):
+    """The loop as a pod runs it: two processes of two simulated devices each, one `--config.mesh.*` over
+    all four, fsdp across the processes and tensor within each (the 70B presets' layout in miniature:
+    parameters and batch rows split between hosts, heads within one). The critic (its backbone sharded, its heads too), the
+    critic data, searches, SFT, DPO and evaluations all run on that mesh, every process making each
+    sampling and scoring call together (lockstep) and process 0 writing the results. From the
+    one-process run's base policy (its stage copied), one iteration.
 
     Sharded products sum in another order than one device's, so sampled tokens can flip and later
     stages differ; the greedy evaluation of the same base policy stays within two problems."""
     run = tmp_path / "mesh"
     run.mkdir()
     shutil.copytree(quick_loop_run / "base", run / "base")
-    env = {**subprocess_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    out = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "loop", f"--config={QUICK}", f"--workdir={run}",
-                          "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+    out = subprocess.run(["bash", str(LOCAL_LAUNCHER), "--num_processes=2", "--devices_per_process=2",
+                          f"--log_dir={tmp_path / 'logs'}", "--", "loop", f"--config={QUICK}", f"--workdir={run}",
+                          "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
                           "--config.loop.iterations=1", "--config.loop.search_ablation=False",
                           "--config.loop.ablation_seeds=0", "--config.loop.base_methods=greedy,mcts"],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "[base] done before; skipped" in out.stdout and "iteration 1:" in out.stdout
+                         cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert out.returncode == 0, out.stderr[-3000:] + logs[-3000:]
+    for output in (out.stdout, logs):  # both processes ran every stage
+        assert "[base] done before; skipped" in output and "iteration 1:" in output
     report = json.loads((run / "report.json").read_text())
     one = json.loads((quick_loop_run / "report.json").read_text())
     assert set(report["critics"]) == set(one["critics"])
@@ -145,3 +151,8 @@ def test_the_quick_loop_runs_on_a_configured_mesh(quick_loop_run, tmp_path):
     n = one["base"]["greedy"]["n"]
     assert report["base"]["greedy"]["n"] == n
     assert abs(report["base"]["greedy"]["accuracy"] - one["base"]["greedy"]["accuracy"]) <= 2 / n + 1e-9
+    # Shared work is written once, by process 0: one part per evaluation, not one per process.
+    parts = {p.name for p in run.rglob("predictions.part*")}
+    assert parts == {"predictions.part000-of-001.jsonl"}
+    trees = list((run / "iter_1" / "search" / "trees").glob("*"))
+    assert len(trees) == report["iterations"][0]["synthesized_prompts"] > 0

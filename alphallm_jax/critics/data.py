@@ -42,7 +42,15 @@ from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.sampling import Sampler, SampleRequest, SeqState
 from alphallm_jax.search.options import option_end, solution_end_stops
 from alphallm_jax.train.batching import drop_overlong
-from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator, this_process_share
+from alphallm_jax.utils.distributed import (
+    barrier,
+    broadcast_int,
+    coordinator_flags,
+    is_coordinator,
+    spans_processes,
+    this_process_share,
+    writes_results,
+)
 from alphallm_jax.utils.io import (
     PathLike,
     as_path,
@@ -265,17 +273,23 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
     num_chunks = -(-len(problems) // size)
     start = time.time()
     totals: dict[str, int] = {}
-    # Multi-host: chunk i belongs to process i % process_count (rows depend on the chunk's own seed only).
-    my_chunks = this_process_share(list(range(num_chunks)))
+    # Multi-host: chunk i belongs to process i % process_count (rows depend on the chunk's own seed only);
+    # on a mesh spanning processes every process rolls out every chunk, process 0 writes them.
+    mesh = getattr(sampler, "mesh", None)
+    my_chunks = this_process_share(list(range(num_chunks)), mesh)
     my_problems = sum(min(len(problems), (ci + 1) * size) - ci * size for ci in my_chunks)
+    parts = [out / "parts" / f"chunk_{ci:05d}.jsonl" for ci in my_chunks]
+    finished = [p.exists() for p in parts]
+    if spans_processes(mesh):
+        finished = coordinator_flags(finished)
     with tqdm(total=my_problems, desc=desc, unit="prompt", dynamic_ncols=True) as bar:
-        for ci in my_chunks:
-            part = out / "parts" / f"chunk_{ci:05d}.jsonl"
+        for ci, part, skip in zip(my_chunks, parts, finished):
             lo, hi = ci * size, min(len(problems), (ci + 1) * size)
-            if not part.exists():
+            if not skip:
                 rows, counters = rollout_chunk(sampler, problems[lo:hi], prompts[lo:hi], cfg, task=task,
                                                eos_ids=eos_ids, seed=seed, chunk_index=ci)
-                write_jsonl_atomic(part, rows)
+                if writes_results(mesh):
+                    write_jsonl_atomic(part, rows)
                 for k, v in counters.items():
                     totals[k] = totals.get(k, 0) + v
             bar.update(hi - lo)

@@ -32,6 +32,7 @@ from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with
 from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel
+from alphallm_jax.utils.distributed import check_lockstep, fetch, spans_processes
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, row_bucket
 
 PRM_AGGREGATES = ("min", "prod", "mean", "last")
@@ -122,6 +123,7 @@ class CriticScorer:
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         pad = {int(tokenizer.pad_id)} if tokenizer is not None else set()
         self._row_multiple = shd.batch_shards(mesh)
+        self._lockstep = spans_processes(mesh)  # every process scores the same rows (checked)
         if tokenizer is not None:
             from alphallm_jax.sampling.token_texts import token_texts
 
@@ -255,10 +257,12 @@ class CriticScorer:
             ids_bs[b, :len(seq)] = seq
             pos_bs[b, :len(seq)] = np.arange(len(seq))
             read_bk[b, :len(rd)] = rd
+        if self._lockstep:
+            check_lockstep("critic scorer", (ids_bs, pos_bs, read_bk))
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 out = _score_batch(self.graphdef, self.params, self._put(ids_bs), self._put(pos_bs), self._put(read_bk))
         else:
             out = _score_batch(self.graphdef, self.params, ids_bs, pos_bs, read_bk)
         self.calls += 1
-        return np.asarray(jax.device_get(out))
+        return fetch(out)

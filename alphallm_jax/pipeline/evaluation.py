@@ -23,7 +23,14 @@ from alphallm_jax.data.problems import Problem
 from alphallm_jax.data.prompts import fewshot_exemplars, format_prompt, question_key, step_separator
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.eval_methods import EvalContext, make_method, method_specs, sample_budget
-from alphallm_jax.utils.distributed import barrier, is_coordinator, this_process_share
+from alphallm_jax.utils.distributed import (
+    barrier,
+    coordinator_flags,
+    is_coordinator,
+    spans_processes,
+    this_process_share,
+    writes_results,
+)
 from alphallm_jax.utils.io import (
     append_jsonl,
     as_path,
@@ -116,9 +123,10 @@ def _merged_path(out_root, spec: str):
     return out_root / method_dirname(spec) / "predictions.jsonl"
 
 
-def _part_path(out_root, spec: str):
-    """This process's predictions file of `spec` (merged into predictions.jsonl by process 0)."""
-    pidx, pcount = jax.process_index(), jax.process_count()
+def _part_path(out_root, spec: str, mesh=None):
+    """This process's predictions file of `spec` (merged into predictions.jsonl by process 0); on a mesh
+    spanning processes, the one file of every process's shared share (process 0 writes it)."""
+    pidx, pcount = (0, 1) if spans_processes(mesh) else (jax.process_index(), jax.process_count())
     return out_root / method_dirname(spec) / f"predictions.part{pidx:03d}-of-{pcount:03d}.jsonl"
 
 
@@ -183,7 +191,8 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     Returns the merged summary on every process (the others read what process 0 wrote).
     """
     methods = method_specs(methods)
-    mine = this_process_share(problems)
+    mesh = getattr(ctx.sampler, "mesh", None)
+    mine = this_process_share(problems, mesh)
     out_root = as_path(workdir) / tag
     if identity is not None:
         check_run_identity(out_root, identity, resumable=RESUMABLE_EVAL_KEYS, required=REQUIRED_EVAL_KEYS)
@@ -191,8 +200,8 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
     ctx.components["sample_budget"] = sample_budget(methods)
     for spec in methods:
         method = make_method(spec)
-        part = _part_path(out_root, spec)
-        done_rows, _ = read_jsonl_tolerant_tail(part, repair=True)
+        part = _part_path(out_root, spec, mesh)
+        done_rows, _ = read_jsonl_tolerant_tail(part, repair=writes_results(mesh))
         # A run resumed with another process count finds its finished problems in the old count's part
         # files, which the merge reads too.
         mine_ids = {p.id for p in mine}
@@ -201,12 +210,15 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
                 done_rows += [r for r in read_jsonl_tolerant_tail(other)[0] if r["id"] in mine_ids]
         done = {r["id"] for r in done_rows}
         _check_same_problems(part, done_rows, mine)
+        if spans_processes(mesh):  # in lockstep every process skips what process 0 finds finished
+            done = {p.id for p, f in zip(mine, coordinator_flags([p.id in done for p in mine])) if f}
         todo = [p for p in mine if p.id not in done]
         with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{tag} {spec}", unit="problem") as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 rows = [_grade(p, out, spec, ctx.task) for p, out in zip(batch, method.run(batch, ctx))]
-                append_jsonl(part, rows, many=True)
+                if writes_results(mesh):
+                    append_jsonl(part, rows, many=True)
                 bar.update(len(batch))
     barrier(f"{tag}:parts-written")
     summary = merge_results(problems, methods, out_root) if is_coordinator() else {}
@@ -229,16 +241,16 @@ def _check_same_problems(part, rows, problems: list[Problem]) -> None:
                              f"{part.parent}")
 
 
-def seed_results(problems: list[Problem], spec: str, rows, workdir, *, tag: str = "eval") -> int:
+def seed_results(problems: list[Problem], spec: str, rows, workdir, *, tag: str = "eval", mesh=None) -> int:
     """Results of `spec` computed by an earlier run of the same method, config and seeds (e.g. on a
-    superset of `problems`), written as this process's finished share, so that `evaluate_methods`
-    resumes past them instead of recomputing. Only a part file that does not exist yet is written;
-    returns the number of rows written."""
-    part = _part_path(as_path(workdir) / tag, spec)
-    if part.exists():
+    superset of `problems`), written as this process's finished share (`mesh`: the evaluation's, see
+    `this_process_share`), so that `evaluate_methods` resumes past them instead of recomputing. Only a
+    part file that does not exist yet is written; returns the number of rows written."""
+    part = _part_path(as_path(workdir) / tag, spec, mesh)
+    if part.exists() or not writes_results(mesh):
         return 0
     by_id = {r["id"]: r for r in rows}
-    mine = [by_id[p.id] for p in this_process_share(problems) if p.id in by_id]
+    mine = [by_id[p.id] for p in this_process_share(problems, mesh) if p.id in by_id]
     if mine:
         append_jsonl(part, mine, many=True)
     return len(mine)

@@ -382,7 +382,7 @@ def _search_ablation(run: LoopRun, policy_dir: str) -> dict:
 
         def fn(stage_dir, c=c, reuse=not changes and "mcts" in cfg.loop.base_methods and base_mcts.exists()):
             if reuse:
-                seed_results(load_eval_problems(c), "mcts", read_jsonl(base_mcts), stage_dir)
+                seed_results(load_eval_problems(c), "mcts", read_jsonl(base_mcts), stage_dir, mesh=run.mesh)
             return evaluate_policy(c, run.root, policy_dir, ("mcts",), stage_dir, mesh=run.mesh)["mcts"]
 
         result = run.stage(f"search_ablation/{rung.name}", fn,

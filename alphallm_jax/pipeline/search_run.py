@@ -33,7 +33,15 @@ from alphallm_jax.search.mcts import run_mcts
 from alphallm_jax.search.mcts_config import MCTSConfig
 from alphallm_jax.search.options import OptionConfig
 from alphallm_jax.search.tree import SearchProblem, Tree, problem_seed, write_tree
-from alphallm_jax.utils.distributed import barrier, is_coordinator, sum_over_processes, this_process_share
+from alphallm_jax.utils.distributed import (
+    barrier,
+    coordinator_flags,
+    is_coordinator,
+    spans_processes,
+    sum_over_processes,
+    this_process_share,
+    writes_results,
+)
 from alphallm_jax.utils.io import DataFormatError, as_path, atomic_write_json, iter_jsonl
 
 log = logging.getLogger(__name__)
@@ -226,7 +234,8 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
     devices and writes those trees; after a barrier every process reads all of them. A tree's random
     draws depend only on its problem's seed, so the split changes none of them, though
     floats of batched kernels can differ in their last bits between splits (never between a killed and
-    resumed run and an uninterrupted one: see the chunks below)."""
+    resumed run and an uninterrupted one: see the chunks below). On a mesh spanning processes every
+    process searches every problem, each device call together, and process 0 writes the trees."""
     if method not in METHODS:
         raise ValueError(f"search method {method!r}; choose from {METHODS}")
     trees_dir = as_path(trees_dir)
@@ -235,9 +244,16 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
     if len(set(paths.values())) != len(paths):
         raise ValueError("two problem ids map to the same tree file name; make the ids distinct")
     trees: dict[str, Tree] = {}
-    mine = this_process_share(list(problems))
-    for p in mine:
-        tree = _load_finished(paths[p.problem_id])
+    mesh = getattr(getattr(backend, "sampler", None), "mesh", None)  # a synthetic backend samples nothing
+    mine = this_process_share(list(problems), mesh)
+    writes = writes_results(mesh)
+    # In lockstep every process must skip the same trees: process 0's view of the disk decides.
+    finished = coordinator_flags([paths[p.problem_id].exists() for p in mine]) if spans_processes(mesh) else None
+    for i, p in enumerate(mine):
+        tree = _load_finished(paths[p.problem_id]) if finished is None or finished[i] else None
+        if finished is not None and finished[i] and tree is None:
+            raise RuntimeError(f"{paths[p.problem_id]}: process 0 finds this tree finished and this process does "
+                               "not: processes sampling on one mesh need one shared workdir")
         if tree is not None:
             _check_same_problem(tree, p, paths[p.problem_id])
             trees[p.problem_id] = tree
@@ -246,7 +262,8 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
         def done(tree: Tree) -> None:
             if tree.problem.problem_id in trees:  # finished before: recomputed with its chunk, not rewritten
                 return
-            write_tree(paths[tree.problem.problem_id], tree)
+            if writes:
+                write_tree(paths[tree.problem.problem_id], tree)
             trees[tree.problem.problem_id] = tree
             bar.update(1)
 
@@ -342,9 +359,9 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
     wall = time.time() - start
     # The trees' figures cover every problem; the counters only this run's work (a resumed run's are its own).
     summary = {
-        "method": method, **summarize_trees(trees), "searched_now": sum_over_processes({"n": searched})["n"],
-        "this_run": {"wall_seconds": round(wall, 2), "backend_stats": sum_over_processes(backend.stats.as_dict()),
-                     "sampler_stats": sum_over_processes(backend.sampler.stats.as_dict())},
+        "method": method, **summarize_trees(trees), "searched_now": sum_over_processes({"n": searched}, mesh)["n"],
+        "this_run": {"wall_seconds": round(wall, 2), "backend_stats": sum_over_processes(backend.stats.as_dict(), mesh),
+                     "sampler_stats": sum_over_processes(backend.sampler.stats.as_dict(), mesh)},
         "settings": settings.to_dict(),
     }
     if is_coordinator():  # every process's counters, summed; the trees are every process's

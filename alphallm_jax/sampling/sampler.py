@@ -24,6 +24,7 @@ from alphallm_jax.sampling.kv_pool import KVPool, SeqState
 from alphallm_jax.sampling.stop_rules import StopTables, ending_stop
 from alphallm_jax.sampling.token_sampling import sampling_mode
 from alphallm_jax.sampling.token_texts import plain_anchor, token_bytes, token_texts
+from alphallm_jax.utils.distributed import check_lockstep, fetch, spans_processes
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, round_up, row_bucket
 
 _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
@@ -160,6 +161,8 @@ class Sampler:
             eos_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
         self.eos_ids = jnp.asarray(sorted(eos_ids), jnp.int32)
         self._row_multiple = shd.batch_shards(mesh)
+        # On a mesh spanning processes every process makes each call with the same requests (checked).
+        self._lockstep = spans_processes(mesh)
         self._min_rows = min_rows
         self._fine_rows = fine_row_buckets
         self.kv_chunk_slots = (default_kv_chunk_slots() if kv_chunk_slots == 0
@@ -352,6 +355,9 @@ class Sampler:
         for u, (_, skip, chunk) in enumerate(firsts):
             chunk_us[u, :len(chunk)] = chunk
             pos_us[u, :len(chunk)] = np.arange(skip, skip + len(chunk))
+        if self._lockstep:
+            check_lockstep("sampler", (chunk_us, pos_us, source, [(r.seed, r.max_new_tokens, r.temperature,
+                                                                          r.top_p, r.top_k, r.stop) for r in reqs]))
         if any(b is not None for b, _, _ in firsts):
             cache = self.pool.gather([b for b, _, _ in firsts] + [None] * (n_unique - len(firsts)))
         else:
@@ -387,7 +393,7 @@ class Sampler:
             state = engine.decode(self.graphdef, self.params, state, logits_uv, *decode_args)
             self.stats.device_calls += 2
             state = self._finish_stragglers(state, len(reqs), decode_args)
-        tokens_bt, logprobs_bt, num_gen_b, reason_b, stop_state_bk = jax.device_get(
+        tokens_bt, logprobs_bt, num_gen_b, reason_b, stop_state_bk = fetch(
             (state.tokens_bt, state.logprobs_bt, state.num_gen_b, state.reason_b, state.stop_state_bk))
         self.stats.decoded_tokens += int(num_gen_b[:len(reqs)].sum())
 
@@ -451,7 +457,7 @@ class Sampler:
         batch and are written back, so finished rows stop costing a row of compute per step."""
         # Small batches never exit early: no host sync for them.
         while engine.shrink_below(state.tokens_bt.shape[0], self._rows(1)):
-            running = np.flatnonzero(np.asarray(jax.device_get(state.reason_b))[:n_real] == engine.RUNNING)
+            running = np.flatnonzero(fetch(state.reason_b)[:n_real] == engine.RUNNING)
             if not len(running):
                 return state
             sub_rows = self._rows(len(running))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from alphallm_jax.critics.tools import check_solutions, combine_with_checks
@@ -31,6 +30,7 @@ from alphallm_jax.sampling import Completion, Sampler, SampleRequest, SeqState
 from alphallm_jax.search.options import OptionConfig, has_equation, option_end, solution_answer
 from alphallm_jax.search.protocol import EvaluateRequest, ExpandRequest, ExpandResult, NodeScores, RootRequest
 from alphallm_jax.search.tree import derive_seed
+from alphallm_jax.utils.distributed import fetch
 
 _EXTENSION_STREAM, _ROLLOUT_STREAM = 1, 2
 
@@ -261,7 +261,7 @@ class LMSearchBackend:
     def _embedding(self, ids: Sequence[int]) -> np.ndarray:
         """Cosine state merging: the unit-norm mean of the policy's input embeddings of the option's tokens."""
         if self._embedding_table is None:
-            self._embedding_table = np.asarray(jax.device_get(self.sampler.model.embed_vd[...]), np.float32)
+            self._embedding_table = fetch(self.sampler.model.embed_vd[...]).astype(np.float32)
         rows = [t for t in ids if t not in self.eos_ids]
         if not rows:
             return np.zeros(self._embedding_table.shape[1], np.float32)

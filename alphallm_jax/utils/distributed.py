@@ -15,6 +15,7 @@ Without either, nothing happens and the run is a single process.
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 
@@ -72,44 +73,98 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def check_sampling_mesh(mesh) -> None:
-    """Sampling and critic scoring split their problems between processes, each feeding its own devices,
-    so in a multi-process run their mesh must lie within this process's devices; a mesh spanning
-    processes (a pod's `--config.mesh.*`) would take a different batch from every process and fails at
-    the first call. Refused here, before any work, until sampling runs as one program across hosts."""
+def spans_processes(mesh) -> bool:
+    """Whether `mesh` holds devices of other processes: sampling on it runs every device call on every
+    process at once (lockstep), each process with the same requests."""
     import jax
 
-    if mesh is None or jax.process_count() == 1:
+    return mesh is not None and jax.process_count() > 1 and not set(mesh.devices.flat) <= set(jax.local_devices())
+
+
+def check_sampling_mesh(mesh) -> None:
+    """A multi-process run samples either on each process's own devices (no mesh, or a mesh within this
+    process: the problems are split between processes) or on a mesh of every process's devices (every
+    process runs every device call with the same requests, process 0 writes the results). A mesh over
+    some processes only would leave the others out of its calls: refused here, before any work."""
+    import jax
+
+    if not spans_processes(mesh):
         return
-    local = set(jax.local_devices())
-    if not set(mesh.devices.flat) <= local:
+    holders = {d.process_index for d in mesh.devices.flat}
+    if len(holders) != jax.process_count():
         shape = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
         raise ValueError(
-            f"mesh {shape} spans the devices of several processes; sampling and critic scoring split their "
-            f"problems between the {jax.process_count()} processes, each on its own devices, so a multi-process "
-            "run that samples takes no mesh (--config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.tensor=1: "
-            "training is then data parallel over every process's devices, sampling on each process's first "
-            "device). `alphallm train-policy` alone may span processes; sampling over a mesh across hosts is "
-            "not supported yet")
+            f"mesh {shape} spans the devices of processes {sorted(holders)} of {jax.process_count()}; sampling on "
+            "a mesh across processes needs every process in it (a mesh over all devices), or a mesh within one "
+            "process's devices")
 
 
-def this_process_share(items):
-    """Items i with i % process_count == process_index: a fixed split of a list of work, the same
-    whatever has already been done (so every item belongs to exactly one process, resumed or not)."""
+def this_process_share(items, mesh=None):
+    """This process's share of a list of work sampled on `mesh`. Each process on its own devices: items i
+    with i % process_count == process_index, a fixed split, the same whatever has already been done (so
+    every item belongs to exactly one process, resumed or not). On a mesh spanning processes: every item
+    (every process takes part in each device call; `writes_results` says who writes)."""
     import jax
 
+    if spans_processes(mesh):
+        return list(items)
     return items[jax.process_index()::jax.process_count()]
+
+
+def writes_results(mesh=None) -> bool:
+    """Whether this process writes the results of its share (`this_process_share`): every process for its
+    own share, but only process 0 when the mesh spans processes (all compute the same results)."""
+    return not spans_processes(mesh) or is_coordinator()
+
+
+def coordinator_flags(flags) -> list[bool]:
+    """Process 0's `flags` on every process (e.g. which items are already finished on disk), so that
+    processes sampling in lockstep skip the same items even if their views of the disk differ."""
+    import jax
+
+    flags = [bool(f) for f in flags]
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    return [bool(f) for f in np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(flags, np.bool_)))]
+
+
+def check_lockstep(what: str, inputs) -> None:
+    """Raise when the processes sampling in lockstep are about to make different device calls (`inputs`:
+    this process's call, numpy arrays and plain values, hashed): their shards would mix different requests
+    or their programs deadlock. Costs one small all-gather; called once per sampled or scored batch."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    digest = zlib.crc32(b"")
+    for part in inputs:
+        digest = zlib.crc32(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode(), digest)
+    every = np.asarray(multihost_utils.process_allgather(np.asarray([digest & 0x7FFFFFFF], np.int32)))
+    if len(set(every.reshape(-1).tolist())) > 1:
+        raise RuntimeError(
+            f"{what}: processes sampling on one mesh diverged (request digests {every.reshape(-1).tolist()} by "
+            f"process; this is process {jax.process_index()}): every process must run the same stages on the "
+            "same inputs; a host-dependent order (set PYTHONHASHSEED the same on every host) or a workdir that "
+            "differs between hosts can cause this")
 
 
 def host_array(x) -> np.ndarray:
     """A jax.Array as one numpy array on every process, gathering the shards other hosts hold."""
+    return fetch(x)
+
+
+def fetch(tree):
+    """`jax.device_get(tree)`, its arrays as numpy on every process: an array sharded over a mesh that
+    spans processes has its other hosts' shards gathered (every process must call this together)."""
     import jax
 
-    if not x.is_fully_addressable:
+    leaves = jax.tree.leaves(tree)
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
         from jax.experimental import multihost_utils
 
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 def broadcast_int(value: int) -> int:
@@ -123,12 +178,13 @@ def broadcast_int(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+def sum_over_processes(counts: dict[str, int], mesh=None) -> dict[str, int]:
     """Integer counters summed over every process (the same keys on each), e.g. the tokens each host's
-    sampler prefilled for its share of a search; unchanged for a single process."""
+    sampler prefilled for its share of a search; unchanged for a single process, and on a mesh spanning
+    processes (each counted the same, shared, work)."""
     import jax
 
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or spans_processes(mesh):
         return dict(counts)
     from jax.experimental import multihost_utils
 
