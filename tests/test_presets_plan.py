@@ -269,3 +269,28 @@ def test_command_help_lists_the_commands_flags_and_training_fields_are_settable(
     missing = run("plan", "--config=configs/nope.py")
     assert missing.returncode == 2 and "no config file at configs/nope.py" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_run_on_devices_that_give_jax_less_than_the_plan_is_refused(monkeypatch):
+    """llama3-8B on `:gpu-8` plans 61.6 GiB of 80 for its policy's training; a GPU whose allocator gives
+    JAX its default 75% (60 GiB) fails that hours in. The loop's preflight refuses it, naming the stage and
+    XLA_PYTHON_CLIENT_MEM_FRACTION; with .92 (73.6 GiB) it passes; CPU devices are not checked."""
+    import types
+
+    import jax
+
+    from alphallm_jax.pipeline.plan import GIB, check_device_memory
+
+    c = load_config("llama3_8b_instruct_math", "gpu-8")
+    check_device_memory(c)  # this machine's CPU devices report no allocator limit
+
+    def gpu(fraction):
+        stats = {"bytes_limit": int(fraction * 80 * GIB)}
+        device = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3", memory_stats=lambda: stats)
+        monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [device])
+
+    gpu(0.75)
+    with pytest.raises(ValueError, match=r"policy \(peak\) 61\.6 GiB.*gives JAX 60\.0 GiB.*XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        check_device_memory(c)
+    gpu(0.92)
+    check_device_memory(c)

@@ -235,6 +235,7 @@ def run_loop(cfg, workdir) -> dict:
     """Every stage of the loop (module doc); returns the report (also written to DIR/report.json)."""
     from alphallm_jax.config import mesh_from_config
     from alphallm_jax.critics.pipeline import tool_config
+    from alphallm_jax.pipeline.plan import check_device_memory
     from alphallm_jax.pipeline.search_run import mcts_config_from
     from alphallm_jax.train.pairs import check_pair_margin
 
@@ -246,6 +247,7 @@ def run_loop(cfg, workdir) -> dict:
     _sft_plan(cfg)
     check_train_batches(cfg, run.mesh, finished=run.finished)
     check_sampling_mesh(run.mesh)  # the loop samples in nearly every stage
+    check_device_memory(cfg)
     tool_config(cfg)
     check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts))
     if is_coordinator():

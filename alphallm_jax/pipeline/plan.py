@@ -383,6 +383,35 @@ def _fits(per_device: int, hbm: int | None, *, refused: bool = False) -> bool | 
     return False if refused else (None if hbm is None else per_device <= FIT_FRACTION * hbm)
 
 
+def check_device_memory(cfg) -> None:
+    """A config that names its devices' memory (`mesh.hbm_gib`, as the paper presets do) run on devices
+    whose allocator gives JAX less: a GPU's takes 75% of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
+    says more, so a stage planned to fit 80 GiB can fail hours in. Every stage and model the plan fits at
+    `mesh.hbm_gib` is checked against this process's device limit (`memory_stats()["bytes_limit"]`) and the
+    run refused before any work when one no longer fits, naming it and the setting. CPU devices and
+    devices that report no limit are not checked."""
+    import jax
+
+    if not cfg.mesh.hbm_gib:
+        return
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" and hasattr(device, "memory_stats") else None
+    limit = int(stats.get("bytes_limit") or 0) if stats else 0
+    if not limit or limit >= cfg.mesh.hbm_gib * GIB:
+        return
+    plan = make_plan(cfg)
+    needs = {**{f"{name} (peak)": m["peak_per_device_bytes"] for name, m in plan["models"].items() if m["fits"]},
+             **{f"{name} stage": st["per_device_bytes"] for name, st in plan["stages"].items() if st["fits"]}}
+    over = {name: b for name, b in needs.items() if b > FIT_FRACTION * limit}
+    if over:
+        worst = ", ".join(f"{name} {b / GIB:.1f} GiB" for name, b in sorted(over.items(), key=lambda kv: -kv[1]))
+        raise ValueError(
+            f"mesh.hbm_gib={cfg.mesh.hbm_gib} plans {worst} per device, but {device.device_kind} gives JAX "
+            f"{limit / GIB:.1f} GiB here (of which the plan uses {FIT_FRACTION:.0%}); on GPUs set "
+            f"XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. .92: JAX takes 75% by default), or shrink the stage "
+            f"(`alphallm plan` sizes it)")
+
+
 def make_plan(cfg) -> dict[str, Any]:
     """The JSON-ready plan of `cfg` (see the module docstring)."""
     mesh = abstract_mesh(cfg)
