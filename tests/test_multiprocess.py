@@ -94,6 +94,12 @@ then = sampler.sample([SampleRequest(state=c.state, max_new_tokens=6, temperatur
                        for i, c in enumerate(first)])
 result = {"tokens": [[c.token_ids for c in first], [c.token_ids for c in then]],
           "logprobs": [c.logprobs for c in first]}
+import numpy as np
+from alphallm_jax.utils.distributed import coordinator_array, fetch
+result["coordinator"] = coordinator_array(np.array([jax.process_index(), 7])).tolist()
+rows = jax.device_put(np.arange(8), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+mixed = fetch({"local": jax.numpy.arange(3), "rows": rows})  # one array on this process, one across both
+result["mixed"] = [mixed["local"].tolist(), mixed["rows"].tolist()]
 if jax.process_count() > 1:
     try:
         sampler.sample([SampleRequest(state=sampler.new_state(prompts[jax.process_index()]), max_new_tokens=4)])
@@ -111,7 +117,8 @@ def test_two_processes_sample_in_lockstep_on_a_mesh_spanning_both(tmp_path, chun
     """On a mesh over both processes' devices every process makes each device call with the same requests
     and reads back the whole batch: both get one process's tokens on the same mesh (new and continued
     states). A process asking for something else is stopped with an error on both, not left to deadlock
-    or to mix its rows into the other's batch."""
+    or to mix its rows into the other's batch. Host results that may differ between hosts (timed checks)
+    are process 0's on both (`coordinator_array`); `fetch` gathers only the arrays that span processes."""
     import numpy as np
 
     (checkpoint, _) = _tiny_checkpoints(tmp_path)
@@ -134,6 +141,8 @@ def test_two_processes_sample_in_lockstep_on_a_mesh_spanning_both(tmp_path, chun
             np.testing.assert_allclose(a, b, atol=1e-5)
         assert "processes sampling on one mesh diverged" in res["diverged"]
     assert all(len(t) > 0 for t in single["tokens"][0])
+    for res in (single, *pair):  # process 0's array everywhere; a tree of local and global arrays gathered
+        assert res["coordinator"] == [0, 7] and res["mixed"] == [[0, 1, 2], list(range(8))]
 
 
 def test_local_launcher_sets_the_distributed_environment(tmp_path):

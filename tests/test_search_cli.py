@@ -154,3 +154,33 @@ def test_search_cli_writes_trees_resumes_and_summarises(tmp_path):
     save_critic(random_critic(tokenizer, seed=1), tmp_path / "critic", tokenizer=tokenizer)
     other = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert other.returncode != 0 and "holds results of another run, which differs in critic" in other.stderr
+
+
+def test_in_lockstep_every_process_skips_the_trees_process_0_read_and_only_it_writes(tmp_path, monkeypatch):
+    """On a mesh spanning processes (simulated here in one process) each process searches every problem;
+    which trees are finished is process 0's reading: a tree it could not read (torn) is searched again by
+    all, one it read that another process lacks stops all (a workdir that is not shared), and a process
+    other than 0 writes no tree."""
+    from alphallm_jax.pipeline import search_run
+
+    problems = [SearchProblem(f"p{i}", f"Q{i}\n", seed=i) for i in range(3)]
+    settings = SearchSettings(mcts=MCTSConfig(c_min0=2, c_max0=2, num_simulations=6, min_terminals=1, max_depth=3))
+    trees_dir = tmp_path / "trees"
+    search_to_dir(problems, SyntheticBackend(), settings, trees_dir)
+    (trees_dir / "p1.jsonl").write_text('{"torn": ')  # process 0 cannot read it
+    monkeypatch.setattr(search_run, "spans_processes", lambda mesh: True)
+    monkeypatch.setattr(search_run, "coordinator_flags", lambda flags: list(flags))  # this is process 0
+    backend = SyntheticBackend()
+    trees, searched = search_to_dir(problems, backend, settings, trees_dir, problems_per_call=1)
+    assert searched == 1 and {r.problem_id for call in backend.calls_of("start") for r in call} == {"p1"}
+    assert Tree.load(trees_dir / "p1.jsonl").problem.problem_id == "p1"  # rewritten by process 0
+
+    monkeypatch.setattr(search_run, "sum_over_processes", lambda counts, mesh=None: {"missing": 1})
+    with pytest.raises(RuntimeError, match="need one shared workdir"):
+        search_to_dir(problems, SyntheticBackend(), settings, trees_dir)
+
+    monkeypatch.setattr(search_run, "sum_over_processes", lambda counts, mesh=None: dict(counts))
+    monkeypatch.setattr(search_run, "writes_results", lambda mesh: False)  # process 1
+    (trees_dir / "p2.jsonl").unlink()
+    trees, searched = search_to_dir(problems, SyntheticBackend(), settings, trees_dir, problems_per_call=1)
+    assert searched == 1 and trees[2].problem.problem_id == "p2" and not (trees_dir / "p2.jsonl").exists()

@@ -239,7 +239,8 @@ def fit_combiner(cfg, workdir, scorer: CriticScorer, train_rows) -> OutcomeCombi
     if is_coordinator():
         combiner.save(path)
     barrier(f"combiner:{path}")
-    return combiner
+    # Process 0's fit on every process: its features hold checks under a wall-clock budget.
+    return combiner if is_coordinator() else OutcomeCombiner.load(path)
 
 
 def run_train_critics(cfg, workdir) -> dict:

@@ -32,7 +32,7 @@ from alphallm_jax.critics.tools import ToolConfig, check_solutions, combine_with
 from alphallm_jax.data.prompts import step_separator
 from alphallm_jax.models import sharding as shd
 from alphallm_jax.models.critic import HEAD_INDEX, CriticModel
-from alphallm_jax.utils.distributed import check_lockstep, fetch, spans_processes
+from alphallm_jax.utils.distributed import check_lockstep, coordinator_array, fetch, spans_processes
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, row_bucket
 
 PRM_AGGREGATES = ("min", "prod", "mean", "last")
@@ -123,7 +123,7 @@ class CriticScorer:
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         pad = {int(tokenizer.pad_id)} if tokenizer is not None else set()
         self._row_multiple = shd.batch_shards(mesh)
-        self._lockstep = spans_processes(mesh)  # every process scores the same rows (checked)
+        self.lockstep = spans_processes(mesh)  # every process scores the same rows (checked)
         if tokenizer is not None:
             from alphallm_jax.sampling.token_texts import token_texts
 
@@ -205,6 +205,8 @@ class CriticScorer:
         prm_steps = [pp if x is None else pp[:-1] for pp, x in zip(scores.prm_steps, extra)]
         checks = check_solutions(list(texts), self.task, self.tools, self.questions(prompt_ids))
         ok = np.asarray([c.ok for c in checks], np.float32)
+        if self.lockstep:  # checks under a wall-clock budget (MATH's LaTeX) may time out on one host only
+            ok = coordinator_array(ok)
         prefix_value = prefix_prm = None
         if prefix_ends is not None:
             prefix_value = np.asarray([np.nan if x is None else pv[-1] for pv, x in zip(scores.value_steps, extra)],
@@ -257,7 +259,7 @@ class CriticScorer:
             ids_bs[b, :len(seq)] = seq
             pos_bs[b, :len(seq)] = np.arange(len(seq))
             read_bk[b, :len(rd)] = rd
-        if self._lockstep:
+        if self.lockstep:
             check_lockstep("critic scorer", (ids_bs, pos_bs, read_bk))
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):

@@ -364,5 +364,6 @@ def run_eval_from_config(cfg, workdir) -> dict:
         raise ValueError("config key model.checkpoint is empty: set --config.model.checkpoint=DIR")
     summary, ctx = evaluate_checkpoint(cfg, workdir, cfg.model.checkpoint, cfg.eval.methods, workdir,
                                        mesh=mesh_from_config(cfg))
-    atomic_write_json(as_path(workdir) / "eval" / "config.json", cfg.to_dict())
+    if is_coordinator():
+        atomic_write_json(as_path(workdir) / "eval" / "config.json", cfg.to_dict())
     return {"summary": summary, "sampler_stats": dataclasses.asdict(ctx.sampler.stats)}

@@ -247,13 +247,17 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
     mesh = getattr(getattr(backend, "sampler", None), "mesh", None)  # a synthetic backend samples nothing
     mine = this_process_share(list(problems), mesh)
     writes = writes_results(mesh)
-    # In lockstep every process must skip the same trees: process 0's view of the disk decides.
-    finished = coordinator_flags([paths[p.problem_id].exists() for p in mine]) if spans_processes(mesh) else None
-    for i, p in enumerate(mine):
-        tree = _load_finished(paths[p.problem_id]) if finished is None or finished[i] else None
-        if finished is not None and finished[i] and tree is None:
-            raise RuntimeError(f"{paths[p.problem_id]}: process 0 finds this tree finished and this process does "
-                               "not: processes sampling on one mesh need one shared workdir")
+    loaded = [_load_finished(paths[p.problem_id]) for p in mine]
+    if spans_processes(mesh):
+        # In lockstep every process skips the same trees: those process 0 could read. One it could not
+        # (torn, or another format) is searched again by all; one only process 0 can read stops all.
+        finished = coordinator_flags([t is not None for t in loaded])
+        missing = sum(f and t is None for f, t in zip(finished, loaded))
+        if sum_over_processes({"missing": missing})["missing"]:
+            raise RuntimeError(f"{trees_dir}: trees process 0 finds finished are missing or unreadable on other "
+                               "processes: processes sampling on one mesh need one shared workdir")
+        loaded = [t if f else None for t, f in zip(loaded, finished)]
+    for p, tree in zip(mine, loaded):
         if tree is not None:
             _check_same_problem(tree, p, paths[p.problem_id])
             trees[p.problem_id] = tree

@@ -6,8 +6,8 @@ The grid comes from the config's `sweep` section:
   * methods: `sweep.methods`, evaluation method names; a method that takes a budget (maj, orm, prm,
     pass, mcts, mcts_lean, beam) runs once per `sweep.budgets` entry (`maj@4`, `maj@16`, ...), the others once.
 Every cell runs through the evaluation harness (`evaluation.evaluate_methods`), so problems are sharded
-over JAX processes, each process appends its rows to its own part file and a rerun skips finished
-problems; cells of one checkpoint share their samples (maj@16 and orm@16 read the same 16). The critics
+over JAX processes, each process appending its rows to its own part file (on a mesh spanning processes,
+all run every problem together and process 0 writes one part), and a rerun skips finished problems; cells of one checkpoint share their samples (maj@16 and orm@16 read the same 16). The critics
 and the fast-rollout policy come from `critics.checkpoint` / `rollout_policy.checkpoint`, else from
 the loop run, else from DIR. Process 0 merges everything into DIR/sweep.json, DIR/sweep.md (one table)
 and DIR/sweep.png (accuracy against generated tokens per question, a line per checkpoint and method).

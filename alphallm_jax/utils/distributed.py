@@ -130,6 +130,19 @@ def coordinator_flags(flags) -> list[bool]:
     return [bool(f) for f in np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(flags, np.bool_)))]
 
 
+def coordinator_array(x) -> np.ndarray:
+    """Process 0's numpy array `x` (the same shape on every process) on every process: for host-side
+    results that feed sampling decisions but may differ between hosts (checks under a wall-clock budget)."""
+    import jax
+
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
 def check_lockstep(what: str, inputs) -> None:
     """Raise when the processes sampling in lockstep are about to make different device calls (`inputs`:
     this process's call, numpy arrays and plain values, hashed): their shards would mix different requests
@@ -145,8 +158,7 @@ def check_lockstep(what: str, inputs) -> None:
         raise RuntimeError(
             f"{what}: processes sampling on one mesh diverged (request digests {every.reshape(-1).tolist()} by "
             f"process; this is process {jax.process_index()}): every process must run the same stages on the "
-            "same inputs; a host-dependent order (set PYTHONHASHSEED the same on every host) or a workdir that "
-            "differs between hosts can cause this")
+            "same inputs; a host-dependent order or timing, or a workdir that differs between hosts, can cause this")
 
 
 def host_array(x) -> np.ndarray:
@@ -155,16 +167,21 @@ def host_array(x) -> np.ndarray:
 
 
 def fetch(tree):
-    """`jax.device_get(tree)`, its arrays as numpy on every process: an array sharded over a mesh that
-    spans processes has its other hosts' shards gathered (every process must call this together)."""
+    """`jax.device_get(tree)`, its arrays as numpy on every process: the arrays sharded over a mesh that
+    spans processes have their other hosts' shards gathered, in one all-gather (every process must call
+    this together)."""
     import jax
 
-    leaves = jax.tree.leaves(tree)
-    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+    leaves, treedef = jax.tree.flatten(tree)
+    remote = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    out = [np.asarray(x) for x in jax.device_get([None if i in remote else x for i, x in enumerate(leaves)])]
+    if remote:
         from jax.experimental import multihost_utils
 
-        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+        gathered = multihost_utils.process_allgather([leaves[i] for i in remote], tiled=True)
+        for i, x in zip(remote, gathered):
+            out[i] = np.asarray(x)
+    return jax.tree.unflatten(treedef, out)
 
 
 def broadcast_int(value: int) -> int:
