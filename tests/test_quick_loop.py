@@ -138,7 +138,7 @@ def test_the_quick_loop_runs_on_a_mesh_spanning_two_processes(quick_loop_run, tm
                           f"--log_dir={tmp_path / 'logs'}", "--", "loop", f"--config={QUICK}", f"--workdir={run}",
                           "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
                           "--config.loop.iterations=1", "--config.loop.search_ablation=False",
-                          "--config.loop.ablation_seeds=0", "--config.loop.base_methods=greedy,mcts"],
+                          "--config.loop.ablation_seeds=0", "--config.loop.base_methods=greedy"],
                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
     assert out.returncode == 0, out.stderr[-3000:] + logs[-3000:]
