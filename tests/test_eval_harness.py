@@ -193,6 +193,30 @@ def test_results_of_other_problems_under_the_same_ids_are_refused(tmp_path):
         evaluate_methods(changed, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)
 
 
+def test_in_lockstep_process_0_decides_what_resumes_and_only_it_writes(tmp_path, monkeypatch):
+    """On a mesh spanning processes (simulated in one process) every process evaluates every problem into
+    one part file that process 0 alone writes; process 0's refusal of another problem's rows stops every
+    process (here: process 1 hears it through the broadcast), rather than leaving the others waiting."""
+    import dataclasses
+
+    from alphallm_jax.pipeline import evaluation
+
+    sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"], "q9": ["#### 3"]})
+    monkeypatch.setattr(evaluation, "spans_processes", lambda mesh: True)
+    monkeypatch.setattr(evaluation, "coordinator_flags", lambda flags: list(flags))
+    monkeypatch.setattr(evaluation, "broadcast_int", lambda value: int(value))
+    evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)
+    assert [p.name for p in (tmp_path / "eval" / "greedy").glob("predictions.part*")] == [
+        "predictions.part000-of-001.jsonl"]
+    changed = [dataclasses.replace(PROBLEMS[0], question="q9", answer="3")] + PROBLEMS[1:]
+    with pytest.raises(ValueError, match=r"problem 't-0' was evaluated on another question"):
+        evaluate_methods(changed, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)
+    monkeypatch.setattr(evaluation, "is_coordinator", lambda: False)
+    monkeypatch.setattr(evaluation, "broadcast_int", lambda value: 1)  # process 0 refused
+    with pytest.raises(ValueError, match=r"process 0 refused to resume these results"):
+        evaluate_methods(changed, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)
+
+
 def test_eval_identity_holds_the_models_a_method_uses(tmp_path):
     from alphallm_jax.pipeline.evaluation import eval_identity
     from alphallm_jax.utils.io import files_fingerprint

@@ -74,7 +74,7 @@ def test_two_processes_give_the_one_process_sweep(tmp_path):
 
 # Run by every process of a two-process runtime and by one process of eight devices: samples on a mesh
 # over every device (data x tensor = 2 x 4), keeps the states and continues them (the pool's gather),
-# writes the completions; then process 1 alone asks for another prompt.
+# writes the completions; then each process asks for its own prompt (process i: prompt i), which differ.
 LOCKSTEP_PROBE = """
 import json, os, sys
 from alphallm_jax.utils.distributed import maybe_initialize_distributed

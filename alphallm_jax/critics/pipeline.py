@@ -166,8 +166,8 @@ def train_critic(cfg, workdir, train_rows, dev_rows, policy, tokenizer, *, mesh=
 
 
 def _check_critic_positions(cfg, critic: CriticModel, rows: list[dict]) -> None:
-    """Calibration scores every dev row whole and the search scores whole solutions: a critic with fewer
-    positions than the critic data's longest row would fail there, after its training. Refused before."""
+    """The outcome combiner's fit and calibration score the critic data's rows whole: a critic with fewer
+    positions than the longest row would fail there, after its training. Refused before."""
     longest = max((len(row_tokens(r)) for r in rows), default=0)
     positions = critic.model_cfg.max_position_embeddings
     if longest > positions:

@@ -92,6 +92,13 @@ def aggregate_prm(steps: np.ndarray, how: str) -> float:
     return float(steps[-1])
 
 
+def checks_ok(checks, lockstep: bool) -> np.ndarray:
+    """float32 1/0 per tool check result; in lockstep (a mesh spanning processes) process 0's: checks under
+    a wall-clock budget (MATH's LaTeX) may time out on one host only, and they steer the search."""
+    ok = np.asarray([c.ok for c in checks], np.float32)
+    return coordinator_array(ok) if lockstep else ok
+
+
 class CriticScorer:
     """See the module doc. `critic`: a `CriticModel` (placed on `mesh` when one is given)."""
 
@@ -204,9 +211,7 @@ class CriticScorer:
         scores = self.score(seqs, step_ends=[e + ([x] if x is not None else []) for e, x in zip(ends, extra)])
         prm_steps = [pp if x is None else pp[:-1] for pp, x in zip(scores.prm_steps, extra)]
         checks = check_solutions(list(texts), self.task, self.tools, self.questions(prompt_ids))
-        ok = np.asarray([c.ok for c in checks], np.float32)
-        if self.lockstep:  # checks under a wall-clock budget (MATH's LaTeX) may time out on one host only
-            ok = coordinator_array(ok)
+        ok = checks_ok(checks, self.lockstep)
         prefix_value = prefix_prm = None
         if prefix_ends is not None:
             prefix_value = np.asarray([np.nan if x is None else pv[-1] for pv, x in zip(scores.value_steps, extra)],

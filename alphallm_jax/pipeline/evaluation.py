@@ -1,6 +1,7 @@
 """The evaluation harness: a checkpoint, a dataset split and a list of methods -> graded artifacts.
 
-Problems are sharded over JAX processes (`jax.process_index()`); each process appends its graded
+Problems are sharded over JAX processes (`jax.process_index()`; on a mesh spanning processes every
+process runs every problem in lockstep and process 0 alone writes); each process appends its graded
 rows to its own part file (resumable: a rerun skips finished problems, a torn last line from a kill
 is dropped), then process 0 merges the parts into `predictions.jsonl` per method, `summary.json`,
 `summary.md` and `accuracy_vs_tokens.png`.
@@ -25,6 +26,7 @@ from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.eval_methods import EvalContext, make_method, method_specs, sample_budget
 from alphallm_jax.utils.distributed import (
     barrier,
+    broadcast_int,
     coordinator_flags,
     is_coordinator,
     spans_processes,
@@ -209,9 +211,20 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
             if other != part:
                 done_rows += [r for r in read_jsonl_tolerant_tail(other)[0] if r["id"] in mine_ids]
         done = {r["id"] for r in done_rows}
-        _check_same_problems(part, done_rows, mine)
-        if spans_processes(mesh):  # in lockstep every process skips what process 0 finds finished
+        if spans_processes(mesh):
+            # In lockstep process 0's reading decides: its refusal stops every process (none is left
+            # waiting in a collective), and every process skips what it finds finished.
+            refusal = None
+            if is_coordinator():
+                try:
+                    _check_same_problems(part, done_rows, mine)
+                except ValueError as e:
+                    refusal = e
+            if broadcast_int(refusal is not None):
+                raise refusal or ValueError(f"{part}: process 0 refused to resume these results (see its log)")
             done = {p.id for p, f in zip(mine, coordinator_flags([p.id in done for p in mine])) if f}
+        else:
+            _check_same_problems(part, done_rows, mine)
         todo = [p for p in mine if p.id not in done]
         with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{tag} {spec}", unit="problem") as bar:
             for start in range(0, len(todo), batch_size):

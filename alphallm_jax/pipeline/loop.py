@@ -14,8 +14,9 @@ run killed at any moment (`kill -9` included) resumes and ends with the same art
 uninterrupted run with the same seed. Labels of D0 are used for the base policy, the critics and
 the evaluation of test splits only; the synthesized prompts the policy improves on carry none.
 
-Multi-host (`launch/local.sh`, `launch/tpu_pod.sh`): every process runs every stage; training is data
-parallel over all of them, searches and evaluations split their problems, and process 0 writes the
+Multi-host (`launch/local.sh`, `launch/tpu_pod.sh`): every process runs every stage; training is one
+program over all of them; searches and evaluations split their problems, or, on a mesh spanning the
+processes, run every problem on every process in lockstep (`utils.distributed`); process 0 writes the
 stage records and markers (see `LoopRun.stage`).
 """
 

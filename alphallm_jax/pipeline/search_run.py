@@ -368,6 +368,6 @@ def run_search_from_config(cfg, workdir) -> dict[str, Any]:
                      "sampler_stats": sum_over_processes(backend.sampler.stats.as_dict(), mesh)},
         "settings": settings.to_dict(),
     }
-    if is_coordinator():  # every process's counters, summed; the trees are every process's
+    if is_coordinator():  # every process's counters, summed (in lockstep: the one shared run's)
         atomic_write_json(out / "summary.json", summary)
     return summary

@@ -25,12 +25,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from alphallm_jax.critics.scoring import checks_ok
 from alphallm_jax.critics.tools import check_solutions, combine_with_checks
 from alphallm_jax.sampling import Completion, Sampler, SampleRequest, SeqState
 from alphallm_jax.search.options import OptionConfig, has_equation, option_end, solution_answer
 from alphallm_jax.search.protocol import EvaluateRequest, ExpandRequest, ExpandResult, NodeScores, RootRequest
 from alphallm_jax.search.tree import derive_seed
-from alphallm_jax.utils.distributed import coordinator_array, fetch
+from alphallm_jax.utils.distributed import fetch
 
 _EXTENSION_STREAM, _ROLLOUT_STREAM = 1, 2
 
@@ -297,9 +298,7 @@ class LMSearchBackend:
                      else None)
         checks = check_solutions([requests[i].handle.text for i in owners], self.task, tools, questions,
                                  complete=False)
-        ok = np.asarray([c.ok for c in checks], np.float32)
-        if getattr(self.scorer, "lockstep", False):  # as `CriticScorer.score_solutions` does
-            ok = coordinator_array(ok)
+        ok = checks_ok(checks, getattr(self.scorer, "lockstep", False))
         for field in ("value", "prm"):
             have = [j for j, i in enumerate(owners) if getattr(scores[i], field) is not None]
             if not have:

@@ -120,14 +120,7 @@ def writes_results(mesh=None) -> bool:
 def coordinator_flags(flags) -> list[bool]:
     """Process 0's `flags` on every process (e.g. which items are already finished on disk), so that
     processes sampling in lockstep skip the same items even if their views of the disk differ."""
-    import jax
-
-    flags = [bool(f) for f in flags]
-    if jax.process_count() == 1:
-        return flags
-    from jax.experimental import multihost_utils
-
-    return [bool(f) for f in np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(flags, np.bool_)))]
+    return [bool(f) for f in coordinator_array(np.asarray([bool(f) for f in flags], np.bool_))]
 
 
 def coordinator_array(x) -> np.ndarray:
