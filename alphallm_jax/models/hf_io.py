@@ -25,7 +25,7 @@ from alphallm_jax.models.config import ModelConfig
 from alphallm_jax.models.creation import abstract_model
 from alphallm_jax.models.decoder import Decoder
 from alphallm_jax.models.sharding import ShardingRules, logical_names, logical_to_spec
-from alphallm_jax.utils.distributed import host_array
+from alphallm_jax.utils.distributed import fetch
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -200,7 +200,7 @@ def save_hf_checkpoint(model: Decoder, cfg: ModelConfig, path: str | os.PathLike
                      f"embedding ({cfg.vocab_size})")
   tensors = {}
   for spec in tensor_specs(cfg):
-    value = spec.to_hf(host_array(variable_at(model, spec.path)[...]))
+    value = spec.to_hf(fetch(variable_at(model, spec.path)[...]))
     tensors[spec.hf_name] = np.ascontiguousarray(value.astype(cfg.param_dtype))
   if jax.process_index() != 0:
     return

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 from alphallm_jax.models.sharding import ShardingRules, batch_shards, logical_to_spec
 from alphallm_jax.train.batching import Batch, BatchIterator, padded_length
 from alphallm_jax.train.losses import WEIGHT_KEY, LossFn, Metrics, sequence_log_probs
-from alphallm_jax.utils.distributed import host_array
+from alphallm_jax.utils.distributed import fetch
 from alphallm_jax.utils.io import read_jsonl_tolerant_tail, write_jsonl_atomic
 from alphallm_jax.utils.shapes import round_up
 
@@ -245,7 +245,7 @@ def compute_pair_log_probs(model, examples: Sequence[PreferenceExample], *, batc
                 batch = {k: jax.make_array_from_callback(
                     v.shape, NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (v.ndim - 1), rules)),
                     lambda idx, v=v: v[idx]) for k, v in batch.items()}
-            chosen_b, rejected_b = (host_array(x) for x in fn(state, batch))  # rows of every host
+            chosen_b, rejected_b = fetch(fn(state, batch))  # rows of every host
             chosen_n[rows] = chosen_b[:len(rows)]
             rejected_n[rows] = rejected_b[:len(rows)]
     return chosen_n, rejected_n

@@ -154,11 +154,6 @@ def check_lockstep(what: str, inputs) -> None:
             "same inputs; a host-dependent order or timing, or a workdir that differs between hosts, can cause this")
 
 
-def host_array(x) -> np.ndarray:
-    """A jax.Array as one numpy array on every process, gathering the shards other hosts hold."""
-    return fetch(x)
-
-
 def fetch(tree):
     """`jax.device_get(tree)`, its arrays as numpy on every process: the arrays sharded over a mesh that
     spans processes have their other hosts' shards gathered, in one all-gather (every process must call
