@@ -203,7 +203,7 @@ def test_in_lockstep_process_0_decides_what_resumes_and_only_it_writes(tmp_path,
 
     sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"], "q9": ["#### 3"]})
     monkeypatch.setattr(evaluation, "spans_processes", lambda mesh: True)
-    monkeypatch.setattr(evaluation, "coordinator_flags", lambda flags: list(flags))
+    monkeypatch.setattr(evaluation, "coordinator_flags", lambda flags, mesh=None: list(flags))
     monkeypatch.setattr(evaluation, "broadcast_int", lambda value: int(value))
     evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3)
     assert [p.name for p in (tmp_path / "eval" / "greedy").glob("predictions.part*")] == [

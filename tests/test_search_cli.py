@@ -169,7 +169,7 @@ def test_in_lockstep_every_process_skips_the_trees_process_0_read_and_only_it_wr
     search_to_dir(problems, SyntheticBackend(), settings, trees_dir)
     (trees_dir / "p1.jsonl").write_text('{"torn": ')  # process 0 cannot read it
     monkeypatch.setattr(search_run, "spans_processes", lambda mesh: True)
-    monkeypatch.setattr(search_run, "coordinator_flags", lambda flags: list(flags))  # this is process 0
+    monkeypatch.setattr(search_run, "coordinator_flags", lambda flags, mesh=None: list(flags))  # this is process 0
     backend = SyntheticBackend()
     trees, searched = search_to_dir(problems, backend, settings, trees_dir, problems_per_call=1)
     assert searched == 1 and {r.problem_id for call in backend.calls_of("start") for r in call} == {"p1"}

@@ -47,7 +47,6 @@ from alphallm_jax.utils.distributed import (
     broadcast_int,
     coordinator_flags,
     is_coordinator,
-    spans_processes,
     this_process_share,
     writes_results,
 )
@@ -279,9 +278,7 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
     my_chunks = this_process_share(list(range(num_chunks)), mesh)
     my_problems = sum(min(len(problems), (ci + 1) * size) - ci * size for ci in my_chunks)
     parts = [out / "parts" / f"chunk_{ci:05d}.jsonl" for ci in my_chunks]
-    finished = [p.exists() for p in parts]
-    if spans_processes(mesh):
-        finished = coordinator_flags(finished)
+    finished = coordinator_flags([p.exists() for p in parts], mesh)
     with tqdm(total=my_problems, desc=desc, unit="prompt", dynamic_ncols=True) as bar:
         for ci, part, skip in zip(my_chunks, parts, finished):
             lo, hi = ci * size, min(len(problems), (ci + 1) * size)

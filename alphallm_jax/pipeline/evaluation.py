@@ -222,7 +222,7 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
                     refusal = e
             if broadcast_int(refusal is not None):
                 raise refusal or ValueError(f"{part}: process 0 refused to resume these results (see its log)")
-            done = {p.id for p, f in zip(mine, coordinator_flags([p.id in done for p in mine])) if f}
+            done = {p.id for p, f in zip(mine, coordinator_flags([p.id in done for p in mine], mesh)) if f}
         else:
             _check_same_problems(part, done_rows, mine)
         todo = [p for p in mine if p.id not in done]

@@ -251,7 +251,7 @@ def search_to_dir(problems: Sequence[SearchProblem], backend, settings: SearchSe
     if spans_processes(mesh):
         # In lockstep every process skips the same trees: those process 0 could read. One it could not
         # (torn, or another format) is searched again by all; one only process 0 can read stops all.
-        finished = coordinator_flags([t is not None for t in loaded])
+        finished = coordinator_flags([t is not None for t in loaded], mesh)
         missing = sum(f and t is None for f, t in zip(finished, loaded))
         if sum_over_processes({"missing": missing})["missing"]:
             raise RuntimeError(f"{trees_dir}: trees process 0 finds finished are missing or unreadable on other "

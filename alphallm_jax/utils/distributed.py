@@ -117,10 +117,12 @@ def writes_results(mesh=None) -> bool:
     return not spans_processes(mesh) or is_coordinator()
 
 
-def coordinator_flags(flags) -> list[bool]:
-    """Process 0's `flags` on every process (e.g. which items are already finished on disk), so that
-    processes sampling in lockstep skip the same items even if their views of the disk differ."""
-    return [bool(f) for f in coordinator_array(np.asarray([bool(f) for f in flags], np.bool_))]
+def coordinator_flags(flags, mesh=None) -> list[bool]:
+    """Process 0's `flags` on every process when `mesh` spans processes (e.g. which items are already
+    finished on disk), so that processes sampling in lockstep skip the same items even if their views of
+    the disk differ; this process's own `flags` otherwise (each decides for its own share)."""
+    flags = [bool(f) for f in flags]
+    return [bool(f) for f in coordinator_array(np.asarray(flags, np.bool_))] if spans_processes(mesh) else flags
 
 
 def coordinator_array(x) -> np.ndarray:
