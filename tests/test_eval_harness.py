@@ -284,6 +284,13 @@ def test_wilson_interval():
     assert reporting.wilson_interval(0, 10)[0] == 0.0 and reporting.wilson_interval(10, 10)[1] == pytest.approx(1.0)
 
 
+def test_summary_table_shows_no_numbers_for_a_method_with_no_problem():
+    rows = [{"correct": True, "generated_tokens": 10, "nodes": 3}, {"correct": False, "generated_tokens": 20, "nodes": 5}]
+    table = reporting.markdown_table({"mcts": reporting.summarize(rows), "greedy": reporting.summarize([])})
+    assert "| mcts | 50.0% |" in table and "| 15.0 | 4.0 |" in table
+    assert "| greedy | - | - | - | 0 | - | - |" in table
+
+
 @pytest.mark.slow
 def test_eval_cli_on_arith_and_gsm8k_with_a_tiny_model(tmp_path):
     require_shared_data()

@@ -14,7 +14,7 @@ from alphallm_jax.config import default_config
 from alphallm_jax.data.arith import generate_problems
 from alphallm_jax.data.problems import Problem
 from alphallm_jax.sampling.sampler import Completion
-from alphallm_jax.synthesis import SynthesisSettings, summary_line, synthesize
+from alphallm_jax.synthesis import SynthesisSettings, require_prompts, summary_line, synthesize
 from alphallm_jax.synthesis.form import FormRules, form_problem
 from alphallm_jax.synthesis.near_duplicates import NearDuplicateIndex, jaccard, lsh_band_shape, shingles
 from alphallm_jax.synthesis.prompting import (
@@ -348,6 +348,7 @@ def test_synthesis_counts_and_artifacts(tmp_path):
     problems = result.problems("arith")
     assert problems[0].answer == "" and problems[0].solution is None
     assert "kept 3 of 9" in summary_line(c)
+    require_prompts(c, out)  # some kept: no error
     # Finished: loaded, the sampler is not called again; other settings in the same directory are refused.
     again = synthesize(ScriptedSampler([]), seeds, settings, out, test_questions=tests, progress=False)
     assert again.prompts == result.prompts and again.counts == c
@@ -396,6 +397,10 @@ def test_synthesis_with_a_tiny_model_adds_up_and_resumes(tmp_path):
     assert sum(m["generated"] for m in c["by_method"].values()) == c["generated"]
     assert set(c["by_method"]) == {"fewshot", "prefix", "unconditional"}
     assert set(c["test_overlap_by_split"]) == {"arith:dev", "arith:test", "arith:test_hard"}
+    # A random model writes no question: the loop and `alphallm synthesize` stop there, naming the drops.
+    assert c["kept"] == 0
+    with pytest.raises(ValueError, match=r"kept 0 of \d+ .*dropped: .*rejected\.jsonl.*synthesis\.num_prompts"):
+        require_prompts(c, tmp_path / "full")
     # Simulate a kill after round 0: only its round file survives; the rerun reads it and samples the rest.
     full, killed = tmp_path / "full", tmp_path / "killed"
     (killed / "rounds").mkdir(parents=True)

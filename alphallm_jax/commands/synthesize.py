@@ -21,7 +21,7 @@ def main(argv) -> None:
     del argv
     from alphallm_jax.config import mesh_from_config
     from alphallm_jax.models.loading import load_policy
-    from alphallm_jax.synthesis import run_synthesis, summary_line
+    from alphallm_jax.synthesis import require_prompts, run_synthesis, summary_line
     from alphallm_jax.synthesis.run import check_policy
     from alphallm_jax.utils.io import as_path
 
@@ -34,4 +34,5 @@ def main(argv) -> None:
     model, tokenizer = load_policy(cfg, policy, mesh=mesh)
     result = run_synthesis(cfg, out, model, tokenizer, iteration=f.iteration, mesh=mesh)
     print(summary_line(result.counts))
+    require_prompts(result.counts, result.out_dir)
     print(f"prompts: {result.out_dir}/prompts.jsonl")

@@ -420,12 +420,14 @@ def _iteration(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tupl
     seed = cfg.seed + 1000 * it  # new prompts and new trees every iteration
 
     def synthesize(stage_dir):
-        from alphallm_jax.synthesis import d0_problems, previous_prompts, synthesize_from_config
+        from alphallm_jax.synthesis import d0_problems, previous_prompts, require_prompts, synthesize_from_config
 
         # Earlier iterations' prompts count as near-duplicates: every iteration searches new questions.
         earlier = previous_prompts([run.root / f"iter_{k}" / "synthesis" for k in range(1, it)])
-        return synthesize_from_config(cfg, policy_dir, d0_problems(cfg), stage_dir, seed=seed, mesh=run.mesh,
-                                      previous=earlier, id_prefix=f"syn{it}")
+        rec = synthesize_from_config(cfg, policy_dir, d0_problems(cfg), stage_dir, seed=seed, mesh=run.mesh,
+                                     previous=earlier, id_prefix=f"syn{it}")
+        require_prompts(rec["counts"], stage_dir)  # before the stage is marked finished: a rerun stops here too
+        return rec
 
     syn = run.stage(f"{name}/synthesis", synthesize, lambda r: f"{r['kept']} prompts kept of {r['sampled']}")
     prompts_file = str(it_root / "synthesis" / syn["prompts_file"])

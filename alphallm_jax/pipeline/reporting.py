@@ -41,6 +41,9 @@ def markdown_table(methods: Mapping[str, Mapping], title: str | None = None) -> 
     lines += ["| method | accuracy | 95% CI | strict | n | tokens / question | nodes / question |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in methods.items():
+        if not s["n"]:  # no problem scored: every mean is undefined, not 0
+            lines.append(f"| {name} | - | - | - | 0 | - | - |")
+            continue
         lo, hi = s["ci95"]
         strict = f"{100 * s['strict_accuracy']:.1f}%" if "strict_accuracy" in s else "-"
         lines.append(f"| {name} | {100 * s['accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f} | {strict} | {s['n']} "

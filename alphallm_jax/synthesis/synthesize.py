@@ -267,3 +267,17 @@ def summary_line(counts: Mapping[str, Any]) -> str:
     drops = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items() if v)
     return f"synthesis: kept {counts['kept']} of {counts['generated']} in {counts['rounds']} round(s)" + (
         f"; dropped: {drops}" if drops else "")
+
+
+def require_prompts(counts: Mapping[str, Any], out_dir) -> None:
+    """Refuse an imagination that kept no prompt: the search after it would have nothing to search and
+    the round would train on nothing while reporting success. The error names each filter's drops and
+    the file of rejected samples, so the cause (a policy that writes no well-formed question, filters too
+    strict, too few samples) can be read off."""
+    if counts["kept"]:
+        return
+    raise ValueError(
+        f"{summary_line(counts)}: imagination kept no prompt, so there is nothing to search. Read the "
+        f"dropped samples in {as_path(out_dir) / 'rejected.jsonl'} (each with its reason); sample more "
+        "(synthesis.num_prompts, synthesis.max_rounds) or loosen the filter that drops them, in a new workdir "
+        "(a finished synthesis is not sampled again).")
