@@ -19,7 +19,6 @@ import dataclasses
 import ml_collections
 
 from alphallm_jax.config import default_config
-from alphallm_jax.models import presets
 from alphallm_jax.train.batching import valid_accum_steps
 
 V5P_HBM_GIB = 95.0  # per TPU v5p chip (one JAX device: the chip's two TensorCores act as one)
@@ -72,11 +71,14 @@ MATH_INSTRUCTION = ("Below are competition mathematics problems. Write one new p
 
 
 def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], variant: str | None,
-               file_name: str, *, kv_fraction: float = 0.25) -> None:
+               file_name: str) -> None:
     """The variant's mesh and memory; gradient accumulation so that each device holds `micro_batch`
     sequences (SFT, DPO's pairs and the critic alike); and the KV pools of the two samplers that keep
-    states, the search's and the critic data's (each in a stage of its own), sized to `kv_fraction` of
-    all the devices' memory (a pool is sharded over every device)."""
+    states, the search's and the critic data's (each in a stage of its own), filled to what the plan
+    leaves of the devices' memory (`plan.fill_kv_pools`). Call it last: the pools are sized for the
+    config as it stands (a later override of a batch, a length or the mesh needs `alphallm plan`)."""
+    from alphallm_jax.pipeline.plan import fill_kv_pools
+
     name = variant or next(iter(variants))
     if name not in variants:
         raise ValueError(f"unknown variant {name!r} of {file_name}; known: {', '.join(variants)}")
@@ -87,15 +89,8 @@ def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], v
     for section, rows_per_example in ((c.policy_train.sft, 1), (c.policy_train.dpo, 2), (c.critics.train, 1)):
         section.grad_accum_steps = accum_steps_for(section.batch_size, dp, m.micro_batch, rows_per_example,
                                                    f"{file_name}:{name}")
-    policy = presets.get(c.model.preset)
-    slot_bytes = c.search.max_len * policy.num_layers * policy.num_kv_heads * policy.head_dim * 2 * 2  # bf16 K, V
-
-    def pool_slots(batch_rows: int) -> int:  # the pool beside one batch's working cache of `batch_rows`
-        slots = int(kv_fraction * m.hbm_gib * 1024 ** 3 * m.devices // slot_bytes) - batch_rows
-        return max(64, slots // dp * dp)
-
-    c.search.pool_slots = pool_slots(c.search.max_batch)
-    c.critics.data.pool_slots = pool_slots(c.sampling.max_batch)
+    pools = fill_kv_pools(c)
+    c.search.pool_slots, c.critics.data.pool_slots = pools["search"], pools["critic_data"]
 
 
 def accum_steps_for(batch_size: int, dp: int, micro_batch: int, rows_per_example: int, where: str) -> int:

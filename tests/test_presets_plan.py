@@ -272,29 +272,85 @@ def test_command_help_lists_the_commands_flags_and_training_fields_are_settable(
 
 
 def test_a_run_on_devices_that_give_jax_less_than_the_plan_is_refused(monkeypatch):
-    """llama3-8B on `:gpu-8` plans 61.6 GiB of 80 for its policy's training; a GPU whose allocator gives
-    JAX its default 75% (60 GiB) fails that hours in. The loop's preflight refuses it, naming the stage and
-    XLA_PYTHON_CLIENT_MEM_FRACTION; with .92 (73.6 GiB) it passes; CPU devices are not checked."""
+    """llama3-8B on `:gpu-8` fills its search and critic-data stages to 64 GiB of 80; a GPU whose allocator
+    gives JAX its default 75% (60 GiB) fails that hours in. The loop's preflight refuses it, naming the
+    stages and XLA_PYTHON_CLIENT_MEM_FRACTION; with .92 (73.6 GiB) it passes; CPU devices are not checked;
+    a TPU that gives less than the plan's stages is refused too (no setting raises its limit)."""
     import types
 
     import jax
 
-    from alphallm_jax.pipeline.plan import GIB, check_device_memory
+    from alphallm_jax.pipeline.plan import GIB, SKIP_MEMORY_CHECK_ENV, check_device_memory
 
     c = load_config("llama3_8b_instruct_math", "gpu-8")
     check_device_memory(c)  # this machine's CPU devices report no allocator limit
 
-    def gpu(fraction):
-        stats = {"bytes_limit": int(fraction * 80 * GIB)}
-        device = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3", memory_stats=lambda: stats)
-        monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [device])
+    def device(platform, limit_gib, kind="NVIDIA H100 80GB HBM3"):
+        stats = {"bytes_limit": int(limit_gib * GIB)}
+        d = types.SimpleNamespace(platform=platform, device_kind=kind, memory_stats=lambda: stats)
+        monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [d])
 
-    gpu(0.75)
-    with pytest.raises(ValueError, match=r"policy \(peak\) 61\.6 GiB.*gives JAX 60\.0 GiB here: set "
-                                         r"XLA_PYTHON_CLIENT_MEM_FRACTION above 0\.77"):
+    device("gpu", 0.75 * 80)
+    with pytest.raises(ValueError, match=r"search stage 64\.0 GiB, critic_data stage 64\.0 GiB, .*policy_training "
+                                         r"stage 61\.6 GiB.*gives JAX 60\.0 GiB here: set "
+                                         r"XLA_PYTHON_CLIENT_MEM_FRACTION above 0\.80"):
         check_device_memory(c)
-    gpu(0.92)
+    device("gpu", 0.92 * 80)
     check_device_memory(c)
-    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [types.SimpleNamespace(
-        platform="tpu", device_kind="TPU v5", memory_stats=lambda: {"bytes_limit": 40 * GIB})])
-    check_device_memory(c)  # not a GPU: no setting raises the limit, the plan's own verdict stands
+    device("tpu", 40, "TPU v5")
+    with pytest.raises(ValueError, match=r"TPU v5 gives JAX 40\.0 GiB here.*ALPHALLM_SKIP_MEMORY_CHECK=1"):
+        check_device_memory(c)
+    monkeypatch.setenv(SKIP_MEMORY_CHECK_ENV, "1")
+    check_device_memory(c)  # on the user's word
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_the_loop_starts(monkeypatch):
+    """llama2-70B on `:v5e-256` holds the search in 16 GiB chips but not the policy's train step (no
+    rematerialisation): a TPU run is refused at start, naming it, rather than at the first SFT round. A
+    resumed run is not checked for the stages it finished (the critic's, here)."""
+    import types
+
+    import jax
+
+    from alphallm_jax.pipeline.loop import finished_plan_stages
+    from alphallm_jax.pipeline.plan import GIB, check_device_memory
+
+    c = load_config("llama2_70b_gsm8k", "v5e-256")
+    d = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite", memory_stats=lambda: {"bytes_limit": 16 * GIB})
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [d])
+    with pytest.raises(ValueError, match=r"mesh\.hbm_gib=16\.0 does not hold policy \(peak\) 45\.\d GiB, "
+                                         r"policy_training stage 45\.1 GiB per device"):
+        check_device_memory(c)
+    skip = finished_plan_stages(lambda stage: stage == "critics_stage")
+    assert skip == ("critic_data", "critic_training", "critic") and finished_plan_stages(lambda s: False) == ()
+    # Chips that hold the train step, and a critic-data pool too large for them: refused until it finished.
+    c.mesh.hbm_gib = 52.0
+    monkeypatch.setattr(d, "memory_stats", lambda: {"bytes_limit": 52 * GIB})
+    c.critics.data.pool_slots *= 20
+    with pytest.raises(ValueError, match=r"does not hold critic_data stage"):
+        check_device_memory(c)
+    check_device_memory(c, skip=skip)
+
+
+@pytest.mark.parametrize("name,variant", [("llama2_7b_gsm8k", "v5p-8"), ("llama2_7b_gsm8k", "v5e-32"),
+                                          ("llama3_8b_instruct_math", "gpu-8"), ("llama2_70b_gsm8k", "v5p-64")])
+def test_preset_pools_fill_their_stages_to_the_planned_share_of_memory(name, variant):
+    """The state-keeping samplers' pools take what the plan leaves of the devices' memory: each stage
+    ends within one slot per (data, fsdp) shard of `POOL_FILL_FRACTION`, and every pool holds at least
+    one batch of its stage's rows (llama2-7B's 32 KV heads on `:v5p-8` once sat at 64 slots below its
+    128-row batches, so every round evicted and rebuilt states)."""
+    from alphallm_jax.pipeline.plan import POOL_FILL_FRACTION, fill_kv_pools, make_plan
+
+    cfg = load_config(name, variant)
+    plan = make_plan(cfg)
+    dp = cfg.mesh.data * cfg.mesh.fsdp
+    hbm = plan["mesh"]["device_memory_bytes"]
+    for stage, slots, batch in (("search", cfg.search.pool_slots, cfg.search.max_batch),
+                                ("critic_data", cfg.critics.data.pool_slots, cfg.sampling.max_batch)):
+        assert slots % dp == 0 and slots >= batch, (stage, slots)
+        used = plan["stages"][stage]["per_device_bytes"]
+        assert used <= POOL_FILL_FRACTION * hbm
+        cfg2 = load_config(name, variant)
+        (cfg2.search if stage == "search" else cfg2.critics.data).pool_slots = slots + dp
+        assert make_plan(cfg2)["stages"][stage]["per_device_bytes"] > POOL_FILL_FRACTION * hbm  # one more is too many
+    assert fill_kv_pools(cfg) == {"search": cfg.search.pool_slots, "critic_data": cfg.critics.data.pool_slots}

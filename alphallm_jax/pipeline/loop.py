@@ -248,7 +248,7 @@ def run_loop(cfg, workdir) -> dict:
     _sft_plan(cfg)
     check_train_batches(cfg, run.mesh, finished=run.finished)
     check_sampling_mesh(run.mesh)  # the loop samples in nearly every stage
-    check_device_memory(cfg)
+    check_device_memory(cfg, skip=finished_plan_stages(run.finished))
     tool_config(cfg)
     check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts))
     if is_coordinator():
@@ -290,6 +290,18 @@ def trained_sections(cfg, finished: Callable[[str], bool] = lambda stage: False)
     sections.append("critics.train")
     sections = [key for key in sections if not finished(stages[key])]
     return sections + (["policy_train.sft", "policy_train.dpo"] if cfg.loop.iterations > 0 else [])
+
+
+def finished_plan_stages(finished: Callable[[str], bool]) -> tuple[str, ...]:
+    """The plan's models and stages (`alphallm plan`) that only finished loop stages needed: a resumed run
+    is not refused for memory it will not use again (the fast-rollout policy and the critic still serve
+    in the search, whose stage stays checked)."""
+    skip: tuple[str, ...] = ()
+    if finished("fast_rollout"):
+        skip += ("rollout_policy_training", "rollout_policy")
+    if finished("critics_stage"):
+        skip += ("critic_data", "critic_training", "critic")
+    return skip
 
 
 def check_train_batches(cfg, mesh, *, finished: Callable[[str], bool] = lambda stage: False) -> None:

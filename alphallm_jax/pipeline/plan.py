@@ -51,6 +51,7 @@ from alphallm_jax.train.batching import microbatch_problem
 
 GIB = 1024 ** 3
 FIT_FRACTION = 0.9
+POOL_FILL_FRACTION = 0.8  # the share of device memory `fill_kv_pools` fills a state-keeping stage to
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -388,31 +389,46 @@ def allocator_limit(device) -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def check_device_memory(cfg) -> None:
-    """A config that names its devices' memory (`mesh.hbm_gib`, as the paper presets do) run on GPUs whose
-    allocator gives JAX less: it takes 75% of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says more, so
-    a stage the plan fits in 80 GiB can fail hours in. Each model and stage the plan fits is checked against
-    this process's allocator limit, and the run refused before any work when one exceeds it outright,
-    naming it and the fraction it needs. (Only GPUs: elsewhere the limit is the device's own, a little
-    under its nominal memory, and no setting raises it; a plan within the limit but above 90% of it is
-    left to the plan's own verdict.)"""
+SKIP_MEMORY_CHECK_ENV = "ALPHALLM_SKIP_MEMORY_CHECK"
+
+
+def check_device_memory(cfg, skip: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, a run on accelerators whose memory the plan says it outgrows, instead of
+    failing hours in. For a config that names its devices' memory (`mesh.hbm_gib`, as the paper presets
+    do), run on GPUs or TPUs: each model's peak and each stage of the plan (but those named in `skip`: a
+    resumed loop's finished stages) must fit the plan's own bar (`FIT_FRACTION` of `mesh.hbm_gib`) and
+    this process's allocator limit. On GPUs JAX takes 75% of the memory unless
+    XLA_PYTHON_CLIENT_MEM_FRACTION says more, so the error names the fraction the run needs. CPU devices
+    are not checked (there `mesh.hbm_gib` describes the target hardware, not this machine). The plan is an
+    estimate: `ALPHALLM_SKIP_MEMORY_CHECK=1` runs anyway."""
     import jax
 
     device = jax.local_devices()[0]
-    limit = allocator_limit(device) if cfg.mesh.hbm_gib and device.platform == "gpu" else None
-    if not limit:
+    if not cfg.mesh.hbm_gib or device.platform not in ("gpu", "tpu") or os.environ.get(SKIP_MEMORY_CHECK_ENV) == "1":
         return
     plan = make_plan(cfg)
-    needs = {**{f"{name} (peak)": m["peak_per_device_bytes"] for name, m in plan["models"].items() if m["fits"]},
-             **{f"{name} stage": st["per_device_bytes"] for name, st in plan["stages"].items() if st["fits"]}}
-    over = {name: b for name, b in needs.items() if b > limit}
-    if over:
-        worst = ", ".join(f"{name} {b / GIB:.1f} GiB" for name, b in sorted(over.items(), key=lambda kv: -kv[1]))
-        fraction = max(over.values()) / (cfg.mesh.hbm_gib * GIB)
+    needs = {**{f"{name} (peak)": m["peak_per_device_bytes"] for name, m in plan["models"].items() if name not in skip},
+             **{f"{name} stage": st["per_device_bytes"] for name, st in plan["stages"].items() if name not in skip}}
+    hbm = cfg.mesh.hbm_gib * GIB
+    limit = allocator_limit(device)
+    bar = min(FIT_FRACTION * hbm, limit or hbm)
+    over = {name: b for name, b in needs.items() if b > bar}
+    if not over:
+        return
+    worst = ", ".join(f"{name} {b / GIB:.1f} GiB" for name, b in sorted(over.items(), key=lambda kv: -kv[1]))
+    escape = f"(or {SKIP_MEMORY_CHECK_ENV}=1 to run on the estimate's risk)"
+    shrink = "shrink the stage (batch sizes, search.max_batch, the pools; `alphallm plan` sizes them) or take a larger mesh"
+    if max(over.values()) > FIT_FRACTION * hbm:
+        raise ValueError(f"mesh.hbm_gib={cfg.mesh.hbm_gib} does not hold {worst} per device (the plan fits a stage in "
+                         f"{FIT_FRACTION:.0%} of it, {FIT_FRACTION * hbm / GIB:.1f} GiB): {shrink} {escape}")
+    if device.platform == "gpu":
+        fraction = max(over.values()) / hbm
         raise ValueError(
             f"mesh.hbm_gib={cfg.mesh.hbm_gib} plans {worst} per device, but {device.device_kind}'s allocator gives "
             f"JAX {limit / GIB:.1f} GiB here: set XLA_PYTHON_CLIENT_MEM_FRACTION above {fraction:.2f} (JAX takes .75 "
-            f"by default; .92 is the launch docs' setting), or shrink the stage (`alphallm plan` sizes it)")
+            f"by default; .92 is the launch docs' setting), or {shrink} {escape}")
+    raise ValueError(f"mesh.hbm_gib={cfg.mesh.hbm_gib} plans {worst} per device, but {device.device_kind} gives JAX "
+                     f"{limit / GIB:.1f} GiB here (is mesh.hbm_gib this chip's?): {shrink} {escape}")
 
 
 def make_plan(cfg) -> dict[str, Any]:
@@ -426,6 +442,35 @@ def make_plan(cfg) -> dict[str, Any]:
                      "device_memory_source": hbm_source, "fit_fraction": FIT_FRACTION},
             "models": models, "stages": {**_stages(models, hbm), **_critic_data_stage(cfg, specs, models, mesh, hbm)},
             "problems": [f"{name}: {p}" for name, m in models.items() for p in m["problems"]]}
+
+
+def fill_kv_pools(cfg, fraction: float = POOL_FILL_FRACTION) -> dict[str, int]:
+    """Slots for the two samplers that keep states, the search's (`search.pool_slots`) and the critic
+    data's (`critics.data.pool_slots`), each in a stage of its own: as many as bring the stage to
+    `fraction` of the device memory (`mesh.hbm_gib`) beside everything else the plan puts in it (every
+    resident model's parameters, each sampler's working cache of one batch, one prefill). More cached
+    states means fewer evicted and rebuilt by prefilling their prefixes again; `fraction` stays below
+    `FIT_FRACTION` to leave room for what the plan does not count. A multiple of data x fsdp (a pool's
+    rows are split over them), and never below one batch of the stage's rows even where that does not
+    fit (the plan then says so). Returns {"search": slots, "critic_data": slots}."""
+    import copy
+
+    empty = copy.deepcopy(cfg)
+    empty.search.pool_slots = empty.critics.data.pool_slots = 0
+    plan = make_plan(empty)
+    hbm = plan["mesh"]["device_memory_bytes"]
+    if not hbm:
+        raise ValueError("fill_kv_pools needs the devices' memory: set mesh.hbm_gib")
+    mesh = abstract_mesh(empty)
+    dp = batch_shards(mesh)
+    policy = resolve_models(empty, mesh)["policy"]
+    slot_bytes = kv_pool_bytes(dataclasses.replace(policy, kv_rows=(dp,)), mesh)  # one slot per (data, fsdp) shard
+    batches = {"search": cfg.search.max_batch or cfg.sampling.max_batch, "critic_data": cfg.sampling.max_batch}
+    slots = {}
+    for stage, batch in batches.items():
+        free = fraction * hbm - plan["stages"][stage]["per_device_bytes"]
+        slots[stage] = max(int(max(free, 0) // slot_bytes) * dp, math.ceil(batch / dp) * dp)
+    return slots
 
 
 def format_plan(plan: dict[str, Any]) -> str:
