@@ -74,7 +74,8 @@ def test_two_processes_give_the_one_process_sweep(tmp_path):
 
 # Run by every process of a two-process runtime and by one process of eight devices: samples on a mesh
 # over every device (data x tensor = 2 x 4), keeps the states and continues them (the pool's gather),
-# writes the completions; then each process asks for its own prompt (process i: prompt i), which differ.
+# writes the completions; then each process asks for its own prompt (process i: prompt i), which differ,
+# and then for one kept state that process 1's pool holds in another slot.
 LOCKSTEP_PROBE = """
 import json, os, sys
 from alphallm_jax.utils.distributed import maybe_initialize_distributed
@@ -105,6 +106,17 @@ if jax.process_count() > 1:
         sampler.sample([SampleRequest(state=sampler.new_state(prompts[jax.process_index()]), max_new_tokens=4)])
     except RuntimeError as e:
         result["diverged"] = str(e)
+    # The same request on both, but process 1's pool holds the state in another slot (its LRU drifted).
+    kept = first[1].state
+    if jax.process_index() == 1:
+        pool = sampler.pool
+        slot = pool._free.pop()
+        pool._lru[slot] = pool._lru.pop(kept.slot)
+        kept.slot = slot
+    try:
+        sampler.sample([SampleRequest(state=kept, max_new_tokens=4)])
+    except RuntimeError as e:
+        result["diverged_slots"] = str(e)
 with open(os.path.join(out, f"{jax.process_index()}-of-{jax.process_count()}.json"), "w") as f:
     json.dump(result, f)
 """
@@ -140,6 +152,7 @@ def test_two_processes_sample_in_lockstep_on_a_mesh_spanning_both(tmp_path, chun
         for a, b in zip(res["logprobs"], single["logprobs"]):
             np.testing.assert_allclose(a, b, atol=1e-5)
         assert "processes sampling on one mesh diverged" in res["diverged"]
+        assert "processes sampling on one mesh diverged" in res["diverged_slots"]
     assert all(len(t) > 0 for t in single["tokens"][0])
     for res in (single, *pair):  # process 0's array everywhere; a tree of local and global arrays gathered
         assert res["coordinator"] == [0, 7] and res["mixed"] == [[0, 1, 2], list(range(8))]

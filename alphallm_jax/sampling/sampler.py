@@ -356,8 +356,10 @@ class Sampler:
             chunk_us[u, :len(chunk)] = chunk
             pos_us[u, :len(chunk)] = np.arange(skip, skip + len(chunk))
         if self._lockstep:
+            # The pool slots read too: pools whose host-side LRU drifted apart would gather other rows.
             check_lockstep("sampler", (chunk_us, pos_us, source, keep_states, [
-                (r.seed, r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop) for r in reqs]))
+                (r.seed, r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop) for r in reqs],
+                [None if b is None else b.slot for b, _, _ in firsts]))
         if any(b is not None for b, _, _ in firsts):
             cache = self.pool.gather([b for b, _, _ in firsts] + [None] * (n_unique - len(firsts)))
         else:
