@@ -354,3 +354,16 @@ def test_preset_pools_fill_their_stages_to_the_planned_share_of_memory(name, var
         (cfg2.search if stage == "search" else cfg2.critics.data).pool_slots = slots + dp
         assert make_plan(cfg2)["stages"][stage]["per_device_bytes"] > POOL_FILL_FRACTION * hbm  # one more is too many
     assert fill_kv_pools(cfg) == {"search": cfg.search.pool_slots, "critic_data": cfg.critics.data.pool_slots}
+    assert plan["pools"]["search"] == {"slots": cfg.search.pool_slots, "tokens_per_slot": cfg.search.max_len
+                                       or cfg.sampling.max_len, "batch_rows": cfg.search.max_batch}
+
+
+def test_plan_notes_a_pool_smaller_than_its_batch():
+    from alphallm_jax.pipeline.plan import format_plan, make_plan
+
+    cfg = load_config("llama2_7b_gsm8k", "v5p-8")
+    assert "NOTE" not in format_plan(make_plan(cfg))
+    cfg.search.pool_slots = 64  # an override below the 128-row batches
+    text = format_plan(make_plan(cfg))
+    assert "KV pools: search 64 slots" in text
+    assert "NOTE the search pool (64 slots) holds fewer states than one batch (128 rows)" in text

@@ -441,7 +441,16 @@ def make_plan(cfg) -> dict[str, Any]:
                      "device": cfg.mesh.device or None, "device_memory_bytes": hbm,
                      "device_memory_source": hbm_source, "fit_fraction": FIT_FRACTION},
             "models": models, "stages": {**_stages(models, hbm), **_critic_data_stage(cfg, specs, models, mesh, hbm)},
+            "pools": _pools(cfg, specs["policy"]),
             "problems": [f"{name}: {p}" for name, m in models.items() for p in m["problems"]]}
+
+
+def _pools(cfg, policy: ModelSpec) -> dict[str, dict[str, int]]:
+    """The state-keeping samplers' pools: slots, tokens per slot, and the rows of one batch beside them."""
+    return {"search": {"slots": int(cfg.search.pool_slots), "tokens_per_slot": policy.kv_len,
+                       "batch_rows": int(cfg.search.max_batch or cfg.sampling.max_batch)},
+            "critic_data": {"slots": int(cfg.critics.data.pool_slots), "tokens_per_slot": policy.kv_len,
+                            "batch_rows": int(cfg.sampling.max_batch)}}
 
 
 def fill_kv_pools(cfg, fraction: float = POOL_FILL_FRACTION) -> dict[str, int]:
@@ -488,6 +497,12 @@ def format_plan(plan: dict[str, Any]) -> str:
                      + f" {m['peak_per_device_bytes'] / GIB:>9.2f}  {_yes_no(m['fits'])}")
     lines.append("stages: " + ", ".join(f"{k} {v['per_device_bytes'] / GIB:.2f} GiB ({_yes_no(v['fits'])})"
                                         for k, v in plan["stages"].items()))
+    pools = plan["pools"]
+    lines.append("KV pools: " + ", ".join(f"{k.replace('_', ' ')} {v['slots']} slots" for k, v in pools.items())
+                 + f" of {pools['search']['tokens_per_slot']} tokens")
+    lines += [f"NOTE the {k.replace('_', ' ')} pool ({v['slots']} slots) holds fewer states than one batch "
+              f"({v['batch_rows']} rows): states are evicted and rebuilt every round"
+              for k, v in pools.items() if v["slots"] < v["batch_rows"]]
     lines += [f"PROBLEM {p}" for p in plan["problems"]]
     return "\n".join(lines)
 
