@@ -57,8 +57,8 @@ MESHES_7B = {
 MESHES_70B = {
     "v5p-128": MeshVariant(1, 16, 4, "TPU v5p-128 (64 chips, 16 hosts)", V5P_HBM_GIB, 1),
     "v5p-64": MeshVariant(1, 8, 4, "TPU v5p-64 (32 chips, 8 hosts)", V5P_HBM_GIB, 1),
-    # Search and evaluation fit; the policy's train step needs per-layer rematerialisation, which the
-    # decoder does not do yet (`alphallm plan` reports the estimate with it as full_remat_bytes).
+    # 16 GiB chips: the policy's train step fits only with per-layer rematerialisation (`apply_mesh`
+    # sets `remat` where the plan needs it).
     "v5e-256": MeshVariant(1, 32, 8, "TPU v5e-256 (256 chips, 64 hosts)", V5E_HBM_GIB, 1),
     "gpu-64": MeshVariant(1, 8, 8, "8 hosts x 8 H100 80GB", H100_HBM_GIB, 1),
 }
@@ -73,11 +73,13 @@ MATH_INSTRUCTION = ("Below are competition mathematics problems. Write one new p
 def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], variant: str | None,
                file_name: str) -> None:
     """The variant's mesh and memory; gradient accumulation so that each device holds `micro_batch`
-    sequences (SFT, DPO's pairs and the critic alike); and the KV pools of the two samplers that keep
-    states, the search's and the critic data's (each in a stage of its own), filled to what the plan
-    leaves of the devices' memory (`plan.fill_kv_pools`). Call it last: the pools are sized for the
-    config as it stands (a later override of a batch, a length or the mesh needs `alphallm plan`)."""
-    from alphallm_jax.pipeline.plan import fill_kv_pools
+    sequences (SFT, DPO's pairs and the critic alike); per-layer rematerialisation (`remat`) for the
+    train sections whose step the plan does not fit without it; and the KV pools of the two samplers
+    that keep states, the search's and the critic data's (each in a stage of its own), filled to what
+    the plan leaves of the devices' memory (`plan.fill_kv_pools`). Call it last: all of it is sized for
+    the config as it stands (after an override of a batch, a length or the mesh, `alphallm plan` shows
+    what no longer fits, and the pool slots that would fill the memory)."""
+    from alphallm_jax.pipeline.plan import fill_kv_pools, make_plan
 
     name = variant or next(iter(variants))
     if name not in variants:
@@ -89,6 +91,14 @@ def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], v
     for section, rows_per_example in ((c.policy_train.sft, 1), (c.policy_train.dpo, 2), (c.critics.train, 1)):
         section.grad_accum_steps = accum_steps_for(section.batch_size, dp, m.micro_batch, rows_per_example,
                                                    f"{file_name}:{name}")
+    # Per-layer rematerialisation where a model's train step does not fit without it (it costs about a
+    # third more compute per step, so only there).
+    plan = make_plan(c, fill=False)
+    for stage, sections in (("policy_training", (c.policy_train.sft, c.policy_train.dpo)),
+                            ("critic_training", (c.critics.train,))):
+        if stage in plan["stages"] and not plan["stages"][stage]["fits"]:
+            for section in sections:
+                section.remat = True
     pools = fill_kv_pools(c)
     c.search.pool_slots, c.critics.data.pool_slots = pools["search"], pools["critic_data"]
 

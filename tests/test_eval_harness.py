@@ -289,6 +289,9 @@ def test_summary_table_shows_no_numbers_for_a_method_with_no_problem():
     table = reporting.markdown_table({"mcts": reporting.summarize(rows), "greedy": reporting.summarize([])})
     assert "| mcts | 50.0% |" in table and "| 15.0 | 4.0 |" in table
     assert "| greedy | - | - | - | 0 | - | - |" in table
+    from alphallm_jax.pipeline.loop_report import _pct  # the loop's report cells read the same way
+
+    assert _pct(reporting.summarize([])) == "-" and _pct(reporting.summarize(rows)).startswith("50.0% [")
 
 
 @pytest.mark.slow

@@ -332,3 +332,33 @@ def test_no_examples_is_a_clear_error(tmp_path):
         trainer.fit([])
     with pytest.raises(ValueError, match="no examples to batch"):
         trainer.evaluate([])
+
+
+def test_rematerialised_training_equals_the_baseline_and_keeps_one_layer(baseline, tmp_path):
+    """`remat`: the same steps on the 8-device mesh (each layer recomputed in the backward pass), the
+    model's own config untouched (checkpoints and sampling see no remat); the backward pass keeps each
+    layer's input instead of its intermediates (JAX's saved residuals: what XLA may hold between the
+    passes; XLA:CPU's scheduler does not lower its peak, accelerators' do)."""
+    from flax import nnx
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    model = create_model(MODEL_CFG, mesh=mesh, seed=0)
+    with pytest.raises(Killed):
+        Trainer(model, poisonable_sft_loss, dataclasses.replace(CFG, remat=True), mesh=mesh,
+                workdir=tmp_path / "run").fit(TRAIN, callbacks=[kill_at(5)])
+    assert not model.cfg.remat and not any(layer.cfg.remat for layer in model.layers)
+    np.testing.assert_allclose([r["loss"] for r in read_rows(tmp_path / "run")],
+                               [r["loss"] for r in read_rows(baseline["workdir"])[:5]], rtol=1e-5)
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 250, (2, 32)), jnp.int32)
+    cfg = MODEL_CFG.replace(num_layers=4)
+
+    def nbytes(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    def residual_bytes(remat):  # what the backward function closes over, beyond the parameters
+        graphdef, params = nnx.split(create_model(cfg.replace(remat=remat), seed=0), nnx.Param)
+        _, backward = jax.vjp(lambda p: nnx.merge(graphdef, p)(ids).sum(), params)
+        return nbytes(backward) - nbytes(params)
+
+    assert 0 < residual_bytes(True) < residual_bytes(False) / 10  # tiny, 4 layers: 56 kB against 2.7 MB

@@ -69,6 +69,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   architecture: str = "llama"
+  # Training only: each layer keeps its input and recomputes the rest in the backward pass (one layer's
+  # intermediates at a time instead of every layer's). The trainer sets it from its `remat`; sampling
+  # and scoring (no gradient) never read it.
+  remat: bool = False
 
   def __post_init__(self):
     if self.architecture not in _HF_MODEL_TYPES:

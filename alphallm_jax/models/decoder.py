@@ -319,6 +319,18 @@ class DecoderLayer(nnx.Module):
     return shard_activation(x_bsd, ACT_BSD), new_kv
 
 
+def rematerialised_layer(layer: DecoderLayer, x_bsd: jax.Array, cos_bsh: jax.Array, sin_bsh: jax.Array,
+                         mask_bst: jax.Array) -> jax.Array:
+  """`layer` (cache-free) under `jax.checkpoint`: the backward pass keeps its input and recomputes its
+  intermediates (attention scores, MLP projections), so a train step holds one layer's at a time."""
+  graphdef, state = nnx.split(layer)
+
+  def run(state, x_bsd, cos_bsh, sin_bsh, mask_bst):
+    return nnx.merge(graphdef, state)(x_bsd, cos_bsh, sin_bsh, mask_bst)[0]
+
+  return jax.checkpoint(run)(state, x_bsd, cos_bsh, sin_bsh, mask_bst)
+
+
 class Decoder(nnx.Module):
   """Token ids -> final-normed hidden states -> float32 logits, with an optional KVCache."""
 
@@ -392,7 +404,10 @@ class Decoder(nnx.Module):
     if cache is None:
       mask_bst = attention_mask(pos_bs, pos_bs, cfg.sliding_window)
       for layer in self.layers:
-        x_bsd, _ = layer(x_bsd, cos_bsh, sin_bsh, mask_bst)
+        if cfg.remat:
+          x_bsd = rematerialised_layer(layer, x_bsd, cos_bsh, sin_bsh, mask_bst)
+        else:
+          x_bsd, _ = layer(x_bsd, cos_bsh, sin_bsh, mask_bst)
       return rms_norm(x_bsd, self.final_norm_d, cfg.rms_norm_eps), None
 
     b, s = ids_bs.shape

@@ -248,7 +248,7 @@ def run_loop(cfg, workdir) -> dict:
     _sft_plan(cfg)
     check_train_batches(cfg, run.mesh, finished=run.finished)
     check_sampling_mesh(run.mesh)  # the loop samples in nearly every stage
-    check_device_memory(cfg, skip=finished_plan_stages(run.finished))
+    check_device_memory(cfg, skip=finished_plan_stages(cfg, run.finished))
     tool_config(cfg)
     check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts))
     if is_coordinator():
@@ -292,15 +292,18 @@ def trained_sections(cfg, finished: Callable[[str], bool] = lambda stage: False)
     return sections + (["policy_train.sft", "policy_train.dpo"] if cfg.loop.iterations > 0 else [])
 
 
-def finished_plan_stages(finished: Callable[[str], bool]) -> tuple[str, ...]:
-    """The plan's models and stages (`alphallm plan`) that only finished loop stages needed: a resumed run
-    is not refused for memory it will not use again (the fast-rollout policy and the critic still serve
-    in the search, whose stage stays checked)."""
+def finished_plan_stages(cfg, finished: Callable[[str], bool] = lambda stage: False) -> tuple[str, ...]:
+    """The plan's stages (`alphallm plan`) this run will not enter: those only finished loop stages
+    needed (a resumed run is not refused for memory it will not use again; the fast-rollout policy and
+    the critic still serve in the search, whose stage stays checked), and the policy's training in a
+    loop without iterations whose base policy is loaded or trained."""
     skip: tuple[str, ...] = ()
     if finished("fast_rollout"):
-        skip += ("rollout_policy_training", "rollout_policy")
+        skip += ("rollout_policy_training",)
     if finished("critics_stage"):
-        skip += ("critic_data", "critic_training", "critic")
+        skip += ("critic_data", "critic_training")
+    if cfg.loop.iterations == 0 and (cfg.model.checkpoint or finished("base")):
+        skip += ("policy_training",)
     return skip
 
 

@@ -15,7 +15,7 @@ from alphallm_jax.utils.io import atomic_write_json, atomic_write_text
 
 
 def _pct(r: dict | None) -> str:
-    if not r or r.get("accuracy") is None:
+    if not r or r.get("accuracy") is None or r.get("n") == 0:  # no problem scored: no accuracy
         return "-"
     lo, hi = r.get("ci95", (None, None))
     ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else ""

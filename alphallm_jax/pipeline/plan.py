@@ -12,9 +12,10 @@ Per model (policy, critic, fast-rollout policy) the parameter count and per-devi
   kv_heads x head_dim x 2 (K and V)` in the compute dtype, rows split over (data, fsdp) and kv heads over
   tensor like the real cache (the critic data's sampler, which keeps states too, has a stage of its own:
   `critics.data.pool_slots` slots plus a `sampling.max_batch` batch, at the search's length);
-* activations: an estimate of what a train step keeps for the backward pass (the decoder has no
-  rematerialisation, so every layer keeps its intermediates), per device; see `train_activation_bytes`.
-  The estimate for full per-layer rematerialisation is reported next to it. Models that are not trained
+* activations: an estimate of what a train step keeps for the backward pass, per device: every layer's
+  intermediates, or each layer's input alone when the section sets `remat` (per-layer
+  rematerialisation); see `train_activation_bytes`. The estimate with rematerialisation is reported
+  next to it either way (`full_remat_bytes`). Models that are not trained
   get the transient working set of one prefill layer instead (reported for every model as
   `activations_detail.inference_bytes`).
 
@@ -66,6 +67,7 @@ class TrainShape:
     compute_dtype: str
     logits_chunk: int = 0  # >0: the vocabulary projection runs in chunks of this many positions
     problem: str | None = None  # why the trainer would refuse this stage's batch on the mesh
+    remat: bool = False  # the section's `remat`: per-layer rematerialisation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,10 @@ def abstract_mesh(cfg):
     import jax
     from jax.sharding import AbstractMesh, AxisType
 
-    sizes = resolve_mesh_shape((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.device_count())
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    # This machine's devices only for a -1 axis: counting them starts JAX's backend, which a preset's
+    # config (sized here when it loads) must not do before a multi-process run initialises.
+    sizes = resolve_mesh_shape(sizes, jax.device_count() if -1 in sizes else 1)
     return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
@@ -161,7 +166,7 @@ def _train_shape(stage: str, section, dp: int, model_dtype: str, *, pairs: bool 
     micro = tc.batch_size // tc.grad_accum_steps * (2 if pairs else 1)  # DPO: chosen and rejected rows
     return TrainShape(stage, max(1, math.ceil(micro / dp)), int(tc.max_seq_len or 1024), tc.master_dtype,
                       tc.compute_dtype or model_dtype, logits_chunk,
-                      microbatch_problem(tc.batch_size, tc.grad_accum_steps, dp))
+                      microbatch_problem(tc.batch_size, tc.grad_accum_steps, dp), tc.remat)
 
 
 def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
@@ -287,7 +292,7 @@ def train_activation_bytes(c: ModelConfig, shape: TrainShape, tensor: int, *, lm
                            remat: str = "none") -> int:
     """Per-device activations of one train step (micro-batch `sequences_per_device` x `seq_len`).
 
-    remat "none" (the trainer today): every layer's intermediates are kept. "full" (per-layer
+    remat "none": every layer's intermediates are kept. "full" (a train section's `remat`, per-layer
     checkpointing): each layer keeps only its input, and one layer's intermediates are rebuilt at a time.
     Plus the float32 logits and their gradient (chunked when `logits_chunk` > 0) for a language-model
     loss, and the embedding output.
@@ -328,11 +333,11 @@ def plan_model(spec: ModelSpec, mesh, hbm: int | None, rules: ShardingRules = Sh
         copy = master if (t.master_dtype and t.master_dtype != c.param_dtype) else 0
         optimizer = max(optimizer, shard_count * (2 * master + copy))
         gradients = max(gradients, shard_count * master)
-        act = train_activation_bytes(c, t, tensor, lm_head=lm_head)
+        act = train_activation_bytes(c, t, tensor, lm_head=lm_head, remat="full" if t.remat else "none")
         if act > activations:
             activations = act
             detail = {"stage": t.stage, "sequences_per_device": t.sequences_per_device, "seq_len": t.seq_len,
-                      "remat": "none",
+                      "remat": "full" if t.remat else "none",
                       "full_remat_bytes": train_activation_bytes(c, t, tensor, lm_head=lm_head, remat="full")}
     per_device = {"params": param_bytes, "optimizer": optimizer, "gradients": gradients,
                   "kv_pool": kv_pool_bytes(spec, mesh, rules), "activations": activations}
@@ -392,47 +397,55 @@ def allocator_limit(device) -> int | None:
 SKIP_MEMORY_CHECK_ENV = "ALPHALLM_SKIP_MEMORY_CHECK"
 
 
+# What shrinks each stage of the plan (the error names those of the stages that do not fit).
+_STAGE_KEYS = {"search": "search.pool_slots or search.max_batch",
+               "critic_data": "critics.data.pool_slots or sampling.max_batch",
+               "policy_training": "policy_train.sft/dpo grad_accum_steps or max_seq_len",
+               "critic_training": "critics.train.grad_accum_steps or max_seq_len",
+               "rollout_policy_training": "rollout_policy.train.grad_accum_steps or max_seq_len"}
+
+
 def check_device_memory(cfg, skip: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, a run on accelerators whose memory the plan says it outgrows, instead of
     failing hours in. For a config that names its devices' memory (`mesh.hbm_gib`, as the paper presets
-    do), run on GPUs or TPUs: each model's peak and each stage of the plan (but those named in `skip`: a
-    resumed loop's finished stages) must fit the plan's own bar (`FIT_FRACTION` of `mesh.hbm_gib`) and
-    this process's allocator limit. On GPUs JAX takes 75% of the memory unless
-    XLA_PYTHON_CLIENT_MEM_FRACTION says more, so the error names the fraction the run needs. CPU devices
-    are not checked (there `mesh.hbm_gib` describes the target hardware, not this machine). The plan is an
-    estimate: `ALPHALLM_SKIP_MEMORY_CHECK=1` runs anyway."""
+    do), run on GPUs or TPUs: each stage of the plan (but those named in `skip`: stages a resumed loop
+    finished or a config never runs, `loop.finished_plan_stages`) must fit the plan's own bar
+    (`FIT_FRACTION` of `mesh.hbm_gib`) and this process's allocator limit. On GPUs JAX takes 75% of the
+    memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says more, so the error names the fraction the run
+    needs. CPU devices are not checked (there `mesh.hbm_gib` describes the target hardware, not this
+    machine). The plan is an estimate: `ALPHALLM_SKIP_MEMORY_CHECK=1` runs anyway."""
     import jax
 
     device = jax.local_devices()[0]
     if not cfg.mesh.hbm_gib or device.platform not in ("gpu", "tpu") or os.environ.get(SKIP_MEMORY_CHECK_ENV) == "1":
         return
     plan = make_plan(cfg)
-    needs = {**{f"{name} (peak)": m["peak_per_device_bytes"] for name, m in plan["models"].items() if name not in skip},
-             **{f"{name} stage": st["per_device_bytes"] for name, st in plan["stages"].items() if name not in skip}}
+    needs = {name: st["per_device_bytes"] for name, st in plan["stages"].items() if name not in skip}
     hbm = cfg.mesh.hbm_gib * GIB
     limit = allocator_limit(device)
-    bar = min(FIT_FRACTION * hbm, limit or hbm)
-    over = {name: b for name, b in needs.items() if b > bar}
+    over = {name: b for name, b in needs.items() if b > min(FIT_FRACTION * hbm, limit or hbm)}
     if not over:
         return
-    worst = ", ".join(f"{name} {b / GIB:.1f} GiB" for name, b in sorted(over.items(), key=lambda kv: -kv[1]))
-    escape = f"(or {SKIP_MEMORY_CHECK_ENV}=1 to run on the estimate's risk)"
-    shrink = "shrink the stage (batch sizes, search.max_batch, the pools; `alphallm plan` sizes them) or take a larger mesh"
+    worst = ", ".join(f"{name} stage {b / GIB:.1f} GiB" for name, b in sorted(over.items(), key=lambda kv: -kv[1]))
+    shrink = ("shrink " + "; ".join(_STAGE_KEYS[name] for name in over if name in _STAGE_KEYS)
+              + f" (`alphallm plan` shows every stage, and the pool slots that fill {POOL_FILL_FRACTION:.0%} of "
+              f"the memory), or take a larger mesh, or set {SKIP_MEMORY_CHECK_ENV}=1 to run on the estimate's risk")
     if max(over.values()) > FIT_FRACTION * hbm:
         raise ValueError(f"mesh.hbm_gib={cfg.mesh.hbm_gib} does not hold {worst} per device (the plan fits a stage in "
-                         f"{FIT_FRACTION:.0%} of it, {FIT_FRACTION * hbm / GIB:.1f} GiB): {shrink} {escape}")
+                         f"{FIT_FRACTION:.0%} of it, {FIT_FRACTION * hbm / GIB:.1f} GiB): {shrink}")
     if device.platform == "gpu":
         fraction = max(over.values()) / hbm
         raise ValueError(
             f"mesh.hbm_gib={cfg.mesh.hbm_gib} plans {worst} per device, but {device.device_kind}'s allocator gives "
             f"JAX {limit / GIB:.1f} GiB here: set XLA_PYTHON_CLIENT_MEM_FRACTION above {fraction:.2f} (JAX takes .75 "
-            f"by default; .92 is the launch docs' setting), or {shrink} {escape}")
+            f"by default; .92 is the launch docs' setting), or {shrink}")
     raise ValueError(f"mesh.hbm_gib={cfg.mesh.hbm_gib} plans {worst} per device, but {device.device_kind} gives JAX "
-                     f"{limit / GIB:.1f} GiB here (is mesh.hbm_gib this chip's?): {shrink} {escape}")
+                     f"{limit / GIB:.1f} GiB here (is mesh.hbm_gib this chip's?): {shrink}")
 
 
-def make_plan(cfg) -> dict[str, Any]:
-    """The JSON-ready plan of `cfg` (see the module docstring)."""
+def make_plan(cfg, *, fill: bool = True) -> dict[str, Any]:
+    """The JSON-ready plan of `cfg` (see the module docstring); `fill`: with the pool slots that
+    `fill_kv_pools` would choose (`pools.*.fill_slots`) when the devices' memory is known."""
     mesh = abstract_mesh(cfg)
     hbm, hbm_source = device_memory_bytes(cfg)
     specs = resolve_models(cfg, mesh)
@@ -441,16 +454,20 @@ def make_plan(cfg) -> dict[str, Any]:
                      "device": cfg.mesh.device or None, "device_memory_bytes": hbm,
                      "device_memory_source": hbm_source, "fit_fraction": FIT_FRACTION},
             "models": models, "stages": {**_stages(models, hbm), **_critic_data_stage(cfg, specs, models, mesh, hbm)},
-            "pools": _pools(cfg, specs["policy"]),
+            "pools": _pools(cfg, specs["policy"], fill_kv_pools(cfg) if fill and hbm else None),
             "problems": [f"{name}: {p}" for name, m in models.items() for p in m["problems"]]}
 
 
-def _pools(cfg, policy: ModelSpec) -> dict[str, dict[str, int]]:
-    """The state-keeping samplers' pools: slots, tokens per slot, and the rows of one batch beside them."""
-    return {"search": {"slots": int(cfg.search.pool_slots), "tokens_per_slot": policy.kv_len,
-                       "batch_rows": int(cfg.search.max_batch or cfg.sampling.max_batch)},
-            "critic_data": {"slots": int(cfg.critics.data.pool_slots), "tokens_per_slot": policy.kv_len,
-                            "batch_rows": int(cfg.sampling.max_batch)}}
+def _pools(cfg, policy: ModelSpec, filled: dict[str, int] | None) -> dict[str, dict[str, int]]:
+    """The state-keeping samplers' pools: slots (one of them, slot 0, stays empty), tokens per slot, the
+    rows of one batch beside them, and the slots `fill_kv_pools` would choose (`filled`, when known)."""
+    pools = {"search": {"slots": int(cfg.search.pool_slots), "tokens_per_slot": policy.kv_len,
+                        "batch_rows": int(cfg.search.max_batch or cfg.sampling.max_batch)},
+             "critic_data": {"slots": int(cfg.critics.data.pool_slots), "tokens_per_slot": policy.kv_len,
+                             "batch_rows": int(cfg.sampling.max_batch)}}
+    for name, slots in (filled or {}).items():
+        pools[name]["fill_slots"] = slots
+    return pools
 
 
 def fill_kv_pools(cfg, fraction: float = POOL_FILL_FRACTION) -> dict[str, int]:
@@ -460,13 +477,13 @@ def fill_kv_pools(cfg, fraction: float = POOL_FILL_FRACTION) -> dict[str, int]:
     resident model's parameters, each sampler's working cache of one batch, one prefill). More cached
     states means fewer evicted and rebuilt by prefilling their prefixes again; `fraction` stays below
     `FIT_FRACTION` to leave room for what the plan does not count. A multiple of data x fsdp (a pool's
-    rows are split over them), and never below one batch of the stage's rows even where that does not
-    fit (the plan then says so). Returns {"search": slots, "critic_data": slots}."""
+    rows are split over them), and never below one batch of the stage's rows plus the pool's empty slot
+    even where that does not fit (the plan then says so). Returns {"search": slots, "critic_data": slots}."""
     import copy
 
     empty = copy.deepcopy(cfg)
     empty.search.pool_slots = empty.critics.data.pool_slots = 0
-    plan = make_plan(empty)
+    plan = make_plan(empty, fill=False)
     hbm = plan["mesh"]["device_memory_bytes"]
     if not hbm:
         raise ValueError("fill_kv_pools needs the devices' memory: set mesh.hbm_gib")
@@ -478,7 +495,8 @@ def fill_kv_pools(cfg, fraction: float = POOL_FILL_FRACTION) -> dict[str, int]:
     slots = {}
     for stage, batch in batches.items():
         free = fraction * hbm - plan["stages"][stage]["per_device_bytes"]
-        slots[stage] = max(int(max(free, 0) // slot_bytes) * dp, math.ceil(batch / dp) * dp)
+        # At least a batch's states, beside the pool's one empty slot.
+        slots[stage] = max(int(max(free, 0) // slot_bytes) * dp, math.ceil((batch + 1) / dp) * dp)
     return slots
 
 
@@ -499,10 +517,19 @@ def format_plan(plan: dict[str, Any]) -> str:
                                         for k, v in plan["stages"].items()))
     pools = plan["pools"]
     lines.append("KV pools: " + ", ".join(f"{k.replace('_', ' ')} {v['slots']} slots" for k, v in pools.items())
-                 + f" of {pools['search']['tokens_per_slot']} tokens")
-    lines += [f"NOTE the {k.replace('_', ' ')} pool ({v['slots']} slots) holds fewer states than one batch "
-              f"({v['batch_rows']} rows): states are evicted and rebuilt every round"
-              for k, v in pools.items() if v["slots"] < v["batch_rows"]]
+                 + f" of {pools['search']['tokens_per_slot']} tokens"
+                 + (f" (filling {POOL_FILL_FRACTION:.0%} of the memory: "
+                    + ", ".join(str(v["fill_slots"]) for v in pools.values()) + ")"
+                    if all("fill_slots" in v for v in pools.values()) else ""))
+    dp = mesh["data"] * mesh["fsdp"]
+    for k, v in pools.items():
+        name = k.replace("_", " ")
+        if v["slots"] - 1 < v["batch_rows"]:  # slot 0 stays empty
+            lines.append(f"NOTE the {name} pool ({v['slots']} slots) holds fewer states than one batch "
+                         f"({v['batch_rows']} rows): states are evicted and rebuilt every round")
+        if v["slots"] % dp:
+            lines.append(f"NOTE the {name} pool ({v['slots']} slots) does not split over data x fsdp = {dp}: "
+                         f"every device holds all of it")
     lines += [f"PROBLEM {p}" for p in plan["problems"]]
     return "\n".join(lines)
 

@@ -165,6 +165,9 @@ def sweep_markdown(table: dict) -> str:
         cells = []
         for spec in specs:
             r = by[(c["name"], spec)]
+            if not r["n"]:  # no problem scored: no accuracy, no mean
+                cells.append("-")
+                continue
             lo, hi = r["ci95"]
             cells.append(f"{100 * r['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], "
                          f"{r['mean_generated_tokens']:.0f} tok")

@@ -115,6 +115,9 @@ class TrainConfig:
     seed: int = 0
     compute_dtype: str | None = None  # e.g. "bfloat16": the model computes in it (cfg.dtype)
     master_dtype: str | None = "float32"  # parameters and optimizer state dtype; None: keep
+    # Per-layer rematerialisation (`ModelConfig.remat`): activations of one layer at a time in the
+    # backward pass, for about a third more compute; what lets a large model's step fit (`alphallm plan`).
+    remat: bool = False
     progress_bar: bool = True
     # XLA options for the train and eval steps, e.g. {"xla_backend_optimization_level": 0} for
     # fast compiles in tests; TPU/GPU scheduling flags in production.
@@ -217,15 +220,16 @@ def nested_to_tree(nested: dict, like: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _set_compute_dtype(model: nnx.Module, dtype: str) -> list[tuple[nnx.Module, Any]]:
-    """Sets ``cfg.dtype`` on every submodule with a config; returns what to restore."""
+def _set_model_config(model: nnx.Module, **fields: Any) -> list[tuple[nnx.Module, Any]]:
+    """Sets `fields` (e.g. dtype, remat) on the config of every submodule whose config has them;
+    returns what to restore."""
     changed = []
     for _, module in nnx.iter_graph(model):
         cfg = getattr(module, "cfg", None) if isinstance(module, nnx.Module) else None
-        if cfg is not None and hasattr(cfg, "dtype") and hasattr(cfg, "replace"):
-            if cfg.dtype != dtype:
+        if cfg is not None and hasattr(cfg, "replace") and all(hasattr(cfg, k) for k in fields):
+            if any(getattr(cfg, k) != v for k, v in fields.items()):
                 changed.append((module, cfg))
-                module.cfg = cfg.replace(dtype=dtype)
+                module.cfg = cfg.replace(**fields)
     return changed
 
 
@@ -267,9 +271,11 @@ class Trainer:
             raise ValueError(problem)
         self.dp_size = dp
 
-        # The graph the step runs: with compute_dtype, a copy of the model's graph computing in it.
-        changed = (_set_compute_dtype(model, train_cfg.compute_dtype)
-                   if train_cfg.compute_dtype else [])
+        # The graph the step runs: with compute_dtype (remat), a copy of the model's graph computing in it
+        # (recomputing each layer's intermediates in the backward pass); the model itself is unchanged.
+        changes = {**({"dtype": train_cfg.compute_dtype} if train_cfg.compute_dtype else {}),
+                   **({"remat": True} if train_cfg.remat else {})}
+        changed = _set_model_config(model, **changes) if changes else []
         try:
             self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         finally:
