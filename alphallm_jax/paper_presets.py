@@ -79,7 +79,7 @@ def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], v
     the plan leaves of the devices' memory (`plan.fill_kv_pools`). Call it last: all of it is sized for
     the config as it stands (after an override of a batch, a length or the mesh, `alphallm plan` shows
     what no longer fits, and the pool slots that would fill the memory)."""
-    from alphallm_jax.pipeline.plan import fill_kv_pools, make_plan
+    from alphallm_jax.pipeline.plan import FIT_FRACTION, fill_kv_pools, make_plan
 
     name = variant or next(iter(variants))
     if name not in variants:
@@ -94,9 +94,10 @@ def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], v
     # Per-layer rematerialisation where a model's train step does not fit without it (it costs about a
     # third more compute per step, so only there).
     plan = make_plan(c, fill=False)
+    bar = FIT_FRACTION * plan["mesh"]["device_memory_bytes"]
     for stage, sections in (("policy_training", (c.policy_train.sft, c.policy_train.dpo)),
                             ("critic_training", (c.critics.train,))):
-        if stage in plan["stages"] and not plan["stages"][stage]["fits"]:
+        if stage in plan["stages"] and plan["stages"][stage]["per_device_bytes"] > bar:
             for section in sections:
                 section.remat = True
     pools = fill_kv_pools(c)
