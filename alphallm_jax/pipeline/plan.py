@@ -419,7 +419,7 @@ def check_device_memory(cfg, skip: tuple[str, ...] = ()) -> None:
     device = jax.local_devices()[0]
     if not cfg.mesh.hbm_gib or device.platform not in ("gpu", "tpu") or os.environ.get(SKIP_MEMORY_CHECK_ENV) == "1":
         return
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, fill=False)  # the stages alone: the fill slots are `alphallm plan`'s to show
     needs = {name: st["per_device_bytes"] for name, st in plan["stages"].items() if name not in skip}
     hbm = cfg.mesh.hbm_gib * GIB
     limit = allocator_limit(device)
