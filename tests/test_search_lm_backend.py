@@ -297,6 +297,47 @@ def test_mcts_and_beam_evaluation_methods_run_end_to_end(stack, tmp_path):
     assert {r["extra"]["answer_method"] for r in rows} <= {"orm_vote", "greedy_q"}
 
 
+class _ClockedSampler:
+    """Decodes `max_new_tokens` tokens per row on a fake clock: a call costs `base_s` plus `per_token_s`
+    per step, except that the first `noisy_calls` calls all cost `base_s` (noise hiding the decoding)."""
+
+    def __init__(self, clock, *, base_s=1.0, per_token_s=0.01, noisy_calls=0, max_len=100):
+        self.clock, self.base_s, self.per_token_s, self.noisy_calls, self.max_len = (
+            clock, base_s, per_token_s, noisy_calls, max_len)
+        self.calls = []
+
+    def new_state(self, prompt):
+        return tuple(prompt)
+
+    def sample(self, requests, keep_states):
+        steps = max(r.max_new_tokens for r in requests)
+        self.calls.append(steps)
+        self.clock[0] += self.base_s + (0.0 if len(self.calls) <= self.noisy_calls else self.per_token_s * steps)
+        return [type("C", (), {"token_ids": [0] * r.max_new_tokens})() for r in requests]
+
+
+def test_decode_row_cost_measures_again_with_more_tokens_when_noise_hides_the_decoding(monkeypatch):
+    from alphallm_jax.benchmarks import search_bench
+
+    clock = [0.0]
+    monkeypatch.setattr(search_bench.time, "perf_counter", lambda: clock[0])
+    prompts = [[1, 2, 3], [1, 4]]
+    # The first measurement (2 untimed + 2 x 3 timed calls) sees no difference: the second one, with 64
+    # new tokens and 5 repeats, measures the 63 extra steps of 2 rows: 0.63 s / 126 tokens.
+    sampler = _ClockedSampler(clock, noisy_calls=8)
+    cost = search_bench.decode_row_cost(sampler, prompts, 2)
+    assert cost == pytest.approx(0.01 * 63 / (2 * 63))
+    assert sampler.calls[:8] == [32, 1] * 4 and sampler.calls[8:] == [64, 1] * 6
+    # New tokens stop at the room the sampler's max_len leaves after the longest prompt (here 97).
+    sampler = _ClockedSampler(clock, noisy_calls=8 + 12)
+    search_bench.decode_row_cost(sampler, prompts, 2)
+    assert sampler.calls[20:] == [97, 1] * 8
+    with pytest.raises(RuntimeError, match="no measurable time .* in 3 measurements"):
+        search_bench.decode_row_cost(_ClockedSampler(clock, noisy_calls=10**6), prompts, 2)
+    with pytest.raises(ValueError, match="no room"):
+        search_bench.decode_row_cost(_ClockedSampler(clock, max_len=4), prompts, 2)
+
+
 def test_search_bench_times_both_modes_on_the_same_trees(stack):
     from alphallm_jax.benchmarks.search_bench import run_search_bench
 

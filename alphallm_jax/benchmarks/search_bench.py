@@ -81,13 +81,19 @@ def _timed_search(make_backend, problems: Sequence[SearchProblem], mcts_cfg, *, 
 
 
 def decode_row_cost(sampler, prompt_ids: Sequence[Sequence[int]], rows: int, *, new_tokens: int = 32,
-                    temperature: float = 1.0, repeats: int = 3) -> float:
+                    temperature: float = 1.0, repeats: int = 3, attempts: int = 3) -> float:
     """Seconds per row and decoded token when `rows` requests (prompts taken in turn from `prompt_ids`)
     decode together: a call for up to `new_tokens` tokens less one for a single token (the same
     prefill), over the tokens the first generated beyond the second's. Each call's time is its fastest
     of `repeats` (the two alternate): a shared machine's noise only adds time, and the difference of
-    single timings of a small model could come out at zero or below. One untimed round first (compiles)."""
+    single timings of a small model could come out at zero or below. One untimed round first (compiles).
+    A difference at or below zero (a busy machine's noise larger than the decoding it brackets) is measured
+    again with twice the new tokens (as far as the sampler's `max_len` allows) and two more repeats, up to
+    `attempts` measurements in all."""
     prompts = [prompt_ids[i % len(prompt_ids)] for i in range(rows)]
+    room = sampler.max_len - max(len(p) for p in prompts)
+    if room < 2:
+        raise ValueError(f"the sampler's max_len {sampler.max_len} leaves no room to decode after the prompts")
 
     def timed(max_new: int) -> tuple[float, int]:
         requests = [SampleRequest(state=sampler.new_state(p), max_new_tokens=max_new, temperature=temperature,
@@ -96,14 +102,17 @@ def decode_row_cost(sampler, prompt_ids: Sequence[Sequence[int]], rows: int, *, 
         out = sampler.sample(requests, keep_states=False)
         return time.perf_counter() - start, sum(len(c.token_ids) for c in out)
 
-    timed(new_tokens), timed(1)
-    rounds = [(timed(new_tokens), timed(1)) for _ in range(repeats)]
-    (_, long_tokens), (_, short_tokens) = rounds[0]
-    extra_s = min(long_s for (long_s, _), _ in rounds) - min(short_s for _, (short_s, _) in rounds)
-    if extra_s <= 0:
-        raise RuntimeError(f"decoding {long_tokens - short_tokens} more tokens at {rows} rows took no measurable "
-                           "time beyond one token's call; raise new_tokens or repeats")
-    return extra_s / max(1, long_tokens - short_tokens)
+    for _ in range(attempts):
+        new_tokens = min(new_tokens, room)
+        timed(new_tokens), timed(1)
+        rounds = [(timed(new_tokens), timed(1)) for _ in range(repeats)]
+        (_, long_tokens), (_, short_tokens) = rounds[0]
+        extra_s = min(long_s for (long_s, _), _ in rounds) - min(short_s for _, (short_s, _) in rounds)
+        if extra_s > 0:
+            return extra_s / max(1, long_tokens - short_tokens)
+        new_tokens, repeats = 2 * new_tokens, repeats + 2
+    raise RuntimeError(f"decoding {long_tokens - short_tokens} more tokens at {rows} rows took no measurable "
+                       f"time beyond one token's call in {attempts} measurements; raise new_tokens or repeats")
 
 
 def run_search_bench(make_backend, problems: Sequence[SearchProblem], mcts_cfg, prompt_tokens: dict[str, int], *,
