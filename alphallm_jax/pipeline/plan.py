@@ -8,10 +8,11 @@ Per model (policy, critic, fast-rollout policy) the parameter count and per-devi
 * optimizer: AdamW's two moments in the master dtype, plus a master copy when the parameters are stored
   in another dtype (the trainer's `master_dtype`, float32 by default); 0 for a model that is not trained;
 * gradients: one gradient tree in the master dtype during a train step;
-* kv_pool: the search sampler's cached states plus one batch's working cache, `rows x max_len x layers x
-  kv_heads x head_dim x 2 (K and V)` in the compute dtype, rows split over (data, fsdp) and kv heads over
-  tensor like the real cache (the critic data's sampler, which keeps states too, has a stage of its own:
-  `critics.data.pool_slots` slots plus a `sampling.max_batch` batch, at the search's length);
+* kv_pool: the search sampler's cached states plus two batches of working cache (`WORKING_BATCHES`),
+  `rows x max_len x layers x kv_heads x head_dim x 2 (K and V)` in the compute dtype, rows split over
+  (data, fsdp) and kv heads over tensor like the real cache (the critic data's sampler, which keeps
+  states too, has a stage of its own: `critics.data.pool_slots` slots plus two `sampling.max_batch`
+  batches, at the search's length);
 * activations: an estimate of what a train step keeps for the backward pass, per device: every layer's
   intermediates, or each layer's input alone when the section sets `remat` (per-layer
   rematerialisation); see `train_activation_bytes`. The estimate with rematerialisation is reported
@@ -53,6 +54,11 @@ from alphallm_jax.train.batching import microbatch_problem
 GIB = 1024 ** 3
 FIT_FRACTION = 0.9
 POOL_FILL_FRACTION = 0.8  # the share of device memory `fill_kv_pools` fills a state-keeping stage to
+# A sampler's batch holds two caches of its rows at once beside its pool: forking copies the prefilled
+# unique rows into the batch's rows (both live), and storing kept states gathers the batch's rows
+# into a copy that is scattered into the donated pool (XLA's memory analysis of `engine.fork_rows` and
+# `kv_pool._store_rows`; tests/test_presets_plan.py checks it). A compaction's sub-batch is at most half.
+WORKING_BATCHES = 2
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -77,7 +83,7 @@ class ModelSpec:
     source: str  # where the shape came from: a preset name, a checkpoint path or config sizes
     critic_head_hidden: int | None = None  # a critic (decoder backbone plus three heads)
     train: tuple[TrainShape, ...] = ()
-    kv_rows: tuple[int, ...] = ()  # the sampler's caches: the pool's slots, one batch's working rows
+    kv_rows: tuple[int, ...] = ()  # the sampler's caches: the pool's slots, its batches' working rows
     kv_len: int = 0
     infer_rows: int = 0  # rows of one prefill batch per device
     infer_len: int = 0
@@ -184,7 +190,7 @@ def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
     if not cfg.model.preset and not cfg.model.checkpoint:  # the demo trains its base policy from scratch
         policy_train.insert(0, _train_shape("base", cfg.base.train, dp, policy_cfg.dtype))
     models = {"policy": ModelSpec("policy", policy_cfg, policy_src, train=tuple(policy_train),
-                                  kv_rows=(cfg.search.pool_slots, batch), kv_len=search_len,
+                                  kv_rows=(cfg.search.pool_slots, *[batch] * WORKING_BATCHES), kv_len=search_len,
                                   infer_rows=rows, infer_len=search_len)}
 
     m = cfg.critics.model
@@ -212,7 +218,7 @@ def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
         models["rollout_policy"] = ModelSpec(
             "rollout_policy", fast_cfg, fast_src,
             train=(_train_shape("rollout", r.train, dp, fast_cfg.dtype),) if trained else (),
-            kv_rows=(2, batch), kv_len=fast_len, infer_rows=rows, infer_len=fast_len)
+            kv_rows=(2, *[batch] * WORKING_BATCHES), kv_len=fast_len, infer_rows=rows, infer_len=fast_len)
     return models
 
 
@@ -372,10 +378,11 @@ def _stages(models: dict[str, dict[str, Any]], hbm: int | None) -> dict:
 def _critic_data_stage(cfg, specs: dict[str, ModelSpec], models: dict[str, dict[str, Any]], mesh,
                        hbm: int | None) -> dict:
     """The critics' data stage: the policy rolls out on D0 with a sampler that keeps states, so its whole
-    pool (`critics.data.pool_slots`) is resident beside the policy's parameters and one prefill of its
-    `sampling.max_batch` rows."""
+    pool (`critics.data.pool_slots`) is resident beside the policy's parameters, the working caches of its
+    `sampling.max_batch` rows and one prefill of them."""
     policy = specs["policy"]
-    caches = dataclasses.replace(policy, kv_rows=(cfg.critics.data.pool_slots, cfg.sampling.max_batch))
+    working = [cfg.sampling.max_batch] * WORKING_BATCHES
+    caches = dataclasses.replace(policy, kv_rows=(cfg.critics.data.pool_slots, *working))
     rows = max(1, math.ceil(cfg.sampling.max_batch / batch_shards(mesh)))
     prefill = inference_activation_bytes(policy.model_cfg, rows, policy.kv_len, mesh.shape["tensor"])
     v = models["policy"]["per_device_bytes"]["params"] + kv_pool_bytes(caches, mesh) + prefill
@@ -474,7 +481,7 @@ def fill_kv_pools(cfg, fraction: float = POOL_FILL_FRACTION) -> dict[str, int]:
     """Slots for the two samplers that keep states, the search's (`search.pool_slots`) and the critic
     data's (`critics.data.pool_slots`), each in a stage of its own: as many as bring the stage to
     `fraction` of the device memory (`mesh.hbm_gib`) beside everything else the plan puts in it (every
-    resident model's parameters, each sampler's working cache of one batch, one prefill). More cached
+    resident model's parameters, each sampler's working caches of its batch, one prefill). More cached
     states means fewer evicted and rebuilt by prefilling their prefixes again; `fraction` stays below
     `FIT_FRACTION` to leave room for what the plan does not count. A multiple of data x fsdp (a pool's
     rows are split over them), and never below one batch of the stage's rows plus the pool's empty slot
