@@ -92,6 +92,17 @@ def main(argv: list[str] | None = None) -> None:
                 source = config_flags.get_config_filename(flags.FLAGS["config"])
                 print(f"alphallm {name}: {source}: " + "; ".join(problems), file=sys.stderr)
                 sys.exit(2)
+            # A preset sized its accumulation, remat and KV pools for its mesh before the overrides were
+            # applied; an override of the mesh, a batch or a length needs them sized again.
+            from alphallm_jax.paper_presets import resize_after_overrides
+
+            overrides = [a.split("=", 1)[0][len("--config."):] for a in rest if a.startswith("--config.")]
+            source = config_flags.get_config_filename(flags.FLAGS["config"])
+            try:
+                resize_after_overrides(config, overrides, f"{source} with the command line's overrides")
+            except ValueError as e:
+                print(f"alphallm {name}: {e}", file=sys.stderr)
+                sys.exit(2)
         return module.main(argv)
 
     config_path = (_config_spec(rest) or "").partition(":")[0]

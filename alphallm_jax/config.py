@@ -57,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.mesh.device = ""  # what the mesh runs on, e.g. "TPU v5p" (for `alphallm plan`'s report)
     c.mesh.hbm_gib = 0.0  # memory per device for `alphallm plan`; 0: this machine's device
+    # Sequences per device per accumulation step a preset sizes its mesh for (`paper_presets.size_for_mesh`:
+    # accumulation, remat, KV pools, sized again after command-line overrides); 0: nothing is sized.
+    c.mesh.micro_batch = 0
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.max_len = 1024  # longest sequence a cached state may reach

@@ -72,36 +72,75 @@ MATH_INSTRUCTION = ("Below are competition mathematics problems. Write one new p
 
 def apply_mesh(c: ml_collections.ConfigDict, variants: dict[str, MeshVariant], variant: str | None,
                file_name: str) -> None:
-    """The variant's mesh and memory; gradient accumulation so that each device holds `micro_batch`
-    sequences (SFT, DPO's pairs and the critic alike); per-layer rematerialisation (`remat`) for the
-    train sections whose step the plan does not fit without it; and the KV pools of the two samplers
-    that keep states, the search's and the critic data's (each in a stage of its own), filled to what
-    the plan leaves of the devices' memory (`plan.fill_kv_pools`). Call it last: all of it is sized for
-    the config as it stands (after an override of a batch, a length or the mesh, `alphallm plan` shows
-    what no longer fits, and the pool slots that would fill the memory)."""
-    from alphallm_jax.pipeline.plan import FIT_FRACTION, fill_kv_pools, make_plan
-
+    """The variant's mesh, memory and micro-batch (`mesh.micro_batch`), then everything sized for them
+    (`size_for_mesh`). Call it last: the sizes are for the config as it stands. The CLI sizes a config
+    with a `mesh.micro_batch` again after the command line's overrides (`resize_after_overrides`)."""
     name = variant or next(iter(variants))
     if name not in variants:
         raise ValueError(f"unknown variant {name!r} of {file_name}; known: {', '.join(variants)}")
     m = variants[name]
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = m.data, m.fsdp, m.tensor
-    c.mesh.device, c.mesh.hbm_gib = m.device, m.hbm_gib
-    dp = m.data * m.fsdp
-    for section, rows_per_example in ((c.policy_train.sft, 1), (c.policy_train.dpo, 2), (c.critics.train, 1)):
-        section.grad_accum_steps = accum_steps_for(section.batch_size, dp, m.micro_batch, rows_per_example,
-                                                   f"{file_name}:{name}")
+    c.mesh.device, c.mesh.hbm_gib, c.mesh.micro_batch = m.device, m.hbm_gib, m.micro_batch
+    size_for_mesh(c, f"{file_name}:{name}")
+
+
+# The train sections a preset sizes for its mesh, with the rows each example takes (DPO's are pairs).
+_TRAIN_SECTIONS = {"policy_train.sft": 1, "policy_train.dpo": 2, "critics.train": 1}
+_REMAT_STAGES = {"policy_training": ("policy_train.sft", "policy_train.dpo"), "critic_training": ("critics.train",)}
+_POOLS = {"search": "search.pool_slots", "critic_data": "critics.data.pool_slots"}
+# Every key `size_for_mesh` sets.
+SIZED_KEYS = (*(f"{s}.{k}" for s in _TRAIN_SECTIONS for k in ("grad_accum_steps", "remat")), *_POOLS.values())
+
+
+def _section(c: ml_collections.ConfigDict, path: str):
+    for key in path.split("."):
+        c = c[key]
+    return c
+
+
+def size_for_mesh(c: ml_collections.ConfigDict, where: str, *, keep: tuple[str, ...] = ()) -> None:
+    """What a preset sizes for its mesh (`mesh.*`, `mesh.micro_batch` sequences per device and step):
+    gradient accumulation so that each device holds `micro_batch` sequences (SFT, DPO's pairs and the
+    critic alike); per-layer rematerialisation (`remat`) for the train sections whose step the plan does
+    not fit without it; and the KV pools of the two samplers that keep states, the search's and the
+    critic data's (each in a stage of its own), filled to what the plan leaves of the devices' memory
+    (`plan.fill_kv_pools`). `keep`: keys of `SIZED_KEYS` to leave as they are (a command-line override
+    set them)."""
+    from alphallm_jax.pipeline.plan import FIT_FRACTION, fill_kv_pools, make_plan
+
+    dp = c.mesh.data * c.mesh.fsdp
+    for path, rows_per_example in _TRAIN_SECTIONS.items():
+        section = _section(c, path)
+        if f"{path}.grad_accum_steps" not in keep:
+            section.grad_accum_steps = accum_steps_for(section.batch_size, dp, c.mesh.micro_batch,
+                                                       rows_per_example, where)
+        if f"{path}.remat" not in keep:
+            section.remat = False
     # Per-layer rematerialisation where a model's train step does not fit without it (each layer's
     # forward runs twice: 14% more time per step on the 30M benchmark model, so only there).
     plan = make_plan(c, fill=False)
     bar = FIT_FRACTION * plan["mesh"]["device_memory_bytes"]
-    for stage, sections in (("policy_training", (c.policy_train.sft, c.policy_train.dpo)),
-                            ("critic_training", (c.critics.train,))):
+    for stage, paths in _REMAT_STAGES.items():
         if stage in plan["stages"] and plan["stages"][stage]["per_device_bytes"] > bar:
-            for section in sections:
-                section.remat = True
-    pools = fill_kv_pools(c)
-    c.search.pool_slots, c.critics.data.pool_slots = pools["search"], pools["critic_data"]
+            for path in paths:
+                if f"{path}.remat" not in keep:
+                    _section(c, path).remat = True
+    for stage, slots in fill_kv_pools(c).items():
+        if _POOLS[stage] not in keep:
+            section, _, key = _POOLS[stage].rpartition(".")
+            _section(c, section)[key] = slots
+
+
+def resize_after_overrides(c: ml_collections.ConfigDict, overrides: list[str], where: str) -> list[str]:
+    """A preset's config (one with a `mesh.micro_batch`) sized again after the command line's overrides
+    (`overrides`: their dotted keys below `config.`), which may have changed the mesh, a batch or a
+    length: every key of `SIZED_KEYS` an override did not set. Returns those keys (none for a config
+    without `mesh.micro_batch` or without overrides)."""
+    if not c.mesh.get("micro_batch") or not overrides:
+        return []
+    keep = tuple(k for k in SIZED_KEYS if k in overrides)
+    size_for_mesh(c, where, keep=keep)
+    return [k for k in SIZED_KEYS if k not in keep]
 
 
 def accum_steps_for(batch_size: int, dp: int, micro_batch: int, rows_per_example: int, where: str) -> int:

@@ -169,6 +169,49 @@ def test_plan_command_writes_json(tmp_path):
     assert plan["models"]["policy"]["devices"] == 8 and plan["models"]["policy"]["fits"] is True
 
 
+def test_command_line_overrides_of_a_presets_mesh_size_it_again(tmp_path):
+    """A preset's accumulation, remat and KV pools are sized for its variant's mesh at load; the CLI sizes
+    them again after the overrides (here the 70B's `:v5p-128` on half its fsdp axis, which is `:v5p-64`),
+    except the keys an override set itself, and names a mesh the batches cannot split over."""
+    from alphallm_jax.paper_presets import SIZED_KEYS, resize_after_overrides, size_for_mesh
+    from alphallm_jax.pipeline.plan import fill_kv_pools
+
+    out = tmp_path / "plan.json"
+    spec = str(REPO / "configs" / "llama2_70b_gsm8k.py:v5p-128")
+    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "plan", "--config", spec,
+                           "--config.mesh.fsdp=8", "--config.search.pool_slots", "1000", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(out.read_text())
+    v5p_64 = load_config("llama2_70b_gsm8k", "v5p-64")
+    assert not load_config("llama2_70b_gsm8k", "v5p-128").policy_train.sft.remat and v5p_64.policy_train.sft.remat
+    assert plan["models"]["policy"]["activations_detail"]["remat"] == "full"  # sized again: v5p-64's
+    assert plan["stages"]["policy_training"]["fits"] is True
+    assert plan["pools"]["search"]["slots"] == 1000  # the override's own value stays
+    assert plan["pools"]["critic_data"]["slots"] == v5p_64.critics.data.pool_slots
+    assert plan["pools"]["critic_data"]["fill_slots"] == fill_kv_pools(v5p_64)["critic_data"]
+
+    # In process: what the CLI calls. Sizing again without an override changes nothing; the demo
+    # (no `mesh.micro_batch`) is never sized.
+    cfg = load_config("llama2_70b_gsm8k", "v5p-128")
+    before = cfg.to_dict()
+    assert resize_after_overrides(cfg, ["loop.iterations"], "x") == list(SIZED_KEYS)
+    assert cfg.to_dict() == before
+    demo = load_config("demo_arith", None)
+    demo.mesh.fsdp = 2
+    assert resize_after_overrides(demo, ["mesh.fsdp"], "x") == [] and demo.search.pool_slots == 2048
+    cfg.mesh.fsdp, cfg.policy_train.sft.grad_accum_steps = 8, 2
+    size_for_mesh(cfg, "x", keep=("policy_train.sft.grad_accum_steps",))
+    assert cfg.policy_train.sft.grad_accum_steps == 2 != v5p_64.policy_train.sft.grad_accum_steps
+    assert cfg.policy_train.dpo.grad_accum_steps == v5p_64.policy_train.dpo.grad_accum_steps
+
+    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "plan", "--config", spec, "--config.mesh.fsdp=7"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert "llama2_70b_gsm8k.py:v5p-128 with the command line's overrides: batch_size 128 does not divide over " \
+           "data*fsdp = 7 devices" in proc.stderr
+
+
 def test_held_out_dev_tails_are_disjoint_from_the_critics_training_prompts():
     from alphallm_jax.data.loaders import HELD_OUT_DEV, load_dataset, resolve_data_dir
 
