@@ -15,19 +15,32 @@ from typing import Any
 REASONS = ("truncated", "too_short", "too_long", "answer_leak", "degenerate", "no_question", "several_questions",
            "no_number", "ungrounded", "unknown_words", "large_number")
 
-# A sentence ends at `.`, `!` or `?` and a space, but not after a title or a Latin abbreviation
-# ("How much did Mr. Benson pay?" is one sentence). Math (`$...$`) is masked first (`_sentences`).
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs)\.)(?<!\bMrs\.)(?<!\b(?:e\.g|i\.e)\.)\s+")
-_MATH_SPAN = re.compile(r"\$[^$]*\$")
+# A sentence ends at `.`, `!` or `?` and a space, but not after a title, a dotted acronym, a Latin
+# abbreviation or a unit ("How much did Mr. Benson pay?", "the P.T.O. spent", "1,500 sq. ft. bigger" are
+# one sentence each). Math (`$...$`) is masked first (`_sentences`).
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs|sq|ft|oz|lb|hr)\.)(?<!\b(?:Mrs|lbs|hrs)\.)"
+                           r"(?<!\b(?:e\.g|i\.e)\.)(?<![A-Z]\.[A-Z]\.)\s+")
+# Math between dollar signs, never across a sentence end: in a word problem `$` is money ("costs $3000
+# per month. Calculate ... at $3.55.").
+_MATH_SPAN = re.compile(r"\$(?:(?![.!?]\s+[A-Z])[^$])*\$")
 _WORD = re.compile(r"[A-Za-z]+")
 _TOKEN = re.compile(r"\w+")
-_NUMBER = re.compile(r"\d|\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|hundred|"
-                     r"thousand|million|half|twice|thrice|double|triple|dozens?|quarter|third)\b", re.IGNORECASE)
+_NUMBER = re.compile(r"\d|\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|(?:thir|four|fif|six|"
+                     r"seven|eigh|nine)teen|(?:twen|thir|for|fif|six|seven|eigh|nine)ty|hundred|thousand|million|half|"
+                     r"twice|thrice|double|triple|dozens?|quarter|third)\b", re.IGNORECASE)
 # A question may also end with an instruction sentence ("Calculate the total.", "Find x."), or a clause
-# ("If she worked 50 hours, calculate her income.").
-_INSTRUCTION = re.compile(r"(?:^|,\s+)(?:then\s+)?(?:calculate|compute|find|determine|what|how|express|evaluate|give|"
+# ("If she worked 50 hours, calculate her income.", "If the tank is 18 inches tall, at what time ...").
+_CLAUSE_START = r"(?:^|,\s+)(?:then\s+)?(?:(?:at|in|by|for|on|to|of)\s+)?"
+_INSTRUCTION = re.compile(_CLAUSE_START + r"(?:calculate|compute|find|determine|what|how|express|evaluate|give|"
                           r"write)\b", re.IGNORECASE)
-_HOW = re.compile(r"\bhow (?:many|much)", re.IGNORECASE)
+# A sentence asks when it ends with `?` or opens a clause with "how many/much"; "she calculates how many
+# cakes are left" only reports one.
+_ASKS_HOW = re.compile(_CLAUSE_START + r"how (?:many|much)\b", re.IGNORECASE)
+# Notes that may follow the question: a parenthesis ("(There are 128 ounces in a gallon.)", "(24-hr
+# time)"), a stated conversion or assumption ("There are 1,000 ml in 1 liter."), or how to write the
+# answer ("Round to the nearest integer.", "Use E to represent Evan's earnings.").
+_NOTE = re.compile(r"^(?:\(|(?:there (?:are|is)|remember|note|assume|round|use|hint)\b)", re.IGNORECASE)
+_CLOSING_QUOTES = "\"'\u201d\u2019"
 _WH_WORD = re.compile(r"\b(?:how|what|which|who|whom|whose|when|where|why)\b", re.IGNORECASE)
 _AUXILIARY = r"(?:is|are|was|were|does|do|did|can|could|will|would|should|has|have|had)"
 _INTERROGATIVE = re.compile(rf"\b(?:how|what|which|who|whom|whose|when|where|why|{_AUXILIARY})\b", re.IGNORECASE)
@@ -96,11 +109,21 @@ def _sentences(text: str) -> list[str]:
     return out + [text.strip()[start:]]
 
 
+def _without_notes(sentences: list[str]) -> list[str]:
+    """`sentences` up to the last that is no note (`_NOTE`, asking nothing): the question's own, the asking
+    one last."""
+    end = len(sentences)
+    while end > 1 and _NOTE.match(sentences[end - 1]) and "?" not in sentences[end - 1]:
+        end -= 1
+    return sentences[:end]
+
+
 def _ungrounded(text: str) -> bool:
     """The asking sentence asks "how many X" with none of the next three words mentioned before, or names
     someone never mentioned before."""
     sentences = _sentences(text)
-    body, ask = " ".join(sentences[:-1]), sentences[-1]
+    asking = len(_without_notes(sentences)) - 1  # the notes after it may state what it asks about
+    body, ask = " ".join(sentences[:asking] + sentences[asking + 1:]), sentences[asking]
     body_words = {_singular(w.lower()) for w in _WORD.findall(body)}
     for words in _ASKED_QUANTITY.findall(ask):
         phrase = []  # the asked noun phrase: the words before the verb ("how many red apples does ...")
@@ -147,15 +170,16 @@ def form_problem(text: str, rules: FormRules, *, truncated: bool = False,
     if _has_loop([w.lower() for w in _TOKEN.findall(text)], rules.max_repeats):
         return "degenerate"
     if rules.require_question_mark:
-        sentences = _sentences(text)
+        sentences = _without_notes(_sentences(text))
         last = sentences[-1]
         interrogative = _WH_WORD.search(last) is not None or _STARTS_WITH_AUXILIARY.match(last) is not None
-        ending = last.rstrip("$")  # a sentence may end inside math (`Find $p(8).$`)
+        # A sentence may end inside math (`Find $p(8).$`) or a quotation (`her "full face?"`).
+        ending = last.rstrip("$").rstrip(_CLOSING_QUOTES)
         asks = (ending.endswith("?") and interrogative) or (
             ending.endswith((".", "?")) and _INSTRUCTION.search(last) is not None)
         if not asks or len(_WORD.findall(last)) < 3:
             return "no_question"
-        asking = [x for x in sentences if x.endswith("?") or _HOW.search(x)]
+        asking = [x for x in sentences if x.rstrip(_CLOSING_QUOTES).endswith("?") or _ASKS_HOW.search(x)]
         if len(asking) > rules.max_questions:
             return "several_questions"
     if rules.require_number and not _NUMBER.search(text):
