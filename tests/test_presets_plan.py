@@ -186,6 +186,9 @@ def test_command_line_overrides_of_a_presets_mesh_size_it_again(tmp_path):
     v5p_64 = load_config("llama2_70b_gsm8k", "v5p-64")
     assert not load_config("llama2_70b_gsm8k", "v5p-128").policy_train.sft.remat and v5p_64.policy_train.sft.remat
     assert plan["models"]["policy"]["activations_detail"]["remat"] == "full"  # sized again: v5p-64's
+    assert plan["train_steps"]["sft"] == {"sequences_per_device": 1, "seq_len": 1536, "remat": True,
+                                          "grad_accum_steps": v5p_64.policy_train.sft.grad_accum_steps}
+    assert "train steps (sequences per device x accumulation steps): sft 1 x 16 of 1536 tokens (remat)" in proc.stdout
     assert plan["stages"]["policy_training"]["fits"] is True
     assert plan["pools"]["search"]["slots"] == 1000  # the override's own value stays
     assert plan["pools"]["critic_data"]["slots"] == v5p_64.critics.data.pool_slots

@@ -28,6 +28,7 @@ at once in each stage of the loop (the search holds every model's parameters and
 A model whose training batch cannot split over the mesh (`train.batching.microbatch_problem`, the
 trainer's own check: a microbatch of batch_size / grad_accum_steps examples must divide over
 data x fsdp) does not fit whatever its bytes, and `problems` says why and which grad_accum_steps would.
+`train_steps` gives every train stage's sequences per device, accumulation steps, length and `remat`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class TrainShape:
     logits_chunk: int = 0  # >0: the vocabulary projection runs in chunks of this many positions
     problem: str | None = None  # why the trainer would refuse this stage's batch on the mesh
     remat: bool = False  # the section's `remat`: per-layer rematerialisation
+    grad_accum_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +174,7 @@ def _train_shape(stage: str, section, dp: int, model_dtype: str, *, pairs: bool 
     micro = tc.batch_size // tc.grad_accum_steps * (2 if pairs else 1)  # DPO: chosen and rejected rows
     return TrainShape(stage, max(1, math.ceil(micro / dp)), int(tc.max_seq_len or 1024), tc.master_dtype,
                       tc.compute_dtype or model_dtype, logits_chunk,
-                      microbatch_problem(tc.batch_size, tc.grad_accum_steps, dp), tc.remat)
+                      microbatch_problem(tc.batch_size, tc.grad_accum_steps, dp), tc.remat, tc.grad_accum_steps)
 
 
 def resolve_models(cfg, mesh) -> dict[str, ModelSpec]:
@@ -462,6 +464,9 @@ def make_plan(cfg, *, fill: bool = True) -> dict[str, Any]:
                      "device_memory_source": hbm_source, "fit_fraction": FIT_FRACTION},
             "models": models, "stages": {**_stages(models, hbm), **_critic_data_stage(cfg, specs, models, mesh, hbm)},
             "pools": _pools(cfg, specs["policy"], fill_kv_pools(cfg) if fill and hbm else None),
+            "train_steps": {t.stage: {"sequences_per_device": t.sequences_per_device, "seq_len": t.seq_len,
+                                      "grad_accum_steps": t.grad_accum_steps, "remat": t.remat}
+                            for spec in specs.values() for t in spec.train},
             "problems": [f"{name}: {p}" for name, m in models.items() for p in m["problems"]]}
 
 
@@ -528,6 +533,9 @@ def format_plan(plan: dict[str, Any]) -> str:
                  + (f" (filling {POOL_FILL_FRACTION:.0%} of the memory: "
                     + ", ".join(str(v["fill_slots"]) for v in pools.values()) + ")"
                     if all("fill_slots" in v for v in pools.values()) else ""))
+    lines.append("train steps (sequences per device x accumulation steps): " + ", ".join(
+        f"{stage} {t['sequences_per_device']} x {t['grad_accum_steps']} of {t['seq_len']} tokens"
+        + (" (remat)" if t["remat"] else "") for stage, t in plan["train_steps"].items()))
     dp = mesh["data"] * mesh["fsdp"]
     for k, v in pools.items():
         name = k.replace("_", " ")
