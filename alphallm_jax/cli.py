@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             # applied; an override of the mesh, a batch or a length needs them sized again.
             from alphallm_jax.paper_presets import resize_after_overrides
 
-            overrides = [a.split("=", 1)[0][len("--config."):] for a in rest if a.startswith("--config.")]
+            # The overrides as absl parsed them (`--config.a=1`, `-config.a 1`, `--noconfig.flag`, flag files).
+            overrides = [n[len("config."):] for n in flags.FLAGS if n.startswith("config.") and flags.FLAGS[n].present]
             source = config_flags.get_config_filename(flags.FLAGS["config"])
             try:
                 resize_after_overrides(config, overrides, f"{source} with the command line's overrides")

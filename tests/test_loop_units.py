@@ -112,6 +112,15 @@ def test_a_resumed_run_may_extend_the_loop_but_not_change_what_finished_stages_c
     assert check_resumed_config(cfg, path) == []
     longer = derived_config(cfg, **{"loop.iterations": 4, "mesh.data": 2, "loop.ablation_seeds": 1})
     assert check_resumed_config(longer, path) == ["loop.ablation_seeds", "loop.iterations", "mesh.data"]
+    # A preset resumed on another mesh: the CLI sizes its microbatches, remat and pools again (the
+    # 70B's `:v5p-128` as `:v5p-64`); those change where the run computes, not what.
+    from tests.helpers import load_config
+
+    path.write_text(json.dumps(load_config("llama2_70b_gsm8k", "v5p-128").to_dict()))
+    resized = load_config("llama2_70b_gsm8k", "v5p-64")
+    assert {"mesh.fsdp", "policy_train.sft.remat", "search.pool_slots", "critics.train.grad_accum_steps"} <= set(
+        check_resumed_config(resized, path))
+    path.write_text(json.dumps(cfg.to_dict()))
     changed = derived_config(cfg, **{"search.mcts.c_uct": 0.3, "eval.methods": ("greedy",), "loop.iterations": 3})
     with pytest.raises(ValueError, match=r"differs in eval\.methods: \['greedy', 'maj@16'\] -> \['greedy'\]; "
                                          r"search\.mcts\.c_uct: .* -> 0\.3\. .*use a new --workdir"):

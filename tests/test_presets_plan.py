@@ -174,25 +174,25 @@ def test_command_line_overrides_of_a_presets_mesh_size_it_again(tmp_path):
     them again after the overrides (here the 70B's `:v5p-128` on half its fsdp axis, which is `:v5p-64`),
     except the keys an override set itself, and names a mesh the batches cannot split over."""
     from alphallm_jax.paper_presets import SIZED_KEYS, resize_after_overrides, size_for_mesh
-    from alphallm_jax.pipeline.plan import fill_kv_pools
 
-    out = tmp_path / "plan.json"
+    out, flagfile = tmp_path / "plan.json", tmp_path / "flags.txt"
     spec = str(REPO / "configs" / "llama2_70b_gsm8k.py:v5p-128")
-    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "plan", "--config", spec,
-                           "--config.mesh.fsdp=8", "--config.search.pool_slots", "1000", "--out", str(out)],
+    flagfile.write_text("--config.search.pool_slots=1000\n")
+    # Overrides in every form absl parses: `--config.a=v`, a flag file, a negated boolean.
+    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", "plan", "--config", spec, "--config.mesh.fsdp=8",
+                           f"--flagfile={flagfile}", "--noconfig.policy_train.dpo.remat", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plan = json.loads(out.read_text())
     v5p_64 = load_config("llama2_70b_gsm8k", "v5p-64")
     assert not load_config("llama2_70b_gsm8k", "v5p-128").policy_train.sft.remat and v5p_64.policy_train.sft.remat
-    assert plan["models"]["policy"]["activations_detail"]["remat"] == "full"  # sized again: v5p-64's
     assert plan["train_steps"]["sft"] == {"sequences_per_device": 1, "seq_len": 1536, "remat": True,
-                                          "grad_accum_steps": v5p_64.policy_train.sft.grad_accum_steps}
+                                          "grad_accum_steps": v5p_64.policy_train.sft.grad_accum_steps}  # sized again
+    assert plan["train_steps"]["dpo"]["remat"] is False  # as the command line set it
     assert "train steps (sequences per device x accumulation steps): sft 1 x 16 of 1536 tokens (remat)" in proc.stdout
-    assert plan["stages"]["policy_training"]["fits"] is True
+    assert plan["stages"]["policy_training"]["fits"] is False  # DPO's step needs it: the plan says so
     assert plan["pools"]["search"]["slots"] == 1000  # the override's own value stays
     assert plan["pools"]["critic_data"]["slots"] == v5p_64.critics.data.pool_slots
-    assert plan["pools"]["critic_data"]["fill_slots"] == fill_kv_pools(v5p_64)["critic_data"]
 
     # In process: what the CLI calls. Sizing again without an override changes nothing; the demo
     # (no `mesh.micro_batch`) is never sized.

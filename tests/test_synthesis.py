@@ -69,16 +69,30 @@ def _problem(pid: str, question: str, split: str = "train") -> Problem:
     ("Sam has 3 cats. How many legs do they have? (A cat has 4 legs.)", None),
     ("Sam drinks 500 ml a day. How many days does a 2-liter bottle last? There are 1,000 ml in 1 liter.", None),
     ("Sam earned 5 fewer dollars than Eve. Together they earned $37. How many dollars did Sam earn? "
-     "Use E to represent how many dollars Eve earned.", None),
+     "Use E to represent Eve's earnings.", None),
     ("Sam has 3 cats. How many cats are there? (How many dogs does Sam have?)", "no_question"),
     ("Sam has 3 cats. How many cats does Sam have? Sam has 2 dogs.", "no_question"),
+    # ... nor one that answers, instructs, is cut off or is no sentence.
+    ("Sam has 3 cats. How many cats does Sam have? (The answer is 3.)", "no_question"),
+    ("Sam has 3 cats and 2 dogs. How many cats does Sam have? Use that to find how many dogs Sam has.",
+     "no_question"),
+    ("Sam has 3 cats and 2 dogs. How many cats does Sam have? (Then calculate the dogs.)", "no_question"),
+    ("Sam has 3 cats. How many cats does Sam have? (", "no_question"),
+    ("Sam has 3 cats. How many cats does Sam have? There is", "no_question"),
+    ("Sam has 3 cats. How many cats does Sam have? (asdf qwer zxcv", "no_question"),
     # A sentence that reports a count asks nothing; one that opens a clause with it asks.
     ("Sam has 30 cats. He counts how many cats are left and sells half. How many cats does Sam have now?", None),
     ("Sam has 3 cats. If he sells one, how many cats are left. How many dogs does Sam have?", "several_questions"),
+    ("Sam has 3 cats and 2 dogs. And how many dogs does Sam have. How many cats does he have?",
+     "several_questions"),
+    ("Sam has 3 cats and 2 dogs; how many dogs does Sam have. How many cats does he have?", "several_questions"),
+    ("Sam has 3 cats and walked 2 miles, to find his lost dog.", "no_question"),  # "to" opens no question
     # Numbers in words, dotted acronyms and units, closing quotes, a clause opened by a preposition.
     ("Sam has eighteen cats and forty dogs. How many cats and dogs does Sam have?", None),
     ("The P.T.O. buys 12 shirts at $5 each. How much does the P.T.O. spend?", None),
     ("A house of 1,500 sq. ft. grows by 300 sq. ft. What is the size of the house now?", None),
+    ("Sam's dog weighs 10 lbs. How many lbs does Sam's dog weigh in 2 years if it gains 3 lbs a year?", None),
+    ("Sam drives 300 miles to the U.S. How many miles does Sam drive in 2 trips?", None),
     ('Sam spends 5 minutes on each of 3 steps. How long does it take Sam to do his "full routine?"', None),
     ("A tank 18 inches tall fills at 2 inches per hour. If it starts empty, at what time will it be full.", None),
     # Dollar signs of money delimit no math across sentences.
@@ -147,8 +161,9 @@ def test_paper_preset_form_rules_keep_the_real_questions():
         lines = (SHARED_DATA / path).read_text().splitlines()[:limit]
         return sum(form_problem(json.loads(x)[key], rules) is None for x in lines) / len(lines)
 
-    # All but 5 of GSM8K's 7,473 train questions (2 end without punctuation, 2 ask indirectly: "He is
-    # wondering what ...", 1 repeats "100-meter" within 5 words), all but 1 of its 1,319 test questions.
+    # All but 6 of GSM8K's 7,473 train questions (2 end without punctuation, 2 ask indirectly: "He is
+    # wondering what ...", 1 adds "Use E to represent how many ...", 1 repeats "100-meter" within 5
+    # words), all but 1 of its 1,319 test questions.
     assert kept("llama2_7b_gsm8k", "gsm8k/train.jsonl", "question", None) >= 0.999
     assert kept("llama2_7b_gsm8k", "gsm8k/test.jsonl", "question", None) >= 0.999
     assert kept("llama3_8b_instruct_math", "math/math500_test.jsonl", "problem", 500) >= 0.99

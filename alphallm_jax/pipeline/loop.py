@@ -30,6 +30,7 @@ from typing import Any
 import ml_collections
 
 from alphallm_jax.critics.calibration import auroc_text, metric_text
+from alphallm_jax.paper_presets import SIZED_KEYS
 from alphallm_jax.pipeline.loop_report import find_method, write_report
 from alphallm_jax.pipeline.paired import paired_comparison
 from alphallm_jax.utils.distributed import barrier, broadcast_int, check_sampling_mesh, is_coordinator
@@ -197,8 +198,11 @@ def _fmt(results: dict) -> str:
 # What a resumed run may change: how far the loop goes and where it runs, never what a finished stage
 # computed (finished stages are not recomputed, so any other change would mix two configs in one report).
 # The ordering ablations are the last stages, each run keyed by its ordering and seed from the same SFT
-# policy and trees: a rerun may add or leave out some without changing the others.
-RESUMABLE_KEYS = ("loop.iterations", "loop.ablation_orderings", "loop.ablation_seeds", "mesh.")
+# policy and trees: a rerun may add or leave out some without changing the others. Where it runs
+# includes what a preset sizes for its mesh (`paper_presets.SIZED_KEYS`, sized again after a mesh
+# override): microbatches of the same batches, per-layer remat of the same step, KV pool slots (what is
+# cached, not what is computed).
+RESUMABLE_KEYS = ("loop.iterations", "loop.ablation_orderings", "loop.ablation_seeds", "mesh.", *SIZED_KEYS)
 
 
 def check_resumed_config(cfg, path) -> list[str]:

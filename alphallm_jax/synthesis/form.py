@@ -15,11 +15,12 @@ from typing import Any
 REASONS = ("truncated", "too_short", "too_long", "answer_leak", "degenerate", "no_question", "several_questions",
            "no_number", "ungrounded", "unknown_words", "large_number")
 
-# A sentence ends at `.`, `!` or `?` and a space, but not after a title, a dotted acronym, a Latin
-# abbreviation or a unit ("How much did Mr. Benson pay?", "the P.T.O. spent", "1,500 sq. ft. bigger" are
-# one sentence each). Math (`$...$`) is masked first (`_sentences`).
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs|sq|ft|oz|lb|hr)\.)(?<!\b(?:Mrs|lbs|hrs)\.)"
-                           r"(?<!\b(?:e\.g|i\.e)\.)(?<![A-Z]\.[A-Z]\.)\s+")
+# A sentence ends at `.`, `!` or `?` and a space, but not after a title or a Latin abbreviation, nor
+# after a dotted acronym or a unit that the sentence goes on from (a lower-case word or a digit next:
+# "How much did Mr. Benson pay?", "the P.T.O. spent", "1,500 sq. ft. bigger" are one sentence each;
+# "... weighs 10 lbs. How many ...?" are two). Math (`$...$`) is masked first (`_sentences`).
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b(?:Mr|Ms|Dr|St|Jr|Sr|vs)\.)(?<!\bMrs\.)(?<!\b(?:e\.g|i\.e)\.)"
+                           r"(?!(?:(?<=\b(?:sq|ft|oz|lb|hr)\.)|(?<=\b(?:lbs|hrs)\.)|(?<=[A-Z]\.[A-Z]\.))\s+[a-z0-9])\s+")
 # Math between dollar signs, never across a sentence end: in a word problem `$` is money ("costs $3000
 # per month. Calculate ... at $3.55.").
 _MATH_SPAN = re.compile(r"\$(?:(?![.!?]\s+[A-Z])[^$])*\$")
@@ -30,16 +31,24 @@ _NUMBER = re.compile(r"\d|\b(?:one|two|three|four|five|six|seven|eight|nine|ten|
                      r"twice|thrice|double|triple|dozens?|quarter|third)\b", re.IGNORECASE)
 # A question may also end with an instruction sentence ("Calculate the total.", "Find x."), or a clause
 # ("If she worked 50 hours, calculate her income.", "If the tank is 18 inches tall, at what time ...").
-_CLAUSE_START = r"(?:^|,\s+)(?:then\s+)?(?:(?:at|in|by|for|on|to|of)\s+)?"
+_CLAUSE_START = r"(?:^|,\s+)(?:then\s+)?(?:(?:at|in|by|for|on|to|of)\s+(?=(?:what|which|how)\b))?"
 _INSTRUCTION = re.compile(_CLAUSE_START + r"(?:calculate|compute|find|determine|what|how|express|evaluate|give|"
                           r"write)\b", re.IGNORECASE)
-# A sentence asks when it ends with `?` or opens a clause with "how many/much"; "she calculates how many
-# cakes are left" only reports one.
-_ASKS_HOW = re.compile(_CLAUSE_START + r"how (?:many|much)\b", re.IGNORECASE)
+# A sentence asks when it ends with `?` or holds a "how many/much" that no verb reports ("she calculates
+# how many cakes are left", "he wonders how much water he uses" ask nothing).
+_HOW = re.compile(r"\bhow (?:many|much)\b", re.IGNORECASE)
+_REPORTED_HOW = re.compile(r"\b(?:calculat(?:es|ed|ing)|count(?:s|ed|ing)|wonder(?:s|ed|ing)|hears|heard|sees|saw|"
+                           r"check(?:s|ed)|notic(?:es|ed)|record(?:s|ed)|measur(?:es|ed)|figur(?:es|ed) out|"
+                           r"remember(?:s|ed)|realiz(?:es|ed)|learn(?:s|ed)|knows|knew|tells|told)(?: \w+)? "
+                           r"how (?:many|much)\b", re.IGNORECASE)
 # Notes that may follow the question: a parenthesis ("(There are 128 ounces in a gallon.)", "(24-hr
-# time)"), a stated conversion or assumption ("There are 1,000 ml in 1 liter."), or how to write the
-# answer ("Round to the nearest integer.", "Use E to represent Evan's earnings.").
-_NOTE = re.compile(r"^(?:\(|(?:there (?:are|is)|remember|note|assume|round|use|hint)\b)", re.IGNORECASE)
+# time)"), a stated conversion ("There are 1,000 ml in 1 liter."), or how to write the answer ("Round to
+# the nearest integer.", "Use L to represent Lottie's earnings."). A note is a whole sentence of at least
+# two words, closed by `.` or `)`, with its parentheses balanced, that asks, instructs and answers
+# nothing (`_NOT_IN_NOTES`).
+_NOTE = re.compile(r"^(?:\(|(?:there (?:are|is)|remember|note|round|use)\b)", re.IGNORECASE)
+_NOT_IN_NOTES = re.compile(r"\?|\b(?:how|what|which|calculate|compute|find|determine|evaluate|express|answer|"
+                           r"solution|then)\b", re.IGNORECASE)
 _CLOSING_QUOTES = "\"'\u201d\u2019"
 _WH_WORD = re.compile(r"\b(?:how|what|which|who|whom|whose|when|where|why)\b", re.IGNORECASE)
 _AUXILIARY = r"(?:is|are|was|were|does|do|did|can|could|will|would|should|has|have|had)"
@@ -110,12 +119,16 @@ def _sentences(text: str) -> list[str]:
 
 
 def _without_notes(sentences: list[str]) -> list[str]:
-    """`sentences` up to the last that is no note (`_NOTE`, asking nothing): the question's own, the asking
-    one last."""
+    """`sentences` up to the last that is no note (`_NOTE`): the question's own, the asking one last."""
     end = len(sentences)
-    while end > 1 and _NOTE.match(sentences[end - 1]) and "?" not in sentences[end - 1]:
+    while end > 1 and _is_note(sentences[end - 1]):
         end -= 1
     return sentences[:end]
+
+
+def _is_note(sentence: str) -> bool:
+    return (_NOTE.match(sentence) is not None and sentence.endswith((".", ")")) and len(_WORD.findall(sentence)) >= 2
+            and sentence.count("(") == sentence.count(")") and not _NOT_IN_NOTES.search(sentence))
 
 
 def _ungrounded(text: str) -> bool:
@@ -179,7 +192,8 @@ def form_problem(text: str, rules: FormRules, *, truncated: bool = False,
             ending.endswith((".", "?")) and _INSTRUCTION.search(last) is not None)
         if not asks or len(_WORD.findall(last)) < 3:
             return "no_question"
-        asking = [x for x in sentences if x.rstrip(_CLOSING_QUOTES).endswith("?") or _ASKS_HOW.search(x)]
+        asking = [x for x in sentences
+                  if x.rstrip(_CLOSING_QUOTES).endswith("?") or _HOW.search(_REPORTED_HOW.sub("", x))]
         if len(asking) > rules.max_questions:
             return "several_questions"
     if rules.require_number and not _NUMBER.search(text):
