@@ -117,7 +117,7 @@ def size_for_mesh(c: ml_collections.ConfigDict, where: str, *, keep: tuple[str, 
         if f"{path}.remat" not in keep:
             section.remat = False
     # Per-layer rematerialisation where a model's train step does not fit without it (each layer's
-    # forward runs twice: 14% more time per step on the 30M benchmark model, so only there).
+    # forward runs twice, 7% more time per step on the 30M benchmark model, so only there).
     plan = make_plan(c, fill=False)
     bar = FIT_FRACTION * plan["mesh"]["device_memory_bytes"]
     for stage, paths in _REMAT_STAGES.items():

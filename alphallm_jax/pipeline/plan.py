@@ -15,7 +15,8 @@ Per model (policy, critic, fast-rollout policy) the parameter count and per-devi
   batches, at the search's length);
 * activations: an estimate of what a train step keeps for the backward pass, per device: every layer's
   intermediates, or each layer's input alone when the section sets `remat` (per-layer
-  rematerialisation); see `train_activation_bytes`. The estimate with rematerialisation is reported
+  rematerialisation, plus the stacked copies of the parameters and their gradient that its scan over
+  the layers builds); see `train_activation_bytes`. The estimate with rematerialisation is reported
   next to it either way (`full_remat_bytes`). Models that are not trained
   get the transient working set of one prefill layer instead (reported for every model as
   `activations_detail.inference_bytes`).
@@ -336,17 +337,22 @@ def plan_model(spec: ModelSpec, mesh, hbm: int | None, rules: ShardingRules = Sh
     if spec.train:
         activations = 0
     lm_head = spec.critic_head_hidden is None
+    # Remat scans over a stacked copy of the layers' parameters and builds their gradient stacked too
+    # (`decoder.rematerialised_layers`): counted as two copies of the model's parameters (an upper bound).
+    stacked = 2 * param_bytes
     for t in spec.train:
         master = _BYTES[t.master_dtype] if t.master_dtype else _BYTES[c.param_dtype]
         copy = master if (t.master_dtype and t.master_dtype != c.param_dtype) else 0
         optimizer = max(optimizer, shard_count * (2 * master + copy))
         gradients = max(gradients, shard_count * master)
-        act = train_activation_bytes(c, t, tensor, lm_head=lm_head, remat="full" if t.remat else "none")
+        act = train_activation_bytes(c, t, tensor, lm_head=lm_head, remat="full" if t.remat else "none") + (
+            stacked if t.remat else 0)
         if act > activations:
             activations = act
             detail = {"stage": t.stage, "sequences_per_device": t.sequences_per_device, "seq_len": t.seq_len,
                       "remat": "full" if t.remat else "none",
-                      "full_remat_bytes": train_activation_bytes(c, t, tensor, lm_head=lm_head, remat="full")}
+                      "full_remat_bytes": train_activation_bytes(c, t, tensor, lm_head=lm_head, remat="full")
+                      + stacked}
     per_device = {"params": param_bytes, "optimizer": optimizer, "gradients": gradients,
                   "kv_pool": kv_pool_bytes(spec, mesh, rules), "activations": activations}
     inference = inference_activation_bytes(c, spec.infer_rows, spec.infer_len, tensor) if spec.infer_rows else 0
