@@ -338,7 +338,7 @@ def test_rematerialised_training_equals_the_baseline_and_keeps_one_layer(baselin
     """`remat`: the same steps on the 8-device mesh (each layer recomputed in the backward pass), the
     model's own config untouched (checkpoints and sampling see no remat); the backward pass keeps each
     layer's input instead of its intermediates, one layer's rebuilt at a time (a scan over the layers):
-    a third of XLA's compiled working memory, or less."""
+    under half of XLA's compiled working memory (a third here; the checkpointed loop it replaced: 92%)."""
     from flax import nnx
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
@@ -358,4 +358,4 @@ def test_rematerialised_training_equals_the_baseline_and_keeps_one_layer(baselin
         grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(ids).sum()))
         return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
 
-    assert 0 < gradient_temporaries(True) < gradient_temporaries(False) / 3  # tiny, 4 layers: 14 against 45 MB
+    assert 0 < gradient_temporaries(True) < gradient_temporaries(False) / 2  # tiny, 4 layers: 14 against 45 MB

@@ -70,8 +70,10 @@ class ModelConfig:
   dtype: str = "float32"
   architecture: str = "llama"
   # Training only: each layer keeps its input and recomputes the rest in the backward pass (one layer's
-  # intermediates at a time instead of every layer's). The trainer sets it from its `remat`; sampling
-  # and scoring (no gradient) never read it.
+  # intermediates at a time instead of every layer's). The trainer sets it from its `remat` on its own
+  # copy of the graph, whose forward passes (DPO's reference log-probabilities, CPL's policy gap, the
+  # trainer's evaluation) then run the same scan: equal in float32, within rounding in bfloat16. The
+  # model's own config, its checkpoints and the samplers never have it.
   remat: bool = False
 
   def __post_init__(self):

@@ -337,11 +337,11 @@ def plan_model(spec: ModelSpec, mesh, hbm: int | None, rules: ShardingRules = Sh
     if spec.train:
         activations = 0
     lm_head = spec.critic_head_hidden is None
-    # Remat scans over a stacked copy of the layers' parameters and builds their gradient stacked too
-    # (`decoder.rematerialised_layers`): counted as two copies of the model's parameters (an upper bound).
-    stacked = 2 * param_bytes
     for t in spec.train:
         master = _BYTES[t.master_dtype] if t.master_dtype else _BYTES[c.param_dtype]
+        # Remat scans over a stacked copy of the layers' (master) parameters and builds their gradient
+        # stacked too (`decoder.rematerialised_layers`): two copies of the model's, an upper bound.
+        stacked = 2 * shard_count * master
         copy = master if (t.master_dtype and t.master_dtype != c.param_dtype) else 0
         optimizer = max(optimizer, shard_count * (2 * master + copy))
         gradients = max(gradients, shard_count * master)
