@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         if config is not None:  # a typo inside the config file itself
             from alphallm_jax.config import unknown_config_keys
 
+            source = config_flags.get_config_filename(flags.FLAGS["config"])
             problems = unknown_config_keys(config)
             if problems:
-                source = config_flags.get_config_filename(flags.FLAGS["config"])
                 print(f"alphallm {name}: {source}: " + "; ".join(problems), file=sys.stderr)
                 sys.exit(2)
             # A preset sized its accumulation, remat and KV pools for its mesh before the overrides were
@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
 
             # The overrides as absl parsed them (`--config.a=1`, `-config.a 1`, `--noconfig.flag`, flag files).
             overrides = [n[len("config."):] for n in flags.FLAGS if n.startswith("config.") and flags.FLAGS[n].present]
-            source = config_flags.get_config_filename(flags.FLAGS["config"])
             try:
                 resize_after_overrides(config, overrides, f"{source} with the command line's overrides")
             except ValueError as e:

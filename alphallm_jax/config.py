@@ -354,6 +354,20 @@ def load_config_file(spec: str, *, check_keys: bool = True) -> ml_collections.Co
     return cfg
 
 
+def config_section(cfg, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
+    """(the section holding `dotted`'s last key, that key); a missing key raises a KeyError naming it and
+    the valid keys where it was looked up."""
+    section, prefix = cfg, "config"
+    names = dotted.split(".")
+    for depth, name in enumerate(names):
+        if not hasattr(section, "keys") or name not in section:
+            valid = f"; valid keys of {prefix}: {', '.join(sorted(section.keys()))}" if hasattr(section, "keys") else ""
+            raise KeyError(f"the config has no key {dotted!r}{valid}")
+        if depth < len(names) - 1:
+            section, prefix = section[name], f"{prefix}.{name}"
+    return section, names[-1]
+
+
 def mesh_from_config(cfg: ml_collections.ConfigDict):
     """The configured mesh, or None for a single device."""
     from alphallm_jax.models.sharding import mesh_or_none

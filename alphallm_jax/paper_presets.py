@@ -18,7 +18,7 @@ import dataclasses
 
 import ml_collections
 
-from alphallm_jax.config import default_config
+from alphallm_jax.config import config_section, default_config
 from alphallm_jax.train.batching import valid_accum_steps
 
 V5P_HBM_GIB = 95.0  # per TPU v5p chip (one JAX device: the chip's two TensorCores act as one)
@@ -92,12 +92,6 @@ _POOLS = {"search": "search.pool_slots", "critic_data": "critics.data.pool_slots
 SIZED_KEYS = (*(f"{s}.{k}" for s in _TRAIN_SECTIONS for k in ("grad_accum_steps", "remat")), *_POOLS.values())
 
 
-def _section(c: ml_collections.ConfigDict, path: str):
-    for key in path.split("."):
-        c = c[key]
-    return c
-
-
 def size_for_mesh(c: ml_collections.ConfigDict, where: str, *, keep: tuple[str, ...] = ()) -> None:
     """What a preset sizes for its mesh (`mesh.*`, `mesh.micro_batch` sequences per device and step):
     gradient accumulation so that each device holds `micro_batch` sequences (SFT, DPO's pairs and the
@@ -110,7 +104,7 @@ def size_for_mesh(c: ml_collections.ConfigDict, where: str, *, keep: tuple[str, 
 
     dp = c.mesh.data * c.mesh.fsdp
     for path, rows_per_example in _TRAIN_SECTIONS.items():
-        section = _section(c, path)
+        section, _ = config_section(c, f"{path}.remat")
         if f"{path}.grad_accum_steps" not in keep:
             section.grad_accum_steps = accum_steps_for(section.batch_size, dp, c.mesh.micro_batch,
                                                        rows_per_example, where)
@@ -124,11 +118,11 @@ def size_for_mesh(c: ml_collections.ConfigDict, where: str, *, keep: tuple[str, 
         if stage in plan["stages"] and plan["stages"][stage]["per_device_bytes"] > bar:
             for path in paths:
                 if f"{path}.remat" not in keep:
-                    _section(c, path).remat = True
+                    config_section(c, f"{path}.remat")[0].remat = True
     for stage, slots in fill_kv_pools(c).items():
         if _POOLS[stage] not in keep:
-            section, _, key = _POOLS[stage].rpartition(".")
-            _section(c, section)[key] = slots
+            section, key = config_section(c, _POOLS[stage])
+            section[key] = slots
 
 
 def resize_after_overrides(c: ml_collections.ConfigDict, overrides: list[str], where: str) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import ml_collections
 
+from alphallm_jax.config import config_section
 from alphallm_jax.critics.calibration import auroc_text, metric_text
 from alphallm_jax.paper_presets import SIZED_KEYS
 from alphallm_jax.pipeline.loop_report import find_method, write_report
@@ -98,20 +99,6 @@ class LoopRun:
         line = summary(finished["record"]) if summary else "done"
         self.log(f"[{name}] {line} ({seconds:.0f} s)")
         return finished["record"]
-
-
-def config_section(cfg, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
-    """(the section holding `dotted`'s last key, that key); a missing key raises a KeyError naming it and
-    the valid keys where it was looked up."""
-    section, prefix = cfg, "config"
-    names = dotted.split(".")
-    for depth, name in enumerate(names):
-        if not hasattr(section, "keys") or name not in section:
-            valid = f"; valid keys of {prefix}: {', '.join(sorted(section.keys()))}" if hasattr(section, "keys") else ""
-            raise KeyError(f"the config has no key {dotted!r}{valid}")
-        if depth < len(names) - 1:
-            section, prefix = section[name], f"{prefix}.{name}"
-    return section, names[-1]
 
 
 def derived_config(cfg, **overrides) -> ml_collections.ConfigDict:
