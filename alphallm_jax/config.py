@@ -184,7 +184,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.policy_train.min_vote_share = 0.0
     c.policy_train.sft_traces_per_prompt = 1  # >1: the k best trajectories of distinct text per prompt
     c.policy_train.score_field = "reward"  # critic score choosing SFT traces and best completions
-    c.policy_train.tau = 1.0  # minimum value gap of a pair (the paper's margin)
+    # The minimum value gap of a pair. The paper's margin is 1 on a value scale it does not state; here a
+    # complete trajectory's Q is its ORM (the paper's terminal reward), in [0, 1], where a margin of 1 admits
+    # no complete pair (`train.pairs.check_pair_margin` refuses it): half that range, a clear gap.
+    c.policy_train.tau = 0.5
     c.policy_train.complete_value_field = "Q"  # the value compared for complete pairs
     c.policy_train.completion = "best_terminal"  # how a step is continued to the end: | greedy_q
     c.policy_train.step_reward_field = "reward"  # per-step critic reward summed into CPL's r_g

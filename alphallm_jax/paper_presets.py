@@ -7,7 +7,9 @@ the first variant listed is the default.
 
 Hyperparameters: AlphaLLM (arXiv 2404.12253) and AlphaLLM-CPL (arXiv 2410.06508, appendix A):
 SFT lr 5e-6 decaying to 1e-6 with 10% warm-up, batch 128, at most 3 epochs, early stopping on a dev
-split; preference learning batch 64, two offline epochs, pair margin tau = 1, CPL balance alpha = 0.5.
+split; preference learning batch 64, two offline epochs, CPL balance alpha = 0.5. Two values move to the
+value scale here, where every critic score is a probability: the pair margin tau (the paper's 1) is 0.5,
+and importance-weighted expansion's alpha (the paper's 1) is 10.
 CPL's per-model DPO learning rates (its Table 2) are not in our copy of the paper: `DPO_LR` is the usual
 rate for DPO on 7B models; set `--config.policy_train.dpo.learning_rate` to yours.
 """
@@ -192,6 +194,11 @@ def paper_config(*, task: str, policy_preset: str, prompt_format: str, mcts_pres
     c.critics.scoring.max_batch = search_batch
 
     c.search.mcts.preset = mcts_preset
+    # Importance-weighted expansion, n(s) = max(c_min(t), min(floor(alpha * I(s)) + 1, c_max(t))): the value
+    # head's v lies in [0, 1], so with the paper's alpha = 1 floor(I(s)) + 1 is 1 and n(s) never leaves
+    # c_min(t) (the component would do nothing). alpha = c_max(t > 0) = 10 spans c_min(t)..c_max(t) below
+    # the root as I(s) spans [0, 1].
+    c.search.mcts.alpha = 10.0
     c.search.pool_slots = 8192
     c.search.max_batch = search_batch
     c.search.max_len = max_len
@@ -204,7 +211,11 @@ def paper_config(*, task: str, policy_preset: str, prompt_format: str, mcts_pres
     c.policy_train.dpo.update(dict(learning_rate=DPO_LR, end_learning_rate=DPO_LR / 10, warmup_ratio=0.1,
                                    batch_size=DPO_BATCH, epochs=2, max_seq_len=train_seq_len,
                                    compute_dtype="bfloat16"))
-    c.policy_train.tau = 1.0
+    # The pair margin: a complete trajectory's Q (its ORM, the paper's terminal reward) and the value-only
+    # search's every Q lie in [0, 1], where the paper's margin of 1 admits no pair (`check_pair_margin`
+    # refuses it). The paper does not state its value scale; half the range, as 1 is of a value in [-1, 1],
+    # keeps its meaning of a clear gap.
+    c.policy_train.tau = 0.5
     c.policy_train.alpha = 0.5
     c.policy_train.beta = 0.1
     c.policy_train.ordering = "cpl"
@@ -238,7 +249,3 @@ def value_guided_search(c: ml_collections.ConfigDict) -> None:
     c.search.mcts.beta_orm = 0.0
     c.search.mcts.num_rollouts = 0
     c.rollout_policy.enabled = False
-    # Q is then the value head's probability, in [0, 1], where the paper's margin of 1 could never be
-    # exceeded (no pair at all; `train.pairs.check_pair_margin` refuses it). The paper does not state its
-    # value scale; half the range, as 1 is of a value in [-1, 1], keeps its meaning of a clear gap.
-    c.policy_train.tau = 0.5

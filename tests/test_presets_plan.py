@@ -54,7 +54,7 @@ def test_config_and_variant_load_into_their_consumers(name, variant):
         c.model.chekpoint = "x"  # the schema is locked: a typo fails
     search = SearchSettings.from_config(c)
     # Every config's pair margin can be exceeded on its search's Q scale (else CPL gets no pair).
-    check_pair_margin(c.policy_train.tau, search.mcts)
+    check_pair_margin(c.policy_train.tau, search.mcts, c.policy_train.complete_value_field)
     SynthesisSettings.from_config(c.synthesis)
     from types import SimpleNamespace
 
@@ -75,10 +75,12 @@ def test_paper_preset_hyperparameters(name):
     assert (sft.learning_rate, sft.end_learning_rate, sft.warmup_ratio, sft.batch_size) == (5e-6, 1e-6, 0.1, 128)
     assert sft.epochs <= 3 and dpo.batch_size == 64
     assert (c.policy_train.alpha, c.policy_train.ordering) == (0.5, "cpl")
-    # The paper's margin 1 where Q spans [0, 3] (AlphaLLM's three critics); half the [0, 1] range where
-    # CPL's value-only search makes Q the value head's probability.
-    value_only = c.search.mcts.beta_prm == c.search.mcts.beta_orm == 0.0
-    assert c.policy_train.tau == (0.5 if value_only else 1.0)
+    # Half the [0, 1] range of a complete trajectory's Q (its ORM: the paper's terminal reward) and of every
+    # Q under CPL's value-only search; importance-weighted expansion can widen a node (alpha 10, not 1).
+    from alphallm_jax.pipeline.search_run import mcts_config_from
+
+    assert c.policy_train.tau == 0.5
+    assert mcts_config_from(c.search.mcts).widens and c.search.mcts.alpha == 10.0
     assert c.search.mcts.preset in ("gsm8k_small", "gsm8k_large", "math")
     assert c.critics.dev_split.endswith("train_dev")  # calibration on a held-out tail, never a test split
     with pytest.raises(ValueError, match="unknown variant"):

@@ -29,6 +29,22 @@ def test_paper_preset_root_width_is_c_min0_for_values_in_unit_range():
     assert target_children(0.99, 1, cfg) == 2
     assert target_children(1.5, 1, cfg) == 2
     assert target_children(2.5, 1, cfg) == 3
+    # Values are probabilities (I(s) <= 1): with alpha 1 no node ever passes c_min(t), which `widens` says
+    # and the search logs; alpha 10 (the paper configs') spans c_min(t)..c_max(t) below the root.
+    assert not cfg.widens and not MCTSConfig.gsm8k_small().widens and not cfg.replace(alpha=0.0).widens
+    assert cfg.replace(alpha=10.0).widens and target_children(0.55, 1, cfg.replace(alpha=10.0)) == 6
+    assert MCTSConfig(alpha=2.0, c_min0=10, c_min=2).widens  # floor(2 * 1) + 1 = 3 > c_min(1) = 2
+
+
+def test_a_search_config_that_cannot_widen_is_logged(caplog):
+    from alphallm_jax.pipeline.search_run import mcts_config_from
+
+    with caplog.at_level("WARNING"):
+        mcts_config_from({"preset": "gsm8k_small", "alpha": 10.0})
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        mcts_config_from({"preset": "gsm8k_small"})
+    assert "search.mcts.alpha=1 never widens a node" in caplog.text
 
 
 def test_importance_is_the_largest_value_change_a_child_brings():

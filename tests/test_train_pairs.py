@@ -264,9 +264,16 @@ def test_a_margin_beyond_the_q_scale_is_refused_and_the_largest_sibling_gap_is_r
         pairs_lib.check_pair_margin(1.0, value_only)
     pairs_lib.check_pair_margin(0.5, value_only)
     three_critics = MCTSConfig(beta_v=1.0, beta_prm=1.0, beta_orm=1.0)  # AlphaLLM's: Q in [0, 3]
-    pairs_lib.check_pair_margin(1.0, three_critics)
     with pytest.raises(ValueError, match=r"Q lies in \[0, 3\]"):
         pairs_lib.check_pair_margin(3.0, three_critics)
+    # The paper's terminal reward is the bare ORM: a complete trajectory's Q lies in [0, 1] while an interior
+    # node's reaches 3, so a margin of 1 admits no complete pair; orm_scaled puts terminals on [0, 3].
+    with pytest.raises(ValueError, match=r"no complete pair .*Q .*lies in \[0, 1\] with search.mcts.terminal_reward='orm'"):
+        pairs_lib.check_pair_margin(1.0, three_critics)
+    pairs_lib.check_pair_margin(0.5, three_critics)
+    pairs_lib.check_pair_margin(1.0, three_critics.replace(terminal_reward="orm_scaled"))
+    with pytest.raises(ValueError, match=r"complete trajectory's orm .*lies in \[0, 1\]"):
+        pairs_lib.check_pair_margin(1.0, three_critics.replace(terminal_reward="orm_scaled"), "orm")
     assert pairs_lib.q_scale(0.5, 0.25, 0.0) == 1.0  # a terminal's ORM reaches 1 whatever the betas
     # Siblings 6 (Q 1.5) and 7 (Q -1.0) under node 2; with two visits required, 1 and 2 under the root.
     assert pairs_lib.largest_sibling_gap([tree]) == pytest.approx(2.5)

@@ -241,7 +241,8 @@ def run_loop(cfg, workdir) -> dict:
     check_sampling_mesh(run.mesh)  # the loop samples in nearly every stage
     check_device_memory(cfg, skip=finished_plan_stages(cfg, run.finished))
     tool_config(cfg)
-    check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts))
+    check_pair_margin(cfg.policy_train.tau, mcts_config_from(cfg.search.mcts),
+                      cfg.policy_train.complete_value_field)
     if is_coordinator():
         atomic_write_json(run.root / "config.json", cfg.to_dict())
     report: dict[str, Any] = {"config": {"task": cfg.task, "iterations": cfg.loop.iterations, "seed": cfg.seed}}

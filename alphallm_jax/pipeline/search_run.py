@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -69,7 +70,13 @@ class SearchSettings:
 def mcts_config_from(section) -> MCTSConfig:
     """MCTSConfig from `search.mcts`: the named preset, overridden by every field that is not None."""
     d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    return MCTSConfig.from_config({k: v for k, v in d.items() if v is not None and (k != "preset" or v)})
+    mcts = MCTSConfig.from_config({k: v for k, v in d.items() if v is not None and (k != "preset" or v)})
+    if mcts.alpha > 0 and not mcts.widens:
+        log.warning("search.mcts.alpha=%g never widens a node: I(s) is a difference of value-head probabilities, "
+                    "at most 1, so floor(alpha * I(s)) + 1 <= %d <= c_min(t) at every depth (c_min %d / %d); "
+                    "importance-weighted expansion acts from alpha > c_min(t) - 1 (the paper presets use 10)",
+                    mcts.alpha, math.floor(mcts.alpha + 1e-9) + 1, mcts.c_min0, mcts.c_min)
+    return mcts
 
 
 # ------------------------------------------------------------------------------------ components

@@ -105,6 +105,14 @@ class MCTSConfig:
         return self.c_max0 if depth == 0 else self.c_max
 
     @property
+    def widens(self) -> bool:
+        """Can importance-weighted expansion give a node more than c_min(t) children? I(s) is a
+        difference of two value-head probabilities, at most 1, so floor(alpha * I(s)) + 1 never passes
+        floor(alpha) + 1: with the paper's alpha = 1 every node keeps c_min(t) children."""
+        most = math.floor(self.alpha + 1e-9) + 1
+        return self.alpha > 0 and any(min(most, self.c_max_at(d)) > self.c_min_at(d) for d in (0, 1))
+
+    @property
     def max_simulations(self) -> int:
         return self.hard_cap_factor * self.num_simulations
 

@@ -121,16 +121,34 @@ def q_scale(beta_v: float, beta_prm: float, beta_orm: float) -> float:
     return max(beta_v + beta_prm + beta_orm, 1.0)
 
 
-def check_pair_margin(tau: float, mcts: MCTSConfig) -> None:
-    """Refuses a pair margin `tau` that no two nodes' Q can exceed on the scale of the search `mcts`
-    configures: CPL would get no stepwise pair at all. (The paper's margin, 1, is on its own value scale,
-    which it does not state.)"""
+def terminal_q_scale(mcts: MCTSConfig, value_field: str = "Q") -> float:
+    """The width of the interval a complete trajectory's `value_field` lies in, [0, this]: a terminal's
+    reward (and so its Q) is its ORM, at most 1, or with `terminal_reward="orm_scaled"` that ORM times the
+    betas' sum; a single critic score ("orm", "value", ...) is at most 1."""
+    if value_field in ("Q", "reward") and mcts.terminal_reward == "orm_scaled":
+        return q_scale(mcts.beta_v, mcts.beta_prm, mcts.beta_orm)
+    return 1.0
+
+
+def check_pair_margin(tau: float, mcts: MCTSConfig, complete_value_field: str = "Q") -> None:
+    """Refuses a pair margin `tau` that no two values can exceed on the scale of the search `mcts`
+    configures: no two siblings' Q (CPL would get no stepwise pair at all), or no two complete
+    trajectories' `complete_value_field` (no complete pair: with the paper's terminal reward, the bare ORM,
+    a complete trajectory's Q lies in [0, 1] while an interior node's reaches the betas' sum). (The paper's
+    margin, 1, is on its own value scale, which it does not state.)"""
+    betas = f"beta_v={mcts.beta_v:g}, beta_prm={mcts.beta_prm:g}, beta_orm={mcts.beta_orm:g}"
     scale = q_scale(mcts.beta_v, mcts.beta_prm, mcts.beta_orm)
     if tau >= scale:
         raise ValueError(f"policy_train.tau={tau:g}: no two Q values can differ by more than that, since every "
-                         f"Q lies in [0, {scale:g}] with search.mcts beta_v={mcts.beta_v:g}, "
-                         f"beta_prm={mcts.beta_prm:g}, beta_orm={mcts.beta_orm:g}; no stepwise or complete pair "
+                         f"Q lies in [0, {scale:g}] with search.mcts {betas}; no stepwise or complete pair "
                          f"could be extracted. Set tau below {scale:g}")
+    terminal = terminal_q_scale(mcts, complete_value_field)
+    if tau >= terminal:
+        raise ValueError(f"policy_train.tau={tau:g}: no complete pair could be extracted, since a complete "
+                         f"trajectory's {complete_value_field} (policy_train.complete_value_field) lies in "
+                         f"[0, {terminal:g}] with search.mcts.terminal_reward={mcts.terminal_reward!r} and {betas}. "
+                         f"Set tau below {terminal:g}, or terminal_reward='orm_scaled' to put terminals on the "
+                         f"interior nodes' scale")
 
 
 def largest_sibling_gap(trees: Iterable[Tree], min_visits: int = 1) -> float:
