@@ -103,3 +103,52 @@ def test_a_chat_template_that_writes_bos_gives_one_bos_token(tokenizer, tmp_path
   assert prompt == "[INST] 2+2? [/INST]"
   ids = tok.encode(prompt, add_bos=True)
   assert ids[0] == 1 and ids.count(1) == 1 and ids[1:] == tokenizer.encode("[INST] 2+2? [/INST]")
+
+
+@pytest.mark.parametrize("prompt,response", [
+    ("Question: How many clips?\nAnswer:\n", "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72"),
+    ("Answer:", " Natalia  sold 24."),  # a response that starts with (two) spaces keeps them
+    ("Question: x?\n", "\n\nAnswer: 7"),
+])
+def test_a_continuation_tokenizes_as_it_does_in_context(tokenizer, tmp_path, prompt, response):
+  # SentencePiece starts text encoded on its own with a word-start marker ("▁Natalia"), which the same text
+  # after the prompt does not get: the response of a training example and `Sampler.extend` text must not.
+  tokenizer.save(tmp_path / "sp")
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "sp", local_files_only=True)
+  hf.save_pretrained(tmp_path / "json")
+  (tmp_path / "json" / "tokenizer.model").unlink(missing_ok=True)
+  for tok in (tokenizer, Tokenizer.from_dir(tmp_path / "json")):
+    in_context = tok.encode(prompt + response)
+    assert tok.encode(prompt) + tok.encode_continuation(response) == in_context
+    assert tok.encode_continuation("") == []
+  if prompt.endswith("\n") and not response.startswith("\n"):
+    assert tokenizer.encode(prompt) + tokenizer.encode(response) != tokenizer.encode(prompt + response)
+
+
+def test_a_checkpoints_own_tokenizer_files_are_what_it_saves(tokenizer, tmp_path):
+  # transformers rebuilding a tokenizer from tokenizer.model alone splits some text otherwise than the
+  # checkpoint's tokenizer.json: an exported checkpoint carries the files it was read from.
+  tokenizer.save(tmp_path / "sp")
+  source = tmp_path / "checkpoint"
+  transformers.AutoTokenizer.from_pretrained(tmp_path / "sp", local_files_only=True).save_pretrained(source)
+  (source / "tokenizer.model").write_bytes((tmp_path / "sp" / "tokenizer.model").read_bytes())
+  loaded = Tokenizer.from_dir(source)
+  assert loaded.is_sentencepiece  # read through tokenizer.model, saved as the directory's own files
+  loaded.save(tmp_path / "export")
+  for f in sorted(p.name for p in source.iterdir()):
+    assert (tmp_path / "export" / f).read_bytes() == (source / f).read_bytes(), f
+  loaded.save(source)  # saving into its own directory leaves the files as they are
+  assert (source / "tokenizer_config.json").read_bytes() == (tmp_path / "export" / "tokenizer_config.json").read_bytes()
+
+
+def test_decode_keeps_the_spaces_the_tokens_spell():
+  # transformers 4.x "cleans up" spaces before punctuation when a tokenizer_config asks (Llama-3's does),
+  # which would make a completion's text differ from the bytes the stop rules read.
+  class CleaningTokenizer:
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=True):
+      text = " ".join(["It", "'s", "done", "."][i] for i in ids)
+      return text.replace(" 's", "'s").replace(" .", ".") if clean_up_tokenization_spaces else text
+
+  assert Tokenizer(hf=CleaningTokenizer()).decode([0, 1, 2, 3]) == "It 's done ."

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ HF_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# A checkpoint's tokenizer, as `Tokenizer.save` copies it from the directory it was read from.
+TOKENIZER_FILES = (SP_FILE, HF_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE, "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 def _load_hf(directory: Path):
@@ -65,6 +69,7 @@ class Tokenizer:
     if (sp is None) == (hf is None):
       raise ValueError("Tokenizer needs exactly one of a sentencepiece or an HF tokenizer")
     self._sp, self._hf = sp, hf
+    self._source_dir: Path | None = None  # the directory `from_dir` read, whose files `save` copies
     self._chat_source = chat_source if chat_source is not None else hf
     eos = [sp.eos_id()] if sp is not None else [hf.eos_token_id]
     self.eos_ids: tuple[int, ...] = tuple(
@@ -91,10 +96,13 @@ class Tokenizer:
       if (directory / CHAT_TEMPLATE_FILE).is_file() or (
           config.is_file() and json.loads(config.read_text()).get("chat_template")):
         chat_source = _load_hf(directory)
-      return cls(sp=sp, extra_eos_ids=extra_eos, chat_source=chat_source)
-    if (directory / HF_FILE).is_file():
-      return cls(hf=_load_hf(directory), extra_eos_ids=extra_eos)
-    raise FileNotFoundError(f"No {SP_FILE} or {HF_FILE} in {directory}")
+      tokenizer = cls(sp=sp, extra_eos_ids=extra_eos, chat_source=chat_source)
+    elif (directory / HF_FILE).is_file():
+      tokenizer = cls(hf=_load_hf(directory), extra_eos_ids=extra_eos)
+    else:
+      raise FileNotFoundError(f"No {SP_FILE} or {HF_FILE} in {directory}")
+    tokenizer._source_dir = directory
+    return tokenizer
 
   # ---- properties ----------------------------------------------------------------------------
   @property
@@ -135,12 +143,27 @@ class Tokenizer:
       ids = [self.bos_id] + ids
     return ids
 
+  def encode_continuation(self, text: str) -> list[int]:
+    """Ids of `text` as it tokenizes after other text. A SentencePiece tokenizer (Llama-2, Mistral)
+    starts text encoded on its own with a word-start marker: `encode("He")` is `▁He`, while in
+    `"Answer:\n" + "He"` the same word is `He`. So the text is encoded behind a newline, which these
+    tokenizers keep in a token of its own, and the newline's ids are dropped; where a newline would
+    merge into the text (byte-level BPE's `\n\n` tokens, which have no marker to drop), the text is
+    encoded on its own."""
+    if not text:
+      return []
+    lead = self.encode("\n")
+    ids = self.encode("\n" + text)
+    return ids[len(lead):] if ids[:len(lead)] == lead else self.encode(text)
+
   def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids`, special tokens (BOS/EOS) dropped."""
+    """Text of `ids`, special tokens (BOS/EOS) dropped; spaces kept as the tokens spell them (not
+    "cleaned up" before punctuation, which some `tokenizer_config.json` files ask for: the sampler's
+    stop rules read the tokens' own bytes, and a completion's text must be what they read)."""
     ids = [int(i) for i in ids]
     if self._sp is not None:
       return self._sp.decode(ids)
-    return self._hf.decode(ids, skip_special_tokens=True)
+    return self._hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
   def id_to_piece(self, token_id: int) -> str:
     if self._sp is not None:
@@ -181,9 +204,23 @@ class Tokenizer:
 
   # ---- persistence ---------------------------------------------------------------------------
   def save(self, directory: str | os.PathLike) -> None:
-    """Writes files that both `Tokenizer.from_dir` and transformers' AutoTokenizer load."""
+    """Writes files that both `Tokenizer.from_dir` and transformers' AutoTokenizer load. A tokenizer read
+    from a checkpoint directory is saved as that directory's own tokenizer files, copied: transformers
+    rebuilding a tokenizer from `tokenizer.model` alone need not split text as the original
+    `tokenizer.json` does (leading and repeated spaces, special tokens written in text)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    source = self._source_dir
+    if source is not None and source.resolve() == directory.resolve():
+      return  # its own files are there
+    if source is not None:
+      copied = [f for f in TOKENIZER_FILES if (source / f).is_file()]
+      if SP_FILE in copied or HF_FILE in copied:
+        for name in copied:
+          tmp = directory / (name + ".tmp")
+          shutil.copyfile(source / name, tmp)
+          os.replace(tmp, directory / name)
+        return
     if self._sp is None:
       self._hf.save_pretrained(str(directory))
       return

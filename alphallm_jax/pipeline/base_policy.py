@@ -51,6 +51,10 @@ def sft_examples(problems, tokenizer: Tokenizer, prompt_for: Callable[[Problem],
     for p in problems:
         prompt = prompt_for(p)
         prompt_ids = tokenizer.encode(prompt, add_bos=True)
+        # The solution encoded on its own, so it starts with SentencePiece's word-start marker ("\n", "▁He"
+        # where "\n", "He" is the in-context split; `Tokenizer.encode_continuation`): the demo's base policy
+        # learns that start and every later stage reads its sampled ids, so the demo is consistent. Kept so,
+        # as changing it retrains every demo model.
         response = tokenizer.encode(format_solution(p.solution, p.task, p.answer)) + [tokenizer.eos_ids[0]]
         split = len(prompt_ids)
         at = prompt.rfind(prefix)

@@ -190,8 +190,11 @@ class Sampler:
         return SeqState(tokens=tuple(int(t) for t in tokens))
 
     def extend(self, state: SeqState, text_or_tokens: str | Sequence[int]) -> SeqState:
-        """A child of `state` with text appended; only the new tokens are prefilled when it is continued."""
-        extra = self.tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) else text_or_tokens
+        """A child of `state` with text appended (tokenised as it continues other text, without the word-start
+        marker a SentencePiece tokenizer gives text on its own); only the new tokens are prefilled when it is
+        continued."""
+        extra = (self.tokenizer.encode_continuation(text_or_tokens) if isinstance(text_or_tokens, str)
+                 else text_or_tokens)
         return SeqState(tokens=state.tokens + tuple(int(t) for t in extra), parent=state)
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,

@@ -342,7 +342,7 @@ class LMSearchBackend:
             text, ids = c.text, list(c.token_ids)
             if not self.shared_rollout_vocab:
                 text = text[:end.keep_chars]
-                ids = self.sampler.tokenizer.encode(text)  # the policy's (and the critic's) vocabulary
+                ids = self.sampler.tokenizer.encode_continuation(text)  # the policy's (and critic's) vocabulary
             elif end.keep_chars < len(text):
                 ids, text = self.sampler.cut(h.seq.tokens, ids, end.keep_chars)
             out[i].append((text, ids, len(c.token_ids)))
