@@ -48,6 +48,27 @@ def test_end_stops_blank_steps_and_eos_end_the_solution():
     assert option_end("", "3+4", task="arith", finish_reason="eos", stop_string=None, end_stops=END).ends_solution
 
 
+def test_an_end_stop_that_begins_in_the_previous_step_ends_the_solution():
+    # Every step keeps its newline, so "\nQuestion:" spans the option boundary: a sample opening a new
+    # question ends the solution where it begins, and the made-up question's answer is not this solution's.
+    kwargs = dict(task="arith", stop_string="\n", end_stops=END)
+    question = option_end("Tom has 3.\n", "Question: Sam has 4 pens. How many?\n", finish_reason="stop", **kwargs)
+    assert (question.keep_chars, question.ends_solution) == (0, True)
+    rollout = option_end("Tom has 3.\n", "Question: Sam has 4.\nAnswer:\n#### 4\n", finish_reason="eos", **kwargs)
+    assert (rollout.keep_chars, rollout.ends_solution) == (0, True)
+    # The same stop inside one sample is cut where it starts, as before.
+    inside = option_end("", "Tom has 3.\nQuestion: Sam has 4.\n", finish_reason="stop", **kwargs)
+    assert (inside.keep_chars, inside.ends_solution) == (len("Tom has 3.\n"), True)
+    # A blank line's second newline is the blank-step rule's, and an answer after it still counts.
+    assert option_end("3+4=7\n", "\n", finish_reason="stop", **kwargs) == option_end(
+        "", "\n", finish_reason="stop", **kwargs)
+    late = option_end("3+4=7\n", "\n#### 7\n", finish_reason="stop", **kwargs)
+    assert (late.keep_chars, late.ends_solution) == (len("\n#### 7\n"), True)
+    # A step that merely mentions the word is a step.
+    step = option_end("Tom has 3.\n", "So Question: asked 3+4=7\n", finish_reason="stop", **kwargs)
+    assert (step.keep_chars, step.ends_solution) == (len("So Question: asked 3+4=7\n"), False)
+
+
 def test_math_boxed_answers():
     text = "So $x = \\boxed{\\frac{1}{2}}$.\n\nMore"
     assert final_answer_end(text, "math", complete=False) == text.index("\n") + 1

@@ -129,19 +129,43 @@ def option_end(prefix: str, sample: str, *, task: str, finish_reason: str, stop_
                end_stops: Sequence[str]) -> OptionEnd:
     """Where a sample continuing the solution text `prefix` ends, and whether it completes the solution.
 
-    In order: the final answer's line (everything after it is cut), an end stop (cut where it starts,
-    keeping a leading newline so the last step keeps its terminator), a blank step (the model closed the
-    solution with an empty line), EOS. Otherwise the sample is an ordinary step (or was cut by the cap)."""
-    answer_end = final_answer_end(prefix + sample, task, complete=finish_reason != "length")
+    In order: the final answer's line (everything after it is cut) unless an end stop comes first, an end
+    stop (cut where it starts, keeping a leading newline so the last step keeps its terminator), a blank
+    step (the model closed the solution with an empty line), EOS. Otherwise the sample is an ordinary step
+    (or was cut by the cap). An end stop may begin in `prefix`: a step ends in its newline, so a sample
+    that opens a new question (`Question:` after the last step's `\n`) ends the solution where it begins,
+    and an answer written after it is not this solution's. (The sampler matches stops within a sample.)"""
+    stop_keep = _end_stop_keep(prefix, sample, end_stops)
+    considered = sample if stop_keep is None else sample[:stop_keep]
+    complete = finish_reason != "length" or stop_keep is not None
+    answer_end = final_answer_end(prefix + considered, task, complete=complete)
     if answer_end is not None:
-        return OptionEnd(max(0, min(len(sample), answer_end - len(prefix))), True)
-    stops = [(sample.find(s), s) for s in end_stops if s in sample]
-    if stops:
-        at, stop = min(stops)
-        return OptionEnd(at + (1 if stop.startswith("\n") else 0), True)
+        return OptionEnd(max(0, min(len(considered), answer_end - len(prefix))), True)
+    if stop_keep is not None:
+        return OptionEnd(stop_keep, True)
     if finish_reason == "stop" and not sample.strip():
         return OptionEnd(len(sample), True)
     return OptionEnd(len(sample), finish_reason == "eos")
+
+
+def _end_stop_keep(prefix: str, sample: str, end_stops: Sequence[str]) -> int | None:
+    """Characters of `sample` kept before the earliest end stop, or None: a stop inside the sample keeps
+    its leading newline; one that begins in `prefix` (its newline, say, ends the last step) keeps
+    nothing. A stop whose part in the sample is only whitespace (the second newline of a blank line) is
+    left to the blank-step and answer rules, as a stop inside the sample would be."""
+    found = []
+    for stop in end_stops:
+        at = sample.find(stop)
+        if at >= 0:
+            found.append((at, stop))
+        tail = prefix[len(prefix) - len(stop) + 1:] if len(stop) > 1 else ""
+        at = (tail + sample).find(stop) if tail else -1
+        if 0 <= at < len(tail) and stop[len(tail) - at:].strip():
+            found.append((at - len(tail), stop))
+    if not found:
+        return None
+    at, stop = min(found)
+    return max(0, at + (1 if stop.startswith("\n") else 0))
 
 
 def solution_answer(text: str, task: str) -> str | None:
