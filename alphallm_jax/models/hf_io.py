@@ -198,34 +198,43 @@ def save_hf_checkpoint(model: Decoder, cfg: ModelConfig, path: str | os.PathLike
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"Tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                      f"embedding ({cfg.vocab_size})")
-  tensors = {}
-  for spec in tensor_specs(cfg):
-    value = spec.to_hf(fetch(variable_at(model, spec.path)[...]))
-    tensors[spec.hf_name] = np.ascontiguousarray(value.astype(cfg.param_dtype))
-  if jax.process_index() != 0:
-    return
-  path.mkdir(parents=True, exist_ok=True)
-  shards: list[dict[str, np.ndarray]] = [{}]
+  # Shards planned from the shapes, then filled one at a time: a host holds one shard (at most
+  # max_shard_bytes) and the tensor being gathered, never the whole model (140 GB for a 70B in bf16).
+  itemsize = np.dtype(cfg.param_dtype).itemsize
+  shards: list[list[TensorSpec]] = [[]]
   size = 0
-  for name, value in tensors.items():
-    if shards[-1] and size + value.nbytes > max_shard_bytes:
-      shards.append({})
+  for spec in tensor_specs(cfg):
+    nbytes = int(np.prod(spec.hf_shape)) * itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
       size = 0
-    shards[-1][name] = value
-    size += value.nbytes
+    shards[-1].append(spec)
+    size += nbytes
+  writer = jax.process_index() == 0
+  if writer:
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+      stale.unlink(missing_ok=True)
   metadata = {"format": "pt"}
-  for stale in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
-    stale.unlink(missing_ok=True)
-  if len(shards) == 1:
-    _write_atomic(path / SINGLE_FILE, lambda p: save_file(shards[0], str(p), metadata=metadata))
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      _write_atomic(path / fname, lambda p, s=shard: save_file(s, str(p), metadata=metadata))
-      weight_map.update({name: fname for name in shard})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
-             "weight_map": weight_map}
+  names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                    for i in range(len(shards))]
+  weight_map, total = {}, 0
+  for fname, specs in zip(names, shards):
+    tensors = {}
+    for spec in specs:  # every process gathers (a collective); only process 0 keeps and writes
+      value = spec.to_hf(fetch(variable_at(model, spec.path)[...]))
+      if writer:
+        tensors[spec.hf_name] = np.ascontiguousarray(value.astype(cfg.param_dtype))
+      del value
+    if writer:
+      _write_atomic(path / fname, lambda p, t=tensors: save_file(t, str(p), metadata=metadata))
+      weight_map.update({name: fname for name in tensors})
+      total += sum(v.nbytes for v in tensors.values())
+    del tensors
+  if not writer:
+    return
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _write_atomic(path / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
   if tokenizer is not None:
     tokenizer.save(path)
