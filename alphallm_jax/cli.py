@@ -84,6 +84,17 @@ def main(argv: list[str] | None = None) -> None:
         if not any(a.startswith(("--verbosity", "-v")) for a in rest):
             absl_logging.set_verbosity(absl_logging.WARNING)
         config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        from alphallm_jax.utils.io import url_paths
+
+        workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+        directories = [f"--{f}={flags.FLAGS[f].value}" for f in ("checkpoint", "src", "dst")
+                       if f in flags.FLAGS and "://" in str(flags.FLAGS[f].value or "")]
+        if urls := url_paths(workdir, config) + directories:
+            print(f"alphallm {name}: {', '.join(urls)}: checkpoints and run directories are read and written "
+                  f"through the filesystem (orbax, safetensors, SentencePiece); mount the bucket (gcsfuse: "
+                  f"`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET` on every host) and pass the mounted path. "
+                  f"Data files (JSONL splits, prompts files) may be gs:// URLs.", file=sys.stderr)
+            sys.exit(2)
         if config is not None:  # a typo inside the config file itself
             from alphallm_jax.config import unknown_config_keys
 

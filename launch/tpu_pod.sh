@@ -5,8 +5,8 @@
 #   launch/tpu_pod.sh --tpu=NAME --zone=ZONE [--project=P] [--repo=DIR] [--setup] -- ALPHALLM_ARGS...
 #
 # e.g. launch/tpu_pod.sh --tpu=alphallm-v5p-64 --zone=us-east5-a -- \
-#        train-policy --config=configs/llama2_70b_gsm8k.py:v5p-64 --config.model.checkpoint=gs://B/llama2-70b \
-#        --config.policy_train.trees_dir=gs://B/runs/70b/iter_1/search/trees --workdir=gs://B/runs/70b_sft \
+#        train-policy --config=configs/llama2_70b_gsm8k.py:v5p-64 --config.model.checkpoint=/mnt/B/llama2-70b \
+#        --config.policy_train.trees_dir=/mnt/B/runs/70b/iter_1/search/trees --workdir=/mnt/B/runs/70b_sft \
 #        --train.method=sft
 #
 # Every stage spans the pod's hosts on the config's mesh (a multi-host preset's, e.g. `:v5p-64`): training
@@ -18,8 +18,11 @@
 # environment and installs the project there (`pip install -e .`); the checkout itself must already be
 # on every worker (e.g. `gcloud compute tpus tpu-vm scp --recurse --worker=all`). Every worker sets
 # ALPHALLM_DISTRIBUTED=auto, so `alphallm` calls jax.distributed.initialize() with no arguments (TPU
-# pods are detected). The workdir must be shared by all workers (a gs:// bucket): process 0 merges
-# what the others write there. gcloud streams every worker's output back to this terminal.
+# pods are detected). The workdir must be shared by all workers, at the same path on each: a bucket
+# mounted with gcsfuse (`gcsfuse --implicit-dirs B /mnt/B` on every worker; checkpoints and workdirs are
+# filesystem paths, as orbax, safetensors and SentencePiece write them, and `alphallm` refuses a gs:// URL
+# there; data files may be URLs). Process 0 merges what the others write there.
+# gcloud streams every worker's output back to this terminal.
 set -euo pipefail
 
 tpu="" zone="" project="" repo='~/alphallm_jax' setup=0

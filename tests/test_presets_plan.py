@@ -250,6 +250,21 @@ def test_config_override_typo_names_the_override_and_the_valid_keys(command, arg
         assert text in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("args, named", [
+    (["loop", "--config=configs/demo_arith.py:quick", "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run"),
+    (["eval", "--config=configs/gsm8k_eval.py", "--workdir=unused", "--config.model.checkpoint=gs://b/llama"],
+     "model.checkpoint=gs://b/llama"),
+    (["sweep", "--config=configs/demo_arith.py", "--workdir=unused", "--config.sweep.checkpoints=('base=gs://b/p',)"],
+     "sweep.checkpoints=base=gs://b/p"),
+])
+def test_a_bucket_url_for_a_checkpoint_or_workdir_is_refused_with_the_mount_advice(args, named):
+    # orbax, safetensors and SentencePiece write through the filesystem: a gs:// workdir became ./gs:/...
+    proc = subprocess.run([sys.executable, "-m", "alphallm_jax.cli", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert named in proc.stderr and "gcsfuse" in proc.stderr, proc.stderr
+
+
 def test_config_file_typo_is_named_with_the_valid_keys(tmp_path):
     path = tmp_path / "typo.py"
     path.write_text("from alphallm_jax.config import default_config\n\n\ndef get_config():\n"

@@ -262,6 +262,9 @@ class Trainer:
         self.eval_loss_fn = eval_loss_fn or loss_fn
         self.cfg = train_cfg
         self.rules = rules = rules if rules is not None else ShardingRules()
+        if "://" in os.fspath(workdir):  # abspath would make gs://b/x a local ./gs:/b/x
+            raise ValueError(f"trainer workdir {os.fspath(workdir)}: orbax checkpoints go through the filesystem "
+                             f"here; mount the bucket (gcsfuse) and pass the mounted path")
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.collate_fn = collate_fn
         self.length_fn = length_fn

@@ -60,6 +60,27 @@ def is_local(path: PathLike) -> bool:
     return "://" not in os.fspath(path)
 
 
+# Config keys naming checkpoints and run directories: orbax, safetensors and SentencePiece read and write
+# these through local filesystem paths, so a bucket is mounted (gcsfuse) rather than named by URL.
+FILESYSTEM_PATH_KEYS = ("model.checkpoint", "critics.checkpoint", "critics.model.checkpoint",
+                        "rollout_policy.checkpoint", "search.critics", "sweep.loop_workdir", "sweep.checkpoints")
+
+
+def url_paths(workdir: str | None, cfg=None) -> list[str]:
+    """`what=value` for the workdir and each `FILESYSTEM_PATH_KEYS` entry of `cfg` given as a URL
+    (`gs://bucket/x`): a run would write checkpoints under a local directory named `gs:` instead."""
+    found = [f"--workdir={workdir}"] if workdir and not is_local(workdir) else []
+    for key in FILESYSTEM_PATH_KEYS if cfg is not None else ():
+        section, _, leaf = key.rpartition(".")
+        node = cfg
+        for part in section.split("."):
+            node = node.get(part) if node is not None and hasattr(node, "get") else None
+        value = node.get(leaf) if node is not None and hasattr(node, "get") else None
+        values = [value] if isinstance(value, str) else list(value or ())
+        found += [f"{key}={v}" for v in values if isinstance(v, str) and not is_local(v.partition("=")[2] or v)]
+    return found
+
+
 def _fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
