@@ -237,6 +237,39 @@ def test_resume_with_best_checkpoints_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in dev_rows] == list(range(5, STEPS + 1, 5))
 
 
+def test_a_checkpoint_is_saved_only_after_the_best_checkpoint_it_names_is_final(tmp_path, monkeypatch):
+    # Evaluation and checkpoint at the same steps: the best save (asynchronous) and the resumable one both
+    # start at step 5, and the resumable one records best_step = 5. Were it final first, a kill before
+    # the best one lands would leave a resume whose best parameters never exist.
+    events = []
+
+    class Recording:
+        def __init__(self, name, inner):
+            self.name, self.inner = name, inner
+
+        def save(self, step, *args, **kwargs):
+            events.append((self.name, "save", step))
+            return self.inner.save(step, *args, **kwargs)
+
+        def wait_until_finished(self):
+            events.append((self.name, "wait", None))
+            return self.inner.wait_until_finished()
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+    real = Trainer._managers
+    monkeypatch.setattr(Trainer, "_managers", lambda self, **kw: tuple(
+        Recording(n, m) for n, m in zip(("ckpt", "best"), real(self, **kw))))
+    cfg = dataclasses.replace(CFG, checkpoint_every=5, max_steps=10)
+    Trainer(create_model(MODEL_CFG, seed=0), poisonable_sft_loss, cfg, workdir=tmp_path / "run").fit(TRAIN, TRAIN[:4])
+    saves = [i for i, e in enumerate(events) if e[:2] == ("ckpt", "save")]
+    assert [events[i][2] for i in saves] == [5, 10]
+    for i in saves:
+        best_saves = [j for j, e in enumerate(events[:i]) if e[:2] == ("best", "save")]
+        assert best_saves and ("best", "wait", None) in events[best_saves[-1]:i], events
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_over_cleanly(tmp_path):
     # Killed at step 7: its dev evaluation at step 5 saved best parameters and metric rows, but no
     # checkpoint (every 8 steps) exists. The rerun starts fresh and writes those steps again: it used to

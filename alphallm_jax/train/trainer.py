@@ -418,6 +418,10 @@ class Trainer:
         meta = {"step": self.step, "data": it.state.to_dict(), "data_fingerprint": it.fingerprint(),
                 "early_stopping": dataclasses.asdict(early), "train_config": self.cfg.to_dict(),
                 "epoch_order": None if order is None else order.tolist()}
+        # This checkpoint names `early.best_step`: that best checkpoint (saved asynchronously, perhaps at
+        # this very step) must be final first, or a kill between the two leaves a resume whose best
+        # parameters are missing for good.
+        best_manager.wait_until_finished()
         manager.save(self.step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self._state_tree()), meta=ocp.args.JsonSave(meta)),
             force=True)
