@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 from alphallm_jax.models.sharding import ShardingRules, batch_shards, logical_to_spec
 from alphallm_jax.train.batching import Batch, BatchIterator, padded_length
 from alphallm_jax.train.losses import WEIGHT_KEY, LossFn, Metrics, sequence_log_probs
-from alphallm_jax.utils.distributed import fetch
+from alphallm_jax.utils.distributed import broadcast_int, coordinator_array, fetch
 from alphallm_jax.utils.io import read_jsonl_tolerant_tail, write_jsonl_atomic
 from alphallm_jax.utils.shapes import round_up
 
@@ -274,10 +274,15 @@ def with_reference(model, examples: Sequence[PreferenceExample], *, batch_size: 
     if cache_path is not None:
         rows, _ = read_jsonl_tolerant_tail(cache_path)
         cached = {r["pair_id"]: r for r in rows}
-        if all(pid in cached and cached[pid]["tokens"] == fp for pid, fp in wanted.items()):
-            return [dataclasses.replace(e, ref_chosen_logp=float(cached[e.pair_id]["ref_chosen_logp"]),
-                                        ref_rejected_logp=float(cached[e.pair_id]["ref_rejected_logp"]))
-                    for e in examples]
+        hit = all(pid in cached and cached[pid]["tokens"] == fp for pid, fp in wanted.items())
+        # Process 0's reading decides, and its values are used, on every process: computing the values is a
+        # collective over the mesh, which processes seeing the shared file differently must not split on.
+        if broadcast_int(hit):
+            values = np.asarray([[cached[e.pair_id]["ref_chosen_logp"], cached[e.pair_id]["ref_rejected_logp"]]
+                                 if hit else [0.0, 0.0] for e in examples], np.float64).reshape(-1, 2)
+            values = coordinator_array(values)
+            return [dataclasses.replace(e, ref_chosen_logp=float(c), ref_rejected_logp=float(r))
+                    for e, (c, r) in zip(examples, values)]
     collate = make_collate(max_seq_len=max_seq_len, pad_to_multiple=pad_to_multiple, pad_id=pad_id)
     chosen_n, rejected_n = compute_pair_log_probs(
         model, examples, batch_size=batch_size, collate_fn=collate, mesh=mesh, rules=rules,
