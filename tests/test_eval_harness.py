@@ -161,6 +161,15 @@ def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
     more = {**identity, "eval": {**identity["eval"], "methods": ["greedy", "maj@2"], "limit": 3}}
     evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=more)
     assert sampler.calls[-1][0] == ["q2"] and len(sampler.calls) == calls + 1
+    # The KV pool a preset sizes for its mesh may change with the mesh (a loop resumed on more hosts).
+    identity["search"] = more["search"] = {"pool_slots": 8192, "max_batch": 128}
+    (tmp_path / "eval" / "run.json").write_text(json.dumps(more))
+    resized = {**more, "search": {"pool_slots": 1808, "max_batch": 128}}
+    evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=resized)
+    assert len(sampler.calls) == calls + 1
+    with pytest.raises(ValueError, match="differs in search.max_batch"):
+        evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3,
+                         identity={**more, "search": {"pool_slots": 8192, "max_batch": 64}})
     calls = len(sampler.calls)
     for changed, key in (({**identity, "policy": "bbb"}, "policy: 'aaa' -> 'bbb'"),
                          ({**identity, "eval": {**identity["eval"], "temperature": 1.0}}, "eval.temperature")):

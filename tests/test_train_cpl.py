@@ -164,6 +164,7 @@ def section(**overrides):
     pt.sft.update(epochs=2, early_stopping_patience=0)
     pt.dpo.update(epochs=2)
     pt.logp_batch_size = 4
+    pt.tau = 1.0  # the hand-built trees (tests/test_train_pairs.py) span Q -1 to 2.5, on the paper's margin
     pt.update(overrides)
     return pt
 
@@ -236,6 +237,10 @@ def test_run_policy_training_command(tmp_path):
     # A key only SFT reads is no part of a DPO run's identity; one DPO reads is.
     cfg.policy_train.sft.learning_rate, cfg.policy_train.orm_threshold = 0.5, 0.9
     assert policy_training.run_policy_training(cfg, tmp_path / "moved", "dpo")["skipped"]
+    # What a preset sizes for its mesh may change with the mesh (a run resumed on other hosts).
+    cfg.policy_train.dpo.grad_accum_steps, cfg.policy_train.dpo.remat = 2, True
+    assert policy_training.run_policy_training(cfg, tmp_path / "moved", "dpo")["skipped"]
+    cfg.policy_train.dpo.grad_accum_steps, cfg.policy_train.dpo.remat = 1, False
     cfg.policy_train.beta = 0.3
     with pytest.raises(ValueError, match="beta"):
         policy_training.run_policy_training(cfg, tmp_path / "moved", "dpo")

@@ -133,8 +133,10 @@ def _part_path(out_root, spec: str, mesh=None):
 
 
 # Settings a resumed evaluation may change: which methods run and how many problems (a problem's result
-# depends on its own seed only).
-RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit")
+# depends on its own seed only), and the KV pool a paper preset sizes for its mesh (a run resumed on
+# another mesh, which the loop allows, gets another pool; it changes which states are cached, not what
+# is sampled).
+RESUMABLE_EVAL_KEYS = ("eval.methods", "eval.limit", "search.pool_slots")
 # Recorded since few-shot exemplars follow the run's seed and arith generator: a few-shot folder written
 # before has no record of the exemplars its prompts held, so it is refused, not resumed.
 REQUIRED_EVAL_KEYS = ("prompt.exemplars",)

@@ -30,6 +30,7 @@ import jax
 
 from alphallm_jax.models.hf_io import save_hf_checkpoint
 from alphallm_jax.models.tokenizer import Tokenizer
+from alphallm_jax.paper_presets import SIZED_KEYS
 from alphallm_jax.train.batching import SFTExample, drop_overlong_splits
 from alphallm_jax.train.cpl import ORDERINGS, EpochOrder, select_pairs
 from alphallm_jax.train.dpo import PreferenceExample, make_collate, make_dpo_loss, preference_length, with_reference
@@ -291,7 +292,10 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
                               "trees": trees_fingerprint[0] if len(trees_fingerprint) == 1 else trees_fingerprint,
                               "policy_train": {k: v for k, v in pt.to_dict().items()
                                                if k != "trees_dir" and k not in OTHER_METHOD_KEYS[method]},
-                              "dtype": cfg.model.dtype})
+                              "dtype": cfg.model.dtype},
+                       # what a paper preset sizes for its mesh (accumulation, remat), which a run resumed on
+                       # another mesh may change: the same updates, split or recomputed otherwise
+                       resumable=tuple(k for k in SIZED_KEYS if k.startswith("policy_train.")))
     record_path = root / "train_policy.json"
     if broadcast_int(record_path.exists() and ((root / "policy" / DONE).exists()
                                                or bool(json.loads(record_path.read_text()).get("untrained")))):
