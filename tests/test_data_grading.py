@@ -127,6 +127,15 @@ def test_gsm8k_train_and_math_test5000_references_grade_correct():
         # ... and the first answer still beats a run-on invented follow-up question.
         ("#### 3\n\nQuestion: Ann has 5 hens.\nAnswer:\n#### 5", "3"),
         ("#### Step 1\n#### 3\n\nQuestion: Ann has 5 hens.\nAnswer:\n#### 5", "3"),
+        # Numbered headings are headings too.
+        ("#### 1. Eggs per day\n16 - 3 - 4 = 9\n#### 2) Money\n9 * 2 = 18\n#### 18", "18"),
+        # "The answer is" read as its one number (bold, brackets, a reason after it); a phrase with no or
+        # several numbers names no answer, and the last number counts.
+        ("9 * 2 = 18\nThe answer is **18**.", "18"),
+        ("9 * 2 = 18\nThe answer is (18).", "18"),
+        ("The answer is 18, since 3*6=18.", "18"),
+        ("9 * 2 = 18\n**Final Answer:** 18", "18"),
+        ("To find the answer: we add 10 and 8 to get 18.", "18"),
     ],
 )
 def test_a_markdown_heading_does_not_take_the_hash_answer(text, answer):
@@ -392,6 +401,21 @@ def test_math_votes_count_equivalent_answers_as_one():
     assert keys == ["\\sqrt{2}/2", "\\sqrt{2}/2", None, "3", "3", "x^2", "\\sqrt{2}/2"]
     assert vote_keys(["18", "18.0", None, "$18", "-1"], "gsm8k") == ["18", "18", None, "18", "-1"]
     assert vote_keys(["-1", "-\\frac{2010012}{2010013}"], "math") == ["-1", "-2010012/2010013"]
+
+
+def test_escaped_dollars_factorials_and_matrix_rows():
+    # "\\$" inside "$...$" is a dollar sign, not the span's end (3 MATH500 references read as "\\" before).
+    text = "Final Answer: The final answer is $\\$18.90$. I hope it is correct."
+    assert is_correct(text, "\\$18.90", "math") and is_correct("So the answer is $\\$18$.", "18", "gsm8k")
+    # A MATH factorial is not a number with an exclamation mark.
+    assert not is_correct("\\boxed{6!}", "6", "math") and is_correct("\\boxed{6!}", "720", "math")
+    # A matrix's "\\\\ " row breaks survive normalisation: spacing variants vote together.
+    from alphallm_jax.data.grading import vote_keys
+
+    a = "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}"
+    b = "\\begin{pmatrix}-2\\\\-14\\\\-7\\end{pmatrix}"
+    keys = vote_keys([a, b, b, a], "math")
+    assert len(set(keys)) == 1 and "\\\\" in keys[0], keys
 
 
 def test_strict_extraction_reads_only_answers_marked_as_final():

@@ -122,8 +122,8 @@ def _clean_answer_span(span: str) -> str:
     if inner:
         return _clean_answer_span(inner.group(1))
     if s.startswith("$"):
-        # "$5$. I hope it is correct." -> "5"
-        close = s.find("$", 1)
+        # "$5$. I hope it is correct." -> "5"; "$\$18.90$" -> "\$18.90" (an escaped dollar sign is text)
+        close = next((m.start() for m in re.finditer(r"(?<!\\)\$", s) if m.start() > 0), -1)
         if close > 0:
             return s[1:close].strip()
     if s.startswith("\\(") and "\\)" in s:
@@ -152,15 +152,18 @@ def _numeric_hash_answer(span: str | None) -> str | None:
 
 _ANSWER_LEAD_RE = re.compile(r"(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:|=)?[ \t:]*", re.IGNORECASE)
 _HEADING_RE = re.compile(r"[A-Za-z]{2,}")
+_NUMBERED_HEADING_RE = re.compile(r"\d{1,2}[.)]\s+[A-Za-z]")
 
 
 def _hash_line_answer(content: str, task: str) -> str | None:
     """The answer a ``#### ...`` line holds, or None where the line is a markdown heading a model wrote
     (``#### Step 1: Eggs left``, ``#### Final Answer``) rather than the GSM8K answer marker."""
     s = content.strip()
+    bare = s.strip("*_ \t")
+    if task in NUMERIC_TASKS and _NUMBERED_HEADING_RE.match(bare):
+        return None  # "#### 1. Eggs per day", "#### 2) Cost": a numbered heading ("1. Eggs" parses as 1 egg)
     if not s or (task in NUMERIC_TASKS and parse_number(s) is not None):
         return s or None
-    bare = s.strip("*_ \t")
     lead = _ANSWER_LEAD_RE.match(bare)
     if lead:  # "Answer: 8", "The answer is 8"; a bare "Final Answer" introduces the answer below it
         rest = bare[lead.end():].strip("*_ \t")
@@ -202,6 +205,11 @@ def _extract_raw(text: str, task: str, strict: bool = False) -> str | None:
     if task in MATH_TASKS:
         order = (boxed, answer_is, hash_answer)
     else:
+        # "The answer is **18**.", "(18)", "18, since 3*6=18": the phrase's one number; a phrase that holds
+        # none or several ("To find the answer: we add 10 and 8") names no answer (the last number may).
+        answer_is = _numeric_hash_answer(answer_is)
+        if answer_is is not None and parse_number(answer_is) is None:
+            answer_is = None
         order = (_numeric_hash_answer(hash_answer), boxed, answer_is)
     for cand in order:
         if cand:
@@ -290,8 +298,8 @@ def parse_exact(s: str | None, *, units: bool = True) -> Fraction | None:
         value = a / b
         return -value if m.group("sign") else value
     m = _NUMBER_RE.match(t)
-    if not m or (m.group("unit") and not units):
-        return None
+    if not m or (m.group("unit") and not units) or (not units and t.endswith("!")):
+        return None  # units=False (MATH): "6!" is a factorial, not an exclamation
     if m.group("sign") and m.group("sign2"):
         return None
     try:
@@ -377,7 +385,8 @@ def normalize_math_answer(s: str) -> str:
     t = t.replace("\n", " ")
     t = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", t)
     t = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", t)
-    t = re.sub(r"\\(?:[,;:! ]|quad(?![A-Za-z])|qquad(?![A-Za-z]))", " ", t)
+    # spacing commands, not the second backslash of a "\\ " row break
+    t = re.sub(r"(?<!\\)\\(?:[,;:! ]|quad(?![A-Za-z])|qquad(?![A-Za-z]))", " ", t)
     t = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", t).replace("\u00b0", "")
     t = t.replace("\\$", "").replace("$", "")
     t = t.replace("\\%", "").replace("%", "")
