@@ -184,3 +184,15 @@ def test_is_named_split_tells_names_from_paths():
     assert is_named_split("arith:test_hard")
     assert not is_named_split("questions.jsonl") and not is_named_split("data/gsm8k:test")
     assert not is_named_split("math:nope")
+
+
+def test_a_split_of_another_task_family_is_refused():
+    # MATH answers graded by the numeric grader (or GSM8K's as LaTeX), with GSM8K's "\n\n" stop cutting
+    # MATH solutions, would give a wrong accuracy with no error.
+    from alphallm_jax.data.loaders import load_dataset
+
+    with pytest.raises(ValueError, match=r"the split math:math500 is math's and the task \(config key `task`\) is 'arith'"):
+        load_dataset("math:math500", task="arith")
+    with pytest.raises(ValueError, match="set task='gsm8k'"):
+        load_dataset("gsm8k:test", task="math")
+    assert len(load_dataset("arith:test", task="arith", limit=3)) == 3

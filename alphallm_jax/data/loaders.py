@@ -422,6 +422,12 @@ def load_dataset(
         return load_math(name_or_path, limit, split=split)
 
     name = _normalize_name(name_or_path, split)
+    split_task = name.split(":", 1)[0]
+    if task is not None and (split_task == "math") != (task == "math"):
+        # The grader and the prompts' stops follow the task: MATH answers graded as numbers (or GSM8K's
+        # as LaTeX) would be wrong with no error.
+        raise ValueError(f"the split {name} is {split_task}'s and the task (config key `task`) is {task!r}: "
+                         f"set task={split_task!r}, or choose a {task} split")
     if name in ARITH_SPLITS:
         from alphallm_jax.data import arith
 
