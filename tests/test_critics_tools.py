@@ -46,11 +46,14 @@ def test_intermediate_values_are_bounded():
     "He has <<{big}*3=6>>6 apples.\nThe answer is 6.",
     "He has 2*3 = {big} apples.\nThe answer is 6.",
     "So {big} + 2 = 5.\nThe answer is {big}.",
+    "He has <<1=1>>1/{big} apples.\nThe answer is 1.",  # the denominator after the written result
 ])
-def test_numbers_too_long_to_read_never_raise(template):
+@pytest.mark.parametrize("digits", [40, 5000])  # 5000: past Python's int-from-string limit (4300)
+def test_numbers_too_long_to_read_never_raise(template, digits):
     # Model text is data: a 40-digit number (beyond MAX_NUMBER_DIGITS) anywhere in a solution or its question
-    # is a check that fails or is skipped, never a CalcError out of the checks (the search scores such text).
-    big = "1" * 40
+    # is a check that fails or is skipped, never a CalcError (or ValueError) out of the checks (the search
+    # scores such text).
+    big = "1" * digits
     text = template.format(big=big)
     cfg = ToolConfig(question_numbers=True, operand_sources=True)
     for task in ("arith", "gsm8k"):

@@ -298,7 +298,7 @@ def check_annotations(text: str, rel_tol: float = 0.0) -> CheckResult:
         if after is not None:
             try:
                 written = [_number(after.group(1))]
-                if after.group(2) is not None and int(after.group(2)) != 0:  # or the fraction it begins
+                if after.group(2) is not None and _number(after.group(2)) != 0:  # or the fraction it begins
                     written.append(written[0] / _number(after.group(2)))
                 if after.group(3) is not None:  # or the percentage it writes (`<<10/50=20%>>20%`)
                     written.append(written[0] / 100)
