@@ -22,6 +22,7 @@ import jax
 
 from alphallm_jax.pipeline import reporting
 from alphallm_jax.pipeline.loop import STAGE_RECORD, read_stage_record
+from alphallm_jax.utils.distributed import check_lockstep
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
 
 # Methods whose spec takes a budget `@k` (samples, simulations or beam width); the rest run once.
@@ -125,6 +126,10 @@ def run_sweep(cfg, workdir) -> dict:
 
     specs = method_specs(list(cfg.sweep.methods), list(cfg.sweep.budgets))
     checkpoints = sweep_checkpoints(cfg)
+    if jax.process_count() > 1:
+        # Every process evaluates each checkpoint together: a loop run still writing its stages could show
+        # the processes different lists, whose evaluations would pair up wrongly or deadlock.
+        check_lockstep("sweep checkpoints", [[(c.name, c.path) for c in checkpoints]])
     root = as_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     component_root = cfg.sweep.loop_workdir or workdir  # where the critics and the fast policy live
