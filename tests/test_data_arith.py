@@ -335,3 +335,22 @@ def test_a_fewshot_base_policy_trains_on_fewshot_prompts_without_its_own_exempla
     head, response = ("".join(map(chr, ids)) for ids in (with_q.prompt_ids[1:], with_q.response_ids[:-1]))
     assert head.endswith("Question:") and head.count("Question:") == 4
     assert response.startswith(" " + kept[0].question.strip() + "\nAnswer:")
+
+
+def test_a_trained_base_policy_is_reused_only_for_the_same_settings(tmp_path):
+    # `alphallm train-base` has no run config to guard it (the loop's config.json): its folder records what
+    # the policy was trained with, and a rerun with other settings is refused rather than handed the old one.
+    from alphallm_jax.config import default_config
+    from alphallm_jax.pipeline.base_policy import policy_identity, train_base_policy
+    from alphallm_jax.utils.run_identity import check_run_identity
+
+    cfg = default_config()
+    check_run_identity(tmp_path / "base", policy_identity(cfg))
+    (tmp_path / "base" / "policy").mkdir()
+    (tmp_path / "base" / "policy" / "DONE").write_text("ok")
+    assert train_base_policy(cfg, tmp_path)["skipped"]
+    cfg.base.train.progress_bar, cfg.base.train.checkpoint_every = False, 7  # bookkeeping: the same policy
+    assert train_base_policy(cfg, tmp_path)["skipped"]
+    cfg.base.train.learning_rate = 1e-2
+    with pytest.raises(ValueError, match="holds results of another run, which differs in train.learning_rate"):
+        train_base_policy(cfg, tmp_path)

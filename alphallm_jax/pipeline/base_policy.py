@@ -10,6 +10,7 @@ It is deliberately small and briefly trained, so that search and self-training h
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.trainer import TrainConfig, Trainer
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import as_path, atomic_write_json
+from alphallm_jax.utils.run_identity import check_run_identity
 
 log = logging.getLogger(__name__)
 DONE = "DONE"
@@ -79,6 +81,25 @@ def model_config_from(cfg, tokenizer: Tokenizer, model_section=None) -> ModelCon
         eos_token_ids=(SPECIAL_IDS["eos_id"],), pad_token_id=SPECIAL_IDS["pad_id"])
 
 
+# Train settings that leave the trained weights as they are (bookkeeping, or how a step is computed).
+_BOOKKEEPING_KEYS = ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every", "progress_bar",
+                     "compiler_options", "grad_accum_steps", "remat", "eval_batch_size")
+
+
+def policy_identity(cfg, model_section=None, train_section=None, tokenizer_path=None) -> dict:
+    """What a trained demo policy depends on: the task, seed, data and base settings, its model and train
+    sections (less bookkeeping), and the tokenizer it was handed (the fast-rollout policy's is the base's)."""
+    train = (cfg.base.train if train_section is None else train_section).to_dict()
+    identity = {"task": cfg.task, "seed": cfg.seed,
+                "data": {k: v for k, v in cfg.data.to_dict().items() if k != "data_dir"},
+                "base": {k: v for k, v in cfg.base.to_dict().items() if k not in ("model", "train", "eval_methods")},
+                "model": (cfg.base.model if model_section is None else model_section).to_dict(),
+                "train": {k: v for k, v in train.items() if k not in _BOOKKEEPING_KEYS}}
+    if tokenizer_path and as_path(tokenizer_path).exists():
+        identity["tokenizer"] = hashlib.sha256(as_path(tokenizer_path).read_bytes()).hexdigest()
+    return identity
+
+
 def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_section=None, train_section=None,
                       tokenizer_path=None) -> dict:
     """Train (or resume) the demo's base policy under `workdir/subdir`; returns its record.
@@ -88,6 +109,9 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
     """
     base_dir = as_path(workdir) / subdir
     policy_dir = base_dir / "policy"
+    # A rerun skips (or resumes) only a policy trained with these settings: `alphallm train-base` has no
+    # run config of its own to guard it, as the loop's config.json does.
+    check_run_identity(base_dir, policy_identity(cfg, model_section, train_section, tokenizer_path))
     # Every process takes process 0's view of the shared workdir (training is one SPMD program).
     if broadcast_int((policy_dir / DONE).exists()):
         return {"policy": str(policy_dir), "skipped": True}
