@@ -183,8 +183,12 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+  """`write` to a temporary name, then renamed: flushed to disk first, so that a completion marker written
+  after it never survives a crash (power loss, not only kill -9) that the file does not."""
   tmp = path.with_name(path.name + ".tmp")
   write(tmp)
+  with open(tmp, "rb") as f:
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 

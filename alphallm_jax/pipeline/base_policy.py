@@ -26,7 +26,7 @@ from alphallm_jax.train.batching import SFTExample, drop_overlong_splits
 from alphallm_jax.train.losses import make_sft_loss
 from alphallm_jax.train.trainer import TrainConfig, Trainer
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
-from alphallm_jax.utils.io import as_path, atomic_write_json
+from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text
 from alphallm_jax.utils.run_identity import check_run_identity
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def train_base_policy(cfg, workdir, *, mesh=None, subdir: str = "base", model_se
     }
     if is_coordinator():
         atomic_write_json(base_dir / "base_policy.json", record)
-        (policy_dir / DONE).write_text("ok\n")
+        atomic_write_text(policy_dir / DONE, "ok\n")
     barrier(f"{subdir}-policy-saved")
     return record
 

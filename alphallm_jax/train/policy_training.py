@@ -50,6 +50,7 @@ from alphallm_jax.utils.io import (
     PathLike,
     as_path,
     atomic_write_json,
+    atomic_write_text,
     files_fingerprint,
     read_jsonl_tolerant_tail,
     rebase_paths,
@@ -139,7 +140,7 @@ def _epoch_snapshots(model_cfg, tokenizer: Tokenizer, run_dir, steps_per_epoch: 
             return
         save_hf_checkpoint(trainer.current_model(), model_cfg, path, tokenizer=tokenizer)
         if is_coordinator():
-            (path / DONE).write_text("ok\n")
+            atomic_write_text(path / DONE, "ok\n")
         barrier(f"epoch-policy:{path}")
 
     return callback
@@ -334,6 +335,6 @@ def run_policy_training(cfg, workdir: PathLike, method: str | None = None, *,
     if is_coordinator():
         atomic_write_json(record_path, {**record, "workdir": str(root)})  # moved workdirs: see rebase_paths
         if not record.get("untrained"):
-            (root / "policy" / DONE).write_text("ok\n")
+            atomic_write_text(root / "policy" / DONE, "ok\n")
     barrier(f"train-policy:{root}")
     return record
