@@ -160,7 +160,11 @@ def test_a_workdir_of_another_evaluation_is_refused_not_resumed(tmp_path):
     calls = len(sampler.calls)
     more = {**identity, "eval": {**identity["eval"], "methods": ["greedy", "maj@2"], "limit": 3}}
     evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path, batch_size=3, identity=more)
-    assert sampler.calls[-1][0] == ["q2"] and len(sampler.calls) == calls + 1
+    # The batch q2 joins was started (q0, q1): it runs again whole, as an uninterrupted run batches it, and
+    # only q2's row is written.
+    assert sampler.calls[-1][0] == ["q0", "q1", "q2"] and len(sampler.calls) == calls + 1
+    written = (tmp_path / "eval/greedy").glob("predictions.part*.jsonl")
+    assert sorted(json.loads(x)["id"] for f in written for x in f.read_text().splitlines()) == ["t-0", "t-1", "t-2"]
     # The KV pool a preset sizes for its mesh may change with the mesh (a loop resumed on more hosts).
     identity["search"] = more["search"] = {"pool_slots": 8192, "max_batch": 128}
     (tmp_path / "eval" / "run.json").write_text(json.dumps(more))
@@ -273,7 +277,8 @@ def test_only_mcts_with_rollouts_and_the_fast_policy_enabled_rolls_out_with_it()
 
 def test_seeded_results_are_reused_not_recomputed(tmp_path):
     """Rows of an earlier run of the same method (here on a superset of the problems) stand as this
-    process's finished share: only the problems they lack are generated, and the summary counts both."""
+    process's finished share: only the rows they lack are written (a batch they fill is not run; one they
+    start runs again whole), and the summary counts both."""
     sampler = ScriptedSampler({"q0": ["#### 12"], "q1": ["#### 7"], "q2": ["#### 30"]})
     full = evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path / "full", batch_size=3)
     rows = [json.loads(line) for line in (tmp_path / "full/eval/greedy/predictions.jsonl").read_text().splitlines()]
@@ -284,7 +289,7 @@ def test_seeded_results_are_reused_not_recomputed(tmp_path):
     assert len(sampler.calls) == calls and sub["greedy"]["n"] == 2 and sub["greedy"]["correct"] == 2
     seed_results(PROBLEMS, "greedy", rows[:1], tmp_path / "more")
     more = evaluate_methods(PROBLEMS, _ctx(sampler), ["greedy"], tmp_path / "more", batch_size=3)
-    assert sampler.calls[-1][0] == ["q1", "q2"] and more == full
+    assert sampler.calls[-1][0] == ["q0", "q1", "q2"] and more == full  # the started batch, whole
 
 
 def test_wilson_interval():
@@ -424,7 +429,7 @@ def test_an_evaluation_with_other_prompts_or_problems_is_refused_and_the_same_co
     evaluate(cfg, PROBLEMS[:2])
     cfg.data.data_dir = str(tmp_path / "elsewhere")  # the same files found elsewhere: still this evaluation
     evaluate(cfg, PROBLEMS)
-    assert sampler.calls[-1][0] == ["q2"]
+    assert sampler.calls[-1][0] == ["q0", "q1", "q2"]  # the started batch again, whole
     calls = len(sampler.calls)
     for key, value in (("arith.max_steps", 3), ("num_exemplars", 2), ("exemplar_seed", 1)):
         changed = _fewshot_arith_config()

@@ -227,14 +227,20 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
             done = {p.id for p, f in zip(mine, coordinator_flags([p.id in done for p in mine], mesh)) if f}
         else:
             _check_same_problems(part, done_rows, mine)
-        todo = [p for p in mine if p.id not in done]
-        with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{tag} {spec}", unit="problem") as bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                rows = [_grade(p, out, spec, ctx.task) for p, out in zip(batch, method.run(batch, ctx))]
+        # Fixed batches of this process's problems, a started one run again whole (only its missing rows
+        # written): a batch's floats depend on its shapes, so only the same batch gives a resumed run (after
+        # a torn write, or with a larger eval.limit) the rows an uninterrupted run writes.
+        batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        left = sum(p.id not in done for p in mine)
+        with tqdm(total=len(mine), initial=len(mine) - left, desc=f"{tag} {spec}", unit="problem") as bar:
+            for batch in batches:
+                if all(p.id in done for p in batch):
+                    continue
+                rows = [_grade(p, out, spec, ctx.task) for p, out in zip(batch, method.run(batch, ctx))
+                        if p.id not in done]
                 if writes_results(mesh):
                     append_jsonl(part, rows, many=True)
-                bar.update(len(batch))
+                bar.update(len(rows))
     barrier(f"{tag}:parts-written")
     summary = merge_results(problems, methods, out_root) if is_coordinator() else {}
     barrier(f"{tag}:merged")
