@@ -111,6 +111,32 @@ def test_mc_labels_on_a_hand_built_tree():
     assert len(critic_examples(rows, blank_ids=blank, max_seq_len=4)) == 1  # 5-token rows are dropped
 
 
+def test_the_last_step_allowed_runs_to_the_end_as_the_search_rolls_out_its_deepest_node():
+    # max_steps 2: the second step is sampled to the end of the solution ("b", "#### 1" in one sample), as the
+    # search rolls out a node at its maximum depth; cut after "b" and graded unfinished, the trajectory's
+    # outcome (wrong) would have gone into labels whose rollouts all run to the end (right).
+    script = {
+        ((1, 5), "step"): [[10]],
+        ((1, 5, 10), "rollout"): [[11, 20, EOS], [11, 20, EOS]],
+        ((1, 5, 10), "rollout_last"): [[11, 20, EOS]],
+    }
+
+    class LastStepSampler(ScriptedTreeSampler):
+        def sample(self, requests, *, keep_states=True):
+            for r in requests:  # a step request with the end stops only: the last step
+                if "\n" not in r.stop and r.state.tokens == (1, 5, 10) and keep_states:
+                    self.script[(r.state.tokens, "rollout")].insert(0, self.script.pop((r.state.tokens, "rollout_last"))[0])
+            return super().sample(requests, keep_states=keep_states)
+
+    sampler = LastStepSampler(script)
+    problem = Problem(id="p0", question="q", answer="1", solution=None, task="arith")
+    cfg = RolloutConfig(num_solutions=1, num_rollouts=3, max_new_tokens=32, max_step_tokens=8, max_steps=2)
+    rows, _ = rollout_chunk(sampler, [problem], ["q"], cfg, task="arith", eos_ids={EOS}, seed=0)
+    (traj,) = [r for r in rows if r["kind"] == "trajectory"]
+    assert traj["step_ids"] == [[10], [11, 20]] and traj["complete"] and traj["correct"]
+    assert traj["state_hits"] == traj["state_counts"] == [1, 3, 1]
+
+
 def test_samples_end_where_the_search_would_end_them():
     """As the search's options do (`search.options.option_end`): a step cut by the token cap is an
     ordinary step; a blank step, an invented next question or the final answer's line end the

@@ -173,9 +173,14 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
         active = [t for t in trajs if not t.done]
         if not active:
             break
-        requests = [SampleRequest(state=t.state, max_new_tokens=min(cfg.max_step_tokens, cfg.max_new_tokens - t.generated),
-                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=step_stops,
-                                  seed=_seed(seed, chunk_index, n, level, 0))
+        # The last step allowed runs to the end of the solution, as the search rolls out a node at its
+        # maximum depth: cut there and graded unfinished, a trajectory's outcome (pooled into its states'
+        # labels) would follow another policy than its states' rollouts, which run to the end.
+        last = level == cfg.max_steps - 1
+        requests = [SampleRequest(state=t.state, max_new_tokens=(cfg.max_new_tokens - t.generated if last else
+                                                                 min(cfg.max_step_tokens, cfg.max_new_tokens - t.generated)),
+                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                  stop=end_stops if last else step_stops, seed=_seed(seed, chunk_index, n, level, 0))
                     for n, t in enumerate(active)]
         for t, c in zip(active, sampler.sample(requests, keep_states=True)):
             ids, text, logprobs, ends = ending(t.text, t.state.tokens, c)
