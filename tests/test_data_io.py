@@ -59,6 +59,7 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     err = ei.value
     assert err.line == 4 and err.path == str(p)
     assert f"{p}:4:" in str(err)
+    assert "at column 7" in str(err)  # the row's own end, not column 1 of the line after its newline
     assert isinstance(err, ValueError)
 
 

@@ -149,7 +149,7 @@ def write_jsonl_atomic(path: PathLike, rows: Iterable[Any]) -> epath.Path:
 
 def _parse_line(path: PathLike, line_no: int, line: str) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line.rstrip("\r\n"))  # a truncated row's column is its end, not line 2's column 1
     except json.JSONDecodeError as e:
         raise DataFormatError(path, line_no, f"malformed JSON ({e.msg} at column {e.colno})") from None
 
