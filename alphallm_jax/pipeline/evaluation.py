@@ -30,6 +30,7 @@ from alphallm_jax.utils.distributed import (
     coordinator_flags,
     is_coordinator,
     spans_processes,
+    sum_over_processes,
     this_process_share,
     writes_results,
 )
@@ -226,7 +227,16 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
                 raise refusal or ValueError(f"{part}: process 0 refused to resume these results (see its log)")
             done = {p.id for p, f in zip(mine, coordinator_flags([p.id in done for p in mine], mesh)) if f}
         else:
-            _check_same_problems(part, done_rows, mine)
+            # Each process checks its own share; a refusal anywhere stops every process here, rather than
+            # leaving the others waiting at the next barrier.
+            refusal = None
+            try:
+                _check_same_problems(part, done_rows, mine)
+            except ValueError as e:
+                refusal = e
+            if sum_over_processes({"refused": int(refusal is not None)})["refused"]:
+                raise refusal or ValueError(f"{part.parent}: another process refused to resume its results "
+                                            f"(see its log)")
         # Fixed batches of this process's problems, a started one run again whole (only its missing rows
         # written): a batch's floats depend on its shapes, so only the same batch gives a resumed run (after
         # a torn write, or with a larger eval.limit) the rows an uninterrupted run writes.
@@ -242,7 +252,14 @@ def evaluate_methods(problems: list[Problem], ctx: EvalContext, methods, workdir
                     append_jsonl(part, rows, many=True)
                 bar.update(len(rows))
     barrier(f"{tag}:parts-written")
-    summary = merge_results(problems, methods, out_root) if is_coordinator() else {}
+    summary, failure = {}, None
+    if is_coordinator():
+        try:
+            summary = merge_results(problems, methods, out_root)
+        except (ValueError, OSError) as e:  # every process stops with it, none waits at the barrier
+            failure = e
+    if broadcast_int(failure is not None):
+        raise failure or RuntimeError(f"{out_root}: process 0 could not merge the results (see its log)")
     barrier(f"{tag}:merged")
     if not is_coordinator():  # the workdir is shared (a local disk or a bucket): every process reads the merge
         summary = read_json(out_root / "summary.json")["methods"]
