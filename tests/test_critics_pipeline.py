@@ -157,3 +157,31 @@ def test_a_critic_with_fewer_positions_than_its_data_is_refused_before_training(
                                          r"raise critics.model.max_position_embeddings"):
         train_critic(cfg, tmp_path / "run", rows, rows, policy, tokenizer)
     assert not (tmp_path / "run" / "critics" / "train").exists()  # nothing trained
+
+
+def test_train_critics_reuses_its_results_only_for_the_same_policy_and_settings(tmp_path):
+    # `alphallm train-critics` has no run config to guard it (the loop's config.json): the critics folder
+    # records the policy's files and the settings its data, critic and combiner depend on.
+    from alphallm_jax.config import default_config
+    from alphallm_jax.critics.pipeline import critics_identity
+    from alphallm_jax.utils.run_identity import check_run_identity
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"weights")
+    cfg = default_config()
+    root = tmp_path / "critics"
+    check_run_identity(root, critics_identity(cfg, policy))
+    (root / "critic").mkdir()
+    (root / "critic" / "DONE").write_text("ok")
+    # Reporting, a cache size and train bookkeeping: the same critic.
+    cfg.critics.eval_limit, cfg.critics.data.pool_slots, cfg.critics.train.progress_bar = 7, 99, False
+    cfg.critics.calibration.bootstrap = 10
+    check_run_identity(root, critics_identity(cfg, policy))
+    cfg.critics.loss.orm_weight = 2.0
+    with pytest.raises(ValueError, match="differs in critics.loss.orm_weight"):
+        check_run_identity(root, critics_identity(cfg, policy))
+    cfg.critics.loss.orm_weight = 1.0
+    (policy / "model.safetensors").write_bytes(b"retrained")
+    with pytest.raises(ValueError, match="differs in policy"):
+        check_run_identity(root, critics_identity(cfg, policy))

@@ -254,8 +254,6 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
                        desc: str = "critic data") -> list[dict]:
     """Builds (or resumes, or reads back) the rows for `problems` under `out_dir`; returns them."""
     out = as_path(out_dir)
-    if broadcast_int((out / DONE).exists()):
-        return read_jsonl(out / "rows.jsonl")
     if not problems:
         raise ValueError(f"{desc}: no problems to roll out")
     prompts = [prompt_for(p) for p in problems]
@@ -272,6 +270,8 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
                              "delete that directory or restore the settings to resume")
     elif is_coordinator():
         atomic_write_json(config_path, record)
+    if broadcast_int((out / DONE).exists()):  # finished, with these settings (checked above)
+        return read_jsonl(out / "rows.jsonl")
     eos_ids = set(sampler.cfg.eos_token_ids) | set(sampler.tokenizer.eos_ids if sampler.tokenizer else ())
     size = cfg.prompts_per_chunk
     num_chunks = -(-len(problems) // size)

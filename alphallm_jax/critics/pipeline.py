@@ -45,7 +45,8 @@ from alphallm_jax.models.critic import (
     save_critic,
 )
 from alphallm_jax.utils.distributed import barrier, broadcast_int, check_sampling_mesh, is_coordinator
-from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, read_json
+from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text, files_fingerprint, read_json
+from alphallm_jax.utils.run_identity import check_run_identity
 
 log = logging.getLogger(__name__)
 BACKBONE_INITS = ("policy", "rollout_policy", "checkpoint", "scratch")
@@ -243,6 +244,26 @@ def fit_combiner(cfg, workdir, scorer: CriticScorer, train_rows) -> OutcomeCombi
     return combiner if is_coordinator() else OutcomeCombiner.load(path)
 
 
+# What the critics stage may rerun with, changed: where its outputs go, how they are reported, and what a
+# preset sizes for its mesh (a cache size, how a train step is split or recomputed).
+_CRITICS_NEUTRAL_KEYS = ("policy", "checkpoint", "eval_methods", "eval_limit", "calibration", "scoring")
+_TRAIN_NEUTRAL_KEYS = ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every", "progress_bar",
+                       "compiler_options", "grad_accum_steps", "remat", "eval_batch_size")
+
+
+def critics_identity(cfg, policy_dir) -> dict:
+    """What the critic data, the critic and its combiner depend on: the policy's files, the task, seed,
+    prompt settings and every critics setting but bookkeeping (`_CRITICS_NEUTRAL_KEYS`, the data's KV pool,
+    the train section's bookkeeping; the policy by its files, not its path)."""
+    from alphallm_jax.pipeline.evaluation import prompt_identity
+
+    critics = {k: v for k, v in cfg.critics.to_dict().items() if k not in _CRITICS_NEUTRAL_KEYS}
+    critics["data"] = {k: v for k, v in critics["data"].items() if k != "pool_slots"}
+    critics["train"] = {k: v for k, v in critics["train"].items() if k not in _TRAIN_NEUTRAL_KEYS}
+    return {"policy": files_fingerprint(policy_dir), "task": cfg.task, "seed": cfg.seed,
+            "prompt": prompt_identity(cfg), "critics": critics}
+
+
 def run_train_critics(cfg, workdir) -> dict:
     """Every stage (see the module doc); returns a summary of what was measured."""
     from alphallm_jax.config import mesh_from_config
@@ -264,6 +285,9 @@ def run_train_critics(cfg, workdir) -> dict:
         return out
 
     policy_dir = timed("policy", resolve_policy, cfg, workdir, mesh=mesh)
+    # A rerun reuses the data, the critic and the combiner only of this policy and these settings:
+    # `alphallm train-critics` has no run config of its own to guard it, as the loop's config.json does.
+    check_run_identity(root, critics_identity(cfg, policy_dir))
     policy, tokenizer = load_policy(cfg, policy_dir, mesh=mesh)
     train_rows, dev_rows = timed("data", build_data, cfg, workdir, policy, tokenizer, mesh=mesh)
     fast = None
