@@ -284,7 +284,11 @@ def test_report_files_and_tables(tmp_path):
         "critics": {"value": {"auroc": 0.85, "ece": 0.04}, "orm": {"auroc": 0.93, "ece": 0.03}},
         "iterations": [
             {"iteration": i, "synthesized_prompts": 100, "sft_traces": 90, "sft": {"greedy": _acc(0.3 + 0.1 * i)},
-             "cpl": {"greedy": _acc(0.32 + 0.1 * i), "mcts@8": _acc(0.6)}} for i in (1, 2)],
+             "cpl": {"greedy": _acc(0.32 + 0.1 * i), "mcts@8": _acc(0.6)},
+             "pairs": {"stepwise": 7, "complete": 17}, "train_pairs": 24,
+             "synthesis": {"counts": {"generated": 330, "kept": 100, "dropped": {"ungrounded": 223, "too_long": 0,
+                                                                                "near_duplicate_d0": 7}}}}
+            for i in (1, 2)],
         "ablations": {"cpl": {"train_pairs": 40, "epochs": [{"epoch": 1, "mean": 0.5, "spread": 0.02}]}},
         "search_ablation": {"problems": 50, "rungs": [
             {"rung": "prm", "label": "+ PRM", "paper_gsm8k": 85.9, **_acc(0.42, 300), "mean_nodes": 12.5,
@@ -296,10 +300,14 @@ def test_report_files_and_tables(tmp_path):
     for name in ("report.json", "report.md", "accuracy_per_iteration.png", "accuracy_vs_tokens.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     md = markdown(report)
-    assert "| 2 | 100 | 90 | 50.0% [40.0, 60.0] | 52.0% [42.0, 62.0] | 60.0% [50.0, 70.0] |" in md
+    assert ("| 2 | 100 | 90 | stepwise 7, complete 17; 24 | 50.0% [40.0, 60.0] | 52.0% [42.0, 62.0] | "
+            "60.0% [50.0, 70.0] |") in md
+    # Imagination's counts per filter (the issue: kept and dropped prompts per filter in the report).
+    assert "| 1 | 330 | 100 | ungrounded 223, near_duplicate_d0 7 |" in md
     # A round that kept the policy it started from says so where its scores stand.
     report["iterations"][1]["untrained"] = {"sft": None, "cpl": "no pairs passed the thresholds"}
-    assert ("| 2 | 100 | 90 | 50.0% [40.0, 60.0] | 52.0% [42.0, 62.0] (untrained: no pairs passed the thresholds) | "
+    assert ("| 2 | 100 | 90 | stepwise 7, complete 17; 24 | 50.0% [40.0, 60.0] | 52.0% [42.0, 62.0] "
+            "(untrained: no pairs passed the thresholds) | "
             "60.0% [50.0, 70.0] (untrained: no pairs passed the thresholds) |") in markdown(report)
     assert "| value | 0.850 | 0.040 |" in md and "| cpl | 40 | 1 | 50.0% | 2.0 |" in md
     assert "| + PRM (the configured search) | 42.0% [32.0, 52.0] | 300 | 12.5 | 85.9% |" in md

@@ -509,7 +509,8 @@ def _iteration(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tupl
         "cpl": ev["cpl"],
         "cpl_epochs": ev["cpl_epochs"],
         "sft_traces": sft["sft_traces"],
-        "pairs": cpl.get("pairs"),
+        "pairs": cpl.get("pairs"),  # extracted, per kind
+        "train_pairs": cpl.get("train_pairs"),  # what CPL trained on (the ordering's pair kinds)
         "policy": {"sft": sft, "cpl": cpl}[_next_policy_stage(cfg)]["policy"],
         # Why a round kept the policy it started from (nothing passed the critic's bar, no pair), or None:
         # its rows in the report then score that policy again.

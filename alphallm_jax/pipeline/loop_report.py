@@ -53,7 +53,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {label} | {_pct(r)} | {r.get('mean_generated_tokens', 0):.0f} | "
                          f"{r.get('mean_nodes', 0):.1f} | {r['paper_gsm8k']:.1f}% |")
     lines += ["", "## Iterations", "",
-              "| iteration | synthesized prompts | SFT traces | SFT greedy | CPL greedy | CPL mcts |", "|---|---|---|---|---|---|"]
+              "| iteration | synthesized prompts | SFT traces | pairs (extracted; trained) | SFT greedy | CPL greedy | CPL mcts |",
+              "|---|---|---|---|---|---|---|"]
     for it in report.get("iterations", []):
         untrained = it.get("untrained") or {}
 
@@ -62,8 +63,16 @@ def markdown(report: dict[str, Any]) -> str:
             return _pct(result) + (f" (untrained: {why})" if why else "")
 
         lines.append(f"| {it['iteration']} | {it['synthesized_prompts']} | {it.get('sft_traces', '-')} | "
-                     f"{cell('sft', it['sft'].get('greedy'))} | {cell('cpl', it['cpl'].get('greedy'))} | "
+                     f"{_pairs_text(it)} | {cell('sft', it['sft'].get('greedy'))} | {cell('cpl', it['cpl'].get('greedy'))} | "
                      f"{cell('cpl', find_method(it['cpl'], 'mcts'))} |")
+    imagined = [(it["iteration"], (it.get("synthesis") or {}).get("counts")) for it in report.get("iterations", [])]
+    if any(counts for _, counts in imagined):
+        lines += ["", "Imagination, per iteration: samples drawn, prompts kept, and samples dropped by each filter "
+                  "(in the filters' order):", "", "| iteration | sampled | kept | dropped |", "|---|---|---|---|"]
+        for iteration, counts in imagined:
+            if counts:
+                dropped = ", ".join(f"{k} {v}" for k, v in counts.get("dropped", {}).items() if v) or "none"
+                lines.append(f"| {iteration} | {counts.get('generated', '-')} | {counts.get('kept', '-')} | {dropped} |")
     paired = [it for it in report.get("iterations", []) if any((it.get("paired_greedy") or {}).values())]
     if paired:
         lines += ["", "Greedy, paired on the same problems (gained: wrong before, right after; lost: the reverse; "
@@ -83,6 +92,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "![accuracy per iteration](accuracy_per_iteration.png)",
               "![accuracy vs tokens](accuracy_vs_tokens.png)", ""]
     return "\n".join(lines)
+
+
+def _pairs_text(it: dict) -> str:
+    """`stepwise 7, complete 17, q_pair 198; 18`: the pairs extracted per kind, then those CPL trained on."""
+    extracted = ", ".join(f"{k} {v}" for k, v in (it.get("pairs") or {}).items()) or "-"
+    trained = it.get("train_pairs")
+    return extracted + ("" if trained is None else f"; {trained}")
 
 
 def find_method(methods: dict, name: str) -> dict | None:
@@ -108,6 +124,7 @@ def _plot_iterations(report: dict[str, Any], path) -> None:
         if len(points) > 1:
             ax.plot(*zip(*points), marker="o", label=label)
     ax.set_xlabel("iteration (0: base policy)")
+    ax.set_xticks([0] + [it["iteration"] for it in iters])  # whole iterations, not 0.25 steps
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy per iteration")
     ax.grid(alpha=0.3)
