@@ -464,3 +464,16 @@ def test_config_section_round_trips():
     assert settings.form.banned[-1] == "\\boxed"
     cfg.synthesis.dedup.d0_threshold = 0.5
     assert SynthesisSettings.from_config(cfg.synthesis).dedup.d0_threshold == 0.5
+
+
+def test_the_synthesize_command_samples_with_the_loops_seed_for_an_iteration():
+    # `alphallm synthesize --iteration N` and the loop's iteration N draw the same samples: one seed rule.
+    from alphallm_jax.config import default_config
+    from alphallm_jax.synthesis import SynthesisSettings
+    from alphallm_jax.synthesis.run import iteration_seed, settings_for_iteration
+
+    cfg = default_config()
+    cfg.seed, cfg.synthesis.seed = 3, 11
+    base = SynthesisSettings.from_config(cfg.synthesis).seed
+    for it in (1, 2):
+        assert settings_for_iteration(cfg, it).seed == base + iteration_seed(cfg, it) == 11 + 3 + 1000 * it

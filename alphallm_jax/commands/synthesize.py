@@ -14,7 +14,9 @@ from alphallm_jax.commands import define_run_flags
 def define_flags() -> None:
     define_run_flags()
     flags.DEFINE_string("policy", None, "The policy checkpoint (default: model.checkpoint, else WORKDIR/base/policy).")
-    flags.DEFINE_integer("iteration", 1, "The loop iteration the prompts are for (seeds the sampling).")
+    flags.DEFINE_integer("iteration", 1, "The loop iteration the prompts are for: its samples are the loop's for "
+                         "that iteration (the loop also drops near-duplicates of earlier iterations' prompts, "
+                         "which this command does not read).")
 
 
 def main(argv) -> None:

@@ -424,7 +424,9 @@ def _iteration(run: LoopRun, it: int, policy_dir: str, base_policy: str) -> tupl
     cfg = run.cfg
     name = f"iter_{it}"
     it_root = run.root / name
-    seed = cfg.seed + 1000 * it  # new prompts and new trees every iteration
+    from alphallm_jax.synthesis.run import iteration_seed
+
+    seed = iteration_seed(cfg, it)  # new prompts and new trees every iteration
 
     def synthesize(stage_dir):
         from alphallm_jax.synthesis import d0_problems, previous_prompts, require_prompts, synthesize_from_config

@@ -59,10 +59,16 @@ def test_splits(cfg) -> tuple[str, ...]:
     return tuple(splits)
 
 
+def iteration_seed(cfg, iteration: int) -> int:
+    """The loop's seed for an iteration's new prompts and trees (added to `synthesis.seed` here)."""
+    return cfg.seed + 1000 * iteration
+
+
 def settings_for_iteration(cfg, iteration: int) -> SynthesisSettings:
-    """The config's settings with a seed of their own per iteration (and per run seed)."""
+    """The config's settings with the seed the loop's `iteration` samples with (`iteration_seed`), so that
+    `alphallm synthesize --iteration N` draws the loop's samples for that iteration."""
     settings = SynthesisSettings.from_config(cfg.synthesis)
-    return dataclasses.replace(settings, seed=settings.seed + 1_000 * cfg.seed + 7_919 * iteration)
+    return dataclasses.replace(settings, seed=settings.seed + iteration_seed(cfg, iteration))
 
 
 def _sampler(cfg, model, tokenizer, mesh):
