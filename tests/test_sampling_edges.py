@@ -143,6 +143,37 @@ def test_the_text_runs_to_the_end_of_the_token_that_completed_the_stop(tokenizer
     assert (c.finish_reason, c.stop_string, c.token_ids, c.text) == ("stop", "an", [and_], " and")
 
 
+def test_a_stop_that_begins_in_the_continued_text_ends_the_sample_where_it_completes(tokenizer):
+    # A step ends in its newline: a sample whose first token is another newline writes a blank line ("\n\n"),
+    # which ends the solution there, as `context_stops` asks; other stops are matched within the sample.
+    newline = tokenizer.encode("x\n")[-1]
+    assert tokenizer.id_to_piece(newline) == "<0x0A>"
+    sampler = Sampler(_policy({newline: 30.0}), tokenizer, max_len=64)
+    state = sampler.new_state("Question: 2+2?\nAnswer:\n2+2=4\n")
+
+    def sample(**kw):
+        (c,) = sampler.sample([SampleRequest(state=state, max_new_tokens=6, temperature=0.0, stop=("\n\n", "\nQ"),
+                                             **kw)])
+        return c.finish_reason, c.stop_string, len(c.token_ids), c.text
+
+    assert sample() == ("stop", "\n\n", 2, "\n\n")
+    assert sample(stop_context="2+2=4\n", context_stops=("\n\n",)) == ("stop", "\n\n", 1, "\n")
+    assert sample(stop_context="2+2=4\n", context_stops=("\nQ",)) == ("stop", "\n\n", 2, "\n\n")
+    assert sample(stop_context="2+2=4", context_stops=("\n\n",)) == ("stop", "\n\n", 2, "\n\n")
+
+
+def test_the_stop_that_ended_a_sample_may_begin_in_its_context():
+    from alphallm_jax.sampling.stop_rules import StopTables, ending_stop
+
+    stops = [b"\n\n", b"\nQuestion:"]
+    assert ending_stop(b"Question: x\n\n", stops, context=b"a\n") == b"\nQuestion:"
+    assert ending_stop(b"Question: x\n\n", stops, context=b"a\n", within=[b"\nQuestion:"]) == b"\n\n"
+    assert ending_stop(b"x\n", stops, context=b"a\n\n") is None  # an earlier blank line ended nothing here
+    tables = StopTables(("\n\n", "\nQuestion:"), (b"\n", b"Q", b"x"))
+    assert tables.initial_state("\n\n", b"a\n") == 1 and tables.initial_state("\nQuestion:", b"\nQues") == 5
+    assert tables.initial_state("\n\n", b"") == tables.initial_state("\n\n", b"a\n\nb") == 0
+
+
 # ------------------------------------------------------------------------------------ byte tokens
 
 QED = "\u220e"  # "∎": three byte pieces in the Mistral vocabulary, no piece of its own

@@ -180,7 +180,8 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
         requests = [SampleRequest(state=t.state, max_new_tokens=(cfg.max_new_tokens - t.generated if last else
                                                                  min(cfg.max_step_tokens, cfg.max_new_tokens - t.generated)),
                                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                  stop=end_stops if last else step_stops, seed=_seed(seed, chunk_index, n, level, 0))
+                                  stop=end_stops if last else step_stops, seed=_seed(seed, chunk_index, n, level, 0),
+                                  stop_context=t.text, context_stops=end_stops)
                     for n, t in enumerate(active)]
         for t, c in zip(active, sampler.sample(requests, keep_states=True)):
             ids, text, logprobs, ends = ending(t.text, t.state.tokens, c)
@@ -210,7 +211,8 @@ def rollout_chunk(sampler: Sampler, problems: Sequence[Problem], prompts: Sequen
             for m in range(max(0, cfg.num_rollouts - through[key]) if budget > 0 else 0):
                 requests.append(SampleRequest(
                     state=t.state, max_new_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k=cfg.top_k, stop=end_stops, seed=_seed(seed, chunk_index, len(sources), level, 1)))
+                    top_k=cfg.top_k, stop=end_stops, seed=_seed(seed, chunk_index, len(sources), level, 1),
+                    stop_context=t.text, context_stops=end_stops))
                 sources.append((key, t, m))
         for (key, t, _), c in zip(sources, sampler.sample(requests, keep_states=False)):
             last, text, logprobs, ends = ending(t.text, t.state.tokens, c)

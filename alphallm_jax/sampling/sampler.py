@@ -28,6 +28,7 @@ from alphallm_jax.utils.distributed import check_lockstep, fetch, spans_processe
 from alphallm_jax.utils.shapes import MIN_ROWS, bucket_length, pow2_at_least, round_up, row_bucket
 
 _TEXT_CONTEXT_TOKENS = 8  # tokens of left context used to decode a completion's text exactly
+STOP_CONTEXT_BYTES = 256  # of a request's `stop_context`: more than any stop string's length
 
 
 @dataclasses.dataclass
@@ -71,9 +72,15 @@ class SampleRequest:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    # Text the sample continues, in which the stop strings `context_stops` (some of `stop`) may begin: a
+    # step's closing newline, whose blank line "\n\n" the sample's first "\n" completes. The other stops,
+    # and all of them without a context, are matched within the sample only.
+    stop_context: str = ""
+    context_stops: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.stop = stop_strings(self.stop)
+        self.context_stops = stop_strings(self.context_stops)
 
 
 @dataclasses.dataclass
@@ -413,8 +420,12 @@ class Sampler:
             # first to end in the bytes the automata read (the tokens' bytes).
             ended_by = None
             if reason == "stop" and matched:
+                gen_bytes = b"".join(self._token_bytes[t] for t in gen)
+                within = [s for s in matched if s not in r.context_stops]
                 ended_by = matched[0] if len(matched) == 1 else ending_stop(
-                    b"".join(self._token_bytes[t] for t in gen), [s.encode("utf-8") for s in matched]).decode("utf-8")
+                    gen_bytes, [s.encode("utf-8") for s in matched],
+                    context=r.stop_context.encode("utf-8")[-STOP_CONTEXT_BYTES:],
+                    within=[s.encode("utf-8") for s in within]).decode("utf-8")
             completions.append(Completion(
                 text=self.decode_after(context, gen),
                 token_ids=gen,
@@ -484,9 +495,13 @@ class Sampler:
             return self._put(np.array(list(values) + [fill] * pad, dtype))
 
         stop_mask_bk = np.zeros((n_rows, tables.table_kqv.shape[0]), bool)
+        stop_state_bk = np.zeros((n_rows, tables.table_kqv.shape[0]), np.int32)
         for b, r in enumerate(reqs):
+            context = r.stop_context.encode("utf-8")[-STOP_CONTEXT_BYTES:]
             for s in r.stop:
                 stop_mask_bk[b, tables.index(s)] = True
+                if s in r.context_stops:
+                    stop_state_bk[b, tables.index(s)] = tables.initial_state(s, context)
         return engine.DecodeState(
             cache=cache,
             tokens_bt=self._put(np.zeros((n_rows, max_new), np.int32)),
@@ -495,7 +510,7 @@ class Sampler:
             pos_b=col([s + len(c) for _, s, c in plans], np.int32, 0),
             num_gen_b=col([0] * len(reqs), np.int32, 0),
             reason_b=col([engine.RUNNING] * len(reqs), np.int32, engine.LENGTH),  # padding rows start done
-            stop_state_bk=self._put(np.zeros((n_rows, tables.table_kqv.shape[0]), np.int32)),
+            stop_state_bk=self._put(stop_state_bk),
             seed_b=col([int(r.seed) % 2**32 for r in reqs], np.uint32, 0),
             temperature_b=col([r.temperature for r in reqs], np.float32, 0.0),
             top_p_b=col([r.top_p for r in reqs], np.float32, 1.0),

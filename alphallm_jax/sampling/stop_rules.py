@@ -70,11 +70,18 @@ def stop_length(stop: str) -> int:
     return len(stop.encode("utf-8"))
 
 
-def ending_stop(text, stops: Iterable):
+def ending_stop(text, stops: Iterable, context=None, within: Iterable = ()):
     """The stop string that ended `text`: the one whose first occurrence ends earliest (on a tie, the
-    longer, which holds the shorter as its end); None when none occurs. Text and stops are both `str`
-    or both `bytes`."""
-    found = [(text.find(s) + len(s), -len(s), s) for s in stops if s in text]
+    longer, which holds the shorter as its end); None when none occurs. An occurrence may begin in
+    `context`, the text `text` continues, but must end in `text`; those of `within` must lie in `text`.
+    Text, context and stops are all `str` or all `bytes`."""
+    stops, within = list(stops), set(within)
+    context = context[max(0, len(context) - max(map(len, stops), default=1) + 1):] if context else text[:0]
+    joined, found = context + text, []
+    for s in stops:
+        at = joined.find(s, len(context) if s in within else max(0, len(context) - len(s) + 1))
+        if at >= 0:
+            found.append((at + len(s), -len(s), s))
     return min(found)[2] if found else None
 
 
@@ -117,6 +124,13 @@ class StopTables:
 
     def index(self, stop: str) -> int:
         return self.stops.index(stop)
+
+    def initial_state(self, stop: str, context: bytes) -> int:
+        """The automaton state of `stop` after `context`'s last bytes (fewer than the stop's length, so
+        never the match): a stop string that begins in the text a sample continues, and ends in it."""
+        target = stop.encode("utf-8")
+        tail = context[max(0, len(context) - len(target) + 1):] if len(target) > 1 else b""
+        return _advance(target, _failure_function(target), 0, tail) if tail else 0
 
 
 @functools.lru_cache(maxsize=64)

@@ -162,7 +162,8 @@ class LMSearchBackend:
                 continue
             sample_reqs.append(SampleRequest(
                 state=h.seq, max_new_tokens=cap, temperature=self.options.temperature, top_p=self.options.top_p,
-                top_k=self.options.top_k, stop=self.end_stops if r.to_end else self.option_stops, seed=r.seed))
+                top_k=self.options.top_k, stop=self.end_stops if r.to_end else self.option_stops, seed=r.seed,
+                stop_context=h.text, context_stops=self.end_stops))  # "\n" ending a step + "\n": a blank line
             owners.append(i)
         samples = self._sample_options(sample_reqs)
         samples = self._extend_without_equation(requests, owners, samples)
@@ -222,7 +223,8 @@ class LMSearchBackend:
                 todo.append((j, SampleRequest(
                     state=s.state, max_new_tokens=cap, temperature=self.options.temperature,
                     top_p=self.options.top_p, top_k=self.options.top_k, stop=self.option_stops,
-                    seed=derive_seed(r.seed, _EXTENSION_STREAM))))
+                    seed=derive_seed(r.seed, _EXTENSION_STREAM), stop_context=grown.text,
+                    context_stops=self.end_stops)))
         if not todo:
             return samples
         self.stats.extensions += len(todo)
@@ -327,7 +329,8 @@ class LMSearchBackend:
             for k in range(r.num_rollouts):
                 reqs.append(SampleRequest(state=state, max_new_tokens=cap, temperature=o.rollout_temperature,
                                           top_p=o.rollout_top_p, top_k=o.rollout_top_k, stop=self.end_stops,
-                                          seed=derive_seed(r.seed, _ROLLOUT_STREAM, k)))
+                                          seed=derive_seed(r.seed, _ROLLOUT_STREAM, k), stop_context=h.text,
+                                          context_stops=self.end_stops))
                 owners.append(i)
         if not reqs:
             return out
