@@ -31,6 +31,11 @@ _MASK_VALUE = -1e30
 # Query blocking of the cache-free causal attention (`attend`).
 QUERY_BLOCK = 64
 MAX_QUERY_BLOCKS = 16
+# Queries of one pass over a KV cache: a longer prefill goes in passes of this many tokens, each writing
+# its keys and values and attending to the cache so far, so that its float32 scores ([rows, heads,
+# queries, slots]) grow with the prompt's length, not its square (a 32-head layer's for one 8,192-token
+# row: 16 GiB in one pass, 4 GiB in passes of 2,048). Prompts up to this length run in one pass.
+PREFILL_QUERY_CHUNK = 2048
 
 ACT_BSD = ("batch", "seq", None)
 ACT_BSNH = ("batch", "seq", "q_heads", "head_dim")
@@ -389,7 +394,7 @@ class Decoder(nnx.Module):
       return self._forward(input_ids_bs, positions_bs, None)
     # A ring cache holds a bounded number of slots: longer chunks go in sub-chunks so no key
     # still inside a query's window is overwritten before that query reads it.
-    chunk = cache.max_chunk(self.cfg.sliding_window) or s
+    chunk = min(cache.max_chunk(self.cfg.sliding_window) or s, PREFILL_QUERY_CHUNK)
     hidden = []
     for start in range(0, s, chunk):
       h_bsd, cache = self._forward(input_ids_bs[:, start:start + chunk],
