@@ -5,6 +5,8 @@ top-k. The policies are random decoders whose logits a fixed per-id bias dominat
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -172,6 +174,18 @@ def test_the_stop_that_ended_a_sample_may_begin_in_its_context():
     tables = StopTables(("\n\n", "\nQuestion:"), (b"\n", b"Q", b"x"))
     assert tables.initial_state("\n\n", b"a\n") == 1 and tables.initial_state("\nQuestion:", b"\nQues") == 5
     assert tables.initial_state("\n\n", b"") == tables.initial_state("\n\n", b"a\n\nb") == 0
+
+
+def test_a_request_past_max_len_is_refused_before_anything_runs_or_is_counted(tokenizer):
+    sampler = Sampler(_policy({}), tokenizer, max_len=32, max_batch=1)
+    ok = SampleRequest(state=sampler.new_state("Question"), max_new_tokens=4)
+    too_long = SampleRequest(state=sampler.new_state("Question " * 40), max_new_tokens=8)
+    before = dataclasses.asdict(sampler.stats)
+    with pytest.raises(ValueError, match=r"request needs \d+ tokens .* at most 32"):
+        sampler.sample([ok, too_long])  # two batches of one: the first ran before the second was checked
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        sampler.sample([ok, dataclasses.replace(ok, max_new_tokens=0)])
+    assert dataclasses.asdict(sampler.stats) == before
 
 
 # ------------------------------------------------------------------------------------ byte tokens

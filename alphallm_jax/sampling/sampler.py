@@ -235,6 +235,8 @@ class Sampler:
 
     def sample(self, requests: Sequence[SampleRequest], *, keep_states: bool = True) -> list[Completion]:
         """Continue many states at once; with `keep_states`, each completion's state stays cached."""
+        for r in requests:  # all refused before any batch runs or any counter moves
+            self._check_request(r)
         out: list[Completion] = []
         for start in range(0, len(requests), self.max_batch):
             out += self._sample_batch(list(requests[start:start + self.max_batch]), keep_states)
@@ -328,6 +330,17 @@ class Sampler:
                                  else (b"",) * self.cfg.vocab_size)
         return self._token_bytes
 
+    def _check_request(self, r: SampleRequest) -> None:
+        if r.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        context = len(r.state.tokens) + len(r.extra_tokens)
+        if context + r.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"request needs {context + r.max_new_tokens} tokens ({context} context + {r.max_new_tokens} new) "
+                f"but the sampler holds at most {self.max_len} (its max_len: a stage sets it from "
+                f"sampling.max_len or search.max_len, or the longest prompt plus the stage's new tokens, "
+                f"capped by the policy's and the critic's max_position_embeddings)")
+
     def _sample_batch(self, reqs: list[SampleRequest], keep_states: bool) -> list[Completion]:
         self.stats.batches += 1
         self.stats.batch_rows += len(reqs)
@@ -335,8 +348,6 @@ class Sampler:
         plans = []
         rebuilt: dict[int, list[int]] = {}  # evicted state id -> its requests here (it is cached again)
         for b, r in enumerate(reqs):
-            if r.max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
             base = self._pool.nearest_cached(r.state) if self._pool is not None else None
             if base is not None and base is r.state:
                 self.stats.cache_hits += 1
@@ -345,13 +356,6 @@ class Sampler:
                 rebuilt.setdefault(r.state.id, []).append(b)
             skip = len(base.tokens) - 1 if base is not None else 0
             chunk = r.state.tokens[skip:] + tuple(r.extra_tokens)
-            total = skip + len(chunk) + r.max_new_tokens
-            if total > self.max_len:
-                raise ValueError(
-                    f"request needs {total} tokens ({skip + len(chunk)} context + {r.max_new_tokens} new) "
-                    f"but the sampler holds at most {self.max_len} (its max_len: a stage sets it from "
-                    f"sampling.max_len or search.max_len, or the longest prompt plus the stage's new tokens, "
-                    f"capped by the policy's and the critic's max_position_embeddings)")
             plans.append((base, skip, chunk))
 
         # 2. One prefill per distinct (base, chunk): samples of one prompt share it.
