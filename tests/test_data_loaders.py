@@ -196,3 +196,6 @@ def test_a_split_of_another_task_family_is_refused():
     with pytest.raises(ValueError, match="set task='gsm8k'"):
         load_dataset("gsm8k:test", task="math")
     assert len(load_dataset("arith:test", task="arith", limit=3)) == 3
+    with pytest.raises(ValueError) as unknown:  # a typo is an unknown split, not another task's
+        load_dataset("math:math50", task="arith")
+    assert "config key `task`" not in str(unknown.value)

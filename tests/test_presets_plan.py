@@ -265,6 +265,18 @@ def test_a_bucket_url_for_a_checkpoint_or_workdir_is_refused_with_the_mount_advi
     assert named in proc.stderr and "gcsfuse" in proc.stderr, proc.stderr
 
 
+def test_url_paths_read_sweep_names_only_in_sweep_checkpoints():
+    from alphallm_jax.config import default_config
+    from alphallm_jax.utils.io import url_paths
+
+    c = default_config()
+    c.model.checkpoint = "gs://b/x=y"  # an "=" in a bucket path is no NAME=DIR
+    c.sweep.checkpoints = ("gs://b/run=1/policy", "base=gs://b/p", "local=/tmp/a", "/tmp/b")
+    assert url_paths("runs/x", c) == ["model.checkpoint=gs://b/x=y", "sweep.checkpoints=gs://b/run=1/policy",
+                                      "sweep.checkpoints=base=gs://b/p"]
+    assert url_paths("gs://b/run", None) == ["--workdir=gs://b/run"]
+
+
 def test_config_file_typo_is_named_with_the_valid_keys(tmp_path):
     path = tmp_path / "typo.py"
     path.write_text("from alphallm_jax.config import default_config\n\n\ndef get_config():\n"

@@ -37,14 +37,16 @@ def test_paper_preset_root_width_is_c_min0_for_values_in_unit_range():
 
 
 def test_a_search_config_that_cannot_widen_is_logged(caplog):
-    from alphallm_jax.pipeline.search_run import mcts_config_from
+    from alphallm_jax.pipeline import search_run
 
+    search_run._WARNED_NARROW.clear()
     with caplog.at_level("WARNING"):
-        mcts_config_from({"preset": "gsm8k_small", "alpha": 10.0})
+        search_run.mcts_config_from({"preset": "gsm8k_small", "alpha": 10.0})
     assert not caplog.records
     with caplog.at_level("WARNING"):
-        mcts_config_from({"preset": "gsm8k_small"})
-    assert "search.mcts.alpha=1 never widens a node" in caplog.text
+        search_run.mcts_config_from({"preset": "gsm8k_small"})
+        search_run.mcts_config_from({"preset": "gsm8k_small"})  # every stage reads it: logged once
+    assert caplog.text.count("search.mcts.alpha=1 never widens a node") == 1
 
 
 def test_importance_is_the_largest_value_change_a_child_brings():

@@ -257,7 +257,7 @@ def test_malformed_tree_is_named(tmp_path):
         Tree.load(path)
 
 
-def test_a_margin_beyond_the_q_scale_is_refused_and_the_largest_sibling_gap_is_reported(tree):
+def test_a_margin_beyond_the_q_scale_is_refused_and_the_largest_sibling_gap_is_reported(tree, caplog):
     # Value-only search (the CPL presets): Q is a probability, so a margin of 1 admits no pair at all.
     value_only = MCTSConfig(beta_v=1.0, beta_prm=0.0, beta_orm=0.0, num_rollouts=0)
     with pytest.raises(ValueError, match=r"tau=1: .*Q lies in \[0, 1\] with search.mcts beta_v=1, beta_prm=0"):
@@ -267,13 +267,19 @@ def test_a_margin_beyond_the_q_scale_is_refused_and_the_largest_sibling_gap_is_r
     with pytest.raises(ValueError, match=r"Q lies in \[0, 3\]"):
         pairs_lib.check_pair_margin(3.0, three_critics)
     # The paper's terminal reward is the bare ORM: a complete trajectory's Q lies in [0, 1] while an interior
-    # node's reaches 3, so a margin of 1 admits no complete pair; orm_scaled puts terminals on [0, 3].
-    with pytest.raises(ValueError, match=r"no complete pair .*Q .*lies in \[0, 1\] with search.mcts.terminal_reward='orm'"):
+    # node's reaches 3, so a margin of 1 admits no complete pair (stepwise pairs remain: a warning);
+    # orm_scaled puts terminals on [0, 3].
+    with caplog.at_level("WARNING"):
+        pairs_lib.check_pair_margin(0.5, three_critics)
+        pairs_lib.check_pair_margin(1.0, three_critics.replace(terminal_reward="orm_scaled"))
+        assert not caplog.records
         pairs_lib.check_pair_margin(1.0, three_critics)
-    pairs_lib.check_pair_margin(0.5, three_critics)
-    pairs_lib.check_pair_margin(1.0, three_critics.replace(terminal_reward="orm_scaled"))
-    with pytest.raises(ValueError, match=r"complete trajectory's orm .*lies in \[0, 1\]"):
+    assert "no complete pair can be extracted, since a complete trajectory's Q" in caplog.text
+    assert "lies in [0, 1] with search.mcts.terminal_reward='orm'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
         pairs_lib.check_pair_margin(1.0, three_critics.replace(terminal_reward="orm_scaled"), "orm")
+    assert "complete trajectory's orm (policy_train.complete_value_field) lies in [0, 1]" in caplog.text
     assert pairs_lib.q_scale(0.5, 0.25, 0.0) == 1.0  # a terminal's ORM reaches 1 whatever the betas
     # Siblings 6 (Q 1.5) and 7 (Q -1.0) under node 2; with two visits required, 1 and 2 under the root.
     assert pairs_lib.largest_sibling_gap([tree]) == pytest.approx(2.5)

@@ -263,6 +263,9 @@ def build_rollout_data(sampler: Sampler, problems: Sequence[Problem], prompt_for
               "problems": _fingerprint(problems, prompts)}
     record["rollout"]["solution_stop"] = list(cfg.solution_stop)
     record["stops"] = [list(stops) for stops in trajectory_stops(cfg, task)]  # as the rows were cut
+    # How samples end, as this code cuts them: end stops may begin in the solution so far, and the last
+    # allowed step runs to the end (data built before either is refused, not mixed with new chunks).
+    record["samples"] = {"end_stops_from_context": True, "last_step_to_end": True}
     del record["rollout"]["pool_slots"]  # a cache size: it does not change the rows
     config_path = out / "config.json"
     if config_path.exists():

@@ -62,9 +62,11 @@ def dataset_options(cfg) -> dict:
                 arith_hard_config=ArithConfig(**cfg.data.arith_hard))
 
 
-def load_split(cfg, split: str, limit: int = 0) -> list[Problem]:
-    """A named split or JSONL file as the config describes it (data root, task, arith knobs and seed)."""
-    return load_dataset(split, limit=limit or None, task=cfg.task, **dataset_options(cfg))
+def load_split(cfg, split: str, limit: int = 0, *, graded: bool = True) -> list[Problem]:
+    """A named split or JSONL file as the config describes it (data root, task, arith knobs and seed).
+    `graded=False`: problems only compared as text (imagination's test-overlap check), whose split may be
+    another task's."""
+    return load_dataset(split, limit=limit or None, task=cfg.task if graded else None, **dataset_options(cfg))
 
 
 def load_eval_problems(cfg) -> list[Problem]:

@@ -67,11 +67,15 @@ class SearchSettings:
         return {"mcts": self.mcts.to_dict(), "beam": self.beam.to_dict(), "options": self.options.to_dict()}
 
 
+_WARNED_NARROW: set[MCTSConfig] = set()
+
+
 def mcts_config_from(section) -> MCTSConfig:
     """MCTSConfig from `search.mcts`: the named preset, overridden by every field that is not None."""
     d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
     mcts = MCTSConfig.from_config({k: v for k, v in d.items() if v is not None and (k != "preset" or v)})
-    if mcts.alpha > 0 and not mcts.widens:
+    if mcts.alpha > 0 and not mcts.widens and mcts not in _WARNED_NARROW:
+        _WARNED_NARROW.add(mcts)  # once per config: settings are read in every stage
         log.warning("search.mcts.alpha=%g never widens a node: I(s) is a difference of value-head probabilities, "
                     "at most 1, so floor(alpha * I(s)) + 1 <= %d <= c_min(t) at every depth (c_min %d / %d); "
                     "importance-weighted expansion acts from alpha > c_min(t) - 1 (the paper presets use 10)",

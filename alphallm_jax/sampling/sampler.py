@@ -372,7 +372,8 @@ class Sampler:
         if self._lockstep:
             # The pool slots read too: pools whose host-side LRU drifted apart would gather other rows.
             check_lockstep("sampler", (chunk_us, pos_us, source, keep_states, [
-                (r.seed, r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop) for r in reqs],
+                (r.seed, r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop, r.context_stops,
+                 r.stop_context[-STOP_CONTEXT_BYTES:]) for r in reqs],
                 [None if b is None else b.slot for b, _, _ in firsts]))
         if any(b is not None for b, _, _ in firsts):
             cache = self.pool.gather([b for b, _, _ in firsts] + [None] * (n_unique - len(firsts)))
@@ -424,12 +425,10 @@ class Sampler:
             # first to end in the bytes the automata read (the tokens' bytes).
             ended_by = None
             if reason == "stop" and matched:
-                gen_bytes = b"".join(self._token_bytes[t] for t in gen)
-                within = [s for s in matched if s not in r.context_stops]
                 ended_by = matched[0] if len(matched) == 1 else ending_stop(
-                    gen_bytes, [s.encode("utf-8") for s in matched],
+                    b"".join(self._token_bytes[t] for t in gen), [s.encode("utf-8") for s in matched],
                     context=r.stop_context.encode("utf-8")[-STOP_CONTEXT_BYTES:],
-                    within=[s.encode("utf-8") for s in within]).decode("utf-8")
+                    within=[s.encode("utf-8") for s in matched if s not in r.context_stops]).decode("utf-8")
             completions.append(Completion(
                 text=self.decode_after(context, gen),
                 token_ids=gen,

@@ -130,7 +130,12 @@ class StopTables:
         never the match): a stop string that begins in the text a sample continues, and ends in it."""
         target = stop.encode("utf-8")
         tail = context[max(0, len(context) - len(target) + 1):] if len(target) > 1 else b""
-        return _advance(target, _failure_function(target), 0, tail) if tail else 0
+        return _advance(target, _cached_failure(target), 0, tail) if tail else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_failure(target: bytes) -> list[int]:
+    return _failure_function(target)
 
 
 @functools.lru_cache(maxsize=64)

@@ -114,9 +114,10 @@ def check_policy(out_dir, policy_dir) -> None:
 
 
 def _load(cfg, split: str) -> list[Problem]:
+    """A test split the new prompts are checked against (as text: it may be another task's)."""
     from alphallm_jax.pipeline.evaluation import load_split
 
-    return load_split(cfg, split)
+    return load_split(cfg, split, graded=False)
 
 
 def run_synthesis(cfg, out_dir, model, tokenizer, *, iteration: int = 1,

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -70,6 +71,8 @@ from alphallm_jax.search.answers import vote_share
 from alphallm_jax.search.mcts_config import MCTSConfig
 from alphallm_jax.search.tree import Node, Tree
 from alphallm_jax.utils.io import as_path, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
 
 PAIR_KINDS = ("stepwise", "complete", "q_pair")
 COMPLETIONS = ("best_terminal", "greedy_q")
@@ -131,11 +134,12 @@ def terminal_q_scale(mcts: MCTSConfig, value_field: str = "Q") -> float:
 
 
 def check_pair_margin(tau: float, mcts: MCTSConfig, complete_value_field: str = "Q") -> None:
-    """Refuses a pair margin `tau` that no two values can exceed on the scale of the search `mcts`
-    configures: no two siblings' Q (CPL would get no stepwise pair at all), or no two complete
-    trajectories' `complete_value_field` (no complete pair: with the paper's terminal reward, the bare ORM,
-    a complete trajectory's Q lies in [0, 1] while an interior node's reaches the betas' sum). (The paper's
-    margin, 1, is on its own value scale, which it does not state.)"""
+    """Refuses a pair margin `tau` that no two siblings' Q can exceed on the scale of the search `mcts`
+    configures (CPL would get no stepwise pair at all), and warns when no two complete trajectories'
+    `complete_value_field` can (no complete pair: with the paper's terminal reward, the bare ORM, a
+    complete trajectory's Q lies in [0, 1] while an interior node's reaches the betas' sum; CPL then
+    trains on stepwise pairs alone and the complete-only ordering on none). (The paper's margin, 1, is
+    on its own value scale, which it does not state.)"""
     betas = f"beta_v={mcts.beta_v:g}, beta_prm={mcts.beta_prm:g}, beta_orm={mcts.beta_orm:g}"
     scale = q_scale(mcts.beta_v, mcts.beta_prm, mcts.beta_orm)
     if tau >= scale:
@@ -144,11 +148,11 @@ def check_pair_margin(tau: float, mcts: MCTSConfig, complete_value_field: str = 
                          f"could be extracted. Set tau below {scale:g}")
     terminal = terminal_q_scale(mcts, complete_value_field)
     if tau >= terminal:
-        raise ValueError(f"policy_train.tau={tau:g}: no complete pair could be extracted, since a complete "
-                         f"trajectory's {complete_value_field} (policy_train.complete_value_field) lies in "
-                         f"[0, {terminal:g}] with search.mcts.terminal_reward={mcts.terminal_reward!r} and {betas}. "
-                         f"Set tau below {terminal:g}, or terminal_reward='orm_scaled' to put terminals on the "
-                         f"interior nodes' scale")
+        log.warning("policy_train.tau=%g: no complete pair can be extracted, since a complete trajectory's %s "
+                    "(policy_train.complete_value_field) lies in [0, %g] with search.mcts.terminal_reward=%r and "
+                    "%s: CPL trains on stepwise pairs alone. Set tau below %g, or terminal_reward='orm_scaled' "
+                    "to put terminals on the interior nodes' scale", tau, complete_value_field, terminal,
+                    mcts.terminal_reward, betas, terminal)
 
 
 def largest_sibling_gap(trees: Iterable[Tree], min_visits: int = 1) -> float:

@@ -77,7 +77,11 @@ def url_paths(workdir: str | None, cfg=None) -> list[str]:
             node = node.get(part) if node is not None and hasattr(node, "get") else None
         value = node.get(leaf) if node is not None and hasattr(node, "get") else None
         values = [value] if isinstance(value, str) else list(value or ())
-        found += [f"{key}={v}" for v in values if isinstance(v, str) and not is_local(v.partition("=")[2] or v)]
+        for v in (v for v in values if isinstance(v, str)):
+            name, sep, path = v.partition("=")
+            named = key == "sweep.checkpoints" and sep and "://" not in name  # "NAME=DIR"
+            if not is_local(path if named else v):
+                found.append(f"{key}={v}")
     return found
 
 
