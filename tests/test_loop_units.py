@@ -125,6 +125,12 @@ def test_a_resumed_run_may_extend_the_loop_but_not_change_what_finished_stages_c
     with pytest.raises(ValueError, match=r"differs in eval\.methods: \['greedy', 'maj@16'\] -> \['greedy'\]; "
                                          r"search\.mcts\.c_uct: .* -> 0\.3\. .*use a new --workdir"):
         check_resumed_config(changed, path)
+    # A search field left to its preset (None) and then set to the preset's value is the same search: a
+    # run started before a preset set it resumes with the old value set back on the command line.
+    assert cfg.search.mcts.alpha is None and cfg.search.mcts.preset == "gsm8k_small"
+    assert check_resumed_config(derived_config(cfg, **{"search.mcts.alpha": 1.0}), path) == []
+    with pytest.raises(ValueError, match=r"search\.mcts\.alpha: None -> 10\.0"):
+        check_resumed_config(derived_config(cfg, **{"search.mcts.alpha": 10.0}), path)
 
 
 def test_a_resumed_run_accepts_keys_newer_than_it_only_at_their_defaults(tmp_path):

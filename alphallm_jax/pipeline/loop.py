@@ -203,7 +203,10 @@ def check_resumed_config(cfg, path) -> list[str]:
     path = as_path(path)
     if not path.exists():
         return []
-    changes = json_changes(read_json(path), cfg.to_dict())
+    recorded = read_json(path)
+    changes = json_changes(recorded, cfg.to_dict())
+    if _same_search(recorded, cfg):  # `alpha: None` (the preset's value) and that value set: one search
+        changes = [c for c in changes if not c[0].startswith("search.mcts.")]
     off_default = {k for k, _, _ in json_changes(default_config().to_dict(), cfg.to_dict())}
     removed = [c for c in changes if c[2] == ABSENT and not key_in(c[0], RESUMABLE_KEYS)]
     if removed:  # the run started with keys this code no longer reads, so it cannot set them back
@@ -221,6 +224,16 @@ def check_resumed_config(cfg, path) -> list[str]:
                          f"two configs in one report: use a new --workdir, or set these keys back (a resumed run "
                          f"may change only {', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_KEYS)}).")
     return [k for k, _, _ in changes]
+
+
+def _same_search(recorded: dict, cfg) -> bool:
+    """Whether the recorded config's eta-MCTS settings resolve (preset plus the fields set) to `cfg`'s."""
+    from alphallm_jax.pipeline.search_run import mcts_config_from
+
+    try:
+        return mcts_config_from(recorded["search"]["mcts"]) == mcts_config_from(cfg.search.mcts)
+    except (KeyError, TypeError, ValueError):  # a section this code cannot read: compared key by key
+        return False
 
 
 def run_loop(cfg, workdir) -> dict:
