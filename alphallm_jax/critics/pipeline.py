@@ -247,8 +247,6 @@ def fit_combiner(cfg, workdir, scorer: CriticScorer, train_rows) -> OutcomeCombi
 # What the critics stage may rerun with, changed: where its outputs go, how they are reported, and what a
 # preset sizes for its mesh (a cache size, how a train step is split or recomputed).
 _CRITICS_NEUTRAL_KEYS = ("policy", "checkpoint", "eval_methods", "eval_limit", "calibration", "scoring")
-_TRAIN_NEUTRAL_KEYS = ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every", "progress_bar",
-                       "compiler_options", "grad_accum_steps", "remat", "eval_batch_size")
 
 
 def critics_identity(cfg, policy_dir) -> dict:
@@ -256,10 +254,11 @@ def critics_identity(cfg, policy_dir) -> dict:
     prompt settings and every critics setting but bookkeeping (`_CRITICS_NEUTRAL_KEYS`, the data's KV pool,
     the train section's bookkeeping; the policy by its files, not its path)."""
     from alphallm_jax.pipeline.evaluation import prompt_identity
+    from alphallm_jax.train.trainer import TRAIN_BOOKKEEPING_KEYS
 
     critics = {k: v for k, v in cfg.critics.to_dict().items() if k not in _CRITICS_NEUTRAL_KEYS}
     critics["data"] = {k: v for k, v in critics["data"].items() if k != "pool_slots"}
-    critics["train"] = {k: v for k, v in critics["train"].items() if k not in _TRAIN_NEUTRAL_KEYS}
+    critics["train"] = {k: v for k, v in critics["train"].items() if k not in TRAIN_BOOKKEEPING_KEYS}
     return {"policy": files_fingerprint(policy_dir), "task": cfg.task, "seed": cfg.seed,
             "prompt": prompt_identity(cfg), "critics": critics}
 

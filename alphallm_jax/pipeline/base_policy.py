@@ -24,7 +24,7 @@ from alphallm_jax.models.hf_io import save_hf_checkpoint
 from alphallm_jax.pipeline.evaluation import load_split, prompt_builder, without_exemplars
 from alphallm_jax.train.batching import SFTExample, drop_overlong_splits
 from alphallm_jax.train.losses import make_sft_loss
-from alphallm_jax.train.trainer import TrainConfig, Trainer
+from alphallm_jax.train.trainer import TRAIN_BOOKKEEPING_KEYS, TrainConfig, Trainer
 from alphallm_jax.utils.distributed import barrier, broadcast_int, is_coordinator
 from alphallm_jax.utils.io import as_path, atomic_write_json, atomic_write_text
 from alphallm_jax.utils.run_identity import check_run_identity
@@ -81,11 +81,6 @@ def model_config_from(cfg, tokenizer: Tokenizer, model_section=None) -> ModelCon
         eos_token_ids=(SPECIAL_IDS["eos_id"],), pad_token_id=SPECIAL_IDS["pad_id"])
 
 
-# Train settings that leave the trained weights as they are (bookkeeping, or how a step is computed).
-_BOOKKEEPING_KEYS = ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every", "progress_bar",
-                     "compiler_options", "grad_accum_steps", "remat", "eval_batch_size")
-
-
 def policy_identity(cfg, model_section=None, train_section=None, tokenizer_path=None) -> dict:
     """What a trained demo policy depends on: the task, seed, data and base settings, its model and train
     sections (less bookkeeping), and the tokenizer it was handed (the fast-rollout policy's is the base's)."""
@@ -94,7 +89,7 @@ def policy_identity(cfg, model_section=None, train_section=None, tokenizer_path=
                 "data": {k: v for k, v in cfg.data.to_dict().items() if k != "data_dir"},
                 "base": {k: v for k, v in cfg.base.to_dict().items() if k not in ("model", "train", "eval_methods")},
                 "model": (cfg.base.model if model_section is None else model_section).to_dict(),
-                "train": {k: v for k, v in train.items() if k not in _BOOKKEEPING_KEYS}}
+                "train": {k: v for k, v in train.items() if k not in TRAIN_BOOKKEEPING_KEYS}}
     if tokenizer_path and as_path(tokenizer_path).exists():
         identity["tokenizer"] = hashlib.sha256(as_path(tokenizer_path).read_bytes()).hexdigest()
     return identity

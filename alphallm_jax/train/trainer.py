@@ -80,6 +80,12 @@ class NonFiniteLossError(RuntimeError):
                          f"the update was not applied; {where}")
 
 
+# TrainConfig fields that leave the trained weights as they are (bookkeeping, or how a step is split or
+# recomputed): left out of what a run records as its identity.
+TRAIN_BOOKKEEPING_KEYS = ("checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every", "progress_bar",
+                          "compiler_options", "grad_accum_steps", "remat", "eval_batch_size")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything the trainer loop reads. Paper SFT preset: lr 5e-6 -> 1e-6, 10% warm-up,
