@@ -134,7 +134,8 @@ def option_end(prefix: str, sample: str, *, task: str, finish_reason: str, stop_
     step (the model closed the solution with an empty line), EOS. Otherwise the sample is an ordinary step
     (or was cut by the cap). An end stop may begin in `prefix`: a step ends in its newline, so a sample
     that opens a new question (`Question:` after the last step's `\n`) ends the solution where it begins,
-    and an answer written after it is not this solution's. (The sampler matches stops within a sample.)"""
+    and an answer written after it is not this solution's (the sampler stops there too when the request
+    names the end stops in `context_stops`)."""
     stop_keep = _end_stop_keep(prefix, sample, end_stops)
     considered = sample if stop_keep is None else sample[:stop_keep]
     complete = finish_reason != "length" or stop_keep is not None
